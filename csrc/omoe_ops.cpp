@@ -1,0 +1,291 @@
+// The omoe ops: schemas, the device-generic orchestration and the CPU per-token pass.
+//
+//   forward(x, A, B, router_weight, router_input?, base_out?, …) -> (y, h, logits)
+//   backward(grad_y, x, A, B, router_weight, router_input?, h, logits, …)
+//       -> (grad_x, grad_A, grad_B, grad_router_weight, grad_router_input)
+//
+// x is [T, d_in] (the Python side flattens), A [E, r, d_in], B [E, d_out, r],
+// router_weight [E, d_in]. h ([T, E·r]) and logits ([T, E]) are what the backward needs;
+// they are float32 (float64 for float64 inputs) whatever the input dtype.
+// grad_router_input is empty when router_input is None (its gradient is in grad_x).
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "omoe_ops.h"
+#include "omoe_token.h"
+
+#include <memory>
+
+// Importing omoe_kernels._C registers the ops (the TORCH_LIBRARY blocks below run when
+// the shared library loads); the module itself is empty.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+namespace omoe {
+namespace {
+
+at::ScalarType accumulate_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "omoe: ", name,
+              " must be a floating tensor, got ", t.scalar_type());
+}
+
+struct Sizes {
+  int64_t T, d_in, d_out, E, r;
+};
+
+// Checks the tensors shared by forward and backward; returns their sizes.
+Sizes check_common(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+                   const at::Tensor& router_weight,
+                   const std::optional<at::Tensor>& router_input, int64_t top_k,
+                   double eps) {
+  check_float(x, "x");
+  TORCH_CHECK(x.dim() == 2, "omoe: x must be 2-D [T, d_in], got ", x.sizes());
+  TORCH_CHECK(A.dim() == 3, "omoe: A must be 3-D [E, r, d_in], got ", A.sizes());
+  TORCH_CHECK(B.dim() == 3, "omoe: B must be 3-D [E, d_out, r], got ", B.sizes());
+  TORCH_CHECK(router_weight.dim() == 2, "omoe: router_weight must be 2-D [E, d_in], got ",
+              router_weight.sizes());
+  Sizes s{x.size(0), x.size(1), B.size(1), A.size(0), A.size(1)};
+  TORCH_CHECK(s.E >= 1 && s.E <= kMaxExperts, "omoe: the compiled ops take 1 to ", kMaxExperts,
+              " experts, got E=", s.E);
+  TORCH_CHECK(s.r >= 1, "omoe: A must have rank >= 1, got ", s.r);
+  TORCH_CHECK(s.d_out >= 1, "omoe: B must have d_out >= 1");
+  TORCH_CHECK(A.size(2) == s.d_in, "omoe: A is [E, r, d_in] with d_in=", A.size(2),
+              " but x has d_in=", s.d_in);
+  TORCH_CHECK(B.size(0) == s.E && B.size(2) == s.r, "omoe: B must be [E, d_out, r] = [", s.E,
+              ", d_out, ", s.r, "], got ", B.sizes());
+  TORCH_CHECK(router_weight.size(0) == s.E && router_weight.size(1) == s.d_in,
+              "omoe: router_weight must be [E, d_in] = [", s.E, ", ", s.d_in, "], got ",
+              router_weight.sizes());
+  TORCH_CHECK(top_k >= 1 && top_k <= s.E, "omoe: top_k must be in [1, E=", s.E, "], got ", top_k);
+  TORCH_CHECK(eps > 0.0, "omoe: eps must be > 0, got ", eps);
+  std::vector<std::pair<const at::Tensor*, const char*>> same = {
+      {&A, "A"}, {&B, "B"}, {&router_weight, "router_weight"}};
+  if (router_input.has_value()) {
+    const auto& ri = *router_input;
+    TORCH_CHECK(ri.dim() == 2 && ri.size(0) == s.T && ri.size(1) == s.d_in,
+                "omoe: router_input must be [T, d_in] = [", s.T, ", ", s.d_in, "], got ",
+                ri.sizes());
+    same.push_back({&ri, "router_input"});
+  }
+  for (const auto& [t, name] : same) {
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), "omoe: ", name, " has dtype ",
+                t->scalar_type(), " but x has ", x.scalar_type());
+    TORCH_CHECK(t->device() == x.device(), "omoe: ", name, " is on ", t->device(),
+                " but x is on ", x.device());
+  }
+  return s;
+}
+
+// B as [d_out, E·r]: column i·r + a is B[i, :, a].
+at::Tensor concat_experts_B(const at::Tensor& B, at::ScalarType dtype) {
+  return B.permute({1, 0, 2}).reshape({B.size(1), B.size(0) * B.size(2)}).to(dtype).contiguous();
+}
+
+// ---- CPU per-token passes -------------------------------------------------------
+
+constexpr int64_t kTokensPerTask = 16;
+
+void token_forward_cpu(const at::Tensor& h, const at::Tensor& logits, const at::Tensor& G,
+                       int64_t E, int64_t r, int64_t top_k, bool orthogonalize,
+                       bool normalize, double eps, at::Tensor& z) {
+  const int64_t T = h.size(0), er = E * r;
+  const double* g_ptr = orthogonalize ? G.data_ptr<double>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "omoe_token_forward_cpu", [&] {
+    const scalar_t* h_ptr = h.data_ptr<scalar_t>();
+    const scalar_t* l_ptr = logits.data_ptr<scalar_t>();
+    scalar_t* z_ptr = z.data_ptr<scalar_t>();
+    at::parallel_for(0, T, kTokensPerTask, [&](int64_t begin, int64_t end) {
+      auto tape = std::make_unique<MgsTape>();
+      for (int64_t t = begin; t < end; ++t)
+        token_forward(h_ptr + t * er, l_ptr + t * E, g_ptr, int(E), int(r), int(top_k),
+                      orthogonalize, normalize, eps, *tape, z_ptr + t * er);
+    });
+  });
+}
+
+struct BackwardScratch {
+  MgsTape tape;
+  double dC[kMaxExperts][kMaxExperts];
+  double dS[kMaxExperts][kMaxExperts];
+};
+
+void token_backward_cpu(const at::Tensor& h, const at::Tensor& logits, const at::Tensor& G,
+                        const at::Tensor& dz, int64_t E, int64_t r, int64_t top_k,
+                        bool orthogonalize, bool normalize, double eps, at::Tensor& z,
+                        at::Tensor& dh, at::Tensor& dlogits, at::Tensor& dS) {
+  const int64_t T = h.size(0), er = E * r;
+  const double* g_ptr = orthogonalize ? G.data_ptr<double>() : nullptr;
+  double* ds_ptr = dS.data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "omoe_token_backward_cpu", [&] {
+    const scalar_t* h_ptr = h.data_ptr<scalar_t>();
+    const scalar_t* l_ptr = logits.data_ptr<scalar_t>();
+    const scalar_t* dz_ptr = dz.data_ptr<scalar_t>();
+    scalar_t* z_ptr = z.data_ptr<scalar_t>();
+    scalar_t* dh_ptr = dh.data_ptr<scalar_t>();
+    scalar_t* dl_ptr = dlogits.data_ptr<scalar_t>();
+    at::parallel_for(0, T, kTokensPerTask, [&](int64_t begin, int64_t end) {
+      auto scratch = std::make_unique<BackwardScratch>();
+      for (int64_t t = begin; t < end; ++t)
+        token_backward(h_ptr + t * er, l_ptr + t * E, g_ptr, dz_ptr + t * er, int(E), int(r),
+                       int(top_k), orthogonalize, normalize, eps, scratch->tape, scratch->dC,
+                       scratch->dS, z_ptr + t * er, dh_ptr + t * er, dl_ptr + t * E,
+                       ds_ptr + t * E * E);
+    });
+  });
+}
+
+}  // namespace
+
+// ---- device-generic orchestration -----------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
+    const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+    const at::Tensor& router_weight, const std::optional<at::Tensor>& router_input,
+    const std::optional<at::Tensor>& base_out, double scaling, int64_t top_k,
+    bool orthogonalize, bool normalize, double eps, TokenForwardFn token_forward) {
+  const Sizes s = check_common(x, A, B, router_weight, router_input, top_k, eps);
+  if (base_out.has_value()) {
+    TORCH_CHECK(base_out->dim() == 2 && base_out->size(0) == s.T && base_out->size(1) == s.d_out,
+                "omoe: base_out must be [T, d_out] = [", s.T, ", ", s.d_out, "], got ",
+                base_out->sizes());
+    TORCH_CHECK(base_out->scalar_type() == x.scalar_type() && base_out->device() == x.device(),
+                "omoe: base_out must match x's dtype and device");
+  }
+  const auto acc = accumulate_dtype(x);
+  const int64_t er = s.E * s.r;
+  const at::Tensor xc = x.to(acc).contiguous();
+  const at::Tensor A_cat = A.reshape({er, s.d_in}).to(acc);
+  const at::Tensor W = router_weight.to(acc);
+  at::Tensor h, logits;
+  if (!router_input.has_value()) {
+    // Shrink and router logits in one pass over x.
+    const at::Tensor both = at::mm(xc, at::cat({A_cat, W}, 0).t());
+    h = both.narrow(1, 0, er).contiguous();
+    logits = both.narrow(1, er, s.E).contiguous();
+  } else {
+    h = at::mm(xc, A_cat.t());
+    logits = at::mm(router_input->to(acc), W.t()).contiguous();
+  }
+  const at::Tensor B_cat = concat_experts_B(B, acc);
+  const at::Tensor B64 = B_cat.to(at::kDouble);
+  const at::Tensor G = orthogonalize ? at::mm(B64.t(), B64).contiguous() : at::Tensor();
+  at::Tensor z = at::empty_like(h);
+  if (s.T > 0) token_forward(h, logits, G, s.E, s.r, top_k, orthogonalize, normalize, eps, z);
+  at::Tensor y = base_out.has_value()
+                     ? at::addmm(base_out->to(acc), z, B_cat.t(), /*beta=*/1, /*alpha=*/scaling)
+                     : at::mm(z, B_cat.t()).mul_(scaling);
+  return {y.to(x.scalar_type()), h, logits};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+    const at::Tensor& router_weight, const std::optional<at::Tensor>& router_input,
+    const at::Tensor& h, const at::Tensor& logits, double scaling, int64_t top_k,
+    bool orthogonalize, bool normalize, double eps, TokenBackwardFn token_backward) {
+  const Sizes s = check_common(x, A, B, router_weight, router_input, top_k, eps);
+  const auto acc = accumulate_dtype(x);
+  const int64_t er = s.E * s.r;
+  TORCH_CHECK(grad_y.dim() == 2 && grad_y.size(0) == s.T && grad_y.size(1) == s.d_out,
+              "omoe: grad_y must be [T, d_out] = [", s.T, ", ", s.d_out, "], got ", grad_y.sizes());
+  TORCH_CHECK(h.dim() == 2 && h.size(0) == s.T && h.size(1) == er && h.scalar_type() == acc,
+              "omoe: h must be [T, E*r] = [", s.T, ", ", er, "] of ", acc, ", got ", h.sizes(),
+              " of ", h.scalar_type());
+  TORCH_CHECK(logits.dim() == 2 && logits.size(0) == s.T && logits.size(1) == s.E &&
+                  logits.scalar_type() == acc,
+              "omoe: logits must be [T, E] = [", s.T, ", ", s.E, "] of ", acc, ", got ",
+              logits.sizes(), " of ", logits.scalar_type());
+  for (const auto* t : {&grad_y, &h, &logits})
+    TORCH_CHECK(t->device() == x.device(), "omoe: backward tensors must be on x's device");
+  TORCH_CHECK(at::isFloatingType(grad_y.scalar_type()), "omoe: grad_y must be floating");
+
+  const at::Tensor xc = x.to(acc).contiguous();
+  const at::Tensor A_cat = A.reshape({er, s.d_in}).to(acc);
+  const at::Tensor W = router_weight.to(acc);
+  const at::Tensor B_cat = concat_experts_B(B, acc);
+  const at::Tensor B64 = B_cat.to(at::kDouble);
+  const at::Tensor G = orthogonalize ? at::mm(B64.t(), B64).contiguous() : at::Tensor();
+  const at::Tensor dY = grad_y.to(acc).contiguous();
+  const at::Tensor hc = h.contiguous(), lc = logits.contiguous();
+
+  const at::Tensor dz = at::mm(dY, B_cat).mul_(scaling);
+  at::Tensor z = at::empty_like(hc), dh = at::empty_like(hc), dlogits = at::empty_like(lc);
+  at::Tensor dS = at::empty({s.T, s.E, s.E}, x.options().dtype(at::kDouble));
+  if (s.T > 0)
+    token_backward(hc, lc, G, dz, s.E, s.r, top_k, orthogonalize, normalize, eps, z, dh,
+                   dlogits, dS);
+
+  at::Tensor dB_cat = at::mm(dY.t(), z).mul_(scaling);
+  if (orthogonalize) {
+    // dG[(i,a),(j,b)] = Σ_t dS_ij h_ia h_jb, one GEMM per column block j.
+    const at::Tensor h64 = hc.to(at::kDouble).view({s.T, s.E, s.r});
+    at::Tensor dG = at::empty({er, er}, G.options());
+    for (int64_t j = 0; j < s.E; ++j) {
+      const at::Tensor weighted = (h64 * dS.select(2, j).unsqueeze(-1)).view({s.T, er});
+      dG.narrow(1, j * s.r, s.r).copy_(at::mm(weighted.t(), h64.select(1, j)));
+    }
+    dB_cat.add_(at::mm(B64, dG + dG.t()).to(acc));
+  }
+  at::Tensor grad_A = at::mm(dh.t(), xc).view({s.E, s.r, s.d_in});
+  at::Tensor grad_x = at::mm(dh, A_cat);
+  at::Tensor grad_W, grad_router_input;
+  if (router_input.has_value()) {
+    grad_W = at::mm(dlogits.t(), router_input->to(acc));
+    grad_router_input = at::mm(dlogits, W).to(x.scalar_type());
+  } else {
+    grad_W = at::mm(dlogits.t(), xc);
+    grad_x.add_(at::mm(dlogits, W));
+    grad_router_input = at::empty({0}, x.options());
+  }
+  at::Tensor grad_B = dB_cat.view({s.d_out, s.E, s.r}).permute({1, 0, 2}).contiguous();
+  const auto dt = x.scalar_type();
+  return {grad_x.to(dt), grad_A.to(dt), grad_B.to(dt), grad_W.to(dt), grad_router_input};
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
+    const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+    const at::Tensor& router_weight, const std::optional<at::Tensor>& router_input,
+    const std::optional<at::Tensor>& base_out, double scaling, int64_t top_k,
+    bool orthogonalize, bool normalize, double eps) {
+  return forward_impl(x, A, B, router_weight, router_input, base_out, scaling, top_k,
+                      orthogonalize, normalize, eps, token_forward_cpu);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+    const at::Tensor& router_weight, const std::optional<at::Tensor>& router_input,
+    const at::Tensor& h, const at::Tensor& logits, double scaling, int64_t top_k,
+    bool orthogonalize, bool normalize, double eps) {
+  return backward_impl(grad_y, x, A, B, router_weight, router_input, h, logits, scaling, top_k,
+                       orthogonalize, normalize, eps, token_backward_cpu);
+}
+
+}  // namespace
+}  // namespace omoe
+
+TORCH_LIBRARY(omoe, m) {
+  m.def(
+      "forward(Tensor x, Tensor A, Tensor B, Tensor router_weight, Tensor? router_input, "
+      "Tensor? base_out, float scaling, int top_k, bool orthogonalize, bool normalize, "
+      "float eps) -> (Tensor y, Tensor h, Tensor logits)");
+  m.def(
+      "backward(Tensor grad_y, Tensor x, Tensor A, Tensor B, Tensor router_weight, "
+      "Tensor? router_input, Tensor h, Tensor logits, float scaling, int top_k, "
+      "bool orthogonalize, bool normalize, float eps) -> (Tensor grad_x, Tensor grad_A, "
+      "Tensor grad_B, Tensor grad_router_weight, Tensor grad_router_input)");
+}
+
+TORCH_LIBRARY_IMPL(omoe, CPU, m) {
+  m.impl("forward", &omoe::forward_cpu);
+  m.impl("backward", &omoe::backward_cpu);
+}

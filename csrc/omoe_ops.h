@@ -1,0 +1,40 @@
+// The omoe ops: one device-generic orchestration (ATen GEMMs around a per-token pass)
+// and, per device, the per-token pass itself. omoe_ops.cpp holds the orchestration, the
+// schemas and the CPU pass; cuda/omoe_cuda.cu holds the CUDA pass.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace omoe {
+
+// Per-token forward over all tokens: z[t] = a[t] ⊙ h[t] (docs/algorithm.md, steps 2–5).
+// h: [T, E·r], logits: [T, E] (both float32 or float64), G: [E·r, E·r] float64 or empty.
+using TokenForwardFn = void (*)(const at::Tensor& h, const at::Tensor& logits,
+                                const at::Tensor& G, int64_t num_experts, int64_t rank,
+                                int64_t top_k, bool orthogonalize, bool normalize, double eps,
+                                at::Tensor& z);
+
+// Per-token backward over all tokens. dz: [T, E·r]. Writes z, dh ([T, E·r]),
+// dlogits ([T, E]) and dS ([T, E, E], float64).
+using TokenBackwardFn = void (*)(const at::Tensor& h, const at::Tensor& logits,
+                                 const at::Tensor& G, const at::Tensor& dz,
+                                 int64_t num_experts, int64_t rank, int64_t top_k,
+                                 bool orthogonalize, bool normalize, double eps, at::Tensor& z,
+                                 at::Tensor& dh, at::Tensor& dlogits, at::Tensor& dS);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
+    const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+    const at::Tensor& router_weight, const std::optional<at::Tensor>& router_input,
+    const std::optional<at::Tensor>& base_out, double scaling, int64_t top_k,
+    bool orthogonalize, bool normalize, double eps, TokenForwardFn token_forward);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+    const at::Tensor& router_weight, const std::optional<at::Tensor>& router_input,
+    const at::Tensor& h, const at::Tensor& logits, double scaling, int64_t top_k,
+    bool orthogonalize, bool normalize, double eps, TokenBackwardFn token_backward);
+
+}  // namespace omoe

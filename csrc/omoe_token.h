@@ -1,0 +1,290 @@
+// Per-token algebra of OMoE-LoRA, shared by the CPU and CUDA kernels.
+//
+// One token at a time: routing, the Gram matrix of the expert outputs (from h and
+// G = B_catᵀ B_cat, never from the d_out-long outputs), modified Gram–Schmidt in
+// coefficient space, the mixture coefficients, and the hand-derived backward of all of
+// it. docs/algorithm.md has the derivation. Everything here is float64.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define OMOE_HD __host__ __device__ inline
+#else
+#define OMOE_HD inline
+#endif
+
+namespace omoe {
+
+// The compiled backends keep per-token state in fixed arrays of this many experts.
+constexpr int kMaxExperts = 32;
+
+// True when logit a (expert i) ranks above logit b (expert j): larger first, NaN above
+// everything (as torch.sort does), ties to the lower index.
+OMOE_HD bool ranks_above(double a, int i, double b, int j) {
+  const bool a_nan = a != a, b_nan = b != b;
+  if (a_nan || b_nan) return a_nan && (!b_nan || i < j);
+  return a > b || (a == b && i < j);
+}
+
+// Routing of one token. Writes the active experts in ascending order to `active`
+// (returns how many: top_k, or E when top_k >= E) and their softmax gates to `gates`
+// (gates[m] belongs to expert active[m]).
+template <typename scalar_t>
+OMOE_HD int route_token(const scalar_t* logits, int E, int top_k, int* active, double* gates) {
+  int k = 0;
+  for (int i = 0; i < E; ++i) {
+    int rank = 0;
+    const double li = static_cast<double>(logits[i]);
+    for (int j = 0; j < E; ++j)
+      if (j != i && ranks_above(static_cast<double>(logits[j]), j, li, i)) ++rank;
+    if (rank < top_k) active[k++] = i;
+  }
+  double max_logit = -INFINITY;
+  for (int m = 0; m < k; ++m) {
+    const double l = static_cast<double>(logits[active[m]]);
+    max_logit = (l > max_logit || l != l) ? l : max_logit;
+  }
+  double total = 0.0;
+  for (int m = 0; m < k; ++m) {
+    gates[m] = exp(static_cast<double>(logits[active[m]]) - max_logit);
+    total += gates[m];
+  }
+  for (int m = 0; m < k; ++m) gates[m] /= total;
+  return k;
+}
+
+// S[m][l] = <e_active[m], e_active[l]> = h_iᵀ G_ij h_j, with G row-major [E·r, E·r].
+template <typename scalar_t>
+OMOE_HD void gram_token(const scalar_t* h, const double* G, const int* active, int k, int r,
+                        int er, double (*S)[kMaxExperts]) {
+  for (int m = 0; m < k; ++m) {
+    const int i = active[m];
+    for (int l = m; l < k; ++l) {
+      const int j = active[l];
+      double s = 0.0;
+      for (int a = 0; a < r; ++a) {
+        const double* g_row = G + static_cast<int64_t>(i * r + a) * er + j * r;
+        double inner = 0.0;
+        for (int b = 0; b < r; ++b) inner += g_row[b] * static_cast<double>(h[j * r + b]);
+        s += static_cast<double>(h[i * r + a]) * inner;
+      }
+      S[m][l] = s;
+      S[l][m] = s;
+    }
+  }
+}
+
+// The state of one token's MGS in coefficient space, over its k active experts.
+// C[m] holds the coefficients of q_m over (e_active[0], …, e_active[k-1]);
+// SC[m] = S C[m]; proj[m][j] = p/n of step (m, j); norm_sq[m] = <v_m, v_m> clamped at 0
+// (before normalizing, or of q_m when not normalizing).
+struct MgsTape {
+  double S[kMaxExperts][kMaxExperts];
+  double C[kMaxExperts][kMaxExperts];
+  double SC[kMaxExperts][kMaxExperts];
+  double proj[kMaxExperts][kMaxExperts];
+  double norm_sq[kMaxExperts];
+};
+
+OMOE_HD double dot(const double* u, const double* v, int k) {
+  double s = 0.0;
+  for (int l = 0; l < k; ++l) s += u[l] * v[l];
+  return s;
+}
+
+// SPEC §1's modified Gram–Schmidt loop, run on coefficient vectors (tape.S must be set).
+OMOE_HD void mgs_forward(MgsTape& t, int k, bool normalize, double eps) {
+  for (int m = 0; m < k; ++m) {
+    double* c = t.C[m];
+    double* sc = t.SC[m];
+    for (int l = 0; l < k; ++l) {
+      c[l] = (l == m) ? 1.0 : 0.0;
+      sc[l] = t.S[l][m];
+    }
+    for (int j = 0; j < m; ++j) {
+      const double n = normalize ? 1.0 : t.norm_sq[j] + eps;
+      const double coef = dot(c, t.SC[j], k) / n;
+      t.proj[m][j] = coef;
+      for (int l = 0; l < k; ++l) {
+        c[l] -= coef * t.C[j][l];
+        sc[l] -= coef * t.SC[j][l];
+      }
+    }
+    const double raw = dot(c, sc, k);
+    t.norm_sq[m] = raw > 0.0 ? raw : 0.0;
+    if (normalize) {
+      const double inv = 1.0 / sqrt(t.norm_sq[m] + eps);
+      for (int l = 0; l < k; ++l) {
+        c[l] *= inv;
+        sc[l] *= inv;
+      }
+    }
+  }
+}
+
+// Reverse of mgs_forward. dC[m] holds dL/dC[m] on entry (it is overwritten as the
+// gradient flows back); on exit dS holds dL/dS (not symmetrized: S is read as a general
+// matrix by the forward).
+OMOE_HD void mgs_backward(const MgsTape& t, int k, bool normalize, double eps,
+                          double (*dC)[kMaxExperts], double (*dS)[kMaxExperts]) {
+  double U[kMaxExperts][kMaxExperts];  // dS = Σ_j U[j] C[j]ᵀ + Σ_m dν_m c_m c_mᵀ
+  for (int m = 0; m < k; ++m)
+    for (int l = 0; l < k; ++l) {
+      U[m][l] = 0.0;
+      dS[m][l] = 0.0;
+    }
+  double c[kMaxExperts], sc[kMaxExperts], dc[kMaxExperts];
+  for (int m = k - 1; m >= 0; --m) {
+    if (normalize) {
+      const double nu = t.norm_sq[m] + eps;
+      const double inv = 1.0 / sqrt(nu);
+      for (int l = 0; l < k; ++l) {  // the vector before normalizing
+        c[l] = t.C[m][l] * sqrt(nu);
+        sc[l] = t.SC[m][l] * sqrt(nu);
+      }
+      // ν = max(cᵀSc, 0) + eps: no gradient through the clamp.
+      const double dnu = t.norm_sq[m] > 0.0 ? -0.5 * inv * inv * inv * dot(dC[m], c, k) : 0.0;
+      for (int l = 0; l < k; ++l) dc[l] = inv * dC[m][l] + 2.0 * dnu * sc[l];
+      for (int a = 0; a < k; ++a)
+        for (int b = 0; b < k; ++b) dS[a][b] += dnu * c[a] * c[b];
+    } else {
+      for (int l = 0; l < k; ++l) {
+        c[l] = t.C[m][l];
+        sc[l] = t.SC[m][l];
+        dc[l] = dC[m][l];
+      }
+    }
+    for (int j = m - 1; j >= 0; --j) {
+      const double coef = t.proj[m][j];
+      const double n = normalize ? 1.0 : t.norm_sq[j] + eps;
+      const double* Cj = t.C[j];
+      const double* SCj = t.SC[j];
+      for (int l = 0; l < k; ++l) {  // the running vector before this step
+        c[l] += coef * Cj[l];
+        sc[l] += coef * SCj[l];
+      }
+      const double dc_dot_cj = dot(dc, Cj, k);
+      const double dp = -dc_dot_cj / n;
+      for (int l = 0; l < k; ++l) {
+        dC[j][l] += -coef * dc[l] + dp * sc[l];
+        U[j][l] += dp * c[l];
+      }
+      if (!normalize && t.norm_sq[j] > 0.0) {
+        const double dn = dc_dot_cj * coef / n;  // <dc', C_j> p / n², with p = coef·n
+        for (int l = 0; l < k; ++l) {
+          dC[j][l] += 2.0 * dn * SCj[l];
+          U[j][l] += dn * Cj[l];
+        }
+      }
+      for (int l = 0; l < k; ++l) dc[l] += dp * SCj[l];
+    }
+  }
+  for (int j = 0; j < k; ++j)
+    for (int a = 0; a < k; ++a)
+      for (int b = 0; b < k; ++b) dS[a][b] += U[j][a] * t.C[j][b];
+}
+
+// Forward of one token: z = a ⊙ h (E·r values, zero for inactive experts), where
+// a = Σ g_i C_i are the mixture coefficients. G is only read when orthogonalize is set.
+template <typename scalar_t>
+OMOE_HD void token_forward(const scalar_t* h, const scalar_t* logits, const double* G, int E,
+                           int r, int top_k, bool orthogonalize, bool normalize, double eps,
+                           MgsTape& t, scalar_t* z) {
+  int active[kMaxExperts];
+  double gates[kMaxExperts], coeff[kMaxExperts];
+  const int k = route_token(logits, E, top_k, active, gates);
+  if (orthogonalize) {
+    gram_token(h, G, active, k, r, E * r, t.S);
+    mgs_forward(t, k, normalize, eps);
+    for (int l = 0; l < k; ++l) {
+      coeff[l] = 0.0;
+      for (int m = l; m < k; ++m) coeff[l] += gates[m] * t.C[m][l];
+    }
+  } else {
+    for (int l = 0; l < k; ++l) coeff[l] = gates[l];
+  }
+  for (int q = 0; q < E * r; ++q) z[q] = scalar_t(0);
+  for (int l = 0; l < k; ++l) {
+    const int i = active[l];
+    for (int a = 0; a < r; ++a) z[i * r + a] = static_cast<scalar_t>(coeff[l] * static_cast<double>(h[i * r + a]));
+  }
+}
+
+// Backward of one token. Inputs: h, logits, G as in the forward, and dz = dL/dz.
+// Outputs: z (recomputed), dh (E·r), dlogits (E), dS (E×E row-major, float64; zero
+// unless orthogonalize).
+template <typename scalar_t>
+OMOE_HD void token_backward(const scalar_t* h, const scalar_t* logits, const double* G,
+                            const scalar_t* dz, int E, int r, int top_k, bool orthogonalize,
+                            bool normalize, double eps, MgsTape& t,
+                            double (*dC)[kMaxExperts], double (*dS)[kMaxExperts], scalar_t* z,
+                            scalar_t* dh, scalar_t* dlogits, double* dS_out) {
+  int active[kMaxExperts];
+  double gates[kMaxExperts], coeff[kMaxExperts], dcoeff[kMaxExperts], dgate[kMaxExperts];
+  const int k = route_token(logits, E, top_k, active, gates);
+  if (orthogonalize) {
+    gram_token(h, G, active, k, r, E * r, t.S);
+    mgs_forward(t, k, normalize, eps);
+    for (int l = 0; l < k; ++l) {
+      coeff[l] = 0.0;
+      for (int m = l; m < k; ++m) coeff[l] += gates[m] * t.C[m][l];
+    }
+  } else {
+    for (int l = 0; l < k; ++l) coeff[l] = gates[l];
+  }
+  // z = a ⊙ h: da_l = <dz_l, h_l>; the direct part of dh_l is a_l dz_l.
+  for (int q = 0; q < E * r; ++q) {
+    z[q] = scalar_t(0);
+    dh[q] = scalar_t(0);
+  }
+  for (int l = 0; l < k; ++l) {
+    const int i = active[l];
+    double s = 0.0;
+    for (int a = 0; a < r; ++a) {
+      const double hv = static_cast<double>(h[i * r + a]);
+      z[i * r + a] = static_cast<scalar_t>(coeff[l] * hv);
+      s += static_cast<double>(dz[i * r + a]) * hv;
+    }
+    dcoeff[l] = s;
+  }
+  for (int q = 0; q < E * E; ++q) dS_out[q] = 0.0;
+  if (orthogonalize) {
+    for (int m = 0; m < k; ++m) {
+      dgate[m] = dot(t.C[m], dcoeff, k);
+      for (int l = 0; l < k; ++l) dC[m][l] = gates[m] * dcoeff[l];
+    }
+    mgs_backward(t, k, normalize, eps, dC, dS);
+    for (int m = 0; m < k; ++m)
+      for (int l = 0; l < k; ++l) dS_out[active[m] * E + active[l]] = dS[m][l];
+  } else {
+    for (int m = 0; m < k; ++m) dgate[m] = dcoeff[m];
+  }
+  // dh_i = a_i dz_i + Σ_j (dS_ij + dS_ji) G_ij h_j  (the second term only when orthogonalizing).
+  for (int m = 0; m < k; ++m) {
+    const int i = active[m];
+    for (int a = 0; a < r; ++a) {
+      double acc = coeff[m] * static_cast<double>(dz[i * r + a]);
+      if (orthogonalize) {
+        const double* g_row = G + static_cast<int64_t>(i * r + a) * (E * r);
+        for (int l = 0; l < k; ++l) {
+          const double w = dS[m][l] + dS[l][m];
+          if (w == 0.0) continue;
+          const int j = active[l];
+          double inner = 0.0;
+          for (int b = 0; b < r; ++b) inner += g_row[j * r + b] * static_cast<double>(h[j * r + b]);
+          acc += w * inner;
+        }
+      }
+      dh[i * r + a] = static_cast<scalar_t>(acc);
+    }
+  }
+  // Softmax over the active set: dlogit_i = g_i (dg_i − Σ_j g_j dg_j).
+  double mean = 0.0;
+  for (int m = 0; m < k; ++m) mean += gates[m] * dgate[m];
+  for (int i = 0; i < E; ++i) dlogits[i] = scalar_t(0);
+  for (int m = 0; m < k; ++m) dlogits[active[m]] = static_cast<scalar_t>(gates[m] * (dgate[m] - mean));
+}
+
+}  // namespace omoe

@@ -1,0 +1,1 @@
+"""Backend implementations: `compiled` (the omoe C++/CUDA ops) and `triton_omoe`."""

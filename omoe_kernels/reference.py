@@ -1,0 +1,63 @@
+"""The `reference` backend: SPEC §1 written literally in eager PyTorch.
+
+It materializes every expert output `e_i` (`T × E × d_out`) and runs modified
+Gram–Schmidt on the full vectors. Gradients come from autograd. It is the readable
+statement of the math and the eager baseline of every benchmark. Half-precision inputs
+run their matmuls in their own dtype and the routing and MGS in float32.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._validate import Problem
+
+
+def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gates and active mask (both [T, E]) from router logits.
+
+    Top-k keeps the k largest logits, ties going to the lower expert index, and takes a
+    softmax over them; gates outside the active set are exactly 0.
+    """
+    num_experts = logits.shape[-1]
+    if top_k >= num_experts:
+        return torch.softmax(logits, dim=-1), torch.ones_like(logits, dtype=torch.bool)
+    # A stable descending sort keeps the lower index first among equal logits.
+    order = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :top_k]
+    active = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, order, True)
+    gates = torch.softmax(logits.masked_fill(~active, float("-inf")), dim=-1)
+    return gates, active
+
+
+def orthogonalize(e: torch.Tensor, active: torch.Tensor, normalize: bool, eps: float) -> torch.Tensor:
+    """Modified Gram–Schmidt over the active experts of each token, in ascending index.
+
+    e: [T, E, d_out] expert outputs; active: [T, E]. Returns q with q_i = 0 for inactive i.
+    """
+    qs: list[torch.Tensor] = []
+    for i in range(e.shape[1]):
+        v = e[:, i]
+        for j, q_j in enumerate(qs):
+            # Inactive q_j are zero, so they project nothing away.
+            dot = (v * q_j).sum(-1, keepdim=True)
+            n_j = 1.0 if normalize else (q_j * q_j).sum(-1, keepdim=True) + eps
+            v = v - (dot / n_j) * q_j
+        q_i = v * torch.rsqrt((v * v).sum(-1, keepdim=True) + eps) if normalize else v
+        qs.append(torch.where(active[:, i, None], q_i, torch.zeros_like(q_i)))
+    return torch.stack(qs, dim=1)
+
+
+def omoe_lora_reference(x, A, B, router_weight, router_input, base_out, p: Problem) -> torch.Tensor:
+    """x: [T, d_in]; router_input: [T, d_in] or None; base_out: [T, d_out] or None."""
+    compute_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    router_in = x if router_input is None else router_input
+    logits = (router_in @ router_weight.t()).to(compute_dtype)
+    gates, active = route(logits, p.top_k)
+
+    h = torch.einsum("td,erd->ter", x, A)              # [T, E, r]
+    e = torch.einsum("ter,eor->teo", h, B).to(compute_dtype)  # [T, E, d_out]
+    q = orthogonalize(e, active, p.normalize, p.eps) if p.orthogonalize else e
+    q = torch.where(active[..., None], q, torch.zeros_like(q))
+    adapter = p.scaling * torch.einsum("te,teo->to", gates, q)
+    if base_out is not None:
+        adapter = adapter + base_out.to(compute_dtype)
+    return adapter.to(x.dtype)
