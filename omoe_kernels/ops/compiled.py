@@ -28,12 +28,17 @@ except Exception as exc:  # a missing or broken build must not break `import omo
 LOADED = LOAD_ERROR is None
 
 
+# Looked up once at import: a dispatcher query inside `forward` would be a graph break
+# under torch.compile(fullgraph=True), while a module-level dict is a constant to dynamo.
+_HAS_KERNELS = {
+    device_type: LOADED and torch._C._dispatch_has_kernel_for_dispatch_key("omoe::forward", key)
+    for device_type, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+}
+
+
 def has_kernels(device_type: str) -> bool:
     """Whether the compiled ops have kernels for `device_type` ("cpu" or "cuda")."""
-    if not LOADED:
-        return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("omoe::forward", key)
+    return _HAS_KERNELS.get(device_type, False)
 
 
 def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
