@@ -1,6 +1,455 @@
-"""Triton backend (issue 3): not built yet."""
-AVAILABLE = False
+"""The `triton` backend: launchers and the `torch.ops.omoe_triton` custom ops.
+
+Forward (docs/algorithm.md): shrink (`H`, logits in one pass over x) → per-token kernel
+(routing, Gram, MGS in float64 → `Z = a ⊙ h`) → expand (`Y = base + s Z B_catᵀ`, base
+added in the GEMM epilogue). Backward: `dZ = s dY B_cat` → per-token reverse (Z, dH,
+dlogits, dS) → `dG` (float64) → the weight and input GEMMs. Saved: `H` and the logits.
+
+The ops are `torch.library.custom_op`s with fake implementations and registered
+autograd, so `torch.compile` traces through them as opaque nodes.
+
+Runs on CUDA tensors, and on CPU tensors under `TRITON_INTERPRET=1` (a correctness tool:
+bf16 operands are upcast to fp32 there because the interpreter cannot do bf16 math).
+Fixed launch configs under the interpreter or with `OMOE_TRITON_FIXED_CONFIG=1`;
+otherwise the GEMM kernels are autotuned over a few configs.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .._validate import Problem
+
+try:
+    import triton
+
+    from . import triton_kernels as K
+
+    AVAILABLE = True
+    IMPORT_ERROR: str | None = None
+except Exception as exc:  # triton missing or broken: the backend is just unavailable
+    AVAILABLE = False
+    IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 
-def omoe_lora_triton(*args, **kwargs):
-    raise NotImplementedError("the triton backend is not built yet")
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def fixed_config() -> bool:
+    return interpreting() or os.environ.get("OMOE_TRITON_FIXED_CONFIG", "0") not in ("", "0")
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Padded expert layout: expert i's block is columns i·RP … i·RP + r − 1 of ERP."""
+
+    num_experts: int
+    rank: int
+    EP: int    # experts, padded to a power of 2
+    RP: int    # rank, padded to a power of 2 (and so that ERP >= 16)
+    ERP: int   # EP · RP
+    EPL: int   # router rows padded for tl.dot (power of 2, >= 16)
+
+    @property
+    def NW(self) -> int:  # columns of the [dH | dlogits] buffer
+        return self.ERP + self.EPL
+
+
+def layout(num_experts: int, rank: int) -> Layout:
+    EP = _next_pow2(num_experts)
+    RP = max(_next_pow2(rank), 16 // EP if EP < 16 else 1)
+    return Layout(num_experts, rank, EP, RP, EP * RP, max(16, EP))
+
+
+def dot_kind(dtype: torch.dtype, device_type: str) -> int:
+    if dtype == torch.float64:
+        return K.DOT_FP64
+    if dtype == torch.float16:
+        return K.DOT_FP16
+    if dtype == torch.bfloat16:
+        return K.DOT_BF16
+    if device_type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        return K.DOT_FP32_TF32
+    return K.DOT_FP32_IEEE
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    return interpreting() and dtype == torch.bfloat16
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _pad_A(A: torch.Tensor, L: Layout) -> torch.Tensor:
+    E, r, d_in = A.shape
+    out = A.new_zeros((L.EP, L.RP, d_in))
+    out[:E, :r] = A
+    return out.view(L.ERP, d_in)
+
+
+def _pad_B(B: torch.Tensor, L: Layout) -> torch.Tensor:
+    E, d_out, r = B.shape
+    out = B.new_zeros((d_out, L.EP, L.RP))
+    out[:, :E, :r] = B.permute(1, 0, 2)
+    return out.view(d_out, L.ERP)
+
+
+def _pad_W(W: torch.Tensor, L: Layout) -> torch.Tensor:
+    out = W.new_zeros((L.EPL, W.shape[1]))
+    out[: W.shape[0]] = W
+    return out
+
+
+def _gram(B_pad: torch.Tensor) -> torch.Tensor:
+    """G = B_catᵀ B_cat in float64 (ERP × ERP; tiny, so a torch GEMM)."""
+    b = B_pad.double()
+    return (b.t() @ b).contiguous()
+
+
+# ----------------------------------------------------------------------------------------
+# Launch configurations.
+
+_SMS = None
+
+
+def _num_sms(device: torch.device) -> int:
+    global _SMS
+    if device.type != "cuda":
+        return 4
+    if _SMS is None:
+        _SMS = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SMS
+
+
+def matmul_default_config(kind: int, N: int) -> dict:
+    """The fixed GPU config of matmul_kernel (also what kernel_report compiles)."""
+    if kind in (K.DOT_BF16, K.DOT_FP16):
+        block_n = 64 if N <= 64 else 128
+        return dict(BLOCK_M=128, BLOCK_N=block_n, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+    if kind == K.DOT_FP32_TF32:
+        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2)
+
+
+def shrink_default_config(kind: int, ERP: int) -> dict:
+    block_n = min(ERP, 256 if kind in (K.DOT_BF16, K.DOT_FP16) else 128)
+    if kind in (K.DOT_BF16, K.DOT_FP16):
+        block_m = 128 if block_n <= 128 else 64
+        return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=32, num_warps=4, num_stages=2)
+
+
+_INTERPRET_MATMUL = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
+
+
+def token_block(L: Layout) -> int:
+    """Tokens per program of the per-token kernels: keeps the [BT, EP, RP, RP] Gram
+    product and the [BT, EP, EP] MGS state at a few thousand float64 values."""
+    bt = max(1, min(4096 // (L.ERP * L.RP), 1024 // (L.EP * L.EP)))
+    return 1 << (bt.bit_length() - 1)
+
+
+_AUTOTUNED = {}
+
+
+def _autotuned(name: str):
+    """Autotuned wrappers of the GEMM kernels (GPU only), built on first use."""
+    if name in _AUTOTUNED:
+        return _AUTOTUNED[name]
+    if name == "matmul":
+        configs = [
+            triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+                                     (128, 256, 64, 8, 3), (64, 64, 64, 4, 4)]
+        ]
+        fn = triton.autotune(configs, key=["M", "N", "K", "k_per_split", "HAS_ADD", "SPLIT_A",
+                                            "SPLIT_B", "DOT_KIND"])(K.matmul_kernel)
+    else:
+        configs = [
+            triton.Config(dict(BLOCK_M=bm, BLOCK_K=bk), num_warps=w, num_stages=s)
+            for bm, bk, w, s in [(128, 64, 8, 3), (64, 64, 4, 4), (128, 128, 8, 2), (64, 128, 4, 3)]
+        ]
+        fn = triton.autotune(configs, key=["T", "D", "N", "E", "SEPARATE_ROUTER", "DOT_KIND",
+                                            "BLOCK_N", "BLOCK_E"])(K.shrink_kernel)
+    _AUTOTUNED[name] = fn
+    return fn
+
+
+def _use_autotune(kind: int, device: torch.device) -> bool:
+    return device.type == "cuda" and not fixed_config() and kind in (K.DOT_BF16, K.DOT_FP16, K.DOT_FP32_TF32)
+
+
+# ----------------------------------------------------------------------------------------
+# Launchers.
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, *, out_dtype: torch.dtype, kind: int, upcast: bool,
+           scale: float = 1.0, add: Optional[torch.Tensor] = None, split_a: bool = False,
+           split_b: bool = False, long_k: bool = False) -> torch.Tensor:
+    """scale · a @ b (+ add) for a [M, K] and b [K, N] of any strides.
+
+    long_k: K is the token dimension (weight gradients): split K over several programs
+    into fp32 partials so that the few output tiles still fill the GPU.
+    """
+    M, Kdim = a.shape
+    N = b.shape[1]
+    device = a.device
+    interp = interpreting()
+    default = _INTERPRET_MATMUL if interp else matmul_default_config(kind, N)
+    splits = 1
+    if long_k:
+        tiles = triton.cdiv(M, default["BLOCK_M"]) * triton.cdiv(N, default["BLOCK_N"])
+        if interp:
+            splits = min(3, triton.cdiv(Kdim, 32))
+        else:
+            splits = max(1, min(2 * _num_sms(device) // tiles, triton.cdiv(Kdim, 512)))
+    k_per_split = triton.cdiv(triton.cdiv(Kdim, splits), 64) * 64
+    splits = triton.cdiv(Kdim, k_per_split)
+    acc_dtype = torch.float64 if kind == K.DOT_FP64 else torch.float32
+    if splits > 1:
+        out = torch.empty((splits, M, N), device=device, dtype=acc_dtype)
+        result_add, add = add, None
+    else:
+        out = torch.empty((1, M, N), device=device, dtype=out_dtype)
+    add_t = add if add is not None else out
+    args = (a, b, out, add_t, M, N, Kdim, k_per_split,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+            out.stride(0), out.stride(1), out.stride(2), add_t.stride(-2), add_t.stride(-1),
+            float(scale))
+    flags = dict(HAS_ADD=add is not None, SPLIT_A=split_a, SPLIT_B=split_b, DOT_KIND=kind,
+                 UPCAST=upcast)
+    if _use_autotune(kind, device):
+        fn = _autotuned("matmul")
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), splits)
+        fn[grid](*args, **flags)
+    else:
+        grid = (triton.cdiv(M, default["BLOCK_M"]) * triton.cdiv(N, default["BLOCK_N"]), splits)
+        K.matmul_kernel[grid](*args, **flags, **default)
+    if splits == 1:
+        return out[0]
+    total = out.sum(0)
+    if result_add is not None:
+        total = total + result_add.to(acc_dtype)
+    return total.to(out_dtype)
+
+
+def shrink(x: torch.Tensor, router_input: Optional[torch.Tensor], A_pad: torch.Tensor,
+           W: torch.Tensor, L: Layout, kind: int, upcast: bool):
+    """H [T, ERP] and logits [T, E] (accumulator dtype)."""
+    T, D = x.shape
+    acc = _accumulate_dtype(x.dtype)
+    h = torch.empty((T, L.ERP), device=x.device, dtype=acc)
+    logits = torch.empty((T, L.num_experts), device=x.device, dtype=acc)
+    r = router_input if router_input is not None else x
+    args = (x, r, A_pad, W, h, logits, T, D, L.ERP, L.num_experts,
+            x.stride(0), x.stride(1), r.stride(0), r.stride(1),
+            A_pad.stride(0), A_pad.stride(1), W.stride(0), W.stride(1),
+            h.stride(0), logits.stride(0))
+    flags = dict(SEPARATE_ROUTER=router_input is not None, DOT_KIND=kind, UPCAST=upcast,
+                 BLOCK_E=L.EPL)
+    if interpreting():
+        cfg = dict(BLOCK_M=32, BLOCK_N=min(L.ERP, 64), BLOCK_K=32)
+    else:
+        cfg = shrink_default_config(kind, L.ERP)
+    if _use_autotune(kind, x.device):
+        fn = _autotuned("shrink")
+        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), triton.cdiv(L.ERP, cfg["BLOCK_N"]))
+        fn[grid](*args, **flags, BLOCK_N=cfg["BLOCK_N"])
+    else:
+        grid = (triton.cdiv(T, cfg["BLOCK_M"]), triton.cdiv(L.ERP, cfg["BLOCK_N"]))
+        K.shrink_kernel[grid](*args, **flags, **cfg)
+    return h, logits
+
+
+def _token_flags(L: Layout, top_k: int, orthogonalize: bool, normalize: bool) -> dict:
+    return dict(TOP_K=top_k, NUM_EXPERTS=L.num_experts, ORTHOGONALIZE=orthogonalize,
+                NORMALIZE=normalize, BT=token_block(L), EP=L.EP, RP=L.RP, ERP=L.ERP, num_warps=4)
+
+
+def token_forward(h, logits, G, L: Layout, top_k, orthogonalize, normalize, eps):
+    T = h.shape[0]
+    z = torch.empty_like(h)
+    flags = _token_flags(L, top_k, orthogonalize, normalize)
+    grid = (triton.cdiv(T, flags["BT"]),)
+    K.token_forward_kernel[grid](h, logits, G if G is not None else h, z, T, L.num_experts, float(eps),
+                                 h.stride(0), logits.stride(0), z.stride(0), **flags)
+    return z
+
+
+def token_backward(h, logits, G, dz, L: Layout, top_k, orthogonalize, normalize, eps):
+    """Z, dHL = [dH | dlogits | 0] ([T, NW]) and dS ([T, EP·EP] float64, or None)."""
+    T = h.shape[0]
+    z = torch.empty_like(h)
+    dhl = torch.zeros((T, L.NW), device=h.device, dtype=h.dtype)
+    ds = torch.empty((T, L.EP * L.EP), device=h.device, dtype=torch.float64) if orthogonalize else None
+    flags = _token_flags(L, top_k, orthogonalize, normalize)
+    grid = (triton.cdiv(T, flags["BT"]),)
+    K.token_backward_kernel[grid](h, logits, G if G is not None else h, dz, z, dhl,
+                                  ds if ds is not None else h, T, L.num_experts, float(eps),
+                                  h.stride(0), logits.stride(0), dz.stride(0), z.stride(0),
+                                  dhl.stride(0), **flags)
+    return z, dhl, ds
+
+
+def gram_grad(h, ds, L: Layout) -> torch.Tensor:
+    """dG [ERP, ERP] float64 from dS, summed over tokens."""
+    T = h.shape[0]
+    E = L.num_experts
+    block_t = max(1, min(64, 4096 // (L.RP * L.RP)))
+    block_t = 1 << (block_t.bit_length() - 1)
+    if interpreting():
+        splits = min(2, triton.cdiv(T, block_t))
+    else:
+        splits = max(1, min(triton.cdiv(T, 256), 2 * _num_sms(h.device) // (E * E) + 1))
+    per_split = triton.cdiv(triton.cdiv(T, splits), block_t) * block_t
+    splits = triton.cdiv(T, per_split)
+    partial = torch.zeros((splits, L.ERP, L.ERP), device=h.device, dtype=torch.float64)
+    K.gram_grad_kernel[(E, E, splits)](h, ds, partial, T, per_split, h.stride(0),
+                                       EP=L.EP, RP=L.RP, ERP=L.ERP, BLOCK_T=block_t, num_warps=4)
+    return partial.sum(0)
+
+
+# ----------------------------------------------------------------------------------------
+# Forward and backward of the op.
+
+
+def forward_impl(x, A, B, router_weight, router_input, base_out, scaling, top_k,
+                 orthogonalize, normalize, eps):
+    E, r, _ = A.shape
+    L = layout(E, r)
+    kind = dot_kind(x.dtype, x.device.type)
+    upcast = _upcast(x.dtype)
+    A_pad = _pad_A(A, L)
+    B_pad = _pad_B(B, L)
+    h, logits = shrink(x, router_input, A_pad, router_weight, L, kind, upcast)
+    G = _gram(B_pad) if orthogonalize else None
+    z = token_forward(h, logits, G, L, top_k, orthogonalize, normalize, eps)
+    sixteen = kind in (K.DOT_BF16, K.DOT_FP16)
+    y = matmul(z, B_pad.t(), out_dtype=x.dtype, kind=kind, upcast=upcast, scale=scaling,
+               add=base_out, split_a=sixteen)
+    return y, h, logits
+
+
+def _fresh(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous copy (custom-op outputs must not alias each other)."""
+    return t.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+
+
+def backward_impl(grad_y, x, A, B, router_weight, router_input, h, logits, scaling, top_k,
+                  orthogonalize, normalize, eps):
+    E, r, d_in = A.shape
+    d_out = B.shape[1]
+    L = layout(E, r)
+    dtype = x.dtype
+    kind = dot_kind(dtype, x.device.type)
+    upcast = _upcast(dtype)
+    sixteen = kind in (K.DOT_BF16, K.DOT_FP16)
+    acc = _accumulate_dtype(dtype)
+    grad_y = grad_y.to(dtype)
+    A_pad = _pad_A(A, L)
+    B_pad = _pad_B(B, L)
+    W_pad = _pad_W(router_weight, L)
+    G = _gram(B_pad) if orthogonalize else None
+    dz = matmul(grad_y, B_pad, out_dtype=acc, kind=kind, upcast=upcast, scale=scaling)
+    z, dhl, ds = token_backward(h, logits, G, dz, L, top_k, orthogonalize, normalize, eps)
+    # dB_cat = s dYᵀ Z + B_cat (dG + dGᵀ)
+    dB_pad = matmul(grad_y.t(), z, out_dtype=acc, kind=kind, upcast=upcast, scale=scaling,
+                    split_b=sixteen, long_k=True)
+    if orthogonalize:
+        dG = gram_grad(h, ds, L)
+        dB_pad = (dB_pad.double() + B_pad.double() @ (dG + dG.t())).to(acc)
+    grad_B = _fresh(dB_pad.view(d_out, L.EP, L.RP)[:, :E, :r].permute(1, 0, 2), dtype)
+    ERP, NW = L.ERP, L.NW
+    if router_input is None:
+        # One GEMM each for [dA; dW] = dHLᵀ X and dX = dHL [A; W].
+        stacked = torch.cat([A_pad, W_pad], dim=0)
+        dAW = matmul(dhl.t(), x, out_dtype=acc, kind=kind, upcast=upcast, split_a=sixteen, long_k=True)
+        grad_x = matmul(dhl, stacked, out_dtype=dtype, kind=kind, upcast=upcast, split_a=sixteen)
+        dA_pad, grad_W = dAW[:ERP], dAW[ERP:ERP + E]
+        grad_R = x.new_empty((0,))
+    else:
+        dh, dl = dhl[:, :ERP], dhl[:, ERP:NW]
+        dA_pad = matmul(dh.t(), x, out_dtype=acc, kind=kind, upcast=upcast, split_a=sixteen, long_k=True)
+        grad_x = matmul(dh, A_pad, out_dtype=dtype, kind=kind, upcast=upcast, split_a=sixteen)
+        grad_W = matmul(dl.t(), router_input, out_dtype=acc, kind=kind, upcast=upcast,
+                        split_a=sixteen, long_k=True)[:E]
+        grad_R = matmul(dl, W_pad, out_dtype=dtype, kind=kind, upcast=upcast, split_a=sixteen)
+    grad_A = _fresh(dA_pad.view(L.EP, L.RP, d_in)[:E, :r], dtype)
+    return grad_x, grad_A, grad_B, _fresh(grad_W, dtype), grad_R
+
+
+# ----------------------------------------------------------------------------------------
+# Custom ops.
+
+if AVAILABLE:
+
+    @torch.library.custom_op("omoe_triton::forward", mutates_args=())
+    def forward_op(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, router_weight: torch.Tensor,
+                   router_input: Optional[torch.Tensor], base_out: Optional[torch.Tensor],
+                   scaling: float, top_k: int, orthogonalize: bool, normalize: bool,
+                   eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(y, h, logits); h and logits are saved for the backward."""
+        return forward_impl(x, A, B, router_weight, router_input, base_out, scaling, top_k,
+                            orthogonalize, normalize, eps)
+
+    @forward_op.register_fake
+    def _forward_fake(x, A, B, router_weight, router_input, base_out, scaling, top_k,
+                      orthogonalize, normalize, eps):
+        L = layout(A.shape[0], A.shape[1])
+        acc = _accumulate_dtype(x.dtype)
+        T = x.shape[0]
+        return (x.new_empty((T, B.shape[1])), x.new_empty((T, L.ERP), dtype=acc),
+                x.new_empty((T, A.shape[0]), dtype=acc))
+
+    @torch.library.custom_op("omoe_triton::backward", mutates_args=())
+    def backward_op(grad_y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                    router_weight: torch.Tensor, router_input: Optional[torch.Tensor],
+                    h: torch.Tensor, logits: torch.Tensor, scaling: float, top_k: int,
+                    orthogonalize: bool, normalize: bool, eps: float
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(grad x, grad A, grad B, grad router_weight, grad router_input or an empty tensor)."""
+        return backward_impl(grad_y, x, A, B, router_weight, router_input, h, logits, scaling,
+                             top_k, orthogonalize, normalize, eps)
+
+    @backward_op.register_fake
+    def _backward_fake(grad_y, x, A, B, router_weight, router_input, h, logits, scaling, top_k,
+                       orthogonalize, normalize, eps):
+        grad_r = torch.empty_like(router_input) if router_input is not None else x.new_empty((0,))
+        return (torch.empty_like(x), torch.empty_like(A), torch.empty_like(B),
+                torch.empty_like(router_weight), grad_r)
+
+    def _setup_context(ctx, inputs, output):
+        x, A, B, router_weight, router_input, base_out, scaling, top_k, orth, norm, eps = inputs
+        _, h, logits = output
+        ctx.save_for_backward(x, A, B, router_weight, router_input, h, logits)
+        ctx.options = (scaling, top_k, orth, norm, eps)
+        ctx.has_base = base_out is not None
+        ctx.mark_non_differentiable(h, logits)
+
+    def _backward(ctx, grad_y, _grad_h, _grad_logits):
+        x, A, B, router_weight, router_input, h, logits = ctx.saved_tensors
+        grad_x, grad_A, grad_B, grad_W, grad_R = backward_op(
+            grad_y.contiguous(), x, A, B, router_weight, router_input, h, logits, *ctx.options)
+        grad_base = grad_y if ctx.has_base else None
+        return (grad_x, grad_A, grad_B, grad_W, grad_R if router_input is not None else None,
+                grad_base, None, None, None, None, None)
+
+    forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def omoe_lora_triton(x2d, A, B, router_weight, router_input2d, base2d, problem: Problem):
+    """The backend function of SPEC §3 (see functional.omoe_lora)."""
+    if not AVAILABLE:
+        raise RuntimeError(f"the triton backend is unavailable: {IMPORT_ERROR}")
+    y, _, _ = forward_op(x2d, A, B, router_weight, router_input2d, base2d, problem.scaling,
+                         problem.top_k, problem.orthogonalize, problem.normalize, problem.eps)
+    return y
