@@ -12,6 +12,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <torch/library.h>
 
 #include "omoe_ops.h"
@@ -92,13 +93,13 @@ at::Tensor concat_experts_B(const at::Tensor& B, at::ScalarType dtype) {
 
 // ---- CPU per-token passes -------------------------------------------------------
 
-constexpr int64_t kTokensPerTask = 16;
+constexpr int64_t kTokensPerTask = 64;
 
-void token_forward_cpu(const at::Tensor& h, const at::Tensor& logits, const at::Tensor& G,
+void token_forward_cpu(const at::Tensor& h, const at::Tensor& logits, const at::Tensor& GH,
                        int64_t E, int64_t r, int64_t top_k, bool orthogonalize,
                        bool normalize, double eps, at::Tensor& z) {
   const int64_t T = h.size(0), er = E * r;
-  const double* g_ptr = orthogonalize ? G.data_ptr<double>() : nullptr;
+  const double* gh_ptr = orthogonalize ? GH.data_ptr<double>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "omoe_token_forward_cpu", [&] {
     const scalar_t* h_ptr = h.data_ptr<scalar_t>();
     const scalar_t* l_ptr = logits.data_ptr<scalar_t>();
@@ -106,8 +107,9 @@ void token_forward_cpu(const at::Tensor& h, const at::Tensor& logits, const at::
     at::parallel_for(0, T, kTokensPerTask, [&](int64_t begin, int64_t end) {
       auto tape = std::make_unique<MgsTape>();
       for (int64_t t = begin; t < end; ++t)
-        token_forward(h_ptr + t * er, l_ptr + t * E, g_ptr, int(E), int(r), int(top_k),
-                      orthogonalize, normalize, eps, *tape, z_ptr + t * er);
+        token_forward(h_ptr + t * er, l_ptr + t * E, gh_ptr ? gh_ptr + t * er : nullptr, T * er,
+                      int(E), int(r), int(top_k), orthogonalize, normalize, eps, *tape,
+                      z_ptr + t * er);
     });
   });
 }
@@ -118,13 +120,13 @@ struct BackwardScratch {
   double dS[kMaxExperts][kMaxExperts];
 };
 
-void token_backward_cpu(const at::Tensor& h, const at::Tensor& logits, const at::Tensor& G,
+void token_backward_cpu(const at::Tensor& h, const at::Tensor& logits, const at::Tensor& GH,
                         const at::Tensor& dz, int64_t E, int64_t r, int64_t top_k,
                         bool orthogonalize, bool normalize, double eps, at::Tensor& z,
-                        at::Tensor& dh, at::Tensor& dlogits, at::Tensor& dS) {
+                        at::Tensor& dh, at::Tensor& dlogits, at::Tensor& dg_lhs) {
   const int64_t T = h.size(0), er = E * r;
-  const double* g_ptr = orthogonalize ? G.data_ptr<double>() : nullptr;
-  double* ds_ptr = dS.data_ptr<double>();
+  const double* gh_ptr = orthogonalize ? GH.data_ptr<double>() : nullptr;
+  double* lhs_ptr = orthogonalize ? dg_lhs.data_ptr<double>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "omoe_token_backward_cpu", [&] {
     const scalar_t* h_ptr = h.data_ptr<scalar_t>();
     const scalar_t* l_ptr = logits.data_ptr<scalar_t>();
@@ -135,12 +137,27 @@ void token_backward_cpu(const at::Tensor& h, const at::Tensor& logits, const at:
     at::parallel_for(0, T, kTokensPerTask, [&](int64_t begin, int64_t end) {
       auto scratch = std::make_unique<BackwardScratch>();
       for (int64_t t = begin; t < end; ++t)
-        token_backward(h_ptr + t * er, l_ptr + t * E, g_ptr, dz_ptr + t * er, int(E), int(r),
-                       int(top_k), orthogonalize, normalize, eps, scratch->tape, scratch->dC,
-                       scratch->dS, z_ptr + t * er, dh_ptr + t * er, dl_ptr + t * E,
-                       ds_ptr + t * E * E);
+        token_backward(h_ptr + t * er, l_ptr + t * E, gh_ptr ? gh_ptr + t * er : nullptr,
+                       T * er, dz_ptr + t * er, int(E), int(r), int(top_k), orthogonalize,
+                       normalize, eps, scratch->tape, scratch->dC, scratch->dS, z_ptr + t * er,
+                       dh_ptr + t * er, dl_ptr + t * E, lhs_ptr ? lhs_ptr + t * er : nullptr);
     });
   });
+}
+
+// ---- float64 GEMMs around the per-token Gram matrices --------------------------------
+
+// G = B_catᵀ B_cat, [E·r, E·r] float64.
+at::Tensor expert_gram(const at::Tensor& B_cat) {
+  const at::Tensor B64 = B_cat.to(at::kDouble);
+  return at::mm(B64.t(), B64);
+}
+
+// GH[j, t, (i, a)] = (G_ij h_j)_a for every token: one batched GEMM over j, using that G is
+// symmetric (G[:, block j]ᵀ = G[block j, :]). [E, T, E·r] float64.
+at::Tensor gram_times_h(const at::Tensor& h, const at::Tensor& G, int64_t E, int64_t r) {
+  const at::Tensor h64 = h.to(at::kDouble).view({-1, E, r}).transpose(0, 1);
+  return at::bmm(h64, G.view({E, r, E * r}));
 }
 
 }  // namespace
@@ -166,20 +183,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
   const at::Tensor A_cat = A.reshape({er, s.d_in}).to(acc);
   const at::Tensor W = router_weight.to(acc);
   at::Tensor h, logits;
-  if (!router_input.has_value()) {
-    // Shrink and router logits in one pass over x.
-    const at::Tensor both = at::mm(xc, at::cat({A_cat, W}, 0).t());
-    h = both.narrow(1, 0, er).contiguous();
-    logits = both.narrow(1, er, s.E).contiguous();
-  } else {
-    h = at::mm(xc, A_cat.t());
-    logits = at::mm(router_input->to(acc), W.t()).contiguous();
+  {
+    RECORD_FUNCTION("omoe::shrink", std::vector<c10::IValue>());
+    if (!router_input.has_value()) {
+      // Shrink and router logits in one pass over x.
+      const at::Tensor both = at::mm(xc, at::cat({A_cat, W}, 0).t());
+      h = both.narrow(1, 0, er).contiguous();
+      logits = both.narrow(1, er, s.E).contiguous();
+    } else {
+      h = at::mm(xc, A_cat.t());
+      logits = at::mm(router_input->to(acc), W.t()).contiguous();
+    }
   }
   const at::Tensor B_cat = concat_experts_B(B, acc);
-  const at::Tensor B64 = B_cat.to(at::kDouble);
-  const at::Tensor G = orthogonalize ? at::mm(B64.t(), B64).contiguous() : at::Tensor();
+  at::Tensor GH;
+  if (orthogonalize) {
+    RECORD_FUNCTION("omoe::gram", std::vector<c10::IValue>());
+    GH = gram_times_h(h, expert_gram(B_cat), s.E, s.r).contiguous();
+  }
   at::Tensor z = at::empty_like(h);
-  if (s.T > 0) token_forward(h, logits, G, s.E, s.r, top_k, orthogonalize, normalize, eps, z);
+  {
+    RECORD_FUNCTION("omoe::orthogonalize", std::vector<c10::IValue>());
+    if (s.T > 0) token_forward(h, logits, GH, s.E, s.r, top_k, orthogonalize, normalize, eps, z);
+  }
+  RECORD_FUNCTION("omoe::expand", std::vector<c10::IValue>());
   at::Tensor y = base_out.has_value()
                      ? at::addmm(base_out->to(acc), z, B_cat.t(), /*beta=*/1, /*alpha=*/scaling)
                      : at::mm(z, B_cat.t()).mul_(scaling);
@@ -208,46 +235,63 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   TORCH_CHECK(at::isFloatingType(grad_y.scalar_type()), "omoe: grad_y must be floating");
 
   const at::Tensor xc = x.to(acc).contiguous();
-  const at::Tensor A_cat = A.reshape({er, s.d_in}).to(acc);
-  const at::Tensor W = router_weight.to(acc);
   const at::Tensor B_cat = concat_experts_B(B, acc);
-  const at::Tensor B64 = B_cat.to(at::kDouble);
-  const at::Tensor G = orthogonalize ? at::mm(B64.t(), B64).contiguous() : at::Tensor();
   const at::Tensor dY = grad_y.to(acc).contiguous();
   const at::Tensor hc = h.contiguous(), lc = logits.contiguous();
 
-  const at::Tensor dz = at::mm(dY, B_cat).mul_(scaling);
-  at::Tensor z = at::empty_like(hc), dh = at::empty_like(hc), dlogits = at::empty_like(lc);
-  at::Tensor dS = at::empty({s.T, s.E, s.E}, x.options().dtype(at::kDouble));
-  if (s.T > 0)
-    token_backward(hc, lc, G, dz, s.E, s.r, top_k, orthogonalize, normalize, eps, z, dh,
-                   dlogits, dS);
-
-  at::Tensor dB_cat = at::mm(dY.t(), z).mul_(scaling);
-  if (orthogonalize) {
-    // dG[(i,a),(j,b)] = Σ_t dS_ij h_ia h_jb, one GEMM per column block j.
-    const at::Tensor h64 = hc.to(at::kDouble).view({s.T, s.E, s.r});
-    at::Tensor dG = at::empty({er, er}, G.options());
-    for (int64_t j = 0; j < s.E; ++j) {
-      const at::Tensor weighted = (h64 * dS.select(2, j).unsqueeze(-1)).view({s.T, er});
-      dG.narrow(1, j * s.r, s.r).copy_(at::mm(weighted.t(), h64.select(1, j)));
-    }
-    dB_cat.add_(at::mm(B64, dG + dG.t()).to(acc));
+  at::Tensor dz;
+  {
+    RECORD_FUNCTION("omoe::expand_backward_input", std::vector<c10::IValue>());
+    dz = at::mm(dY, B_cat).mul_(scaling);
   }
-  at::Tensor grad_A = at::mm(dh.t(), xc).view({s.E, s.r, s.d_in});
-  at::Tensor grad_x = at::mm(dh, A_cat);
-  at::Tensor grad_W, grad_router_input;
+  at::Tensor GH, dg_lhs;
+  if (orthogonalize) {
+    RECORD_FUNCTION("omoe::gram", std::vector<c10::IValue>());
+    GH = gram_times_h(hc, expert_gram(B_cat), s.E, s.r).contiguous();
+    dg_lhs = at::empty_like(GH);
+  }
+  at::Tensor z = at::empty_like(hc), dh = at::empty_like(hc), dlogits = at::empty_like(lc);
+  {
+    RECORD_FUNCTION("omoe::orthogonalize_backward", std::vector<c10::IValue>());
+    if (s.T > 0)
+      token_backward(hc, lc, GH, dz, s.E, s.r, top_k, orthogonalize, normalize, eps, z, dh,
+                     dlogits, dg_lhs);
+  }
+  at::Tensor dB_cat;
+  {
+    RECORD_FUNCTION("omoe::expand_backward_weight", std::vector<c10::IValue>());
+    dB_cat = at::mm(dY.t(), z).mul_(scaling);
+  }
+  if (orthogonalize) {
+    RECORD_FUNCTION("omoe::gram_backward", std::vector<c10::IValue>());
+    // dG[(i,a),(j,b)] = Σ_t dS_ij h_ia h_jb: one batched GEMM over j. G = B_catᵀ B_cat.
+    const at::Tensor h64 = hc.to(at::kDouble).view({s.T, s.E, s.r}).transpose(0, 1);
+    const at::Tensor dG =
+        at::bmm(dg_lhs.transpose(1, 2), h64).permute({1, 0, 2}).reshape({er, er});
+    dB_cat.add_(at::mm(B_cat.to(at::kDouble), dG + dG.t()).to(acc));
+  }
+  RECORD_FUNCTION("omoe::shrink_backward", std::vector<c10::IValue>());
+  const at::Tensor A_cat = A.reshape({er, s.d_in}).to(acc);
+  const at::Tensor W = router_weight.to(acc);
+  at::Tensor grad_x, grad_A, grad_W, grad_router_input;
   if (router_input.has_value()) {
+    grad_A = at::mm(dh.t(), xc);
+    grad_x = at::mm(dh, A_cat);
     grad_W = at::mm(dlogits.t(), router_input->to(acc));
     grad_router_input = at::mm(dlogits, W).to(x.scalar_type());
   } else {
-    grad_W = at::mm(dlogits.t(), xc);
-    grad_x.add_(at::mm(dlogits, W));
+    // The router reads x too: [dA; dW] = [dh, dl]ᵀ x and dx = [dh, dl] [A_cat; W].
+    const at::Tensor dh_dl = at::cat({dh, dlogits}, 1);
+    const at::Tensor dAW = at::mm(dh_dl.t(), xc);
+    grad_A = dAW.narrow(0, 0, er);
+    grad_W = dAW.narrow(0, er, s.E);
+    grad_x = at::mm(dh_dl, at::cat({A_cat, W}, 0));
     grad_router_input = at::empty({0}, x.options());
   }
   at::Tensor grad_B = dB_cat.view({s.d_out, s.E, s.r}).permute({1, 0, 2}).contiguous();
   const auto dt = x.scalar_type();
-  return {grad_x.to(dt), grad_A.to(dt), grad_B.to(dt), grad_W.to(dt), grad_router_input};
+  return {grad_x.to(dt), grad_A.reshape({s.E, s.r, s.d_in}).to(dt), grad_B.to(dt),
+          grad_W.to(dt), grad_router_input};
 }
 
 namespace {

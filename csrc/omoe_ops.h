@@ -11,19 +11,21 @@
 namespace omoe {
 
 // Per-token forward over all tokens: z[t] = a[t] ⊙ h[t] (docs/algorithm.md, steps 2–5).
-// h: [T, E·r], logits: [T, E] (both float32 or float64), G: [E·r, E·r] float64 or empty.
+// h: [T, E·r], logits: [T, E] (both float32, or float64 for float64 inputs);
+// GH: [E, T, E·r] float64 with GH[j][t][(i, a)] = (G_ij h_j)_a (undefined unless
+// orthogonalize). z: [T, E·r], written in full.
 using TokenForwardFn = void (*)(const at::Tensor& h, const at::Tensor& logits,
-                                const at::Tensor& G, int64_t num_experts, int64_t rank,
+                                const at::Tensor& GH, int64_t num_experts, int64_t rank,
                                 int64_t top_k, bool orthogonalize, bool normalize, double eps,
                                 at::Tensor& z);
 
-// Per-token backward over all tokens. dz: [T, E·r]. Writes z, dh ([T, E·r]),
-// dlogits ([T, E]) and dS ([T, E, E], float64).
+// Per-token backward over all tokens. dz: [T, E·r]. Writes z and dh ([T, E·r]), dlogits
+// ([T, E]) and, when orthogonalizing, dg_lhs ([E, T, E·r] float64, see token_backward).
 using TokenBackwardFn = void (*)(const at::Tensor& h, const at::Tensor& logits,
-                                 const at::Tensor& G, const at::Tensor& dz,
+                                 const at::Tensor& GH, const at::Tensor& dz,
                                  int64_t num_experts, int64_t rank, int64_t top_k,
                                  bool orthogonalize, bool normalize, double eps, at::Tensor& z,
-                                 at::Tensor& dh, at::Tensor& dlogits, at::Tensor& dS);
+                                 at::Tensor& dh, at::Tensor& dlogits, at::Tensor& dg_lhs);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
     const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,

@@ -1,9 +1,13 @@
 // Per-token algebra of OMoE-LoRA, shared by the CPU and CUDA kernels.
 //
-// One token at a time: routing, the Gram matrix of the expert outputs (from h and
-// G = B_catᵀ B_cat, never from the d_out-long outputs), modified Gram–Schmidt in
-// coefficient space, the mixture coefficients, and the hand-derived backward of all of
-// it. docs/algorithm.md has the derivation. Everything here is float64.
+// One token at a time: routing, the Gram matrix S of the expert outputs, modified
+// Gram–Schmidt in coefficient space, the mixture coefficients, and the hand-derived
+// backward of all of it. docs/algorithm.md has the derivation. Everything here is float64.
+//
+// S is never formed from the d_out-long expert outputs. The caller computes, with one
+// batched GEMM per call, GH[j][t][(i, a)] = (G_ij h_j)_a where G = B_catᵀ B_cat, and hands
+// each token a pointer gh to GH[0][t][0] plus the stride between j blocks (T·E·r). Then
+// S_ij = <e_i, e_j> = Σ_a h_ia GH[j][t][(i, a)].
 #pragma once
 
 #include <cmath>
@@ -55,21 +59,16 @@ OMOE_HD int route_token(const scalar_t* logits, int E, int top_k, int* active, d
   return k;
 }
 
-// S[m][l] = <e_active[m], e_active[l]> = h_iᵀ G_ij h_j, with G row-major [E·r, E·r].
+// The active experts' Gram matrix: S[m][l] = <e_active[m], e_active[l]>.
 template <typename scalar_t>
-OMOE_HD void gram_token(const scalar_t* h, const double* G, const int* active, int k, int r,
-                        int er, double (*S)[kMaxExperts]) {
+OMOE_HD void gram_from_gh(const scalar_t* h, const double* gh, int64_t gh_stride, int r,
+                          const int* active, int k, double (*S)[kMaxExperts]) {
   for (int m = 0; m < k; ++m) {
     const int i = active[m];
     for (int l = m; l < k; ++l) {
-      const int j = active[l];
+      const double* g_h_j = gh + active[l] * gh_stride + i * r;  // (G_ij h_j), r values
       double s = 0.0;
-      for (int a = 0; a < r; ++a) {
-        const double* g_row = G + static_cast<int64_t>(i * r + a) * er + j * r;
-        double inner = 0.0;
-        for (int b = 0; b < r; ++b) inner += g_row[b] * static_cast<double>(h[j * r + b]);
-        s += static_cast<double>(h[i * r + a]) * inner;
-      }
+      for (int a = 0; a < r; ++a) s += static_cast<double>(h[i * r + a]) * g_h_j[a];
       S[m][l] = s;
       S[l][m] = s;
     }
@@ -186,55 +185,61 @@ OMOE_HD void mgs_backward(const MgsTape& t, int k, bool normalize, double eps,
       for (int b = 0; b < k; ++b) dS[a][b] += U[j][a] * t.C[j][b];
 }
 
-// Forward of one token: z = a ⊙ h (E·r values, zero for inactive experts), where
-// a = Σ g_i C_i are the mixture coefficients. G is only read when orthogonalize is set.
+// Routing, MGS and the mixture coefficients a = Σ g_i C_i of one token. Returns the
+// number k of active experts; active[l], gates[l] and coeff[l] describe active expert l.
+// gh is only read when orthogonalize is set; the tape then holds the MGS state for the
+// backward.
 template <typename scalar_t>
-OMOE_HD void token_forward(const scalar_t* h, const scalar_t* logits, const double* G, int E,
-                           int r, int top_k, bool orthogonalize, bool normalize, double eps,
-                           MgsTape& t, scalar_t* z) {
+OMOE_HD int token_coefficients(const scalar_t* h, const scalar_t* logits, const double* gh,
+                               int64_t gh_stride, int E, int r, int top_k, bool orthogonalize,
+                               bool normalize, double eps, MgsTape& t, int* active,
+                               double* gates, double* coeff) {
+  const int k = route_token(logits, E, top_k, active, gates);
+  if (!orthogonalize) {
+    for (int l = 0; l < k; ++l) coeff[l] = gates[l];
+    return k;
+  }
+  gram_from_gh(h, gh, gh_stride, r, active, k, t.S);
+  mgs_forward(t, k, normalize, eps);
+  for (int l = 0; l < k; ++l) {
+    coeff[l] = 0.0;
+    for (int m = l; m < k; ++m) coeff[l] += gates[m] * t.C[m][l];  // C[m] is zero past m
+  }
+  return k;
+}
+
+// Forward of one token: z = a ⊙ h (E·r values, zero for inactive experts).
+template <typename scalar_t>
+OMOE_HD void token_forward(const scalar_t* h, const scalar_t* logits, const double* gh,
+                           int64_t gh_stride, int E, int r, int top_k, bool orthogonalize,
+                           bool normalize, double eps, MgsTape& t, scalar_t* z) {
   int active[kMaxExperts];
   double gates[kMaxExperts], coeff[kMaxExperts];
-  const int k = route_token(logits, E, top_k, active, gates);
-  if (orthogonalize) {
-    gram_token(h, G, active, k, r, E * r, t.S);
-    mgs_forward(t, k, normalize, eps);
-    for (int l = 0; l < k; ++l) {
-      coeff[l] = 0.0;
-      for (int m = l; m < k; ++m) coeff[l] += gates[m] * t.C[m][l];
-    }
-  } else {
-    for (int l = 0; l < k; ++l) coeff[l] = gates[l];
-  }
+  const int k = token_coefficients(h, logits, gh, gh_stride, E, r, top_k, orthogonalize,
+                                   normalize, eps, t, active, gates, coeff);
   for (int q = 0; q < E * r; ++q) z[q] = scalar_t(0);
   for (int l = 0; l < k; ++l) {
     const int i = active[l];
-    for (int a = 0; a < r; ++a) z[i * r + a] = static_cast<scalar_t>(coeff[l] * static_cast<double>(h[i * r + a]));
+    for (int a = 0; a < r; ++a)
+      z[i * r + a] = static_cast<scalar_t>(coeff[l] * static_cast<double>(h[i * r + a]));
   }
 }
 
-// Backward of one token. Inputs: h, logits, G as in the forward, and dz = dL/dz.
-// Outputs: z (recomputed), dh (E·r), dlogits (E), dS (E×E row-major, float64; zero
-// unless orthogonalize).
+// Backward of one token. Inputs as in the forward, plus dz = dL/dz. Outputs: z
+// (recomputed), dh (E·r), dlogits (E), and, when orthogonalizing, the token's share of
+// dG = Σ_t Σ_ij dS_ij h_i h_jᵀ in the layout the caller's batched GEMM wants:
+// dg_lhs[j·gh_stride + (i, a)] = dS_ij h_ia (zero for inactive pairs).
 template <typename scalar_t>
-OMOE_HD void token_backward(const scalar_t* h, const scalar_t* logits, const double* G,
-                            const scalar_t* dz, int E, int r, int top_k, bool orthogonalize,
-                            bool normalize, double eps, MgsTape& t,
+OMOE_HD void token_backward(const scalar_t* h, const scalar_t* logits, const double* gh,
+                            int64_t gh_stride, const scalar_t* dz, int E, int r, int top_k,
+                            bool orthogonalize, bool normalize, double eps, MgsTape& t,
                             double (*dC)[kMaxExperts], double (*dS)[kMaxExperts], scalar_t* z,
-                            scalar_t* dh, scalar_t* dlogits, double* dS_out) {
+                            scalar_t* dh, scalar_t* dlogits, double* dg_lhs) {
   int active[kMaxExperts];
   double gates[kMaxExperts], coeff[kMaxExperts], dcoeff[kMaxExperts], dgate[kMaxExperts];
-  const int k = route_token(logits, E, top_k, active, gates);
-  if (orthogonalize) {
-    gram_token(h, G, active, k, r, E * r, t.S);
-    mgs_forward(t, k, normalize, eps);
-    for (int l = 0; l < k; ++l) {
-      coeff[l] = 0.0;
-      for (int m = l; m < k; ++m) coeff[l] += gates[m] * t.C[m][l];
-    }
-  } else {
-    for (int l = 0; l < k; ++l) coeff[l] = gates[l];
-  }
-  // z = a ⊙ h: da_l = <dz_l, h_l>; the direct part of dh_l is a_l dz_l.
+  const int k = token_coefficients(h, logits, gh, gh_stride, E, r, top_k, orthogonalize,
+                                   normalize, eps, t, active, gates, coeff);
+  // z = a ⊙ h: da_l = <dz_l, h_l>, and the direct part of dh_l is a_l dz_l.
   for (int q = 0; q < E * r; ++q) {
     z[q] = scalar_t(0);
     dh[q] = scalar_t(0);
@@ -244,47 +249,42 @@ OMOE_HD void token_backward(const scalar_t* h, const scalar_t* logits, const dou
     double s = 0.0;
     for (int a = 0; a < r; ++a) {
       const double hv = static_cast<double>(h[i * r + a]);
+      const double dzv = static_cast<double>(dz[i * r + a]);
       z[i * r + a] = static_cast<scalar_t>(coeff[l] * hv);
-      s += static_cast<double>(dz[i * r + a]) * hv;
+      dh[i * r + a] = static_cast<scalar_t>(coeff[l] * dzv);
+      s += dzv * hv;
     }
     dcoeff[l] = s;
   }
-  for (int q = 0; q < E * E; ++q) dS_out[q] = 0.0;
   if (orthogonalize) {
     for (int m = 0; m < k; ++m) {
       dgate[m] = dot(t.C[m], dcoeff, k);
       for (int l = 0; l < k; ++l) dC[m][l] = gates[m] * dcoeff[l];
     }
     mgs_backward(t, k, normalize, eps, dC, dS);
-    for (int m = 0; m < k; ++m)
-      for (int l = 0; l < k; ++l) dS_out[active[m] * E + active[l]] = dS[m][l];
+    for (int j = 0; j < E; ++j)
+      for (int q = 0; q < E * r; ++q) dg_lhs[j * gh_stride + q] = 0.0;
+    for (int m = 0; m < k; ++m) {
+      const int i = active[m];
+      for (int a = 0; a < r; ++a) {
+        // Through S: dh_i += Σ_j (dS_ij + dS_ji) G_ij h_j.
+        double acc = coeff[m] * static_cast<double>(dz[i * r + a]);
+        for (int l = 0; l < k; ++l)
+          acc += (dS[m][l] + dS[l][m]) * gh[active[l] * gh_stride + i * r + a];
+        dh[i * r + a] = static_cast<scalar_t>(acc);
+        const double hv = static_cast<double>(h[i * r + a]);
+        for (int l = 0; l < k; ++l) dg_lhs[active[l] * gh_stride + i * r + a] = dS[m][l] * hv;
+      }
+    }
   } else {
     for (int m = 0; m < k; ++m) dgate[m] = dcoeff[m];
-  }
-  // dh_i = a_i dz_i + Σ_j (dS_ij + dS_ji) G_ij h_j  (the second term only when orthogonalizing).
-  for (int m = 0; m < k; ++m) {
-    const int i = active[m];
-    for (int a = 0; a < r; ++a) {
-      double acc = coeff[m] * static_cast<double>(dz[i * r + a]);
-      if (orthogonalize) {
-        const double* g_row = G + static_cast<int64_t>(i * r + a) * (E * r);
-        for (int l = 0; l < k; ++l) {
-          const double w = dS[m][l] + dS[l][m];
-          if (w == 0.0) continue;
-          const int j = active[l];
-          double inner = 0.0;
-          for (int b = 0; b < r; ++b) inner += g_row[j * r + b] * static_cast<double>(h[j * r + b]);
-          acc += w * inner;
-        }
-      }
-      dh[i * r + a] = static_cast<scalar_t>(acc);
-    }
   }
   // Softmax over the active set: dlogit_i = g_i (dg_i − Σ_j g_j dg_j).
   double mean = 0.0;
   for (int m = 0; m < k; ++m) mean += gates[m] * dgate[m];
   for (int i = 0; i < E; ++i) dlogits[i] = scalar_t(0);
-  for (int m = 0; m < k; ++m) dlogits[active[m]] = static_cast<scalar_t>(gates[m] * (dgate[m] - mean));
+  for (int m = 0; m < k; ++m)
+    dlogits[active[m]] = static_cast<scalar_t>(gates[m] * (dgate[m] - mean));
 }
 
 }  // namespace omoe
