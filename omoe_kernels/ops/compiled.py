@@ -74,8 +74,11 @@ if LOADED:
 
     def _backward(ctx, grad_y, _grad_h, _grad_logits):
         x, A, B, router_weight, router_input, h, logits = ctx.saved_tensors
-        grad_x, grad_A, grad_B, grad_W, grad_router_input = torch.ops.omoe.backward(
-            grad_y.contiguous(), x, A, B, router_weight, router_input, h, logits, *ctx.options)
+        # A backward run inside an autocast region would otherwise autocast the ATen matmuls
+        # the C++ backward calls, and their bf16 results would not match its fp32 buffers.
+        with torch.autocast(grad_y.device.type, enabled=False):
+            grad_x, grad_A, grad_B, grad_W, grad_router_input = torch.ops.omoe.backward(
+                grad_y.contiguous(), x, A, B, router_weight, router_input, h, logits, *ctx.options)
         if router_input is None:
             grad_router_input = None
         grad_base = grad_y if ctx.has_base else None
