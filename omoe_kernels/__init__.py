@@ -10,3 +10,12 @@ from .layer import OMoELinear
 
 __all__ = ["BACKENDS", "OMoELinear", "available_backends", "omoe_lora"]
 __version__ = "0.1.0"
+from .inject import (adapter_state_dict, inject, load_adapter, load_balancing_loss, omoe_layers,
+                     print_trainable_parameters, remove, router_stats, save_adapter,
+                     track_router_stats)
+from .layer import RouterStats
+
+__all__ += ["RouterStats", "adapter_state_dict", "inject", "load_adapter", "load_balancing_loss",
+            "omoe_layers",
+            "print_trainable_parameters", "remove", "router_stats", "save_adapter",
+            "track_router_stats"]

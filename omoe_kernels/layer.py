@@ -2,12 +2,50 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ._validate import check_options
 from .functional import omoe_lora
+from .reference import route
+
+
+@dataclass
+class RouterStats:
+    """Router statistics of one `OMoELinear` forward pass, all [E] tensors.
+
+    - `load`: fraction of the tokens whose active set holds expert i (top-k: sums to k;
+      dense: all ones). A count, so it carries no gradient.
+    - `mean_prob`: mean over tokens of softmax(logits) over all E experts; differentiable.
+      This is the router probability of the Switch/Mixtral load-balancing loss.
+    - `mean_gate`: mean over tokens of the gate g_i the layer applied (0 outside the
+      active set, softmax over the active set inside); differentiable.
+    """
+
+    load: torch.Tensor
+    mean_prob: torch.Tensor
+    mean_gate: torch.Tensor
+    top_k: int
+    num_tokens: int
+
+    @classmethod
+    def from_logits(cls, logits: torch.Tensor, top_k: int) -> "RouterStats":
+        logits = logits.float()
+        num_tokens, num_experts = logits.shape
+        if num_tokens == 0:
+            zeros = logits.new_zeros(num_experts)
+            return cls(zeros, zeros, zeros, top_k, 0)
+        gates, active = route(logits, top_k)
+        return cls(load=active.float().mean(0).detach(),
+                   mean_prob=torch.softmax(logits, dim=-1).mean(0),
+                   mean_gate=gates.mean(0), top_k=top_k, num_tokens=num_tokens)
+
+    def balance_loss(self) -> torch.Tensor:
+        """Switch-style auxiliary loss E · Σ_i (load_i / k) · mean_prob_i; 1 when balanced."""
+        num_experts = self.load.numel()
+        return num_experts * torch.sum(self.load / self.top_k * self.mean_prob)
 
 
 class OMoELinear(nn.Module):
@@ -52,7 +90,12 @@ class OMoELinear(nn.Module):
         self.top_k = top_k
         self.orthogonalize, self.normalize, self.eps = orthogonalize, normalize, float(eps)
         self.backend = backend
+        self.dropout_p = float(dropout)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # Router statistics (load balancing): off by default, they cost one extra
+        # [T, d_in] x [d_in, E] matmul per forward and keep the [T, E] logits alive.
+        self.track_router_stats = False
+        self._router_logits: torch.Tensor | None = None
 
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.lora_A = nn.Parameter(torch.empty(num_experts, rank, self.in_features, **factory))
@@ -74,22 +117,55 @@ class OMoELinear(nn.Module):
                 "top_k": self.top_k, "orthogonalize": self.orthogonalize,
                 "normalize": self.normalize, "eps": self.eps}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base_out = self.base(x)
-        adapter_in = self.dropout(x)
-        router_input = None if adapter_in is x else x
+    def _compute_dtype(self, device_type: str) -> torch.dtype:
+        """The dtype the adapter runs in: the parameters' dtype, or under autocast the
+        autocast dtype when the parameters are fp32 (the same rule autocast applies to
+        nn.Linear, whose fp32 weights it casts for the matmul)."""
         dtype = self.lora_A.dtype
-        return omoe_lora(
-            adapter_in.to(dtype), self.lora_A, self.lora_B, self.router_weight,
-            scaling=self.scaling, top_k=self.top_k, orthogonalize=self.orthogonalize,
-            normalize=self.normalize, eps=self.eps, base_out=base_out.to(dtype),
-            router_input=None if router_input is None else router_input.to(dtype),
-            backend=self.backend,
-        ).to(base_out.dtype)
+        if dtype == torch.float32 and torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base_out = self.base(x)  # under autocast this runs in the autocast dtype, as usual
+        device_type = x.device.type
+        dtype = self._compute_dtype(device_type)
+        # Casting the parameters is differentiable: gradients reach the fp32 masters.
+        A, B, router_weight = (p.to(dtype) for p in (self.lora_A, self.lora_B, self.router_weight))
+        x_c = x.to(dtype)
+        dropping = self.dropout_p > 0 and self.training
+        adapter_in = self.dropout(x_c) if dropping else x_c
+        if self.track_router_stats:
+            # One [T, d_in] x [d_in, E] matmul on the undropped input, kept (with its graph)
+            # so `router_stats` can give a differentiable load-balancing term.
+            self._router_logits = x_c.reshape(-1, self.in_features) @ router_weight.t()
+        # Autocast off inside: every backend gets one consistent dtype (the compiled ops
+        # have no autocast rule, the reference would otherwise mix dtypes).
+        with torch.autocast(device_type, enabled=False):
+            y = omoe_lora(
+                adapter_in, A, B, router_weight,
+                scaling=self.scaling, top_k=self.top_k, orthogonalize=self.orthogonalize,
+                normalize=self.normalize, eps=self.eps, base_out=base_out.to(dtype),
+                router_input=x_c if dropping else None, backend=self.backend,
+            )
+        return y if dtype != self.lora_A.dtype else y.to(base_out.dtype)
+
+    @property
+    def router_stats(self) -> RouterStats:
+        """Per-expert load and mean gate of the last forward (needs `track_router_stats`)."""
+        if not self.track_router_stats:
+            raise RuntimeError(
+                "router statistics are off for this layer: set `layer.track_router_stats = True` "
+                "(or call `omoe_kernels.track_router_stats(model)`) before the forward pass")
+        if self._router_logits is None:
+            raise RuntimeError("no router statistics yet: run a forward pass first")
+        return RouterStats.from_logits(self._router_logits, self.num_experts if self.top_k is None
+                                       else self.top_k)
 
     def extra_repr(self) -> str:
         routing = "dense" if self.top_k is None else f"top-{self.top_k}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"num_experts={self.num_experts}, rank={self.rank}, alpha={self.alpha:g}, "
                 f"routing={routing}, orthogonalize={self.orthogonalize}, "
-                f"normalize={self.normalize}, backend={self.backend!r}")
+                f"normalize={self.normalize}, backend={self.backend!r}, "
+                f"trainable={sum(p.numel() for p in self.parameters() if p.requires_grad):,}")
