@@ -22,7 +22,8 @@ def omoe_lora(x, A, B, router_weight, *, scaling=1.0, top_k=None, orthogonalize=
     lead = tuple(x.shape[:-1])
     out_shape = lead + (problem.d_out,)
     if problem.num_tokens == 0:
-        return base_out.clone() if base_out is not None else x.new_zeros(out_shape)
+        # No kernel launch for an empty batch, but keep the graph (zero gradients), as nn.Linear does.
+        name = "reference"
     x2d = x.reshape(problem.num_tokens, problem.d_in)
     router2d = None if router_input is None else router_input.reshape(problem.num_tokens, problem.d_in)
     base2d = None if base_out is None else base_out.reshape(problem.num_tokens, problem.d_out)
