@@ -66,7 +66,8 @@ def inject(model: nn.Module, target_modules, *, num_experts: int, rank: int, alp
         raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
     matches = _matcher(target_modules)
     existing = omoe_layers(model)
-    names = [name for name, _ in model.named_modules()
+    # remove_duplicate=False: a module registered under two names (tied) matches under both.
+    names = [name for name, _ in model.named_modules(remove_duplicate=False)
              if name and matches(name) and not _inside_omoe(name, existing)]
     if not names:
         sample = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:8]
@@ -223,7 +224,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 def remove(model: nn.Module) -> nn.Module:
     """Puts the original `nn.Linear` objects back and restores every parameter's
     `requires_grad` flag as it was before the first `inject`. Returns `model`."""
-    layers = omoe_layers(model)
+    layers = {name: m for name, m in model.named_modules(remove_duplicate=False)
+              if isinstance(m, OMoELinear)}
     if not layers:
         raise ValueError("`model` holds no OMoELinear layer: nothing to remove")
     for name, layer in layers.items():
