@@ -86,3 +86,32 @@ def test_zero_B_adds_exactly_zero(backend, dtype, with_base_out, variant):
         _, grads_ref = oracle(problem, grad_y, scaling=2.0, **options)
         for name, g in grads.items():
             assert_rel_close(g, grads_ref[name], 1e-4, f"grad {name}")
+
+
+# ---- real sizes (GPU only) --------------------------------------------------------------
+
+# (row, T, d_in = d_out, E, r, top_k): SPEC §6 layer sizes with fewer tokens (the float64
+# oracle materializes every expert output and MGS tape).
+REAL_SIZE_CASES = [
+    ("fp32-random", 1024, 1024, 4, 16, None),
+    ("fp32-collapse0.999", 1024, 1024, 4, 16, None),
+    ("fp32-collapse0.999", 1024, 1024, 8, 16, 2),
+    ("bf16-random", 2048, 4096, 4, 16, None),
+    ("bf16-random", 2048, 4096, 8, 16, 2),
+    ("bf16-random", 1024, 4096, 16, 8, 2),
+    ("bf16-collapse0.99", 2048, 4096, 4, 16, None),
+    ("fp16-random", 2048, 4096, 4, 16, None),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", REAL_SIZE_CASES,
+                         ids=lambda c: f"{c[0]}-T{c[1]}-d{c[2]}-E{c[3]}-r{c[4]}-top{c[5]}")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_accuracy_real_size(backend, case):
+    row, T, d, E, r, top_k = case
+    dtype, collapse, fwd_tol, grad_tol = ACCURACY_ROWS[row]
+    assert not torch.backends.cuda.matmul.allow_tf32, "SPEC §2 fp32 rows mean IEEE fp32"
+    problem = make_problem(T, d, d, E, r, dtype=dtype, collapse=collapse, seed=17,
+                           with_router_input=top_k is not None)
+    assert_matches_oracle(problem, backend, fwd_tol, grad_tol, top_k=top_k, scaling=2.0)
