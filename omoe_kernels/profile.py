@@ -1,0 +1,251 @@
+"""Profile one OMoELinear layer, stage by stage: `python -m omoe_kernels.profile`.
+
+Two executions of the same layer run under `torch.profiler`, each with named ranges
+(`torch.profiler.record_function`); both land in one Chrome trace, and the time per range
+is printed.
+
+1. `fused` — the layer as users run it (the backend `--backend` resolves to):
+   - `omoe.fused.forward.base`      the frozen nn.Linear
+   - `omoe.fused.forward.adapter`   one `omoe_lora` call. For the compiled backends this is
+     the single op `omoe::forward`: shrink, route, orthogonalize and expand all run inside
+     C++/CUDA and are NOT visible separately (that needs RECORD_FUNCTION ranges in csrc/).
+   - `omoe.fused.backward`          the whole backward (`omoe::backward` and the base's grad).
+2. `staged` — the same low-rank algorithm (docs/algorithm.md), written step by step in
+   PyTorch ops, each stage a separate autograd node whose backward runs in its own range:
+   - `shrink`                  h = x · A_catᵀ                            (GEMM, T × E·r)
+   - `route`                   logits = x · Wᵀ, softmax / top-k gates     (GEMM, T × E)
+   - `orthogonalize.gram`      G = B_catᵀ B_cat and S_ij = h_iᵀ G_ij h_j  (float64)
+   - `orthogonalize.mgs`       Gram–Schmidt in coefficient space → coefficients a (float64)
+   - `expand`                  y = base + s · (a ⊙ h) · B_catᵀ            (GEMM, T × d_out)
+   Each appears as `omoe.staged.forward.<stage>` and `omoe.staged.backward.<stage>`.
+   The staged path is checked against the reference backend before profiling. Its
+   per-token stages are vectorized PyTorch (not the fused kernels), so its split says
+   where the work is, not how fast a fused backend does each part.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from collections import defaultdict
+
+import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from .backends import resolve_backend
+from .functional import omoe_lora
+from .layer import OMoELinear
+from .reference import route
+
+STAGES = ("shrink", "route", "orthogonalize.gram", "orthogonalize.mgs", "expand")
+
+
+class _Stage(torch.autograd.Function):
+    """Runs `fn(*inputs)` as one autograd node whose backward is a named profiler range."""
+
+    @staticmethod
+    def forward(ctx, name, fn, *inputs):
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor)
+                      else t for t in inputs]
+            outputs = fn(*leaves)
+        ctx.name, ctx.leaves, ctx.outputs = name, leaves, outputs
+        ctx.mark_non_differentiable(*[o for o in outputs if not o.is_floating_point()])
+        return tuple(o.detach() for o in outputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        with record_function(f"omoe.staged.backward.{ctx.name}"):
+            pairs = [(o, g) for o, g in zip(ctx.outputs, grads) if o.requires_grad and g is not None]
+            wanted = [t for t in ctx.leaves if isinstance(t, torch.Tensor) and t.requires_grad]
+            found = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
+                                        allow_unused=True) if pairs and wanted else [None] * len(wanted)
+            found = iter(found)
+            input_grads = [next(found) if isinstance(t, torch.Tensor) and t.requires_grad else None
+                           for t in ctx.leaves]
+        ctx.leaves = ctx.outputs = None
+        return (None, None, *input_grads)
+
+
+def _stage(name: str, fn, *inputs):
+    with record_function(f"omoe.staged.forward.{name}"):
+        return _Stage.apply(name, fn, *inputs)
+
+
+def _mgs_coefficients(S, active, normalize: bool, eps: float):
+    """SPEC §1's modified Gram–Schmidt on coefficient vectors, vectorized over tokens:
+    row i of the result holds the coefficients of q_i in the basis e_1 … e_E."""
+    T, E, _ = S.shape
+    eye = torch.eye(E, dtype=S.dtype, device=S.device)
+    Cs, SCs = [], []
+    for i in range(E):
+        c = eye[i].expand(T, E)
+        for C_j, SC_j in zip(Cs, SCs):
+            p = (c * SC_j).sum(-1, keepdim=True)                       # <v, q_j>
+            n = 1.0 if normalize else (C_j * SC_j).sum(-1, keepdim=True) + eps
+            c = c - (p / n) * C_j
+        Sc = torch.einsum("tij,tj->ti", S, c)
+        if normalize:
+            scale = torch.rsqrt((c * Sc).sum(-1, keepdim=True).clamp_min(0) + eps)
+            c, Sc = c * scale, Sc * scale
+        keep = active[:, i:i + 1]                                      # inactive q_i = 0
+        Cs.append(torch.where(keep, c, torch.zeros_like(c)))
+        SCs.append(torch.where(keep, Sc, torch.zeros_like(Sc)))
+    return torch.stack(Cs, dim=1)                                      # [T, E (i), E (k)]
+
+
+def staged_forward(layer: OMoELinear, x: torch.Tensor) -> torch.Tensor:
+    """OMoELinear's forward (dropout off) as the five stages of docs/algorithm.md."""
+    E, r = layer.num_experts, layer.rank
+    top_k = E if layer.top_k is None else layer.top_k
+    x2d = x.reshape(-1, layer.in_features)
+    T = x2d.shape[0]
+    with record_function("omoe.staged.forward.base"):
+        base_out = layer.base(x2d)
+
+    (h,) = _stage("shrink", lambda x_, A: (x_ @ A.reshape(E * r, -1).t(),), x2d, layer.lora_A)
+
+    def route_stage(x_, W):
+        logits = (x_ @ W.t()).to(torch.float64)
+        gates, active = route(logits, top_k)
+        return gates, active
+
+    gates, active = _stage("route", route_stage, x2d, layer.router_weight)
+
+    def gram_stage(h_, B):
+        B_cat = B.permute(1, 0, 2).reshape(B.shape[1], E * r).to(torch.float64)
+        G = (B_cat.t() @ B_cat).reshape(E, r, E, r)
+        h3 = h_.to(torch.float64).reshape(T, E, r)
+        Gh = torch.einsum("irjs,tjs->tirj", G, h3)                   # G_ij h_j
+        return (torch.einsum("tir,tirj->tij", h3, Gh),)              # S_ij = h_iᵀ G_ij h_j
+
+    def mgs_stage(S, gates_, active_):
+        if layer.orthogonalize:
+            C = _mgs_coefficients(S, active_, layer.normalize, layer.eps)
+        else:
+            C = torch.diag_embed(active_.to(S.dtype))
+        return (torch.einsum("ti,tik->tk", gates_, C),)              # a = Σ_i g_i C_i
+
+    if layer.orthogonalize:
+        (S,) = _stage("orthogonalize.gram", gram_stage, h, layer.lora_B)
+    else:  # the plain mixture needs no Gram matrix
+        S = torch.zeros(T, E, E, dtype=torch.float64, device=x.device)
+    (a,) = _stage("orthogonalize.mgs", mgs_stage, S, gates, active)
+
+    def expand_stage(h_, a_, B, base):
+        z = (a_.to(h_.dtype)[:, :, None] * h_.reshape(T, E, r)).reshape(T, E * r)
+        B_cat = B.permute(1, 0, 2).reshape(B.shape[1], E * r)
+        return (base + layer.scaling * (z @ B_cat.t()),)
+
+    (y,) = _stage("expand", expand_stage, h, a, layer.lora_B, base_out)
+    return y.reshape(*x.shape[:-1], layer.out_features)
+
+
+def fused_forward(layer: OMoELinear, x: torch.Tensor) -> torch.Tensor:
+    """OMoELinear's forward (dropout off), with the base and the adapter call as ranges."""
+    with record_function("omoe.fused.forward.base"):
+        base_out = layer.base(x)
+    with record_function("omoe.fused.forward.adapter"):
+        return omoe_lora(x, layer.lora_A, layer.lora_B, layer.router_weight,
+                         scaling=layer.scaling, top_k=layer.top_k,
+                         orthogonalize=layer.orthogonalize, normalize=layer.normalize,
+                         eps=layer.eps, base_out=base_out, backend=layer.backend)
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (torch.linalg.vector_norm(a.double() - b.double()) / torch.linalg.vector_norm(b.double())).item()
+
+
+def check_staged(layer: OMoELinear, x: torch.Tensor) -> tuple[float, float]:
+    """Relative error of the staged path against the reference backend (forward, grad x)."""
+    x1 = x.detach().requires_grad_(True)
+    x2 = x.detach().requires_grad_(True)
+    grad = torch.randn(x.shape[:-1] + (layer.out_features,), dtype=x.dtype, device=x.device)
+    y_staged = staged_forward(layer, x1)
+    y_staged.backward(grad)
+    y_ref = omoe_lora(x2, layer.lora_A, layer.lora_B, layer.router_weight, scaling=layer.scaling,
+                      top_k=layer.top_k, orthogonalize=layer.orthogonalize,
+                      normalize=layer.normalize, eps=layer.eps, base_out=layer.base(x2),
+                      backend="reference")
+    y_ref.backward(grad)
+    return _rel_err(y_staged, y_ref), _rel_err(x1.grad, x2.grad)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description="Profile OMoELinear stage by stage.")
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--d-in", type=int, default=1024)
+    parser.add_argument("--d-out", type=int, default=1024)
+    parser.add_argument("--experts", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--trace", default="omoe_profile_trace.json")
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    base = nn.Linear(args.d_in, args.d_out, device=device, dtype=dtype)
+    layer = OMoELinear(base, args.experts, args.rank, top_k=args.top_k, backend=args.backend)
+    with torch.no_grad():  # trained-looking B, so the orthogonalization does real work
+        layer.lora_B.normal_(0, 1 / math.sqrt(args.rank))
+    x = torch.randn(args.tokens, args.d_in, device=device, dtype=dtype, requires_grad=True)
+    grad_y = torch.randn(args.tokens, args.d_out, device=device, dtype=dtype)
+    backend = resolve_backend(args.backend, device)
+    err_y, err_dx = check_staged(layer, x)
+    print(f"shape: T={args.tokens} d_in={args.d_in} d_out={args.d_out} E={args.experts} "
+          f"r={args.rank} routing={'dense' if args.top_k is None else f'top-{args.top_k}'} "
+          f"{args.dtype} on {device}; fused backend: {backend}")
+    print(f"staged path vs reference backend: forward rel err {err_y:.1e}, grad x rel err {err_dx:.1e}")
+
+    def step(forward, tag):
+        with record_function(f"omoe.{tag}.step"):
+            y = forward(layer, x)
+            if tag == "fused":
+                with record_function("omoe.fused.backward"):
+                    y.backward(grad_y)
+            else:
+                y.backward(grad_y)
+
+    for forward, tag in ((fused_forward, "fused"), (staged_forward, "staged")):
+        step(forward, tag)  # warm-up
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(args.iters):
+            for forward, tag in ((fused_forward, "fused"), (staged_forward, "staged")):
+                step(forward, tag)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+    prof.export_chrome_trace(args.trace)
+
+    totals: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages():
+        if event.key.startswith("omoe.") or event.key.startswith("omoe::"):
+            time_us = event.device_time_total if device.type == "cuda" and event.device_time_total else event.cpu_time_total
+            totals[event.key] += time_us / args.iters / 1e3
+    rows = [("fused", "forward", "base", "omoe.fused.forward.base"),
+            ("fused", "forward", "adapter (shrink+route+orthogonalize+expand in one op)",
+             "omoe.fused.forward.adapter"),
+            ("fused", "backward", "all (omoe::backward + base)", "omoe.fused.backward"),
+            ("fused", "", "step total", "omoe.fused.step"),
+            ("staged", "forward", "base", "omoe.staged.forward.base")]
+    rows += [("staged", "forward", s, f"omoe.staged.forward.{s}") for s in STAGES]
+    rows += [("staged", "backward", s, f"omoe.staged.backward.{s}") for s in reversed(STAGES)]
+    rows += [("staged", "", "step total", "omoe.staged.step")]
+    unit = "device" if device.type == "cuda" else "CPU"
+    print(f"\n{'path':<7} {'pass':<9} {'stage':<56} {'ms/iter':>9}   ({unit} time, mean of {args.iters})")
+    for path, direction, stage, key in rows:
+        if key in totals:
+            print(f"{path:<7} {direction:<9} {stage:<56} {totals[key]:9.2f}")
+    for op in ("omoe::forward", "omoe::backward"):
+        if op in totals:
+            print(f"{'fused':<7} {'op':<9} {op + ' (inside the ranges above)':<56} {totals[op]:9.2f}")
+    print(f"\nChrome trace: {args.trace} (open in chrome://tracing or https://ui.perfetto.dev)")
+    return dict(totals)
+
+
+if __name__ == "__main__":
+    main()
