@@ -209,7 +209,7 @@ def _select_col(M2, idx2, j):
 
 
 @triton.jit
-def _route(logits, e2, E, TOP_K: tl.constexpr, EP: tl.constexpr):
+def _route(logits, e2, E, TOP_K: tl.constexpr, BT: tl.constexpr, EP: tl.constexpr):
     """Active set and gates of a [BT, EP] block of float64 logits (padding experts: -inf).
 
     Top-k: expert i is active when fewer than k experts rank above it (larger logit,
@@ -230,7 +230,7 @@ def _route(logits, e2, E, TOP_K: tl.constexpr, EP: tl.constexpr):
         rank = tl.sum(above.to(tl.int32), axis=2)
         active = real & (rank < TOP_K)
     else:
-        active = real
+        active = tl.broadcast_to(real, (BT, EP))
     masked = tl.where(active, logits, float("-inf"))
     top = tl.max(masked, axis=1)
     ex = tl.where(active, tl.exp(masked - top[:, None]), 0.0)
@@ -265,7 +265,7 @@ def _token_forward(h3, logits, g_ptr, E, eps,
     e2 = tl.arange(0, EP)[None, :]
     i3 = tl.arange(0, EP)[None, :, None]
     l3 = tl.arange(0, EP)[None, None, :]
-    active, gates = _route(logits, e2, E, TOP_K, EP)
+    active, gates = _route(logits, e2, E, TOP_K, BT, EP)
     act_i = active[:, :, None]
     act_l = active[:, None, :]
     C = tl.zeros((BT, EP, EP), dtype=tl.float64)
@@ -274,7 +274,7 @@ def _token_forward(h3, logits, g_ptr, E, eps,
     nsq = tl.zeros((BT, EP), dtype=tl.float64)
     if ORTHOGONALIZE:
         S = tl.zeros((BT, EP, EP), dtype=tl.float64)
-        for j in tl.static_range(NUM_EXPERTS):
+        for j in range(NUM_EXPERTS):
             v = _gram_block(h3, g_ptr, j, ERP, EP, RP)
             s_col = tl.sum(h3 * v, axis=2)                               # S[:, i, j]
             # Upper triangle from this column, mirrored into the lower one.
@@ -283,7 +283,7 @@ def _token_forward(h3, logits, g_ptr, E, eps,
         S = tl.where(act_i & act_l, S, 0.0)
         C = tl.where((i3 == l3) & act_i, 1.0, 0.0).to(tl.float64)
         SC = S
-        for j in tl.static_range(NUM_EXPERTS):
+        for j in range(NUM_EXPERTS):
             c_j = _select_row(C, i3, j)
             sc_j = _select_row(SC, i3, j)
             raw = tl.sum(c_j * sc_j, axis=1)
@@ -322,7 +322,8 @@ def _load_token_block(h_ptr, l_ptr, pid, T, E, stride_ht, stride_lt,
     h3 = tl.load(h_ptr + t3 * stride_ht + e3 * RP + a3, mask=tok3, other=0.0).to(tl.float64)
     e2 = tl.arange(0, EP)[None, :]
     logits = tl.load(l_ptr + offs_t[:, None] * stride_lt + e2,
-                     mask=(offs_t[:, None] < T) & (e2 < E), other=float("-inf")).to(tl.float64)
+                     mask=(offs_t[:, None] < T) & (e2 < E), other=0.0).to(tl.float64)
+    logits = tl.where(e2 < E, logits, float("-inf"))   # padding tokens keep finite logits
     return offs_t, h3, logits
 
 
@@ -377,7 +378,7 @@ def token_backward_kernel(h_ptr, l_ptr, g_ptr, dz_ptr, z_ptr, dhl_ptr, ds_ptr, T
         RS = tl.zeros((BT, EP, EP), dtype=tl.float64)    # running S c
         dS = tl.zeros((BT, EP, EP), dtype=tl.float64)
         dST = tl.zeros((BT, EP, EP), dtype=tl.float64)   # dSᵀ, built alongside
-        for jj in tl.static_range(NUM_EXPERTS):
+        for jj in range(NUM_EXPERTS):
             j = NUM_EXPERTS - 1 - jj
             c_j = _select_row(C, i3, j)
             sc_j = _select_row(SC, i3, j)
@@ -429,7 +430,7 @@ def token_backward_kernel(h_ptr, l_ptr, g_ptr, dz_ptr, z_ptr, dhl_ptr, ds_ptr, T
         tl.store(ds_ptr + t3 * (EP * EP) + i3 * EP + l3, dS, mask=tok3)
         # Gram part of dh: dh_i += Σ_j (dS_ij + dS_ji) G_ij h_j.
         M = dS + dST
-        for j in tl.static_range(NUM_EXPERTS):
+        for j in range(NUM_EXPERTS):
             v = _gram_block(h3, g_ptr, j, ERP, EP, RP)
             m_col = tl.sum(tl.where(l3 == j, M, 0.0), axis=2)              # M[:, i, j]
             dh3 = dh3 + m_col[:, :, None] * v

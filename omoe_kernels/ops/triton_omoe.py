@@ -43,6 +43,17 @@ def fixed_config() -> bool:
     return interpreting() or os.environ.get("OMOE_TRITON_FIXED_CONFIG", "0") not in ("", "0")
 
 
+# Tests set this to fill every buffer a kernel writes with NaN before the launch, so that
+# an element a kernel forgets to write shows up.
+POISON_OUTPUTS = False
+
+
+def _empty(shape, device, dtype) -> torch.Tensor:
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), device=device, dtype=dtype)
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -154,7 +165,7 @@ _INTERPRET_MATMUL = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
 def token_block(L: Layout) -> int:
     """Tokens per program of the per-token kernels: keeps the [BT, EP, RP, RP] Gram
     product and the [BT, EP, EP] MGS state at a few thousand float64 values."""
-    bt = max(1, min(4096 // (L.ERP * L.RP), 1024 // (L.EP * L.EP)))
+    bt = max(1, min(4096 // (L.ERP * L.RP), 512 // (L.EP * L.EP)))
     return 1 << (bt.bit_length() - 1)
 
 
@@ -216,10 +227,10 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, out_dtype: torch.dtype, kind: in
     splits = triton.cdiv(Kdim, k_per_split)
     acc_dtype = torch.float64 if kind == K.DOT_FP64 else torch.float32
     if splits > 1:
-        out = torch.empty((splits, M, N), device=device, dtype=acc_dtype)
+        out = _empty((splits, M, N), device, acc_dtype)
         result_add, add = add, None
     else:
-        out = torch.empty((1, M, N), device=device, dtype=out_dtype)
+        out = _empty((1, M, N), device, out_dtype)
     add_t = add if add is not None else out
     args = (a, b, out, add_t, M, N, Kdim, k_per_split,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1),
@@ -247,8 +258,8 @@ def shrink(x: torch.Tensor, router_input: Optional[torch.Tensor], A_pad: torch.T
     """H [T, ERP] and logits [T, E] (accumulator dtype)."""
     T, D = x.shape
     acc = _accumulate_dtype(x.dtype)
-    h = torch.empty((T, L.ERP), device=x.device, dtype=acc)
-    logits = torch.empty((T, L.num_experts), device=x.device, dtype=acc)
+    h = _empty((T, L.ERP), x.device, acc)
+    logits = _empty((T, L.num_experts), x.device, acc)
     r = router_input if router_input is not None else x
     args = (x, r, A_pad, W, h, logits, T, D, L.ERP, L.num_experts,
             x.stride(0), x.stride(1), r.stride(0), r.stride(1),
@@ -277,7 +288,7 @@ def _token_flags(L: Layout, top_k: int, orthogonalize: bool, normalize: bool) ->
 
 def token_forward(h, logits, G, L: Layout, top_k, orthogonalize, normalize, eps):
     T = h.shape[0]
-    z = torch.empty_like(h)
+    z = _empty(h.shape, h.device, h.dtype)
     flags = _token_flags(L, top_k, orthogonalize, normalize)
     grid = (triton.cdiv(T, flags["BT"]),)
     K.token_forward_kernel[grid](h, logits, G if G is not None else h, z, T, L.num_experts, float(eps),
@@ -288,9 +299,9 @@ def token_forward(h, logits, G, L: Layout, top_k, orthogonalize, normalize, eps)
 def token_backward(h, logits, G, dz, L: Layout, top_k, orthogonalize, normalize, eps):
     """Z, dHL = [dH | dlogits | 0] ([T, NW]) and dS ([T, EP·EP] float64, or None)."""
     T = h.shape[0]
-    z = torch.empty_like(h)
+    z = _empty(h.shape, h.device, h.dtype)
     dhl = torch.zeros((T, L.NW), device=h.device, dtype=h.dtype)
-    ds = torch.empty((T, L.EP * L.EP), device=h.device, dtype=torch.float64) if orthogonalize else None
+    ds = _empty((T, L.EP * L.EP), h.device, torch.float64) if orthogonalize else None
     flags = _token_flags(L, top_k, orthogonalize, normalize)
     grid = (triton.cdiv(T, flags["BT"]),)
     K.token_backward_kernel[grid](h, logits, G if G is not None else h, dz, z, dhl,

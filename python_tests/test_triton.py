@@ -1,0 +1,127 @@
+"""The triton backend.
+
+CPU (CI): runs `triton_interpreted_cases.py` in a subprocess with TRITON_INTERPRET=1 (the
+variable must be set before triton is imported, and this pytest process may already have
+imported it). GPU (`gpu` marker, OMOE_TEST_DEVICE=cuda): the backend at real sizes
+against float64, the autotuned path against the fixed-config path, and torch.compile.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import (DEVICE, ON_GPU, assert_matches_oracle, assert_rel_close, make_problem,
+                      random_grad, run_backend)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.mark.skipif(ON_GPU, reason="the interpreter suite runs on CPU tensors (CI)")
+def test_interpreted_suite():
+    """Every case of triton_interpreted_cases.py passes under TRITON_INTERPRET=1."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMOE_TEST_DEVICE="cpu")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", HERE,
+           "-o", "addopts=", os.path.join(HERE, "triton_interpreted_cases.py")]
+    proc = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
+    tail = (proc.stdout + proc.stderr)[-6000:]
+    assert proc.returncode == 0, f"interpreted triton cases failed:\n{tail}"
+    assert " passed" in proc.stdout and "failed" not in proc.stdout, tail
+
+
+# ---------------------------------------------------------------------------- GPU
+
+
+def _triton_on_gpu():
+    if not ON_GPU:
+        pytest.skip("needs OMOE_TEST_DEVICE=cuda")
+    import omoe_kernels
+
+    if "triton" not in omoe_kernels.available_backends(DEVICE):
+        pytest.fail("the triton backend is not available on this GPU")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name, E, r, top_k", [("llama7b", 4, 16, None), ("llama7b-top2", 8, 16, 2),
+                                               ("wide", 16, 8, 2)])
+def test_real_size_bf16_matches_float64(name, E, r, top_k):
+    """SPEC §6 shapes (T reduced to 2048 to bound the float64 reference's memory)."""
+    _triton_on_gpu()
+    problem = make_problem(2048, 4096, 4096, E, r, dtype=torch.bfloat16, seed=41)
+    assert_matches_oracle(problem, "triton", 1e-2, 2e-2, scaling=2.0, top_k=top_k)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("collapse, fwd_tol, grad_tol", [(0.0, 1e-5, 1e-4), (0.99, 1e-4, 1e-3),
+                                                         (0.999, 1e-3, 1e-2)])
+def test_fp32_ieee_at_size(collapse, fwd_tol, grad_tol):
+    _triton_on_gpu()
+    problem = make_problem(1024, 1024, 1024, 4, 16, dtype=torch.float32, collapse=collapse,
+                           seed=42, with_router_input=True)
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        assert_matches_oracle(problem, "triton", fwd_tol, grad_tol, top_k=2)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.gpu
+def test_bf16_collapse_at_size():
+    _triton_on_gpu()
+    problem = make_problem(1024, 2048, 2048, 4, 16, dtype=torch.bfloat16, collapse=0.99, seed=43)
+    assert_matches_oracle(problem, "triton", 3e-2, None)
+
+
+@pytest.mark.gpu
+def test_autotuned_equals_fixed_config(monkeypatch):
+    _triton_on_gpu()
+    problem = make_problem(4096, 1024, 1536, 8, 16, dtype=torch.bfloat16, seed=44)
+    grad_y = random_grad((4096, 1536), torch.bfloat16)
+    y_tuned, g_tuned = run_backend(problem, "triton", grad_y, top_k=2)
+    monkeypatch.setenv("OMOE_TRITON_FIXED_CONFIG", "1")
+    y_fixed, g_fixed = run_backend(problem, "triton", grad_y, top_k=2)
+    assert_rel_close(y_tuned, y_fixed, 1e-2, "forward")
+    for name in g_fixed:
+        assert_rel_close(g_tuned[name], g_fixed[name], 2e-2, f"grad {name}")
+
+
+@pytest.mark.gpu
+def test_torch_compile_traces_the_custom_ops():
+    _triton_on_gpu()
+    import omoe_kernels as ok
+
+    problem = make_problem(512, 256, 384, 4, 8, dtype=torch.bfloat16, seed=45)
+    fn = torch.compile(lambda x, A, B, W, b: ok.omoe_lora(x, A, B, W, base_out=b, backend="triton"),
+                       fullgraph=True)
+    leaves = [t.detach().requires_grad_() for t in (problem.x, problem.A, problem.B,
+                                                   problem.router_weight, problem.base_out)]
+    y = fn(*leaves)
+    y_eager, _ = run_backend(problem, "triton")
+    assert_rel_close(y, y_eager, 1e-3, "compiled forward")
+    y.float().square().sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
+
+
+@pytest.mark.gpu
+def test_saved_activations_are_O_T_E_r():
+    """Memory kept for the backward does not grow with d_out (no T × E × d_out tensor)."""
+    _triton_on_gpu()
+    import omoe_kernels as ok
+
+    T, d, E, r = 4096, 4096, 4, 16
+    problem = make_problem(T, d, d, E, r, dtype=torch.bfloat16, seed=46)
+    leaves = [t.detach().requires_grad_() for t in (problem.x, problem.A, problem.B,
+                                                   problem.router_weight)]
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    y = ok.omoe_lora(*leaves, base_out=problem.base_out, backend="triton")
+    torch.cuda.synchronize()
+    kept = torch.cuda.memory_allocated() - before - y.numel() * y.element_size()
+    # h (T × 64 fp32) + logits (T × 4 fp32) ≈ 1.1 MB; allow 4x for allocator rounding.
+    assert kept <= 4 * T * (64 + 4) * 4, f"{kept} bytes kept for backward"
+    y.sum().backward()
