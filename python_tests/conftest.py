@@ -18,7 +18,10 @@ The helpers (all take ``device`` / ``dtype`` so other test files can reuse them)
   gradient; returns the output and the gradient of every tensor input.
 - ``oracle``: the same on float64 copies of the inputs through the ``reference`` backend
   (SPEC §1 literally, gradients by autograd): what every result is compared with.
+- ``assert_matches_oracle``: forward and every gradient of a backend against the oracle
+  at given tolerances (``ACCURACY_ROWS`` holds SPEC §2's, ``VARIANTS`` its variants).
 - ``rel_err`` / ``assert_rel_close``: relative Frobenius error (SPEC §2's measure).
+- ``non_contiguous``: the same values in a strided or transposed layout.
 - ``condition_numbers``: κ of each token's matrix ``[e_i]``.
 - ``poison_allocator`` / ``poisoned_empty``: NaN-filled memory, so that an output element
   a kernel forgets to write shows up as NaN instead of a lucky zero.
