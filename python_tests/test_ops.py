@@ -131,6 +131,20 @@ def test_upstream_gradient_layouts(backend, layout):
         assert_rel_close(g, grads_ref[name], FP32_GRAD, f"grad {name}")
 
 
+@pytest.mark.parametrize("scale", ["x*1e-8", "x*1e12", "logits*1e3"])
+@pytest.mark.parametrize("options", [{}, dict(top_k=2), dict(normalize=False)],
+                         ids=["dense", "top2", "no_normalize"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extreme_scales(backend, options, scale):
+    """Tiny and huge expert outputs (eps takes over, or the float64 Gram must not overflow)
+    and saturated router softmax."""
+    problem = make_problem(16, 10, 12, 4, 3, seed=35,
+                           logit_scale=1e3 if scale == "logits*1e3" else 1.0)
+    if scale.startswith("x"):
+        problem = problem.replace(x=problem.x * float(scale[2:]))
+    assert_matches_oracle(problem, backend, FP32_FWD, FP32_GRAD, **options)
+
+
 # ---- no tokens ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("lead", [(0,), (2, 0), (0, 3)])
