@@ -211,6 +211,24 @@ def test_raw_ops_on_poisoned_memory(top_k, orthogonalize, normalize, with_router
         assert_rel_close(g, grads_ref[name], FP32_GRAD, f"grad {name}")
 
 
+@needs_compiled
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64],
+                         ids=["fp16", "bf16", "fp32", "fp64"])
+def test_raw_forward_output_dtypes(dtype):
+    """y in the input dtype; h and logits (what the backward reads) in float32, or float64
+    for float64 inputs; gradients in the input dtypes."""
+    p = make_problem(9, 6, 5, 3, 2, dtype=dtype, with_router_input=True)
+    y, h, logits = torch.ops.omoe.forward(p.x, p.A, p.B, p.router_weight, p.router_input,
+                                          p.base_out, 1.0, 2, True, True, 1e-6)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert (y.dtype, h.dtype, logits.dtype) == (dtype, acc, acc)
+    assert (y.shape, h.shape, logits.shape) == ((9, 5), (9, 6), (9, 3))
+    grads = torch.ops.omoe.backward(torch.ones_like(y), p.x, p.A, p.B, p.router_weight,
+                                    p.router_input, h, logits, 1.0, 2, True, True, 1e-6)
+    for g, t in zip(grads, (p.x, p.A, p.B, p.router_weight, p.router_input)):
+        assert g.dtype == dtype and g.shape == t.shape
+
+
 # ---- NaN / Inf ------------------------------------------------------------------------
 
 def _with_value(t, index, value):
