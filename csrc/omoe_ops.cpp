@@ -169,6 +169,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
     const at::Tensor& router_weight, const std::optional<at::Tensor>& router_input,
     const std::optional<at::Tensor>& base_out, double scaling, int64_t top_k,
     bool orthogonalize, bool normalize, double eps, TokenForwardFn token_forward) {
+  // The GEMMs below choose their own precision; an enclosing autocast region must not
+  // recast them (their outputs feed float32/float64 buffers).
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const Sizes s = check_common(x, A, B, router_weight, router_input, top_k, eps);
   if (base_out.has_value()) {
     TORCH_CHECK(base_out->dim() == 2 && base_out->size(0) == s.T && base_out->size(1) == s.d_out,
@@ -218,6 +221,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     const at::Tensor& router_weight, const std::optional<at::Tensor>& router_input,
     const at::Tensor& h, const at::Tensor& logits, double scaling, int64_t top_k,
     bool orthogonalize, bool normalize, double eps, TokenBackwardFn token_backward) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const Sizes s = check_common(x, A, B, router_weight, router_input, top_k, eps);
   const auto acc = accumulate_dtype(x);
   const int64_t er = s.E * s.r;
@@ -284,7 +288,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     const at::Tensor dh_dl = at::cat({dh, dlogits}, 1);
     const at::Tensor dAW = at::mm(dh_dl.t(), xc);
     grad_A = dAW.narrow(0, 0, er);
-    grad_W = dAW.narrow(0, er, s.E);
+    grad_W = dAW.narrow(0, er, s.E).clone();  // outputs must not alias each other
     grad_x = at::mm(dh_dl, at::cat({A_cat, W}, 0));
     grad_router_input = at::empty({0}, x.options());
   }

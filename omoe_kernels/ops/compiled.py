@@ -45,11 +45,25 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _check_same_device_and_dtype(x, **tensors):
+    """The fake kernels' share of the C++ checks: a mixed-device call (say CPU and meta)
+    dispatches here rather than to a real kernel, and must raise like one."""
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if t.device != x.device:
+            raise RuntimeError(f"omoe: {name} is on {t.device} but x is on {x.device}")
+        if t.dtype != x.dtype:
+            raise RuntimeError(f"omoe: {name} has dtype {t.dtype} but x has {x.dtype}")
+
+
 if LOADED:
 
     @torch.library.register_fake("omoe::forward")
     def _forward_fake(x, A, B, router_weight, router_input, base_out, scaling, top_k,
                       orthogonalize, normalize, eps):
+        _check_same_device_and_dtype(x, A=A, B=B, router_weight=router_weight,
+                                     router_input=router_input, base_out=base_out)
         T = x.shape[0]
         E, r, _ = A.shape
         acc = _accumulate_dtype(x.dtype)
@@ -59,6 +73,11 @@ if LOADED:
     @torch.library.register_fake("omoe::backward")
     def _backward_fake(grad_y, x, A, B, router_weight, router_input, h, logits, scaling,
                        top_k, orthogonalize, normalize, eps):
+        _check_same_device_and_dtype(x, A=A, B=B, router_weight=router_weight,
+                                     router_input=router_input)
+        for name, t in (("grad_y", grad_y), ("h", h), ("logits", logits)):
+            if t.device != x.device:
+                raise RuntimeError(f"omoe: {name} is on {t.device} but x is on {x.device}")
         grad_router_input = (torch.empty_like(router_input) if router_input is not None
                              else x.new_empty((0,)))
         return (torch.empty_like(x), torch.empty_like(A), torch.empty_like(B),
@@ -74,11 +93,8 @@ if LOADED:
 
     def _backward(ctx, grad_y, _grad_h, _grad_logits):
         x, A, B, router_weight, router_input, h, logits = ctx.saved_tensors
-        # A backward run inside an autocast region would otherwise autocast the ATen matmuls
-        # the C++ backward calls, and their bf16 results would not match its fp32 buffers.
-        with torch.autocast(grad_y.device.type, enabled=False):
-            grad_x, grad_A, grad_B, grad_W, grad_router_input = torch.ops.omoe.backward(
-                grad_y.contiguous(), x, A, B, router_weight, router_input, h, logits, *ctx.options)
+        grad_x, grad_A, grad_B, grad_W, grad_router_input = torch.ops.omoe.backward(
+            grad_y.contiguous(), x, A, B, router_weight, router_input, h, logits, *ctx.options)
         if router_input is None:
             grad_router_input = None
         grad_base = grad_y if ctx.has_base else None
