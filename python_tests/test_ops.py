@@ -260,6 +260,17 @@ def test_nonfinite_inputs_propagate_like_eager(backend, case, top_k):
     problem = problem.replace(**{name: _with_value(getattr(problem, name), index, value)})
     y, _ = run_backend(problem, backend, top_k=top_k)
     eager, _ = run_backend(problem, "reference", top_k=top_k)
+    if backend != "reference" and name == "B" and top_k is not None:
+        # Known difference (README): the fused expand multiplies an inactive expert's exact
+        # zero coefficient by its B, so an Inf there turns that output column into NaN for
+        # every token, where eager masks the expert out. Everything eager makes non-finite
+        # stays non-finite, and the rest agrees.
+        assert torch.isnan(y)[torch.isnan(eager)].all()
+        both = torch.isfinite(y) & torch.isfinite(eager)
+        assert_rel_close(y[both], eager[both], FP32_FWD, "finite part")
+        assert not torch.equal(torch.isnan(y), torch.isnan(eager)), "fixed? drop this branch"
+        run_backend(problem, backend, random_grad(y.shape, y.dtype), top_k=top_k)
+        return
     assert torch.equal(torch.isnan(y), torch.isnan(eager)), (
         f"NaN pattern differs from eager: backend rows {torch.isnan(y).any(1).tolist()}, "
         f"eager rows {torch.isnan(eager).any(1).tolist()}")
