@@ -184,12 +184,12 @@ def kernel_specs() -> list[KernelSpec]:
         specs.append(KernelSpec(
             f"token_forward[{label}]", K.token_forward_kernel,
             dict(h_ptr="*fp32:16", l_ptr="*fp32:16", g_ptr="*fp64:16", z_ptr="*fp32:16", T="i32",
-                 E="i32", eps="fp32", stride_ht="i32:16", stride_lt="i32", stride_zt="i32:16", **flags),
+                 E="i32", top_k="i32", eps="fp32", stride_ht="i32:16", stride_lt="i32", stride_zt="i32:16", **flags),
             num_warps, 1, False, f"E={E} r={r} top{top_k}, BT={flags['BT']}"))
         specs.append(KernelSpec(
             f"token_backward[{label}]", K.token_backward_kernel,
             dict(h_ptr="*fp32:16", l_ptr="*fp32:16", g_ptr="*fp64:16", dz_ptr="*fp32:16",
-                 z_ptr="*fp32:16", dhl_ptr="*fp32:16", ds_ptr="*fp64:16", T="i32", E="i32", eps="fp32",
+                 z_ptr="*fp32:16", dhl_ptr="*fp32:16", ds_ptr="*fp64:16", T="i32", E="i32", top_k="i32", eps="fp32",
                  stride_ht="i32:16", stride_lt="i32", stride_dzt="i32:16", stride_zt="i32:16",
                  stride_dhlt="i32:16", **flags),
             num_warps, 1, False, f"E={E} r={r} top{top_k}, BT={flags['BT']}"))

@@ -19,7 +19,8 @@ Kernels:
 
 Triton has no indexed register arrays, so a block of tokens keeps its `E × E` MGS state
 as `[BT, EP, EP]` tensors; rows are read with a masked sum and written with `tl.where`
-inside loops over experts unrolled by `tl.static_range`.
+inside loops over the experts (run-time loops: the number of experts and top_k are
+plain arguments, so one compiled kernel serves every E up to EP).
 """
 from __future__ import annotations
 
@@ -113,10 +114,11 @@ def shrink_kernel(x_ptr, r_ptr, a_ptr, w_ptr, h_ptr, l_ptr,
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # int64 rows: T · stride can pass 2^31 on large inputs.
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_e = tl.arange(0, BLOCK_E)
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
     ACC = tl.float64 if DOT_KIND == 4 else tl.float32
     acc_h = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     acc_l = tl.zeros((BLOCK_M, BLOCK_E), dtype=ACC)
@@ -167,9 +169,10 @@ def matmul_kernel(a_ptr, b_ptr, c_ptr, add_ptr,
     group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
     pid_m = first_m + (pid % (GROUP_M * num_pid_n)) % group_size
     pid_n = (pid % (GROUP_M * num_pid_n)) // group_size
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
+    # int64 offsets: rows × stride (and the K walk of transposed operands) can pass 2^31.
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
     k_begin = pid_s * k_per_split
     k_end = tl.minimum(K, k_begin + k_per_split)
     ACC = tl.float64 if DOT_KIND == 4 else tl.float32
@@ -209,14 +212,14 @@ def _select_col(M2, idx2, j):
 
 
 @triton.jit
-def _route(logits, e2, E, TOP_K: tl.constexpr, BT: tl.constexpr, EP: tl.constexpr):
+def _route(logits, e2, E, top_k, TOP_K_ROUTING: tl.constexpr, BT: tl.constexpr, EP: tl.constexpr):
     """Active set and gates of a [BT, EP] block of float64 logits (padding experts: -inf).
 
     Top-k: expert i is active when fewer than k experts rank above it (larger logit,
     ties to the lower index, NaN above everything, as torch.sort orders them).
     """
     real = e2 < E
-    if TOP_K < EP:
+    if TOP_K_ROUTING:
         ei = tl.arange(0, EP)[None, :, None]
         ej = tl.arange(0, EP)[None, None, :]
         li = logits[:, :, None]
@@ -228,7 +231,7 @@ def _route(logits, e2, E, TOP_K: tl.constexpr, BT: tl.constexpr, EP: tl.constexp
         above = tl.where(li_nan | lj_nan, above_nan, above)
         above = above & (ej != ei) & (ej < E)
         rank = tl.sum(above.to(tl.int32), axis=2)
-        active = real & (rank < TOP_K)
+        active = real & (rank < top_k)
     else:
         active = tl.broadcast_to(real, (BT, EP))
     masked = tl.where(active, logits, float("-inf"))
@@ -250,8 +253,8 @@ def _gram_block(h3, g_ptr, j, ERP: tl.constexpr, EP: tl.constexpr, RP: tl.conste
 
 
 @triton.jit
-def _token_forward(h3, logits, g_ptr, E, eps,
-                   TOP_K: tl.constexpr, NUM_EXPERTS: tl.constexpr, ORTHOGONALIZE: tl.constexpr,
+def _token_forward(h3, logits, g_ptr, E, top_k, eps,
+                   TOP_K_ROUTING: tl.constexpr, ORTHOGONALIZE: tl.constexpr,
                    NORMALIZE: tl.constexpr, BT: tl.constexpr, EP: tl.constexpr, RP: tl.constexpr,
                    ERP: tl.constexpr):
     """Routing, Gram and MGS of a block of tokens.
@@ -265,7 +268,7 @@ def _token_forward(h3, logits, g_ptr, E, eps,
     e2 = tl.arange(0, EP)[None, :]
     i3 = tl.arange(0, EP)[None, :, None]
     l3 = tl.arange(0, EP)[None, None, :]
-    active, gates = _route(logits, e2, E, TOP_K, BT, EP)
+    active, gates = _route(logits, e2, E, top_k, TOP_K_ROUTING, BT, EP)
     act_i = active[:, :, None]
     act_l = active[:, None, :]
     C = tl.zeros((BT, EP, EP), dtype=tl.float64)
@@ -274,7 +277,7 @@ def _token_forward(h3, logits, g_ptr, E, eps,
     nsq = tl.zeros((BT, EP), dtype=tl.float64)
     if ORTHOGONALIZE:
         S = tl.zeros((BT, EP, EP), dtype=tl.float64)
-        for j in range(NUM_EXPERTS):
+        for j in range(E):
             v = _gram_block(h3, g_ptr, j, ERP, EP, RP)
             s_col = tl.sum(h3 * v, axis=2)                               # S[:, i, j]
             # Upper triangle from this column, mirrored into the lower one.
@@ -283,7 +286,7 @@ def _token_forward(h3, logits, g_ptr, E, eps,
         S = tl.where(act_i & act_l, S, 0.0)
         C = tl.where((i3 == l3) & act_i, 1.0, 0.0).to(tl.float64)
         SC = S
-        for j in range(NUM_EXPERTS):
+        for j in range(E):
             c_j = _select_row(C, i3, j)
             sc_j = _select_row(SC, i3, j)
             raw = tl.sum(c_j * sc_j, axis=1)
@@ -328,16 +331,16 @@ def _load_token_block(h_ptr, l_ptr, pid, T, E, stride_ht, stride_lt,
 
 
 @triton.jit
-def token_forward_kernel(h_ptr, l_ptr, g_ptr, z_ptr, T, E, eps,
+def token_forward_kernel(h_ptr, l_ptr, g_ptr, z_ptr, T, E, top_k, eps,
                          stride_ht, stride_lt, stride_zt,
-                         TOP_K: tl.constexpr, NUM_EXPERTS: tl.constexpr,
+                         TOP_K_ROUTING: tl.constexpr,
                          ORTHOGONALIZE: tl.constexpr, NORMALIZE: tl.constexpr,
                          BT: tl.constexpr, EP: tl.constexpr, RP: tl.constexpr, ERP: tl.constexpr):
     """Z[t] = a ⊙ h for a block of BT tokens (fp32 out, float64 inside)."""
     pid = tl.program_id(0)
     offs_t, h3, logits = _load_token_block(h_ptr, l_ptr, pid, T, E, stride_ht, stride_lt, BT, EP, RP)
     active, gates, coeff, C, SC, P, nsq = _token_forward(
-        h3, logits, g_ptr, E, eps, TOP_K, NUM_EXPERTS, ORTHOGONALIZE, NORMALIZE, BT, EP, RP, ERP)
+        h3, logits, g_ptr, E, top_k, eps, TOP_K_ROUTING, ORTHOGONALIZE, NORMALIZE, BT, EP, RP, ERP)
     z3 = tl.where(active[:, :, None], coeff[:, :, None] * h3, 0.0)
     t3 = offs_t[:, None, None]
     e3 = tl.arange(0, EP)[None, :, None]
@@ -346,9 +349,9 @@ def token_forward_kernel(h_ptr, l_ptr, g_ptr, z_ptr, T, E, eps,
 
 
 @triton.jit
-def token_backward_kernel(h_ptr, l_ptr, g_ptr, dz_ptr, z_ptr, dhl_ptr, ds_ptr, T, E, eps,
+def token_backward_kernel(h_ptr, l_ptr, g_ptr, dz_ptr, z_ptr, dhl_ptr, ds_ptr, T, E, top_k, eps,
                           stride_ht, stride_lt, stride_dzt, stride_zt, stride_dhlt,
-                          TOP_K: tl.constexpr, NUM_EXPERTS: tl.constexpr,
+                          TOP_K_ROUTING: tl.constexpr,
                           ORTHOGONALIZE: tl.constexpr, NORMALIZE: tl.constexpr,
                           BT: tl.constexpr, EP: tl.constexpr, RP: tl.constexpr,
                           ERP: tl.constexpr):
@@ -357,7 +360,7 @@ def token_backward_kernel(h_ptr, l_ptr, g_ptr, dz_ptr, z_ptr, dhl_ptr, ds_ptr, T
     pid = tl.program_id(0)
     offs_t, h3, logits = _load_token_block(h_ptr, l_ptr, pid, T, E, stride_ht, stride_lt, BT, EP, RP)
     active, gates, coeff, C, SC, P, nsq = _token_forward(
-        h3, logits, g_ptr, E, eps, TOP_K, NUM_EXPERTS, ORTHOGONALIZE, NORMALIZE, BT, EP, RP, ERP)
+        h3, logits, g_ptr, E, top_k, eps, TOP_K_ROUTING, ORTHOGONALIZE, NORMALIZE, BT, EP, RP, ERP)
     e2 = tl.arange(0, EP)[None, :]
     i3 = tl.arange(0, EP)[None, :, None]
     l3 = tl.arange(0, EP)[None, None, :]
@@ -378,8 +381,8 @@ def token_backward_kernel(h_ptr, l_ptr, g_ptr, dz_ptr, z_ptr, dhl_ptr, ds_ptr, T
         RS = tl.zeros((BT, EP, EP), dtype=tl.float64)    # running S c
         dS = tl.zeros((BT, EP, EP), dtype=tl.float64)
         dST = tl.zeros((BT, EP, EP), dtype=tl.float64)   # dSᵀ, built alongside
-        for jj in range(NUM_EXPERTS):
-            j = NUM_EXPERTS - 1 - jj
+        for jj in range(E):
+            j = E - 1 - jj
             c_j = _select_row(C, i3, j)
             sc_j = _select_row(SC, i3, j)
             nsq_j = _select_col(nsq, e2, j)
@@ -430,7 +433,7 @@ def token_backward_kernel(h_ptr, l_ptr, g_ptr, dz_ptr, z_ptr, dhl_ptr, ds_ptr, T
         tl.store(ds_ptr + t3 * (EP * EP) + i3 * EP + l3, dS, mask=tok3)
         # Gram part of dh: dh_i += Σ_j (dS_ij + dS_ji) G_ij h_j.
         M = dS + dST
-        for j in range(NUM_EXPERTS):
+        for j in range(E):
             v = _gram_block(h3, g_ptr, j, ERP, EP, RP)
             m_col = tl.sum(tl.where(l3 == j, M, 0.0), axis=2)              # M[:, i, j]
             dh3 = dh3 + m_col[:, :, None] * v

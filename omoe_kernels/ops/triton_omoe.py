@@ -102,6 +102,8 @@ def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _pad_A(A: torch.Tensor, L: Layout) -> torch.Tensor:
     E, r, d_in = A.shape
+    if (E, r) == (L.EP, L.RP):   # already the padded layout (every §6 shape): no copy
+        return A.reshape(L.ERP, d_in)
     out = A.new_zeros((L.EP, L.RP, d_in))
     out[:E, :r] = A
     return out.view(L.ERP, d_in)
@@ -154,8 +156,10 @@ def matmul_default_config(kind: int, N: int) -> dict:
 def shrink_default_config(kind: int, ERP: int) -> dict:
     block_n = min(ERP, 256 if kind in (K.DOT_BF16, K.DOT_FP16) else 128)
     if kind in (K.DOT_BF16, K.DOT_FP16):
-        block_m = 128 if block_n <= 128 else 64
-        return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64, num_warps=8, num_stages=3)
+        # BLOCK_M 64: T = 8192 gives 128 programs, about one per SM (128 would leave half
+        # the SMs idle on a pass that is bound by reading x).
+        return dict(BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=64, num_warps=4 if block_n <= 128 else 8,
+                    num_stages=4)
     return dict(BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=32, num_warps=4, num_stages=2)
 
 
@@ -282,8 +286,10 @@ def shrink(x: torch.Tensor, router_input: Optional[torch.Tensor], A_pad: torch.T
 
 
 def _token_flags(L: Layout, top_k: int, orthogonalize: bool, normalize: bool) -> dict:
-    return dict(TOP_K=top_k, NUM_EXPERTS=L.num_experts, ORTHOGONALIZE=orthogonalize,
-                NORMALIZE=normalize, BT=token_block(L), EP=L.EP, RP=L.RP, ERP=L.ERP, num_warps=4)
+    return dict(TOP_K_ROUTING=top_k < L.num_experts, ORTHOGONALIZE=orthogonalize,
+                NORMALIZE=normalize, BT=token_block(L), EP=L.EP, RP=L.RP, ERP=L.ERP,
+                # 16+ experts: more threads for the [BT, EP, EP] state (4 warps spill there).
+                num_warps=8 if L.EP >= 16 else 4)
 
 
 def token_forward(h, logits, G, L: Layout, top_k, orthogonalize, normalize, eps):
@@ -291,7 +297,7 @@ def token_forward(h, logits, G, L: Layout, top_k, orthogonalize, normalize, eps)
     z = _empty(h.shape, h.device, h.dtype)
     flags = _token_flags(L, top_k, orthogonalize, normalize)
     grid = (triton.cdiv(T, flags["BT"]),)
-    K.token_forward_kernel[grid](h, logits, G if G is not None else h, z, T, L.num_experts, float(eps),
+    K.token_forward_kernel[grid](h, logits, G if G is not None else h, z, T, L.num_experts, top_k, float(eps),
                                  h.stride(0), logits.stride(0), z.stride(0), **flags)
     return z
 
@@ -305,7 +311,8 @@ def token_backward(h, logits, G, dz, L: Layout, top_k, orthogonalize, normalize,
     flags = _token_flags(L, top_k, orthogonalize, normalize)
     grid = (triton.cdiv(T, flags["BT"]),)
     K.token_backward_kernel[grid](h, logits, G if G is not None else h, dz, z, dhl,
-                                  ds if ds is not None else h, T, L.num_experts, float(eps),
+                                  ds if ds is not None else h, T, L.num_experts, top_k,
+                                  float(eps),
                                   h.stride(0), logits.stride(0), dz.stride(0), z.stride(0),
                                   dhl.stride(0), **flags)
     return z, dhl, ds
