@@ -82,6 +82,7 @@ def test_autotuned_equals_fixed_config(monkeypatch):
     _triton_on_gpu()
     problem = make_problem(4096, 1024, 1536, 8, 16, dtype=torch.bfloat16, seed=44)
     grad_y = random_grad((4096, 1536), torch.bfloat16)
+    monkeypatch.delenv("OMOE_TRITON_FIXED_CONFIG", raising=False)
     y_tuned, g_tuned = run_backend(problem, "triton", grad_y, top_k=2)
     monkeypatch.setenv("OMOE_TRITON_FIXED_CONFIG", "1")
     y_fixed, g_fixed = run_backend(problem, "triton", grad_y, top_k=2)

@@ -3,7 +3,8 @@
 Forward (docs/algorithm.md): shrink (`H`, logits in one pass over x) → per-token kernel
 (routing, Gram, MGS in float64 → `Z = a ⊙ h`) → expand (`Y = base + s Z B_catᵀ`, base
 added in the GEMM epilogue). Backward: `dZ = s dY B_cat` → per-token reverse (Z, dH,
-dlogits, dS) → `dG` (float64) → the weight and input GEMMs. Saved: `H` and the logits.
+dlogits, dS) → `dG` (float64) → the weight and input GEMMs. Saved: `H`, the logits and
+`G = B_catᵀB_cat` (float64, ERP × ERP: weight-sized, not activation-sized).
 
 The ops are `torch.library.custom_op`s with fake implementations and registered
 autograd, so `torch.compile` traces through them as opaque nodes.
@@ -354,7 +355,8 @@ def forward_impl(x, A, B, router_weight, router_input, base_out, scaling, top_k,
     sixteen = kind in (K.DOT_BF16, K.DOT_FP16)
     y = matmul(z, B_pad.t(), out_dtype=x.dtype, kind=kind, upcast=upcast, scale=scaling,
                add=base_out, split_a=sixteen)
-    return y, h, logits
+    # G is kept for the backward (ERP × ERP float64, tiny); empty without orthogonalize.
+    return y, h, logits, G if G is not None else h.new_empty((0,), dtype=torch.float64)
 
 
 def _fresh(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -362,7 +364,7 @@ def _fresh(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
 
 
-def backward_impl(grad_y, x, A, B, router_weight, router_input, h, logits, scaling, top_k,
+def backward_impl(grad_y, x, A, B, router_weight, router_input, h, logits, G, scaling, top_k,
                   orthogonalize, normalize, eps):
     E, r, d_in = A.shape
     d_out = B.shape[1]
@@ -376,7 +378,7 @@ def backward_impl(grad_y, x, A, B, router_weight, router_input, h, logits, scali
     A_pad = _pad_A(A, L)
     B_pad = _pad_B(B, L)
     W_pad = _pad_W(router_weight, L)
-    G = _gram(B_pad) if orthogonalize else None
+    G = G if orthogonalize else None
     dz = matmul(grad_y, B_pad, out_dtype=acc, kind=kind, upcast=upcast, scale=scaling)
     z, dhl, ds = token_backward(h, logits, G, dz, L, top_k, orthogonalize, normalize, eps)
     # dB_cat = s dYᵀ Z + B_cat (dG + dGᵀ)
@@ -414,8 +416,8 @@ if AVAILABLE:
     def forward_op(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, router_weight: torch.Tensor,
                    router_input: Optional[torch.Tensor], base_out: Optional[torch.Tensor],
                    scaling: float, top_k: int, orthogonalize: bool, normalize: bool,
-                   eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(y, h, logits); h and logits are saved for the backward."""
+                   eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(y, h, logits, G); h, logits and G = B_catᵀB_cat (float64) are saved for the backward."""
         return forward_impl(x, A, B, router_weight, router_input, base_out, scaling, top_k,
                             orthogonalize, normalize, eps)
 
@@ -425,21 +427,22 @@ if AVAILABLE:
         L = layout(A.shape[0], A.shape[1])
         acc = _accumulate_dtype(x.dtype)
         T = x.shape[0]
+        g_size = (L.ERP, L.ERP) if orthogonalize else (0,)
         return (x.new_empty((T, B.shape[1])), x.new_empty((T, L.ERP), dtype=acc),
-                x.new_empty((T, A.shape[0]), dtype=acc))
+                x.new_empty((T, A.shape[0]), dtype=acc), x.new_empty(g_size, dtype=torch.float64))
 
     @torch.library.custom_op("omoe_triton::backward", mutates_args=())
     def backward_op(grad_y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                     router_weight: torch.Tensor, router_input: Optional[torch.Tensor],
-                    h: torch.Tensor, logits: torch.Tensor, scaling: float, top_k: int,
+                    h: torch.Tensor, logits: torch.Tensor, G: torch.Tensor, scaling: float, top_k: int,
                     orthogonalize: bool, normalize: bool, eps: float
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(grad x, grad A, grad B, grad router_weight, grad router_input or an empty tensor)."""
-        return backward_impl(grad_y, x, A, B, router_weight, router_input, h, logits, scaling,
+        return backward_impl(grad_y, x, A, B, router_weight, router_input, h, logits, G, scaling,
                              top_k, orthogonalize, normalize, eps)
 
     @backward_op.register_fake
-    def _backward_fake(grad_y, x, A, B, router_weight, router_input, h, logits, scaling, top_k,
+    def _backward_fake(grad_y, x, A, B, router_weight, router_input, h, logits, G, scaling, top_k,
                        orthogonalize, normalize, eps):
         grad_r = torch.empty_like(router_input) if router_input is not None else x.new_empty((0,))
         return (torch.empty_like(x), torch.empty_like(A), torch.empty_like(B),
@@ -447,16 +450,16 @@ if AVAILABLE:
 
     def _setup_context(ctx, inputs, output):
         x, A, B, router_weight, router_input, base_out, scaling, top_k, orth, norm, eps = inputs
-        _, h, logits = output
-        ctx.save_for_backward(x, A, B, router_weight, router_input, h, logits)
+        _, h, logits, G = output
+        ctx.save_for_backward(x, A, B, router_weight, router_input, h, logits, G)
         ctx.options = (scaling, top_k, orth, norm, eps)
         ctx.has_base = base_out is not None
-        ctx.mark_non_differentiable(h, logits)
+        ctx.mark_non_differentiable(h, logits, G)
 
-    def _backward(ctx, grad_y, _grad_h, _grad_logits):
-        x, A, B, router_weight, router_input, h, logits = ctx.saved_tensors
+    def _backward(ctx, grad_y, _grad_h, _grad_logits, _grad_G):
+        x, A, B, router_weight, router_input, h, logits, G = ctx.saved_tensors
         grad_x, grad_A, grad_B, grad_W, grad_R = backward_op(
-            grad_y.contiguous(), x, A, B, router_weight, router_input, h, logits, *ctx.options)
+            grad_y.contiguous(), x, A, B, router_weight, router_input, h, logits, G, *ctx.options)
         grad_base = grad_y if ctx.has_base else None
         return (grad_x, grad_A, grad_B, grad_W, grad_R if router_input is not None else None,
                 grad_base, None, None, None, None, None)
@@ -468,6 +471,6 @@ def omoe_lora_triton(x2d, A, B, router_weight, router_input2d, base2d, problem: 
     """The backend function of SPEC §3 (see functional.omoe_lora)."""
     if not AVAILABLE:
         raise RuntimeError(f"the triton backend is unavailable: {IMPORT_ERROR}")
-    y, _, _ = forward_op(x2d, A, B, router_weight, router_input2d, base2d, problem.scaling,
+    y, _, _, _ = forward_op(x2d, A, B, router_weight, router_input2d, base2d, problem.scaling,
                          problem.top_k, problem.orthogonalize, problem.normalize, problem.eps)
     return y
