@@ -8,8 +8,8 @@
 // router_weight [E, d_in]. h ([T, E·r]) and logits ([T, E]) are what the backward needs;
 // they are float32 (float64 for float64 inputs) whatever the input dtype.
 // grad_router_input is empty when router_input is None (its gradient is in grad_x).
-#include <Python.h>
-
+// python_module.cpp makes the Python extension module; this file holds no Python, so the
+// CMake build links the same ops into a plain shared library.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
@@ -18,14 +18,8 @@
 #include "omoe_ops.h"
 #include "omoe_token.h"
 
+#include <algorithm>
 #include <memory>
-
-// Importing omoe_kernels._C registers the ops (the TORCH_LIBRARY blocks below run when
-// the shared library loads); the module itself is empty.
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
 
 namespace omoe {
 namespace {
@@ -104,21 +98,18 @@ void token_forward_cpu(const at::Tensor& h, const at::Tensor& logits, const at::
     const scalar_t* h_ptr = h.data_ptr<scalar_t>();
     const scalar_t* l_ptr = logits.data_ptr<scalar_t>();
     scalar_t* z_ptr = z.data_ptr<scalar_t>();
-    at::parallel_for(0, T, kTokensPerTask, [&](int64_t begin, int64_t end) {
-      auto tape = std::make_unique<MgsTape>();
-      for (int64_t t = begin; t < end; ++t)
-        token_forward(h_ptr + t * er, l_ptr + t * E, gh_ptr ? gh_ptr + t * er : nullptr, T * er,
-                      int(E), int(r), int(top_k), orthogonalize, normalize, eps, *tape,
-                      z_ptr + t * er);
+    dispatch_max_active(std::min(top_k, E), [&](auto max_k) {
+      constexpr int MAX_K = decltype(max_k)::value;
+      at::parallel_for(0, T, kTokensPerTask, [&](int64_t begin, int64_t end) {
+        auto tape = std::make_unique<MgsTape<MAX_K>>();
+        for (int64_t t = begin; t < end; ++t)
+          token_forward(h_ptr + t * er, l_ptr + t * E, gh_ptr ? gh_ptr + t * er : nullptr,
+                        T * er, int(E), int(r), int(top_k), orthogonalize, normalize, eps,
+                        *tape, z_ptr + t * er);
+      });
     });
   });
 }
-
-struct BackwardScratch {
-  MgsTape tape;
-  double dC[kMaxExperts][kMaxExperts];
-  double dS[kMaxExperts][kMaxExperts];
-};
 
 void token_backward_cpu(const at::Tensor& h, const at::Tensor& logits, const at::Tensor& GH,
                         const at::Tensor& dz, int64_t E, int64_t r, int64_t top_k,
@@ -134,13 +125,16 @@ void token_backward_cpu(const at::Tensor& h, const at::Tensor& logits, const at:
     scalar_t* z_ptr = z.data_ptr<scalar_t>();
     scalar_t* dh_ptr = dh.data_ptr<scalar_t>();
     scalar_t* dl_ptr = dlogits.data_ptr<scalar_t>();
-    at::parallel_for(0, T, kTokensPerTask, [&](int64_t begin, int64_t end) {
-      auto scratch = std::make_unique<BackwardScratch>();
-      for (int64_t t = begin; t < end; ++t)
-        token_backward(h_ptr + t * er, l_ptr + t * E, gh_ptr ? gh_ptr + t * er : nullptr,
-                       T * er, dz_ptr + t * er, int(E), int(r), int(top_k), orthogonalize,
-                       normalize, eps, scratch->tape, scratch->dC, scratch->dS, z_ptr + t * er,
-                       dh_ptr + t * er, dl_ptr + t * E, lhs_ptr ? lhs_ptr + t * er : nullptr);
+    dispatch_max_active(std::min(top_k, E), [&](auto max_k) {
+      constexpr int MAX_K = decltype(max_k)::value;
+      at::parallel_for(0, T, kTokensPerTask, [&](int64_t begin, int64_t end) {
+        auto scratch = std::make_unique<BackwardScratch<MAX_K>>();
+        for (int64_t t = begin; t < end; ++t)
+          token_backward(h_ptr + t * er, l_ptr + t * E, gh_ptr ? gh_ptr + t * er : nullptr,
+                         T * er, dz_ptr + t * er, int(E), int(r), int(top_k), orthogonalize,
+                         normalize, eps, *scratch, z_ptr + t * er, dh_ptr + t * er,
+                         dl_ptr + t * E, lhs_ptr ? lhs_ptr + t * er : nullptr);
+      });
     });
   });
 }

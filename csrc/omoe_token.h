@@ -12,6 +12,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define OMOE_HD __host__ __device__ inline
@@ -21,8 +22,20 @@
 
 namespace omoe {
 
-// The compiled backends keep per-token state in fixed arrays of this many experts.
+// The compiled backends take at most this many experts.
 constexpr int kMaxExperts = 32;
+
+// Per-token state lives in fixed arrays sized by MAX_K, a compile-time bound on the
+// number of active experts k = min(top_k, E): the state grows like MAX_K², and a CUDA
+// thread must keep it small. Calls fn(std::integral_constant<int, MAX_K>{}) with the
+// smallest supported bound that holds k.
+template <typename Fn>
+inline void dispatch_max_active(int64_t k, Fn&& fn) {
+  if (k <= 4) fn(std::integral_constant<int, 4>{});
+  else if (k <= 8) fn(std::integral_constant<int, 8>{});
+  else if (k <= 16) fn(std::integral_constant<int, 16>{});
+  else fn(std::integral_constant<int, kMaxExperts>{});
+}
 
 // True when logit a (expert i) ranks above logit b (expert j): larger first, NaN above
 // everything (as torch.sort does), ties to the lower index.
@@ -33,7 +46,7 @@ OMOE_HD bool ranks_above(double a, int i, double b, int j) {
 }
 
 // Routing of one token. Writes the active experts in ascending order to `active`
-// (returns how many: top_k, or E when top_k >= E) and their softmax gates to `gates`
+// (returns how many: top_k, or E when top_k >= E; both arrays must hold that many) and their softmax gates to `gates`
 // (gates[m] belongs to expert active[m]).
 template <typename scalar_t>
 OMOE_HD int route_token(const scalar_t* logits, int E, int top_k, int* active, double* gates) {
@@ -60,9 +73,9 @@ OMOE_HD int route_token(const scalar_t* logits, int E, int top_k, int* active, d
 }
 
 // The active experts' Gram matrix: S[m][l] = <e_active[m], e_active[l]>.
-template <typename scalar_t>
+template <int MAX_K, typename scalar_t>
 OMOE_HD void gram_from_gh(const scalar_t* h, const double* gh, int64_t gh_stride, int r,
-                          const int* active, int k, double (*S)[kMaxExperts]) {
+                          const int* active, int k, double (*S)[MAX_K]) {
   for (int m = 0; m < k; ++m) {
     const int i = active[m];
     for (int l = m; l < k; ++l) {
@@ -78,13 +91,25 @@ OMOE_HD void gram_from_gh(const scalar_t* h, const double* gh, int64_t gh_stride
 // The state of one token's MGS in coefficient space, over its k active experts.
 // C[m] holds the coefficients of q_m over (e_active[0], …, e_active[k-1]);
 // SC[m] = S C[m]; proj[m][j] = p/n of step (m, j); norm_sq[m] = <v_m, v_m> clamped at 0
-// (before normalizing, or of q_m when not normalizing).
+// (before normalizing, or of q_m when not normalizing). Holds k <= MAX_K experts.
+template <int MAX_K>
 struct MgsTape {
-  double S[kMaxExperts][kMaxExperts];
-  double C[kMaxExperts][kMaxExperts];
-  double SC[kMaxExperts][kMaxExperts];
-  double proj[kMaxExperts][kMaxExperts];
-  double norm_sq[kMaxExperts];
+  double S[MAX_K][MAX_K];
+  double C[MAX_K][MAX_K];
+  double SC[MAX_K][MAX_K];
+  double proj[MAX_K][MAX_K];
+  double norm_sq[MAX_K];
+};
+
+// Everything token_backward needs besides its O(MAX_K) locals: the tape, dL/dC, dL/dS
+// and mgs_backward's accumulator U. The CUDA kernels place it on the stack or in a
+// global workspace, whichever its size allows.
+template <int MAX_K>
+struct BackwardScratch {
+  MgsTape<MAX_K> tape;
+  double dC[MAX_K][MAX_K];
+  double dS[MAX_K][MAX_K];
+  double U[MAX_K][MAX_K];
 };
 
 OMOE_HD double dot(const double* u, const double* v, int k) {
@@ -94,7 +119,8 @@ OMOE_HD double dot(const double* u, const double* v, int k) {
 }
 
 // SPEC §1's modified Gram–Schmidt loop, run on coefficient vectors (tape.S must be set).
-OMOE_HD void mgs_forward(MgsTape& t, int k, bool normalize, double eps) {
+template <int MAX_K>
+OMOE_HD void mgs_forward(MgsTape<MAX_K>& t, int k, bool normalize, double eps) {
   for (int m = 0; m < k; ++m) {
     double* c = t.C[m];
     double* sc = t.SC[m];
@@ -125,16 +151,16 @@ OMOE_HD void mgs_forward(MgsTape& t, int k, bool normalize, double eps) {
 
 // Reverse of mgs_forward. dC[m] holds dL/dC[m] on entry (it is overwritten as the
 // gradient flows back); on exit dS holds dL/dS (not symmetrized: S is read as a general
-// matrix by the forward).
-OMOE_HD void mgs_backward(const MgsTape& t, int k, bool normalize, double eps,
-                          double (*dC)[kMaxExperts], double (*dS)[kMaxExperts]) {
-  double U[kMaxExperts][kMaxExperts];  // dS = Σ_j U[j] C[j]ᵀ + Σ_m dν_m c_m c_mᵀ
+// matrix by the forward). U is scratch: dS = Σ_j U[j] C[j]ᵀ + Σ_m dν_m c_m c_mᵀ.
+template <int MAX_K>
+OMOE_HD void mgs_backward(const MgsTape<MAX_K>& t, int k, bool normalize, double eps,
+                          double (*dC)[MAX_K], double (*dS)[MAX_K], double (*U)[MAX_K]) {
   for (int m = 0; m < k; ++m)
     for (int l = 0; l < k; ++l) {
       U[m][l] = 0.0;
       dS[m][l] = 0.0;
     }
-  double c[kMaxExperts], sc[kMaxExperts], dc[kMaxExperts];
+  double c[MAX_K], sc[MAX_K], dc[MAX_K];
   for (int m = k - 1; m >= 0; --m) {
     if (normalize) {
       const double nu = t.norm_sq[m] + eps;
@@ -188,11 +214,11 @@ OMOE_HD void mgs_backward(const MgsTape& t, int k, bool normalize, double eps,
 // Routing, MGS and the mixture coefficients a = Σ g_i C_i of one token. Returns the
 // number k of active experts; active[l], gates[l] and coeff[l] describe active expert l.
 // gh is only read when orthogonalize is set; the tape then holds the MGS state for the
-// backward.
-template <typename scalar_t>
+// backward. Needs min(top_k, E) <= MAX_K.
+template <int MAX_K, typename scalar_t>
 OMOE_HD int token_coefficients(const scalar_t* h, const scalar_t* logits, const double* gh,
                                int64_t gh_stride, int E, int r, int top_k, bool orthogonalize,
-                               bool normalize, double eps, MgsTape& t, int* active,
+                               bool normalize, double eps, MgsTape<MAX_K>& t, int* active,
                                double* gates, double* coeff) {
   const int k = route_token(logits, E, top_k, active, gates);
   if (!orthogonalize) {
@@ -209,12 +235,13 @@ OMOE_HD int token_coefficients(const scalar_t* h, const scalar_t* logits, const 
 }
 
 // Forward of one token: z = a ⊙ h (E·r values, zero for inactive experts).
-template <typename scalar_t>
+// Needs min(top_k, E) <= MAX_K.
+template <int MAX_K, typename scalar_t>
 OMOE_HD void token_forward(const scalar_t* h, const scalar_t* logits, const double* gh,
                            int64_t gh_stride, int E, int r, int top_k, bool orthogonalize,
-                           bool normalize, double eps, MgsTape& t, scalar_t* z) {
-  int active[kMaxExperts];
-  double gates[kMaxExperts], coeff[kMaxExperts];
+                           bool normalize, double eps, MgsTape<MAX_K>& t, scalar_t* z) {
+  int active[MAX_K];
+  double gates[MAX_K], coeff[MAX_K];
   const int k = token_coefficients(h, logits, gh, gh_stride, E, r, top_k, orthogonalize,
                                    normalize, eps, t, active, gates, coeff);
   for (int q = 0; q < E * r; ++q) z[q] = scalar_t(0);
@@ -229,14 +256,18 @@ OMOE_HD void token_forward(const scalar_t* h, const scalar_t* logits, const doub
 // (recomputed), dh (E·r), dlogits (E), and, when orthogonalizing, the token's share of
 // dG = Σ_t Σ_ij dS_ij h_i h_jᵀ in the layout the caller's batched GEMM wants:
 // dg_lhs[j·gh_stride + (i, a)] = dS_ij h_ia (zero for inactive pairs).
-template <typename scalar_t>
+// Needs min(top_k, E) <= MAX_K.
+template <int MAX_K, typename scalar_t>
 OMOE_HD void token_backward(const scalar_t* h, const scalar_t* logits, const double* gh,
                             int64_t gh_stride, const scalar_t* dz, int E, int r, int top_k,
-                            bool orthogonalize, bool normalize, double eps, MgsTape& t,
-                            double (*dC)[kMaxExperts], double (*dS)[kMaxExperts], scalar_t* z,
-                            scalar_t* dh, scalar_t* dlogits, double* dg_lhs) {
-  int active[kMaxExperts];
-  double gates[kMaxExperts], coeff[kMaxExperts], dcoeff[kMaxExperts], dgate[kMaxExperts];
+                            bool orthogonalize, bool normalize, double eps,
+                            BackwardScratch<MAX_K>& scratch, scalar_t* z, scalar_t* dh,
+                            scalar_t* dlogits, double* dg_lhs) {
+  MgsTape<MAX_K>& t = scratch.tape;
+  double (*dC)[MAX_K] = scratch.dC;
+  double (*dS)[MAX_K] = scratch.dS;
+  int active[MAX_K];
+  double gates[MAX_K], coeff[MAX_K], dcoeff[MAX_K], dgate[MAX_K];
   const int k = token_coefficients(h, logits, gh, gh_stride, E, r, top_k, orthogonalize,
                                    normalize, eps, t, active, gates, coeff);
   // z = a ⊙ h: da_l = <dz_l, h_l>, and the direct part of dh_l is a_l dz_l.
@@ -261,7 +292,7 @@ OMOE_HD void token_backward(const scalar_t* h, const scalar_t* logits, const dou
       dgate[m] = dot(t.C[m], dcoeff, k);
       for (int l = 0; l < k; ++l) dC[m][l] = gates[m] * dcoeff[l];
     }
-    mgs_backward(t, k, normalize, eps, dC, dS);
+    mgs_backward(t, k, normalize, eps, dC, dS, scratch.U);
     for (int j = 0; j < E; ++j)
       for (int q = 0; q < E * r; ++q) dg_lhs[j * gh_stride + q] = 0.0;
     for (int m = 0; m < k; ++m) {
