@@ -39,13 +39,17 @@ def _extension():
     cxx_flags = ["-O3", "-fopenmp"]
     if _want_cuda() and glob.glob(os.path.join("csrc", "cuda", "*.cu")):
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+        # csrc/cuda: the kernels (*.cu, no ATen headers, so nvcc stays quick) and the
+        # ATen side that checks, launches and registers them (*.cpp, host compiler).
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
         return CUDAExtension(
             "omoe_kernels._C",
             sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
             extra_compile_args={"cxx": cxx_flags + ["-DOMOE_WITH_CUDA"],
-                                "nvcc": ["-O3", "-DOMOE_WITH_CUDA", "--expt-relaxed-constexpr"]},
+                                "nvcc": ["-O3", "-lineinfo", "-DOMOE_WITH_CUDA",
+                                         "--expt-relaxed-constexpr"]},
             extra_link_args=["-fopenmp"],
         )
     return CppExtension(
