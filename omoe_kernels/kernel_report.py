@@ -62,10 +62,14 @@ def _triton_bin(tool: str) -> str:
 def _ast_source(spec: KernelSpec):
     import triton
 
+    import inspect
+
     fn = spec.fn
+    defaults = {name: p.default for name, p in inspect.signature(fn.fn).parameters.items()
+                if p.default is not inspect.Parameter.empty}
     signature, constexprs, attrs = {}, {}, {}
     for index, name in enumerate(fn.arg_names):
-        value = spec.args[name]
+        value = spec.args[name] if name in spec.args else defaults[name]
         if isinstance(value, str):
             ty, _, hint = value.partition(":")
             if hint == "1":
@@ -150,10 +154,26 @@ def kernel_specs() -> list[KernelSpec]:
                  T="i32:16", D="i32:16", N="i32:16", E="i32", stride_xt="i32:16", stride_xd="i32:1",
                  stride_rt="i32:16", stride_rd="i32:1", stride_an="i32:16", stride_ad="i32:1",
                  stride_we="i32:16", stride_wd="i32:1", stride_ht="i32:16", stride_lt="i32",
+                 g_ptr="*fp32:16", z_ptr="*fp32:16", top_k="i32", eps="fp32", stride_zt="i32",
                  SEPARATE_ROUTER=False, DOT_KIND=kind, UPCAST=False, BLOCK_M=cfg["BLOCK_M"],
                  BLOCK_N=cfg["BLOCK_N"], BLOCK_E=L.EPL, BLOCK_K=cfg["BLOCK_K"]),
             cfg["num_warps"], cfg["num_stages"], sixteen,
             "" if sixteen else "IEEE fp32: FMA by design"))
+        if sixteen:
+            # The opt-in variant with the per-token algebra in the epilogue
+            # (OMOE_TRITON_FUSE_TOKEN=1), at llama7b and wide.
+            for E, r, top_k, label in ((4, 16, 4, "llama7b"), (16, 8, 2, "wide")):
+                Lf = ops.layout(E, r)
+                cfg = dict(ops.shrink_default_config(kind, Lf.ERP), BLOCK_N=Lf.ERP)
+                flags = ops._token_flags(Lf, top_k, True, True)
+                flags.pop("num_warps")
+                specs.append(KernelSpec(
+                    f"shrink+token[{dtype_name}, {label}]", K.shrink_kernel,
+                    dict(specs[-1].args, g_ptr="*fp64:16", z_ptr="*fp32:16", stride_zt="i32:16",
+                         N="i32:16", BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                         BLOCK_E=Lf.EPL, BLOCK_K=cfg["BLOCK_K"], FUSE_TOKEN=True, **flags),
+                    cfg["num_warps"], cfg["num_stages"], True,
+                    f"opt-in OMOE_TRITON_FUSE_TOKEN=1, E={E} r={r}"))
 
         def gemm(label, a_ptr, b_ptr, c_ptr, a_strides, b_strides, N, has_add, split_a, split_b):
             cfg = ops.matmul_default_config(kind, N)

@@ -84,6 +84,22 @@ def test_half_precision_odd_shape(dtype, options):
     assert_matches_oracle(problem, BACKEND, fwd_tol, grad_tol, **options)
 
 
+@pytest.mark.parametrize("case", [
+    ("fp32-collapse0.999", (48, 40, 36, 4, 4), dict(top_k=None), False),
+    ("bf16-random", (33, 42, 38, 3, 4), dict(top_k=2), True),
+    ("fp32-random", (33, 42, 38, 8, 1), dict(top_k=3, normalize=False), False),
+    ("fp16-random", (7, 6, 42, 3, 4), dict(orthogonalize=False), True),
+], ids=lambda c: f"{c[0]}-{'x'.join(map(str, c[1]))}")
+def test_token_algebra_fused_into_the_shrink(case, monkeypatch):
+    """OMOE_TRITON_FUSE_TOKEN=1: routing and MGS in the shrink's epilogue."""
+    monkeypatch.setenv("OMOE_TRITON_FUSE_TOKEN", "1")
+    row, shape, options, with_router_input = case
+    dtype, collapse, fwd_tol, grad_tol = ACCURACY_ROWS[row]
+    problem = make_problem(*shape, dtype=dtype, collapse=collapse, seed=32,
+                           with_router_input=with_router_input)
+    assert_matches_oracle(problem, BACKEND, fwd_tol, grad_tol, scaling=0.75, **options)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
                          ids=["fp32", "fp16", "bf16"])
 def test_identical_experts_are_finite(dtype):

@@ -104,13 +104,23 @@ def shrink_kernel(x_ptr, r_ptr, a_ptr, w_ptr, h_ptr, l_ptr,
                   stride_xt, stride_xd, stride_rt, stride_rd,
                   stride_an, stride_ad, stride_we, stride_wd,
                   stride_ht, stride_lt,
+                  g_ptr, z_ptr, top_k, eps, stride_zt,
                   SEPARATE_ROUTER: tl.constexpr, DOT_KIND: tl.constexpr, UPCAST: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
-                  BLOCK_K: tl.constexpr):
+                  BLOCK_K: tl.constexpr,
+                  FUSE_TOKEN: tl.constexpr = False, TOP_K_ROUTING: tl.constexpr = False,
+                  ORTHOGONALIZE: tl.constexpr = True, NORMALIZE: tl.constexpr = True,
+                  BT: tl.constexpr = 1, EP: tl.constexpr = 1, RP: tl.constexpr = 1,
+                  ERP: tl.constexpr = 16):
     """H[:, n-tile] = X A_padᵀ and logits = R Wᵀ, sharing the loads of X when R is X.
 
     Logits are stored by the programs of the first n-tile only (N ≤ BLOCK_N in the usual
     case, so there is one n-tile and no wasted work).
+
+    FUSE_TOKEN (one n-tile only): after storing its H rows and logits, the program runs the
+    per-token algebra on them in blocks of BT tokens (re-read from global memory after a
+    barrier: Triton cannot slice the accumulator) and writes Z — the shrink-epilogue
+    variant of token_forward_kernel. g_ptr … stride_zt are only read then.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -142,6 +152,12 @@ def shrink_kernel(x_ptr, r_ptr, a_ptr, w_ptr, h_ptr, l_ptr,
              mask=row_ok & (offs_n[None, :] < N))
     tl.store(l_ptr + offs_m[:, None] * stride_lt + offs_e[None, :], acc_l,
              mask=row_ok & (offs_e[None, :] < E) & (pid_n == 0))
+    if FUSE_TOKEN:
+        tl.debug_barrier()   # this program's H and logits stores are visible to all its threads
+        for sub in range(0, BLOCK_M, BT):
+            _token_forward_block(h_ptr, l_ptr, g_ptr, z_ptr, pid_m * BLOCK_M + sub, T, E, top_k, eps,
+                                 stride_ht, stride_lt, stride_zt, TOP_K_ROUTING, ORTHOGONALIZE,
+                                 NORMALIZE, BT, EP, RP, ERP)
 
 
 @triton.jit
@@ -315,9 +331,9 @@ def _token_forward(h3, logits, g_ptr, E, top_k, eps,
 
 
 @triton.jit
-def _load_token_block(h_ptr, l_ptr, pid, T, E, stride_ht, stride_lt,
+def _load_token_block(h_ptr, l_ptr, start, T, E, stride_ht, stride_lt,
                       BT: tl.constexpr, EP: tl.constexpr, RP: tl.constexpr):
-    offs_t = pid * BT + tl.arange(0, BT)
+    offs_t = start + tl.arange(0, BT)
     t3 = offs_t[:, None, None]
     e3 = tl.arange(0, EP)[None, :, None]
     a3 = tl.arange(0, RP)[None, None, :]
@@ -337,8 +353,18 @@ def token_forward_kernel(h_ptr, l_ptr, g_ptr, z_ptr, T, E, top_k, eps,
                          ORTHOGONALIZE: tl.constexpr, NORMALIZE: tl.constexpr,
                          BT: tl.constexpr, EP: tl.constexpr, RP: tl.constexpr, ERP: tl.constexpr):
     """Z[t] = a ⊙ h for a block of BT tokens (fp32 out, float64 inside)."""
-    pid = tl.program_id(0)
-    offs_t, h3, logits = _load_token_block(h_ptr, l_ptr, pid, T, E, stride_ht, stride_lt, BT, EP, RP)
+    _token_forward_block(h_ptr, l_ptr, g_ptr, z_ptr, tl.program_id(0) * BT, T, E, top_k, eps,
+                         stride_ht, stride_lt, stride_zt, TOP_K_ROUTING, ORTHOGONALIZE, NORMALIZE,
+                         BT, EP, RP, ERP)
+
+
+@triton.jit
+def _token_forward_block(h_ptr, l_ptr, g_ptr, z_ptr, start, T, E, top_k, eps,
+                         stride_ht, stride_lt, stride_zt,
+                         TOP_K_ROUTING: tl.constexpr,
+                         ORTHOGONALIZE: tl.constexpr, NORMALIZE: tl.constexpr,
+                         BT: tl.constexpr, EP: tl.constexpr, RP: tl.constexpr, ERP: tl.constexpr):
+    offs_t, h3, logits = _load_token_block(h_ptr, l_ptr, start, T, E, stride_ht, stride_lt, BT, EP, RP)
     active, gates, coeff, C, SC, P, nsq = _token_forward(
         h3, logits, g_ptr, E, top_k, eps, TOP_K_ROUTING, ORTHOGONALIZE, NORMALIZE, BT, EP, RP, ERP)
     z3 = tl.where(active[:, :, None], coeff[:, :, None] * h3, 0.0)
@@ -357,8 +383,8 @@ def token_backward_kernel(h_ptr, l_ptr, g_ptr, dz_ptr, z_ptr, dhl_ptr, ds_ptr, T
                           ERP: tl.constexpr):
     """Per-token reverse. Writes Z (recomputed), dH into dHL[:, :ERP], dlogits into
     dHL[:, ERP:ERP+E], and dS [T, EP, EP] (float64, when orthogonalizing)."""
-    pid = tl.program_id(0)
-    offs_t, h3, logits = _load_token_block(h_ptr, l_ptr, pid, T, E, stride_ht, stride_lt, BT, EP, RP)
+    offs_t, h3, logits = _load_token_block(h_ptr, l_ptr, tl.program_id(0) * BT, T, E, stride_ht,
+                                           stride_lt, BT, EP, RP)
     active, gates, coeff, C, SC, P, nsq = _token_forward(
         h3, logits, g_ptr, E, top_k, eps, TOP_K_ROUTING, ORTHOGONALIZE, NORMALIZE, BT, EP, RP, ERP)
     e2 = tl.arange(0, EP)[None, :]

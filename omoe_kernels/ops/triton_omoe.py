@@ -258,32 +258,54 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, out_dtype: torch.dtype, kind: in
     return total.to(out_dtype)
 
 
+def fuse_token_in_shrink() -> bool:
+    """OMOE_TRITON_FUSE_TOKEN=1: run the per-token algebra in the shrink's epilogue
+    (bench/NOTES.md, Triton section, says why the separate kernel is the default)."""
+    return os.environ.get("OMOE_TRITON_FUSE_TOKEN", "0") not in ("", "0")
+
+
 def shrink(x: torch.Tensor, router_input: Optional[torch.Tensor], A_pad: torch.Tensor,
-           W: torch.Tensor, L: Layout, kind: int, upcast: bool):
-    """H [T, ERP] and logits [T, E] (accumulator dtype)."""
+           W: torch.Tensor, L: Layout, kind: int, upcast: bool, token: Optional[dict] = None):
+    """H [T, ERP] and logits [T, E] (accumulator dtype), and Z when `token` is given.
+
+    token = dict(G=…, top_k=…, orthogonalize=…, normalize=…, eps=…): fuse the per-token
+    kernel into the epilogue (fixed config, one n-tile). Returns (h, logits, z or None).
+    """
     T, D = x.shape
     acc = _accumulate_dtype(x.dtype)
     h = _empty((T, L.ERP), x.device, acc)
     logits = _empty((T, L.num_experts), x.device, acc)
     r = router_input if router_input is not None else x
+    if interpreting():
+        cfg = dict(BLOCK_M=32, BLOCK_N=L.ERP if token is not None else min(L.ERP, 64), BLOCK_K=32)
+    else:
+        cfg = shrink_default_config(kind, L.ERP)
+        if token is not None:
+            cfg = dict(cfg, BLOCK_N=L.ERP)
+    z = None
+    token_args, token_flags = (h, h, 0, 0.0, 0), {}
+    if token is not None:
+        z = _empty((T, L.ERP), x.device, acc)
+        G = token["G"]
+        token_args = (G if G is not None else h, z, token["top_k"], float(token["eps"]), z.stride(0))
+        token_flags = _token_flags(L, token["top_k"], token["orthogonalize"], token["normalize"])
+        token_flags.pop("num_warps")
+        token_flags["FUSE_TOKEN"] = True
     args = (x, r, A_pad, W, h, logits, T, D, L.ERP, L.num_experts,
             x.stride(0), x.stride(1), r.stride(0), r.stride(1),
             A_pad.stride(0), A_pad.stride(1), W.stride(0), W.stride(1),
-            h.stride(0), logits.stride(0))
+            h.stride(0), logits.stride(0)) + token_args
     flags = dict(SEPARATE_ROUTER=router_input is not None, DOT_KIND=kind, UPCAST=upcast,
-                 BLOCK_E=L.EPL)
-    if interpreting():
-        cfg = dict(BLOCK_M=32, BLOCK_N=min(L.ERP, 64), BLOCK_K=32)
-    else:
-        cfg = shrink_default_config(kind, L.ERP)
-    if _use_autotune(kind, x.device):
+                 BLOCK_E=L.EPL, **token_flags)
+    if token is None and _use_autotune(kind, x.device):
         fn = _autotuned("shrink")
         grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), triton.cdiv(L.ERP, cfg["BLOCK_N"]))
         fn[grid](*args, **flags, BLOCK_N=cfg["BLOCK_N"])
     else:
         grid = (triton.cdiv(T, cfg["BLOCK_M"]), triton.cdiv(L.ERP, cfg["BLOCK_N"]))
+        assert token is None or grid[1] == 1
         K.shrink_kernel[grid](*args, **flags, **cfg)
-    return h, logits
+    return h, logits, z
 
 
 def _token_flags(L: Layout, top_k: int, orthogonalize: bool, normalize: bool) -> dict:
@@ -349,9 +371,13 @@ def forward_impl(x, A, B, router_weight, router_input, base_out, scaling, top_k,
     upcast = _upcast(x.dtype)
     A_pad = _pad_A(A, L)
     B_pad = _pad_B(B, L)
-    h, logits = shrink(x, router_input, A_pad, router_weight, L, kind, upcast)
     G = _gram(B_pad) if orthogonalize else None
-    z = token_forward(h, logits, G, L, top_k, orthogonalize, normalize, eps)
+    if fuse_token_in_shrink() and L.ERP <= 256:
+        token = dict(G=G, top_k=top_k, orthogonalize=orthogonalize, normalize=normalize, eps=eps)
+        h, logits, z = shrink(x, router_input, A_pad, router_weight, L, kind, upcast, token)
+    else:
+        h, logits, _ = shrink(x, router_input, A_pad, router_weight, L, kind, upcast)
+        z = token_forward(h, logits, G, L, top_k, orthogonalize, normalize, eps)
     sixteen = kind in (K.DOT_BF16, K.DOT_FP16)
     y = matmul(z, B_pad.t(), out_dtype=x.dtype, kind=kind, upcast=upcast, scale=scaling,
                add=base_out, split_a=sixteen)
