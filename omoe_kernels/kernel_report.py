@@ -143,7 +143,7 @@ def kernel_specs() -> list[KernelSpec]:
 
     specs = []
     d = 4096                       # d_in = d_out
-    for dtype_name, kind in (("bf16", K.DOT_BF16), ("fp32", K.DOT_FP32_IEEE)):
+    for dtype_name, kind in (("bf16", K.DOT_BF16), ("fp16", K.DOT_FP16), ("fp32", K.DOT_FP32_IEEE)):
         ptr = f"*{dtype_name}:16"
         sixteen = kind != K.DOT_FP32_IEEE
         L = ops.layout(4, 16)
@@ -159,7 +159,7 @@ def kernel_specs() -> list[KernelSpec]:
                  BLOCK_N=cfg["BLOCK_N"], BLOCK_E=L.EPL, BLOCK_K=cfg["BLOCK_K"]),
             cfg["num_warps"], cfg["num_stages"], sixteen,
             "" if sixteen else "IEEE fp32: FMA by design"))
-        if sixteen:
+        if kind == K.DOT_BF16:
             # The opt-in variant with the per-token algebra in the epilogue
             # (OMOE_TRITON_FUSE_TOKEN=1), at llama7b and wide.
             for E, r, top_k, label in ((4, 16, 4, "llama7b"), (16, 8, 2, "wide")):

@@ -100,6 +100,23 @@ def test_token_algebra_fused_into_the_shrink(case, monkeypatch):
     assert_matches_oracle(problem, BACKEND, fwd_tol, grad_tol, scaling=0.75, **options)
 
 
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_fp16_coefficients_beyond_the_fp16_range(top_k):
+    """Tiny B and large h: z = a ⊙ h exceeds 65504, so its fp16 hi/lo parts need a scale."""
+    p = make_problem(33, 42, 38, 3, 4, dtype=torch.float64, seed=33)
+    p = p.replace(x=p.x * 300, B=p.B * 1e-6).to(torch.float16)
+    grad_y = random_grad((33, 38), torch.float16)
+    y, grads = run_backend(p, BACKEND, grad_y, top_k=top_k)
+    y_ref, grads_ref = oracle(p, grad_y, top_k=top_k)
+    assert_rel_close(y, y_ref, 3e-3, "forward")
+    for name in ("x", "A", "router_weight", "base_out"):
+        assert_rel_close(grads[name], grads_ref[name], 1e-2, f"grad {name}")
+    # grad B itself is ~1e6 here (1/‖B‖): compare where it fits in fp16.
+    fits = grads_ref["B"].abs() < 6e4
+    assert fits.float().mean() > 0.1
+    assert_rel_close(grads["B"][fits], grads_ref["B"][fits], 1e-2, "grad B (fp16-representable part)")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
                          ids=["fp32", "fp16", "bf16"])
 def test_identical_experts_are_finite(dtype):

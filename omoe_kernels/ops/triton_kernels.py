@@ -67,6 +67,17 @@ def _split_lo(v, hi, DOT_KIND: tl.constexpr):
 
 
 @triton.jit
+def _pow2_scales(amax):
+    """(2^(127-e), 2^(e-127)) with e the fp32 exponent field of amax (at least 1):
+    amax · scale < 2. Built from exponent bits, so both are exact powers of 2 and
+    scale · unscale = 1; Inf/NaN give non-finite scales, which propagate as they should."""
+    exponent = tl.maximum((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF, 1)
+    scale = ((254 - exponent) << 23).to(tl.float32, bitcast=True)
+    unscale = (exponent << 23).to(tl.float32, bitcast=True)
+    return scale, unscale
+
+
+@triton.jit
 def _dot_acc(a, b, acc, SPLIT_A: tl.constexpr, SPLIT_B: tl.constexpr, DOT_KIND: tl.constexpr,
              UPCAST: tl.constexpr):
     """acc + a·b. With a 16-bit DOT_KIND, the SPLIT operand is fp32 and enters as hi + lo."""
@@ -79,6 +90,28 @@ def _dot_acc(a, b, acc, SPLIT_A: tl.constexpr, SPLIT_B: tl.constexpr, DOT_KIND: 
         acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     elif DOT_KIND == 1:
         acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32")
+    elif SPLIT_A and DOT_KIND == 2:
+        # fp16: scale each row of the chunk by a power of 2 into [-2, 2] first (fp16 tops
+        # out at 65504; Z grows like κ / ‖e‖), and undo it on the partial product. Exact.
+        a32 = a.to(tl.float32)
+        scale, unscale = _pow2_scales(tl.max(tl.abs(a32), axis=1))
+        a32 = a32 * scale[:, None]
+        a_hi = _split_hi(a32, DOT_KIND)
+        a_lo = _split_lo(a32, a_hi, DOT_KIND)
+        b16 = _to_compute(b, DOT_KIND, False)
+        part = tl.dot(a_hi, b16)
+        part = tl.dot(a_lo, b16, part)
+        acc += part * unscale[:, None]
+    elif SPLIT_B and DOT_KIND == 2:
+        b32 = b.to(tl.float32)
+        scale, unscale = _pow2_scales(tl.max(tl.abs(b32), axis=0))
+        b32 = b32 * scale[None, :]
+        b_hi = _split_hi(b32, DOT_KIND)
+        b_lo = _split_lo(b32, b_hi, DOT_KIND)
+        a16 = _to_compute(a, DOT_KIND, False)
+        part = tl.dot(a16, b_hi)
+        part = tl.dot(a16, b_lo, part)
+        acc += part * unscale[None, :]
     elif SPLIT_A:
         a32 = a.to(tl.float32)
         a_hi = _split_hi(a32, DOT_KIND)
