@@ -290,6 +290,9 @@ def shrink(x: torch.Tensor, router_input: Optional[torch.Tensor], A_pad: torch.T
         token_args = (G if G is not None else h, z, token["top_k"], float(token["eps"]), z.stride(0))
         token_flags = _token_flags(L, token["top_k"], token["orthogonalize"], token["normalize"])
         token_flags.pop("num_warps")
+        # The epilogue must stay inside the program's own rows (another program's H rows
+        # may not be written yet).
+        token_flags["BT"] = min(token_flags["BT"], cfg["BLOCK_M"])
         token_flags["FUSE_TOKEN"] = True
     args = (x, r, A_pad, W, h, logits, T, D, L.ERP, L.num_experts,
             x.stride(0), x.stride(1), r.stride(0), r.stride(1),
