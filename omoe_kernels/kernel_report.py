@@ -211,7 +211,7 @@ def kernel_specs() -> list[KernelSpec]:
             dict(h_ptr="*fp32:16", l_ptr="*fp32:16", g_ptr="*fp64:16", dz_ptr="*fp32:16",
                  z_ptr="*fp32:16", dhl_ptr="*fp32:16", ds_ptr="*fp64:16", T="i32", E="i32", top_k="i32", eps="fp32",
                  stride_ht="i32:16", stride_lt="i32", stride_dzt="i32:16", stride_zt="i32:16",
-                 stride_dhlt="i32:16", **flags),
+                 stride_dhlt="i32:16", EPL=L.EPL, **flags),
             num_warps, 1, False, f"E={E} r={r} top{top_k}, BT={flags['BT']}"))
         block_t = max(1, min(64, 4096 // (L.RP * L.RP)))
         specs.append(KernelSpec(

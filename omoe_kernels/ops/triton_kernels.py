@@ -413,9 +413,9 @@ def token_backward_kernel(h_ptr, l_ptr, g_ptr, dz_ptr, z_ptr, dhl_ptr, ds_ptr, T
                           TOP_K_ROUTING: tl.constexpr,
                           ORTHOGONALIZE: tl.constexpr, NORMALIZE: tl.constexpr,
                           BT: tl.constexpr, EP: tl.constexpr, RP: tl.constexpr,
-                          ERP: tl.constexpr):
+                          ERP: tl.constexpr, EPL: tl.constexpr):
     """Per-token reverse. Writes Z (recomputed), dH into dHL[:, :ERP], dlogits into
-    dHL[:, ERP:ERP+E], and dS [T, EP, EP] (float64, when orthogonalizing)."""
+    dHL[:, ERP:ERP+E] (zeros up to ERP+EPL), and dS [T, EP, EP] (float64, when orthogonalizing)."""
     offs_t, h3, logits = _load_token_block(h_ptr, l_ptr, tl.program_id(0) * BT, T, E, stride_ht,
                                            stride_lt, BT, EP, RP)
     active, gates, coeff, C, SC, P, nsq = _token_forward(
@@ -503,8 +503,11 @@ def token_backward_kernel(h_ptr, l_ptr, g_ptr, dz_ptr, z_ptr, dhl_ptr, ds_ptr, T
     # Softmax over the active set: dlogit_i = g_i (dg_i − Σ_j g_j dg_j).
     mean = tl.sum(gates * dgate, axis=1)
     dlogits = tl.where(active, gates * (dgate - mean[:, None]), 0.0)
-    tl.store(dhl_ptr + offs_t[:, None] * stride_dhlt + ERP + e2, dlogits.to(dhl_ptr.dtype.element_ty),
-             mask=(offs_t[:, None] < T) & (e2 < E))
+    # Widen to the EPL router columns of dHL (zeros past E), so one store writes them all.
+    cols = tl.arange(0, EPL)[None, :, None]
+    wide = tl.sum(tl.where(cols == l3, dlogits[:, None, :], 0.0), axis=2)      # [BT, EPL]
+    tl.store(dhl_ptr + offs_t[:, None] * stride_dhlt + ERP + tl.arange(0, EPL)[None, :],
+             wide.to(dhl_ptr.dtype.element_ty), mask=offs_t[:, None] < T)
 
 
 @triton.jit

@@ -112,6 +112,8 @@ def _pad_A(A: torch.Tensor, L: Layout) -> torch.Tensor:
 
 def _pad_B(B: torch.Tensor, L: Layout) -> torch.Tensor:
     E, d_out, r = B.shape
+    if (E, r) == (L.EP, L.RP):   # one transposing copy, no zero fill
+        return B.permute(1, 0, 2).reshape(d_out, L.ERP)
     out = B.new_zeros((d_out, L.EP, L.RP))
     out[:, :E, :r] = B.permute(1, 0, 2)
     return out.view(d_out, L.ERP)
@@ -332,7 +334,7 @@ def token_backward(h, logits, G, dz, L: Layout, top_k, orthogonalize, normalize,
     """Z, dHL = [dH | dlogits | 0] ([T, NW]) and dS ([T, EP·EP] float64, or None)."""
     T = h.shape[0]
     z = _empty(h.shape, h.device, h.dtype)
-    dhl = torch.zeros((T, L.NW), device=h.device, dtype=h.dtype)
+    dhl = _empty((T, L.NW), h.device, h.dtype)
     ds = _empty((T, L.EP * L.EP), h.device, torch.float64) if orthogonalize else None
     flags = _token_flags(L, top_k, orthogonalize, normalize)
     grid = (triton.cdiv(T, flags["BT"]),)
@@ -340,7 +342,7 @@ def token_backward(h, logits, G, dz, L: Layout, top_k, orthogonalize, normalize,
                                   ds if ds is not None else h, T, L.num_experts, top_k,
                                   float(eps),
                                   h.stride(0), logits.stride(0), dz.stride(0), z.stride(0),
-                                  dhl.stride(0), **flags)
+                                  dhl.stride(0), EPL=L.EPL, **flags)
     return z, dhl, ds
 
 
