@@ -100,9 +100,14 @@ IGNORE_ARGS=$(echo "$IGNORES" | sed 's/ *#.*//' | tr '\n' ' ')
 # shellcheck disable=SC2086
 # Fixed Triton configs in the tests: autotuning every small test shape would spend the
 # budget compiling configs (test_triton.py checks the autotuned path against it).
-run_stage tests 170 "$OUT/tests.log" env OMOE_TEST_DEVICE=cuda OMOE_TRITON_FIXED_CONFIG=1 \
-  "$PY" -m pytest python_tests -x -q -p no:cacheprovider $IGNORE_ARGS --durations=15
-tail -n 25 "$OUT/tests.log" | sed 's/^/  tests| /' >>"$SUMMARY"
+# test_triton.py first and on its own, so that an early failure elsewhere (-x) still
+# leaves the Triton results; then the rest of the suite.
+run_stage tests_triton 90 "$OUT/tests.log" env OMOE_TEST_DEVICE=cuda OMOE_TRITON_FIXED_CONFIG=1 \
+  "$PY" -m pytest python_tests/test_triton.py -q -p no:cacheprovider -rA --durations=10
+run_stage tests 130 "$OUT/tests.log" env OMOE_TEST_DEVICE=cuda OMOE_TRITON_FIXED_CONFIG=1 \
+  "$PY" -m pytest python_tests -x -q -p no:cacheprovider $IGNORE_ARGS \
+  --ignore=python_tests/test_triton.py --durations=15
+tail -n 40 "$OUT/tests.log" | sed 's/^/  tests| /' >>"$SUMMARY"
 
 # 3. The SPEC §6 benchmark on the three GPU shapes, every provider (torch.compile of the
 #    reference included: the goals compare with it). If that cannot finish, a
