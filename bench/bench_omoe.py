@@ -656,11 +656,12 @@ def markdown(run: Run) -> str:
             f"- date: {m['date']}; torch {m['torch']}; triton {m['triton']}; python {m['python']}; "
             f"git {m['git']}",
             f"- command: `{m['command']}`",
-            f"- load average (1 min, {m['cores']} cores): {m['load_average_start']} at the start, "
-            f"{m['load_average_end']} at the end (this run adds up to its thread count)"
+            f"- other processes kept {m['other_processes_cores']} of {m['cores']} cores busy on "
+            f"average during the run (/proc/stat minus this process); load average (1 min) "
+            f"{m['load_average_start']} at the start, {m['load_average_end']} at the end"
             + (" — **the machine was busy: times are inflated and noisy**"
-               if m["device_type"] == "cpu" and (m["load_average_start"] or 0) >= 0.5 * (m["cores"] or 1)
-               else ""),
+               if m["device_type"] == "cpu" and (m["other_processes_cores"] or 0)
+               > max(0.25, (m["cores"] or 1) - m["threads"]) else ""),
             f"- timing: {m['timing']}",
             f"- peak memory: {m['memory']}",
             "- rel err: relative Frobenius error of this provider's output / worst gradient "
@@ -770,6 +771,25 @@ def device_identity(device: torch.device) -> tuple[str, str]:
         slug = re.sub(r"[^a-z0-9]+", "-", re.sub(r"^nvidia\s+", "", name.lower())).strip("-")
         return name, slug or "cuda"
     return cpu_model(), "cpu"
+
+
+def _cpu_jiffies() -> tuple[int, int, int] | None:
+    """(busy jiffies of all CPUs, total jiffies of all CPUs, this process's jiffies incl. waited-for children)."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, ValueError, IndexError):
+        return None
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields), sum(int(v) for v in own[11:15])
+
+
+def _others_cores(start: tuple[int, int, int] | None, end: tuple[int, int, int] | None) -> float | None:
+    """Average number of cores other processes kept busy between two _cpu_jiffies() samples."""
+    if start is None or end is None or end[1] <= start[1]:
+        return None
+    others = (end[0] - start[0]) - (end[2] - start[2])
+    return round(max(0.0, others / (end[1] - start[1]) * (os.cpu_count() or 1)), 2)
 
 
 def _load_average() -> float | None:
@@ -884,6 +904,7 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     progress = Progress(total)
     started = time.perf_counter()
+    jiffies_start = _cpu_jiffies()
     try:
         for shape_name in shape_names:
             shape = SHAPES[shape_name]
@@ -893,6 +914,7 @@ def main(argv: list[str] | None = None) -> int:
         progress.close()
     meta["seconds"] = round(time.perf_counter() - started, 1)
     meta["load_average_end"] = _load_average()
+    meta["other_processes_cores"] = _others_cores(jiffies_start, _cpu_jiffies())
 
     text = markdown(run)
     print()
