@@ -150,6 +150,13 @@ class OMoELinear(nn.Module):
             )
         return y if dtype != self.lora_A.dtype else y.to(base_out.dtype)
 
+    def __getstate__(self):
+        # The recorded logits belong to one forward pass (and carry its graph, which
+        # deepcopy and pickle refuse): copies start without them.
+        state = super().__getstate__()
+        state["_router_logits"] = None
+        return state
+
     @property
     def router_stats(self) -> RouterStats:
         """Per-expert load and mean gate of the last forward (needs `track_router_stats`)."""

@@ -6,6 +6,7 @@ adapter contributes) on the backends available on DEVICE.
 """
 from __future__ import annotations
 
+import copy
 import os
 import socket
 import tempfile
@@ -149,6 +150,9 @@ def test_router_stats_values_and_balance_loss_gradient(backend):
     loss = ok.load_balancing_loss(model)
     loss.backward()
     assert layer.router_weight.grad is not None and layer.router_weight.grad.abs().sum() > 0
+    # A copy of the model (deepcopy refuses tensors with a graph) starts without statistics.
+    copied = copy.deepcopy(model)
+    assert copied.up._router_logits is None and copied.up.track_router_stats
     # A perfectly balanced router gives E · Σ (k/E / k) · (1/E) = 1.
     uniform = ok.RouterStats(torch.full((4,), 0.5), torch.full((4,), 0.25),
                              torch.full((4,), 0.25), top_k=2, num_tokens=8)
