@@ -153,6 +153,7 @@ BAD_LAYER_ARGS = {
     "orthogonalize_int": ("orthogonalize", TypeError, dict(orthogonalize=1)),
     "normalize_str": ("normalize", TypeError, dict(normalize="yes")),
     "backend_int": ("backend", TypeError, dict(backend=0)),
+    "backend_unknown": ("backend", ValueError, dict(backend="tpu")),
 }
 
 
