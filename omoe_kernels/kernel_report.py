@@ -201,6 +201,8 @@ def kernel_specs() -> list[KernelSpec]:
         L = ops.layout(E, r)
         flags = ops._token_flags(L, top_k, True, True)
         num_warps = flags.pop("num_warps")
+        bwd_flags = ops._token_flags(L, top_k, True, True, backward=True)
+        bwd_warps = bwd_flags.pop("num_warps")
         specs.append(KernelSpec(
             f"token_forward[{label}]", K.token_forward_kernel,
             dict(h_ptr="*fp32:16", l_ptr="*fp32:16", g_ptr="*fp64:16", z_ptr="*fp32:16", T="i32",
@@ -211,8 +213,8 @@ def kernel_specs() -> list[KernelSpec]:
             dict(h_ptr="*fp32:16", l_ptr="*fp32:16", g_ptr="*fp64:16", dz_ptr="*fp32:16",
                  z_ptr="*fp32:16", dhl_ptr="*fp32:16", ds_ptr="*fp64:16", T="i32", E="i32", top_k="i32", eps="fp32",
                  stride_ht="i32:16", stride_lt="i32", stride_dzt="i32:16", stride_zt="i32:16",
-                 stride_dhlt="i32:16", EPL=L.EPL, **flags),
-            num_warps, 1, False, f"E={E} r={r} top{top_k}, BT={flags['BT']}"))
+                 stride_dhlt="i32:16", EPL=L.EPL, **bwd_flags),
+            bwd_warps, 1, False, f"E={E} r={r} top{top_k}, BT={bwd_flags['BT']}"))
         block_t = max(1, min(64, 4096 // (L.RP * L.RP)))
         specs.append(KernelSpec(
             f"gram_grad[{label}]", K.gram_grad_kernel,

@@ -313,11 +313,15 @@ def shrink(x: torch.Tensor, router_input: Optional[torch.Tensor], A_pad: torch.T
     return h, logits, z
 
 
-def _token_flags(L: Layout, top_k: int, orthogonalize: bool, normalize: bool) -> dict:
+def _token_flags(L: Layout, top_k: int, orthogonalize: bool, normalize: bool,
+                 backward: bool = False) -> dict:
+    bt = token_block(L)
+    # More threads where 4 warps spill: 16+ experts (the [BT, EP, EP] state), and the
+    # backward's full [BT, E·r, r] Gram product (triton 3.6 spills it at llama7b's E=4, r=16).
+    wide = L.EP >= 16 or (backward and bt * L.ERP * L.RP >= 4096)
     return dict(TOP_K_ROUTING=top_k < L.num_experts, ORTHOGONALIZE=orthogonalize,
-                NORMALIZE=normalize, BT=token_block(L), EP=L.EP, RP=L.RP, ERP=L.ERP,
-                # 16+ experts: more threads for the [BT, EP, EP] state (4 warps spill there).
-                num_warps=8 if L.EP >= 16 else 4)
+                NORMALIZE=normalize, BT=bt, EP=L.EP, RP=L.RP, ERP=L.ERP,
+                num_warps=8 if wide else 4)
 
 
 def token_forward(h, logits, G, L: Layout, top_k, orthogonalize, normalize, eps):
@@ -336,7 +340,7 @@ def token_backward(h, logits, G, dz, L: Layout, top_k, orthogonalize, normalize,
     z = _empty(h.shape, h.device, h.dtype)
     dhl = _empty((T, L.NW), h.device, h.dtype)
     ds = _empty((T, L.EP * L.EP), h.device, torch.float64) if orthogonalize else None
-    flags = _token_flags(L, top_k, orthogonalize, normalize)
+    flags = _token_flags(L, top_k, orthogonalize, normalize, backward=True)
     grid = (triton.cdiv(T, flags["BT"]),)
     K.token_backward_kernel[grid](h, logits, G if G is not None else h, dz, z, dhl,
                                   ds if ds is not None else h, T, L.num_experts, top_k,
