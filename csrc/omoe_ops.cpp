@@ -141,17 +141,17 @@ void token_backward_cpu(const at::Tensor& h, const at::Tensor& logits, const at:
 
 // ---- float64 GEMMs around the per-token Gram matrices --------------------------------
 
-// G = B_catᵀ B_cat, [E·r, E·r] float64.
-at::Tensor expert_gram(const at::Tensor& B_cat) {
-  const at::Tensor B64 = B_cat.to(at::kDouble);
-  return at::mm(B64.t(), B64);
+// h as float64 expert blocks, [E, T, r] (a transposed view), for the batched GEMMs below.
+at::Tensor expert_blocks64(const at::Tensor& h, int64_t E, int64_t r) {
+  return h.to(at::kDouble).view({-1, E, r}).transpose(0, 1);
 }
 
-// GH[j, t, (i, a)] = (G_ij h_j)_a for every token: one batched GEMM over j, using that G is
-// symmetric (G[:, block j]ᵀ = G[block j, :]). [E, T, E·r] float64.
-at::Tensor gram_times_h(const at::Tensor& h, const at::Tensor& G, int64_t E, int64_t r) {
-  const at::Tensor h64 = h.to(at::kDouble).view({-1, E, r}).transpose(0, 1);
-  return at::bmm(h64, G.view({E, r, E * r}));
+// GH[j, t, (i, a)] = (G_ij h_j)_a for every token: one batched GEMM over j, using that
+// G = B_catᵀ B_cat is symmetric (G[:, block j]ᵀ = G[block j, :]). [E, T, E·r] float64.
+at::Tensor gram_times_h(const at::Tensor& h_blocks64, const at::Tensor& B64, int64_t E,
+                        int64_t r) {
+  const at::Tensor G = at::mm(B64.t(), B64);
+  return at::bmm(h_blocks64, G.view({E, r, E * r})).contiguous();
 }
 
 }  // namespace
@@ -196,7 +196,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
   at::Tensor GH;
   if (orthogonalize) {
     RECORD_FUNCTION("omoe::gram", std::vector<c10::IValue>());
-    GH = gram_times_h(h, expert_gram(B_cat), s.E, s.r).contiguous();
+    GH = gram_times_h(expert_blocks64(h, s.E, s.r), B_cat.to(at::kDouble), s.E, s.r);
   }
   at::Tensor z = at::empty_like(h);
   {
@@ -242,10 +242,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     RECORD_FUNCTION("omoe::expand_backward_input", std::vector<c10::IValue>());
     dz = at::mm(dY, B_cat).mul_(scaling);
   }
-  at::Tensor GH, dg_lhs;
+  at::Tensor h_blocks64, B64, GH, dg_lhs;
   if (orthogonalize) {
     RECORD_FUNCTION("omoe::gram_recompute", std::vector<c10::IValue>());
-    GH = gram_times_h(hc, expert_gram(B_cat), s.E, s.r).contiguous();
+    h_blocks64 = expert_blocks64(hc, s.E, s.r);
+    B64 = B_cat.to(at::kDouble);
+    GH = gram_times_h(h_blocks64, B64, s.E, s.r);
     dg_lhs = at::empty_like(GH);
   }
   at::Tensor z = at::empty_like(hc), dh = at::empty_like(hc), dlogits = at::empty_like(lc);
@@ -263,10 +265,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   if (orthogonalize) {
     RECORD_FUNCTION("omoe::gram_backward", std::vector<c10::IValue>());
     // dG[(i,a),(j,b)] = Σ_t dS_ij h_ia h_jb: one batched GEMM over j. G = B_catᵀ B_cat.
-    const at::Tensor h64 = hc.to(at::kDouble).view({s.T, s.E, s.r}).transpose(0, 1);
     const at::Tensor dG =
-        at::bmm(dg_lhs.transpose(1, 2), h64).permute({1, 0, 2}).reshape({er, er});
-    dB_cat.add_(at::mm(B_cat.to(at::kDouble), dG + dG.t()).to(acc));
+        at::bmm(dg_lhs.transpose(1, 2), h_blocks64).permute({1, 0, 2}).reshape({er, er});
+    dB_cat.add_(at::mm(B64, dG + dG.t()).to(acc));
   }
   RECORD_FUNCTION("omoe::shrink_backward", std::vector<c10::IValue>());
   const at::Tensor A_cat = A.reshape({er, s.d_in}).to(acc);
