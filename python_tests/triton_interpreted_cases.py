@@ -180,18 +180,18 @@ def test_opcheck_forward_op():
     problem = make_problem(7, 6, 42, 3, 4, dtype=torch.float32, seed=30)
     p = problem
     args = (p.x, p.A.requires_grad_(), p.B, p.router_weight, None, p.base_out, 0.5, 2, True, True, 1e-6)
-    torch.library.opcheck(triton_omoe.forward_op, args,
+    torch.library.opcheck(torch.ops.omoe_triton.forward.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
 def test_opcheck_backward_op():
     p = make_problem(7, 6, 42, 3, 4, dtype=torch.float32, seed=31, with_router_input=True)
-    y, h, logits, G = triton_omoe.forward_op(p.x, p.A, p.B, p.router_weight, p.router_input, None,
-                                             0.5, 2, True, False, 1e-6)
+    y, h, logits = torch.ops.omoe_triton.forward(p.x, p.A, p.B, p.router_weight, p.router_input,
+                                                 None, 0.5, 2, True, False, 1e-6)
     grad_y = random_grad(y.shape, y.dtype)
-    args = (grad_y, p.x, p.A, p.B, p.router_weight, p.router_input, h, logits, G, 0.5, 2, True,
+    args = (grad_y, p.x, p.A, p.B, p.router_weight, p.router_input, h, logits, 0.5, 2, True,
             False, 1e-6)
-    torch.library.opcheck(triton_omoe.backward_op, args, test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.omoe_triton.backward.default, args, test_utils=("test_schema", "test_faketensor"))
 
 
 def test_layout_pads_for_tl_dot():
