@@ -119,6 +119,30 @@ def test_torch_func_transforms_are_refused_clearly(transform):
 
 
 @needs_compiled
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_activation_checkpointing_still_works(reentrant):
+    """The double-backward refusal keys on create_graph, not on the grad mode around a
+    recomputation (reentrant checkpointing runs its backward under enable_grad)."""
+    from torch.utils.checkpoint import checkpoint
+
+    x, A, B, W = (t.detach().requires_grad_(True) for t in _inputs())
+    f = lambda t: omoe_lora(t, A, B, W, backend=BACKEND)  # noqa: E731
+    checkpoint(f, x, use_reentrant=reentrant).square().sum().backward()
+    expected, = torch.autograd.grad(f(x).square().sum(), x)
+    torch.testing.assert_close(x.grad, expected)
+
+
+@needs_compiled
+def test_vmap_alone_is_served():
+    """vmap is not a derivative transform: the dispatcher loops over the batch."""
+    x, A, B, W = _inputs()
+    xs = torch.stack([x, 2 * x])
+    out = torch.func.vmap(lambda t: omoe_lora(t, A, B, W, backend=BACKEND))(xs)
+    expected = torch.stack([omoe_lora(t, A, B, W, backend="reference") for t in xs])
+    torch.testing.assert_close(out, expected)
+
+
+@needs_compiled
 def test_forward_mode_ad_is_refused_clearly():
     import torch.autograd.forward_ad as fwAD
 

@@ -184,7 +184,9 @@ def check_autograd_mode(family: OpFamily, tensors) -> None:
     autograd cannot serve (they would give a zero or missing derivative)."""
     if torch.compiler.is_compiling():
         return  # dynamo inlines this; neither mode reaches a compiled graph through it
-    transforms = [t for t in _functorch_transforms() if t in ("Grad", "Jvp")]
+    # peek is the cheap test (no transform active: None); vmap alone is fine (it loops).
+    transforms = ([t for t in _functorch_transforms() if t in ("Grad", "Jvp")]
+                  if torch._C._functorch.peek_interpreter_stack() is not None else [])
     if transforms:
         raise _unsupported(
             family, f"a torch.func transform ({transforms[0].lower()}: torch.func.grad, jvp, "
