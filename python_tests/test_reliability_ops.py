@@ -211,6 +211,22 @@ def test_fake_forward_runs_the_real_checks(family, case):
     assert real.startswith(f"{family.namespace}: ")
 
 
+@pytest.mark.skipif(not compiled.has_kernels("cpu"), reason="compiled extension not built for CPU")
+def test_fake_and_real_agree_on_the_expert_bound():
+    """Whatever bound the compiled kernels put on E, the fake kernel puts the same one
+    (compiled.FAMILY.max_experts mirrors kMaxExperts in csrc/omoe_token.h)."""
+    E = (compiled.FAMILY.max_experts or 32) + 1
+    p = make_problem(2, 3, 4, E, 1, dtype=torch.float32, seed=9, device="cpu")
+    args = (p.x, p.A, p.B, p.router_weight, None, None, 1.0, 2, True, True, 1e-6)
+    meta = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
+    try:
+        torch.ops.omoe.forward(*args)
+    except RuntimeError as exc:
+        assert _message(lambda: torch.ops.omoe.forward(*meta)) == str(exc).splitlines()[0]
+    else:
+        torch.ops.omoe.forward(*meta)
+
+
 BAD_BACKWARD = {
     "h_width": lambda a: dict(h=a["h"][:, :-1]),
     "h_dtype": lambda a: dict(h=a["h"].double()),
