@@ -43,11 +43,13 @@ def orthogonalize(e: torch.Tensor, active: torch.Tensor, normalize: bool, eps: f
         v = e[:, i]
         for j, q_j in enumerate(qs):
             dot = (v * q_j).sum(-1, keepdim=True)
+            if not dense:
+                # §1 projects onto the active q_j only. An inactive q_j is 0 and projects
+                # nothing away, but <v, 0> is NaN when v holds a NaN, and NaN·0 would
+                # spread it over the whole row: zero those dot products.
+                dot = torch.where(active[:, j, None], dot, torch.zeros_like(dot))
             n_j = 1.0 if normalize else (q_j * q_j).sum(-1, keepdim=True) + eps
-            projected = v - (dot / n_j) * q_j
-            # §1 projects onto the active q_j only. An inactive q_j is 0 and projects
-            # nothing away, except that 0·NaN would spread a NaN of v over the whole row.
-            v = projected if dense else torch.where(active[:, j, None], projected, v)
+            v = v - (dot / n_j) * q_j
         q_i = v * torch.rsqrt((v * v).sum(-1, keepdim=True) + eps) if normalize else v
         qs.append(torch.where(active[:, i, None], q_i, torch.zeros_like(q_i)))
     return torch.stack(qs, dim=1)

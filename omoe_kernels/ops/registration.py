@@ -189,8 +189,8 @@ def check_autograd_mode(family: OpFamily, tensors) -> None:
                   if torch._C._functorch.peek_interpreter_stack() is not None else [])
     if transforms:
         raise _unsupported(
-            family, f"a torch.func transform ({transforms[0].lower()}: torch.func.grad, jvp, "
-                    "jacrev, jacfwd, hessian, ...)")
+            family, "a torch.func transform that differentiates (grad, vjp, jvp, jacrev, "
+                    f"jacfwd, hessian; active here: {transforms[0].lower()})")
     if torch.autograd.forward_ad._current_level >= 0:
         for t in tensors:
             if t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None:
