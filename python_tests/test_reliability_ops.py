@@ -70,6 +70,7 @@ def test_scaling_zero_with_base_out_keeps_nan(where):
     y_ref, _ = run_backend(problem, "reference", scaling=0.0)
     assert torch.isnan(y_ref).any()
     assert torch.equal(torch.isnan(y), torch.isnan(y_ref))
+    _non_finite_where_eager_is(problem, BACKEND, scaling=0.0)   # and the gradients
 
 
 # ---- autograd modes the fused ops do not implement --------------------------------------
