@@ -67,32 +67,32 @@ _C10_NAMES = {
 }
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return _C10_NAMES.get(dtype, str(dtype))
-
-
-def _sizes(t: torch.Tensor) -> str:
-    return str(list(t.shape))
-
-
-def _num(v: float) -> str:
-    return f"{v:g}"  # what a C++ ostream prints for a double
+def _format(part) -> str:
+    """A message part as a C++ ostream prints it: sizes of a tensor, c10's dtype name, %g."""
+    if isinstance(part, torch.Tensor):
+        return str(list(part.shape))
+    if isinstance(part, torch.dtype):
+        return _C10_NAMES.get(part, str(part))
+    if isinstance(part, float):
+        return f"{part:g}"
+    return str(part)
 
 
 def _require(ok: bool, ns: str, *message) -> None:
+    """Raises RuntimeError("ns: message") unless ok; the parts are formatted only then."""
     if not ok:
-        raise RuntimeError(f"{ns}: " + "".join(str(m) for m in message))
+        raise RuntimeError(f"{ns}: " + "".join(_format(m) for m in message))
 
 
 def _check_common(family: OpFamily, x, A, B, router_weight, router_input, top_k, eps, scaling):
     """check_common in csrc/omoe_ops.cpp, in the same order; returns (T, d_in, d_out, E, r)."""
     ns = family.namespace
-    _require(x.dtype.is_floating_point, ns, "x must be a floating tensor, got ", _dtype_name(x.dtype))
-    _require(x.dim() == 2, ns, "x must be 2-D [T, d_in], got ", _sizes(x))
-    _require(A.dim() == 3, ns, "A must be 3-D [E, r, d_in], got ", _sizes(A))
-    _require(B.dim() == 3, ns, "B must be 3-D [E, d_out, r], got ", _sizes(B))
+    _require(x.dtype.is_floating_point, ns, "x must be a floating tensor, got ", x.dtype)
+    _require(x.dim() == 2, ns, "x must be 2-D [T, d_in], got ", x)
+    _require(A.dim() == 3, ns, "A must be 3-D [E, r, d_in], got ", A)
+    _require(B.dim() == 3, ns, "B must be 3-D [E, d_out, r], got ", B)
     _require(router_weight.dim() == 2, ns, "router_weight must be 2-D [E, d_in], got ",
-             _sizes(router_weight))
+             router_weight)
     T, d_in = x.shape
     E, r = A.shape[0], A.shape[1]
     d_out = B.shape[1]
@@ -106,22 +106,22 @@ def _check_common(family: OpFamily, x, A, B, router_weight, router_input, top_k,
     _require(A.shape[2] == d_in, ns, "A is [E, r, d_in] with d_in=", A.shape[2],
              " but x has d_in=", d_in)
     _require(B.shape[0] == E and B.shape[2] == r, ns, "B must be [E, d_out, r] = [", E,
-             ", d_out, ", r, "], got ", _sizes(B))
+             ", d_out, ", r, "], got ", B)
     _require(tuple(router_weight.shape) == (E, d_in), ns, "router_weight must be [E, d_in] = [",
-             E, ", ", d_in, "], got ", _sizes(router_weight))
+             E, ", ", d_in, "], got ", router_weight)
     _require(1 <= top_k <= E, ns, "top_k must be in [1, E=", E, "], got ", top_k)
-    _require(eps > 0.0 and math.isfinite(eps), ns, "eps must be finite and > 0, got ", _num(eps))
+    _require(eps > 0.0 and math.isfinite(eps), ns, "eps must be finite and > 0, got ", eps)
     same = [(A, "A"), (B, "B"), (router_weight, "router_weight")]
     if router_input is not None:
         _require(router_input.dim() == 2 and tuple(router_input.shape) == (T, d_in), ns,
                  "router_input must be [T, d_in] = [", T, ", ", d_in, "], got ",
-                 _sizes(router_input))
+                 router_input)
         same.append((router_input, "router_input"))
     for t, name in same:
-        _require(t.dtype == x.dtype, ns, name, " has dtype ", _dtype_name(t.dtype), " but x has ",
-                 _dtype_name(x.dtype))
+        _require(t.dtype == x.dtype, ns, name, " has dtype ", t.dtype, " but x has ",
+                 x.dtype)
         _require(t.device == x.device, ns, name, " is on ", t.device, " but x is on ", x.device)
-    _require(math.isfinite(scaling), ns, "scaling must be finite, got ", _num(scaling))
+    _require(math.isfinite(scaling), ns, "scaling must be finite, got ", scaling)
     return T, d_in, d_out, E, r
 
 
@@ -133,7 +133,7 @@ def check_forward_args(family: OpFamily, x, A, B, router_weight, router_input, b
     if base_out is not None:
         ns = family.namespace
         _require(base_out.dim() == 2 and tuple(base_out.shape) == (T, d_out), ns,
-                 "base_out must be [T, d_out] = [", T, ", ", d_out, "], got ", _sizes(base_out))
+                 "base_out must be [T, d_out] = [", T, ", ", d_out, "], got ", base_out)
         _require(base_out.dtype == x.dtype and base_out.device == x.device, ns,
                  "base_out must match x's dtype and device")
     return T, d_in, d_out, E, r
@@ -148,13 +148,13 @@ def check_backward_args(family: OpFamily, grad_y, x, A, B, router_weight, router
     acc = accumulate_dtype(x.dtype)
     width = family.hidden_width(E, r)
     _require(grad_y.dim() == 2 and tuple(grad_y.shape) == (T, d_out), ns,
-             "grad_y must be [T, d_out] = [", T, ", ", d_out, "], got ", _sizes(grad_y))
+             "grad_y must be [T, d_out] = [", T, ", ", d_out, "], got ", grad_y)
     _require(h.dim() == 2 and tuple(h.shape) == (T, width) and h.dtype == acc, ns,
-             "h must be [T, E*r] = [", T, ", ", width, "] of ", _dtype_name(acc), ", got ",
-             _sizes(h), " of ", _dtype_name(h.dtype))
+             "h must be [T, E*r] = [", T, ", ", width, "] of ", acc, ", got ",
+             h, " of ", h.dtype)
     _require(logits.dim() == 2 and tuple(logits.shape) == (T, E) and logits.dtype == acc, ns,
-             "logits must be [T, E] = [", T, ", ", E, "] of ", _dtype_name(acc), ", got ",
-             _sizes(logits), " of ", _dtype_name(logits.dtype))
+             "logits must be [T, E] = [", T, ", ", E, "] of ", acc, ", got ",
+             logits, " of ", logits.dtype)
     for t in (grad_y, h, logits):
         _require(t.device == x.device, ns, "backward tensors must be on x's device")
     _require(grad_y.dtype.is_floating_point, ns, "grad_y must be floating")
