@@ -44,10 +44,12 @@ def orthogonalize(e: torch.Tensor, active: torch.Tensor, normalize: bool, eps: f
         for j, q_j in enumerate(qs):
             dot = (v * q_j).sum(-1, keepdim=True)
             if not dense:
-                # §1 projects onto the active q_j only. An inactive q_j is 0 and projects
-                # nothing away, but <v, 0> is NaN when v holds a NaN, and NaN·0 would
-                # spread it over the whole row: zero those dot products.
-                dot = torch.where(active[:, j, None], dot, torch.zeros_like(dot))
+                # §1 projects active experts onto active q_j only. The other projections
+                # change nothing that is kept (an inactive q_j is 0, an inactive q_i is
+                # masked), but a NaN in v or q_j would reach the rest through NaN·0, in
+                # the forward or in the backward: zero those dot products.
+                both = active[:, i, None] & active[:, j, None]
+                dot = torch.where(both, dot, torch.zeros_like(dot))
             n_j = 1.0 if normalize else (q_j * q_j).sum(-1, keepdim=True) + eps
             v = v - (dot / n_j) * q_j
         q_i = v * torch.rsqrt((v * v).sum(-1, keepdim=True) + eps) if normalize else v

@@ -26,7 +26,7 @@ BACKEND = COMPILED_BACKENDS[0] if COMPILED_BACKENDS else "reference"
 NAN = float("nan")
 
 
-def _non_finite_where_eager_is(problem, backend, check_grads=True, **options):
+def _non_finite_where_eager_is(problem, backend, skip=(), **options):
     """Forward and every gradient are non-finite wherever eager's are (the fused backward
     may spread a NaN of B further: its Gram terms mix every entry of B_cat)."""
     grad_y = random_grad(run_backend(problem, "reference", **options)[0].shape, problem.x.dtype)
@@ -34,8 +34,7 @@ def _non_finite_where_eager_is(problem, backend, check_grads=True, **options):
     y_ref, grads_ref = run_backend(problem, "reference", grad_y, **options)
     assert torch.isnan(y_ref).any(), "the case must poison something"
     pairs = [("forward", y, y_ref)]
-    if check_grads:
-        pairs += [(f"grad {n}", g, grads_ref[n]) for n, g in grads.items()]
+    pairs += [(f"grad {n}", g, grads_ref[n]) for n, g in grads.items() if n not in skip]
     for what, got, eager in pairs:
         hidden = torch.isfinite(got) & ~torch.isfinite(eager)
         assert not hidden.any(), (
@@ -52,11 +51,11 @@ def test_nan_in_the_routed_experts_B_poisons_its_tokens(experts, top_k, normaliz
     problem = make_problem(6, 5, 7, experts, 2, dtype=torch.float64, seed=3)
     B = problem.B.clone()
     B[:, 2, 1] = NAN            # every expert: whichever one a token routes to
-    # Top-k without normalizing: eager's backward of its masked MGS multiplies 0 by the NaN
-    # (0 · <v, q_inactive>) and returns an all-NaN grad B, every expert, every entry; the
-    # fused backward is NaN on the rows of B the NaN reaches. Only the forward compares.
+    # Top-k without normalizing (README, known difference): eager's backward of its masked
+    # MGS multiplies a zero gradient by the NaN and makes entries of grad B NaN that the
+    # fused backward leaves finite. grad B is not compared there; everything else is.
     _non_finite_where_eager_is(problem.replace(B=B), BACKEND, top_k=top_k, normalize=normalize,
-                               check_grads=normalize or top_k is None)
+                               skip=() if normalize or top_k is None else ("B",))
 
 
 @needs_compiled
