@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
+from torch import Tensor
+
+from .._validate import Problem
 
 FORWARD_SCHEMA = (
     "(Tensor x, Tensor A, Tensor B, Tensor router_weight, Tensor? router_input, "
@@ -125,8 +128,9 @@ def _check_common(family: OpFamily, x, A, B, router_weight, router_input, top_k,
     return T, d_in, d_out, E, r
 
 
-def check_forward_args(family: OpFamily, x, A, B, router_weight, router_input, base_out,
-                       scaling, top_k, eps) -> tuple[int, int, int, int, int]:
+def check_forward_args(family: OpFamily, x: Tensor, A: Tensor, B: Tensor, router_weight: Tensor,
+                       router_input: Optional[Tensor], base_out: Optional[Tensor],
+                       scaling: float, top_k: int, eps: float) -> tuple[int, int, int, int, int]:
     """The forward op's checks (message for message those of csrc/omoe_ops.cpp)."""
     T, d_in, d_out, E, r = _check_common(family, x, A, B, router_weight, router_input, top_k,
                                          eps, scaling)
@@ -139,8 +143,10 @@ def check_forward_args(family: OpFamily, x, A, B, router_weight, router_input, b
     return T, d_in, d_out, E, r
 
 
-def check_backward_args(family: OpFamily, grad_y, x, A, B, router_weight, router_input, h,
-                        logits, scaling, top_k, eps) -> tuple[int, int, int, int, int]:
+def check_backward_args(family: OpFamily, grad_y: Tensor, x: Tensor, A: Tensor, B: Tensor,
+                        router_weight: Tensor, router_input: Optional[Tensor], h: Tensor,
+                        logits: Tensor, scaling: float, top_k: int,
+                        eps: float) -> tuple[int, int, int, int, int]:
     """The backward op's checks: the forward's, plus the saved h and logits and grad_y."""
     ns = family.namespace
     T, d_in, d_out, E, r = _check_common(family, x, A, B, router_weight, router_input, top_k,
@@ -179,7 +185,7 @@ def _functorch_transforms() -> list[str]:
     return [str(i.key()).split(".")[-1] for i in retrieve_all_functorch_interpreters()]
 
 
-def check_autograd_mode(family: OpFamily, tensors) -> None:
+def check_autograd_mode(family: OpFamily, tensors: Sequence[Optional[Tensor]]) -> None:
     """Refuses forward-mode AD and torch.func's grad/jvp transforms, which the registered
     autograd cannot serve (they would give a zero or missing derivative)."""
     if torch.compiler.is_compiling():
@@ -247,8 +253,9 @@ def register_family(family: OpFamily) -> None:
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
 
 
-def call_forward(family: OpFamily, x, A, B, router_weight, router_input, base_out,
-                 problem) -> torch.Tensor:
+def call_forward(family: OpFamily, x: Tensor, A: Tensor, B: Tensor, router_weight: Tensor,
+                 router_input: Optional[Tensor], base_out: Optional[Tensor],
+                 problem: Problem) -> Tensor:
     """A backend's body: `family`'s forward op on x: [T, d_in]; returns y."""
     check_autograd_mode(family, (x, A, B, router_weight, router_input, base_out))
     y, _, _ = family.op("forward")(
