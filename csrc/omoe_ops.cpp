@@ -61,7 +61,7 @@ Sizes check_common(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B
               "omoe: router_weight must be [E, d_in] = [", s.E, ", ", s.d_in, "], got ",
               router_weight.sizes());
   TORCH_CHECK(top_k >= 1 && top_k <= s.E, "omoe: top_k must be in [1, E=", s.E, "], got ", top_k);
-  TORCH_CHECK(eps > 0.0, "omoe: eps must be > 0, got ", eps);
+  TORCH_CHECK(eps > 0.0 && std::isfinite(eps), "omoe: eps must be finite and > 0, got ", eps);
   std::vector<std::pair<const at::Tensor*, const char*>> same = {
       {&A, "A"}, {&B, "B"}, {&router_weight, "router_weight"}};
   if (router_input.has_value()) {
@@ -167,6 +167,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
   // recast them (their outputs feed float32/float64 buffers).
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const Sizes s = check_common(x, A, B, router_weight, router_input, top_k, eps);
+  TORCH_CHECK(std::isfinite(scaling), "omoe: scaling must be finite, got ", scaling);
   if (base_out.has_value()) {
     TORCH_CHECK(base_out->dim() == 2 && base_out->size(0) == s.T && base_out->size(1) == s.d_out,
                 "omoe: base_out must be [T, d_out] = [", s.T, ", ", s.d_out, "], got ",
@@ -204,9 +205,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
     if (s.T > 0) token_forward(h, logits, GH, s.E, s.r, top_k, orthogonalize, normalize, eps, z);
   }
   RECORD_FUNCTION("omoe::expand", std::vector<c10::IValue>());
-  at::Tensor y = base_out.has_value()
+  // addmm skips the product when alpha is 0, which would hide a NaN in z or B_cat.
+  at::Tensor y = base_out.has_value() && scaling != 0.0
                      ? at::addmm(base_out->to(acc), z, B_cat.t(), /*beta=*/1, /*alpha=*/scaling)
                      : at::mm(z, B_cat.t()).mul_(scaling);
+  if (base_out.has_value() && scaling == 0.0) y.add_(base_out->to(acc));
   return {y.to(x.scalar_type()), h, logits};
 }
 
@@ -217,6 +220,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     bool orthogonalize, bool normalize, double eps, TokenBackwardFn token_backward) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const Sizes s = check_common(x, A, B, router_weight, router_input, top_k, eps);
+  TORCH_CHECK(std::isfinite(scaling), "omoe: scaling must be finite, got ", scaling);
   const auto acc = accumulate_dtype(x);
   const int64_t er = s.E * s.r;
   TORCH_CHECK(grad_y.dim() == 2 && grad_y.size(0) == s.T && grad_y.size(1) == s.d_out,

@@ -91,6 +91,7 @@ OMOE_HD void gram_from_gh(const scalar_t* h, const double* gh, int64_t gh_stride
 // The state of one token's MGS in coefficient space, over its k active experts.
 // C[m] holds the coefficients of q_m over (e_active[0], …, e_active[k-1]);
 // SC[m] = S C[m]; proj[m][j] = p/n of step (m, j); norm_sq[m] = <v_m, v_m> clamped at 0
+// (a NaN stays NaN)
 // (before normalizing, or of q_m when not normalizing). Holds k <= MAX_K experts.
 template <int MAX_K>
 struct MgsTape {
@@ -137,8 +138,10 @@ OMOE_HD void mgs_forward(MgsTape<MAX_K>& t, int k, bool normalize, double eps) {
         sc[l] -= coef * t.SC[j][l];
       }
     }
+    // Rounding can take <v, v> below 0 for identical experts: clamp it, but keep a NaN
+    // (a NaN clamped to 0 would scale q by 1/sqrt(eps) and hide it).
     const double raw = dot(c, sc, k);
-    t.norm_sq[m] = raw > 0.0 ? raw : 0.0;
+    t.norm_sq[m] = (raw > 0.0 || raw != raw) ? raw : 0.0;
     if (normalize) {
       const double inv = 1.0 / sqrt(t.norm_sq[m] + eps);
       for (int l = 0; l < k; ++l) {
@@ -169,8 +172,10 @@ OMOE_HD void mgs_backward(const MgsTape<MAX_K>& t, int k, bool normalize, double
         c[l] = t.C[m][l] * sqrt(nu);
         sc[l] = t.SC[m][l] * sqrt(nu);
       }
-      // ν = max(cᵀSc, 0) + eps: no gradient through the clamp.
-      const double dnu = t.norm_sq[m] > 0.0 ? -0.5 * inv * inv * inv * dot(dC[m], c, k) : 0.0;
+      // ν = max(cᵀSc, 0) + eps: no gradient through the clamp (norm_sq is >= 0 or NaN,
+      // and a NaN must flow on).
+      const double dnu =
+          t.norm_sq[m] != 0.0 ? -0.5 * inv * inv * inv * dot(dC[m], c, k) : 0.0;
       for (int l = 0; l < k; ++l) dc[l] = inv * dC[m][l] + 2.0 * dnu * sc[l];
       for (int a = 0; a < k; ++a)
         for (int b = 0; b < k; ++b) dS[a][b] += dnu * c[a] * c[b];
@@ -196,7 +201,7 @@ OMOE_HD void mgs_backward(const MgsTape<MAX_K>& t, int k, bool normalize, double
         dC[j][l] += -coef * dc[l] + dp * sc[l];
         U[j][l] += dp * c[l];
       }
-      if (!normalize && t.norm_sq[j] > 0.0) {
+      if (!normalize && t.norm_sq[j] != 0.0) {  // clamped: no gradient; NaN: flows on
         const double dn = dc_dot_cj * coef / n;  // <dc', C_j> p / n², with p = coef·n
         for (int l = 0; l < k; ++l) {
           dC[j][l] += 2.0 * dn * SCj[l];

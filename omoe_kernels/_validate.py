@@ -47,7 +47,7 @@ def _check_flag(name: str, value) -> bool:
 
 
 def check_options(num_experts: int, top_k, eps, scaling=1.0) -> tuple[int, float, float]:
-    """Validates top_k, eps and scaling; returns (top_k as int, eps, scaling)."""
+    """Validates top_k, eps and scaling (finite); returns (top_k as int, eps, scaling)."""
     if top_k is None:
         k = num_experts
     else:
@@ -62,7 +62,25 @@ def check_options(num_experts: int, top_k, eps, scaling=1.0) -> tuple[int, float
         raise ValueError(f"`eps` must be a finite number > 0, got {eps}")
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
         raise TypeError(f"`scaling` must be a float, got {type(scaling).__name__}")
+    if not math.isfinite(scaling):
+        raise ValueError(f"`scaling` must be a finite number, got {scaling}")
     return k, float(eps), float(scaling)
+
+
+# The smallest positive value of each dtype (a subnormal): a number at or below half of
+# it rounds to 0 there.
+_SMALLEST_POSITIVE = {torch.float16: 2.0 ** -24, torch.bfloat16: 2.0 ** -133,
+                      torch.float32: 2.0 ** -149, torch.float64: 5e-324}
+
+
+def check_eps_fits(eps: float, dtype: torch.dtype) -> None:
+    """`eps` must not round to 0 in the inputs' dtype (rsqrt(0) would turn B = 0 into NaN)."""
+    smallest = _SMALLEST_POSITIVE.get(dtype)
+    if smallest is not None and eps <= smallest / 2:
+        raise ValueError(
+            f"`eps`={eps:g} underflows to 0 in {dtype} (the inputs' dtype); "
+            f"use an eps of at least {smallest:.3g}"
+        )
 
 
 def check_inputs(x, A, B, router_weight, *, scaling, top_k, orthogonalize, normalize, eps,
@@ -119,5 +137,6 @@ def check_inputs(x, A, B, router_weight, *, scaling, top_k, orthogonalize, norma
     _check_flag("orthogonalize", orthogonalize)
     _check_flag("normalize", normalize)
     k, eps, scaling = check_options(E, top_k, eps, scaling)
+    check_eps_fits(eps, x.dtype)
     num_tokens = math.prod(lead)
     return Problem(num_tokens, d_in, d_out, E, r, k, scaling, orthogonalize, normalize, eps)

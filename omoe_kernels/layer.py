@@ -74,6 +74,8 @@ class OMoELinear(nn.Module):
             alpha = rank
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
             raise TypeError(f"`alpha` must be a number or None, got {type(alpha).__name__}")
+        if not math.isfinite(alpha):  # NaN or inf would make every output non-finite
+            raise ValueError(f"`alpha` must be a finite number, got {alpha}")
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"`dropout` must be a float in [0, 1), got {dropout!r}")
         for name, flag in (("orthogonalize", orthogonalize), ("normalize", normalize)):

@@ -37,6 +37,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from .backends import resolve_backend
+from .coefficient_oracle import gram_matrix, mgs_coefficients, mixture_coefficients
 from .functional import omoe_lora
 from .layer import OMoELinear
 from .reference import route
@@ -81,28 +82,6 @@ def _stage(name: str, fn, *inputs):
         return _Stage.apply(name, fn, *inputs)
 
 
-def _mgs_coefficients(S, active, normalize: bool, eps: float):
-    """SPEC §1's modified Gram–Schmidt on coefficient vectors, vectorized over tokens:
-    row i of the result holds the coefficients of q_i in the basis e_1 … e_E."""
-    T, E, _ = S.shape
-    eye = torch.eye(E, dtype=S.dtype, device=S.device)
-    Cs, SCs = [], []
-    for i in range(E):
-        c = eye[i].expand(T, E)
-        for C_j, SC_j in zip(Cs, SCs):
-            p = (c * SC_j).sum(-1, keepdim=True)                       # <v, q_j>
-            n = 1.0 if normalize else (C_j * SC_j).sum(-1, keepdim=True) + eps
-            c = c - (p / n) * C_j
-        Sc = torch.einsum("tij,tj->ti", S, c)
-        if normalize:
-            scale = torch.rsqrt((c * Sc).sum(-1, keepdim=True).clamp_min(0) + eps)
-            c, Sc = c * scale, Sc * scale
-        keep = active[:, i:i + 1]                                      # inactive q_i = 0
-        Cs.append(torch.where(keep, c, torch.zeros_like(c)))
-        SCs.append(torch.where(keep, Sc, torch.zeros_like(Sc)))
-    return torch.stack(Cs, dim=1)                                      # [T, E (i), E (k)]
-
-
 def staged_forward(layer: OMoELinear, x: torch.Tensor) -> torch.Tensor:
     """OMoELinear's forward (dropout off) as the five stages of docs/algorithm.md."""
     E, r = layer.num_experts, layer.rank
@@ -122,18 +101,14 @@ def staged_forward(layer: OMoELinear, x: torch.Tensor) -> torch.Tensor:
     gates, active = _stage("route", route_stage, x2d, layer.router_weight)
 
     def gram_stage(h_, B):
-        B_cat = B.permute(1, 0, 2).reshape(B.shape[1], E * r).to(torch.float64)
-        G = (B_cat.t() @ B_cat).reshape(E, r, E, r)
-        h3 = h_.to(torch.float64).reshape(T, E, r)
-        Gh = torch.einsum("irjs,tjs->tirj", G, h3)                   # G_ij h_j
-        return (torch.einsum("tir,tirj->tij", h3, Gh),)              # S_ij = h_iᵀ G_ij h_j
+        return (gram_matrix(h_, B),)                                 # S_ij = h_iᵀ G_ij h_j
 
     def mgs_stage(S, gates_, active_):
         if layer.orthogonalize:
-            C = _mgs_coefficients(S, active_, layer.normalize, layer.eps)
+            C = mgs_coefficients(S, active_, layer.normalize, layer.eps)
         else:
             C = torch.diag_embed(active_.to(S.dtype))
-        return (torch.einsum("ti,tik->tk", gates_, C),)              # a = Σ_i g_i C_i
+        return (mixture_coefficients(gates_, C),)                    # a = Σ_i g_i C_i
 
     if layer.orthogonalize:
         (S,) = _stage("orthogonalize.gram", gram_stage, h, layer.lora_B)

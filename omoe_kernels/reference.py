@@ -31,17 +31,25 @@ def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]
     return gates, active
 
 
-def orthogonalize(e: torch.Tensor, active: torch.Tensor, normalize: bool, eps: float) -> torch.Tensor:
+def orthogonalize(e: torch.Tensor, active: torch.Tensor, normalize: bool, eps: float,
+                  dense: bool = False) -> torch.Tensor:
     """Modified Gram–Schmidt over the active experts of each token, in ascending index.
 
-    e: [T, E, d_out] expert outputs; active: [T, E]. Returns q with q_i = 0 for inactive i.
+    e: [T, E, d_out] expert outputs; active: [T, E] (dense: all True, which skips the
+    masking). Returns q with q_i = 0 for inactive i.
     """
     qs: list[torch.Tensor] = []
     for i in range(e.shape[1]):
         v = e[:, i]
         for j, q_j in enumerate(qs):
-            # Inactive q_j are zero, so they project nothing away.
             dot = (v * q_j).sum(-1, keepdim=True)
+            if not dense:
+                # §1 projects active experts onto active q_j only. The other projections
+                # change nothing that is kept (an inactive q_j is 0, an inactive q_i is
+                # masked), but a NaN in v or q_j would reach the rest through NaN·0, in
+                # the forward or in the backward: zero those dot products.
+                both = active[:, i, None] & active[:, j, None]
+                dot = torch.where(both, dot, torch.zeros_like(dot))
             n_j = 1.0 if normalize else (q_j * q_j).sum(-1, keepdim=True) + eps
             v = v - (dot / n_j) * q_j
         q_i = v * torch.rsqrt((v * v).sum(-1, keepdim=True) + eps) if normalize else v
@@ -62,7 +70,8 @@ def omoe_lora_reference(x, A, B, router_weight, router_input, base_out, p: Probl
 
     h = torch.einsum("td,erd->ter", x, A)              # [T, E, r]
     e = torch.einsum("ter,eor->teo", h, B)             # [T, E, d_out]
-    q = orthogonalize(e, active, p.normalize, p.eps) if p.orthogonalize else e
+    dense = p.top_k >= p.num_experts
+    q = orthogonalize(e, active, p.normalize, p.eps, dense) if p.orthogonalize else e
     q = torch.where(active[..., None], q, torch.zeros_like(q))
     adapter = p.scaling * torch.einsum("te,teo->to", gates, q)
     if base_out is not None:

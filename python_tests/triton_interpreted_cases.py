@@ -180,18 +180,18 @@ def test_opcheck_forward_op():
     problem = make_problem(7, 6, 42, 3, 4, dtype=torch.float32, seed=30)
     p = problem
     args = (p.x, p.A.requires_grad_(), p.B, p.router_weight, None, p.base_out, 0.5, 2, True, True, 1e-6)
-    torch.library.opcheck(triton_omoe.forward_op, args,
+    torch.library.opcheck(torch.ops.omoe_triton.forward.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
 def test_opcheck_backward_op():
     p = make_problem(7, 6, 42, 3, 4, dtype=torch.float32, seed=31, with_router_input=True)
-    y, h, logits, G = triton_omoe.forward_op(p.x, p.A, p.B, p.router_weight, p.router_input, None,
-                                             0.5, 2, True, False, 1e-6)
+    y, h, logits = torch.ops.omoe_triton.forward(p.x, p.A, p.B, p.router_weight, p.router_input,
+                                                 None, 0.5, 2, True, False, 1e-6)
     grad_y = random_grad(y.shape, y.dtype)
-    args = (grad_y, p.x, p.A, p.B, p.router_weight, p.router_input, h, logits, G, 0.5, 2, True,
+    args = (grad_y, p.x, p.A, p.B, p.router_weight, p.router_input, h, logits, 0.5, 2, True,
             False, 1e-6)
-    torch.library.opcheck(triton_omoe.backward_op, args, test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.omoe_triton.backward.default, args, test_utils=("test_schema", "test_faketensor"))
 
 
 def test_layout_pads_for_tl_dot():
@@ -201,3 +201,82 @@ def test_layout_pads_for_tl_dot():
             assert L.EP >= E and L.RP >= r and L.ERP == L.EP * L.RP and L.ERP >= 16
             assert L.EPL >= 16 and L.EPL >= E
             assert triton_omoe.token_block(L) >= 1
+
+
+# ---- reliability (test_reliability_ops.py's Triton share) --------------------------------
+
+@pytest.mark.parametrize("experts,top_k", [(1, None), (3, 1)], ids=["E1-dense", "top1"])
+def test_nan_in_the_routed_experts_B_poisons_its_tokens(experts, top_k):
+    """The <v, v> clamp kept NaN out: the output was finite garbage (scaled by 1/sqrt(eps))."""
+    problem = make_problem(5, 4, 6, experts, 2, dtype=torch.float32, seed=40)
+    B = problem.B.clone()
+    B[:, 2, 1] = float("nan")
+    problem = problem.replace(B=B)
+    grad_y = random_grad((5, 6), torch.float32)
+    y, grads = run_backend(problem, BACKEND, grad_y, top_k=top_k)
+    y_ref, grads_ref = run_backend(problem, "reference", grad_y, top_k=top_k)
+    assert torch.isnan(y_ref).any()
+    for what, got, eager in [("forward", y, y_ref)] + [
+            (f"grad {n}", g, grads_ref[n]) for n, g in grads.items()]:
+        hidden = torch.isfinite(got) & ~torch.isfinite(eager)
+        assert not hidden.any(), f"{what}: {int(hidden.sum())} values finite where eager's are not"
+
+
+def test_scaling_zero_with_base_out_keeps_nan():
+    problem = make_problem(5, 4, 6, 2, 2, dtype=torch.float32, seed=41)
+    B = problem.B.clone()
+    B[1, 1, 0] = float("nan")
+    problem = problem.replace(B=B)
+    y, _ = run_backend(problem, BACKEND, scaling=0.0)
+    y_ref, _ = run_backend(problem, "reference", scaling=0.0)
+    assert torch.isnan(y_ref).any() and torch.equal(torch.isnan(y), torch.isnan(y_ref))
+
+
+def test_double_backward_is_refused():
+    p = make_problem(4, 5, 6, 2, 2, dtype=torch.float32, seed=42, with_base_out=False)
+    x = p.x.detach().requires_grad_()
+    y = omoe_kernels.omoe_lora(x, p.A, p.B, p.router_weight, backend=BACKEND)
+    with pytest.raises(RuntimeError, match="double backward.*'triton'.*backend='reference'"):
+        torch.autograd.grad(y.square().sum(), x, create_graph=True)
+
+
+def test_jvp_is_refused():
+    p = make_problem(4, 5, 6, 2, 2, dtype=torch.float32, seed=43, with_base_out=False)
+    f = lambda t: omoe_kernels.omoe_lora(t, p.A, p.B, p.router_weight, backend=BACKEND)  # noqa: E731
+    with pytest.raises(RuntimeError, match="torch.func transform"):
+        torch.func.jvp(f, (p.x,), (torch.ones_like(p.x),))
+
+
+@pytest.mark.parametrize("layout", ["transposed", "sliced", "expanded"])
+def test_opcheck_non_contiguous_inputs(layout):
+    p = make_problem(5, 4, 6, 3, 2, dtype=torch.float32, seed=44, with_router_input=True)
+
+    def lay(t):
+        return {"transposed": t.t().contiguous().t(),
+                "sliced": torch.cat([t, t], dim=-1)[..., : t.shape[-1]],
+                "expanded": t[:1].expand_as(t)}[layout]
+
+    x, router_input, W = lay(p.x), lay(p.router_input), lay(p.router_weight)
+    options = (0.5, 2, True, True, 1e-6)
+    args = (x.requires_grad_(), p.A.requires_grad_(), p.B, W, router_input, p.base_out)
+    torch.library.opcheck(torch.ops.omoe_triton.forward.default, (*args, *options),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    y, h, logits = torch.ops.omoe_triton.forward(*args, *options)
+    torch.library.opcheck(torch.ops.omoe_triton.backward.default,
+                          (lay(random_grad(y.shape, y.dtype)), x.detach(), p.A.detach(), p.B, W,
+                           router_input, h.t().contiguous().t(), logits, *options),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_per_token_pass_matches_the_coefficient_oracle():
+    from omoe_kernels import coefficient_oracle as co
+
+    p = make_problem(9, 6, 7, 3, 2, dtype=torch.float64, seed=45, collapse=0.9)
+    y, h, logits = torch.ops.omoe_triton.forward(p.x, p.A, p.B, p.router_weight, None,
+                                                 p.base_out, 0.7, 2, True, True, 1e-6)
+    L = triton_omoe.layout(3, 2)
+    h_unpadded = h.view(9, L.EP, L.RP)[:, :3, :2].reshape(9, 6)
+    z = co.token_outputs(h_unpadded, logits, p.B, top_k=2, orthogonalize=True, normalize=True,
+                         eps=1e-6)
+    torch.testing.assert_close(y, p.base_out + 0.7 * z @ co.concat_experts(p.B).t(),
+                               rtol=1e-10, atol=1e-12)

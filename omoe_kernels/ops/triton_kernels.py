@@ -309,7 +309,7 @@ def _token_forward(h3, logits, g_ptr, E, top_k, eps,
     """Routing, Gram and MGS of a block of tokens.
 
     Returns active [BT, EP], gates, coefficients a, and the MGS tape: C (row i = C_i),
-    SC = S C_i rows, P[:, i, j] = p/n of step (i, j), nsq[:, j] = max(<v_j, v_j>, 0).
+    SC = S C_i rows, P[:, i, j] = p/n of step (i, j), nsq[:, j] = max(<v_j, v_j>, 0) (NaN kept).
     MGS runs right-looking: at step j, row j is final, it is normalized and projected out
     of every later row at once. Each row sees the same operations in the same order as
     SPEC §1's loop.
@@ -339,7 +339,9 @@ def _token_forward(h3, logits, g_ptr, E, top_k, eps,
             c_j = _select_row(C, i3, j)
             sc_j = _select_row(SC, i3, j)
             raw = tl.sum(c_j * sc_j, axis=1)
-            nsq_j = tl.maximum(raw, 0.0)
+            # Clamp rounding below 0 (identical experts), but keep a NaN: clamped to 0 it
+            # would scale q by 1/sqrt(eps) and hide the NaN.
+            nsq_j = tl.where((raw > 0.0) | (raw != raw), raw, 0.0)
             nsq = tl.where(e2 == j, nsq_j[:, None], nsq)
             if NORMALIZE:
                 inv = 1.0 / tl.sqrt(nsq_j + eps)
@@ -461,7 +463,7 @@ def token_backward_kernel(h_ptr, l_ptr, g_ptr, dz_ptr, z_ptr, dhl_ptr, ds_ptr, T
                              axis=1)
             u_j = tl.sum(tl.where(later3, dp[:, :, None] * R, 0.0), axis=1)
             if not NORMALIZE:
-                dn = tl.where(later & (nsq_j > 0.0)[:, None], dc_dot * coef / n_j[:, None], 0.0)
+                dn = tl.where(later & (nsq_j != 0.0)[:, None], dc_dot * coef / n_j[:, None], 0.0)
                 dn_total = tl.sum(dn, axis=1)
                 dcj_add = dcj_add + 2.0 * dn_total[:, None] * sc_j
                 u_j = u_j + dn_total[:, None] * c_j
@@ -476,7 +478,8 @@ def token_backward_kernel(h_ptr, l_ptr, g_ptr, dz_ptr, z_ptr, dhl_ptr, ds_ptr, T
                 inv = 1.0 / root
                 c_pre = c_j * root[:, None]
                 sc_pre = sc_j * root[:, None]
-                dnu = tl.where(nsq_j > 0.0, -0.5 * inv * inv * inv * tl.sum(dc_j * c_pre, axis=1), 0.0)
+                # No gradient through the clamp; nsq_j is >= 0 or NaN, and a NaN flows on.
+                dnu = tl.where(nsq_j != 0.0, -0.5 * inv * inv * inv * tl.sum(dc_j * c_pre, axis=1), 0.0)
                 dc_j = inv[:, None] * dc_j + 2.0 * dnu[:, None] * sc_pre
                 outer = dnu[:, None, None] * c_pre[:, :, None] * c_pre[:, None, :]
                 dS = dS + outer

@@ -3,11 +3,12 @@
 Forward (docs/algorithm.md): shrink (`H`, logits in one pass over x) → per-token kernel
 (routing, Gram, MGS in float64 → `Z = a ⊙ h`) → expand (`Y = base + s Z B_catᵀ`, base
 added in the GEMM epilogue). Backward: `dZ = s dY B_cat` → per-token reverse (Z, dH,
-dlogits, dS) → `dG` (float64) → the weight and input GEMMs. Saved: `H`, the logits and
-`G = B_catᵀB_cat` (float64, ERP × ERP: weight-sized, not activation-sized).
+dlogits, dS) → `dG` (float64) → the weight and input GEMMs. Saved: `H` and the logits
+(the backward recomputes `G = B_catᵀB_cat`: weight-sized, a small float64 GEMM).
 
-The ops are `torch.library.custom_op`s with fake implementations and registered
-autograd, so `torch.compile` traces through them as opaque nodes.
+The ops `torch.ops.omoe_triton.forward/backward` have the schema of the compiled ops;
+registration.py gives them the same checks, fake kernels and autograd, so
+`torch.compile` traces through them as opaque nodes.
 
 Runs on CUDA tensors, and on CPU tensors under `TRITON_INTERPRET=1` (a correctness tool:
 bf16 operands are upcast to fp32 there because the interpreter cannot do bf16 math).
@@ -23,6 +24,8 @@ from typing import Optional
 import torch
 
 from .._validate import Problem
+from .registration import (BACKWARD_SCHEMA, FORWARD_SCHEMA, OpFamily, accumulate_dtype, call_forward, check_backward_args,
+                           check_forward_args, register_family)
 
 try:
     import triton
@@ -95,10 +98,6 @@ def dot_kind(dtype: torch.dtype, device_type: str) -> int:
 
 def _upcast(dtype: torch.dtype) -> bool:
     return interpreting() and dtype == torch.bfloat16
-
-
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _pad_A(A: torch.Tensor, L: Layout) -> torch.Tensor:
@@ -274,7 +273,7 @@ def shrink(x: torch.Tensor, router_input: Optional[torch.Tensor], A_pad: torch.T
     kernel into the epilogue (fixed config, one n-tile). Returns (h, logits, z or None).
     """
     T, D = x.shape
-    acc = _accumulate_dtype(x.dtype)
+    acc = accumulate_dtype(x.dtype)
     h = _empty((T, L.ERP), x.device, acc)
     logits = _empty((T, L.num_experts), x.device, acc)
     r = router_input if router_input is not None else x
@@ -374,6 +373,8 @@ def gram_grad(h, ds, L: Layout) -> torch.Tensor:
 
 def forward_impl(x, A, B, router_weight, router_input, base_out, scaling, top_k,
                  orthogonalize, normalize, eps):
+    """(y, h, logits): the op `omoe_triton::forward`."""
+    check_forward_args(FAMILY, x, A, B, router_weight, router_input, base_out, scaling, top_k, eps)
     E, r, _ = A.shape
     L = layout(E, r)
     kind = dot_kind(x.dtype, x.device.type)
@@ -390,8 +391,7 @@ def forward_impl(x, A, B, router_weight, router_input, base_out, scaling, top_k,
     sixteen = kind in (K.DOT_BF16, K.DOT_FP16)
     y = matmul(z, B_pad.t(), out_dtype=x.dtype, kind=kind, upcast=upcast, scale=scaling,
                add=base_out, split_a=sixteen)
-    # G is kept for the backward (ERP × ERP float64, tiny); empty without orthogonalize.
-    return y, h, logits, G if G is not None else h.new_empty((0,), dtype=torch.float64)
+    return y, h, logits
 
 
 def _fresh(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -399,8 +399,13 @@ def _fresh(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
 
 
-def backward_impl(grad_y, x, A, B, router_weight, router_input, h, logits, G, scaling, top_k,
+def backward_impl(grad_y, x, A, B, router_weight, router_input, h, logits, scaling, top_k,
                   orthogonalize, normalize, eps):
+    """(grad x, grad A, grad B, grad router_weight, grad router_input or an empty tensor):
+    the op `omoe_triton::backward`."""
+    check_backward_args(FAMILY, grad_y, x, A, B, router_weight, router_input, h, logits,
+                        scaling, top_k, eps)
+    h, logits = h.contiguous(), logits.contiguous()   # the per-token kernels read unit columns
     E, r, d_in = A.shape
     d_out = B.shape[1]
     L = layout(E, r)
@@ -408,12 +413,12 @@ def backward_impl(grad_y, x, A, B, router_weight, router_input, h, logits, G, sc
     kind = dot_kind(dtype, x.device.type)
     upcast = _upcast(dtype)
     sixteen = kind in (K.DOT_BF16, K.DOT_FP16)
-    acc = _accumulate_dtype(dtype)
+    acc = accumulate_dtype(dtype)
     grad_y = grad_y.to(dtype)
     A_pad = _pad_A(A, L)
     B_pad = _pad_B(B, L)
     W_pad = _pad_W(router_weight, L)
-    G = G if orthogonalize else None
+    G = _gram(B_pad) if orthogonalize else None
     dz = matmul(grad_y, B_pad, out_dtype=acc, kind=kind, upcast=upcast, scale=scaling)
     z, dhl, ds = token_backward(h, logits, G, dz, L, top_k, orthogonalize, normalize, eps)
     # dB_cat = s dYᵀ Z + B_cat (dG + dGᵀ)
@@ -443,69 +448,21 @@ def backward_impl(grad_y, x, A, B, router_weight, router_input, h, logits, G, sc
 
 
 # ----------------------------------------------------------------------------------------
-# Custom ops.
+# The ops.
+
+FAMILY = OpFamily(namespace="omoe_triton", backends="'triton'",
+                  hidden_width=lambda E, r: layout(E, r).ERP)
 
 if AVAILABLE:
-
-    @torch.library.custom_op("omoe_triton::forward", mutates_args=())
-    def forward_op(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, router_weight: torch.Tensor,
-                   router_input: Optional[torch.Tensor], base_out: Optional[torch.Tensor],
-                   scaling: float, top_k: int, orthogonalize: bool, normalize: bool,
-                   eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(y, h, logits, G); h, logits and G = B_catᵀB_cat (float64) are saved for the backward."""
-        return forward_impl(x, A, B, router_weight, router_input, base_out, scaling, top_k,
-                            orthogonalize, normalize, eps)
-
-    @forward_op.register_fake
-    def _forward_fake(x, A, B, router_weight, router_input, base_out, scaling, top_k,
-                      orthogonalize, normalize, eps):
-        L = layout(A.shape[0], A.shape[1])
-        acc = _accumulate_dtype(x.dtype)
-        T = x.shape[0]
-        g_size = (L.ERP, L.ERP) if orthogonalize else (0,)
-        return (x.new_empty((T, B.shape[1])), x.new_empty((T, L.ERP), dtype=acc),
-                x.new_empty((T, A.shape[0]), dtype=acc), x.new_empty(g_size, dtype=torch.float64))
-
-    @torch.library.custom_op("omoe_triton::backward", mutates_args=())
-    def backward_op(grad_y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                    router_weight: torch.Tensor, router_input: Optional[torch.Tensor],
-                    h: torch.Tensor, logits: torch.Tensor, G: torch.Tensor, scaling: float, top_k: int,
-                    orthogonalize: bool, normalize: bool, eps: float
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(grad x, grad A, grad B, grad router_weight, grad router_input or an empty tensor)."""
-        return backward_impl(grad_y, x, A, B, router_weight, router_input, h, logits, G, scaling,
-                             top_k, orthogonalize, normalize, eps)
-
-    @backward_op.register_fake
-    def _backward_fake(grad_y, x, A, B, router_weight, router_input, h, logits, G, scaling, top_k,
-                       orthogonalize, normalize, eps):
-        grad_r = torch.empty_like(router_input) if router_input is not None else x.new_empty((0,))
-        return (torch.empty_like(x), torch.empty_like(A), torch.empty_like(B),
-                torch.empty_like(router_weight), grad_r)
-
-    def _setup_context(ctx, inputs, output):
-        x, A, B, router_weight, router_input, base_out, scaling, top_k, orth, norm, eps = inputs
-        _, h, logits, G = output
-        ctx.save_for_backward(x, A, B, router_weight, router_input, h, logits, G)
-        ctx.options = (scaling, top_k, orth, norm, eps)
-        ctx.has_base = base_out is not None
-        ctx.mark_non_differentiable(h, logits, G)
-
-    def _backward(ctx, grad_y, _grad_h, _grad_logits, _grad_G):
-        x, A, B, router_weight, router_input, h, logits, G = ctx.saved_tensors
-        grad_x, grad_A, grad_B, grad_W, grad_R = backward_op(
-            grad_y.contiguous(), x, A, B, router_weight, router_input, h, logits, G, *ctx.options)
-        grad_base = grad_y if ctx.has_base else None
-        return (grad_x, grad_A, grad_B, grad_W, grad_R if router_input is not None else None,
-                grad_base, None, None, None, None, None)
-
-    forward_op.register_autograd(_backward, setup_context=_setup_context)
+    for _name, _schema, _impl in (("forward", FORWARD_SCHEMA, forward_impl),
+                                  ("backward", BACKWARD_SCHEMA, backward_impl)):
+        torch.library.define(f"omoe_triton::{_name}", _schema)
+        torch.library.impl(f"omoe_triton::{_name}", ("cpu", "cuda"), _impl)
+    register_family(FAMILY)
 
 
 def omoe_lora_triton(x2d, A, B, router_weight, router_input2d, base2d, problem: Problem):
     """The backend function of SPEC §3 (see functional.omoe_lora)."""
     if not AVAILABLE:
         raise RuntimeError(f"the triton backend is unavailable: {IMPORT_ERROR}")
-    y, _, _, _ = forward_op(x2d, A, B, router_weight, router_input2d, base2d, problem.scaling,
-                         problem.top_k, problem.orthogonalize, problem.normalize, problem.eps)
-    return y
+    return call_forward(FAMILY, x2d, A, B, router_weight, router_input2d, base2d, problem)

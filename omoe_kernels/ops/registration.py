@@ -1,0 +1,264 @@
+"""One op glue for both op families: `omoe::` (compiled, csrc/) and `omoe_triton::` (Triton).
+
+Both families have the same two ops with the same schema (`FORWARD_SCHEMA`,
+`BACKWARD_SCHEMA`): the forward returns `(y, h, logits)`, and `h` and `logits`
+(accumulator dtype: float32, or float64 for float64 inputs) are all it saves for the
+backward besides its inputs. `register_family` gives a family, in one place:
+
+- fake (meta) kernels that run the same checks as the real ones, with the same message
+  (`check_forward_args` / `check_backward_args` mirror `check_common` in csrc/omoe_ops.cpp;
+  the Triton ops call them before launching), and describe the real outputs' strides
+  (every output is a fresh contiguous tensor);
+- autograd, which refuses a backward with `create_graph=True` (double backward is not
+  implemented by the fused backends: its result would be silently wrong).
+
+`call_forward` is what a backend runs: it refuses forward-mode AD and the `torch.func`
+transforms (whose derivative would be zero or missing) before calling the op.
+Both refusals name the `reference` backend as the way out (docs/contract.md §4).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .._validate import Problem
+
+FORWARD_SCHEMA = (
+    "(Tensor x, Tensor A, Tensor B, Tensor router_weight, Tensor? router_input, "
+    "Tensor? base_out, float scaling, int top_k, bool orthogonalize, bool normalize, "
+    "float eps) -> (Tensor y, Tensor h, Tensor logits)"
+)
+BACKWARD_SCHEMA = (
+    "(Tensor grad_y, Tensor x, Tensor A, Tensor B, Tensor router_weight, "
+    "Tensor? router_input, Tensor h, Tensor logits, float scaling, int top_k, "
+    "bool orthogonalize, bool normalize, float eps) -> (Tensor grad_x, Tensor grad_A, "
+    "Tensor grad_B, Tensor grad_router_weight, Tensor grad_router_input)"
+)
+
+
+@dataclass(frozen=True)
+class OpFamily:
+    """What differs between the two op families; everything else is shared."""
+
+    namespace: str                      # "omoe" or "omoe_triton"
+    backends: str                       # how messages name the backends, e.g. "'cpu'/'cuda'"
+    hidden_width: Callable[[int, int], int]   # columns of the saved h, from (E, r)
+    max_experts: Optional[int] = None   # a hard bound of the kernels, if any
+
+    def op(self, name: str) -> torch._ops.OpOverload:
+        return getattr(getattr(torch.ops, self.namespace), name).default
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of h, logits and the per-token algebra's inputs for inputs of `dtype`."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------
+# Checks of the raw ops (the Python API checks earlier, in _validate.py).
+
+# c10's names for dtypes, so that a fake kernel's message is the C++ kernel's, word for word.
+_C10_NAMES = {
+    torch.float32: "Float", torch.float64: "Double", torch.float16: "Half",
+    torch.bfloat16: "BFloat16", torch.int64: "Long", torch.int32: "Int", torch.int16: "Short",
+    torch.int8: "Char", torch.uint8: "Byte", torch.bool: "Bool",
+    torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble",
+}
+
+
+def _format(part) -> str:
+    """A message part as a C++ ostream prints it: sizes of a tensor, c10's dtype name, %g."""
+    if isinstance(part, torch.Tensor):
+        return str(list(part.shape))
+    if isinstance(part, torch.dtype):
+        return _C10_NAMES.get(part, str(part))
+    if isinstance(part, float):
+        return f"{part:g}"
+    return str(part)
+
+
+def _require(ok: bool, ns: str, *message) -> None:
+    """Raises RuntimeError("ns: message") unless ok; the parts are formatted only then."""
+    if not ok:
+        raise RuntimeError(f"{ns}: " + "".join(_format(m) for m in message))
+
+
+def _check_common(family: OpFamily, x, A, B, router_weight, router_input, top_k, eps, scaling):
+    """check_common in csrc/omoe_ops.cpp, in the same order; returns (T, d_in, d_out, E, r)."""
+    ns = family.namespace
+    _require(x.dtype.is_floating_point, ns, "x must be a floating tensor, got ", x.dtype)
+    _require(x.dim() == 2, ns, "x must be 2-D [T, d_in], got ", x)
+    _require(A.dim() == 3, ns, "A must be 3-D [E, r, d_in], got ", A)
+    _require(B.dim() == 3, ns, "B must be 3-D [E, d_out, r], got ", B)
+    _require(router_weight.dim() == 2, ns, "router_weight must be 2-D [E, d_in], got ",
+             router_weight)
+    T, d_in = x.shape
+    E, r = A.shape[0], A.shape[1]
+    d_out = B.shape[1]
+    if family.max_experts is not None:
+        _require(1 <= E <= family.max_experts, ns, "the compiled ops take 1 to ",
+                 family.max_experts, " experts, got E=", E)
+    else:
+        _require(E >= 1, ns, "A must hold at least 1 expert, got E=", E)
+    _require(r >= 1, ns, "A must have rank >= 1, got ", r)
+    _require(d_out >= 1, ns, "B must have d_out >= 1")
+    _require(A.shape[2] == d_in, ns, "A is [E, r, d_in] with d_in=", A.shape[2],
+             " but x has d_in=", d_in)
+    _require(B.shape[0] == E and B.shape[2] == r, ns, "B must be [E, d_out, r] = [", E,
+             ", d_out, ", r, "], got ", B)
+    _require(tuple(router_weight.shape) == (E, d_in), ns, "router_weight must be [E, d_in] = [",
+             E, ", ", d_in, "], got ", router_weight)
+    _require(1 <= top_k <= E, ns, "top_k must be in [1, E=", E, "], got ", top_k)
+    _require(eps > 0.0 and math.isfinite(eps), ns, "eps must be finite and > 0, got ", eps)
+    same = [(A, "A"), (B, "B"), (router_weight, "router_weight")]
+    if router_input is not None:
+        _require(router_input.dim() == 2 and tuple(router_input.shape) == (T, d_in), ns,
+                 "router_input must be [T, d_in] = [", T, ", ", d_in, "], got ",
+                 router_input)
+        same.append((router_input, "router_input"))
+    for t, name in same:
+        _require(t.dtype == x.dtype, ns, name, " has dtype ", t.dtype, " but x has ",
+                 x.dtype)
+        _require(t.device == x.device, ns, name, " is on ", t.device, " but x is on ", x.device)
+    _require(math.isfinite(scaling), ns, "scaling must be finite, got ", scaling)
+    return T, d_in, d_out, E, r
+
+
+def check_forward_args(family: OpFamily, x: Tensor, A: Tensor, B: Tensor, router_weight: Tensor,
+                       router_input: Optional[Tensor], base_out: Optional[Tensor],
+                       scaling: float, top_k: int, eps: float) -> tuple[int, int, int, int, int]:
+    """The forward op's checks (message for message those of csrc/omoe_ops.cpp)."""
+    T, d_in, d_out, E, r = _check_common(family, x, A, B, router_weight, router_input, top_k,
+                                         eps, scaling)
+    if base_out is not None:
+        ns = family.namespace
+        _require(base_out.dim() == 2 and tuple(base_out.shape) == (T, d_out), ns,
+                 "base_out must be [T, d_out] = [", T, ", ", d_out, "], got ", base_out)
+        _require(base_out.dtype == x.dtype and base_out.device == x.device, ns,
+                 "base_out must match x's dtype and device")
+    return T, d_in, d_out, E, r
+
+
+def check_backward_args(family: OpFamily, grad_y: Tensor, x: Tensor, A: Tensor, B: Tensor,
+                        router_weight: Tensor, router_input: Optional[Tensor], h: Tensor,
+                        logits: Tensor, scaling: float, top_k: int,
+                        eps: float) -> tuple[int, int, int, int, int]:
+    """The backward op's checks: the forward's, plus the saved h and logits and grad_y."""
+    ns = family.namespace
+    T, d_in, d_out, E, r = _check_common(family, x, A, B, router_weight, router_input, top_k,
+                                         eps, scaling)
+    acc = accumulate_dtype(x.dtype)
+    width = family.hidden_width(E, r)
+    _require(grad_y.dim() == 2 and tuple(grad_y.shape) == (T, d_out), ns,
+             "grad_y must be [T, d_out] = [", T, ", ", d_out, "], got ", grad_y)
+    _require(h.dim() == 2 and tuple(h.shape) == (T, width) and h.dtype == acc, ns,
+             "h must be [T, E*r] = [", T, ", ", width, "] of ", acc, ", got ",
+             h, " of ", h.dtype)
+    _require(logits.dim() == 2 and tuple(logits.shape) == (T, E) and logits.dtype == acc, ns,
+             "logits must be [T, E] = [", T, ", ", E, "] of ", acc, ", got ",
+             logits, " of ", logits.dtype)
+    for t in (grad_y, h, logits):
+        _require(t.device == x.device, ns, "backward tensors must be on x's device")
+    _require(grad_y.dtype.is_floating_point, ns, "grad_y must be floating")
+    return T, d_in, d_out, E, r
+
+
+# ---------------------------------------------------------------------------------------
+# Autograd modes the fused backends do not implement.
+
+
+def _unsupported(family: OpFamily, what: str) -> RuntimeError:
+    return RuntimeError(
+        f"omoe_lora: {what} is not implemented by the {family.backends} backend; its "
+        "result would be wrong, so it is refused. Use backend='reference' (eager PyTorch, "
+        "every autograd mode) for this computation."
+    )
+
+
+def _functorch_transforms() -> list[str]:
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return [str(i.key()).split(".")[-1] for i in retrieve_all_functorch_interpreters()]
+
+
+def check_autograd_mode(family: OpFamily, tensors: Sequence[Optional[Tensor]]) -> None:
+    """Refuses forward-mode AD and torch.func's grad/jvp transforms, which the registered
+    autograd cannot serve (they would give a zero or missing derivative)."""
+    if torch.compiler.is_compiling():
+        return  # dynamo inlines this; neither mode reaches a compiled graph through it
+    # peek is the cheap test (no transform active: None); vmap alone is fine (it loops).
+    transforms = ([t for t in _functorch_transforms() if t in ("Grad", "Jvp")]
+                  if torch._C._functorch.peek_interpreter_stack() is not None else [])
+    if transforms:
+        raise _unsupported(
+            family, "a torch.func transform that differentiates (grad, vjp, jvp, jacrev, "
+                    f"jacfwd, hessian; active here: {transforms[0].lower()})")
+    if torch.autograd.forward_ad._current_level >= 0:
+        for t in tensors:
+            if t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None:
+                raise _unsupported(family, "forward-mode AD (torch.autograd.forward_ad)")
+
+
+# ---------------------------------------------------------------------------------------
+# Registration.
+
+
+def register_family(family: OpFamily) -> None:
+    """Registers the fake kernels and the autograd of `family`'s forward and backward ops."""
+    forward_op, backward_op = family.op("forward"), family.op("backward")
+
+    def forward_fake(x, A, B, router_weight, router_input, base_out, scaling, top_k,
+                     orthogonalize, normalize, eps):
+        T, _, d_out, E, r = check_forward_args(family, x, A, B, router_weight, router_input,
+                                               base_out, scaling, top_k, eps)
+        acc = accumulate_dtype(x.dtype)
+        return (x.new_empty((T, d_out)), x.new_empty((T, family.hidden_width(E, r)), dtype=acc),
+                x.new_empty((T, E), dtype=acc))
+
+    def backward_fake(grad_y, x, A, B, router_weight, router_input, h, logits, scaling, top_k,
+                      orthogonalize, normalize, eps):
+        check_backward_args(family, grad_y, x, A, B, router_weight, router_input, h, logits,
+                            scaling, top_k, eps)
+        # Fresh contiguous tensors, as the real kernels return, whatever the inputs' strides.
+        grad_router_input = (x.new_empty(router_input.shape) if router_input is not None
+                             else x.new_empty((0,)))
+        return (x.new_empty(x.shape), x.new_empty(A.shape), x.new_empty(B.shape),
+                x.new_empty(router_weight.shape), grad_router_input)
+
+    def setup_context(ctx, inputs, output):
+        x, A, B, router_weight, router_input, base_out, scaling, top_k, orth, norm, eps = inputs
+        _, h, logits = output
+        ctx.save_for_backward(x, A, B, router_weight, router_input, h, logits)
+        ctx.options = (scaling, top_k, orth, norm, eps)
+        ctx.has_base = base_out is not None
+        ctx.mark_non_differentiable(h, logits)
+
+    def backward(ctx, grad_y, _grad_h, _grad_logits):
+        if torch.is_grad_enabled():  # the autograd engine enables grad only for create_graph=True
+            raise _unsupported(family, "double backward (a backward with create_graph=True, "
+                                       "e.g. a gradient penalty)")
+        x, A, B, router_weight, router_input, h, logits = ctx.saved_tensors
+        grad_x, grad_A, grad_B, grad_W, grad_router_input = backward_op(
+            grad_y.contiguous(), x, A, B, router_weight, router_input, h, logits, *ctx.options)
+        return (grad_x, grad_A, grad_B, grad_W,
+                grad_router_input if router_input is not None else None,
+                grad_y if ctx.has_base else None, None, None, None, None, None)
+
+    torch.library.register_fake(forward_op)(forward_fake)
+    torch.library.register_fake(backward_op)(backward_fake)
+    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+
+
+def call_forward(family: OpFamily, x: Tensor, A: Tensor, B: Tensor, router_weight: Tensor,
+                 router_input: Optional[Tensor], base_out: Optional[Tensor],
+                 problem: Problem) -> Tensor:
+    """A backend's body: `family`'s forward op on x: [T, d_in]; returns y."""
+    check_autograd_mode(family, (x, A, B, router_weight, router_input, base_out))
+    y, _, _ = family.op("forward")(
+        x, A, B, router_weight, router_input, base_out, problem.scaling, problem.top_k,
+        problem.orthogonalize, problem.normalize, problem.eps)
+    return y
