@@ -21,7 +21,7 @@ from conftest import (ACCURACY_ROWS, VARIANTS, assert_finite, assert_matches_ora
                       run_backend)
 
 import omoe_kernels  # noqa: E402
-from omoe_kernels.ops import triton_omoe  # noqa: E402
+from omoe_kernels.ops import triton_configs, triton_omoe  # noqa: E402
 
 BACKEND = "triton"
 SHAPE = (48, 40, 36, 4, 4)   # conftest's §2 shape (κ < 10 random, ≈3e2 / 3e3 collapsed)
@@ -200,4 +200,4 @@ def test_layout_pads_for_tl_dot():
             L = triton_omoe.layout(E, r)
             assert L.EP >= E and L.RP >= r and L.ERP == L.EP * L.RP and L.ERP >= 16
             assert L.EPL >= 16 and L.EPL >= E
-            assert triton_omoe.token_block(L) >= 1
+            assert triton_configs.token_block(L) >= 1
