@@ -1,7 +1,7 @@
 """The functional entry point, `omoe_lora` (SPEC §3)."""
 from __future__ import annotations
 
-import torch
+import torch  # noqa: F401
 
 from ._validate import check_inputs
 from .backends import backend_function, resolve_backend
