@@ -9,13 +9,25 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import (ACCURACY_ROWS, BACKENDS, ON_GPU, VARIANTS, assert_finite, assert_matches_oracle,
-                      assert_rel_close, condition_numbers, make_problem, oracle, random_grad,
-                      run_backend)
+from conftest import (
+    ACCURACY_ROWS,
+    ACCURACY_SHAPE,
+    BACKENDS,
+    ON_GPU,
+    VARIANTS,
+    assert_finite,
+    assert_matches_oracle,
+    assert_rel_close,
+    condition_numbers,
+    make_problem,
+    oracle,
+    random_grad,
+    run_backend,
+)
 
 # T, d_in, d_out, E, r: κ of the random case is below 10 at this shape, collapse 0.99 gives
 # κ ≈ 3e2 and 0.999 gives κ ≈ 3e3 (checked below).
-SHAPE = (48, 40, 36, 4, 4)
+SHAPE = ACCURACY_SHAPE
 KAPPA_RANGE = {0.0: (1.0, 10.0), 0.99: (1e2, 1e3), 0.999: (1e3, 1e4)}
 
 

@@ -11,8 +11,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from conftest import (BACKENDS, DEVICE, assert_rel_close, make_problem, oracle, random_grad,
-                      rel_err, run_backend)
+from conftest import (
+    BACKENDS,
+    DEVICE,
+    assert_rel_close,
+    make_problem,
+    oracle,
+    random_grad,
+    rel_err,
+    run_backend,
+)
 from omoe_kernels import OMoELinear, omoe_lora
 from omoe_kernels.reference import orthogonalize as reference_orthogonalize
 
