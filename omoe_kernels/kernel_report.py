@@ -209,20 +209,20 @@ def kernel_specs() -> list[KernelSpec]:
             f"token_forward[{label}]", K.token_forward_kernel,
             dict(h_ptr="*fp32:16", l_ptr="*fp32:16", g_ptr="*fp64:16", z_ptr="*fp32:16", T="i32",
                  E="i32", top_k="i32", eps="fp32", stride_ht="i32:16", stride_lt="i32", stride_zt="i32:16", **flags),
-            num_warps, 1, False, f"E={E} r={r} top{top_k}, BT={flags['BT']}"))
+            num_warps, C.TOKEN_STAGES, False, f"E={E} r={r} top{top_k}, BT={flags['BT']}"))
         specs.append(KernelSpec(
             f"token_backward[{label}]", K.token_backward_kernel,
             dict(h_ptr="*fp32:16", l_ptr="*fp32:16", g_ptr="*fp64:16", dz_ptr="*fp32:16",
                  z_ptr="*fp32:16", dhl_ptr="*fp32:16", ds_ptr="*fp64:16", T="i32", E="i32", top_k="i32", eps="fp32",
                  stride_ht="i32:16", stride_lt="i32", stride_dzt="i32:16", stride_zt="i32:16",
                  stride_dhlt="i32:16", EPL=L.EPL, **bwd_flags),
-            bwd_warps, 1, False, f"E={E} r={r} top{top_k}, BT={bwd_flags['BT']}"))
+            bwd_warps, C.TOKEN_STAGES, False, f"E={E} r={r} top{top_k}, BT={bwd_flags['BT']}"))
         specs.append(KernelSpec(
             f"gram_grad[{label}]", K.gram_grad_kernel,
             dict(h_ptr="*fp32:16", ds_ptr="*fp64:16", out_ptr="*fp64:16", T="i32",
                  tokens_per_split="i32:16", stride_ht="i32:16", EP=L.EP, RP=L.RP, ERP=L.ERP,
                  BLOCK_T=C.gram_grad_block(L)),
-            C.GRAM_GRAD_WARPS, 1, False, "float64 FMA"))
+            C.GRAM_GRAD_WARPS, C.TOKEN_STAGES, False, "float64 FMA"))
     return specs
 
 

@@ -72,4 +72,5 @@ def test_report_compiles_the_launchers_configs():
     flags = C.token_flags(L, 2, True, True, backward=True)
     backward = specs["token_backward[wide]"]
     assert backward.num_warps == flags["num_warps"] and backward.args["BT"] == flags["BT"]
+    assert backward.num_stages == C.TOKEN_STAGES
     assert specs["gram_grad[wide]"].args["BLOCK_T"] == C.gram_grad_block(L)

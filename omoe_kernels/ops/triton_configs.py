@@ -96,6 +96,12 @@ def token_flags(L, top_k: int, orthogonalize: bool, normalize: bool,
                 num_warps=8 if wide else 4)
 
 
+# num_stages of the per-token kernels and gram_grad: Triton's CUDA default, passed
+# explicitly so the report compiles the same (their loops have no loads to pipeline:
+# sm_90a code is identical at 1 and 3 stages).
+TOKEN_STAGES = 3
+
+
 def gram_grad_block(L) -> int:
     """Tokens per loop step of gram_grad_kernel (a power of 2, at most 64)."""
     block_t = max(1, min(64, 4096 // (L.RP * L.RP)))

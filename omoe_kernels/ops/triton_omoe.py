@@ -279,7 +279,8 @@ def token_forward(h, logits, G, L: Layout, top_k, orthogonalize, normalize, eps)
     flags = C.token_flags(L, top_k, orthogonalize, normalize)
     grid = (triton.cdiv(T, flags["BT"]),)
     K.token_forward_kernel[grid](h, logits, G if G is not None else h, z, T, L.num_experts, top_k, float(eps),
-                                 h.stride(0), logits.stride(0), z.stride(0), **flags)
+                                 h.stride(0), logits.stride(0), z.stride(0),
+                                 num_stages=C.TOKEN_STAGES, **flags)
     return z
 
 
@@ -295,7 +296,7 @@ def token_backward(h, logits, G, dz, L: Layout, top_k, orthogonalize, normalize,
                                   ds if ds is not None else h, T, L.num_experts, top_k,
                                   float(eps),
                                   h.stride(0), logits.stride(0), dz.stride(0), z.stride(0),
-                                  dhl.stride(0), EPL=L.EPL, **flags)
+                                  dhl.stride(0), EPL=L.EPL, num_stages=C.TOKEN_STAGES, **flags)
     return z, dhl, ds
 
 
@@ -313,7 +314,7 @@ def gram_grad(h, ds, L: Layout) -> torch.Tensor:
     partial = torch.zeros((splits, L.ERP, L.ERP), device=h.device, dtype=torch.float64)
     K.gram_grad_kernel[(E, E, splits)](h, ds, partial, T, per_split, h.stride(0),
                                        EP=L.EP, RP=L.RP, ERP=L.ERP, BLOCK_T=block_t,
-                                       num_warps=C.GRAM_GRAD_WARPS)
+                                       num_warps=C.GRAM_GRAD_WARPS, num_stages=C.TOKEN_STAGES)
     return partial.sum(0)
 
 
