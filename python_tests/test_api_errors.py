@@ -31,7 +31,7 @@ def _other_device():
 
 
 def _unavailable_backend():
-    return next(b for b in ("cuda", "cpu", "triton") if b not in BACKENDS)
+    return next(b for b in omoe_kernels.BACKENDS if b not in BACKENDS)
 
 
 # (argument named in the message, exception type, changes to the good call)

@@ -99,7 +99,7 @@ def test_bad_variable_raises_naming_it(value, monkeypatch):
         omoe_lora(p.x, p.A, p.B, p.router_weight)
 
 
-@pytest.mark.parametrize("name", [n for n in ("triton", "cuda", "cpu", "fastest", "Reference")
+@pytest.mark.parametrize("name", [n for n in omoe_kernels.BACKENDS + ("fastest", "Reference")
                                   if n not in BACKENDS])
 def test_unavailable_backend_raises_naming_backend(name):
     p = make_problem(5, 6, 7, 3, 2)
