@@ -118,6 +118,7 @@ REGISTRY: dict[str, Backend] = {
     )
 }
 
+# The names at import time (the public `omoe_kernels.BACKENDS`); checks read REGISTRY itself.
 BACKENDS: tuple[str, ...] = tuple(REGISTRY)
 
 
@@ -157,7 +158,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 return candidate.name
         return "reference"
     if backend not in REGISTRY:
-        raise ValueError(f"{source} must be one of {('auto',) + BACKENDS}, got {backend!r}")
+        raise ValueError(f"{source} must be one of {('auto', *REGISTRY)}, got {backend!r}")
     if not backend_usable(backend, device):
         raise ValueError(
             f"{source}={backend!r} cannot run on {device.type} tensors here; "

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ._validate import check_options
-from .backends import BACKENDS
+from .backends import REGISTRY
 from .functional import omoe_lora
 from .reference import route
 
@@ -81,8 +81,8 @@ class OMoELinear(nn.Module):
                 raise TypeError(f"`{name}` must be a bool, got {type(flag).__name__}")
         if not isinstance(backend, str):
             raise TypeError(f"`backend` must be a str, got {type(backend).__name__}")
-        if backend not in ("auto",) + BACKENDS:
-            raise ValueError(f"`backend` must be one of {('auto',) + BACKENDS}, got {backend!r}")
+        if backend != "auto" and backend not in REGISTRY:
+            raise ValueError(f"`backend` must be one of {('auto', *REGISTRY)}, got {backend!r}")
 
         self.base = base
         base.requires_grad_(False)

@@ -192,6 +192,9 @@ def test_a_new_registry_entry_is_listed_picked_and_called(monkeypatch):
     y = omoe_lora(p.x, p.A, p.B, p.router_weight, backend="doubled")
     assert calls == [5]
     assert torch.allclose(y, 2 * run_backend(p, "reference")[0])
+    layer = omoe_kernels.OMoELinear(torch.nn.Linear(6, 7), 3, 2, backend="doubled").to(DEVICE)
+    layer(p.x)
+    assert calls == [5, 5]
     not_for_auto = backends.Backend("doubled", places={DEVICE.type: -1}, auto_devices=(),
                                     available=lambda device_type: True,
                                     load=lambda: doubled_reference)
