@@ -27,10 +27,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_configs import DOT_BF16, DOT_FP16, DOT_FP32_IEEE, DOT_FP32_TF32, DOT_FP64  # noqa: F401
+# The DOT_KIND values live in triton_configs.py (the launchers also read them as K.DOT_*).
+from .triton_configs import DOT_BF16, DOT_FP16, DOT_FP32_IEEE, DOT_FP32_TF32, DOT_FP64
 
-# The DOT_KIND values (triton_configs.py) as compile-time constants for the kernel bodies:
-# a @triton.jit function can only read module globals that are tl.constexpr.
+# The same values as compile-time constants for the kernel bodies: a @triton.jit
+# function can only read module globals that are tl.constexpr.
 KIND_FP32_IEEE: tl.constexpr = tl.constexpr(DOT_FP32_IEEE)
 KIND_FP32_TF32: tl.constexpr = tl.constexpr(DOT_FP32_TF32)
 KIND_FP16: tl.constexpr = tl.constexpr(DOT_FP16)
