@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import (
+    ACCURACY_ROWS,
     BACKENDS,
     COMPILED_BACKENDS,
     DEVICE,
@@ -24,7 +25,7 @@ from conftest import (
 )
 from omoe_kernels import omoe_lora
 
-FP32_FWD, FP32_GRAD = 1e-5, 1e-4  # SPEC §2, fp32 random
+FP32_FWD, FP32_GRAD = ACCURACY_ROWS["fp32-random"].forward, ACCURACY_ROWS["fp32-random"].gradient
 
 needs_compiled = pytest.mark.skipif(
     not COMPILED_BACKENDS, reason=f"no compiled backend on {DEVICE.type} (available: {BACKENDS})")

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from conftest import (
+    ACCURACY_ROWS,
     BACKENDS,
     DEVICE,
     assert_rel_close,
@@ -24,7 +25,7 @@ from conftest import (
 from omoe_kernels import OMoELinear, omoe_lora
 from omoe_kernels.reference import orthogonalize as reference_orthogonalize
 
-FP32_FWD, FP32_GRAD = 1e-5, 1e-4  # SPEC §2, fp32 random
+FP32_FWD, FP32_GRAD = ACCURACY_ROWS["fp32-random"].forward, ACCURACY_ROWS["fp32-random"].gradient
 
 
 def _gates(logits: torch.Tensor, top_k) -> torch.Tensor:
