@@ -1,4 +1,4 @@
-"""Benchmarks of omoe_kernels (SPEC §6): `python -m bench.bench_omoe`, `pytest bench/test_bench_ops.py`."""
+"""Benchmarks of omoe_kernels (docs/contract.md §6): `python -m bench.bench_omoe`, `pytest bench/test_bench_ops.py`."""
 
 import os
 

@@ -7,7 +7,7 @@ default (at the llama7b layout, E=4 r=16, and for the per-token kernels also at 
 and E=16 r=8), runs `ptxas -v` on the PTX for registers and spills, reads the shared
 memory Triton allocates, and counts matrix instructions in the SASS (`cuobjdump`).
 Prints a table and exits non-zero when a kernel spills or a bf16/fp16 GEMM kernel has no
-wgmma (`HGMMA`). fp32 GEMMs run IEEE fp32 (SPEC §2), which tensor cores do not offer, so
+wgmma (`HGMMA`). fp32 GEMMs run IEEE fp32 (docs/contract.md §2), which tensor cores do not offer, so
 they are FMA by design and only checked for spills.
 """
 from __future__ import annotations

@@ -53,7 +53,7 @@ class OMoELinear(nn.Module):
     """Drop-in replacement for an `nn.Linear` that adds OMoE-LoRA experts.
 
     y = base(x) + (alpha / rank) · Σ_i g_i q_i(dropout(x)), with the router reading the
-    undropped x (SPEC §1, §3). `base` is frozen; the trainable parameters are
+    undropped x (docs/contract.md §1, §3). `base` is frozen; the trainable parameters are
     `lora_A` [E, r, d_in], `lora_B` [E, d_out, r] (zero at init, so the layer starts as
     `base`) and `router_weight` [E, d_in].
     """

@@ -82,7 +82,7 @@ def _stage(name: str, fn, *inputs):
 
 
 def _mgs_coefficients(S, active, normalize: bool, eps: float):
-    """SPEC §1's modified Gram–Schmidt on coefficient vectors, vectorized over tokens:
+    """docs/contract.md §1's modified Gram–Schmidt on coefficient vectors, vectorized over tokens:
     row i of the result holds the coefficients of q_i in the basis e_1 … e_E."""
     T, E, _ = S.shape
     eye = torch.eye(E, dtype=S.dtype, device=S.device)

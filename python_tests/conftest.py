@@ -16,16 +16,16 @@ machine and on a GPU machine:
 The helpers (all take ``device`` / ``dtype`` so other test files can reuse them):
 
 - ``make_problem``: random inputs of one call (x, A, B, router_weight, base_out and an
-  optional router_input), with SPEC §2's special cases: ``collapse=c`` builds experts as
+  optional router_input), with docs/contract.md §2's special cases: ``collapse=c`` builds experts as
   ``(1-c)·random + c·expert_0`` for both A and B, ``identical_experts`` makes expert 1 a
   copy of expert 0, ``zero_B`` sets B = 0 (LoRA's init).
 - ``run_backend``: one forward and backward through ``omoe_lora`` with a given upstream
   gradient; returns the output and the gradient of every tensor input.
 - ``oracle``: the same on float64 copies of the inputs through the ``reference`` backend
-  (SPEC §1 literally, gradients by autograd): what every result is compared with.
+  (docs/contract.md §1 literally, gradients by autograd): what every result is compared with.
 - ``assert_matches_oracle``: forward and every gradient of a backend against the oracle
-  at given tolerances (``ACCURACY_ROWS`` holds SPEC §2's, ``VARIANTS`` its variants).
-- ``rel_err`` / ``assert_rel_close``: relative Frobenius error (SPEC §2's measure).
+  at given tolerances (``ACCURACY_ROWS`` holds docs/contract.md §2's, ``VARIANTS`` its variants).
+- ``rel_err`` / ``assert_rel_close``: relative Frobenius error (docs/contract.md §2's measure).
 - ``non_contiguous``: the same values in a strided or transposed layout.
 - ``condition_numbers``: κ of each token's matrix ``[e_i]``.
 - ``poison_allocator`` / ``poisoned_empty``: NaN-filled memory, so that an output element
@@ -62,7 +62,7 @@ INPUT_NAMES = ("x", "A", "B", "router_weight", "base_out", "router_input")
 # (dtype, collapse, forward tolerance, gradient tolerance); a gradient tolerance of None
 # means "finite" only. ACCURACY_SHAPE: the (T, d_in, d_out, E, r) they are checked at.
 
-# The variants SPEC §2 is checked in. Half of them pass a separate router_input so that
+# The variants docs/contract.md §2 is checked in. Half of them pass a separate router_input so that
 # both gradient paths into the router (through x, and through router_input) are covered.
 VARIANTS = {
     "dense": (dict(top_k=None), False),
@@ -201,7 +201,7 @@ def run_backend(problem: Problem, backend: str, grad_y=None, **options):
 
 
 def oracle(problem: Problem, grad_y=None, **options):
-    """SPEC §1 in float64: the reference backend on float64 copies of the inputs.
+    """docs/contract.md §1 in float64: the reference backend on float64 copies of the inputs.
 
     Same return value as run_backend (float64 tensors on the problem's device).
     """

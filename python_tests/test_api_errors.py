@@ -1,4 +1,4 @@
-"""SPEC §4: bad input.
+"""docs/contract.md §4: bad input.
 
 At the Python API every bad argument gets a ValueError or TypeError that names it, raised
 before any kernel runs. The raw torch.ops.omoe ops check their inputs too: malformed

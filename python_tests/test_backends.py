@@ -1,4 +1,4 @@
-"""Backend choice (SPEC §3): available_backends, "auto", OMOE_BACKEND, unavailable backends,
+"""Backend choice (docs/contract.md §3): available_backends, "auto", OMOE_BACKEND, unavailable backends,
 and a broken compiled extension degrading to the reference with one warning.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 on a GPU. What every backend must do (the accuracy table, special cases, strided and
 empty inputs) is in the shared suites, which run for `cuda` with OMOE_TEST_DEVICE=cuda.
 
-Every check here compares with the float64 evaluation of SPEC §1 (conftest.oracle) or, where
+Every check here compares with the float64 evaluation of docs/contract.md §1 (conftest.oracle) or, where
 noted, with the compiled CPU ops in float64 (the same algorithm, so differences are
 kernel bugs). Shapes cover each compile-time bound on the active experts (k ≤ 4, 8, 16,
 32), both scratch placements (stack for k ≤ 4, global workspace above) and grids where
@@ -40,7 +40,7 @@ SHAPE = ACCURACY_SHAPE  # T, d_in, d_out, E, r
 
 @pytest.fixture(autouse=True)
 def _ieee_fp32():
-    """SPEC §2's fp32 rows mean IEEE fp32 GEMMs."""
+    """docs/contract.md §2's fp32 rows mean IEEE fp32 GEMMs."""
     saved = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     yield
@@ -117,7 +117,7 @@ def _forward_args(p, **changes):
 
 @pytest.mark.parametrize("what", list(BAD_FORWARD_ARGS))
 def test_forward_op_checks_inputs_before_launching(what):
-    # SPEC §4: torch.ops.* with bad inputs raise (TORCH_CHECK) and launch nothing on them.
+    # docs/contract.md §4: torch.ops.* with bad inputs raise (TORCH_CHECK) and launch nothing on them.
     p = make_problem(*SHAPE, seed=6, device=CUDA)
     good = dict(zip(("x", "A", "B", "router_weight"), (p.x, p.A, p.B, p.router_weight)))
     with pytest.raises(RuntimeError, match="omoe"):
@@ -138,7 +138,7 @@ def test_backward_op_checks_inputs_before_launching():
     torch.cuda.synchronize()
 
 
-# SPEC §6 shapes at full size (T, d, E, r, top_k, row).
+# docs/contract.md §6 shapes at full size (T, d, E, r, top_k, row).
 REAL_SIZE = [
     (8192, 4096, 4, 16, None, "bf16-random"),   # llama7b
     (8192, 4096, 8, 16, 2, "bf16-random"),      # llama7b-top2

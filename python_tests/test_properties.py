@@ -1,4 +1,4 @@
-"""SPEC §1's consequences, checked against formulas that do not use the reference backend,
+"""docs/contract.md §1's consequences, checked against formulas that do not use the reference backend,
 and property-based tests (hypothesis) over shapes and options.
 """
 from __future__ import annotations

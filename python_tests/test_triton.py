@@ -74,7 +74,7 @@ def _triton_on_gpu():
 @pytest.mark.parametrize("name, E, r, top_k", [("llama7b", 4, 16, None), ("llama7b-top2", 8, 16, 2),
                                                ("wide", 16, 8, 2)])
 def test_real_size_bf16_matches_float64(name, E, r, top_k):
-    """SPEC §6 shapes (T reduced to 2048 to bound the float64 reference's memory)."""
+    """docs/contract.md §6 shapes (T reduced to 2048 to bound the float64 reference's memory)."""
     _triton_on_gpu()
     problem = make_problem(2048, 4096, 4096, E, r, dtype=torch.bfloat16, seed=41)
     assert_matches_oracle(problem, "triton", 1e-2, 2e-2, scaling=2.0, top_k=top_k)

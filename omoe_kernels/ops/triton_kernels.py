@@ -316,7 +316,7 @@ def _token_forward(h3, logits, g_ptr, E, top_k, eps,
     SC = S C_i rows, P[:, i, j] = p/n of step (i, j), nsq[:, j] = max(<v_j, v_j>, 0).
     MGS runs right-looking: at step j, row j is final, it is normalized and projected out
     of every later row at once. Each row sees the same operations in the same order as
-    SPEC §1's loop.
+    docs/contract.md §1's loop.
     """
     e2 = tl.arange(0, EP)[None, :]
     i3 = tl.arange(0, EP)[None, :, None]

@@ -453,7 +453,7 @@ if AVAILABLE:
 
 
 def omoe_lora_triton(x2d, A, B, router_weight, router_input2d, base2d, problem: Problem):
-    """The backend function of SPEC §3 (see functional.omoe_lora)."""
+    """The backend function of docs/contract.md §3 (see functional.omoe_lora)."""
     if not AVAILABLE:
         raise RuntimeError(f"the triton backend is unavailable: {IMPORT_ERROR}")
     y, _, _, _ = forward_op(x2d, A, B, router_weight, router_input2d, base2d, problem.scaling,
