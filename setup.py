@@ -11,7 +11,6 @@ import os
 import shutil
 
 from setuptools import setup
-
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# One check on a bare H200 machine (issue 3): build, GPU tests, SPEC §6 benchmark.
+# One check on a bare H200 machine: build, GPU tests, the docs/contract.md §6 benchmark.
 #
 #   OUT=/some/dir bash bench/gpu_check.sh        # on the device: $OUT is set by the tool
 #
-# The machine (shared/TOOLCHAIN.md): torch 2.11 + triton 3.6 preinstalled, Python 3.12,
+# The machine: torch 2.11 + triton 3.6 preinstalled, Python 3.12,
 # nvcc 13.0, pytest; no internet, no .venv (the repo arrives without it). So: build the
 # extension with the system python, in place; test; benchmark. Everything fits in 8
 # minutes: each stage runs under `timeout` with what is left of the budget, and a stage
@@ -109,8 +109,8 @@ run_stage tests 130 "$OUT/tests.log" env OMOE_TEST_DEVICE=cuda OMOE_TRITON_FIXED
   --ignore=python_tests/test_triton.py --durations=15
 tail -n 40 "$OUT/tests.log" | sed 's/^/  tests| /' >>"$SUMMARY"
 
-# 3. The SPEC §6 benchmark on the three GPU shapes, every provider (torch.compile of the
-#    reference included: the issue's goals compare with it). If that cannot finish, a
+# 3. The docs/contract.md §6 benchmark on the three GPU shapes, every provider (torch.compile of the
+#    reference included: the benchmark's goals compare with it). If that cannot finish, a
 #    second run without torch.compile (tens of seconds of compiling per shape) follows,
 #    so that the Triton rows exist whatever happens.
 BENCH_S=$(( $(left) - 100 )); (( BENCH_S > 250 )) && BENCH_S=250   # keep ~100 s for the fallback

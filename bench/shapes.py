@@ -1,4 +1,5 @@
-"""The benchmark shapes of SPEC §6, and the cost model behind the floors in NOTES.md.
+"""The benchmark shapes (from omoe_kernels.testing.shapes), and the cost model behind the
+floors in NOTES.md.
 
 Every number here is for the low-rank algorithm of docs/algorithm.md, which is also the
 least work any implementation of the operator can do: one LoRA of rank E·r, the router,
@@ -10,46 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
-
-
-@dataclass(frozen=True)
-class Shape:
-    name: str
-    num_tokens: int
-    d_model: int  # d_in = d_out
-    num_experts: int
-    rank: int
-    top_k: int | None  # None: dense routing
-    dtype: str  # a key of DTYPES
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
-    @property
-    def routing(self) -> str:
-        return "dense" if self.top_k is None else f"top-{self.top_k}"
-
-    def describe(self) -> str:
-        return (f"T={self.num_tokens}, d_in=d_out={self.d_model}, E={self.num_experts}, "
-                f"r={self.rank}, {self.routing}, {self.dtype}")
-
-
-# SPEC §6, plus `small` (a smoke-test size for --quick and the pytest-benchmark cases).
-SHAPES: dict[str, Shape] = {
-    s.name: s
-    for s in (
-        Shape("cpu", 4096, 1024, 4, 16, None, "fp32"),
-        Shape("llama7b", 8192, 4096, 4, 16, None, "bf16"),
-        Shape("llama7b-top2", 8192, 4096, 8, 16, 2, "bf16"),
-        Shape("wide", 8192, 4096, 16, 8, 2, "bf16"),
-        Shape("small", 512, 256, 4, 16, None, "fp32"),
-    )
-}
-
-DEFAULT_SHAPES = {"cpu": ("cpu",), "cuda": ("llama7b", "llama7b-top2", "wide")}
-QUICK_SHAPES = ("small",)
+# The shapes themselves are shared with the test suite.
+from omoe_kernels.testing.shapes import DEFAULT_SHAPES, DTYPES, QUICK_SHAPES, SHAPES, Shape  # noqa: F401
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,9 @@ import torch
 
 pytest.importorskip("pytest_benchmark")
 
-from bench.bench_omoe import SCALING, Inputs, _free_grads, make_inputs, providers_for  # noqa: E402
+from bench.providers import SCALING, Inputs, make_inputs, providers_for  # noqa: E402
 from bench.shapes import SHAPES  # noqa: E402
+from bench.timing import _free_grads  # noqa: E402
 from omoe_kernels.backends import backend_usable  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -1,6 +1,7 @@
 // The omoe ops: one device-generic orchestration (ATen GEMMs around a per-token pass)
 // and, per device, the per-token pass itself. omoe_ops.cpp holds the orchestration, the
-// schemas and the CPU pass; cuda/omoe_cuda.cu holds the CUDA pass.
+// schemas and the CPU pass; cuda/omoe_cuda_kernels.cu holds the CUDA pass, and
+// cuda/omoe_cuda_ops.cpp checks, launches and registers it for CUDA tensors.
 #pragma once
 
 #include <ATen/ATen.h>

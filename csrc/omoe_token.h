@@ -119,7 +119,7 @@ OMOE_HD double dot(const double* u, const double* v, int k) {
   return s;
 }
 
-// SPEC §1's modified Gram–Schmidt loop, run on coefficient vectors (tape.S must be set).
+// docs/contract.md §1's modified Gram–Schmidt loop, run on coefficient vectors (tape.S must be set).
 template <int MAX_K>
 OMOE_HD void mgs_forward(MgsTape<MAX_K>& t, int k, bool normalize, double eps) {
   for (int m = 0; m < k; ++m) {

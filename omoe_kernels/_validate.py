@@ -1,4 +1,4 @@
-"""Argument checks shared by every backend (SPEC §4).
+"""Argument checks shared by every backend (docs/contract.md §4).
 
 Every check runs in Python before any kernel, and every error names the argument.
 """

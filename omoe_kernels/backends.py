@@ -1,29 +1,70 @@
-"""Which backends exist on this machine, and which one a call uses.
+"""The backend registry: which backends exist, where they run, and which one a call uses.
 
-Backends, fastest first per device:
+A backend is one `Backend` entry in `REGISTRY` below: its name, the device types it serves
+with its place in each device's order (fastest first), the devices on which `"auto"` may
+pick it, a check that it can run here, and a loader that imports its function on first
+use. `available_backends`, `resolve_backend`, `OMoELinear`'s name check and the test suite
+all read this table; adding a backend means adding one entry (docs/extending.md).
+
+Today's order, fastest first per device:
 - CUDA tensors: "triton", "cuda", "reference"
-- CPU tensors:  "cpu", "reference" (and "triton" under TRITON_INTERPRET=1, which is a
-  correctness tool, never picked by "auto")
+- CPU tensors:  "cpu", "reference" (and "triton" under TRITON_INTERPRET=1, a correctness
+  tool that `auto` never picks)
 
-`backend="auto"` takes the first available one; the environment variable OMOE_BACKEND,
-when set to a backend name, replaces "auto".
+`backend="auto"` takes the first available backend that `auto` may pick; the environment
+variable OMOE_BACKEND, when set to a backend name, replaces "auto".
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-BACKENDS = ("triton", "cuda", "cpu", "reference")
-_AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
+# The signature every backend function has:
+# (x2d, A, B, router_weight, router_input2d, base_out2d, problem) -> y2d.
+BackendFunction = Callable[..., torch.Tensor]
+
+ANY_DEVICE = "*"  # in `Backend.places`: every device type
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One backend, as data."""
+
+    name: str
+    # Device type -> place in that device's order (lower = faster, tried first by "auto").
+    # ANY_DEVICE serves every device type not named.
+    places: dict[str, int]
+    # Device types on which "auto" may pick it (a correctness tool is listed, never picked).
+    auto_devices: tuple[str, ...]
+    # Whether it can run on tensors of this device type on this machine (build, driver...).
+    available: Callable[[str], bool]
+    # Imports and returns the backend function (import statements, not importlib, so that
+    # torch.compile traces the lookup without a graph break).
+    load: Callable[[], BackendFunction]
+
+    def place(self, device_type: str) -> int | None:
+        """Its place in `device_type`'s order, or None when it does not serve that device."""
+        return self.places.get(device_type, self.places.get(ANY_DEVICE))
+
+    def serves(self, device_type: str) -> bool:
+        return self.place(device_type) is not None
+
+    def auto_may_pick(self, device_type: str) -> bool:
+        return ANY_DEVICE in self.auto_devices or device_type in self.auto_devices
+
+
+# ---------------------------------------------------------------------------------------
+# The entries' checks and loaders.
 
 
 def _triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _triton_usable(device_type: str) -> bool:
+def _triton_available(device_type: str) -> bool:
     from .ops import triton_omoe
 
     if not triton_omoe.AVAILABLE:
@@ -33,23 +74,65 @@ def _triton_usable(device_type: str) -> bool:
     return device_type == "cpu" and _triton_interpreting()
 
 
-def _compiled_usable(device_type: str) -> bool:
+def _compiled_available(device_type: str) -> bool:
     from .ops import compiled
 
     return compiled.has_kernels(device_type)
 
 
+def _load_triton() -> BackendFunction:
+    from .ops.triton_omoe import omoe_lora_triton
+
+    return omoe_lora_triton
+
+
+def _load_compiled() -> BackendFunction:
+    from .ops.compiled import omoe_lora_compiled
+
+    return omoe_lora_compiled
+
+
+def _load_reference() -> BackendFunction:
+    from .reference import omoe_lora_reference
+
+    return omoe_lora_reference
+
+
+# ---------------------------------------------------------------------------------------
+# The registry. Its order is the order of BACKENDS (names in error messages).
+
+REGISTRY: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        # Triton kernels (docs/algorithm.md); on CPU tensors only under the interpreter.
+        Backend("triton", places={"cuda": 0, "cpu": 1}, auto_devices=("cuda",),
+                available=_triton_available, load=_load_triton),
+        # The compiled extension (csrc/): its CUDA kernels, and its C++ CPU kernels.
+        Backend("cuda", places={"cuda": 1}, auto_devices=("cuda",),
+                available=_compiled_available, load=_load_compiled),
+        Backend("cpu", places={"cpu": 0}, auto_devices=("cpu",),
+                available=_compiled_available, load=_load_compiled),
+        # Eager PyTorch, docs/contract.md §1 literally: runs anywhere, the last resort.
+        Backend("reference", places={ANY_DEVICE: 100}, auto_devices=(ANY_DEVICE,),
+                available=lambda device_type: True, load=_load_reference),
+    )
+}
+
+# The names at import time (the public `omoe_kernels.BACKENDS`); checks read REGISTRY itself.
+BACKENDS: tuple[str, ...] = tuple(REGISTRY)
+
+
+def _ordered(device_type: str) -> list[Backend]:
+    """The backends that serve `device_type`, fastest first (whether or not built here)."""
+    serving = [b for b in REGISTRY.values() if b.serves(device_type)]
+    return sorted(serving, key=lambda b: b.place(device_type))
+
+
 def backend_usable(name: str, device: torch.device | str) -> bool:
+    """Whether backend `name` can run on tensors of `device` on this machine."""
     device_type = torch.device(device).type
-    if name == "reference":
-        return True
-    if name == "triton":
-        return _triton_usable(device_type)
-    if name == "cuda":
-        return device_type == "cuda" and _compiled_usable("cuda")
-    if name == "cpu":
-        return device_type == "cpu" and _compiled_usable("cpu")
-    return False
+    backend = REGISTRY.get(name)
+    return backend is not None and backend.serves(device_type) and backend.available(device_type)
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:
@@ -57,10 +140,7 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device_type = torch.device(device).type
-    order = list(_AUTO_ORDER.get(device_type, ("reference",)))
-    if device_type == "cpu" and _triton_interpreting():
-        order.insert(1, "triton")
-    return [name for name in order if backend_usable(name, device_type)]
+    return [b.name for b in _ordered(device_type) if b.available(device_type)]
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -73,12 +153,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if env and env != "auto":
             backend, source = env, "OMOE_BACKEND"
     if backend == "auto":
-        for name in _AUTO_ORDER.get(device.type, ("reference",)):
-            if backend_usable(name, device):
-                return name
+        for candidate in _ordered(device.type):
+            if candidate.auto_may_pick(device.type) and candidate.available(device.type):
+                return candidate.name
         return "reference"
-    if backend not in BACKENDS:
-        raise ValueError(f"{source} must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    if backend not in REGISTRY:
+        raise ValueError(f"{source} must be one of {('auto', *REGISTRY)}, got {backend!r}")
     if not backend_usable(backend, device):
         raise ValueError(
             f"{source}={backend!r} cannot run on {device.type} tensors here; "
@@ -87,16 +167,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def backend_function(name: str) -> Callable:
+def backend_function(name: str) -> BackendFunction:
     """The function `(x, A, B, router_weight, router_input, base_out, problem) -> y` of a backend."""
-    if name == "reference":
-        from .reference import omoe_lora_reference
-
-        return omoe_lora_reference
-    if name == "triton":
-        from .ops.triton_omoe import omoe_lora_triton
-
-        return omoe_lora_triton
-    from .ops.compiled import omoe_lora_compiled
-
-    return omoe_lora_compiled
+    return REGISTRY[name].load()

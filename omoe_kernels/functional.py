@@ -1,7 +1,7 @@
-"""The functional entry point, `omoe_lora` (SPEC §3)."""
+"""The functional entry point, `omoe_lora` (docs/contract.md §3)."""
 from __future__ import annotations
 
-import torch
+import torch  # noqa: F401
 
 from ._validate import check_inputs
 from .backends import backend_function, resolve_backend
@@ -9,7 +9,7 @@ from .backends import backend_function, resolve_backend
 
 def omoe_lora(x, A, B, router_weight, *, scaling=1.0, top_k=None, orthogonalize=True,
               normalize=True, eps=1e-6, base_out=None, router_input=None, backend="auto"):
-    """Orthogonal mixture of LoRA experts (SPEC §1).
+    """Orthogonal mixture of LoRA experts (docs/contract.md §1).
 
     x: [..., d_in]; A: [E, r, d_in]; B: [E, d_out, r]; router_weight: [E, d_in];
     base_out: [..., d_out] or None; router_input: [..., d_in] or None (defaults to x).

@@ -1,4 +1,4 @@
-"""Swapping `OMoELinear` into existing models (SPEC §3), peft-style.
+"""Swapping `OMoELinear` into existing models (docs/contract.md §3), peft-style.
 
     model = ok.inject(model, ["query", "value"], num_experts=4, rank=8)
     ok.save_adapter(model, "adapter.safetensors")

@@ -7,7 +7,7 @@ default (at the llama7b layout, E=4 r=16, and for the per-token kernels also at 
 and E=16 r=8), runs `ptxas -v` on the PTX for registers and spills, reads the shared
 memory Triton allocates, and counts matrix instructions in the SASS (`cuobjdump`).
 Prints a table and exits non-zero when a kernel spills or a bf16/fp16 GEMM kernel has no
-wgmma (`HGMMA`). fp32 GEMMs run IEEE fp32 (SPEC §2), which tensor cores do not offer, so
+wgmma (`HGMMA`). fp32 GEMMs run IEEE fp32 (docs/contract.md §2), which tensor cores do not offer, so
 they are FMA by design and only checked for spills.
 """
 from __future__ import annotations
@@ -60,9 +60,9 @@ def _triton_bin(tool: str) -> str:
 
 
 def _ast_source(spec: KernelSpec):
-    import triton
-
     import inspect
+
+    import triton
 
     fn = spec.fn
     defaults = {name: p.default for name, p in inspect.signature(fn.fn).parameters.items()
@@ -137,17 +137,19 @@ def problems(result: KernelResult, capability: int) -> list[str]:
 
 
 def kernel_specs() -> list[KernelSpec]:
-    """Every kernel in its default launch config (triton_omoe's defaults)."""
+    """Every kernel in the launch config the `triton` backend uses on a GPU by default
+    (ops/triton_configs.py, which the launchers read too)."""
+    from .ops import triton_configs as C
     from .ops import triton_kernels as K
     from .ops import triton_omoe as ops
 
     specs = []
     d = 4096                       # d_in = d_out
-    for dtype_name, kind in (("bf16", K.DOT_BF16), ("fp16", K.DOT_FP16), ("fp32", K.DOT_FP32_IEEE)):
+    for dtype_name, kind in (("bf16", C.DOT_BF16), ("fp16", C.DOT_FP16), ("fp32", C.DOT_FP32_IEEE)):
         ptr = f"*{dtype_name}:16"
-        sixteen = kind != K.DOT_FP32_IEEE
+        sixteen = kind in C.SIXTEEN_BIT_KINDS
         L = ops.layout(4, 16)
-        cfg = ops.shrink_default_config(kind, L.ERP)
+        cfg = C.shrink_default_config(kind, L.ERP)
         specs.append(KernelSpec(
             f"shrink[{dtype_name}] x·[A;W]ᵀ", K.shrink_kernel,
             dict(x_ptr=ptr, r_ptr=ptr, a_ptr=ptr, w_ptr=ptr, h_ptr="*fp32:16", l_ptr="*fp32:16",
@@ -159,13 +161,13 @@ def kernel_specs() -> list[KernelSpec]:
                  BLOCK_N=cfg["BLOCK_N"], BLOCK_E=L.EPL, BLOCK_K=cfg["BLOCK_K"]),
             cfg["num_warps"], cfg["num_stages"], sixteen,
             "" if sixteen else "IEEE fp32: FMA by design"))
-        if kind == K.DOT_BF16:
+        if kind == C.DOT_BF16:
             # The opt-in variant with the per-token algebra in the epilogue
             # (OMOE_TRITON_FUSE_TOKEN=1), at llama7b and wide.
             for E, r, top_k, label in ((4, 16, 4, "llama7b"), (16, 8, 2, "wide")):
                 Lf = ops.layout(E, r)
-                cfg = dict(ops.shrink_default_config(kind, Lf.ERP), BLOCK_N=Lf.ERP)
-                flags = ops._token_flags(Lf, top_k, True, True)
+                cfg = C.shrink_default_config(kind, Lf.ERP, fuse_token=True)
+                flags = C.token_flags(Lf, top_k, True, True)
                 flags.pop("num_warps")
                 specs.append(KernelSpec(
                     f"shrink+token[{dtype_name}, {label}]", K.shrink_kernel,
@@ -176,7 +178,7 @@ def kernel_specs() -> list[KernelSpec]:
                     f"opt-in OMOE_TRITON_FUSE_TOKEN=1, E={E} r={r}"))
 
         def gemm(label, a_ptr, b_ptr, c_ptr, a_strides, b_strides, N, has_add, split_a, split_b):
-            cfg = ops.matmul_default_config(kind, N)
+            cfg = C.matmul_default_config(kind, N)
             specs.append(KernelSpec(
                 f"matmul[{dtype_name}] {label}", K.matmul_kernel,
                 dict(a_ptr=a_ptr, b_ptr=b_ptr, c_ptr=c_ptr, add_ptr=ptr, M="i32:16", N="i32:16",
@@ -199,30 +201,42 @@ def kernel_specs() -> list[KernelSpec]:
 
     for E, r, top_k, label in ((4, 16, 4, "llama7b"), (8, 16, 2, "llama7b-top2"), (16, 8, 2, "wide")):
         L = ops.layout(E, r)
-        flags = ops._token_flags(L, top_k, True, True)
+        flags = C.token_flags(L, top_k, True, True)
         num_warps = flags.pop("num_warps")
-        bwd_flags = ops._token_flags(L, top_k, True, True, backward=True)
+        bwd_flags = C.token_flags(L, top_k, True, True, backward=True)
         bwd_warps = bwd_flags.pop("num_warps")
         specs.append(KernelSpec(
             f"token_forward[{label}]", K.token_forward_kernel,
             dict(h_ptr="*fp32:16", l_ptr="*fp32:16", g_ptr="*fp64:16", z_ptr="*fp32:16", T="i32",
                  E="i32", top_k="i32", eps="fp32", stride_ht="i32:16", stride_lt="i32", stride_zt="i32:16", **flags),
-            num_warps, 1, False, f"E={E} r={r} top{top_k}, BT={flags['BT']}"))
+            num_warps, C.TOKEN_STAGES, False, f"E={E} r={r} top{top_k}, BT={flags['BT']}"))
         specs.append(KernelSpec(
             f"token_backward[{label}]", K.token_backward_kernel,
             dict(h_ptr="*fp32:16", l_ptr="*fp32:16", g_ptr="*fp64:16", dz_ptr="*fp32:16",
                  z_ptr="*fp32:16", dhl_ptr="*fp32:16", ds_ptr="*fp64:16", T="i32", E="i32", top_k="i32", eps="fp32",
                  stride_ht="i32:16", stride_lt="i32", stride_dzt="i32:16", stride_zt="i32:16",
                  stride_dhlt="i32:16", EPL=L.EPL, **bwd_flags),
-            bwd_warps, 1, False, f"E={E} r={r} top{top_k}, BT={bwd_flags['BT']}"))
-        block_t = max(1, min(64, 4096 // (L.RP * L.RP)))
+            bwd_warps, C.TOKEN_STAGES, False, f"E={E} r={r} top{top_k}, BT={bwd_flags['BT']}"))
         specs.append(KernelSpec(
             f"gram_grad[{label}]", K.gram_grad_kernel,
             dict(h_ptr="*fp32:16", ds_ptr="*fp64:16", out_ptr="*fp64:16", T="i32",
                  tokens_per_split="i32:16", stride_ht="i32:16", EP=L.EP, RP=L.RP, ERP=L.ERP,
-                 BLOCK_T=1 << (block_t.bit_length() - 1)),
-            4, 1, False, "float64 FMA"))
+                 BLOCK_T=C.gram_grad_block(L)),
+            C.GRAM_GRAD_WARPS, C.TOKEN_STAGES, False, "float64 FMA"))
     return specs
+
+
+def select_specs(specs: list[KernelSpec], names: list[str] | None) -> list[KernelSpec]:
+    """The specs whose name contains one of `names` (all when none given); a name that
+    matches nothing raises SystemExit listing the valid kernel names."""
+    if not names:
+        return specs
+    unknown = [n for n in names if not any(n in s.name for s in specs)]
+    if unknown:
+        valid = "\n  ".join(s.name for s in specs)
+        raise SystemExit(f"kernel_report: --only {' '.join(map(repr, unknown))} matches no kernel. "
+                         f"Give substrings of these names:\n  {valid}")
+    return [s for s in specs if any(n in s.name for n in names)]
 
 
 def run_report(arch: str, names: list[str] | None = None) -> list[KernelResult]:
@@ -230,9 +244,7 @@ def run_report(arch: str, names: list[str] | None = None) -> list[KernelResult]:
     if not m:
         raise SystemExit(f"--arch must look like sm_90a, got {arch!r}")
     capability = int(m.group(1))
-    specs = kernel_specs()
-    if names:
-        specs = [s for s in specs if any(n in s.name for n in names)]
+    specs = select_specs(kernel_specs(), names)
     with tempfile.TemporaryDirectory() as workdir:
         return [compile_spec(s, capability, workdir) for s in specs]
 

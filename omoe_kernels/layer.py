@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ._validate import check_options
-from .backends import BACKENDS
+from .backends import REGISTRY
 from .functional import omoe_lora
 from .reference import route
 
@@ -53,7 +53,7 @@ class OMoELinear(nn.Module):
     """Drop-in replacement for an `nn.Linear` that adds OMoE-LoRA experts.
 
     y = base(x) + (alpha / rank) · Σ_i g_i q_i(dropout(x)), with the router reading the
-    undropped x (SPEC §1, §3). `base` is frozen; the trainable parameters are
+    undropped x (docs/contract.md §1, §3). `base` is frozen; the trainable parameters are
     `lora_A` [E, r, d_in], `lora_B` [E, d_out, r] (zero at init, so the layer starts as
     `base`) and `router_weight` [E, d_in].
     """
@@ -83,8 +83,8 @@ class OMoELinear(nn.Module):
                 raise TypeError(f"`{name}` must be a bool, got {type(flag).__name__}")
         if not isinstance(backend, str):
             raise TypeError(f"`backend` must be a str, got {type(backend).__name__}")
-        if backend not in ("auto",) + BACKENDS:
-            raise ValueError(f"`backend` must be one of {('auto',) + BACKENDS}, got {backend!r}")
+        if backend != "auto" and backend not in REGISTRY:
+            raise ValueError(f"`backend` must be one of {('auto', *REGISTRY)}, got {backend!r}")
 
         self.base = base
         base.requires_grad_(False)

@@ -1,11 +1,11 @@
-"""The `reference` backend: SPEC §1 written literally in eager PyTorch.
+"""The `reference` backend: docs/contract.md §1 written literally in eager PyTorch.
 
 It materializes every expert output `e_i` (`T × E × d_out`) and runs modified
 Gram–Schmidt on the full vectors. Gradients come from autograd. It is the readable
 statement of the math and the eager baseline of every benchmark. Half-precision inputs
 are upcast to float32 for the whole computation (and the output cast back): with bf16
 matmuls, the rounding of the expert outputs `e` reaches the input gradient through the
-cancellation in `B_iᵀ de_i` and misses SPEC §2 (measured: grad x 3.1e-2 and 5.6e-2 against
+cancellation in `B_iᵀ de_i` and misses docs/contract.md §2 (measured: grad x 3.1e-2 and 5.6e-2 against
 the 2e-2 bf16 bound at d = 4096 with top-2 of 8 and of 16 experts).
 """
 from __future__ import annotations

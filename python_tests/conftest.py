@@ -4,23 +4,28 @@ Where the tests run is set by the environment, so the same suite runs on a CPU C
 machine and on a GPU machine:
 
 - ``OMOE_TEST_DEVICE`` (default ``"cpu"``): the device every test tensor lives on.
-- ``BACKENDS`` = ``omoe_kernels.available_backends(DEVICE)``: every backend present
-  there (``["cpu", "reference"]`` on CPU CI, plus ``"triton"`` under
-  ``TRITON_INTERPRET=1``; ``["triton", "cuda", "reference"]`` on a GPU).
+- ``BACKENDS`` = ``omoe_kernels.available_backends(DEVICE)`` (the backend registry):
+  every backend present there (``["cpu", "reference"]`` on CPU CI, plus ``"triton"``
+  under ``TRITON_INTERPRET=1``; ``["triton", "cuda", "reference"]`` on a GPU). Suites
+  parametrise over it, so a new backend joins them by being registered.
+- Under ``TRITON_INTERPRET=1`` on CPU, the ``triton`` cases carry the ``interpreter``
+  marker: ``test_triton.py`` runs them (``-m interpreter``) in a child process, since the
+  variable must be set before triton is imported. ``skip_if_interpreted`` leaves out the
+  few cases too slow for the interpreter (they run on a GPU).
 
 The helpers (all take ``device`` / ``dtype`` so other test files can reuse them):
 
 - ``make_problem``: random inputs of one call (x, A, B, router_weight, base_out and an
-  optional router_input), with SPEC §2's special cases: ``collapse=c`` builds experts as
+  optional router_input), with docs/contract.md §2's special cases: ``collapse=c`` builds experts as
   ``(1-c)·random + c·expert_0`` for both A and B, ``identical_experts`` makes expert 1 a
   copy of expert 0, ``zero_B`` sets B = 0 (LoRA's init).
 - ``run_backend``: one forward and backward through ``omoe_lora`` with a given upstream
   gradient; returns the output and the gradient of every tensor input.
 - ``oracle``: the same on float64 copies of the inputs through the ``reference`` backend
-  (SPEC §1 literally, gradients by autograd): what every result is compared with.
+  (docs/contract.md §1 literally, gradients by autograd): what every result is compared with.
 - ``assert_matches_oracle``: forward and every gradient of a backend against the oracle
-  at given tolerances (``ACCURACY_ROWS`` holds SPEC §2's, ``VARIANTS`` its variants).
-- ``rel_err`` / ``assert_rel_close``: relative Frobenius error (SPEC §2's measure).
+  at given tolerances (``ACCURACY_ROWS`` holds docs/contract.md §2's, ``VARIANTS`` its variants).
+- ``rel_err`` / ``assert_rel_close``: relative Frobenius error (docs/contract.md §2's measure).
 - ``non_contiguous``: the same values in a strided or transposed layout.
 - ``condition_numbers``: κ of each token's matrix ``[e_i]``.
 - ``poison_allocator`` / ``poisoned_empty``: NaN-filled memory, so that an output element
@@ -38,6 +43,7 @@ import torch
 
 import omoe_kernels
 from omoe_kernels import omoe_lora
+from omoe_kernels.testing.shapes import ACCURACY_ROWS, ACCURACY_SHAPE  # noqa: F401  (shared)
 
 DEVICE = torch.device(os.environ.get("OMOE_TEST_DEVICE", "cpu"))
 BACKENDS: tuple[str, ...] = tuple(omoe_kernels.available_backends(DEVICE))
@@ -46,21 +52,17 @@ ON_GPU = DEVICE.type == "cuda"
 # The backends built from the compiled extension (they are what torch.ops.omoe runs).
 COMPILED_BACKENDS = tuple(b for b in BACKENDS if b in ("cpu", "cuda"))
 
+# The backends that run here under the Triton interpreter (slow: small shapes only).
+INTERPRETED_BACKENDS = tuple(b for b in BACKENDS if b == "triton" and DEVICE.type == "cpu")
+
 # Tensor inputs of omoe_lora, in the order of its signature.
 INPUT_NAMES = ("x", "A", "B", "router_weight", "base_out", "router_input")
 
-# SPEC §2 rows: name -> (dtype, collapse, forward tolerance, gradient tolerance);
-# a gradient tolerance of None means "finite" only.
-ACCURACY_ROWS = {
-    "fp32-random": (torch.float32, 0.0, 1e-5, 1e-4),
-    "fp32-collapse0.99": (torch.float32, 0.99, 1e-4, 1e-3),
-    "fp32-collapse0.999": (torch.float32, 0.999, 1e-3, 1e-2),
-    "bf16-random": (torch.bfloat16, 0.0, 1e-2, 2e-2),
-    "bf16-collapse0.99": (torch.bfloat16, 0.99, 3e-2, None),
-    "fp16-random": (torch.float16, 0.0, 3e-3, 1e-2),
-}
+# ACCURACY_ROWS (omoe_kernels/testing/shapes.py, shared with the benchmark): row name ->
+# (dtype, collapse, forward tolerance, gradient tolerance); a gradient tolerance of None
+# means "finite" only. ACCURACY_SHAPE: the (T, d_in, d_out, E, r) they are checked at.
 
-# The variants SPEC §2 is checked in. Half of them pass a separate router_input so that
+# The variants docs/contract.md §2 is checked in. Half of them pass a separate router_input so that
 # both gradient paths into the router (through x, and through router_input) are covered.
 VARIANTS = {
     "dense": (dict(top_k=None), False),
@@ -72,6 +74,7 @@ VARIANTS = {
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (OMOE_TEST_DEVICE=cuda)")
+    config.addinivalue_line("markers", "interpreter: the triton backend under TRITON_INTERPRET=1")
 
 
 def pytest_report_header(config):
@@ -83,6 +86,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not ON_GPU:
             item.add_marker(skip)
+        params = getattr(item, "callspec", None)
+        if params is not None and params.params.get("backend") in INTERPRETED_BACKENDS:
+            item.add_marker(pytest.mark.interpreter)
+
+
+def skip_if_interpreted(backend: str, why: str) -> None:
+    """Skips a case that would take the Triton interpreter too long; it runs on a GPU
+    (OMOE_TEST_DEVICE=cuda) and for every other backend."""
+    if backend in INTERPRETED_BACKENDS:
+        pytest.skip(f"{backend} under TRITON_INTERPRET=1: {why} (runs with OMOE_TEST_DEVICE=cuda)")
 
 
 @dataclasses.dataclass
@@ -188,7 +201,7 @@ def run_backend(problem: Problem, backend: str, grad_y=None, **options):
 
 
 def oracle(problem: Problem, grad_y=None, **options):
-    """SPEC §1 in float64: the reference backend on float64 copies of the inputs.
+    """docs/contract.md §1 in float64: the reference backend on float64 copies of the inputs.
 
     Same return value as run_backend (float64 tensors on the problem's device).
     """
@@ -276,6 +289,20 @@ def poisoned_empty(shape, dtype=torch.float32, device=None) -> torch.Tensor:
     """An output buffer filled with NaN (for kernels that write into a given tensor)."""
     device = DEVICE if device is None else device
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_triton_outputs():
+    """Every buffer a Triton kernel writes starts as NaN, so an element a kernel forgets
+    to write fails the test instead of reading as a lucky zero."""
+    if "triton" not in BACKENDS:
+        yield
+        return
+    from omoe_kernels.ops import triton_omoe
+
+    triton_omoe.POISON_OUTPUTS = True
+    yield
+    triton_omoe.POISON_OUTPUTS = False
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""SPEC §2: every backend against the float64 evaluation of §1, forward and every gradient.
+"""docs/contract.md §2: every backend against the float64 evaluation of §1, forward and every gradient.
 
 Rows: fp32 random / collapse 0.99 / collapse 0.999, bf16 random / collapse 0.99, fp16
 random, two identical experts, B = 0; in the variants dense, top-k, normalize off and
@@ -9,13 +9,25 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import (ACCURACY_ROWS, BACKENDS, ON_GPU, VARIANTS, assert_finite, assert_matches_oracle,
-                      assert_rel_close, condition_numbers, make_problem, oracle, random_grad,
-                      run_backend)
+from conftest import (
+    ACCURACY_ROWS,
+    ACCURACY_SHAPE,
+    BACKENDS,
+    ON_GPU,
+    VARIANTS,
+    assert_finite,
+    assert_matches_oracle,
+    assert_rel_close,
+    condition_numbers,
+    make_problem,
+    oracle,
+    random_grad,
+    run_backend,
+)
 
 # T, d_in, d_out, E, r: κ of the random case is below 10 at this shape, collapse 0.99 gives
 # κ ≈ 3e2 and 0.999 gives κ ≈ 3e3 (checked below).
-SHAPE = (48, 40, 36, 4, 4)
+SHAPE = ACCURACY_SHAPE
 KAPPA_RANGE = {0.0: (1.0, 10.0), 0.99: (1e2, 1e3), 0.999: (1e3, 1e4)}
 
 
@@ -65,7 +77,7 @@ def test_identical_experts_are_finite(backend, dtype, variant):
     if dtype == torch.float32 and not (options.get("normalize", True)
                                        and options.get("orthogonalize", True)):
         # Without normalization the duplicate's residual is ~eps-small and the output is
-        # well defined; with it, q_1 is normalized rounding noise (SPEC: finite only).
+        # well defined; with it, q_1 is normalized rounding noise (docs/contract.md §2: finite only).
         y_ref, _ = oracle(problem, **options)
         assert_rel_close(y, y_ref, 1e-5, "forward")
 
@@ -95,7 +107,7 @@ def test_zero_B_adds_exactly_zero(backend, dtype, with_base_out, variant):
 
 # ---- real sizes (GPU only) --------------------------------------------------------------
 
-# (row, T, d_in = d_out, E, r, top_k): SPEC §6 layer sizes with fewer tokens (the float64
+# (row, T, d_in = d_out, E, r, top_k): docs/contract.md §6 layer sizes with fewer tokens (the float64
 # oracle materializes every expert output and MGS tape).
 REAL_SIZE_CASES = [
     ("fp32-random", 1024, 1024, 4, 16, None),
@@ -130,7 +142,7 @@ def test_accuracy_wide_layer(backend):
 def test_accuracy_real_size(backend, case):
     row, T, d, E, r, top_k = case
     dtype, collapse, fwd_tol, grad_tol = ACCURACY_ROWS[row]
-    assert not torch.backends.cuda.matmul.allow_tf32, "SPEC §2 fp32 rows mean IEEE fp32"
+    assert not torch.backends.cuda.matmul.allow_tf32, "docs/contract.md §2 fp32 rows mean IEEE fp32"
     problem = make_problem(T, d, d, E, r, dtype=dtype, collapse=collapse, seed=17,
                            with_router_input=top_k is not None)
     assert_matches_oracle(problem, backend, fwd_tol, grad_tol, top_k=top_k, scaling=2.0)

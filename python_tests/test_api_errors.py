@@ -1,4 +1,4 @@
-"""SPEC §4: bad input.
+"""docs/contract.md §4: bad input.
 
 At the Python API every bad argument gets a ValueError or TypeError that names it, raised
 before any kernel runs. The raw torch.ops.omoe ops check their inputs too: malformed
@@ -31,7 +31,7 @@ def _other_device():
 
 
 def _unavailable_backend():
-    return next(b for b in ("cuda", "cpu", "triton") if b not in BACKENDS)
+    return next(b for b in omoe_kernels.BACKENDS if b not in BACKENDS)
 
 
 # (argument named in the message, exception type, changes to the good call)

@@ -1,4 +1,4 @@
-"""Backend choice (SPEC §3): available_backends, "auto", OMOE_BACKEND, unavailable backends,
+"""Backend choice (docs/contract.md §3): available_backends, "auto", OMOE_BACKEND, unavailable backends,
 and a broken compiled extension degrading to the reference with one warning.
 """
 from __future__ import annotations
@@ -99,7 +99,7 @@ def test_bad_variable_raises_naming_it(value, monkeypatch):
         omoe_lora(p.x, p.A, p.B, p.router_weight)
 
 
-@pytest.mark.parametrize("name", [n for n in ("triton", "cuda", "cpu", "fastest", "Reference")
+@pytest.mark.parametrize("name", [n for n in omoe_kernels.BACKENDS + ("fastest", "Reference")
                                   if n not in BACKENDS])
 def test_unavailable_backend_raises_naming_backend(name):
     p = make_problem(5, 6, 7, 3, 2)
@@ -159,3 +159,45 @@ def test_broken_extension_degrades_to_reference_with_one_warning():
     for child in children:
         out, _ = child.communicate(timeout=280)
         assert child.returncode == 0 and out.strip().endswith("OK"), out[-3000:]
+
+
+# ---- the registry is the only list of backends -----------------------------------------
+
+def test_registry_describes_every_backend():
+    from omoe_kernels.backends import REGISTRY
+
+    assert tuple(REGISTRY) == omoe_kernels.BACKENDS
+    for name, entry in REGISTRY.items():
+        assert entry.name == name and entry.places and callable(entry.load)
+    assert REGISTRY["reference"].serves("meta"), "the reference runs on any device"
+
+
+def test_a_new_registry_entry_is_listed_picked_and_called(monkeypatch):
+    """One added entry is enough: listing, "auto", the explicit name and the call use it."""
+    from omoe_kernels import backends
+
+    calls = []
+
+    def doubled_reference(*args):
+        calls.append(args[-1].num_tokens)
+        return 2 * backends.REGISTRY["reference"].load()(*args)
+
+    entry = backends.Backend("doubled", places={DEVICE.type: -1}, auto_devices=(DEVICE.type,),
+                             available=lambda device_type: True, load=lambda: doubled_reference)
+    monkeypatch.setitem(backends.REGISTRY, "doubled", entry)
+    monkeypatch.delenv("OMOE_BACKEND", raising=False)
+    assert omoe_kernels.available_backends(DEVICE)[0] == "doubled"
+    assert resolve_backend("auto", DEVICE) == "doubled"
+    p = make_problem(5, 6, 7, 3, 2, with_base_out=False)
+    y = omoe_lora(p.x, p.A, p.B, p.router_weight, backend="doubled")
+    assert calls == [5]
+    assert torch.allclose(y, 2 * run_backend(p, "reference")[0])
+    layer = omoe_kernels.OMoELinear(torch.nn.Linear(6, 7), 3, 2, backend="doubled").to(DEVICE)
+    layer(p.x)
+    assert calls == [5, 5]
+    not_for_auto = backends.Backend("doubled", places={DEVICE.type: -1}, auto_devices=(),
+                                    available=lambda device_type: True,
+                                    load=lambda: doubled_reference)
+    monkeypatch.setitem(backends.REGISTRY, "doubled", not_for_auto)
+    assert omoe_kernels.available_backends(DEVICE)[0] == "doubled"
+    assert resolve_backend("auto", DEVICE) != "doubled", "auto must skip a correctness tool"

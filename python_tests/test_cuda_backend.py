@@ -1,6 +1,8 @@
-"""The `cuda` backend (csrc/cuda: CUDA per-token passes around cuBLAS GEMMs) on a GPU.
+"""The `cuda` backend's own cases (csrc/cuda: CUDA per-token passes around cuBLAS GEMMs)
+on a GPU. What every backend must do (the accuracy table, special cases, strided and
+empty inputs) is in the shared suites, which run for `cuda` with OMOE_TEST_DEVICE=cuda.
 
-Every check compares with the float64 evaluation of SPEC §1 (conftest.oracle) or, where
+Every check here compares with the float64 evaluation of docs/contract.md §1 (conftest.oracle) or, where
 noted, with the compiled CPU ops in float64 (the same algorithm, so differences are
 kernel bugs). Shapes cover each compile-time bound on the active experts (k ≤ 4, 8, 16,
 32), both scratch placements (stack for k ≤ 4, global workspace above) and grids where
@@ -12,9 +14,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import (ACCURACY_ROWS, VARIANTS, assert_finite, assert_matches_oracle,
-                      assert_rel_close, make_problem, oracle, poison_allocator, random_grad,
-                      run_backend)
+from conftest import (
+    ACCURACY_ROWS,
+    ACCURACY_SHAPE,
+    assert_finite,
+    assert_matches_oracle,
+    assert_rel_close,
+    make_problem,
+    poison_allocator,
+    random_grad,
+    run_backend,
+)
 from omoe_kernels.ops import compiled
 
 CUDA = torch.device("cuda")
@@ -25,26 +35,16 @@ pytestmark = pytest.mark.skipif(
            f"(cuda available: {torch.cuda.is_available()}, "
            f"extension: {compiled.LOAD_ERROR or 'loaded'})")
 
-SHAPE = (48, 40, 36, 4, 4)  # T, d_in, d_out, E, r (as in test_accuracy.py)
+SHAPE = ACCURACY_SHAPE  # T, d_in, d_out, E, r
 
 
 @pytest.fixture(autouse=True)
 def _ieee_fp32():
-    """SPEC §2's fp32 rows mean IEEE fp32 GEMMs."""
+    """docs/contract.md §2's fp32 rows mean IEEE fp32 GEMMs."""
     saved = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32 = saved
-
-
-@pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("row", list(ACCURACY_ROWS))
-def test_accuracy_rows(row, variant):
-    dtype, collapse, fwd_tol, grad_tol = ACCURACY_ROWS[row]
-    options, with_router_input = VARIANTS[variant]
-    problem = make_problem(*SHAPE, dtype=dtype, collapse=collapse, seed=11, device=CUDA,
-                           with_router_input=with_router_input)
-    assert_matches_oracle(problem, "cuda", fwd_tol, grad_tol, scaling=0.75, **options)
 
 
 # (E, top_k): k = 1, 2, 4 (stack scratch), 5, 8, 12, 16, 17, 32 (global workspace).
@@ -93,39 +93,6 @@ def test_raw_ops_write_every_output_element():
     torch.cuda.synchronize()
 
 
-def test_special_cases():
-    # B = 0 adds exactly 0 with finite, non-zero grad B; two identical experts stay finite.
-    zero = make_problem(*SHAPE, seed=2, device=CUDA, zero_B=True)
-    grad_y = random_grad((SHAPE[0], SHAPE[2]), torch.float32, CUDA)
-    y, grads = run_backend(zero, "cuda", grad_y)
-    assert torch.equal(y, zero.base_out)
-    for name, g in grads.items():
-        assert_finite(g, f"grad {name}")
-    assert grads["B"].abs().sum() > 0
-    twins = make_problem(*SHAPE, seed=2, device=CUDA, identical_experts=True)
-    y, grads = run_backend(twins, "cuda", grad_y)
-    assert_finite(y, "y")
-    for name, g in grads.items():
-        assert_finite(g, f"grad {name}")
-
-
-def test_non_contiguous_and_empty_inputs():
-    problem = make_problem(*SHAPE, seed=4, device=CUDA)
-    strided = problem.replace(x=problem.x.t().contiguous().t(),
-                              A=problem.A.transpose(1, 2).contiguous().transpose(1, 2))
-    assert not strided.x.is_contiguous()
-    grad_y = random_grad((SHAPE[0], SHAPE[2]), torch.float32, CUDA)
-    y, grads = run_backend(strided, "cuda", grad_y)
-    y_ref, grads_ref = oracle(problem, grad_y)
-    assert_rel_close(y, y_ref, 1e-5, "y")
-    for name, g in grads.items():
-        assert_rel_close(g, grads_ref[name], 1e-4, f"grad {name}")
-    p = make_problem(0, 8, 6, 3, 2, device=CUDA)
-    y, h, logits = torch.ops.omoe.forward(p.x, p.A, p.B, p.router_weight, None, None, 1.0, 3,
-                                          True, True, 1e-6)
-    assert y.shape == (0, 6) and h.shape == (0, 6) and logits.shape == (0, 3)
-
-
 # Bad arguments of omoe::forward, each made from good ones (see _forward_args).
 BAD_FORWARD_ARGS = {
     "x d_in": lambda a: {"x": a["x"][:, :-1].contiguous()},
@@ -150,7 +117,7 @@ def _forward_args(p, **changes):
 
 @pytest.mark.parametrize("what", list(BAD_FORWARD_ARGS))
 def test_forward_op_checks_inputs_before_launching(what):
-    # SPEC §4: torch.ops.* with bad inputs raise (TORCH_CHECK) and launch nothing on them.
+    # docs/contract.md §4: torch.ops.* with bad inputs raise (TORCH_CHECK) and launch nothing on them.
     p = make_problem(*SHAPE, seed=6, device=CUDA)
     good = dict(zip(("x", "A", "B", "router_weight"), (p.x, p.A, p.B, p.router_weight)))
     with pytest.raises(RuntimeError, match="omoe"):
@@ -171,7 +138,7 @@ def test_backward_op_checks_inputs_before_launching():
     torch.cuda.synchronize()
 
 
-# SPEC §6 shapes at full size (T, d, E, r, top_k, row).
+# docs/contract.md §6 shapes at full size (T, d, E, r, top_k, row).
 REAL_SIZE = [
     (8192, 4096, 4, 16, None, "bf16-random"),   # llama7b
     (8192, 4096, 8, 16, 2, "bf16-random"),      # llama7b-top2

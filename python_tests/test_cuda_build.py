@@ -187,7 +187,7 @@ def test_cmake_driver_runs_forward_backward_on_cpu(cmake_build):
     assert re.search(r"forward [\d.]+ ms, backward [\d.]+ ms", proc.stdout), proc.stdout
     errors = dict(re.findall(r"(\w+) ([\d.e+-]+)(?:,|$)", proc.stdout.split("CPU float64:")[1]))
     assert set(errors) == {"y", "grad_x", "grad_A", "grad_B", "grad_router_weight"}, errors
-    for name, err in errors.items():  # fp32 against float64, SPEC §2's random fp32 row
+    for name, err in errors.items():  # fp32 against float64, docs/contract.md §2's random fp32 row
         assert float(err) <= (1e-5 if name == "y" else 1e-4), (name, err)
     bad = subprocess.run([str(driver), "--shape", "nope"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown shape" in bad.stderr

@@ -1,4 +1,4 @@
-"""The swap-in API (SPEC §3): inject, adapter_state_dict, save_adapter, load_adapter,
+"""The swap-in API (docs/contract.md §3): inject, adapter_state_dict, save_adapter, load_adapter,
 remove — on a plain nn.Module and on a real Hugging Face model (all-MiniLM-L6-v2)."""
 from __future__ import annotations
 

@@ -42,3 +42,35 @@ def test_problems_flags_spills_and_missing_wgmma():
     assert problems(no_wgmma, 90) == ["no wgmma"]
     assert problems(no_wgmma, 80) == []          # sm_80 has no wgmma to ask for
     assert problems(KernelResult(gemm), 90) == ["no ptxas report", "no wgmma"]
+
+
+def test_unknown_only_name_lists_the_valid_names():
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "omoe_kernels.kernel_report", "--only", "BADNAME"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "'BADNAME' matches no kernel" in proc.stderr, proc.stderr[-3000:]
+    for kernel in ("shrink", "matmul", "token_forward", "token_backward", "gram_grad"):
+        assert f"\n  {kernel}" in proc.stderr, f"{kernel} not listed"
+
+
+def test_report_compiles_the_launchers_configs():
+    """kernel_report reads its configs from ops/triton_configs.py, like the launchers."""
+    pytest.importorskip("triton")
+    from omoe_kernels.kernel_report import kernel_specs
+    from omoe_kernels.ops import triton_configs as C
+    from omoe_kernels.ops import triton_omoe
+
+    specs = {s.name: s for s in kernel_specs()}
+    expand = specs["matmul[bf16] expand base+s·Z·Bᵀ"]
+    cfg = C.matmul_default_config(C.DOT_BF16, 4096)
+    assert (expand.num_warps, expand.num_stages) == (cfg["num_warps"], cfg["num_stages"])
+    assert all(expand.args[k] == cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"))
+    L = triton_omoe.layout(16, 8)
+    flags = C.token_flags(L, 2, True, True, backward=True)
+    backward = specs["token_backward[wide]"]
+    assert backward.num_warps == flags["num_warps"] and backward.args["BT"] == flags["BT"]
+    assert backward.num_stages == C.TOKEN_STAGES
+    assert specs["gram_grad[wide]"].args["BLOCK_T"] == C.gram_grad_block(L)

@@ -1,4 +1,4 @@
-"""OMoELinear (SPEC §3): frozen base, parameters and their shapes, scaling = alpha / rank,
+"""OMoELinear (docs/contract.md §3): frozen base, parameters and their shapes, scaling = alpha / rank,
 output = base at init, dropout on the adapter input only (the router reads undropped x).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-// omoe_driver: runs the compiled omoe ops (forward, then backward) at a SPEC §6 shape and
+// omoe_driver: runs the compiled omoe ops (forward, then backward) at a docs/contract.md §6 shape and
 // prints their median times, so the kernels can be profiled on their own:
 //
 //   nsys profile -o omoe ./omoe_driver --shape llama7b
@@ -36,7 +36,7 @@ struct Shape {
   at::ScalarType dtype;
 };
 
-// SPEC §6.
+// docs/contract.md §6.
 const Shape kShapes[] = {
     {"cpu", 4096, 1024, 4, 16, 4, at::kFloat},
     {"llama7b", 8192, 4096, 4, 16, 4, at::kBFloat16},

@@ -27,12 +27,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# DOT_KIND values: how the matmul operands are multiplied.
-DOT_FP32_IEEE = 0
-DOT_FP32_TF32 = 1
-DOT_FP16 = 2
-DOT_BF16 = 3
-DOT_FP64 = 4
+# The DOT_KIND values live in triton_configs.py (the launchers also read them as K.DOT_*).
+from .triton_configs import DOT_BF16, DOT_FP16, DOT_FP32_IEEE, DOT_FP32_TF32, DOT_FP64
+
+# The same values as compile-time constants for the kernel bodies: a @triton.jit
+# function can only read module globals that are tl.constexpr.
+KIND_FP32_IEEE: tl.constexpr = tl.constexpr(DOT_FP32_IEEE)
+KIND_FP32_TF32: tl.constexpr = tl.constexpr(DOT_FP32_TF32)
+KIND_FP16: tl.constexpr = tl.constexpr(DOT_FP16)
+KIND_BF16: tl.constexpr = tl.constexpr(DOT_BF16)
+KIND_FP64: tl.constexpr = tl.constexpr(DOT_FP64)
 
 
 @triton.jit
@@ -40,11 +44,11 @@ def _to_compute(v, DOT_KIND: tl.constexpr, UPCAST: tl.constexpr):
     """A loaded operand in the dtype its dot runs in."""
     if UPCAST:
         return v.to(tl.float32)
-    elif DOT_KIND == 4:
+    elif DOT_KIND == KIND_FP64:
         return v.to(tl.float64)
-    elif DOT_KIND == 3:
+    elif DOT_KIND == KIND_BF16:
         return v.to(tl.bfloat16)
-    elif DOT_KIND == 2:
+    elif DOT_KIND == KIND_FP16:
         return v.to(tl.float16)
     else:
         return v.to(tl.float32)
@@ -52,7 +56,7 @@ def _to_compute(v, DOT_KIND: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _split_hi(v, DOT_KIND: tl.constexpr):
-    if DOT_KIND == 3:
+    if DOT_KIND == KIND_BF16:
         return v.to(tl.bfloat16)
     else:
         return v.to(tl.float16)
@@ -60,7 +64,7 @@ def _split_hi(v, DOT_KIND: tl.constexpr):
 
 @triton.jit
 def _split_lo(v, hi, DOT_KIND: tl.constexpr):
-    if DOT_KIND == 3:
+    if DOT_KIND == KIND_BF16:
         return (v - hi.to(tl.float32)).to(tl.bfloat16)
     else:
         return (v - hi.to(tl.float32)).to(tl.float16)
@@ -84,13 +88,13 @@ def _dot_acc(a, b, acc, SPLIT_A: tl.constexpr, SPLIT_B: tl.constexpr, DOT_KIND: 
     if UPCAST:
         # Interpreter with bf16 data: the interpreter cannot do bf16 arithmetic.
         acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    elif DOT_KIND == 4:
+    elif DOT_KIND == KIND_FP64:
         acc = tl.dot(a.to(tl.float64), b.to(tl.float64), acc)
-    elif DOT_KIND == 0:
+    elif DOT_KIND == KIND_FP32_IEEE:
         acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    elif DOT_KIND == 1:
+    elif DOT_KIND == KIND_FP32_TF32:
         acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32")
-    elif SPLIT_A and DOT_KIND == 2:
+    elif SPLIT_A and DOT_KIND == KIND_FP16:
         # fp16: scale each row of the chunk by a power of 2 into [-2, 2] first (fp16 tops
         # out at 65504; Z grows like κ / ‖e‖), and undo it on the partial product. Exact.
         a32 = a.to(tl.float32)
@@ -102,7 +106,7 @@ def _dot_acc(a, b, acc, SPLIT_A: tl.constexpr, SPLIT_B: tl.constexpr, DOT_KIND: 
         part = tl.dot(a_hi, b16)
         part = tl.dot(a_lo, b16, part)
         acc += part * unscale[:, None]
-    elif SPLIT_B and DOT_KIND == 2:
+    elif SPLIT_B and DOT_KIND == KIND_FP16:
         b32 = b.to(tl.float32)
         scale, unscale = _pow2_scales(tl.max(tl.abs(b32), axis=0))
         b32 = b32 * scale[None, :]
@@ -162,7 +166,7 @@ def shrink_kernel(x_ptr, r_ptr, a_ptr, w_ptr, h_ptr, l_ptr,
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_e = tl.arange(0, BLOCK_E)
     offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
-    ACC = tl.float64 if DOT_KIND == 4 else tl.float32
+    ACC = tl.float64 if DOT_KIND == KIND_FP64 else tl.float32
     acc_h = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     acc_l = tl.zeros((BLOCK_M, BLOCK_E), dtype=ACC)
     row_ok = offs_m[:, None] < T
@@ -224,7 +228,7 @@ def matmul_kernel(a_ptr, b_ptr, c_ptr, add_ptr,
     offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
     k_begin = pid_s * k_per_split
     k_end = tl.minimum(K, k_begin + k_per_split)
-    ACC = tl.float64 if DOT_KIND == 4 else tl.float32
+    ACC = tl.float64 if DOT_KIND == KIND_FP64 else tl.float32
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     m_ok = offs_m[:, None] < M
     n_ok = offs_n[None, :] < N
@@ -312,7 +316,7 @@ def _token_forward(h3, logits, g_ptr, E, top_k, eps,
     SC = S C_i rows, P[:, i, j] = p/n of step (i, j), nsq[:, j] = max(<v_j, v_j>, 0) (NaN kept).
     MGS runs right-looking: at step j, row j is final, it is normalized and projected out
     of every later row at once. Each row sees the same operations in the same order as
-    SPEC §1's loop.
+    docs/contract.md §1's loop.
     """
     e2 = tl.arange(0, EP)[None, :]
     i3 = tl.arange(0, EP)[None, :, None]

@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from .._validate import Problem
+from . import triton_configs as C
 from .registration import (BACKWARD_SCHEMA, FORWARD_SCHEMA, OpFamily, accumulate_dtype, call_forward, check_backward_args,
                            check_forward_args, register_family)
 
@@ -145,35 +146,7 @@ def _num_sms(device: torch.device) -> int:
     return _SMS
 
 
-def matmul_default_config(kind: int, N: int) -> dict:
-    """The fixed GPU config of matmul_kernel (also what kernel_report compiles)."""
-    if kind in (K.DOT_BF16, K.DOT_FP16):
-        block_n = 64 if N <= 64 else 128
-        return dict(BLOCK_M=128, BLOCK_N=block_n, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
-    if kind == K.DOT_FP32_TF32:
-        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2)
-
-
-def shrink_default_config(kind: int, ERP: int) -> dict:
-    block_n = min(ERP, 256 if kind in (K.DOT_BF16, K.DOT_FP16) else 128)
-    if kind in (K.DOT_BF16, K.DOT_FP16):
-        # BLOCK_M 64: T = 8192 gives 128 programs, about one per SM (128 would leave half
-        # the SMs idle on a pass that is bound by reading x).
-        return dict(BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=64, num_warps=4 if block_n <= 128 else 8,
-                    num_stages=4)
-    return dict(BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=32, num_warps=4, num_stages=2)
-
-
-_INTERPRET_MATMUL = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
-
-
-def token_block(L: Layout) -> int:
-    """Tokens per program of the per-token kernels: keeps the [BT, EP, RP, RP] Gram
-    product and the [BT, EP, EP] MGS state at a few thousand float64 values."""
-    bt = max(1, min(4096 // (L.ERP * L.RP), 512 // (L.EP * L.EP)))
-    return 1 << (bt.bit_length() - 1)
-
+# The configs themselves are in triton_configs.py (kernel_report compiles the same ones).
 
 _AUTOTUNED = {}
 
@@ -183,26 +156,15 @@ def _autotuned(name: str):
     if name in _AUTOTUNED:
         return _AUTOTUNED[name]
     if name == "matmul":
-        configs = [
-            triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-                                     (128, 256, 64, 8, 3), (64, 64, 64, 4, 4)]
-        ]
-        fn = triton.autotune(configs, key=["M", "N", "K", "k_per_split", "HAS_ADD", "SPLIT_A",
-                                            "SPLIT_B", "DOT_KIND"])(K.matmul_kernel)
+        fn = triton.autotune(C.autotuned_configs("matmul"), key=C.MATMUL_AUTOTUNE_KEY)(K.matmul_kernel)
     else:
-        configs = [
-            triton.Config(dict(BLOCK_M=bm, BLOCK_K=bk), num_warps=w, num_stages=s)
-            for bm, bk, w, s in [(128, 64, 8, 3), (64, 64, 4, 4), (128, 128, 8, 2), (64, 128, 4, 3)]
-        ]
-        fn = triton.autotune(configs, key=["T", "D", "N", "E", "SEPARATE_ROUTER", "DOT_KIND",
-                                            "BLOCK_N", "BLOCK_E"])(K.shrink_kernel)
+        fn = triton.autotune(C.autotuned_configs("shrink"), key=C.SHRINK_AUTOTUNE_KEY)(K.shrink_kernel)
     _AUTOTUNED[name] = fn
     return fn
 
 
 def _use_autotune(kind: int, device: torch.device) -> bool:
-    return device.type == "cuda" and not fixed_config() and kind in (K.DOT_BF16, K.DOT_FP16, K.DOT_FP32_TF32)
+    return device.type == "cuda" and not fixed_config() and kind in C.SIXTEEN_BIT_KINDS + (C.DOT_FP32_TF32,)
 
 
 # ----------------------------------------------------------------------------------------
@@ -221,7 +183,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, out_dtype: torch.dtype, kind: in
     N = b.shape[1]
     device = a.device
     interp = interpreting()
-    default = _INTERPRET_MATMUL if interp else matmul_default_config(kind, N)
+    default = C.INTERPRET_MATMUL if interp else C.matmul_default_config(kind, N)
     splits = 1
     if long_k:
         tiles = triton.cdiv(M, default["BLOCK_M"]) * triton.cdiv(N, default["BLOCK_N"])
@@ -278,18 +240,16 @@ def shrink(x: torch.Tensor, router_input: Optional[torch.Tensor], A_pad: torch.T
     logits = _empty((T, L.num_experts), x.device, acc)
     r = router_input if router_input is not None else x
     if interpreting():
-        cfg = dict(BLOCK_M=32, BLOCK_N=L.ERP if token is not None else min(L.ERP, 64), BLOCK_K=32)
+        cfg = C.interpret_shrink_config(L.ERP, fuse_token=token is not None)
     else:
-        cfg = shrink_default_config(kind, L.ERP)
-        if token is not None:
-            cfg = dict(cfg, BLOCK_N=L.ERP)
+        cfg = C.shrink_default_config(kind, L.ERP, fuse_token=token is not None)
     z = None
     token_args, token_flags = (h, h, 0, 0.0, 0), {}
     if token is not None:
         z = _empty((T, L.ERP), x.device, acc)
         G = token["G"]
         token_args = (G if G is not None else h, z, token["top_k"], float(token["eps"]), z.stride(0))
-        token_flags = _token_flags(L, token["top_k"], token["orthogonalize"], token["normalize"])
+        token_flags = C.token_flags(L, token["top_k"], token["orthogonalize"], token["normalize"])
         token_flags.pop("num_warps")
         # The epilogue must stay inside the program's own rows (another program's H rows
         # may not be written yet).
@@ -312,24 +272,14 @@ def shrink(x: torch.Tensor, router_input: Optional[torch.Tensor], A_pad: torch.T
     return h, logits, z
 
 
-def _token_flags(L: Layout, top_k: int, orthogonalize: bool, normalize: bool,
-                 backward: bool = False) -> dict:
-    bt = token_block(L)
-    # More threads where 4 warps spill: 16+ experts (the [BT, EP, EP] state), and the
-    # backward's full [BT, E·r, r] Gram product (triton 3.6 spills it at llama7b's E=4, r=16).
-    wide = L.EP >= 16 or (backward and bt * L.ERP * L.RP >= 4096)
-    return dict(TOP_K_ROUTING=top_k < L.num_experts, ORTHOGONALIZE=orthogonalize,
-                NORMALIZE=normalize, BT=bt, EP=L.EP, RP=L.RP, ERP=L.ERP,
-                num_warps=8 if wide else 4)
-
-
 def token_forward(h, logits, G, L: Layout, top_k, orthogonalize, normalize, eps):
     T = h.shape[0]
     z = _empty(h.shape, h.device, h.dtype)
-    flags = _token_flags(L, top_k, orthogonalize, normalize)
+    flags = C.token_flags(L, top_k, orthogonalize, normalize)
     grid = (triton.cdiv(T, flags["BT"]),)
     K.token_forward_kernel[grid](h, logits, G if G is not None else h, z, T, L.num_experts, top_k, float(eps),
-                                 h.stride(0), logits.stride(0), z.stride(0), **flags)
+                                 h.stride(0), logits.stride(0), z.stride(0),
+                                 num_stages=C.TOKEN_STAGES, **flags)
     return z
 
 
@@ -339,13 +289,13 @@ def token_backward(h, logits, G, dz, L: Layout, top_k, orthogonalize, normalize,
     z = _empty(h.shape, h.device, h.dtype)
     dhl = _empty((T, L.NW), h.device, h.dtype)
     ds = _empty((T, L.EP * L.EP), h.device, torch.float64) if orthogonalize else None
-    flags = _token_flags(L, top_k, orthogonalize, normalize, backward=True)
+    flags = C.token_flags(L, top_k, orthogonalize, normalize, backward=True)
     grid = (triton.cdiv(T, flags["BT"]),)
     K.token_backward_kernel[grid](h, logits, G if G is not None else h, dz, z, dhl,
                                   ds if ds is not None else h, T, L.num_experts, top_k,
                                   float(eps),
                                   h.stride(0), logits.stride(0), dz.stride(0), z.stride(0),
-                                  dhl.stride(0), EPL=L.EPL, **flags)
+                                  dhl.stride(0), EPL=L.EPL, num_stages=C.TOKEN_STAGES, **flags)
     return z, dhl, ds
 
 
@@ -353,8 +303,7 @@ def gram_grad(h, ds, L: Layout) -> torch.Tensor:
     """dG [ERP, ERP] float64 from dS, summed over tokens."""
     T = h.shape[0]
     E = L.num_experts
-    block_t = max(1, min(64, 4096 // (L.RP * L.RP)))
-    block_t = 1 << (block_t.bit_length() - 1)
+    block_t = C.gram_grad_block(L)
     if interpreting():
         splits = min(2, triton.cdiv(T, block_t))
     else:
@@ -363,7 +312,8 @@ def gram_grad(h, ds, L: Layout) -> torch.Tensor:
     splits = triton.cdiv(T, per_split)
     partial = torch.zeros((splits, L.ERP, L.ERP), device=h.device, dtype=torch.float64)
     K.gram_grad_kernel[(E, E, splits)](h, ds, partial, T, per_split, h.stride(0),
-                                       EP=L.EP, RP=L.RP, ERP=L.ERP, BLOCK_T=block_t, num_warps=4)
+                                       EP=L.EP, RP=L.RP, ERP=L.ERP, BLOCK_T=block_t,
+                                       num_warps=C.GRAM_GRAD_WARPS, num_stages=C.TOKEN_STAGES)
     return partial.sum(0)
 
 
@@ -462,7 +412,7 @@ if AVAILABLE:
 
 
 def omoe_lora_triton(x2d, A, B, router_weight, router_input2d, base2d, problem: Problem):
-    """The backend function of SPEC §3 (see functional.omoe_lora)."""
+    """The backend function of docs/contract.md §3 (see functional.omoe_lora)."""
     if not AVAILABLE:
         raise RuntimeError(f"the triton backend is unavailable: {IMPORT_ERROR}")
     return call_forward(FAMILY, x2d, A, B, router_weight, router_input2d, base2d, problem)

@@ -1,0 +1,111 @@
+"""Launch configurations of the Triton kernels, in one place.
+
+The launchers (`triton_omoe.py`) and the ahead-of-time resource report
+(`kernel_report.py`) both read these functions, so the report compiles exactly what runs.
+Nothing here imports triton except the autotune lists, which are built on demand.
+
+`L` below is a `triton_omoe.Layout` (padded expert layout: EP, RP, ERP, EPL).
+"""
+from __future__ import annotations
+
+# DOT_KIND values: how the matmul operands are multiplied. The launchers pass these plain
+# ints; triton_kernels.py holds the same values as `tl.constexpr` for the kernel bodies.
+DOT_FP32_IEEE = 0
+DOT_FP32_TF32 = 1
+DOT_FP16 = 2
+DOT_BF16 = 3
+DOT_FP64 = 4
+
+SIXTEEN_BIT_KINDS = (DOT_FP16, DOT_BF16)
+
+
+# ---- GEMM kernels (matmul_kernel, shrink_kernel) --------------------------------------
+
+def matmul_default_config(kind: int, N: int) -> dict:
+    """The fixed GPU config of matmul_kernel (also the autotuner's fallback shape)."""
+    if kind in SIXTEEN_BIT_KINDS:
+        block_n = 64 if N <= 64 else 128
+        return dict(BLOCK_M=128, BLOCK_N=block_n, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+    if kind == DOT_FP32_TF32:
+        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2)
+
+
+def shrink_default_config(kind: int, ERP: int, fuse_token: bool = False) -> dict:
+    """The fixed GPU config of shrink_kernel; with the per-token epilogue fused in, one
+    program covers all ERP columns of its rows."""
+    block_n = min(ERP, 256 if kind in SIXTEEN_BIT_KINDS else 128)
+    if kind in SIXTEEN_BIT_KINDS:
+        # BLOCK_M 64: T = 8192 gives 128 programs, about one per SM (128 would leave half
+        # the SMs idle on a pass that is bound by reading x).
+        cfg = dict(BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=64, num_warps=4 if block_n <= 128 else 8,
+                   num_stages=4)
+    else:
+        cfg = dict(BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=32, num_warps=4, num_stages=2)
+    return dict(cfg, BLOCK_N=ERP) if fuse_token else cfg
+
+
+# Under TRITON_INTERPRET=1: small tiles, so that small test shapes still use several programs.
+INTERPRET_MATMUL = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
+
+
+def interpret_shrink_config(ERP: int, fuse_token: bool = False) -> dict:
+    return dict(BLOCK_M=32, BLOCK_N=ERP if fuse_token else min(ERP, 64), BLOCK_K=32)
+
+
+# Autotune candidates (GPU, 16-bit and TF32 kinds): (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
+# for matmul_kernel, (BLOCK_M, BLOCK_K, warps, stages) for shrink_kernel (its BLOCK_N is
+# fixed by shrink_default_config).
+MATMUL_AUTOTUNE = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+                   (128, 256, 64, 8, 3), (64, 64, 64, 4, 4)]
+MATMUL_AUTOTUNE_KEY = ["M", "N", "K", "k_per_split", "HAS_ADD", "SPLIT_A", "SPLIT_B", "DOT_KIND"]
+SHRINK_AUTOTUNE = [(128, 64, 8, 3), (64, 64, 4, 4), (128, 128, 8, 2), (64, 128, 4, 3)]
+SHRINK_AUTOTUNE_KEY = ["T", "D", "N", "E", "SEPARATE_ROUTER", "DOT_KIND", "BLOCK_N", "BLOCK_E"]
+
+
+def autotuned_configs(kernel: str) -> list:
+    """`triton.Config`s of the autotune candidates of "matmul" or "shrink"."""
+    import triton
+
+    if kernel == "matmul":
+        return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8),
+                              num_warps=w, num_stages=s)
+                for bm, bn, bk, w, s in MATMUL_AUTOTUNE]
+    return [triton.Config(dict(BLOCK_M=bm, BLOCK_K=bk), num_warps=w, num_stages=s)
+            for bm, bk, w, s in SHRINK_AUTOTUNE]
+
+
+# ---- per-token kernels -----------------------------------------------------------------
+
+def token_block(L) -> int:
+    """Tokens per program of the per-token kernels: keeps the [BT, EP, RP, RP] Gram
+    product and the [BT, EP, EP] MGS state at a few thousand float64 values."""
+    bt = max(1, min(4096 // (L.ERP * L.RP), 512 // (L.EP * L.EP)))
+    return 1 << (bt.bit_length() - 1)
+
+
+def token_flags(L, top_k: int, orthogonalize: bool, normalize: bool,
+                backward: bool = False) -> dict:
+    """Compile-time flags and num_warps of token_forward_kernel / token_backward_kernel."""
+    bt = token_block(L)
+    # More threads where 4 warps spill: 16+ experts (the [BT, EP, EP] state), and the
+    # backward's full [BT, E·r, r] Gram product (triton 3.6 spills it at llama7b's E=4, r=16).
+    wide = L.EP >= 16 or (backward and bt * L.ERP * L.RP >= 4096)
+    return dict(TOP_K_ROUTING=top_k < L.num_experts, ORTHOGONALIZE=orthogonalize,
+                NORMALIZE=normalize, BT=bt, EP=L.EP, RP=L.RP, ERP=L.ERP,
+                num_warps=8 if wide else 4)
+
+
+# num_stages of the per-token kernels and gram_grad: Triton's CUDA default, passed
+# explicitly so the report compiles the same (their loops have no loads to pipeline:
+# sm_90a code is identical at 1 and 3 stages).
+TOKEN_STAGES = 3
+
+
+def gram_grad_block(L) -> int:
+    """Tokens per loop step of gram_grad_kernel (a power of 2, at most 64)."""
+    block_t = max(1, min(64, 4096 // (L.RP * L.RP)))
+    return 1 << (block_t.bit_length() - 1)
+
+
+GRAM_GRAD_WARPS = 4
