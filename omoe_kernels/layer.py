@@ -125,6 +125,28 @@ def _load_state_dict_with_base_keys(module: "OMoELinear", state_dict, prefix: st
 _state_dict_with_base_keys._from_public_api = True  # what register_state_dict_post_hook sets
 
 
+def _is_ao_quantized_linear(module: nn.Module) -> bool:
+    """A torch.ao (dynamic) quantized Linear: its op has no autograd formula."""
+    return (type(module).__module__.startswith("torch.ao.nn.quantized")
+            and callable(getattr(module, "weight", None)))
+
+
+class _QuantizedBaseLinear(torch.autograd.Function):
+    """`base(x)` for a torch.ao quantized Linear. Its op has no autograd kernel, so autograd
+    would pass no gradient to `x` (silently); this gives x the gradient of the linear map
+    the layer computes, with the dequantized weight. The base is frozen: no weight gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        ctx.base = base
+        return base(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight = ctx.base.weight().dequantize().to(grad.dtype)
+        return grad @ weight, None
+
+
 class OMoELinear(nn.Module):
     """Drop-in replacement for an `nn.Linear` that adds OMoE-LoRA experts.
 
@@ -193,7 +215,12 @@ class OMoELinear(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(num_experts, self.out_features, rank, **factory))
         self.router_weight = nn.Parameter(torch.empty(num_experts, self.in_features, **factory))
         self.reset_parameters()
-        base.requires_grad_(False)  # last: a constructor that raises leaves `base` as it was
+        # Last: a constructor that raises leaves `base` as it was. Under a stacked adapter
+        # only the innermost base layer is frozen; the adapters' flags are set_adapter's.
+        innermost = base
+        while isinstance(innermost, OMoELinear):
+            innermost = innermost.base
+        innermost.requires_grad_(False)
         # The base layer's tensors keep their own state-dict keys (`q_proj.weight`, not
         # `q_proj.base.weight`), so a base-model loader restores them from a checkpoint of
         # the injected model; module-level functions, so the model still pickles.
@@ -224,7 +251,10 @@ class OMoELinear(nn.Module):
         return dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base_out = self.base(x)  # under autocast this runs in the autocast dtype, as usual
+        if _is_ao_quantized_linear(self.base):
+            base_out = _QuantizedBaseLinear.apply(x, self.base)
+        else:
+            base_out = self.base(x)  # under autocast this runs in the autocast dtype, as usual
         if not self.adapter_enabled:
             return base_out
         device_type = x.device.type

@@ -140,8 +140,10 @@ def _cannot_wrap(root: nn.Module, name: str, module: nn.Module, peft_layers: lis
     """Why `module` (at `name`) cannot get an adapter, or None."""
     owner = next((p for p in peft_layers if name == p or name.startswith(p + ".")), None)
     if owner is not None:
+        kind = type(root.get_submodule(owner))
         what = "is" if owner == name else f"is inside {owner!r}, which is"
-        return (f"{type(module).__name__} {what} a peft adapter layer; OMoE does not wrap "
+        return (f"{type(module).__name__} {what} a peft adapter layer "
+                f"({kind.__module__}.{kind.__qualname__}); OMoE does not wrap "
                 "another library's adapter layers: target other modules, or merge/unload "
                 "the peft adapter first")
     parent = root.get_submodule(name.rpartition(".")[0])
