@@ -361,3 +361,19 @@ def test_dynamic_quantized_linear_base():
     assert "layers.0.q_proj._packed_params._packed_params" in quantized.state_dict()
     ok.remove(quantized)
     assert torch.equal(outputs(quantized), base)
+
+
+def test_installed_hugging_face_versions_are_the_pinned_ones():
+    """The Makefile pins the versions this suite runs against; a venv outside the pins
+    means the tests no longer say anything about what `make` installs."""
+    import re
+    from importlib.metadata import version
+
+    from packaging.specifiers import SpecifierSet
+
+    makefile = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "Makefile")
+    pins = dict(re.findall(r'"([a-z]+)([<>=!~][^"]*)"', open(makefile).read().split("HF_PINS :=")[1]
+                           .splitlines()[0]))
+    assert set(pins) == {"transformers", "peft", "accelerate"}
+    for package, spec in pins.items():
+        assert version(package) in SpecifierSet(spec), (package, version(package), spec)
