@@ -377,3 +377,18 @@ def test_installed_hugging_face_versions_are_the_pinned_ones():
     assert set(pins) == {"transformers", "peft", "accelerate"}
     for package, spec in pins.items():
         assert version(package) in SpecifierSet(spec), (package, version(package), spec)
+
+
+def test_llama_example_smoke(tmp_path):
+    """examples/train_llama_omoe.py end to end at 2 Trainer steps."""
+    pytest.importorskip("transformers")
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "train_llama_omoe.py")
+    spec = importlib.util.spec_from_file_location("train_llama_omoe", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    result = example.main(["--steps", "2", "--out-dir", str(tmp_path)])
+    assert result["restored_logits_equal"] and result["disabled_equals_base"]
+    assert result["adapter_files"] == ["omoe_adapter.safetensors", "omoe_config.json"]
+    assert len(result["generated"]) == 9
