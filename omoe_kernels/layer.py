@@ -122,8 +122,6 @@ def _load_state_dict_with_base_keys(module: "OMoELinear", state_dict, prefix: st
             state_dict[prefix + "base." + rest] = state_dict.pop(key)
 
 
-_state_dict_with_base_keys._from_public_api = True  # what register_state_dict_post_hook sets
-
 
 def _is_ao_quantized_linear(module: nn.Module) -> bool:
     """A torch.ao (dynamic) quantized Linear: its op has no autograd formula."""

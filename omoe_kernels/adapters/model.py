@@ -319,9 +319,10 @@ def set_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
             layer.adapter_enabled = layer.adapter_name == name
             for tensor in ADAPTER_TENSORS:
                 getattr(layer, tensor).requires_grad_(layer.adapter_enabled)
-    state = getattr(root, STATE_ATTR)
-    state["active"] = name
-    _sync_hf_config(root, state)
+    state = getattr(root, STATE_ATTR, None)
+    if state is not None:  # None: layers built by hand, not by inject
+        state["active"] = name
+        _sync_hf_config(root, state)
     return model
 
 
