@@ -392,3 +392,25 @@ def test_llama_example_smoke(tmp_path):
     assert result["restored_logits_equal"] and result["disabled_equals_base"]
     assert result["adapter_files"] == ["omoe_adapter.safetensors", "omoe_config.json"]
     assert len(result["generated"]) == 9
+
+
+@pytest.mark.parametrize("kind", ["Linear4bit", "Linear8bitLt"])
+def test_bitsandbytes_base(kind):
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes (optional) is not installed")
+    model = net()
+    plain = model.layers[0].q_proj
+    quantized = (bnb.nn.Linear4bit(8, 8, compute_dtype=torch.float32) if kind == "Linear4bit"
+                 else bnb.nn.Linear8bitLt(8, 8, has_fp16_weights=False))
+    quantized.load_state_dict(plain.state_dict())
+    model.layers[0].q_proj = quantized.to("cpu")  # bitsandbytes quantizes on .to(device)
+    base = outputs(model)
+    ok.inject(model, r"layers\.0\.q_proj", num_experts=2, rank=2)
+    assert torch.equal(outputs(model), base)  # B = 0: exactly the quantized model
+    perturb(model, 8)
+    layer = ok.omoe_layers(model)["layers.0.q_proj"]
+    assert layer.lora_A.dtype == torch.float32
+    x = x_batch().requires_grad_(True)
+    layer(x).square().sum().backward()
+    assert layer.lora_B.grad.abs().sum() > 0 and x.grad.abs().sum() > 0
+    ok.remove(model)
+    assert type(model.layers[0].q_proj).__name__ == kind and torch.equal(outputs(model), base)
