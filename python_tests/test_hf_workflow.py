@@ -316,6 +316,11 @@ def test_inject_then_peft_needs_mark_trainable_and_saves_with_save_pretrained(tm
     restored = ok.from_pretrained(net(), tmp_path / "omoe")
     for key, tensor in ok.adapter_state_dict(model).items():
         assert torch.equal(ok.adapter_state_dict(restored)[key], tensor)
+    # peft's merge_and_unload merges its own layers and leaves the OMoE layers in place.
+    before = outputs(wrapped)
+    merged = wrapped.merge_and_unload()
+    assert sorted(ok.omoe_layers(merged)) == ["layers.0.v_proj", "layers.1.v_proj"]
+    torch.testing.assert_close(outputs(merged), before)
 
 
 # ------------------------------------------------------------------ dtype and quantized base
