@@ -238,7 +238,8 @@ def measure_q(args, data) -> None:
         f"- first step with error < 1e-3: {below[0] if below else 'not reached'}",
         f"- from this step on it stays < 1e-3: {stays if stays is not None else 'not reached'}",
         "",
-        "| step | max error | median error over (layer, token) | (layer, token) pairs with error < 1e-3 | min abs(q_i) |",
+        "| step | max error | median error over (layer, token) "
+        "| (layer, token) pairs with error < 1e-3 | min abs(q_i) |",
         "|---|---|---|---|---|",
     ]
     shown = [r for r in rows if r["step"] <= 10 or r["step"] % 10 == 0]

@@ -310,7 +310,8 @@ def test_inject_then_peft_needs_mark_trainable_and_saves_with_save_pretrained(tm
     wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
     ok.mark_trainable(wrapped)  # peft froze the OMoE parameters
     trainable = {n for n, p in wrapped.named_parameters() if p.requires_grad}
-    assert {f"base_model.model.layers.0.v_proj.{p}" for p in ("lora_A", "lora_B", "router_weight")} <= trainable
+    omoe = {f"base_model.model.layers.0.v_proj.{p}" for p in ("lora_A", "lora_B", "router_weight")}
+    assert omoe <= trainable
     assert any("lora_A.default" in n for n in trainable)
     ok.save_pretrained(wrapped, tmp_path / "omoe")  # the OMoE half, under the plain names
     restored = ok.from_pretrained(net(), tmp_path / "omoe")

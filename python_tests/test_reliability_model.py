@@ -11,6 +11,7 @@ import io
 import json
 import os
 import pickle
+import re
 
 import pytest
 import torch
@@ -209,12 +210,14 @@ MALFORMED = {
     "record_not_a_dict": (lambda t, c: (t, {**c, "layers": {n: "rank=2" for n in c["layers"]}}),
                           r"record of layer 'blocks.0.q_proj' must be a JSON object"),
     "record_field_wrong_type": (
-        lambda t, c: (t, {**c, "layers": {n: {**r, "num_experts": "3"} for n, r in c["layers"].items()}}),
+        lambda t, c: (t, {**c, "layers": {n: {**r, "num_experts": "3"}
+                                          for n, r in c["layers"].items()}}),
         r"num_experts='3'; expected int"),
     "deeply_nested_json": (lambda t, c: (t, "[" * 100_000 + "]" * 100_000), r"not valid JSON"),
     "missing_tensor": (lambda t, c: ({k: v for k, v in t.items() if k != "blocks.1.q_proj.lora_B"}, c),
                        r"lacks the adapter tensors \['blocks.1.q_proj.lora_B'\]"),
-    "integer_tensor": (lambda t, c: ({**t, "blocks.0.q_proj.lora_A": t["blocks.0.q_proj.lora_A"].to(torch.int32)}, c),
+    "integer_tensor": (lambda t, c: ({**t, "blocks.0.q_proj.lora_A":
+                                      t["blocks.0.q_proj.lora_A"].to(torch.int32)}, c),
                        r"'blocks.0.q_proj.lora_A' is torch.int32"),
 }
 
@@ -230,7 +233,7 @@ def test_malformed_adapter_file_gives_one_clear_error_and_leaves_the_model(tmp_p
     before = snapshot(injected)
     with pytest.raises(ValueError) as info:
         ok.load_adapter(injected, path)
-    assert path in str(info.value) and __import__("re").search(message, str(info.value)), str(info.value)
+    assert path in str(info.value) and re.search(message, str(info.value)), str(info.value)
     assert_unchanged(injected, before)
 
 
@@ -309,7 +312,8 @@ def test_eps_contract_q_is_unit_only_where_vv_is_much_larger_than_eps():
     B0 = torch.randn(1, 4, 2, generator=gen, dtype=torch.float64)
     router = torch.zeros(1, 6, dtype=torch.float64)
     e = B0[0] @ (A[0] @ x[0])
-    for ratio, expected in ((1.0, 0.5 ** 0.5), (1e2, (100 / 101) ** 0.5), (1e6, (1e6 / (1e6 + 1)) ** 0.5)):
+    for ratio in (1.0, 1e2, 1e6):
+        expected = (ratio / (ratio + 1)) ** 0.5  # 0.707 at <v, v> = eps
         B = B0 * (ratio * eps / (e @ e)) ** 0.5  # <v, v> = ratio * eps
         for backend in ok.available_backends(DEVICE):
             y = ok.omoe_lora(x.to(DEVICE), A.to(DEVICE), B.to(DEVICE), router.to(DEVICE), eps=eps,

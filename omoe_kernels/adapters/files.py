@@ -232,7 +232,8 @@ def _load_trainer_checkpoint(root: nn.Module, directory: str, adapter_name: str 
                          "save_pretrained) nor config.json (a Trainer checkpoint)")
     hf_config = parse_json(read_text(os.path.join(directory, "config.json")), source)
     entry = hf_config.get(HF_CONFIG_ATTR) if isinstance(hf_config, dict) else None
-    if not isinstance(entry, dict) or not isinstance(entry.get("adapters"), dict) or not entry["adapters"]:
+    adapters = entry.get("adapters") if isinstance(entry, dict) else None
+    if not isinstance(adapters, dict) or not adapters:
         raise ValueError(f"{source} has no '{HF_CONFIG_ATTR}' entry with adapters: this is not "
                          "a checkpoint of a model injected with omoe_kernels")
     names = list(entry["adapters"]) if adapter_name is None else [adapter_name]

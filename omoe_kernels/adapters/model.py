@@ -213,8 +213,8 @@ def _sync_hf_config(root: nn.Module, state: dict | None) -> None:
                        {"adapters": dict(state["adapters"]), "active": state["active"]})
 
 
-def inject(model: nn.Module, target_modules, *, adapter_name: str = "default",
-           **options) -> nn.Module:
+def inject(model: nn.Module, target_modules: OMoEConfig | list[str] | str, *,
+           adapter_name: str = "default", **options) -> nn.Module:
     """Wraps the matching linear layers of `model` in `OMoELinear` adapters, in place.
 
     `ok.inject(model, config, adapter_name="default")` with an `OMoEConfig`, or
