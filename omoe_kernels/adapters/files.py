@@ -14,8 +14,17 @@ from torch import nn
 
 from ..layer import ADAPTER_TENSORS, OMoELinear
 from .config import OMoEConfig, parse_json, read_text
-from .model import (STATE_ATTR, HF_CONFIG_ATTR, _check_model, _Rollback, adapter_layers, inject,
-                    remove, resolve_adapter_name, set_adapter)
+from .model import (
+    HF_CONFIG_ATTR,
+    STATE_ATTR,
+    _check_model,
+    _Rollback,
+    adapter_layers,
+    inject,
+    remove,
+    resolve_adapter_name,
+    set_adapter,
+)
 
 ADAPTER_FORMAT = "omoe_kernels.adapter"
 ADAPTER_FORMAT_VERSION = 1
