@@ -286,6 +286,28 @@ def test_trainer_checkpoint_loads_as_the_base_model_and_through_from_pretrained(
         assert torch.equal(ok.adapter_state_dict(resumed)[key], tensor), key
 
 
+def test_hf_checkpoint_with_two_named_adapters_restores_both(llama, tmp_path):
+    transformers, base_path = llama
+    Llama = transformers.LlamaForCausalLM
+    model = ok.inject(Llama.from_pretrained(base_path), ok.OMoEConfig(["q_proj", "v_proj"], 2, 2),
+                      adapter_name="a")
+    ok.inject(model, ok.OMoEConfig(["o_proj"], 3, 2, top_k=1), adapter_name="b")
+    perturb(model, 1, "a")
+    perturb(model, 2, "b")
+    ok.set_adapter(model, "b")
+    model.save_pretrained(tmp_path / "checkpoint")
+    restored = ok.from_pretrained(Llama.from_pretrained(base_path), tmp_path / "checkpoint")
+    assert ok.adapter_names(restored) == ["a", "b"] and ok.active_adapter(restored) == "b"
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for name in ("a", "b"):
+            ok.set_adapter(model, name)
+            ok.set_adapter(restored, name)
+            assert torch.equal(restored.eval()(ids).logits, model.eval()(ids).logits), name
+    only_b = ok.from_pretrained(Llama.from_pretrained(base_path), tmp_path / "checkpoint", "b")
+    assert ok.adapter_names(only_b) == ["b"]
+
+
 # ------------------------------------------------------------------ peft side by side
 
 def test_peft_lora_then_inject_keeps_pefts_flags_and_refuses_its_layers():
