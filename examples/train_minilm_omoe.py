@@ -160,6 +160,103 @@ def expert_diversity(model: nn.Module, input_ids, mask) -> float | None:
     return torch.stack(values).mean().item()
 
 
+@torch.no_grad()
+def orthonormality(model: nn.Module, input_ids, mask) -> dict:
+    """How far each token's q_i (docs/contract.md §1 step 4, dense routing) are from
+    orthonormal: max over layers and real tokens of max_ij |<q_i, q_j> - δ_ij|, and the
+    smallest |q_i|. At B = 0 every q_i is 0 (error 1); the q_i are unit only once
+    <v, v> >> eps (docs/integration.md, "The eps contract")."""
+    layers = ok.omoe_layers(model)
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [layer.register_forward_pre_hook(
+        lambda module, args, name=name: inputs.__setitem__(name, args[0].detach()))
+        for name, layer in layers.items()]
+    model.eval()
+    model(input_ids, mask)
+    model.train()
+    for hook in hooks:
+        hook.remove()
+    real = mask.reshape(-1).bool()
+    worst, shortest, per_token = 0.0, float("inf"), []
+    for name, layer in layers.items():
+        x = inputs[name].reshape(-1, layer.in_features)[real].double()
+        e = torch.einsum("ter,eor->teo", torch.einsum("td,erd->ter", x, layer.lora_A.double()),
+                         layer.lora_B.double())
+        qs: list[torch.Tensor] = []
+        for i in range(layer.num_experts):  # modified Gram-Schmidt, normalize=True
+            v = e[:, i]
+            for q in qs:
+                v = v - (v * q).sum(-1, keepdim=True) * q
+            qs.append(v / torch.sqrt((v * v).sum(-1, keepdim=True) + layer.eps))
+        Q = torch.stack(qs, 1)
+        gram = Q @ Q.transpose(1, 2) - torch.eye(layer.num_experts, dtype=Q.dtype)
+        worst = max(worst, gram.abs().max().item())
+        shortest = min(shortest, Q.norm(dim=-1).min().item())
+        per_token.append(gram.abs().amax(dim=(1, 2)))
+    errors = torch.cat(per_token)  # one value per (layer, token)
+    return {"max_error": worst, "min_norm": shortest,
+            "median_error": errors.median().item(),
+            "fraction_below_1e-3": (errors < 1e-3).double().mean().item()}
+
+
+def measure_q(args, data) -> None:
+    """Trains OMoE and records, per step, how far the q_i are from orthonormal."""
+    train_ids, train_mask, train_y, test_batches = data
+    model = build("omoe", args.backend, args.alpha)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    warmup = max(1, args.steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / args.steps))
+    generator = torch.Generator().manual_seed(1)
+    probe = test_batches[0][:2]
+    rows = [{"step": 0, **orthonormality(model, *probe)}]
+    for step in range(1, args.measure_q + 1):
+        idx = torch.randint(len(train_y), (args.batch_size,), generator=generator)
+        mask = train_mask[idx]
+        width = int(mask.sum(1).max())
+        loss = nn.functional.cross_entropy(model(train_ids[idx, :width], mask[:, :width]),
+                                           train_y[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        rows.append({"step": step, **orthonormality(model, *probe)})
+    below = [r["step"] for r in rows if r["max_error"] < 1e-3]
+    stays = next((r["step"] for r in rows if all(s["max_error"] < 1e-3 for s in rows
+                                                  if s["step"] >= r["step"])), None)
+    lines = [
+        "# all-MiniLM-L6-v2 + OMoE: steps until the q_i are unit and orthogonal",
+        "",
+        f"Command: `python examples/train_minilm_omoe.py --measure-q {args.measure_q} --steps "
+        f"{args.steps} --lr {args.lr} --alpha {args.alpha:g}` (the training run's schedule; "
+        f"eps = 1e-6, dense routing, E={NUM_EXPERTS}, r={EXPERT_RANK}, torch {torch.__version__}, CPU).",
+        "",
+        "Error = max over the 36 layers and the real tokens of the first test batch of "
+        "max_ij |<q_i, q_j> - δ_ij|, in float64 from the layer's parameters.",
+        "",
+        f"- first step with error < 1e-3: {below[0] if below else 'not reached'}",
+        f"- from this step on it stays < 1e-3: {stays if stays is not None else 'not reached'}",
+        "",
+        "| step | max error | median error over (layer, token) "
+        "| (layer, token) pairs with error < 1e-3 | min abs(q_i) |",
+        "|---|---|---|---|---|",
+    ]
+    shown = [r for r in rows if r["step"] <= 10 or r["step"] % 10 == 0]
+    lines += [f"| {r['step']} | {r['max_error']:.2e} | {r['median_error']:.2e} | "
+              f"{100 * r['fraction_below_1e-3']:.1f}% | {r['min_norm']:.6f} |" for r in shown]
+    first_half = [r["step"] for r in rows if r["fraction_below_1e-3"] >= 0.5]
+    first_99 = [r["step"] for r in rows if r["fraction_below_1e-3"] >= 0.99]
+    summary = [f"- first step where half of the (layer, token) pairs are below 1e-3: "
+               f"{first_half[0] if first_half else 'not reached'}; 99% of them: "
+               f"{first_99[0] if first_99 else 'not reached'}"]
+    lines[8:8] = summary  # after the two "first step" lines
+    path = args.out_dir / "minilm_q_orthonormality.md"
+    path.write_text("\n".join(lines) + "\n")
+    print(f"first step with error < 1e-3: {below[0] if below else None}; stays below from "
+          f"step {stays}; wrote {path}")
+
+
 def batches_of(ids, mask, labels, size):
     return [(ids[i:i + size], mask[i:i + size], labels[i:i + size]) for i in range(0, len(labels), size)]
 
@@ -291,6 +388,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--kinds", default="omoe,mixture,lora")
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--smoke", action="store_true", help="2 steps, tiny data (for tests)")
+    parser.add_argument("--measure-q", type=int, default=0, metavar="STEPS",
+                        help="instead of the comparison: train OMoE for STEPS steps (with the "
+                        "--steps schedule) and record how far the q_i are from orthonormal")
     args = parser.parse_args(argv)
     if args.smoke:
         args.steps, args.train_size, args.test_size, args.eval_every = 2, 32, 16, 2
@@ -306,6 +406,9 @@ def main(argv=None) -> list[dict]:
     test_batches = batches_of(test_tok["input_ids"], test_tok["attention_mask"], test_y, 64)
     data = (train_tok["input_ids"], train_tok["attention_mask"], train_y, test_batches)
     print(f"example: {train_text[0]!r} -> {train_y[0].item()};  {test_text[0]!r} -> {test_y[0].item()}")
+    if args.measure_q:
+        measure_q(args, data)
+        return []
 
     results = [train(kind, args, data) for kind in args.kinds.split(",")]
     plot(results, args.out_dir / "minilm_omoe_curves.png")

@@ -3,19 +3,24 @@
     import omoe_kernels as ok
     y = ok.omoe_lora(x, A, B, router_weight, top_k=2)
     layer = ok.OMoELinear(nn.Linear(4096, 4096), num_experts=4, rank=16)
+    ok.inject(model, ok.OMoEConfig(target_modules=["q_proj", "v_proj"], num_experts=4, rank=8))
 """
 from .backends import BACKENDS, available_backends
 from .functional import omoe_lora
-from .layer import OMoELinear
+from .layer import OMoELinear, RouterStats
 
-__all__ = ["BACKENDS", "OMoELinear", "available_backends", "omoe_lora"]
+__all__ = ["BACKENDS", "OMoELinear", "RouterStats", "available_backends", "omoe_lora"]
 __version__ = "0.1.0"
-from .inject import (adapter_state_dict, inject, load_adapter, load_balancing_loss, omoe_layers,
-                     print_trainable_parameters, remove, router_stats, save_adapter,
-                     track_router_stats)
-from .layer import RouterStats
 
-__all__ += ["RouterStats", "adapter_state_dict", "inject", "load_adapter", "load_balancing_loss",
-            "omoe_layers",
-            "print_trainable_parameters", "remove", "router_stats", "save_adapter",
-            "track_router_stats"]
+from . import adapters  # noqa: E402  (after the layer it wraps)
+from .adapters import (OMoEConfig, active_adapter, adapter_names, adapter_state_dict,  # noqa: E402
+                       disable_adapters, from_pretrained, inject, load_adapter,
+                       load_balancing_loss, mark_trainable, omoe_layers,
+                       print_trainable_parameters, read_adapter_config, remove, router_stats,
+                       save_adapter, save_pretrained, set_adapter, track_router_stats)
+
+__all__ += ["OMoEConfig", "active_adapter", "adapter_names", "adapter_state_dict",
+            "adapters", "disable_adapters", "from_pretrained", "inject", "load_adapter",
+            "load_balancing_loss", "mark_trainable", "omoe_layers", "print_trainable_parameters",
+            "read_adapter_config", "remove", "router_stats", "save_adapter", "save_pretrained",
+            "set_adapter", "track_router_stats"]

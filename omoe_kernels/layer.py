@@ -49,6 +49,102 @@ class RouterStats:
         return num_experts * torch.sum(self.load / self.top_k * self.mean_prob)
 
 
+ADAPTER_TENSORS = ("lora_A", "lora_B", "router_weight")
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+_DTYPE_NAMES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+                "bfloat16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16,
+                "bf16": torch.bfloat16}
+
+
+def base_factory(base: nn.Module) -> dict:
+    """Device and dtype of a base layer's weight (or of its innermost base, for a layer that
+    already holds another adapter); raises TypeError for a module OMoE cannot wrap."""
+    while isinstance(base, OMoELinear):
+        base = base.base
+    if not isinstance(base, nn.Module):
+        raise TypeError(f"`base` must be an nn.Module, got {type(base).__name__}")
+    sizes = [getattr(base, n, None) for n in ("in_features", "out_features")]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes):
+        raise TypeError(f"`base` must be an nn.Linear or a linear-like module with int "
+                        f"`in_features`/`out_features`, got {type(base).__name__}")
+    weight = getattr(base, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        if weight.is_floating_point():
+            return {"device": weight.device, "dtype": weight.dtype}
+        if type(base).forward is nn.Linear.forward:  # F.linear cannot run an integer weight
+            raise TypeError(f"`base` is a {type(base).__name__} with a {weight.dtype} weight, "
+                            "which its forward cannot compute with; wrap a quantized module "
+                            "(e.g. torch.ao.nn.quantized.dynamic.Linear) or a float layer")
+        return {"device": weight.device, "dtype": torch.float32}
+    tensors = [t for t in (*base.parameters(), *base.buffers()) if t.is_floating_point()]
+    if tensors:
+        return {"device": tensors[0].device, "dtype": tensors[0].dtype}
+    return {"device": torch.device("cpu"), "dtype": torch.float32}  # e.g. packed int8 weights
+
+
+def resolve_adapter_dtype(adapter_dtype, base_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the adapter parameters (see `OMoELinear`)."""
+    if adapter_dtype is None:
+        return torch.float32 if base_dtype in _HALF_DTYPES else base_dtype
+    if adapter_dtype == "base":
+        return base_dtype
+    if isinstance(adapter_dtype, str) and adapter_dtype in _DTYPE_NAMES:
+        return _DTYPE_NAMES[adapter_dtype]
+    if isinstance(adapter_dtype, torch.dtype) and adapter_dtype in _DTYPE_NAMES.values():
+        return adapter_dtype
+    raise ValueError("`adapter_dtype` must be None, 'base', or one of float32, float64, "
+                     f"float16, bfloat16 (a torch.dtype or its name), got {adapter_dtype!r}")
+
+
+def _state_dict_with_base_keys(module: "OMoELinear", state_dict, prefix: str, local_metadata) -> None:
+    """`<prefix>base.<key>` -> `<prefix><key>`; own tensors -> `<prefix>omoe.<adapter>.<tensor>`."""
+    own = {prefix + t: f"{prefix}omoe.{module.adapter_name}.{t}" for t in ADAPTER_TENSORS}
+    base_prefix = prefix + "base."
+    keys = [k for k in state_dict if k.startswith(prefix)]
+    for key in keys:  # pop and re-insert all, so the keys keep their order
+        value = state_dict.pop(key)
+        if key in own:
+            key = own[key]
+        elif key.startswith(base_prefix):
+            key = prefix + key[len(base_prefix):]
+        state_dict[key] = value
+
+
+def _load_state_dict_with_base_keys(module: "OMoELinear", state_dict, prefix: str, *args) -> None:
+    """The inverse of `_state_dict_with_base_keys`; the old layout (`base.weight`,
+    `lora_A`) loads as it is."""
+    own_prefix = f"{prefix}omoe.{module.adapter_name}."
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rest = key[len(prefix):]
+        if key.startswith(own_prefix) and key[len(own_prefix):] in ADAPTER_TENSORS:
+            state_dict[prefix + key[len(own_prefix):]] = state_dict.pop(key)
+        elif rest not in ADAPTER_TENSORS and not rest.startswith("base."):
+            state_dict[prefix + "base." + rest] = state_dict.pop(key)
+
+
+
+def _is_ao_quantized_linear(module: nn.Module) -> bool:
+    """A torch.ao (dynamic) quantized Linear: its op has no autograd formula."""
+    return (type(module).__module__.startswith("torch.ao.nn.quantized")
+            and callable(getattr(module, "weight", None)))
+
+
+class _QuantizedBaseLinear(torch.autograd.Function):
+    """`base(x)` for a torch.ao quantized Linear. Its op has no autograd kernel, so autograd
+    would pass no gradient to `x` (silently); this gives x the gradient of the linear map
+    the layer computes, with the dequantized weight. The base is frozen: no weight gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        ctx.base = base
+        return base(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight = ctx.base.weight().dequantize().to(grad.dtype)
+        return grad @ weight, None
+
+
 class OMoELinear(nn.Module):
     """Drop-in replacement for an `nn.Linear` that adds OMoE-LoRA experts.
 
@@ -56,14 +152,24 @@ class OMoELinear(nn.Module):
     undropped x (docs/contract.md §1, §3). `base` is frozen; the trainable parameters are
     `lora_A` [E, r, d_in], `lora_B` [E, d_out, r] (zero at init, so the layer starts as
     `base`) and `router_weight` [E, d_in].
+
+    `base` is an `nn.Linear`, or any module that maps [..., in_features] to
+    [..., out_features] and says so in int attributes `in_features`/`out_features` (a
+    quantized linear such as `torch.ao.nn.quantized.dynamic.Linear`). `adapter_dtype`:
+    None gives float32 adapters on a float16/bfloat16 base (as peft does) and the base's
+    dtype otherwise; "base" keeps the base's dtype; a dtype (or its name) is used as is.
     """
 
-    def __init__(self, base: nn.Linear, num_experts: int, rank: int, *, alpha=None, top_k=None,
+    def __init__(self, base: nn.Module, num_experts: int, rank: int, *, alpha=None, top_k=None,
                  orthogonalize: bool = True, normalize: bool = True, eps: float = 1e-6,
-                 dropout: float = 0.0, backend: str = "auto"):
+                 dropout: float = 0.0, backend: str = "auto",
+                 adapter_dtype: torch.dtype | str | None = None, adapter_name: str = "default"):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"`base` must be an nn.Linear, got {type(base).__name__}")
+        factory = base_factory(base)  # checks `base`
+        factory["dtype"] = resolve_adapter_dtype(adapter_dtype, factory["dtype"])
+        if not isinstance(adapter_name, str) or not adapter_name.isidentifier():
+            raise ValueError("`adapter_name` must be a non-empty identifier (letters, digits, _), "
+                             f"got {adapter_name!r}")
         for name, value in (("num_experts", num_experts), ("rank", rank)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"`{name}` must be an int, got {type(value).__name__}")
@@ -87,7 +193,6 @@ class OMoELinear(nn.Module):
             raise ValueError(f"`backend` must be one of {('auto', *REGISTRY)}, got {backend!r}")
 
         self.base = base
-        base.requires_grad_(False)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.num_experts, self.rank = num_experts, rank
         self.alpha = float(alpha)
@@ -101,12 +206,26 @@ class OMoELinear(nn.Module):
         # [T, d_in] x [d_in, E] matmul per forward and keep the [T, E] logits alive.
         self.track_router_stats = False
         self._router_logits: torch.Tensor | None = None
+        # Named adapters (docs/integration.md): a second adapter on the same layer wraps
+        # this one; `adapter_enabled` False makes the layer compute exactly `base(x)`.
+        self.adapter_name = adapter_name
+        self.adapter_enabled = True
 
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.lora_A = nn.Parameter(torch.empty(num_experts, rank, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(num_experts, self.out_features, rank, **factory))
         self.router_weight = nn.Parameter(torch.empty(num_experts, self.in_features, **factory))
         self.reset_parameters()
+        # Last: a constructor that raises leaves `base` as it was. Under a stacked adapter
+        # only the innermost base layer is frozen; the adapters' flags are set_adapter's.
+        innermost = base
+        while isinstance(innermost, OMoELinear):
+            innermost = innermost.base
+        innermost.requires_grad_(False)
+        # The base layer's tensors keep their own state-dict keys (`q_proj.weight`, not
+        # `q_proj.base.weight`), so a base-model loader restores them from a checkpoint of
+        # the injected model; module-level functions, so the model still pickles.
+        self.register_state_dict_post_hook(_state_dict_with_base_keys)
+        self.register_load_state_dict_pre_hook(_load_state_dict_with_base_keys)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -132,7 +251,12 @@ class OMoELinear(nn.Module):
         return dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base_out = self.base(x)  # under autocast this runs in the autocast dtype, as usual
+        if _is_ao_quantized_linear(self.base):
+            base_out = _QuantizedBaseLinear.apply(x, self.base)
+        else:
+            base_out = self.base(x)  # under autocast this runs in the autocast dtype, as usual
+        if not self.adapter_enabled:
+            return base_out
         device_type = x.device.type
         dtype = self._compute_dtype(device_type)
         # Casting the parameters is differentiable: gradients reach the fp32 masters.

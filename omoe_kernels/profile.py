@@ -1,8 +1,8 @@
 """Profile one OMoELinear layer, stage by stage: `python -m omoe_kernels.profile`.
 
 Two executions of the same layer run under `torch.profiler`, each with named ranges
-(`torch.profiler.record_function`); both land in one Chrome trace, and the time per range
-is printed.
+(`torch.profiler.record_function`); the time per range is printed, and with `--trace PATH`
+both land in one Chrome trace.
 
 1. `fused` — the layer as users run it (the backend `--backend` resolves to):
    - `omoe.fused.forward.base`      the frozen nn.Linear
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from collections import defaultdict
 
 import torch
@@ -155,26 +156,48 @@ def check_staged(layer: OMoELinear, x: torch.Tensor) -> tuple[float, float]:
     return _rel_err(y_staged, y_ref), _rel_err(x1.grad, x2.grad)
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # as bench's
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help keeps the module docstring's layout and shows every option's default."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m omoe_kernels.profile", formatter_class=_HelpFormatter,
+        description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n", 1)[1],
+        epilog="Example: python -m omoe_kernels.profile --tokens 8192 --d-in 4096 --d-out 4096 "
+               "--experts 8 --rank 16 --top-k 2 --dtype bf16 --trace trace.json")
+    parser.add_argument("--tokens", type=int, default=4096, help="T, tokens per call")
+    parser.add_argument("--d-in", type=int, default=1024, help="input features of the base linear")
+    parser.add_argument("--d-out", type=int, default=1024, help="output features of the base linear")
+    parser.add_argument("--experts", type=int, default=4, help="E, number of experts")
+    parser.add_argument("--rank", type=int, default=16, help="r, rank of each expert")
+    parser.add_argument("--top-k", type=int, default=None,
+                        help="experts per token; None: dense routing (all E)")
+    parser.add_argument("--dtype", default="fp32", choices=tuple(DTYPES),
+                        help="dtype of the base layer, the adapter and the input (bench's names)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        choices=("cpu", "cuda"), help="where to run (cuda when available)")
+    parser.add_argument("--backend", default="auto", help="omoe_lora backend of the fused path")
+    parser.add_argument("--iters", type=int, default=5, help="profiled iterations (mean reported)")
+    parser.add_argument("--trace", default=None, metavar="PATH",
+                        help="also write a Chrome trace (chrome://tracing, ui.perfetto.dev) to PATH")
+    return parser.parse_args(argv)
+
+
 def main(argv=None) -> dict:
     """Returns the time per range (ms per iteration) and the staged path's error."""
-    parser = argparse.ArgumentParser(description="Profile OMoELinear stage by stage.")
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--d-in", type=int, default=1024)
-    parser.add_argument("--d-out", type=int, default=1024)
-    parser.add_argument("--experts", type=int, default=4)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--backend", default="auto")
-    parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--trace", default="omoe_profile_trace.json")
-    args = parser.parse_args(argv)
-
+    args = parse_args(argv)
+    if args.device == "cpu":
+        # Kineto logs an ERROR line when it finds no GPU; a CPU profile needs none.
+        os.environ.setdefault("KINETO_LOG_LEVEL", "5")
     torch.manual_seed(0)
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
     base = nn.Linear(args.d_in, args.d_out, device=device, dtype=dtype)
-    layer = OMoELinear(base, args.experts, args.rank, top_k=args.top_k, backend=args.backend)
+    layer = OMoELinear(base, args.experts, args.rank, top_k=args.top_k, backend=args.backend,
+                       adapter_dtype="base")  # profile the kernels in --dtype
     with torch.no_grad():  # trained-looking B, so the orthogonalization does real work
         layer.lora_B.normal_(0, 1 / math.sqrt(args.rank))
     x = torch.randn(args.tokens, args.d_in, device=device, dtype=dtype, requires_grad=True)
@@ -204,7 +227,8 @@ def main(argv=None) -> dict:
                 step(forward, tag)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-    prof.export_chrome_trace(args.trace)
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
 
     totals: dict[str, float] = defaultdict(float)
     for event in prof.key_averages():
@@ -232,7 +256,8 @@ def main(argv=None) -> dict:
         for stage in stages:
             if stage in totals:
                 print(f"{'fused':<7} {direction:<9} {stage + ' (inside the op)':<56} {totals[stage]:9.2f}")
-    print(f"\nChrome trace: {args.trace} (open in chrome://tracing or https://ui.perfetto.dev)")
+    if args.trace:
+        print(f"\nChrome trace: {args.trace} (open in chrome://tracing or https://ui.perfetto.dev)")
     return {"ms_per_iter": dict(totals), "staged_rel_err": {"forward": err_y, "grad_x": err_dx}}
 
 

@@ -56,13 +56,16 @@ def test_scaling_is_alpha_over_rank(alpha, expected):
     assert layer.scaling == expected
 
 
+@pytest.mark.parametrize("adapter_dtype", [None, "base"], ids=["default", "base"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
                          ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("lead", [(7,), (2, 5)])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_output_equals_base_at_init(backend, lead, dtype):
-    layer = _layer(backend, dtype, randomize_B=False, top_k=2)
-    assert layer.lora_A.dtype == layer.lora_B.dtype == layer.router_weight.dtype == dtype
+def test_output_equals_base_at_init(backend, lead, dtype, adapter_dtype):
+    layer = _layer(backend, dtype, randomize_B=False, top_k=2, adapter_dtype=adapter_dtype)
+    # On a half-precision base the adapter defaults to float32 parameters, as peft's do.
+    expected = torch.float32 if adapter_dtype is None and dtype != torch.float32 else dtype
+    assert layer.lora_A.dtype == layer.lora_B.dtype == layer.router_weight.dtype == expected
     x = torch.randn(lead + (D_IN,), device=DEVICE, dtype=dtype)
     y = layer(x)
     assert y.dtype == dtype and y.shape == lead + (D_OUT,)
@@ -137,6 +140,13 @@ def test_base_output_uses_base_weights():
 
 
 # (argument named in the message, exception type, constructor keyword changes)
+def int8_linear(d_in: int, d_out: int) -> nn.Linear:
+    """An nn.Linear whose weight was cast to int8 (its forward cannot run)."""
+    linear = nn.Linear(d_in, d_out)
+    linear.weight = nn.Parameter(linear.weight.detach().to(torch.int8), requires_grad=False)
+    return linear
+
+
 BAD_LAYER_ARGS = {
     "base_not_linear": ("base", TypeError, dict(base=nn.Conv1d(2, 2, 1))),
     "experts_zero": ("num_experts", ValueError, dict(num_experts=0)),
@@ -154,6 +164,11 @@ BAD_LAYER_ARGS = {
     "normalize_str": ("normalize", TypeError, dict(normalize="yes")),
     "backend_int": ("backend", TypeError, dict(backend=0)),
     "backend_unknown": ("backend", ValueError, dict(backend="tpu")),
+    "adapter_dtype_int": ("adapter_dtype", ValueError, dict(adapter_dtype=torch.int8)),
+    "adapter_dtype_name": ("adapter_dtype", ValueError, dict(adapter_dtype="half precision")),
+    "adapter_name_dotted": ("adapter_name", ValueError, dict(adapter_name="a.b")),
+    "base_int8_linear": ("base", TypeError,
+                         dict(base=int8_linear(D_IN, D_OUT))),
 }
 
 

@@ -271,3 +271,33 @@ def test_profile_module_writes_trace_and_times_every_stage(tmp_path, capsys):
         assert times.get(key, 0) > 0, key
     assert trace.stat().st_size > 0 and "omoe.staged.backward.orthogonalize.mgs" in trace.read_text()
     assert "orthogonalize.gram" in capsys.readouterr().out
+
+
+def test_profile_cli_help_trace_only_when_asked_and_no_error_on_cpu(tmp_path):
+    """--help describes every option with its default; no trace file unless --trace; bench's
+    dtype names; no ERROR line from the profiler on a machine without a GPU."""
+    import subprocess
+    import sys
+
+    from omoe_kernels import profile
+
+    help_text = subprocess.run([sys.executable, "-m", "omoe_kernels.profile", "--help"],
+                               capture_output=True, text=True, check=True).stdout
+    for option in ("--tokens", "--d-in", "--d-out", "--experts", "--rank", "--top-k", "--dtype",
+                   "--device", "--backend", "--iters", "--trace"):
+        assert option in help_text, option
+    assert help_text.count("(default:") == 11, help_text
+    assert "{fp32,bf16,fp16}" in help_text
+    with pytest.raises(SystemExit):
+        profile.parse_args(["--dtype", "bfloat16"])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [os.path.dirname(os.path.dirname(os.path.abspath(profile.__file__))),
+         os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-m", "omoe_kernels.profile", "--tokens", "16",
+                          "--d-in", "16", "--d-out", "16", "--experts", "2", "--rank", "2",
+                          "--iters", "1", "--dtype", "bf16", "--device", "cpu"],
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "ERROR" not in run.stdout + run.stderr, run.stderr
+    assert "omoe.fused" not in os.listdir(tmp_path) and not os.listdir(tmp_path), os.listdir(tmp_path)
+    assert "bf16 on cpu" in run.stdout and "Chrome trace" not in run.stdout

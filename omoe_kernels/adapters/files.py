@@ -1,0 +1,288 @@
+"""Adapter files: one safetensors file (`save_adapter`), an adapter directory
+(`save_pretrained`), and loading either, or a Trainer checkpoint, back (`from_pretrained`).
+
+Loading reads safetensors and JSON only, so it never executes code from a file. Every
+check runs before the first tensor is copied: a bad file leaves the model unchanged.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from torch import nn
+
+from ..layer import ADAPTER_TENSORS, OMoELinear
+from .config import OMoEConfig, parse_json, read_text
+from .model import (
+    HF_CONFIG_ATTR,
+    STATE_ATTR,
+    _check_model,
+    _Rollback,
+    adapter_layers,
+    inject,
+    remove,
+    resolve_adapter_name,
+    set_adapter,
+)
+
+ADAPTER_FORMAT = "omoe_kernels.adapter"
+ADAPTER_FORMAT_VERSION = 1
+CONFIG_NAME = "omoe_config.json"
+WEIGHTS_NAME = "omoe_adapter.safetensors"
+# What each layer record of an adapter file holds, and the JSON types it must have.
+_RECORD_TYPES = {"num_experts": (int,), "rank": (int,), "alpha": (int, float),
+                 "top_k": (int, type(None)), "orthogonalize": (bool,), "normalize": (bool,),
+                 "eps": (int, float), "in_features": (int,), "out_features": (int,)}
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+    """Only the adapter tensors, `<target>.lora_A`, `.lora_B`, `.router_weight` (detached),
+    of one adapter (None: the active one, or the only one)."""
+    return {f"{target}.{tensor}": getattr(layer, tensor).detach()
+            for target, layer in adapter_layers(model, adapter_name).items()
+            for tensor in ADAPTER_TENSORS}
+
+
+def _layer_record(layer: OMoELinear) -> dict:
+    return {**layer.config(), "in_features": layer.in_features, "out_features": layer.out_features}
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None) -> None:
+    """Writes one adapter's tensors to a safetensors file; the layers' options (and the
+    adapter's `OMoEConfig`) go into its metadata as JSON (key "omoe_config")."""
+    from safetensors.torch import save_file
+
+    root = _check_model(model)
+    name = resolve_adapter_name(root, adapter_name)
+    layers = adapter_layers(root, name)
+    tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(root, name).items()}
+    config = {"format": ADAPTER_FORMAT, "version": ADAPTER_FORMAT_VERSION, "adapter_name": name,
+              "layers": {target: _layer_record(layer) for target, layer in layers.items()}}
+    state = getattr(root, STATE_ATTR, None)
+    if state is not None:
+        config["config"] = state["adapters"][name]
+    save_file(tensors, os.fspath(path), metadata={"omoe_config": json.dumps(config)})
+
+
+def _check_file(path, what: str = "adapter file") -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"`path` must be a str or os.PathLike, got {type(path).__name__}")
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{path!r} is a directory, not an {what}; for an adapter directory "
+                         "use omoe_kernels.from_pretrained")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path!r}: no such {what}")
+    return path
+
+
+def read_adapter_config(path: str | os.PathLike) -> dict:
+    """The metadata `save_adapter` stored in a file, checked: ValueError naming the file
+    and what is wrong with it."""
+    from safetensors import safe_open
+
+    path = _check_file(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error type for a bad header
+        raise ValueError(f"{path!r} is not a readable safetensors file: {exc}") from None
+    if "omoe_config" not in metadata:
+        raise ValueError(f"{path!r} is not an omoe_kernels adapter (no 'omoe_config' "
+                         "metadata); write it with omoe_kernels.save_adapter")
+    config = parse_json(metadata["omoe_config"], f"{path!r} metadata 'omoe_config'")
+    if not isinstance(config, dict):
+        raise ValueError(f"{path!r}: metadata 'omoe_config' must be a JSON object, "
+                         f"got {type(config).__name__}")
+    if config.get("format") != ADAPTER_FORMAT or config.get("version") != ADAPTER_FORMAT_VERSION:
+        raise ValueError(f"{path!r}: unsupported adapter format {config.get('format')!r} "
+                         f"version {config.get('version')!r}")
+    layers = config.get("layers")
+    if not isinstance(layers, dict) or not layers:
+        raise ValueError(f"{path!r}: metadata 'omoe_config' needs 'layers', a non-empty JSON "
+                         f"object of layer records, got {type(layers).__name__}")
+    for name, record in layers.items():
+        if not isinstance(record, dict):
+            raise ValueError(f"{path!r}: the record of layer {name!r} must be a JSON object, "
+                             f"got {type(record).__name__}")
+        for key, types in _RECORD_TYPES.items():
+            value = record.get(key)
+            if key not in record or not isinstance(value, types) or (
+                    isinstance(value, bool) and bool not in types):
+                raise ValueError(f"{path!r}: layer {name!r} has {key}={value!r}; expected "
+                                 f"{' or '.join(t.__name__ for t in types)}")
+    if not isinstance(config.get("adapter_name", "default"), str):
+        raise ValueError(f"{path!r}: 'adapter_name' must be a string")
+    if "config" in config:
+        OMoEConfig.from_dict(config["config"], f"{path!r} metadata 'omoe_config.config'")
+    return config
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike,
+                 adapter_name: str | None = None) -> nn.Module:
+    """Loads a `save_adapter` file into an adapter injected with the same layers and
+    options. Raises ValueError naming the file and the layers, options or tensors that
+    do not fit, before any tensor is copied."""
+    from safetensors import safe_open
+
+    root = _check_model(model)
+    saved = read_adapter_config(path)["layers"]
+    path = os.fspath(path)
+    layers = adapter_layers(root, adapter_name)
+    missing = sorted(set(saved) - set(layers))
+    extra = sorted(set(layers) - set(saved))
+    if missing or extra:
+        raise ValueError(f"adapter {path!r} does not fit the model: layers in the file "
+                         f"but not injected in the model: {missing}; injected in the model but "
+                         f"not in the file: {extra}")
+    mismatches = []
+    for name, layer in layers.items():
+        ours = _layer_record(layer)
+        diffs = {k: (saved[name].get(k), v) for k, v in ours.items() if saved[name].get(k) != v}
+        if diffs:
+            mismatches.append(f"{name}: " + ", ".join(f"{k} file={a!r} model={b!r}"
+                                                      for k, (a, b) in diffs.items()))
+    if mismatches:
+        raise ValueError(f"adapter {path!r} was saved with another config:\n  "
+                         + "\n  ".join(mismatches))
+    with safe_open(path, framework="pt") as f:
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    _copy_adapter_tensors(layers, tensors, {f"{t}.{n}": f"{t}.{n}" for t in layers
+                                            for n in ADAPTER_TENSORS}, repr(path))
+    return model
+
+
+def _copy_adapter_tensors(layers: dict[str, OMoELinear], tensors: dict[str, torch.Tensor],
+                          keys: dict[str, str], source: str, exact: bool = True) -> None:
+    """Copies tensors[keys[f"{target}.{name}"]] into each layer; checks everything first.
+    `exact`: the file must hold no other tensors."""
+    wanted = set(keys.values())
+    lacking = sorted(wanted - set(tensors))
+    if lacking:
+        raise ValueError(f"{source} lacks the adapter tensors {lacking[:6]}"
+                         f"{' ...' if len(lacking) > 6 else ''}")
+    surplus = sorted(set(tensors) - wanted) if exact else []
+    if surplus:
+        raise ValueError(f"{source} holds tensors that are no adapter tensor of the model: "
+                         f"{surplus[:6]}{' ...' if len(surplus) > 6 else ''}")
+    plan = []
+    for target, layer in layers.items():
+        for name in ADAPTER_TENSORS:
+            key = keys[f"{target}.{name}"]
+            ours, theirs = getattr(layer, name), tensors[key]
+            if theirs.shape != ours.shape or not theirs.is_floating_point():
+                raise ValueError(f"{source}: tensor {key!r} is {theirs.dtype} of shape "
+                                 f"{tuple(theirs.shape)}; the model's is {ours.dtype} of shape "
+                                 f"{tuple(ours.shape)}")
+            plan.append((ours, theirs))
+    with torch.no_grad():
+        for ours, theirs in plan:
+            ours.copy_(theirs)
+
+
+def save_pretrained(model: nn.Module, directory: str | os.PathLike,
+                    adapter_name: str | None = None) -> None:
+    """Writes an adapter directory: `omoe_config.json` (the adapter's `OMoEConfig`) and
+    `omoe_adapter.safetensors` (its tensors only). Works through a `torch.compile`
+    wrapper: the layer names are the plain model's."""
+    root = _check_model(model)
+    name = resolve_adapter_name(root, adapter_name)
+    state = getattr(root, STATE_ATTR, None)
+    if state is None:
+        raise ValueError("`model` has no adapter made by omoe_kernels.inject, so there is no "
+                         "config to save; inject with ok.inject, or use ok.save_adapter")
+    directory = os.fspath(directory)
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(f"{directory!r} exists and is not a directory")
+    os.makedirs(directory, exist_ok=True)
+    OMoEConfig.from_dict(state["adapters"][name]).save(os.path.join(directory, CONFIG_NAME))
+    save_adapter(root, os.path.join(directory, WEIGHTS_NAME), name)
+
+
+def from_pretrained(model: nn.Module, directory: str | os.PathLike,
+                    adapter_name: str | None = None) -> nn.Module:
+    """Injects the adapter(s) a directory describes into `model` (the base model) and loads
+    their tensors, in one call; returns `model`. `directory` is one written by
+    `save_pretrained`, or a Hugging Face Trainer checkpoint of an injected model (its
+    config.json holds the adapters' configs, model.safetensors their tensors; every
+    adapter in it is restored, or only `adapter_name`). Base weights come from `model`."""
+    root = _check_model(model)
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"`directory` must be a str or os.PathLike, got {type(directory).__name__}")
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise ValueError(f"{directory!r} is not a directory")
+    rollback = _Rollback(root)
+    injected: list[str] = []
+    try:
+        if os.path.isfile(os.path.join(directory, CONFIG_NAME)):
+            weights = os.path.join(directory, WEIGHTS_NAME)
+            config = OMoEConfig.load(os.path.join(directory, CONFIG_NAME))
+            name = adapter_name or read_adapter_config(weights).get("adapter_name", "default")
+            inject(root, config, adapter_name=name)
+            injected.append(name)
+            load_adapter(root, weights, name)
+        else:
+            _load_trainer_checkpoint(root, directory, adapter_name, injected)
+    except BaseException:
+        for name in reversed(injected):
+            remove(root, name)
+        rollback.undo()
+        raise
+    return model
+
+
+def _load_trainer_checkpoint(root: nn.Module, directory: str, adapter_name: str | None,
+                             injected: list[str]) -> None:
+    source = repr(os.path.join(directory, "config.json"))
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+        raise ValueError(f"{directory!r} holds neither {CONFIG_NAME} (omoe_kernels."
+                         "save_pretrained) nor config.json (a Trainer checkpoint)")
+    hf_config = parse_json(read_text(os.path.join(directory, "config.json")), source)
+    entry = hf_config.get(HF_CONFIG_ATTR) if isinstance(hf_config, dict) else None
+    adapters = entry.get("adapters") if isinstance(entry, dict) else None
+    if not isinstance(adapters, dict) or not adapters:
+        raise ValueError(f"{source} has no '{HF_CONFIG_ATTR}' entry with adapters: this is not "
+                         "a checkpoint of a model injected with omoe_kernels")
+    names = list(entry["adapters"]) if adapter_name is None else [adapter_name]
+    if adapter_name is not None and adapter_name not in entry["adapters"]:
+        raise ValueError(f"{source}: no adapter {adapter_name!r} (it has {list(entry['adapters'])})")
+    configs = {n: OMoEConfig.from_dict(entry["adapters"][n], f"{source} adapter {n!r}")
+               for n in names}
+    tensors = _read_checkpoint_tensors(directory, {f".{HF_CONFIG_ATTR}.{n}." for n in names})
+    for name, config in configs.items():
+        inject(root, config, adapter_name=name)
+        injected.append(name)
+        layers = adapter_layers(root, name)
+        keys = {f"{t}.{n}": f"{t}.{HF_CONFIG_ATTR}.{name}.{n}" for t in layers for n in ADAPTER_TENSORS}
+        _copy_adapter_tensors(layers, tensors, keys, repr(directory), exact=False)
+    active = entry.get("active")
+    if active in names:
+        set_adapter(root, active)
+
+
+def _read_checkpoint_tensors(directory: str, markers: set[str]) -> dict[str, torch.Tensor]:
+    """The tensors whose key holds one of `markers`, from model.safetensors or its shards."""
+    from safetensors import safe_open
+
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        weight_map = parse_json(read_text(index), repr(index)).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index!r} has no 'weight_map' object")
+        files = sorted({v for v in weight_map.values() if isinstance(v, str)})
+    elif os.path.isfile(os.path.join(directory, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise ValueError(f"{directory!r} holds no model.safetensors (only safetensors "
+                         "checkpoints load: they cannot execute code)")
+    tensors = {}
+    for file in files:
+        path = os.path.join(directory, os.path.basename(file))
+        _check_file(path, "checkpoint shard")
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                if any(m in key for m in markers):
+                    tensors[key] = f.get_tensor(key)
+    return tensors

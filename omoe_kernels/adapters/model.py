@@ -1,0 +1,455 @@
+"""Putting OMoE adapters into a user's model, switching them, and taking them out.
+
+Every call that changes the model either completes or leaves it exactly as it was
+(modules, tied modules, `requires_grad` flags, attributes): docs/contract.md §4.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import re
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..layer import ADAPTER_TENSORS, OMoELinear, RouterStats, base_factory
+from .config import OMoEConfig
+
+STATE_ATTR = "_omoe_inject_state"  # on the root module: adapters, active one, flags to restore
+HF_CONFIG_ATTR = "omoe"  # on a Hugging Face model's config: saved into config.json
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module that holds the adapters, through a `torch.compile` wrapper (`_orig_mod`)
+    and a peft `PeftModel` (`get_base_model()`)."""
+    while True:
+        if type(model).__name__ == "OptimizedModule" and isinstance(
+                getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif _is_peft_module(model) and hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        else:
+            return model
+
+
+def _is_peft_module(module: nn.Module) -> bool:
+    return type(module).__module__.split(".")[0] == "peft"
+
+
+def _check_model(model) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}")
+    return unwrap(model)
+
+
+def omoe_layers(model: nn.Module) -> dict[str, OMoELinear]:
+    """Every `OMoELinear` of `model`, by module name (a second adapter on a layer wraps the
+    first, which then shows as `<name>.base`)."""
+    return {name: m for name, m in _check_model(model).named_modules()
+            if isinstance(m, OMoELinear)}
+
+
+def _stack(module: nn.Module) -> list[OMoELinear]:
+    """The adapters stacked on one base layer, outermost first."""
+    stack = []
+    while isinstance(module, OMoELinear):
+        stack.append(module)
+        module = module.base
+    return stack
+
+
+def _stack_tops(root: nn.Module, remove_duplicate: bool = True) -> dict[str, OMoELinear]:
+    """Module name -> outermost OMoELinear of each stack (the name the target had)."""
+    modules = dict(root.named_modules(remove_duplicate=remove_duplicate))
+    tops = {}
+    for name, module in modules.items():
+        parent_name = name.rpartition(".")[0]
+        parent = root.get_submodule(parent_name) if name else None
+        if name and isinstance(module, OMoELinear) and not isinstance(parent, OMoELinear):
+            tops[name] = module
+    return tops
+
+
+def adapter_layers(model: nn.Module, adapter_name: str | None = None) -> dict[str, OMoELinear]:
+    """Target module name -> the `OMoELinear` of one adapter (None: the active adapter,
+    or the only one)."""
+    root = _check_model(model)
+    name = resolve_adapter_name(root, adapter_name)
+    return {target: layer for target, top in _stack_tops(root).items()
+            for layer in _stack(top) if layer.adapter_name == name}
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """The adapters of `model`, in the order they were injected."""
+    state = getattr(_check_model(model), STATE_ATTR, None)
+    return list(state["adapters"]) if state else []
+
+
+def active_adapter(model: nn.Module) -> str | None:
+    state = getattr(_check_model(model), STATE_ATTR, None)
+    return state["active"] if state else None
+
+
+def resolve_adapter_name(root: nn.Module, adapter_name: str | None) -> str:
+    state = getattr(root, STATE_ATTR, None)
+    names = list(state["adapters"]) if state else sorted(
+        {m.adapter_name for m in root.modules() if isinstance(m, OMoELinear)})
+    if not names:
+        raise ValueError("`model` holds no OMoELinear layer: call omoe_kernels.inject first")
+    if adapter_name is None:
+        if state and state["active"] is not None:
+            return state["active"]
+        if len(names) == 1:
+            return names[0]
+        raise ValueError(f"`model` holds several adapters {names} and none is active: pass "
+                         "`adapter_name`")
+    if adapter_name not in names:
+        raise ValueError(f"`adapter_name`={adapter_name!r} is not an adapter of the model "
+                         f"(it has {names})")
+    return adapter_name
+
+
+# --------------------------------------------------------------------------- inject
+
+def _matcher(target_modules):
+    if isinstance(target_modules, str):
+        pattern = re.compile(target_modules)
+        return lambda name: pattern.fullmatch(name) is not None
+    return lambda name: any(name == s or name.endswith("." + s) for s in target_modules)
+
+
+def _as_config(target_modules_or_config, options: dict) -> OMoEConfig:
+    if isinstance(target_modules_or_config, OMoEConfig):
+        if options:
+            raise TypeError(f"pass the options in the OMoEConfig, not as keywords too: "
+                            f"{sorted(options)}")
+        return target_modules_or_config
+    missing = [n for n in ("num_experts", "rank") if n not in options]
+    if missing:
+        raise TypeError(f"inject() needs {missing} (or an OMoEConfig as its second argument)")
+    try:
+        return OMoEConfig(target_modules_or_config, **options)
+    except TypeError as exc:
+        if "unexpected keyword" in str(exc):
+            raise TypeError(f"inject() got an unknown option: {exc}") from None
+        raise
+
+
+def _cannot_wrap(root: nn.Module, name: str, module: nn.Module, peft_layers: list[str]) -> str | None:
+    """Why `module` (at `name`) cannot get an adapter, or None."""
+    owner = next((p for p in peft_layers if name == p or name.startswith(p + ".")), None)
+    if owner is not None:
+        kind = type(root.get_submodule(owner))
+        what = "is" if owner == name else f"is inside {owner!r}, which is"
+        return (f"{type(module).__name__} {what} a peft adapter layer "
+                f"({kind.__module__}.{kind.__qualname__}); OMoE does not wrap "
+                "another library's adapter layers: target other modules, or merge/unload "
+                "the peft adapter first")
+    parent = root.get_submodule(name.rpartition(".")[0])
+    if isinstance(parent, nn.MultiheadAttention):
+        return ("nn.MultiheadAttention reads `out_proj.weight` directly and never calls its "
+                "forward, so an adapter there would be skipped; target the modules around it")
+    try:
+        base_factory(module)
+    except TypeError as exc:
+        return f"{type(module).__name__}: {exc}"
+    return None
+
+
+class _Rollback:
+    """Records what inject/remove change, and puts it back if they fail part way."""
+
+    def __init__(self, root: nn.Module):
+        self.root = root
+        self.flags = [(p, p.requires_grad) for p in root.parameters()]
+        self.enabled = [(m, m.adapter_enabled) for m in root.modules() if isinstance(m, OMoELinear)]
+        self.swaps: list[tuple[nn.Module, str, nn.Module]] = []
+        self.attrs = {k: vars(root).get(k, _MISSING) for k in (STATE_ATTR, "extra_repr")}
+        config = getattr(root, "config", None)
+        self.hf_config = config if _is_hf_config(config) else None
+        self.hf_value = getattr(self.hf_config, HF_CONFIG_ATTR, _MISSING) if self.hf_config else None
+
+    def setattr(self, parent: nn.Module, child: str, module: nn.Module) -> None:
+        self.swaps.append((parent, child, getattr(parent, child)))
+        setattr(parent, child, module)
+
+    def undo(self) -> None:
+        for parent, child, old in reversed(self.swaps):
+            setattr(parent, child, old)
+        for p, flag in self.flags:
+            p.requires_grad_(flag)
+        for m, enabled in self.enabled:
+            m.adapter_enabled = enabled
+        for key, value in self.attrs.items():
+            vars(self.root).pop(key, None)
+            if value is not _MISSING:
+                vars(self.root)[key] = value
+        if self.hf_config is not None:
+            _set_hf_config(self.hf_config, self.hf_value)
+
+
+_MISSING = object()
+
+
+def _is_hf_config(config) -> bool:
+    return config is not None and hasattr(config, "to_dict") and hasattr(config, "save_pretrained")
+
+
+def _set_hf_config(config, value) -> None:
+    if value is _MISSING:
+        if HF_CONFIG_ATTR in vars(config):
+            delattr(config, HF_CONFIG_ATTR)
+    else:
+        setattr(config, HF_CONFIG_ATTR, value)
+
+
+def _sync_hf_config(root: nn.Module, state: dict | None) -> None:
+    """Mirrors the adapters' configs into `model.config.omoe`, so a Trainer checkpoint's
+    config.json says how to rebuild the adapters (`ok.from_pretrained` reads it)."""
+    config = getattr(root, "config", None)
+    if _is_hf_config(config):
+        _set_hf_config(config, _MISSING if state is None else
+                       {"adapters": dict(state["adapters"]), "active": state["active"]})
+
+
+def inject(model: nn.Module, target_modules: OMoEConfig | list[str] | str, *,
+           adapter_name: str = "default", **options) -> nn.Module:
+    """Wraps the matching linear layers of `model` in `OMoELinear` adapters, in place.
+
+    `ok.inject(model, config, adapter_name="default")` with an `OMoEConfig`, or
+    `ok.inject(model, target_modules, num_experts=..., rank=..., ...)` with its fields as
+    keywords. The first adapter is active and trainable, and every other parameter of the
+    model is frozen, except those of another library's adapter layers (peft), whose flags
+    are kept. A later adapter (another `adapter_name`) stacks on its targets inactive and
+    frozen until `set_adapter`. Raises before changing anything when a target cannot be
+    wrapped, and undoes everything if a later step fails.
+    """
+    root = _check_model(model)
+    config = _as_config(target_modules, options)
+    if not isinstance(adapter_name, str) or not adapter_name.isidentifier():
+        raise ValueError("`adapter_name` must be a non-empty identifier (letters, digits, _), "
+                         f"got {adapter_name!r}")
+    state = getattr(root, STATE_ATTR, None)
+    if state is not None and adapter_name in state["adapters"]:
+        existing = sorted(t for t, layer in _stack_tops(root).items()
+                          if any(m.adapter_name == adapter_name for m in _stack(layer)))
+        raise ValueError(f"adapter {adapter_name!r} is already injected (on {existing[:8]}"
+                         f"{' ...' if len(existing) > 8 else ''}): pass another `adapter_name`"
+                         f", or call omoe_kernels.remove(model, {adapter_name!r}) first")
+
+    matches = _matcher(config.target_modules)
+    tops = _stack_tops(root, remove_duplicate=False)
+    # remove_duplicate=False: a module registered under two names (tied) matches under both.
+    names = [n for n, _ in root.named_modules(remove_duplicate=False) if n and matches(n)
+             and not any(n.startswith(t + ".") for t in tops)]  # not OMoE's own parts
+    if not names:
+        sample = [n for n, m in root.named_modules() if isinstance(m, nn.Linear)][:8]
+        raise ValueError(f"`target_modules`={config.target_modules!r} matches no module of the "
+                         f"model (some nn.Linear names: {sample})")
+    peft_layers = [n for n, m in root.named_modules() if _is_peft_module(m)
+                   and hasattr(m, "get_base_layer")]
+    problems = [f"{n} ({reason})" for n in names if not isinstance(root.get_submodule(n), OMoELinear)
+                and (reason := _cannot_wrap(root, n, root.get_submodule(n), peft_layers))]
+    if problems:
+        raise ValueError("`target_modules` matches modules that OMoE cannot wrap (it wraps "
+                         "nn.Linear and linear-like modules): " + "; ".join(problems))
+
+    first = state is None
+    active = first or state["active"] is None
+    rollback = _Rollback(root)
+    try:
+        if first:
+            state = {"requires_grad": {n: p.requires_grad for n, p in root.named_parameters()},
+                     "had_extra_repr": "extra_repr" in vars(root), "adapters": {}, "active": None}
+        else:  # a new dict: the rollback keeps the old one as it was
+            state = {**state, "adapters": dict(state["adapters"])}
+        targets = [(n, root.get_submodule(n)) for n in names]
+        # Build every wrapper before swapping any; a module shared by several names (tied
+        # weights) gets one wrapper, shared the same way.
+        wrappers: dict[int, OMoELinear] = {}
+        for _, module in targets:
+            if id(module) not in wrappers:
+                wrappers[id(module)] = OMoELinear(module, **config.layer_options(),
+                                                  adapter_name=adapter_name)
+        for name, module in targets:
+            parent_name, _, child = name.rpartition(".")
+            rollback.setattr(root.get_submodule(parent_name), child, wrappers[id(module)])
+        if first:
+            keep = {id(p) for n in peft_layers for p in root.get_submodule(n).parameters()}
+            keep |= {id(getattr(m, t)) for m in root.modules() if isinstance(m, OMoELinear)
+                     for t in ADAPTER_TENSORS}
+            for p in root.parameters():
+                if id(p) not in keep:
+                    p.requires_grad_(False)
+        for layer in wrappers.values():
+            layer.adapter_enabled = active
+            for tensor in ADAPTER_TENSORS:
+                getattr(layer, tensor).requires_grad_(active)
+        state["adapters"][adapter_name] = config.to_dict()
+        if active:
+            state["active"] = adapter_name
+        vars(root)[STATE_ATTR] = state
+        if not state["had_extra_repr"]:
+            # print(model) then ends its first line with the trainable-parameter summary.
+            # A partial of a module-level function, not a bound method: the model pickles.
+            vars(root)["extra_repr"] = functools.partial(_extra_repr_with_summary, root)
+        _sync_hf_config(root, state)
+    except BaseException:
+        rollback.undo()
+        raise
+    return model
+
+
+def _extra_repr_with_summary(model: nn.Module) -> str:
+    own = type(model).extra_repr(model)
+    summary = "omoe: " + trainable_parameters_summary(model)
+    return f"{own}, {summary}" if own else summary
+
+
+# --------------------------------------------------------------------------- switching
+
+def set_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
+    """Makes `adapter_name` the one active (and trainable) adapter; the others compute
+    nothing and are frozen."""
+    root = _check_model(model)
+    name = resolve_adapter_name(root, adapter_name)
+    for layer in root.modules():
+        if isinstance(layer, OMoELinear):
+            layer.adapter_enabled = layer.adapter_name == name
+            for tensor in ADAPTER_TENSORS:
+                getattr(layer, tensor).requires_grad_(layer.adapter_enabled)
+    state = getattr(root, STATE_ATTR, None)
+    if state is not None:  # None: layers built by hand, not by inject
+        state["active"] = name
+        _sync_hf_config(root, state)
+    return model
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """`with ok.disable_adapters(model): ...` computes exactly the base model inside (e.g.
+    the reference logits of DPO); the adapters are back as they were after the block."""
+    layers = [m for m in _check_model(model).modules() if isinstance(m, OMoELinear)]
+    if not layers:
+        raise ValueError("`model` holds no OMoELinear layer: call omoe_kernels.inject first")
+    enabled = [layer.adapter_enabled for layer in layers]
+    for layer in layers:
+        layer.adapter_enabled = False
+    try:
+        yield model
+    finally:
+        for layer, flag in zip(layers, enabled):
+            layer.adapter_enabled = flag
+
+
+def mark_trainable(model: nn.Module) -> nn.Module:
+    """Makes the parameters of the active OMoE adapter trainable again, e.g. after a
+    library (peft's get_peft_model) froze everything it does not own."""
+    root = _check_model(model)
+    layers = [m for m in root.modules() if isinstance(m, OMoELinear) and m.adapter_enabled]
+    if not layers:
+        raise ValueError("`model` holds no active OMoELinear layer: call omoe_kernels.inject "
+                         "(or set_adapter) first")
+    for layer in layers:
+        for tensor in ADAPTER_TENSORS:
+            getattr(layer, tensor).requires_grad_(True)
+    return model
+
+
+def remove(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
+    """Takes one adapter (or, with None, every adapter) out of `model`. When the last one
+    goes, the original modules are back with the `requires_grad` flags they had before
+    the first `inject`. Returns `model`."""
+    root = _check_model(model)
+    tops = _stack_tops(root, remove_duplicate=False)
+    if not tops:
+        raise ValueError("`model` holds no OMoELinear layer: nothing to remove")
+    state = getattr(root, STATE_ATTR, None)
+    name = None if adapter_name is None else resolve_adapter_name(root, adapter_name)
+    rollback = _Rollback(root)
+    try:
+        for target in tops:
+            # Re-read: a tied stack seen under an earlier name is already changed.
+            parent_name, _, child = target.rpartition(".")
+            parent = root.get_submodule(parent_name)
+            layer = getattr(parent, child)
+            while isinstance(layer, OMoELinear):
+                if name is None or layer.adapter_name == name:
+                    rollback.setattr(parent, child, layer.base)
+                else:
+                    parent, child = layer, "base"
+                layer = getattr(parent, child)
+        remaining = [] if state is None or name is None else [
+            n for n in state["adapters"] if n != name]
+        if state is not None and remaining:
+            state = {**state, "adapters": {n: state["adapters"][n] for n in remaining},
+                     "active": None if state["active"] == name else state["active"]}
+            vars(root)[STATE_ATTR] = state
+            _sync_hf_config(root, state)
+        elif state is not None:
+            flags = state["requires_grad"]
+            for pname, p in root.named_parameters():
+                if pname in flags:
+                    p.requires_grad_(flags[pname])
+            if not state["had_extra_repr"]:
+                vars(root).pop("extra_repr", None)
+            vars(root).pop(STATE_ATTR)
+            _sync_hf_config(root, None)
+    except BaseException:
+        rollback.undo()
+        raise
+    return model
+
+
+# --------------------------------------------------------------------------- counting, stats
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; shared tensors count once."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
+def trainable_parameters_summary(model: nn.Module) -> str:
+    trainable, total = trainable_parameters(model)
+    percent = 100.0 * trainable / total if total else 0.0
+    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {percent:.4f}"
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Prints the peft-style line `trainable params: … || all params: … || trainable%: …`."""
+    print(trainable_parameters_summary(model))
+
+
+def track_router_stats(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Turns router statistics on (or off) in every `OMoELinear` of `model`."""
+    for layer in omoe_layers(model).values():
+        layer.track_router_stats = enabled
+        if not enabled:
+            layer._router_logits = None
+    return model
+
+
+def router_stats(model: nn.Module) -> dict[str, RouterStats]:
+    """The `RouterStats` of every active `OMoELinear` of `model` from its last forward."""
+    return {name: layer.router_stats for name, layer in omoe_layers(model).items()
+            if layer.adapter_enabled}
+
+
+def load_balancing_loss(model: nn.Module) -> torch.Tensor:
+    """Mean over the OMoE layers of E · Σ_i (load_i / k) · mean_prob_i (1 when balanced).
+
+    Add `coef * (load_balancing_loss(model) - 1)` (or without the constant) to the
+    training loss; needs `track_router_stats(model)` before the forward pass.
+    """
+    stats = list(router_stats(model).values())
+    if not stats:
+        raise ValueError("`model` holds no OMoELinear layer")
+    return torch.stack([s.balance_loss() for s in stats]).mean()
