@@ -276,6 +276,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
       }
       RECORD_FUNCTION("omoe::orthogonalize", std::vector<c10::IValue>());
       if (route == Route::kPairs) {
+        RECORD_FUNCTION("omoe::pairs", std::vector<c10::IValue>());
         cpu::token_forward_pass(h, logits,
                                 cpu::PairRoute{G.data_ptr<double>(), nullptr, er, int(s.r)},
                                 s.E, s.r, top_k, true, normalize, eps, z);
@@ -370,6 +371,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
       RECORD_FUNCTION("omoe::gram_recompute", std::vector<c10::IValue>());
       const at::Tensor G = gram_matrix(B, B_cat);
       if (route == Route::kPairs) {
+        RECORD_FUNCTION("omoe::pairs_backward", std::vector<c10::IValue>());
         const at::Tensor dG_threads =
             at::zeros({at::get_num_threads(), er, er}, G.options());
         cpu::token_backward_pass(hc, lc,

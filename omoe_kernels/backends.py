@@ -18,6 +18,21 @@ import torch
 BACKENDS = ("triton", "cuda", "cpu", "reference")
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
 
+# The most active experts k = min(top_k, E) a compiled backend's per-token pass takes
+# (csrc/omoe_cpu_pass.h: kMaxActive, csrc/omoe_token.h: kMaxExperts); any E otherwise.
+# `auto` passes over a backend that cannot take a call's k.
+MAX_ACTIVE_EXPERTS = {"cpu": 256, "cuda": 32}
+
+
+def capacity_error(name: str, active_experts: int, source: str = "`backend`") -> str | None:
+    """Why backend `name` cannot take `active_experts` = min(top_k, E), or None if it can."""
+    limit = MAX_ACTIVE_EXPERTS.get(name)
+    if limit is None or active_experts <= limit:
+        return None
+    return (f"{source}={name!r} takes at most {limit} active experts per token "
+            f"(min(top_k, num_experts)), got {active_experts}: use backend='auto' or "
+            f"'reference', or a top_k of at most {limit}")
+
 
 def _triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -63,8 +78,9 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     return [name for name in order if backend_usable(name, device_type)]
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend name a call runs on; raises ValueError naming `backend` if it cannot run."""
+def resolve_backend(backend: str, device: torch.device, active_experts: int = 1) -> str:
+    """The backend name a call with `active_experts` = min(top_k, E) runs on; raises
+    ValueError naming `backend` if it cannot run."""
     if not isinstance(backend, str):
         raise TypeError(f"`backend` must be a str, got {type(backend).__name__}")
     source = "`backend`"
@@ -74,7 +90,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             backend, source = env, "OMOE_BACKEND"
     if backend == "auto":
         for name in _AUTO_ORDER.get(device.type, ("reference",)):
-            if backend_usable(name, device):
+            if backend_usable(name, device) and capacity_error(name, active_experts) is None:
                 return name
         return "reference"
     if backend not in BACKENDS:
@@ -84,6 +100,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             f"{source}={backend!r} cannot run on {device.type} tensors here; "
             f"available: {available_backends(device)}"
         )
+    error = capacity_error(backend, active_experts, source)
+    if error is not None:
+        raise ValueError(error)
     return backend
 
 

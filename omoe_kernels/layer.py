@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ._validate import check_options
-from .backends import BACKENDS
+from .backends import BACKENDS, capacity_error
 from .functional import omoe_lora
 from .reference import route
 
@@ -83,6 +83,9 @@ class OMoELinear(nn.Module):
             raise TypeError(f"`backend` must be a str, got {type(backend).__name__}")
         if backend not in ("auto",) + BACKENDS:
             raise ValueError(f"`backend` must be one of {('auto',) + BACKENDS}, got {backend!r}")
+        too_many = capacity_error(backend, num_experts if top_k is None else top_k)
+        if too_many is not None:  # fail here, not at the first forward
+            raise ValueError(too_many)
 
         self.base = base
         base.requires_grad_(False)
