@@ -132,6 +132,10 @@ enum class Route { kBatched, kPairs, kDirect };
 constexpr double kMaxGramBytes = 512.0 * (1 << 20);
 // A multiply-add of the scalar per-token loops costs about this many of a float64 GEMM's.
 constexpr double kScalarCost = 4.0;
+// A small batched float64 GEMM call costs about this many multiply-adds on its own, and
+// far more when another process holds a core (its threads wait for each other): a few
+// tokens are cheaper in the scalar pairs route than in any batched GEMM.
+constexpr double kBatchedCallCost = 50000.0;
 
 // OMOE_ROUTE=batched|pairs|direct forces a route on the CPU (tests run every route).
 Route forced_route(Route chosen) {
@@ -157,10 +161,12 @@ Route choose_route(const Sizes& s, int64_t k, bool backward, bool gram_free, boo
   }
   const double passes = backward ? 2.0 : 1.0;  // the backward recomputes S, then uses dS
   const double gram_fixed = (gram_free ? 0.0 : d * R * R) + (backward ? d * R * R : 0.0);
-  const double batched = gram_fixed + passes * T * R * R;
+  const double calls = backward ? 2.0 : 1.0;  // batched GEMMs per chunk
+  const double batched = gram_fixed + passes * T * R * R + calls * kBatchedCallCost;
   const double pairs = gram_fixed + kScalarCost * passes * T * kk * r * r +
                        (backward ? double(at::get_num_threads()) * R * R : 0.0);
-  const double direct = (backward ? 3.0 : 1.0) * T * R * d + kScalarCost * passes * T * kk * d;
+  const double direct = (backward ? 3.0 : 1.0) * T * R * d + kScalarCost * passes * T * kk * d +
+                        R * d /* B in float64 */ + (backward ? 3.0 : 1.0) * kBatchedCallCost;
   Route best = !gram_fits || direct < std::min(batched, pairs)
                    ? Route::kDirect
                    : (pairs < batched ? Route::kPairs : Route::kBatched);

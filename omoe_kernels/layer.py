@@ -135,26 +135,34 @@ class OMoELinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base_out = self.base(x)  # under autocast this runs in the autocast dtype, as usual
         device_type = x.device.type
+        autocasting = torch.is_autocast_enabled(device_type)
         dtype = self._compute_dtype(device_type)
         # Casting the parameters is differentiable: gradients reach the fp32 masters.
-        A, B, router_weight = (p.to(dtype) for p in (self.lora_A, self.lora_B, self.router_weight))
-        x_c = x.to(dtype)
+        # (Skipped when nothing changes: a decoding step is a few hundred microseconds.)
+        A, B, router_weight = self.lora_A, self.lora_B, self.router_weight
+        if A.dtype != dtype:
+            A, B, router_weight = (p.to(dtype) for p in (A, B, router_weight))
+        x_c = x if x.dtype == dtype else x.to(dtype)
+        out_dtype = base_out.dtype
+        if out_dtype != dtype:
+            base_out = base_out.to(dtype)
         dropping = self.dropout_p > 0 and self.training
         adapter_in = self.dropout(x_c) if dropping else x_c
         if self.track_router_stats:
             # One [T, d_in] x [d_in, E] matmul on the undropped input, kept (with its graph)
             # so `router_stats` can give a differentiable load-balancing term.
             self._router_logits = x_c.reshape(-1, self.in_features) @ router_weight.t()
-        # Autocast off inside: every backend gets one consistent dtype (the compiled ops
-        # have no autocast rule, the reference would otherwise mix dtypes).
-        with torch.autocast(device_type, enabled=False):
-            y = omoe_lora(
-                adapter_in, A, B, router_weight,
-                scaling=self.scaling, top_k=self.top_k, orthogonalize=self.orthogonalize,
-                normalize=self.normalize, eps=self.eps, base_out=base_out.to(dtype),
-                router_input=x_c if dropping else None, backend=self.backend,
-            )
-        return y if dtype != self.lora_A.dtype else y.to(base_out.dtype)
+        options = dict(scaling=self.scaling, top_k=self.top_k, orthogonalize=self.orthogonalize,
+                       normalize=self.normalize, eps=self.eps, base_out=base_out,
+                       router_input=x_c if dropping else None, backend=self.backend)
+        if not autocasting:
+            y = omoe_lora(adapter_in, A, B, router_weight, **options)
+        else:
+            # Autocast off inside: every backend gets one consistent dtype (the compiled ops
+            # have no autocast rule, the reference would otherwise mix dtypes).
+            with torch.autocast(device_type, enabled=False):
+                y = omoe_lora(adapter_in, A, B, router_weight, **options)
+        return y if dtype != self.lora_A.dtype or y.dtype == out_dtype else y.to(out_dtype)
 
     def __getstate__(self):
         # The recorded logits belong to one forward pass (and carry its graph, which
