@@ -17,6 +17,11 @@
 #include <algorithm>
 #include <memory>
 #include <type_traits>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "omoe_token.h"
 
@@ -155,6 +160,36 @@ struct DirectRoute {
 
 constexpr int64_t kTokensPerTask = 64;
 
+// Runs body(begin, end, thread, state) over the tokens [0, T) in blocks of kTokensPerTask,
+// handed out one at a time; state is the thread's own State (made once per thread). A
+// static split (at::parallel_for) waits for its slowest half: with a busy neighbour on 2
+// cores, that is a whole scheduler slice per pass. Here the thread that runs keeps taking
+// blocks, so a descheduled one holds up at most one block.
+template <typename State, typename Body>
+void for_token_blocks(int64_t T, Body&& body) {
+  const int64_t blocks = (T + kTokensPerTask - 1) / kTokensPerTask;
+  const int threads = int(std::min<int64_t>(at::get_num_threads(), blocks));
+#ifdef _OPENMP
+  if (threads > 1 && !at::in_parallel_region()) {
+    std::vector<std::unique_ptr<State>> states(threads);
+#pragma omp parallel num_threads(threads)
+    {
+      const int thread = omp_get_thread_num();
+      states[thread] = std::make_unique<State>();
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t b = 0; b < blocks; ++b)
+        body(b * kTokensPerTask, std::min(T, (b + 1) * kTokensPerTask), thread, *states[thread]);
+    }
+    return;
+  }
+#endif
+  auto state = std::make_unique<State>();
+  body(int64_t(0), T, 0, *state);
+}
+
+// How many per-thread accumulators a pass may index (for PairRoute's dG).
+inline int pass_threads() { return std::max(1, at::get_num_threads()); }
+
 // z for the tokens of h ([Tc, E·r]) and logits ([Tc, E]); route.at(t, thread) is the Gram
 // source of token t (ignored unless orthogonalize).
 template <typename Route>
@@ -168,12 +203,11 @@ void token_forward_pass(const at::Tensor& h, const at::Tensor& logits, const Rou
     scalar_t* z_ptr = z.data_ptr<scalar_t>();
     dispatch_max_active(std::min(top_k, E), [&](auto max_k) {
       constexpr int MAX_K = decltype(max_k)::value;
-      at::parallel_for(0, T, kTokensPerTask, [&](int64_t begin, int64_t end) {
-        auto tape = std::make_unique<MgsTape<MAX_K>>();
-        const int thread = at::get_thread_num();
+      for_token_blocks<MgsTape<MAX_K>>(T, [&](int64_t begin, int64_t end, int thread,
+                                              MgsTape<MAX_K>& tape) {
         for (int64_t t = begin; t < end; ++t)
           token_forward(h_ptr + t * er, l_ptr + t * E, route.at(t, thread), int(E), int(r),
-                        int(top_k), orthogonalize, normalize, eps, *tape, z_ptr + t * er);
+                        int(top_k), orthogonalize, normalize, eps, tape, z_ptr + t * er);
       });
     });
   });
@@ -195,12 +229,11 @@ void token_backward_pass(const at::Tensor& h, const at::Tensor& logits, const Ro
     scalar_t* dl_ptr = dlogits.data_ptr<scalar_t>();
     dispatch_max_active(std::min(top_k, E), [&](auto max_k) {
       constexpr int MAX_K = decltype(max_k)::value;
-      at::parallel_for(0, T, kTokensPerTask, [&](int64_t begin, int64_t end) {
-        auto scratch = std::make_unique<BackwardScratch<MAX_K>>();
-        const int thread = at::get_thread_num();
+      for_token_blocks<BackwardScratch<MAX_K>>(T, [&](int64_t begin, int64_t end, int thread,
+                                                      BackwardScratch<MAX_K>& scratch) {
         for (int64_t t = begin; t < end; ++t)
           token_backward(h_ptr + t * er, l_ptr + t * E, route.at(t, thread), dz_ptr + t * er,
-                         int(E), int(r), int(top_k), orthogonalize, normalize, eps, *scratch,
+                         int(E), int(r), int(top_k), orthogonalize, normalize, eps, scratch,
                          z_ptr + t * er, dh_ptr + t * er, dl_ptr + t * E);
       });
     });

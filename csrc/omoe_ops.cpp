@@ -3,7 +3,7 @@
 //   forward(x, A, B, router_weight, router_input?, base_out?, …) -> (y, h, logits)
 //   backward(grad_y, x, A, B, router_weight, router_input?, h, logits, …)
 //       -> (grad_x, grad_A, grad_B, grad_router_weight, grad_router_input)
-//   weight_cache_stats() -> [hits, misses, entries, bytes];  weight_cache_clear()
+//   omoe_cache::stats() -> [hits, misses, entries, bytes];  omoe_cache::clear()
 //
 // x is [T, d_in] (the Python side flattens), A [E, r, d_in], B [E, d_out, r],
 // router_weight [E, d_in]. h ([T, E·r]) and logits ([T, E]) are what the backward needs;
@@ -378,8 +378,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
       const at::Tensor G = gram_matrix(B, B_cat);
       if (route == Route::kPairs) {
         RECORD_FUNCTION("omoe::pairs_backward", std::vector<c10::IValue>());
-        const at::Tensor dG_threads =
-            at::zeros({at::get_num_threads(), er, er}, G.options());
+        const at::Tensor dG_threads = at::zeros({cpu::pass_threads(), er, er}, G.options());
         cpu::token_backward_pass(hc, lc,
                                  cpu::PairRoute{G.data_ptr<double>(),
                                                 dG_threads.data_ptr<double>(), er, int(s.r)},
@@ -479,9 +478,13 @@ TORCH_LIBRARY(omoe, m) {
       "Tensor? router_input, Tensor h, Tensor logits, float scaling, int top_k, "
       "bool orthogonalize, bool normalize, float eps) -> (Tensor grad_x, Tensor grad_A, "
       "Tensor grad_B, Tensor grad_router_weight, Tensor grad_router_input)");
-  // The weight cache (omoe_weight_cache.h): [hits, misses, entries, bytes], and emptying it.
-  m.def("weight_cache_stats() -> int[]", &omoe::weight_cache_stats);
-  m.def("weight_cache_clear() -> ()", &omoe::weight_cache_clear);
+}
+
+// The weight cache (omoe_weight_cache.h), in a namespace of its own: these are not device
+// kernels. stats() -> [hits, misses, entries, bytes]; clear() empties it.
+TORCH_LIBRARY(omoe_cache, m) {
+  m.def("stats() -> int[]", &omoe::weight_cache_stats);
+  m.def("clear() -> ()", &omoe::weight_cache_clear);
 }
 
 TORCH_LIBRARY_IMPL(omoe, CPU, m) {

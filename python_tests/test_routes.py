@@ -100,7 +100,7 @@ def test_few_tokens_take_the_direct_route(auto_route):
 
 
 def test_many_tokens_take_the_batched_gram_route(auto_route):
-    names = _ranges(T=512, E=2, r=2, d=64)
+    names = _ranges(T=4096, E=4, r=4, d=64)
     assert {"omoe::gram", "omoe::gram_backward"} <= names
     assert not names & {"omoe::direct", "omoe::pairs", "omoe::pairs_backward"}
 

@@ -21,16 +21,16 @@ pytestmark = pytest.mark.skipif("cpu" not in COMPILED_BACKENDS,
 
 
 def _stats() -> dict:
-    hits, misses, entries, nbytes = torch.ops.omoe.weight_cache_stats()
+    hits, misses, entries, nbytes = torch.ops.omoe_cache.stats()
     return dict(hits=hits, misses=misses, entries=entries, bytes=nbytes)
 
 
 @pytest.fixture(autouse=True)
 def _empty_cache(monkeypatch):
     monkeypatch.delenv("OMOE_ROUTE", raising=False)
-    torch.ops.omoe.weight_cache_clear()
+    torch.ops.omoe_cache.clear()
     yield
-    torch.ops.omoe.weight_cache_clear()
+    torch.ops.omoe_cache.clear()
 
 
 def _layer(seed=0, top_k=None):
