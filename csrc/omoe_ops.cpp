@@ -93,35 +93,28 @@ Sizes check_common(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B
   return s;
 }
 
-// ---- what the weights determine (cached across calls, omoe_weight_cache.h) ------------
-
-using weight_cache::Kind;
+// ---- packed weights, and G (cached across calls while B is unchanged) ----------------
 
 // [A_cat; W]: [E·r + E, d_in] in the accumulate dtype. Rows i·r + a are A[i, a, :], then
 // the router's E rows: one GEMM gives h and the logits together.
 at::Tensor packed_shrink(const at::Tensor& A, const at::Tensor& W, at::ScalarType acc) {
-  return weight_cache::instance().get(Kind::kPackedShrink, {A, W}, acc, [&] {
-    return at::cat({A.reshape({A.size(0) * A.size(1), A.size(2)}).to(acc), W.to(acc)}, 0);
-  });
+  return at::cat({A.reshape({A.size(0) * A.size(1), A.size(2)}).to(acc), W.to(acc)}, 0);
 }
 
 // B as [d_out, E·r] in the accumulate dtype: column i·r + a is B[i, :, a].
 at::Tensor packed_expand(const at::Tensor& B, at::ScalarType acc) {
-  return weight_cache::instance().get(Kind::kPackedExpand, {B}, acc, [&] {
-    return B.permute({1, 0, 2}).reshape({B.size(1), B.size(0) * B.size(2)}).to(acc).contiguous();
-  });
+  return B.permute({1, 0, 2}).reshape({B.size(1), B.size(0) * B.size(2)}).to(acc).contiguous();
 }
 
-// G = B_catᵀ B_cat in float64, [E·r, E·r].
-at::Tensor gram_matrix(const at::Tensor& B, const at::Tensor& B_cat) {
-  return weight_cache::instance().get(Kind::kGram, {B}, at::kDouble, [&] {
-    const at::Tensor B64 = B_cat.to(at::kDouble);
-    return at::mm(B64.t(), B64);
-  });
-}
-
-bool gram_is_cached(const at::Tensor& B) {
-  return weight_cache::instance().find(Kind::kGram, {B}, at::kDouble).defined();
+// G = B_catᵀ B_cat in float64, [E·r, E·r]: the cached one when B is unchanged
+// (omoe_weight_cache.h), else formed and kept.
+at::Tensor gram_matrix(const at::Tensor& B, const at::Tensor& B_cat,
+                       const weight_cache::Found& found) {
+  if (found.G.defined()) return found.G;
+  const at::Tensor B64 = B_cat.to(at::kDouble);
+  at::Tensor G = at::mm(B64.t(), B64);
+  weight_cache::instance().remember(B, G);
+  return G;
 }
 
 // ---- choosing the route by cost (omoe_cpu_pass.h, docs/algorithm.md "Routes") ---------
@@ -247,19 +240,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
       logits = at::mm(router_input->to(acc), AW.narrow(0, er, s.E).t()).contiguous();
     }
   }
-  // B used unchanged by an earlier call means the weights are being reused (inference,
-  // decoding): G is then worth forming and keeping even when this one call would not pay
-  // for it. (Grad mode cannot tell: autograd runs every forward with it off.)
-  const bool weights_reused =
-      weight_cache::instance().find(Kind::kPackedExpand, {B}, acc).defined();
   const at::Tensor B_cat = packed_expand(B, acc);
   at::Tensor z = at::empty_like(h);
   if (s.T > 0 && !orthogonalize) {
     RECORD_FUNCTION("omoe::orthogonalize", std::vector<c10::IValue>());
     token_forward(h, logits, at::Tensor(), s.E, s.r, top_k, false, normalize, eps, z);
   } else if (s.T > 0) {
-    const bool gram_free = weights_reused || gram_is_cached(B);
-    const Route route = choose_route(s, k, /*backward=*/false, gram_free, x.is_cpu());
+    // B used unchanged by an earlier call means the weights are being reused (inference,
+    // decoding): G is then worth forming and keeping even when this one call would not pay
+    // for it. (Grad mode cannot tell: autograd runs every forward with it off.)
+    const weight_cache::Found found = weight_cache::instance().find(B);
+    const Route route = choose_route(s, k, /*backward=*/false, found.seen, x.is_cpu());
+    if (!found.seen && route == Route::kDirect) weight_cache::instance().remember(B);
     const at::Tensor h_blocks64 = expert_blocks64(h, s.E, s.r);
     if (route == Route::kDirect) {
       RECORD_FUNCTION("omoe::direct", std::vector<c10::IValue>());
@@ -278,7 +270,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
       at::Tensor G;
       {
         RECORD_FUNCTION("omoe::gram", std::vector<c10::IValue>());
-        G = gram_matrix(B, B_cat);
+        G = gram_matrix(B, B_cat, found);
       }
       RECORD_FUNCTION("omoe::orthogonalize", std::vector<c10::IValue>());
       if (route == Route::kPairs) {
@@ -349,8 +341,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     token_backward(hc, lc, at::Tensor(), dz, s.E, s.r, top_k, false, normalize, eps, z, dh,
                    dlogits, none);
   } else if (s.T > 0) {
-    const Route route =
-        choose_route(s, k, /*backward=*/true, gram_is_cached(B), x.is_cpu());
+    const weight_cache::Found found = weight_cache::instance().find(B);
+    const Route route = choose_route(s, k, /*backward=*/true, found.G.defined(), x.is_cpu());
     const at::Tensor h_blocks64 = expert_blocks64(hc, s.E, s.r);
     if (route == Route::kDirect) {
       RECORD_FUNCTION("omoe::direct_backward", std::vector<c10::IValue>());
@@ -375,7 +367,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
       }
     } else {
       RECORD_FUNCTION("omoe::gram_recompute", std::vector<c10::IValue>());
-      const at::Tensor G = gram_matrix(B, B_cat);
+      const at::Tensor G = gram_matrix(B, B_cat, found);
       if (route == Route::kPairs) {
         RECORD_FUNCTION("omoe::pairs_backward", std::vector<c10::IValue>());
         const at::Tensor dG_threads = at::zeros({cpu::pass_threads(), er, er}, G.options());

@@ -1,9 +1,9 @@
-"""The compiled ops' weight cache (csrc/omoe_weight_cache.h): packed A_cat, B_cat and
-G = B_catᵀB_cat are reused while the weights are unchanged, and never once they change.
+"""The compiled ops' weight cache (csrc/omoe_weight_cache.h): G = B_catᵀB_cat is reused
+while B is unchanged (compared bitwise with a copy), and never once it changes.
 
-Each invalidation test first fills the cache with a no-grad call, changes the weights the
+Each invalidation test first fills the cache with no-grad calls, changes the weights the
 way users do, and checks the next call against the reference backend on the new weights:
-a stale G or B_cat would give the old weights' answer.
+a stale G would give the old weights' answer.
 """
 from __future__ import annotations
 
@@ -65,8 +65,7 @@ def test_unchanged_weights_are_reused(top_k):
     with torch.no_grad():
         layer(x)
     after = _stats()
-    # packed [A_cat; W], B_cat and G: all found, nothing made.
-    assert after["hits"] - before["hits"] >= 3
+    assert after["hits"] == before["hits"] + 1  # G found
     assert after["misses"] == before["misses"]
     _assert_matches_reference(layer, x)
 
@@ -77,8 +76,8 @@ def test_the_backward_reuses_the_forward_gram_matrix():
     before = _stats()
     y.sum().backward()
     after = _stats()
-    assert after["misses"] == before["misses"], "the backward rebuilt what the forward made"
-    assert after["hits"] - before["hits"] >= 3  # B_cat, G, [A_cat; W]
+    assert after["misses"] == before["misses"], "the backward rebuilt the forward's G"
+    assert after["hits"] == before["hits"] + 1
 
 
 def test_optimizer_step_invalidates():
@@ -116,6 +115,14 @@ def test_dtype_round_trip_invalidates():
     _assert_matches_reference(layer, x)
 
 
+def test_edit_through_data_invalidates():
+    # `.data` edits bypass the version counter (gradcheck, hand-written optimizers, EMA).
+    layer, x = _layer(), torch.randn(6, 24)
+    _warm(layer, x)
+    layer.lora_B.data[2].add_(0.7)
+    _assert_matches_reference(layer, x)
+
+
 def test_data_assignment_invalidates():
     layer, x = _layer(), torch.randn(6, 24)
     _warm(layer, x)
@@ -138,8 +145,8 @@ def test_a_loaded_copy_does_not_see_the_original_entries():
 def test_dead_weights_leave_the_cache():
     layer, x = _layer(), torch.randn(6, 24)
     _warm(layer, x)
-    assert _stats()["entries"] >= 3
+    assert _stats()["entries"] == 1
     del layer
     other = _layer(seed=3)
     _warm(other, x)  # inserting drops the entries of freed weights
-    assert _stats()["entries"] == 3
+    assert _stats()["entries"] == 1
