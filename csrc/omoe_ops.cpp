@@ -113,7 +113,7 @@ at::Tensor gram_matrix(const at::Tensor& B, const at::Tensor& B_cat,
   if (found.G.defined()) return found.G;
   const at::Tensor B64 = B_cat.to(at::kDouble);
   at::Tensor G = at::mm(B64.t(), B64);
-  weight_cache::instance().remember(B, G);
+  weight_cache::instance().remember(B, B_cat, G);
   return G;
 }
 
@@ -226,32 +226,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
   const auto acc = accumulate_dtype(x);
   const int64_t er = s.E * s.r, k = std::min(top_k, s.E);
   const at::Tensor xc = x.to(acc).contiguous();
-  const at::Tensor AW = packed_shrink(A, router_weight, acc);
   at::Tensor h, logits;
   {
     RECORD_FUNCTION("omoe::shrink", std::vector<c10::IValue>());
-    if (!router_input.has_value()) {
+    if (s.T < er + s.E) {
+      // Few tokens: two GEMMs read x twice, which costs less than packing [A_cat; W].
+      h = at::mm(xc, A.reshape({er, s.d_in}).to(acc).t());
+      logits = at::mm(router_input.has_value() ? router_input->to(acc) : xc,
+                      router_weight.to(acc).t());
+    } else if (!router_input.has_value()) {
       // Shrink and router logits in one pass over x.
-      const at::Tensor both = at::mm(xc, AW.t());
+      const at::Tensor both = at::mm(xc, packed_shrink(A, router_weight, acc).t());
       h = both.narrow(1, 0, er).contiguous();
       logits = both.narrow(1, er, s.E).contiguous();
     } else {
-      h = at::mm(xc, AW.narrow(0, 0, er).t());
-      logits = at::mm(router_input->to(acc), AW.narrow(0, er, s.E).t()).contiguous();
+      h = at::mm(xc, A.reshape({er, s.d_in}).to(acc).t());
+      logits = at::mm(router_input->to(acc), router_weight.to(acc).t());
     }
   }
-  const at::Tensor B_cat = packed_expand(B, acc);
+  // B used unchanged by an earlier call means the weights are being reused (inference,
+  // decoding): B_cat and G are then kept, and G is worth forming even when this one call
+  // would not pay for it. (Grad mode cannot tell: autograd runs forwards with it off.)
+  const weight_cache::Found found = weight_cache::instance().find(B);
+  const at::Tensor B_cat = found.seen ? found.B_cat : packed_expand(B, acc);
   at::Tensor z = at::empty_like(h);
+  bool gram_formed = false;  // gram_matrix then remembered B with its G
   if (s.T > 0 && !orthogonalize) {
     RECORD_FUNCTION("omoe::orthogonalize", std::vector<c10::IValue>());
     token_forward(h, logits, at::Tensor(), s.E, s.r, top_k, false, normalize, eps, z);
   } else if (s.T > 0) {
-    // B used unchanged by an earlier call means the weights are being reused (inference,
-    // decoding): G is then worth forming and keeping even when this one call would not pay
-    // for it. (Grad mode cannot tell: autograd runs every forward with it off.)
-    const weight_cache::Found found = weight_cache::instance().find(B);
     const Route route = choose_route(s, k, /*backward=*/false, found.seen, x.is_cpu());
-    if (!found.seen && route == Route::kDirect) weight_cache::instance().remember(B);
     const at::Tensor h_blocks64 = expert_blocks64(h, s.E, s.r);
     if (route == Route::kDirect) {
       RECORD_FUNCTION("omoe::direct", std::vector<c10::IValue>());
@@ -271,6 +275,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
       {
         RECORD_FUNCTION("omoe::gram", std::vector<c10::IValue>());
         G = gram_matrix(B, B_cat, found);
+        gram_formed = !found.G.defined();
       }
       RECORD_FUNCTION("omoe::orthogonalize", std::vector<c10::IValue>());
       if (route == Route::kPairs) {
@@ -292,6 +297,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
       }
     }
   }
+  if (!found.seen && !gram_formed) weight_cache::instance().remember(B, B_cat);
   RECORD_FUNCTION("omoe::expand", std::vector<c10::IValue>());
   at::Tensor y = base_out.has_value()
                      ? at::addmm(base_out->to(acc), z, B_cat.t(), /*beta=*/1, /*alpha=*/scaling)
@@ -322,7 +328,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   TORCH_CHECK(at::isFloatingType(grad_y.scalar_type()), "omoe: grad_y must be floating");
 
   const at::Tensor xc = x.to(acc).contiguous();
-  const at::Tensor B_cat = packed_expand(B, acc);
+  const weight_cache::Found found = weight_cache::instance().find(B);
+  const at::Tensor B_cat = found.seen ? found.B_cat : packed_expand(B, acc);
   const at::Tensor dY = grad_y.to(acc).contiguous();
   const at::Tensor hc = h.contiguous(), lc = logits.contiguous();
 
@@ -341,7 +348,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     token_backward(hc, lc, at::Tensor(), dz, s.E, s.r, top_k, false, normalize, eps, z, dh,
                    dlogits, none);
   } else if (s.T > 0) {
-    const weight_cache::Found found = weight_cache::instance().find(B);
     const Route route = choose_route(s, k, /*backward=*/true, found.G.defined(), x.is_cpu());
     const at::Tensor h_blocks64 = expert_blocks64(hc, s.E, s.r);
     if (route == Route::kDirect) {

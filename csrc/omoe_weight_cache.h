@@ -1,5 +1,6 @@
-// G = B_catᵀ B_cat (float64), kept across calls while B is unchanged. Decoding and
-// inference reuse it call after call; in training the backward reuses the forward's G.
+// B_cat (B packed as [d_out, E·r]) and G = B_catᵀ B_cat (float64), kept across calls while
+// B is unchanged. Decoding and inference reuse them call after call; in training the
+// backward reuses the forward's.
 //
 // "Unchanged" is checked on the contents, bitwise: an entry keeps a copy of B, and a
 // lookup compares B with it (memcmp on the CPU). Version counters would miss edits made
@@ -26,10 +27,10 @@ struct Stats {
 };
 
 // What the cache holds for B: whether B was used before with exactly these contents,
-// and G if it was formed since (undefined otherwise).
+// its B_cat, and G if it was formed since (undefined otherwise).
 struct Found {
   bool seen = false;
-  at::Tensor G;
+  at::Tensor B_cat, G;
 };
 
 inline bool bitwise_equal(const at::Tensor& a, const at::Tensor& b) {
@@ -58,16 +59,18 @@ class GramCache {
     it->second.last_use = ++clock_;
     if (it->second.G.defined()) ++stats_.hits;
     else ++stats_.misses;
-    return {true, it->second.G};
+    return {true, it->second.B_cat, it->second.G};
   }
 
-  // Remembers B's contents (so a later call knows B is being reused), with G if given.
-  void remember(const at::Tensor& B, const at::Tensor& G = at::Tensor()) {
+  // Remembers B's contents (so a later call knows B is being reused) with its B_cat, and
+  // G if given.
+  void remember(const at::Tensor& B, const at::Tensor& B_cat, const at::Tensor& G = at::Tensor()) {
     if (!cacheable(B)) return;
     Entry entry{c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(
                     B.getIntrusivePtr()),
-                B.clone(at::MemoryFormat::Contiguous), G, 0, 0};
-    entry.bytes = int64_t(entry.copy.nbytes()) + (G.defined() ? int64_t(G.nbytes()) : 0);
+                B.clone(at::MemoryFormat::Contiguous), B_cat, G, 0, 0};
+    entry.bytes = int64_t(entry.copy.nbytes()) + int64_t(B_cat.nbytes()) +
+                  (G.defined() ? int64_t(G.nbytes()) : 0);
     std::lock_guard<std::mutex> lock(mutex_);
     erase_if([](const Entry& e) { return e.impl.expired(); });  // weights freed since
     if (auto old = entries_.find(B.unsafeGetTensorImpl()); old != entries_.end()) {
@@ -106,7 +109,7 @@ class GramCache {
   struct Entry {
     c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> impl;
     at::Tensor copy;  // B's contents when the entry was made
-    at::Tensor G;
+    at::Tensor B_cat, G;
     int64_t bytes;
     uint64_t last_use;
     bool matches(const at::Tensor& B) const {
