@@ -173,6 +173,8 @@ def plot(rows: list[dict], path: Path, title: str) -> bool:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     level = "layer" if any(w["level"] == "layer" for w in rows) else rows[0]["level"]
     mid_r = sorted({w["r"] for w in rows})[len({w["r"] for w in rows}) // 2]
+    experts = sorted({w["E"] for w in rows})
+    colors = {E: plt.cm.viridis(n / max(1, len(experts) - 1) * 0.9) for n, E in enumerate(experts)}
     for (routing, mode), style in zip(itertools.product(("dense", "top2"), ("train", "infer")),
                                       ("-o", "--o", "-s", "--s")):
         sel = [w for w in rows if w["level"] == level and w["routing"] == routing
@@ -180,12 +182,14 @@ def plot(rows: list[dict], path: Path, title: str) -> bool:
         for E in sorted({w["E"] for w in sel}):
             pts = sorted((w["T"], w["ratio"]) for w in sel if w["E"] == E)
             if pts:
-                axes[0].plot(*zip(*pts), style, label=f"E={E} {routing} {mode}", markersize=3)
+                axes[0].plot(*zip(*pts), style, color=colors[E], markersize=3,
+                             label=f"E={E} {routing} {mode}")
         big_T = max((w["T"] for w in sel), default=None)
         pts = sorted((w["E"], w["ratio"]) for w in sel if w["T"] == big_T)
         if pts:
             axes[1].plot(*zip(*pts), style, label=f"T={big_T} {routing} {mode}")
     axes[0].set_xscale("log", base=2)
+    axes[0].set_yscale("log", base=2)
     axes[0].set_xlabel("tokens T")
     axes[1].set_xlabel("experts E")
     for ax in axes:
@@ -198,6 +202,15 @@ def plot(rows: list[dict], path: Path, title: str) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def replot(tag: str) -> None:
+    """Redraws bench/results/sweep-<tag>.png from its JSON."""
+    data = json.loads((RESULTS / f"sweep-{tag}.json").read_text())
+    meta = data["meta"]
+    plot(data["rows"], RESULTS / f"sweep-{tag}.png",
+         f"{meta['cpu']}, {meta['threads']} thread(s), load {meta['load_start']}–"
+         f"{meta['load_end']}, {meta['date']}")
 
 
 def main(argv=None) -> list[dict]:
