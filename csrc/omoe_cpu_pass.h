@@ -6,9 +6,9 @@
 //   GEMM per chunk of tokens; T·(E·r)² work, all E² pairs, cheapest per pair.
 // - pairs (PairGram): S_ml = h_iᵀ G_ij h_j for the k² active pairs only, read from G;
 //   T·k²·r² work, so top-k costs like k·r.
-// - direct (DirectGram): the expert outputs e_i = B_i h_i themselves (float64, a batched
-//   GEMM per chunk), S_ml = <e_i, e_j>; no G at all, T·(E·r·d + k²·d) work. For small T
-//   against E·r, and for E·r too large for G.
+// - direct (DirectGram): the expert outputs e_i = B_i h_i themselves (a batched GEMM per
+//   chunk, in the accumulate dtype), S_ml = <e_i, e_j> summed in float64; no G at all,
+//   T·(E·r·d + k²·d) work. For small T against E·r, and for E·r too large for G.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -87,24 +87,27 @@ struct PairGram {
   void end_backward(const int*, int, const double (*)[MAX_K]) const {}
 };
 
-// S from the expert outputs: e points at this token's e_0 (float64, d_out values, expert i
-// at e + i·stride). The backward writes de_i = Σ_j (dS_ij + dS_ji) e_j in the same layout
+// S from the expert outputs: e points at this token's e_0 (d_out values, expert i at
+// e + i·stride; float32 for float32 and 16-bit inputs: S is then the exact Gram matrix of
+// vectors rounded like the eager fp32 e_i, which keeps MGS-level accuracy, not a Gram
+// shortcut's κ²). The backward writes de_i = Σ_j (dS_ij + dS_ji) e_j in the same layout
 // (zero for inactive experts); dh_i += B_iᵀ de_i and dB_i += de_i h_iᵀ are GEMMs after the
 // pass, so grad_h has no share here.
+template <typename value_t>
 struct DirectGram {
-  const double* e;
+  const value_t* e;
   int64_t stride, d_out;
   int num_experts;
-  double* de;  // backward only
+  value_t* de;  // backward only
 
   template <int MAX_K, typename scalar_t>
   void gram(const scalar_t*, const int* active, int k, double (*S)[MAX_K]) const {
     for (int m = 0; m < k; ++m)
       for (int l = m; l < k; ++l) {
-        const double* u = e + active[m] * stride;
-        const double* v = e + active[l] * stride;
+        const value_t* u = e + active[m] * stride;
+        const value_t* v = e + active[l] * stride;
         double s = 0.0;
-        for (int64_t q = 0; q < d_out; ++q) s += u[q] * v[q];
+        for (int64_t q = 0; q < d_out; ++q) s += double(u[q]) * double(v[q]);
         S[m][l] = s;
         S[l][m] = s;
       }
@@ -116,13 +119,13 @@ struct DirectGram {
   }
   template <int MAX_K>
   void end_backward(const int* active, int k, const double (*dS)[MAX_K]) const {
-    for (int i = 0; i < num_experts; ++i) std::fill_n(de + i * stride, d_out, 0.0);
+    for (int i = 0; i < num_experts; ++i) std::fill_n(de + i * stride, d_out, value_t(0));
     for (int m = 0; m < k; ++m) {
-      double* out = de + active[m] * stride;
-      for (int l = 0; l < k; ++l) {
-        const double c = dS[m][l] + dS[l][m];
-        const double* v = e + active[l] * stride;
-        for (int64_t q = 0; q < d_out; ++q) out[q] += c * v[q];
+      value_t* out = de + active[m] * stride;
+      for (int64_t q = 0; q < d_out; ++q) {
+        double acc = 0.0;
+        for (int l = 0; l < k; ++l) acc += (dS[m][l] + dS[l][m]) * double(e[active[l] * stride + q]);
+        out[q] = static_cast<value_t>(acc);
       }
     }
   }
@@ -148,13 +151,14 @@ struct PairRoute {
     return PairGram{G, R, r, dG ? dG + int64_t(thread) * R * R : nullptr};
   }
 };
+template <typename value_t>
 struct DirectRoute {
-  const double* e;  // [E, Tc, d_out]
-  double* de;       // [E, Tc, d_out], backward only
+  const value_t* e;  // [E, Tc, d_out]
+  value_t* de;       // [E, Tc, d_out], backward only
   int64_t Tc, d_out;
   int E;
-  DirectGram at(int64_t t, int) const {
-    return DirectGram{e + t * d_out, Tc * d_out, d_out, E, de ? de + t * d_out : nullptr};
+  DirectGram<value_t> at(int64_t t, int) const {
+    return DirectGram<value_t>{e + t * d_out, Tc * d_out, d_out, E, de ? de + t * d_out : nullptr};
   }
 };
 

@@ -178,9 +178,13 @@ int64_t chunk_tokens(int64_t T, double bytes_per_token, double budget) {
 // CPU: chunks that stay in cache; other devices: only what memory needs.
 double chunk_budget(const at::Tensor& x) { return x.is_cpu() ? 4.0 * (1 << 20) : 1024.0 * (1 << 20); }
 
-// h as float64 expert blocks, [E, T, r] (a transposed view), for the batched GEMMs below.
+// h ([T, E·r], contiguous) as expert blocks, [E, T, r] (a transposed view), for the
+// batched GEMMs below; in float64 for the routes through G.
+at::Tensor expert_blocks(const at::Tensor& h, int64_t E, int64_t r) {
+  return h.view({-1, E, r}).transpose(0, 1);
+}
 at::Tensor expert_blocks64(const at::Tensor& h, int64_t E, int64_t r) {
-  return h.to(at::kDouble).view({-1, E, r}).transpose(0, 1);
+  return expert_blocks(h.to(at::kDouble), E, r);
 }
 
 // The CPU batched pass, in the shape omoe_ops.h's function pointers have.
@@ -256,21 +260,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
     token_forward(h, logits, at::Tensor(), s.E, s.r, top_k, false, normalize, eps, z);
   } else if (s.T > 0) {
     const Route route = choose_route(s, k, /*backward=*/false, found.seen, x.is_cpu());
-    const at::Tensor h_blocks64 = expert_blocks64(h, s.E, s.r);
     if (route == Route::kDirect) {
       RECORD_FUNCTION("omoe::direct", std::vector<c10::IValue>());
-      const at::Tensor B64t = B.to(at::kDouble).transpose(1, 2);  // [E, r, d_out]
+      const at::Tensor Bt = B.to(acc).transpose(1, 2);  // [E, r, d_out], a view for fp32
       const int64_t tc = chunk_tokens(s.T, 8.0 * s.E * s.d_out, chunk_budget(x));
       for (int64_t t0 = 0; t0 < s.T; t0 += tc) {
         const int64_t n = std::min(tc, s.T - t0);
-        const at::Tensor e = at::bmm(h_blocks64.narrow(1, t0, n), B64t);  // [E, n, d_out]
+        const at::Tensor e = at::bmm(expert_blocks(h, s.E, s.r).narrow(1, t0, n), Bt);
         at::Tensor zc = z.narrow(0, t0, n);
-        cpu::token_forward_pass(h.narrow(0, t0, n), logits.narrow(0, t0, n),
-                                cpu::DirectRoute{e.data_ptr<double>(), nullptr, n, s.d_out,
-                                                 int(s.E)},
-                                s.E, s.r, top_k, true, normalize, eps, zc);
+        AT_DISPATCH_FLOATING_TYPES(e.scalar_type(), "omoe_direct", [&] {
+          cpu::token_forward_pass(h.narrow(0, t0, n), logits.narrow(0, t0, n),
+                                  cpu::DirectRoute<scalar_t>{e.data_ptr<scalar_t>(), nullptr, n,
+                                                             s.d_out, int(s.E)},
+                                  s.E, s.r, top_k, true, normalize, eps, zc);
+        });
       }
     } else {
+      const at::Tensor h_blocks64 = expert_blocks64(h, s.E, s.r);
       at::Tensor G;
       {
         RECORD_FUNCTION("omoe::gram", std::vector<c10::IValue>());
@@ -340,8 +346,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   }
   at::Tensor z = at::empty_like(hc), dh = at::empty_like(hc), dlogits = at::empty_like(lc);
   // What the Gram part adds to dB_cat once dB_cat = s·dYᵀZ exists: B_cat (dG + dGᵀ) for the
-  // routes through G, Σ_t de_i h_iᵀ for the direct route.
-  at::Tensor dG, dB_direct;
+  // routes through G. (The direct route writes dB_cat itself, chunk by chunk.)
+  at::Tensor dG, dB_cat;
   if (s.T > 0 && !orthogonalize) {
     RECORD_FUNCTION("omoe::orthogonalize_backward", std::vector<c10::IValue>());
     at::Tensor none;
@@ -349,29 +355,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
                    dlogits, none);
   } else if (s.T > 0) {
     const Route route = choose_route(s, k, /*backward=*/true, found.G.defined(), x.is_cpu());
-    const at::Tensor h_blocks64 = expert_blocks64(hc, s.E, s.r);
     if (route == Route::kDirect) {
       RECORD_FUNCTION("omoe::direct_backward", std::vector<c10::IValue>());
-      const at::Tensor B64 = B.to(at::kDouble);  // [E, d_out, r]
-      const at::Tensor B64t = B64.transpose(1, 2);
-      dB_direct = at::zeros({s.E, s.d_out, s.r}, B64.options());
+      const at::Tensor Ba = B.to(acc);  // [E, d_out, r], no copy for fp32
       const int64_t tc = chunk_tokens(s.T, 16.0 * s.E * s.d_out, chunk_budget(x));
       for (int64_t t0 = 0; t0 < s.T; t0 += tc) {
         const int64_t n = std::min(tc, s.T - t0);
-        const at::Tensor hb = h_blocks64.narrow(1, t0, n);
-        const at::Tensor e = at::bmm(hb, B64t);  // [E, n, d_out]
+        const at::Tensor hb = expert_blocks(hc, s.E, s.r).narrow(1, t0, n);  // [E, n, r]
+        const at::Tensor e = at::bmm(hb, Ba.transpose(1, 2));  // [E, n, d_out]
         const at::Tensor de = at::empty_like(e);
         at::Tensor zc = z.narrow(0, t0, n), dhc = dh.narrow(0, t0, n), dlc = dlogits.narrow(0, t0, n);
-        cpu::token_backward_pass(hc.narrow(0, t0, n), lc.narrow(0, t0, n),
-                                 cpu::DirectRoute{e.data_ptr<double>(), de.data_ptr<double>(), n,
-                                                  s.d_out, int(s.E)},
-                                 dz.narrow(0, t0, n), s.E, s.r, top_k, true, normalize, eps, zc,
-                                 dhc, dlc);
-        // dh_i += B_iᵀ de_i, dB_i += de_i h_iᵀ.
-        dhc.view({n, s.E, s.r}).add_(at::bmm(de, B64).transpose(0, 1).to(acc));
-        dB_direct.baddbmm_(de.transpose(1, 2), hb);
+        AT_DISPATCH_FLOATING_TYPES(e.scalar_type(), "omoe_direct_backward", [&] {
+          cpu::token_backward_pass(hc.narrow(0, t0, n), lc.narrow(0, t0, n),
+                                   cpu::DirectRoute<scalar_t>{e.data_ptr<scalar_t>(),
+                                                              de.data_ptr<scalar_t>(), n,
+                                                              s.d_out, int(s.E)},
+                                   dz.narrow(0, t0, n), s.E, s.r, top_k, true, normalize, eps,
+                                   zc, dhc, dlc);
+        });
+        // dh_i += B_iᵀ de_i; dB_cat = s·dYᵀZ + Σ_t de_i h_iᵀ (block i), written in place.
+        dhc.view({n, s.E, s.r}).add_(at::bmm(de, Ba).transpose(0, 1));
+        const at::Tensor dY_c = dY.narrow(0, t0, n);
+        if (!dB_cat.defined()) dB_cat = at::mm(dY_c.t(), zc).mul_(scaling);
+        else dB_cat.addmm_(dY_c.t(), zc, 1, scaling);
+        for (int64_t i = 0; i < s.E; ++i)
+          dB_cat.narrow(1, i * s.r, s.r).addmm_(de[i].t(), hb[i]);
       }
     } else {
+      const at::Tensor h_blocks64 = expert_blocks64(hc, s.E, s.r);
       RECORD_FUNCTION("omoe::gram_recompute", std::vector<c10::IValue>());
       const at::Tensor G = gram_matrix(B, B_cat, found);
       if (route == Route::kPairs) {
@@ -402,26 +413,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
       }
     }
   }
-  at::Tensor dB_cat;
-  {
+  if (!dB_cat.defined()) {
     RECORD_FUNCTION("omoe::expand_backward_weight", std::vector<c10::IValue>());
     dB_cat = at::mm(dY.t(), z).mul_(scaling);
   }
   if (dG.defined()) {
     RECORD_FUNCTION("omoe::gram_backward", std::vector<c10::IValue>());
     dB_cat.add_(at::mm(B_cat.to(at::kDouble), dG + dG.t()).to(acc));
-  } else if (dB_direct.defined()) {
-    dB_cat.add_(dB_direct.permute({1, 0, 2}).reshape({s.d_out, er}).to(acc));
   }
   RECORD_FUNCTION("omoe::shrink_backward", std::vector<c10::IValue>());
-  const at::Tensor AW = packed_shrink(A, router_weight, acc);
   at::Tensor grad_x, grad_A, grad_W, grad_router_input;
-  if (router_input.has_value()) {
+  if (router_input.has_value() || s.T < er + s.E) {
+    // Separate GEMMs: no packed [A_cat; W] (few tokens, or the router reads its own input).
+    const at::Tensor A_cat = A.reshape({er, s.d_in}).to(acc), W = router_weight.to(acc);
     grad_A = at::mm(dh.t(), xc);
-    grad_x = at::mm(dh, AW.narrow(0, 0, er));
-    grad_W = at::mm(dlogits.t(), router_input->to(acc));
-    grad_router_input = at::mm(dlogits, AW.narrow(0, er, s.E)).to(x.scalar_type());
+    grad_x = at::mm(dh, A_cat);
+    if (router_input.has_value()) {
+      grad_W = at::mm(dlogits.t(), router_input->to(acc));
+      grad_router_input = at::mm(dlogits, W).to(x.scalar_type());
+    } else {
+      grad_W = at::mm(dlogits.t(), xc);
+      grad_x.addmm_(dlogits, W);
+      grad_router_input = at::empty({0}, x.options());
+    }
   } else {
+    const at::Tensor AW = packed_shrink(A, router_weight, acc);
     // The router reads x too: [dA; dW] = [dh, dl]ᵀ x and dx = [dh, dl] [A_cat; W].
     const at::Tensor dh_dl = at::cat({dh, dlogits}, 1);
     const at::Tensor dAW = at::mm(dh_dl.t(), xc);
