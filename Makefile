@@ -32,8 +32,14 @@ install: venv
 test: install
 	$(PY) -m pytest -q python_tests
 
+# The §6 shapes, then the cost-growth sweep and greedy decoding (bench/NOTES.md); each
+# writes its results under bench/results/.
 bench: install
 	$(PY) -m bench.bench_omoe
+	$(PY) -m bench.sweep --threads 1
+	$(PY) -m bench.sweep --threads 2
+	$(PY) -m bench.decode --threads 1
+	$(PY) -m bench.decode --threads 2
 
 # C++/CUDA sources that already follow .clang-format. The rest of csrc/ is hand-wrapped;
 # `make format` is the one-time commit that brings it in, after which this list becomes

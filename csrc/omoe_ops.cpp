@@ -3,6 +3,7 @@
 //   forward(x, A, B, router_weight, router_input?, base_out?, …) -> (y, h, logits)
 //   backward(grad_y, x, A, B, router_weight, router_input?, h, logits, …)
 //       -> (grad_x, grad_A, grad_B, grad_router_weight, grad_router_input)
+//   omoe_cache::stats() -> [hits, misses, entries, bytes];  omoe_cache::clear()
 //
 // x is [T, d_in] (the Python side flattens), A [E, r, d_in], B [E, d_out, r],
 // router_weight [E, d_in]. h ([T, E·r]) and logits ([T, E]) are what the backward needs;
@@ -15,10 +16,14 @@
 #include <ATen/record_function.h>
 #include <torch/library.h>
 
+#include "omoe_cpu_pass.h"
 #include "omoe_ops.h"
 #include "omoe_token.h"
+#include "omoe_weight_cache.h"
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <memory>
 
 namespace omoe {
@@ -37,6 +42,11 @@ struct Sizes {
   int64_t T, d_in, d_out, E, r;
 };
 
+// The most active experts k = min(top_k, E) a device's per-token pass takes.
+int64_t max_active_experts(const at::Tensor& x) {
+  return x.is_cpu() ? cpu::kMaxActive : kMaxExperts;
+}
+
 // Checks the tensors shared by forward and backward; returns their sizes.
 Sizes check_common(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
                    const at::Tensor& router_weight,
@@ -49,8 +59,7 @@ Sizes check_common(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B
   TORCH_CHECK(router_weight.dim() == 2, "omoe: router_weight must be 2-D [E, d_in], got ",
               router_weight.sizes());
   Sizes s{x.size(0), x.size(1), B.size(1), A.size(0), A.size(1)};
-  TORCH_CHECK(s.E >= 1 && s.E <= kMaxExperts, "omoe: the compiled ops take 1 to ", kMaxExperts,
-              " experts, got E=", s.E);
+  TORCH_CHECK(s.E >= 1, "omoe: A must hold at least one expert, got E=", s.E);
   TORCH_CHECK(s.r >= 1, "omoe: A must have rank >= 1, got ", s.r);
   TORCH_CHECK(s.d_out >= 1, "omoe: B must have d_out >= 1");
   TORCH_CHECK(A.size(2) == s.d_in, "omoe: A is [E, r, d_in] with d_in=", A.size(2),
@@ -61,6 +70,10 @@ Sizes check_common(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B
               "omoe: router_weight must be [E, d_in] = [", s.E, ", ", s.d_in, "], got ",
               router_weight.sizes());
   TORCH_CHECK(top_k >= 1 && top_k <= s.E, "omoe: top_k must be in [1, E=", s.E, "], got ", top_k);
+  TORCH_CHECK(std::min(top_k, s.E) <= max_active_experts(x), "omoe: the compiled ops on ",
+              x.device().type(), " take at most ", max_active_experts(x),
+              " active experts (min(top_k, E)), got ", std::min(top_k, s.E),
+              "; use backend='reference' or a smaller top_k");
   TORCH_CHECK(eps > 0.0 && std::isfinite(eps), "omoe: eps must be finite and > 0, got ", eps);
   std::vector<std::pair<const at::Tensor*, const char*>> same = {
       {&A, "A"}, {&B, "B"}, {&router_weight, "router_weight"}};
@@ -80,78 +93,118 @@ Sizes check_common(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B
   return s;
 }
 
-// B as [d_out, E·r]: column i·r + a is B[i, :, a].
-at::Tensor concat_experts_B(const at::Tensor& B, at::ScalarType dtype) {
-  return B.permute({1, 0, 2}).reshape({B.size(1), B.size(0) * B.size(2)}).to(dtype).contiguous();
+// ---- packed weights, and G (cached across calls while B is unchanged) ----------------
+
+// [A_cat; W]: [E·r + E, d_in] in the accumulate dtype. Rows i·r + a are A[i, a, :], then
+// the router's E rows: one GEMM gives h and the logits together.
+at::Tensor packed_shrink(const at::Tensor& A, const at::Tensor& W, at::ScalarType acc) {
+  return at::cat({A.reshape({A.size(0) * A.size(1), A.size(2)}).to(acc), W.to(acc)}, 0);
 }
 
-// ---- CPU per-token passes -------------------------------------------------------
+// B as [d_out, E·r] in the accumulate dtype: column i·r + a is B[i, :, a].
+at::Tensor packed_expand(const at::Tensor& B, at::ScalarType acc) {
+  return B.permute({1, 0, 2}).reshape({B.size(1), B.size(0) * B.size(2)}).to(acc).contiguous();
+}
 
-constexpr int64_t kTokensPerTask = 64;
+// G = B_catᵀ B_cat in float64, [E·r, E·r]: the cached one when B is unchanged
+// (omoe_weight_cache.h), else formed and kept.
+at::Tensor gram_matrix(const at::Tensor& B, const at::Tensor& B_cat,
+                       const weight_cache::Found& found) {
+  if (found.G.defined()) return found.G;
+  const at::Tensor B64 = B_cat.to(at::kDouble);
+  at::Tensor G = at::mm(B64.t(), B64);
+  weight_cache::instance().remember(B, B_cat, G);
+  return G;
+}
 
+// ---- choosing the route by cost (omoe_cpu_pass.h, docs/algorithm.md "Routes") ---------
+
+enum class Route { kBatched, kPairs, kDirect };
+
+// G above this size is never formed: the direct route needs no G (issue 8, item 10).
+constexpr double kMaxGramBytes = 512.0 * (1 << 20);
+// A multiply-add of the scalar per-token loops costs about this many of a float64 GEMM's.
+constexpr double kScalarCost = 4.0;
+// A small batched float64 GEMM call costs about this many multiply-adds on its own, and
+// far more when another process holds a core (its threads wait for each other): a few
+// tokens are cheaper in the scalar pairs route than in any batched GEMM.
+constexpr double kBatchedCallCost = 50000.0;
+
+// OMOE_ROUTE=batched|pairs|direct forces a route on the CPU (tests run every route).
+Route forced_route(Route chosen) {
+  const char* env = std::getenv("OMOE_ROUTE");
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) return chosen;
+  if (std::strcmp(env, "batched") == 0) return Route::kBatched;
+  if (std::strcmp(env, "pairs") == 0) return Route::kPairs;
+  if (std::strcmp(env, "direct") == 0) return Route::kDirect;
+  TORCH_CHECK(false, "omoe: OMOE_ROUTE must be auto, batched, pairs or direct, got '", env, "'");
+}
+
+// The cheapest route for one pass, counted in float64 multiply-adds. gram_free: G costs
+// nothing here (cached, or worth caching because the weights will be reused).
+Route choose_route(const Sizes& s, int64_t k, bool backward, bool gram_free, bool on_cpu) {
+  const double T = double(s.T), R = double(s.E * s.r), d = double(s.d_out), r = double(s.r);
+  const double kk = double(k) * double(k);
+  const bool gram_fits = R * R * 8.0 <= kMaxGramBytes;
+  if (!on_cpu) {
+    TORCH_CHECK(gram_fits, "omoe: G = B_catᵀB_cat would take ", R * R * 8.0 / (1 << 20),
+                " MiB (E·r = ", s.E * s.r, "); the compiled ops on this device bound it at ",
+                kMaxGramBytes / (1 << 20), " MiB: use backend='reference' or a smaller E·r");
+    return Route::kBatched;
+  }
+  const double passes = backward ? 2.0 : 1.0;  // the backward recomputes S, then uses dS
+  const double gram_fixed = (gram_free ? 0.0 : d * R * R) + (backward ? d * R * R : 0.0);
+  const double calls = backward ? 2.0 : 1.0;  // batched GEMMs per chunk
+  const double batched = gram_fixed + passes * T * R * R + calls * kBatchedCallCost;
+  const double pairs = gram_fixed + kScalarCost * passes * T * kk * r * r +
+                       (backward ? double(at::get_num_threads()) * R * R : 0.0);
+  const double direct = (backward ? 3.0 : 1.0) * T * R * d + kScalarCost * passes * T * kk * d +
+                        R * d /* B in float64 */ + (backward ? 3.0 : 1.0) * kBatchedCallCost;
+  Route best = !gram_fits || direct < std::min(batched, pairs)
+                   ? Route::kDirect
+                   : (pairs < batched ? Route::kPairs : Route::kBatched);
+  best = forced_route(best);
+  if (best != Route::kDirect)
+    TORCH_CHECK(gram_fits, "omoe: OMOE_ROUTE asks for G = B_catᵀB_cat, which would take ",
+                R * R * 8.0 / (1 << 20), " MiB (E·r = ", s.E * s.r, ")");
+  return best;
+}
+
+// Tokens per chunk so that a chunk's float64 workspace stays near `budget` bytes.
+int64_t chunk_tokens(int64_t T, double bytes_per_token, double budget) {
+  return std::clamp<int64_t>(int64_t(budget / std::max(bytes_per_token, 1.0)), 1,
+                             std::max<int64_t>(T, 1));
+}
+// CPU: chunks that stay in cache; other devices: only what memory needs.
+double chunk_budget(const at::Tensor& x) { return x.is_cpu() ? 4.0 * (1 << 20) : 1024.0 * (1 << 20); }
+
+// h ([T, E·r], contiguous) as expert blocks, [E, T, r] (a transposed view), for the
+// batched GEMMs below; in float64 for the routes through G.
+at::Tensor expert_blocks(const at::Tensor& h, int64_t E, int64_t r) {
+  return h.view({-1, E, r}).transpose(0, 1);
+}
+at::Tensor expert_blocks64(const at::Tensor& h, int64_t E, int64_t r) {
+  return expert_blocks(h.to(at::kDouble), E, r);
+}
+
+// The CPU batched pass, in the shape omoe_ops.h's function pointers have.
 void token_forward_cpu(const at::Tensor& h, const at::Tensor& logits, const at::Tensor& GH,
                        int64_t E, int64_t r, int64_t top_k, bool orthogonalize,
                        bool normalize, double eps, at::Tensor& z) {
-  const int64_t T = h.size(0), er = E * r;
-  const double* gh_ptr = orthogonalize ? GH.data_ptr<double>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "omoe_token_forward_cpu", [&] {
-    const scalar_t* h_ptr = h.data_ptr<scalar_t>();
-    const scalar_t* l_ptr = logits.data_ptr<scalar_t>();
-    scalar_t* z_ptr = z.data_ptr<scalar_t>();
-    dispatch_max_active(std::min(top_k, E), [&](auto max_k) {
-      constexpr int MAX_K = decltype(max_k)::value;
-      at::parallel_for(0, T, kTokensPerTask, [&](int64_t begin, int64_t end) {
-        auto tape = std::make_unique<MgsTape<MAX_K>>();
-        for (int64_t t = begin; t < end; ++t)
-          token_forward(h_ptr + t * er, l_ptr + t * E, gh_ptr ? gh_ptr + t * er : nullptr,
-                        T * er, int(E), int(r), int(top_k), orthogonalize, normalize, eps,
-                        *tape, z_ptr + t * er);
-      });
-    });
-  });
+  const cpu::GhRoute route{orthogonalize ? GH.data_ptr<double>() : nullptr, nullptr, h.size(0),
+                           int(E), int(r)};
+  cpu::token_forward_pass(h, logits, route, E, r, top_k, orthogonalize, normalize, eps, z);
 }
 
 void token_backward_cpu(const at::Tensor& h, const at::Tensor& logits, const at::Tensor& GH,
                         const at::Tensor& dz, int64_t E, int64_t r, int64_t top_k,
                         bool orthogonalize, bool normalize, double eps, at::Tensor& z,
                         at::Tensor& dh, at::Tensor& dlogits, at::Tensor& dg_lhs) {
-  const int64_t T = h.size(0), er = E * r;
-  const double* gh_ptr = orthogonalize ? GH.data_ptr<double>() : nullptr;
-  double* lhs_ptr = orthogonalize ? dg_lhs.data_ptr<double>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "omoe_token_backward_cpu", [&] {
-    const scalar_t* h_ptr = h.data_ptr<scalar_t>();
-    const scalar_t* l_ptr = logits.data_ptr<scalar_t>();
-    const scalar_t* dz_ptr = dz.data_ptr<scalar_t>();
-    scalar_t* z_ptr = z.data_ptr<scalar_t>();
-    scalar_t* dh_ptr = dh.data_ptr<scalar_t>();
-    scalar_t* dl_ptr = dlogits.data_ptr<scalar_t>();
-    dispatch_max_active(std::min(top_k, E), [&](auto max_k) {
-      constexpr int MAX_K = decltype(max_k)::value;
-      at::parallel_for(0, T, kTokensPerTask, [&](int64_t begin, int64_t end) {
-        auto scratch = std::make_unique<BackwardScratch<MAX_K>>();
-        for (int64_t t = begin; t < end; ++t)
-          token_backward(h_ptr + t * er, l_ptr + t * E, gh_ptr ? gh_ptr + t * er : nullptr,
-                         T * er, dz_ptr + t * er, int(E), int(r), int(top_k), orthogonalize,
-                         normalize, eps, *scratch, z_ptr + t * er, dh_ptr + t * er,
-                         dl_ptr + t * E, lhs_ptr ? lhs_ptr + t * er : nullptr);
-      });
-    });
-  });
-}
-
-// ---- float64 GEMMs around the per-token Gram matrices --------------------------------
-
-// h as float64 expert blocks, [E, T, r] (a transposed view), for the batched GEMMs below.
-at::Tensor expert_blocks64(const at::Tensor& h, int64_t E, int64_t r) {
-  return h.to(at::kDouble).view({-1, E, r}).transpose(0, 1);
-}
-
-// GH[j, t, (i, a)] = (G_ij h_j)_a for every token: one batched GEMM over j, using that
-// G = B_catᵀ B_cat is symmetric (G[:, block j]ᵀ = G[block j, :]). [E, T, E·r] float64.
-at::Tensor gram_times_h(const at::Tensor& h_blocks64, const at::Tensor& B64, int64_t E,
-                        int64_t r) {
-  const at::Tensor G = at::mm(B64.t(), B64);
-  return at::bmm(h_blocks64, G.view({E, r, E * r})).contiguous();
+  const cpu::GhRoute route{orthogonalize ? GH.data_ptr<double>() : nullptr,
+                           orthogonalize ? dg_lhs.data_ptr<double>() : nullptr, h.size(0),
+                           int(E), int(r)};
+  cpu::token_backward_pass(h, logits, route, dz, E, r, top_k, orthogonalize, normalize, eps, z,
+                           dh, dlogits);
 }
 
 }  // namespace
@@ -176,34 +229,82 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
                 "omoe: base_out must match x's dtype and device");
   }
   const auto acc = accumulate_dtype(x);
-  const int64_t er = s.E * s.r;
+  const int64_t er = s.E * s.r, k = std::min(top_k, s.E);
   const at::Tensor xc = x.to(acc).contiguous();
-  const at::Tensor A_cat = A.reshape({er, s.d_in}).to(acc);
-  const at::Tensor W = router_weight.to(acc);
   at::Tensor h, logits;
   {
     RECORD_FUNCTION("omoe::shrink", std::vector<c10::IValue>());
-    if (!router_input.has_value()) {
+    if (s.T < er + s.E) {
+      // Few tokens: two GEMMs read x twice, which costs less than packing [A_cat; W].
+      h = at::mm(xc, A.reshape({er, s.d_in}).to(acc).t());
+      logits = at::mm(router_input.has_value() ? router_input->to(acc) : xc,
+                      router_weight.to(acc).t());
+    } else if (!router_input.has_value()) {
       // Shrink and router logits in one pass over x.
-      const at::Tensor both = at::mm(xc, at::cat({A_cat, W}, 0).t());
+      const at::Tensor both = at::mm(xc, packed_shrink(A, router_weight, acc).t());
       h = both.narrow(1, 0, er).contiguous();
       logits = both.narrow(1, er, s.E).contiguous();
     } else {
-      h = at::mm(xc, A_cat.t());
-      logits = at::mm(router_input->to(acc), W.t()).contiguous();
+      h = at::mm(xc, A.reshape({er, s.d_in}).to(acc).t());
+      logits = at::mm(router_input->to(acc), router_weight.to(acc).t());
     }
   }
-  const at::Tensor B_cat = concat_experts_B(B, acc);
-  at::Tensor GH;
-  if (orthogonalize) {
-    RECORD_FUNCTION("omoe::gram", std::vector<c10::IValue>());
-    GH = gram_times_h(expert_blocks64(h, s.E, s.r), B_cat.to(at::kDouble), s.E, s.r);
-  }
+  // B used unchanged by an earlier call means the weights are being reused (inference,
+  // decoding): B_cat and G are then kept, and G is worth forming even when this one call
+  // would not pay for it. (Grad mode cannot tell: autograd runs forwards with it off.)
+  const weight_cache::Found found = weight_cache::instance().find(B);
+  const at::Tensor B_cat = found.seen ? found.B_cat : packed_expand(B, acc);
   at::Tensor z = at::empty_like(h);
-  {
+  bool gram_formed = false;  // gram_matrix then remembered B with its G
+  if (s.T > 0 && !orthogonalize) {
     RECORD_FUNCTION("omoe::orthogonalize", std::vector<c10::IValue>());
-    if (s.T > 0) token_forward(h, logits, GH, s.E, s.r, top_k, orthogonalize, normalize, eps, z);
+    token_forward(h, logits, at::Tensor(), s.E, s.r, top_k, false, normalize, eps, z);
+  } else if (s.T > 0) {
+    const Route route = choose_route(s, k, /*backward=*/false, found.seen, x.is_cpu());
+    if (route == Route::kDirect) {
+      RECORD_FUNCTION("omoe::direct", std::vector<c10::IValue>());
+      const at::Tensor Bt = B.to(acc).transpose(1, 2);  // [E, r, d_out], a view for fp32
+      const int64_t tc = chunk_tokens(s.T, 8.0 * s.E * s.d_out, chunk_budget(x));
+      for (int64_t t0 = 0; t0 < s.T; t0 += tc) {
+        const int64_t n = std::min(tc, s.T - t0);
+        const at::Tensor e = at::bmm(expert_blocks(h, s.E, s.r).narrow(1, t0, n), Bt);
+        at::Tensor zc = z.narrow(0, t0, n);
+        AT_DISPATCH_FLOATING_TYPES(e.scalar_type(), "omoe_direct", [&] {
+          cpu::token_forward_pass(h.narrow(0, t0, n), logits.narrow(0, t0, n),
+                                  cpu::DirectRoute<scalar_t>{e.data_ptr<scalar_t>(), nullptr, n,
+                                                             s.d_out, int(s.E)},
+                                  s.E, s.r, top_k, true, normalize, eps, zc);
+        });
+      }
+    } else {
+      const at::Tensor h_blocks64 = expert_blocks64(h, s.E, s.r);
+      at::Tensor G;
+      {
+        RECORD_FUNCTION("omoe::gram", std::vector<c10::IValue>());
+        G = gram_matrix(B, B_cat, found);
+        gram_formed = !found.G.defined();
+      }
+      RECORD_FUNCTION("omoe::orthogonalize", std::vector<c10::IValue>());
+      if (route == Route::kPairs) {
+        RECORD_FUNCTION("omoe::pairs", std::vector<c10::IValue>());
+        cpu::token_forward_pass(h, logits,
+                                cpu::PairRoute{G.data_ptr<double>(), nullptr, er, int(s.r)},
+                                s.E, s.r, top_k, true, normalize, eps, z);
+      } else {
+        // GH = (G_ij h_j) for every pair, a chunk of tokens at a time.
+        const at::Tensor G_rows = G.view({s.E, s.r, er});
+        const int64_t tc = chunk_tokens(s.T, 8.0 * s.E * er, chunk_budget(x));
+        for (int64_t t0 = 0; t0 < s.T; t0 += tc) {
+          const int64_t n = std::min(tc, s.T - t0);
+          const at::Tensor GH = at::bmm(h_blocks64.narrow(1, t0, n), G_rows);  // [E, n, E·r]
+          at::Tensor zc = z.narrow(0, t0, n);
+          token_forward(h.narrow(0, t0, n), logits.narrow(0, t0, n), GH, s.E, s.r, top_k, true,
+                        normalize, eps, zc);
+        }
+      }
+    }
   }
+  if (!found.seen && !gram_formed) weight_cache::instance().remember(B, B_cat);
   RECORD_FUNCTION("omoe::expand", std::vector<c10::IValue>());
   // addmm skips the product when alpha is 0, which would hide a NaN in z or B_cat.
   at::Tensor y = base_out.has_value() && scaling != 0.0
@@ -222,7 +323,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   const Sizes s = check_common(x, A, B, router_weight, router_input, top_k, eps);
   TORCH_CHECK(std::isfinite(scaling), "omoe: scaling must be finite, got ", scaling);
   const auto acc = accumulate_dtype(x);
-  const int64_t er = s.E * s.r;
+  const int64_t er = s.E * s.r, k = std::min(top_k, s.E);
   TORCH_CHECK(grad_y.dim() == 2 && grad_y.size(0) == s.T && grad_y.size(1) == s.d_out,
               "omoe: grad_y must be [T, d_out] = [", s.T, ", ", s.d_out, "], got ", grad_y.sizes());
   TORCH_CHECK(h.dim() == 2 && h.size(0) == s.T && h.size(1) == er && h.scalar_type() == acc,
@@ -237,7 +338,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   TORCH_CHECK(at::isFloatingType(grad_y.scalar_type()), "omoe: grad_y must be floating");
 
   const at::Tensor xc = x.to(acc).contiguous();
-  const at::Tensor B_cat = concat_experts_B(B, acc);
+  const weight_cache::Found found = weight_cache::instance().find(B);
+  const at::Tensor B_cat = found.seen ? found.B_cat : packed_expand(B, acc);
   const at::Tensor dY = grad_y.to(acc).contiguous();
   const at::Tensor hc = h.contiguous(), lc = logits.contiguous();
 
@@ -246,49 +348,106 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     RECORD_FUNCTION("omoe::expand_backward_input", std::vector<c10::IValue>());
     dz = at::mm(dY, B_cat).mul_(scaling);
   }
-  at::Tensor h_blocks64, B64, GH, dg_lhs;
-  if (orthogonalize) {
-    RECORD_FUNCTION("omoe::gram_recompute", std::vector<c10::IValue>());
-    h_blocks64 = expert_blocks64(hc, s.E, s.r);
-    B64 = B_cat.to(at::kDouble);
-    GH = gram_times_h(h_blocks64, B64, s.E, s.r);
-    dg_lhs = at::empty_like(GH);
-  }
   at::Tensor z = at::empty_like(hc), dh = at::empty_like(hc), dlogits = at::empty_like(lc);
-  {
+  // What the Gram part adds to dB_cat once dB_cat = s·dYᵀZ exists: B_cat (dG + dGᵀ) for the
+  // routes through G. (The direct route writes dB_cat itself, chunk by chunk.)
+  at::Tensor dG, dB_cat;
+  if (s.T > 0 && !orthogonalize) {
     RECORD_FUNCTION("omoe::orthogonalize_backward", std::vector<c10::IValue>());
-    if (s.T > 0)
-      token_backward(hc, lc, GH, dz, s.E, s.r, top_k, orthogonalize, normalize, eps, z, dh,
-                     dlogits, dg_lhs);
+    at::Tensor none;
+    token_backward(hc, lc, at::Tensor(), dz, s.E, s.r, top_k, false, normalize, eps, z, dh,
+                   dlogits, none);
+  } else if (s.T > 0) {
+    const Route route = choose_route(s, k, /*backward=*/true, found.G.defined(), x.is_cpu());
+    if (route == Route::kDirect) {
+      RECORD_FUNCTION("omoe::direct_backward", std::vector<c10::IValue>());
+      const at::Tensor Ba = B.to(acc);  // [E, d_out, r], no copy for fp32
+      const int64_t tc = chunk_tokens(s.T, 16.0 * s.E * s.d_out, chunk_budget(x));
+      for (int64_t t0 = 0; t0 < s.T; t0 += tc) {
+        const int64_t n = std::min(tc, s.T - t0);
+        const at::Tensor hb = expert_blocks(hc, s.E, s.r).narrow(1, t0, n);  // [E, n, r]
+        const at::Tensor e = at::bmm(hb, Ba.transpose(1, 2));  // [E, n, d_out]
+        const at::Tensor de = at::empty_like(e);
+        at::Tensor zc = z.narrow(0, t0, n), dhc = dh.narrow(0, t0, n), dlc = dlogits.narrow(0, t0, n);
+        AT_DISPATCH_FLOATING_TYPES(e.scalar_type(), "omoe_direct_backward", [&] {
+          cpu::token_backward_pass(hc.narrow(0, t0, n), lc.narrow(0, t0, n),
+                                   cpu::DirectRoute<scalar_t>{e.data_ptr<scalar_t>(),
+                                                              de.data_ptr<scalar_t>(), n,
+                                                              s.d_out, int(s.E)},
+                                   dz.narrow(0, t0, n), s.E, s.r, top_k, true, normalize, eps,
+                                   zc, dhc, dlc);
+        });
+        // dh_i += B_iᵀ de_i; dB_cat = s·dYᵀZ + Σ_t de_i h_iᵀ (block i), written in place.
+        dhc.view({n, s.E, s.r}).add_(at::bmm(de, Ba).transpose(0, 1));
+        const at::Tensor dY_c = dY.narrow(0, t0, n);
+        if (!dB_cat.defined()) dB_cat = at::mm(dY_c.t(), zc).mul_(scaling);
+        else dB_cat.addmm_(dY_c.t(), zc, 1, scaling);
+        for (int64_t i = 0; i < s.E; ++i)
+          dB_cat.narrow(1, i * s.r, s.r).addmm_(de[i].t(), hb[i]);
+      }
+    } else {
+      const at::Tensor h_blocks64 = expert_blocks64(hc, s.E, s.r);
+      RECORD_FUNCTION("omoe::gram_recompute", std::vector<c10::IValue>());
+      const at::Tensor G = gram_matrix(B, B_cat, found);
+      if (route == Route::kPairs) {
+        RECORD_FUNCTION("omoe::pairs_backward", std::vector<c10::IValue>());
+        const at::Tensor dG_threads = at::zeros({cpu::pass_threads(), er, er}, G.options());
+        cpu::token_backward_pass(hc, lc,
+                                 cpu::PairRoute{G.data_ptr<double>(),
+                                                dG_threads.data_ptr<double>(), er, int(s.r)},
+                                 dz, s.E, s.r, top_k, true, normalize, eps, z, dh, dlogits);
+        dG = dG_threads.sum(0);
+      } else {
+        // dG[(i,a),(j,b)] = Σ_t dS_ij h_ia h_jb: one batched GEMM over j per chunk of tokens.
+        const at::Tensor G_rows = G.view({s.E, s.r, er});
+        at::Tensor dG_blocks = at::zeros({s.E, er, s.r}, G.options());  // [j, (i,a), b]
+        const int64_t tc = chunk_tokens(s.T, 16.0 * s.E * er, chunk_budget(x));
+        for (int64_t t0 = 0; t0 < s.T; t0 += tc) {
+          const int64_t n = std::min(tc, s.T - t0);
+          const at::Tensor hb = h_blocks64.narrow(1, t0, n);
+          const at::Tensor GH = at::bmm(hb, G_rows);
+          at::Tensor dg_lhs = at::empty_like(GH);
+          at::Tensor zc = z.narrow(0, t0, n), dhc = dh.narrow(0, t0, n),
+                     dlc = dlogits.narrow(0, t0, n);
+          token_backward(hc.narrow(0, t0, n), lc.narrow(0, t0, n), GH, dz.narrow(0, t0, n), s.E,
+                         s.r, top_k, true, normalize, eps, zc, dhc, dlc, dg_lhs);
+          dG_blocks.baddbmm_(dg_lhs.transpose(1, 2), hb);
+        }
+        dG = dG_blocks.permute({1, 0, 2}).reshape({er, er});
+      }
+    }
   }
-  at::Tensor dB_cat;
-  {
+  if (!dB_cat.defined()) {
     RECORD_FUNCTION("omoe::expand_backward_weight", std::vector<c10::IValue>());
     dB_cat = at::mm(dY.t(), z).mul_(scaling);
   }
-  if (orthogonalize) {
+  if (dG.defined()) {
     RECORD_FUNCTION("omoe::gram_backward", std::vector<c10::IValue>());
-    // dG[(i,a),(j,b)] = Σ_t dS_ij h_ia h_jb: one batched GEMM over j. G = B_catᵀ B_cat.
-    const at::Tensor dG =
-        at::bmm(dg_lhs.transpose(1, 2), h_blocks64).permute({1, 0, 2}).reshape({er, er});
-    dB_cat.add_(at::mm(B64, dG + dG.t()).to(acc));
+    dB_cat.add_(at::mm(B_cat.to(at::kDouble), dG + dG.t()).to(acc));
   }
   RECORD_FUNCTION("omoe::shrink_backward", std::vector<c10::IValue>());
-  const at::Tensor A_cat = A.reshape({er, s.d_in}).to(acc);
-  const at::Tensor W = router_weight.to(acc);
   at::Tensor grad_x, grad_A, grad_W, grad_router_input;
-  if (router_input.has_value()) {
+  if (router_input.has_value() || s.T < er + s.E) {
+    // Separate GEMMs: no packed [A_cat; W] (few tokens, or the router reads its own input).
+    const at::Tensor A_cat = A.reshape({er, s.d_in}).to(acc), W = router_weight.to(acc);
     grad_A = at::mm(dh.t(), xc);
     grad_x = at::mm(dh, A_cat);
-    grad_W = at::mm(dlogits.t(), router_input->to(acc));
-    grad_router_input = at::mm(dlogits, W).to(x.scalar_type());
+    if (router_input.has_value()) {
+      grad_W = at::mm(dlogits.t(), router_input->to(acc));
+      grad_router_input = at::mm(dlogits, W).to(x.scalar_type());
+    } else {
+      grad_W = at::mm(dlogits.t(), xc);
+      grad_x.addmm_(dlogits, W);
+      grad_router_input = at::empty({0}, x.options());
+    }
   } else {
+    const at::Tensor AW = packed_shrink(A, router_weight, acc);
     // The router reads x too: [dA; dW] = [dh, dl]ᵀ x and dx = [dh, dl] [A_cat; W].
     const at::Tensor dh_dl = at::cat({dh, dlogits}, 1);
     const at::Tensor dAW = at::mm(dh_dl.t(), xc);
     grad_A = dAW.narrow(0, 0, er);
     grad_W = dAW.narrow(0, er, s.E).clone();  // outputs must not alias each other
-    grad_x = at::mm(dh_dl, at::cat({A_cat, W}, 0));
+    grad_x = at::mm(dh_dl, AW);
     grad_router_input = at::empty({0}, x.options());
   }
   at::Tensor grad_B = dB_cat.view({s.d_out, s.E, s.r}).permute({1, 0, 2}).contiguous();
@@ -317,6 +476,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
                        orthogonalize, normalize, eps, token_backward_cpu);
 }
 
+std::vector<int64_t> weight_cache_stats() {
+  const weight_cache::Stats s = weight_cache::instance().stats();
+  return {s.hits, s.misses, s.entries, s.bytes};
+}
+
+void weight_cache_clear() { weight_cache::instance().clear(); }
+
 }  // namespace
 }  // namespace omoe
 
@@ -330,6 +496,13 @@ TORCH_LIBRARY(omoe, m) {
       "Tensor? router_input, Tensor h, Tensor logits, float scaling, int top_k, "
       "bool orthogonalize, bool normalize, float eps) -> (Tensor grad_x, Tensor grad_A, "
       "Tensor grad_B, Tensor grad_router_weight, Tensor grad_router_input)");
+}
+
+// The weight cache (omoe_weight_cache.h), in a namespace of its own: these are not device
+// kernels. stats() -> [hits, misses, entries, bytes]; clear() empties it.
+TORCH_LIBRARY(omoe_cache, m) {
+  m.def("stats() -> int[]", &omoe::weight_cache_stats);
+  m.def("clear() -> ()", &omoe::weight_cache_clear);
 }
 
 TORCH_LIBRARY_IMPL(omoe, CPU, m) {

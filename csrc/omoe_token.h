@@ -4,10 +4,11 @@
 // Gram–Schmidt in coefficient space, the mixture coefficients, and the hand-derived
 // backward of all of it. docs/algorithm.md has the derivation. Everything here is float64.
 //
-// S is never formed from the d_out-long expert outputs. The caller computes, with one
-// batched GEMM per call, GH[j][t][(i, a)] = (G_ij h_j)_a where G = B_catᵀ B_cat, and hands
-// each token a pointer gh to GH[0][t][0] plus the stride between j blocks (T·E·r). Then
-// S_ij = <e_i, e_j> = Σ_a h_ia GH[j][t][(i, a)].
+// Where a token's Gram matrix S of its active experts comes from is a policy, a "Gram
+// source" (GhGram below): it fills S and, in the backward, takes dS back. GhGram reads
+// GH[j][t][(i, a)] = (G_ij h_j)_a, formed by one batched GEMM per chunk of tokens
+// (G = B_catᵀ B_cat), so S_ij = <e_i, e_j> = Σ_a h_ia GH[j][t][(i, a)]. The CPU adds
+// sources that touch the active pairs only (csrc/omoe_cpu_pass.h).
 #pragma once
 
 #include <cmath>
@@ -22,7 +23,8 @@
 
 namespace omoe {
 
-// The compiled backends take at most this many experts.
+// The CUDA per-token pass takes at most this many active experts k = min(top_k, E), for
+// any E (the CPU pass takes more: omoe_cpu_pass.h).
 constexpr int kMaxExperts = 32;
 
 // Per-token state lives in fixed arrays sized by MAX_K, a compile-time bound on the
@@ -216,21 +218,56 @@ OMOE_HD void mgs_backward(const MgsTape<MAX_K>& t, int k, bool normalize, double
       for (int b = 0; b < k; ++b) dS[a][b] += U[j][a] * t.C[j][b];
 }
 
+// The Gram source of the batched route: GH rows of one token (gh = GH[0][t], stride
+// between j blocks), and, in the backward, its rows of dg_lhs (the token's share of
+// dG = Σ_t Σ_ij dS_ij h_i h_jᵀ, laid out for the caller's batched GEMM:
+// dg_lhs[j·stride + (i, a)] = dS_ij h_ia, zero for inactive pairs).
+struct GhGram {
+  const double* gh;
+  int64_t stride;
+  int num_experts, rank;
+  double* dg_lhs;  // backward only
+
+  template <int MAX_K, typename scalar_t>
+  OMOE_HD void gram(const scalar_t* h, const int* active, int k, double (*S)[MAX_K]) const {
+    gram_from_gh(h, gh, stride, rank, active, k, S);
+  }
+  OMOE_HD void begin_backward() const {
+    for (int j = 0; j < num_experts; ++j)
+      for (int q = 0; q < num_experts * rank; ++q) dg_lhs[j * stride + q] = 0.0;
+  }
+  // The Gram part of dh for entry a of active expert m: Σ_l (dS_ml + dS_lm) (G_ij h_j)_a.
+  template <int MAX_K, typename scalar_t>
+  OMOE_HD double grad_h(const scalar_t* h, const int* active, int k, const double (*dS)[MAX_K],
+                        int m, int a) const {
+    const int i = active[m];
+    const double hv = static_cast<double>(h[i * rank + a]);
+    double acc = 0.0;
+    for (int l = 0; l < k; ++l) {
+      acc += (dS[m][l] + dS[l][m]) * gh[active[l] * stride + i * rank + a];
+      dg_lhs[active[l] * stride + i * rank + a] = dS[m][l] * hv;
+    }
+    return acc;
+  }
+  template <int MAX_K>
+  OMOE_HD void end_backward(const int*, int, const double (*)[MAX_K]) const {}
+};
+
 // Routing, MGS and the mixture coefficients a = Σ g_i C_i of one token. Returns the
 // number k of active experts; active[l], gates[l] and coeff[l] describe active expert l.
-// gh is only read when orthogonalize is set; the tape then holds the MGS state for the
-// backward. Needs min(top_k, E) <= MAX_K.
-template <int MAX_K, typename scalar_t>
-OMOE_HD int token_coefficients(const scalar_t* h, const scalar_t* logits, const double* gh,
-                               int64_t gh_stride, int E, int r, int top_k, bool orthogonalize,
-                               bool normalize, double eps, MgsTape<MAX_K>& t, int* active,
-                               double* gates, double* coeff) {
+// The Gram source is only read when orthogonalize is set; the tape then holds the MGS
+// state for the backward. Needs min(top_k, E) <= MAX_K.
+template <int MAX_K, typename scalar_t, typename Gram>
+OMOE_HD int token_coefficients(const scalar_t* h, const scalar_t* logits, const Gram& gram,
+                               int E, int top_k, bool orthogonalize, bool normalize,
+                               double eps, MgsTape<MAX_K>& t, int* active, double* gates,
+                               double* coeff) {
   const int k = route_token(logits, E, top_k, active, gates);
   if (!orthogonalize) {
     for (int l = 0; l < k; ++l) coeff[l] = gates[l];
     return k;
   }
-  gram_from_gh(h, gh, gh_stride, r, active, k, t.S);
+  gram.template gram<MAX_K>(h, active, k, t.S);
   mgs_forward(t, k, normalize, eps);
   for (int l = 0; l < k; ++l) {
     coeff[l] = 0.0;
@@ -241,14 +278,14 @@ OMOE_HD int token_coefficients(const scalar_t* h, const scalar_t* logits, const 
 
 // Forward of one token: z = a ⊙ h (E·r values, zero for inactive experts).
 // Needs min(top_k, E) <= MAX_K.
-template <int MAX_K, typename scalar_t>
-OMOE_HD void token_forward(const scalar_t* h, const scalar_t* logits, const double* gh,
-                           int64_t gh_stride, int E, int r, int top_k, bool orthogonalize,
-                           bool normalize, double eps, MgsTape<MAX_K>& t, scalar_t* z) {
+template <int MAX_K, typename scalar_t, typename Gram>
+OMOE_HD void token_forward(const scalar_t* h, const scalar_t* logits, const Gram& gram, int E,
+                           int r, int top_k, bool orthogonalize, bool normalize, double eps,
+                           MgsTape<MAX_K>& t, scalar_t* z) {
   int active[MAX_K];
   double gates[MAX_K], coeff[MAX_K];
-  const int k = token_coefficients(h, logits, gh, gh_stride, E, r, top_k, orthogonalize,
-                                   normalize, eps, t, active, gates, coeff);
+  const int k = token_coefficients(h, logits, gram, E, top_k, orthogonalize, normalize, eps, t,
+                                   active, gates, coeff);
   for (int q = 0; q < E * r; ++q) z[q] = scalar_t(0);
   for (int l = 0; l < k; ++l) {
     const int i = active[l];
@@ -257,24 +294,32 @@ OMOE_HD void token_forward(const scalar_t* h, const scalar_t* logits, const doub
   }
 }
 
-// Backward of one token. Inputs as in the forward, plus dz = dL/dz. Outputs: z
-// (recomputed), dh (E·r), dlogits (E), and, when orthogonalizing, the token's share of
-// dG = Σ_t Σ_ij dS_ij h_i h_jᵀ in the layout the caller's batched GEMM wants:
-// dg_lhs[j·gh_stride + (i, a)] = dS_ij h_ia (zero for inactive pairs).
-// Needs min(top_k, E) <= MAX_K.
+// The batched route's forward (what the CUDA pass calls): gh = GH[0][t], gh_stride
+// between j blocks.
 template <int MAX_K, typename scalar_t>
-OMOE_HD void token_backward(const scalar_t* h, const scalar_t* logits, const double* gh,
-                            int64_t gh_stride, const scalar_t* dz, int E, int r, int top_k,
-                            bool orthogonalize, bool normalize, double eps,
-                            BackwardScratch<MAX_K>& scratch, scalar_t* z, scalar_t* dh,
-                            scalar_t* dlogits, double* dg_lhs) {
+OMOE_HD void token_forward(const scalar_t* h, const scalar_t* logits, const double* gh,
+                           int64_t gh_stride, int E, int r, int top_k, bool orthogonalize,
+                           bool normalize, double eps, MgsTape<MAX_K>& t, scalar_t* z) {
+  token_forward(h, logits, GhGram{gh, gh_stride, E, r, nullptr}, E, r, top_k, orthogonalize,
+                normalize, eps, t, z);
+}
+
+// Backward of one token. Inputs as in the forward, plus dz = dL/dz. Outputs: z
+// (recomputed), dh (E·r), dlogits (E), and, when orthogonalizing, whatever the Gram source
+// records of dS (GhGram: the token's rows of dg_lhs).
+// Needs min(top_k, E) <= MAX_K.
+template <int MAX_K, typename scalar_t, typename Gram>
+OMOE_HD void token_backward(const scalar_t* h, const scalar_t* logits, const Gram& gram,
+                            const scalar_t* dz, int E, int r, int top_k, bool orthogonalize,
+                            bool normalize, double eps, BackwardScratch<MAX_K>& scratch,
+                            scalar_t* z, scalar_t* dh, scalar_t* dlogits) {
   MgsTape<MAX_K>& t = scratch.tape;
   double (*dC)[MAX_K] = scratch.dC;
   double (*dS)[MAX_K] = scratch.dS;
   int active[MAX_K];
   double gates[MAX_K], coeff[MAX_K], dcoeff[MAX_K], dgate[MAX_K];
-  const int k = token_coefficients(h, logits, gh, gh_stride, E, r, top_k, orthogonalize,
-                                   normalize, eps, t, active, gates, coeff);
+  const int k = token_coefficients(h, logits, gram, E, top_k, orthogonalize, normalize, eps, t,
+                                   active, gates, coeff);
   // z = a ⊙ h: da_l = <dz_l, h_l>, and the direct part of dh_l is a_l dz_l.
   for (int q = 0; q < E * r; ++q) {
     z[q] = scalar_t(0);
@@ -298,20 +343,17 @@ OMOE_HD void token_backward(const scalar_t* h, const scalar_t* logits, const dou
       for (int l = 0; l < k; ++l) dC[m][l] = gates[m] * dcoeff[l];
     }
     mgs_backward(t, k, normalize, eps, dC, dS, scratch.U);
-    for (int j = 0; j < E; ++j)
-      for (int q = 0; q < E * r; ++q) dg_lhs[j * gh_stride + q] = 0.0;
+    gram.begin_backward();
     for (int m = 0; m < k; ++m) {
       const int i = active[m];
       for (int a = 0; a < r; ++a) {
-        // Through S: dh_i += Σ_j (dS_ij + dS_ji) G_ij h_j.
-        double acc = coeff[m] * static_cast<double>(dz[i * r + a]);
-        for (int l = 0; l < k; ++l)
-          acc += (dS[m][l] + dS[l][m]) * gh[active[l] * gh_stride + i * r + a];
+        // Through S: dh_i += Σ_j (dS_ij + dS_ji) G_ij h_j (the source's share).
+        const double acc = coeff[m] * static_cast<double>(dz[i * r + a]) +
+                           gram.template grad_h<MAX_K>(h, active, k, dS, m, a);
         dh[i * r + a] = static_cast<scalar_t>(acc);
-        const double hv = static_cast<double>(h[i * r + a]);
-        for (int l = 0; l < k; ++l) dg_lhs[active[l] * gh_stride + i * r + a] = dS[m][l] * hv;
       }
     }
+    gram.template end_backward<MAX_K>(active, k, dS);
   } else {
     for (int m = 0; m < k; ++m) dgate[m] = dcoeff[m];
   }
@@ -321,6 +363,18 @@ OMOE_HD void token_backward(const scalar_t* h, const scalar_t* logits, const dou
   for (int i = 0; i < E; ++i) dlogits[i] = scalar_t(0);
   for (int m = 0; m < k; ++m)
     dlogits[active[m]] = static_cast<scalar_t>(gates[m] * (dgate[m] - mean));
+}
+
+// The batched route's backward (what the CUDA pass calls): dg_lhs = the token's rows,
+// dg_lhs[j·gh_stride + (i, a)] = dS_ij h_ia.
+template <int MAX_K, typename scalar_t>
+OMOE_HD void token_backward(const scalar_t* h, const scalar_t* logits, const double* gh,
+                            int64_t gh_stride, const scalar_t* dz, int E, int r, int top_k,
+                            bool orthogonalize, bool normalize, double eps,
+                            BackwardScratch<MAX_K>& scratch, scalar_t* z, scalar_t* dh,
+                            scalar_t* dlogits, double* dg_lhs) {
+  token_backward(h, logits, GhGram{gh, gh_stride, E, r, dg_lhs}, dz, E, r, top_k, orthogonalize,
+                 normalize, eps, scratch, z, dh, dlogits);
 }
 
 }  // namespace omoe

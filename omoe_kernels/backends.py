@@ -44,6 +44,9 @@ class Backend:
     # Imports and returns the backend function (import statements, not importlib, so that
     # torch.compile traces the lookup without a graph break).
     load: Callable[[], BackendFunction]
+    # The most active experts k = min(top_k, E) per token its kernels take (None: any);
+    # `auto` passes over a backend that cannot take a call's k.
+    max_active_experts: int | None = None
 
     def place(self, device_type: str) -> int | None:
         """Its place in `device_type`'s order, or None when it does not serve that device."""
@@ -58,7 +61,6 @@ class Backend:
 
 # ---------------------------------------------------------------------------------------
 # The entries' checks and loaders.
-
 
 def _triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -108,10 +110,11 @@ REGISTRY: dict[str, Backend] = {
         Backend("triton", places={"cuda": 0, "cpu": 1}, auto_devices=("cuda",),
                 available=_triton_available, load=_load_triton),
         # The compiled extension (csrc/): its CUDA kernels, and its C++ CPU kernels.
+        # Bounds: csrc/omoe_token.h kMaxExperts (CUDA), csrc/omoe_cpu_pass.h kMaxActive (CPU).
         Backend("cuda", places={"cuda": 1}, auto_devices=("cuda",),
-                available=_compiled_available, load=_load_compiled),
+                available=_compiled_available, load=_load_compiled, max_active_experts=32),
         Backend("cpu", places={"cpu": 0}, auto_devices=("cpu",),
-                available=_compiled_available, load=_load_compiled),
+                available=_compiled_available, load=_load_compiled, max_active_experts=256),
         # Eager PyTorch, docs/contract.md §1 literally: runs anywhere, the last resort.
         Backend("reference", places={ANY_DEVICE: 100}, auto_devices=(ANY_DEVICE,),
                 available=lambda device_type: True, load=_load_reference),
@@ -126,6 +129,16 @@ def _ordered(device_type: str) -> list[Backend]:
     """The backends that serve `device_type`, fastest first (whether or not built here)."""
     serving = [b for b in REGISTRY.values() if b.serves(device_type)]
     return sorted(serving, key=lambda b: b.place(device_type))
+
+
+def capacity_error(name: str, active_experts: int, source: str = "`backend`") -> str | None:
+    """Why backend `name` cannot take `active_experts` = min(top_k, E), or None if it can."""
+    limit = REGISTRY[name].max_active_experts
+    if limit is None or active_experts <= limit:
+        return None
+    return (f"{source}={name!r} takes at most {limit} active experts per token "
+            f"(min(top_k, num_experts)), got {active_experts}: use backend='auto' or "
+            f"'reference', or a top_k of at most {limit}")
 
 
 def backend_usable(name: str, device: torch.device | str) -> bool:
@@ -143,8 +156,9 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     return [b.name for b in _ordered(device_type) if b.available(device_type)]
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend name a call runs on; raises ValueError naming `backend` if it cannot run."""
+def resolve_backend(backend: str, device: torch.device, active_experts: int = 1) -> str:
+    """The backend name a call with `active_experts` = min(top_k, E) runs on; raises
+    ValueError naming `backend` if it cannot run."""
     if not isinstance(backend, str):
         raise TypeError(f"`backend` must be a str, got {type(backend).__name__}")
     source = "`backend`"
@@ -154,7 +168,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             backend, source = env, "OMOE_BACKEND"
     if backend == "auto":
         for candidate in _ordered(device.type):
-            if candidate.auto_may_pick(device.type) and candidate.available(device.type):
+            if (candidate.auto_may_pick(device.type) and candidate.available(device.type)
+                    and capacity_error(candidate.name, active_experts) is None):
                 return candidate.name
         return "reference"
     if backend not in REGISTRY:
@@ -164,6 +179,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             f"{source}={backend!r} cannot run on {device.type} tensors here; "
             f"available: {available_backends(device)}"
         )
+    error = capacity_error(backend, active_experts, source)
+    if error is not None:
+        raise ValueError(error)
     return backend
 
 

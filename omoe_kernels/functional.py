@@ -18,7 +18,7 @@ def omoe_lora(x, A, B, router_weight, *, scaling=1.0, top_k=None, orthogonalize=
     problem = check_inputs(x, A, B, router_weight, scaling=scaling, top_k=top_k,
                            orthogonalize=orthogonalize, normalize=normalize, eps=eps,
                            base_out=base_out, router_input=router_input)
-    name = resolve_backend(backend, x.device)
+    name = resolve_backend(backend, x.device, problem.top_k)
     lead = tuple(x.shape[:-1])
     out_shape = lead + (problem.d_out,)
     if problem.num_tokens == 0:

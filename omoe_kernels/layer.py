@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ._validate import check_options
-from .backends import REGISTRY
+from .backends import REGISTRY, capacity_error
 from .functional import omoe_lora
 from .reference import route
 
@@ -191,6 +191,10 @@ class OMoELinear(nn.Module):
             raise TypeError(f"`backend` must be a str, got {type(backend).__name__}")
         if backend != "auto" and backend not in REGISTRY:
             raise ValueError(f"`backend` must be one of {('auto', *REGISTRY)}, got {backend!r}")
+        if backend != "auto":  # an explicit backend that cannot take k fails here, not later
+            too_many = capacity_error(backend, num_experts if top_k is None else top_k)
+            if too_many is not None:
+                raise ValueError(too_many)
 
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
@@ -258,26 +262,34 @@ class OMoELinear(nn.Module):
         if not self.adapter_enabled:
             return base_out
         device_type = x.device.type
+        autocasting = torch.is_autocast_enabled(device_type)
         dtype = self._compute_dtype(device_type)
         # Casting the parameters is differentiable: gradients reach the fp32 masters.
-        A, B, router_weight = (p.to(dtype) for p in (self.lora_A, self.lora_B, self.router_weight))
-        x_c = x.to(dtype)
+        # (Skipped when nothing changes: a decoding step is a few hundred microseconds.)
+        A, B, router_weight = self.lora_A, self.lora_B, self.router_weight
+        if A.dtype != dtype:
+            A, B, router_weight = (p.to(dtype) for p in (A, B, router_weight))
+        x_c = x if x.dtype == dtype else x.to(dtype)
+        out_dtype = base_out.dtype
+        if out_dtype != dtype:
+            base_out = base_out.to(dtype)
         dropping = self.dropout_p > 0 and self.training
         adapter_in = self.dropout(x_c) if dropping else x_c
         if self.track_router_stats:
             # One [T, d_in] x [d_in, E] matmul on the undropped input, kept (with its graph)
             # so `router_stats` can give a differentiable load-balancing term.
             self._router_logits = x_c.reshape(-1, self.in_features) @ router_weight.t()
-        # Autocast off inside: every backend gets one consistent dtype (the compiled ops
-        # have no autocast rule, the reference would otherwise mix dtypes).
-        with torch.autocast(device_type, enabled=False):
-            y = omoe_lora(
-                adapter_in, A, B, router_weight,
-                scaling=self.scaling, top_k=self.top_k, orthogonalize=self.orthogonalize,
-                normalize=self.normalize, eps=self.eps, base_out=base_out.to(dtype),
-                router_input=x_c if dropping else None, backend=self.backend,
-            )
-        return y if dtype != self.lora_A.dtype else y.to(base_out.dtype)
+        options = dict(scaling=self.scaling, top_k=self.top_k, orthogonalize=self.orthogonalize,
+                       normalize=self.normalize, eps=self.eps, base_out=base_out,
+                       router_input=x_c if dropping else None, backend=self.backend)
+        if not autocasting:
+            y = omoe_lora(adapter_in, A, B, router_weight, **options)
+        else:
+            # Autocast off inside: every backend gets one consistent dtype (the compiled ops
+            # have no autocast rule, the reference would otherwise mix dtypes).
+            with torch.autocast(device_type, enabled=False):
+                y = omoe_lora(adapter_in, A, B, router_weight, **options)
+        return y if dtype != self.lora_A.dtype or y.dtype == out_dtype else y.to(out_dtype)
 
     def __getstate__(self):
         # The recorded logits belong to one forward pass (and carry its graph, which

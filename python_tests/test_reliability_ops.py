@@ -213,19 +213,31 @@ def test_fake_forward_runs_the_real_checks(family, case):
 
 
 @pytest.mark.skipif(not compiled.has_kernels("cpu"), reason="compiled extension not built for CPU")
-def test_fake_and_real_agree_on_the_expert_bound():
-    """Whatever bound the compiled kernels put on E, the fake kernel puts the same one
-    (compiled.FAMILY.max_experts mirrors kMaxExperts in csrc/omoe_token.h)."""
-    E = (compiled.FAMILY.max_experts or 32) + 1
+@pytest.mark.parametrize("beyond_bound", [False, True], ids=["at-bound", "beyond-bound"])
+def test_fake_and_real_agree_on_the_active_expert_bound(beyond_bound):
+    """The CPU kernels take up to max_active_experts (dense) experts and refuse more; the
+    fake kernel, on fake CPU tensors as torch.compile traces them, does exactly the same."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    E = compiled.FAMILY.max_active_experts("cpu") + int(beyond_bound)
     p = make_problem(2, 3, 4, E, 1, dtype=torch.float32, seed=9, device="cpu")
-    args = (p.x, p.A, p.B, p.router_weight, None, None, 1.0, 2, True, True, 1e-6)
-    meta = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
-    try:
-        torch.ops.omoe.forward(*args)
-    except RuntimeError as exc:
-        assert _message(lambda: torch.ops.omoe.forward(*meta)) == str(exc).splitlines()[0]
-    else:
-        torch.ops.omoe.forward(*meta)
+    args = (p.x, p.A, p.B, p.router_weight, None, None, 1.0, E, True, True, 1e-6)
+    def message_or_none(call):
+        try:
+            call()
+        except RuntimeError as exc:
+            return str(exc).splitlines()[0]
+        return None
+
+    mode = FakeTensorMode()
+    fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+    real = message_or_none(lambda: torch.ops.omoe.forward(*args))
+    with mode:
+        traced = message_or_none(lambda: torch.ops.omoe.forward(*fake))
+    assert traced == real
+    assert (real is not None) == beyond_bound
+    if beyond_bound:
+        assert f"take at most {E - 1} active experts" in real
 
 
 BAD_BACKWARD = {

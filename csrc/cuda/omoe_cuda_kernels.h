@@ -13,9 +13,9 @@ namespace cuda {
 
 struct TokenPassShape {
   int64_t num_tokens;  // >= 1
-  int num_experts;     // E, 1..kMaxExperts
+  int num_experts;     // E >= 1
   int rank;            // r >= 1
-  int top_k;           // 1..E
+  int top_k;           // 1..E, and at most kMaxExperts
   bool orthogonalize, normalize;
   double eps;
 };

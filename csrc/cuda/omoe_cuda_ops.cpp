@@ -40,8 +40,9 @@ void check_gram_layout(const at::Tensor& t, const at::Tensor& h, int64_t E, cons
 cuda::TokenPassShape check_pass(const at::Tensor& h, const at::Tensor& logits,
                                 const at::Tensor& GH, int64_t E, int64_t r, int64_t top_k,
                                 bool orthogonalize, bool normalize, double eps) {
-  TORCH_CHECK(E >= 1 && E <= kMaxExperts && r >= 1 && top_k >= 1 && top_k <= E,
-              "omoe (cuda): bad sizes E=", E, " r=", r, " top_k=", top_k);
+  TORCH_CHECK(E >= 1 && r >= 1 && top_k >= 1 && top_k <= E && top_k <= kMaxExperts,
+              "omoe (cuda): bad sizes E=", E, " r=", r, " top_k=", top_k, " (at most ",
+              kMaxExperts, " active experts)");
   TORCH_CHECK(h.scalar_type() == at::kFloat || h.scalar_type() == at::kDouble,
               "omoe (cuda): h must be float32 or float64, got ", h.scalar_type());
   TORCH_CHECK(h.dim() == 2 && h.size(1) == E * r, "omoe (cuda): h must be [T, E*r]");

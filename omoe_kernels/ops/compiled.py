@@ -11,6 +11,7 @@ import warnings
 import torch
 
 from .._validate import Problem
+from ..backends import REGISTRY
 from .registration import OpFamily, call_forward, register_family
 
 LOAD_ERROR: str | None = None
@@ -42,8 +43,13 @@ def has_kernels(device_type: str) -> bool:
     return _HAS_KERNELS.get(device_type, False)
 
 
+def _max_active_experts(device_type: str) -> int:
+    # max_active_experts in csrc/omoe_ops.cpp: the CPU pass's bound on CPU, the CUDA one elsewhere.
+    return REGISTRY["cpu" if device_type == "cpu" else "cuda"].max_active_experts
+
+
 FAMILY = OpFamily(namespace="omoe", backends="'cpu'/'cuda'", hidden_width=lambda E, r: E * r,
-                  max_experts=32)  # kMaxExperts in csrc/omoe_token.h
+                  max_active_experts=_max_active_experts)
 
 if LOADED:
     register_family(FAMILY)

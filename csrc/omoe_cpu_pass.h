@@ -1,0 +1,248 @@
+// The CPU per-token passes and the Gram sources only the CPU uses.
+//
+// Three routes give a token the Gram matrix S of its k active experts (docs/algorithm.md,
+// "Routes"); omoe_ops.cpp picks one per call by cost:
+// - batched (GhGram, omoe_token.h): GH = (G_ij h_j) for every pair by one float64 batched
+//   GEMM per chunk of tokens; T·(E·r)² work, all E² pairs, cheapest per pair.
+// - pairs (PairGram): S_ml = h_iᵀ G_ij h_j for the k² active pairs only, read from G;
+//   T·k²·r² work, so top-k costs like k·r.
+// - direct (DirectGram): the expert outputs e_i = B_i h_i themselves (a batched GEMM per
+//   chunk, in the accumulate dtype), S_ml = <e_i, e_j> summed in float64; no G at all,
+//   T·(E·r·d + k²·d) work. For small T against E·r, and for E·r too large for G.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <memory>
+#include <type_traits>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "omoe_token.h"
+
+namespace omoe {
+namespace cpu {
+
+// The CPU keeps the per-token state on the heap, so it takes more active experts than a
+// CUDA thread: k = min(top_k, E) up to kMaxActive (beyond that `auto` uses the reference).
+constexpr int kMaxActive = 256;
+
+template <typename Fn>
+inline void dispatch_max_active(int64_t k, Fn&& fn) {
+  if (k <= kMaxExperts) omoe::dispatch_max_active(k, fn);
+  else fn(std::integral_constant<int, kMaxActive>{});
+}
+
+// S from G = B_catᵀ B_cat ([R, R] float64, R = E·r) for the active pairs only. The
+// backward adds dS_ml h_ia h_jᵀ into dG (this thread's [R, R] accumulator).
+struct PairGram {
+  const double* G;
+  int64_t R;
+  int rank;
+  double* dG;  // backward only
+
+  template <typename scalar_t>
+  double row_times_h(const scalar_t* h, int i, int a, int j) const {
+    const double* row = G + (int64_t(i) * rank + a) * R + int64_t(j) * rank;
+    const scalar_t* hj = h + j * rank;
+    double s = 0.0;
+    for (int b = 0; b < rank; ++b) s += row[b] * static_cast<double>(hj[b]);
+    return s;
+  }
+  template <int MAX_K, typename scalar_t>
+  void gram(const scalar_t* h, const int* active, int k, double (*S)[MAX_K]) const {
+    for (int m = 0; m < k; ++m) {
+      const int i = active[m];
+      for (int l = m; l < k; ++l) {
+        double s = 0.0;
+        for (int a = 0; a < rank; ++a)
+          s += static_cast<double>(h[i * rank + a]) * row_times_h(h, i, a, active[l]);
+        S[m][l] = s;
+        S[l][m] = s;
+      }
+    }
+  }
+  void begin_backward() const {}
+  template <int MAX_K, typename scalar_t>
+  double grad_h(const scalar_t* h, const int* active, int k, const double (*dS)[MAX_K], int m,
+                int a) const {
+    const int i = active[m];
+    const double hv = static_cast<double>(h[i * rank + a]);
+    double acc = 0.0;
+    for (int l = 0; l < k; ++l) {
+      const int j = active[l];
+      acc += (dS[m][l] + dS[l][m]) * row_times_h(h, i, a, j);
+      double* dg_row = dG + (int64_t(i) * rank + a) * R + int64_t(j) * rank;
+      const double c = dS[m][l] * hv;
+      for (int b = 0; b < rank; ++b) dg_row[b] += c * static_cast<double>(h[j * rank + b]);
+    }
+    return acc;
+  }
+  template <int MAX_K>
+  void end_backward(const int*, int, const double (*)[MAX_K]) const {}
+};
+
+// S from the expert outputs: e points at this token's e_0 (d_out values, expert i at
+// e + i·stride; float32 for float32 and 16-bit inputs: S is then the exact Gram matrix of
+// vectors rounded like the eager fp32 e_i, which keeps MGS-level accuracy, not a Gram
+// shortcut's κ²). The backward writes de_i = Σ_j (dS_ij + dS_ji) e_j in the same layout
+// (zero for inactive experts); dh_i += B_iᵀ de_i and dB_i += de_i h_iᵀ are GEMMs after the
+// pass, so grad_h has no share here.
+template <typename value_t>
+struct DirectGram {
+  const value_t* e;
+  int64_t stride, d_out;
+  int num_experts;
+  value_t* de;  // backward only
+
+  template <int MAX_K, typename scalar_t>
+  void gram(const scalar_t*, const int* active, int k, double (*S)[MAX_K]) const {
+    for (int m = 0; m < k; ++m)
+      for (int l = m; l < k; ++l) {
+        const value_t* u = e + active[m] * stride;
+        const value_t* v = e + active[l] * stride;
+        double s = 0.0;
+        for (int64_t q = 0; q < d_out; ++q) s += double(u[q]) * double(v[q]);
+        S[m][l] = s;
+        S[l][m] = s;
+      }
+  }
+  void begin_backward() const {}
+  template <int MAX_K, typename scalar_t>
+  double grad_h(const scalar_t*, const int*, int, const double (*)[MAX_K], int, int) const {
+    return 0.0;
+  }
+  template <int MAX_K>
+  void end_backward(const int* active, int k, const double (*dS)[MAX_K]) const {
+    for (int i = 0; i < num_experts; ++i) std::fill_n(de + i * stride, d_out, value_t(0));
+    for (int m = 0; m < k; ++m) {
+      value_t* out = de + active[m] * stride;
+      for (int64_t q = 0; q < d_out; ++q) {
+        double acc = 0.0;
+        for (int l = 0; l < k; ++l) acc += (dS[m][l] + dS[l][m]) * double(e[active[l] * stride + q]);
+        out[q] = static_cast<value_t>(acc);
+      }
+    }
+  }
+};
+
+// The Gram source of token t (of a chunk) for each route.
+struct GhRoute {
+  const double* gh;  // [E, Tc, R]
+  double* dg_lhs;    // [E, Tc, R], backward only
+  int64_t Tc;
+  int E, r;
+  GhGram at(int64_t t, int) const {
+    const int64_t R = int64_t(E) * r;
+    return GhGram{gh ? gh + t * R : nullptr, Tc * R, E, r, dg_lhs ? dg_lhs + t * R : nullptr};
+  }
+};
+struct PairRoute {
+  const double* G;  // [R, R]
+  double* dG;       // [num_threads, R, R], backward only
+  int64_t R;
+  int r;
+  PairGram at(int64_t, int thread) const {
+    return PairGram{G, R, r, dG ? dG + int64_t(thread) * R * R : nullptr};
+  }
+};
+template <typename value_t>
+struct DirectRoute {
+  const value_t* e;  // [E, Tc, d_out]
+  value_t* de;       // [E, Tc, d_out], backward only
+  int64_t Tc, d_out;
+  int E;
+  DirectGram<value_t> at(int64_t t, int) const {
+    return DirectGram<value_t>{e + t * d_out, Tc * d_out, d_out, E, de ? de + t * d_out : nullptr};
+  }
+};
+
+constexpr int64_t kTokensPerTask = 64;
+
+// Runs body(begin, end, thread, state) over the tokens [0, T) in blocks of kTokensPerTask,
+// handed out one at a time; state is the thread's own State (made once per thread). A
+// static split (at::parallel_for) waits for its slowest half: with a busy neighbour on 2
+// cores, that is a whole scheduler slice per pass. Here the thread that runs keeps taking
+// blocks, so a descheduled one holds up at most one block.
+template <typename State, typename Body>
+void for_token_blocks(int64_t T, Body&& body) {
+  const int64_t blocks = (T + kTokensPerTask - 1) / kTokensPerTask;
+  const int threads = int(std::min<int64_t>(at::get_num_threads(), blocks));
+#ifdef _OPENMP
+  if (threads > 1 && !at::in_parallel_region()) {
+    std::vector<std::unique_ptr<State>> states(threads);
+#pragma omp parallel num_threads(threads)
+    {
+      const int thread = omp_get_thread_num();
+      states[thread] = std::make_unique<State>();
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t b = 0; b < blocks; ++b)
+        body(b * kTokensPerTask, std::min(T, (b + 1) * kTokensPerTask), thread, *states[thread]);
+    }
+    return;
+  }
+#endif
+  auto state = std::make_unique<State>();
+  body(int64_t(0), T, 0, *state);
+}
+
+// How many per-thread accumulators a pass may index (for PairRoute's dG).
+inline int pass_threads() { return std::max(1, at::get_num_threads()); }
+
+// z for the tokens of h ([Tc, E·r]) and logits ([Tc, E]); route.at(t, thread) is the Gram
+// source of token t (ignored unless orthogonalize).
+template <typename Route>
+void token_forward_pass(const at::Tensor& h, const at::Tensor& logits, const Route& route,
+                        int64_t E, int64_t r, int64_t top_k, bool orthogonalize, bool normalize,
+                        double eps, at::Tensor& z) {
+  const int64_t T = h.size(0), er = E * r;
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "omoe_token_forward_cpu", [&] {
+    const scalar_t* h_ptr = h.data_ptr<scalar_t>();
+    const scalar_t* l_ptr = logits.data_ptr<scalar_t>();
+    scalar_t* z_ptr = z.data_ptr<scalar_t>();
+    dispatch_max_active(std::min(top_k, E), [&](auto max_k) {
+      constexpr int MAX_K = decltype(max_k)::value;
+      for_token_blocks<MgsTape<MAX_K>>(T, [&](int64_t begin, int64_t end, int thread,
+                                              MgsTape<MAX_K>& tape) {
+        for (int64_t t = begin; t < end; ++t)
+          token_forward(h_ptr + t * er, l_ptr + t * E, route.at(t, thread), int(E), int(r),
+                        int(top_k), orthogonalize, normalize, eps, tape, z_ptr + t * er);
+      });
+    });
+  });
+}
+
+// z, dh and dlogits for the tokens of h, given dz; the route's source records dS.
+template <typename Route>
+void token_backward_pass(const at::Tensor& h, const at::Tensor& logits, const Route& route,
+                         const at::Tensor& dz, int64_t E, int64_t r, int64_t top_k,
+                         bool orthogonalize, bool normalize, double eps, at::Tensor& z,
+                         at::Tensor& dh, at::Tensor& dlogits) {
+  const int64_t T = h.size(0), er = E * r;
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "omoe_token_backward_cpu", [&] {
+    const scalar_t* h_ptr = h.data_ptr<scalar_t>();
+    const scalar_t* l_ptr = logits.data_ptr<scalar_t>();
+    const scalar_t* dz_ptr = dz.data_ptr<scalar_t>();
+    scalar_t* z_ptr = z.data_ptr<scalar_t>();
+    scalar_t* dh_ptr = dh.data_ptr<scalar_t>();
+    scalar_t* dl_ptr = dlogits.data_ptr<scalar_t>();
+    dispatch_max_active(std::min(top_k, E), [&](auto max_k) {
+      constexpr int MAX_K = decltype(max_k)::value;
+      for_token_blocks<BackwardScratch<MAX_K>>(T, [&](int64_t begin, int64_t end, int thread,
+                                                      BackwardScratch<MAX_K>& scratch) {
+        for (int64_t t = begin; t < end; ++t)
+          token_backward(h_ptr + t * er, l_ptr + t * E, route.at(t, thread), dz_ptr + t * er,
+                         int(E), int(r), int(top_k), orthogonalize, normalize, eps, scratch,
+                         z_ptr + t * er, dh_ptr + t * er, dl_ptr + t * E);
+      });
+    });
+  });
+}
+
+}  // namespace cpu
+}  // namespace omoe

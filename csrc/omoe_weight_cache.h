@@ -1,0 +1,157 @@
+// B_cat (B packed as [d_out, E·r]) and G = B_catᵀ B_cat (float64), kept across calls while
+// B is unchanged. Decoding and inference reuse them call after call; in training the
+// backward reuses the forward's.
+//
+// "Unchanged" is checked on the contents, bitwise: an entry keeps a copy of B, and a
+// lookup compares B with it (memcmp on the CPU). Version counters would miss edits made
+// through `.data` (gradcheck's perturbations, hand-written optimizers, EMA updates), and
+// a stale G is a silent wrong answer. The compare reads d_out·E·r values; forming G costs
+// E·r times that. Entries are found by B's TensorImpl (a weak reference, so freed weights
+// drop out) and must match its dtype, device, sizes and strides too.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/intrusive_ptr.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <unordered_map>
+
+namespace omoe {
+namespace weight_cache {
+
+struct Stats {
+  int64_t hits = 0, misses = 0, entries = 0, bytes = 0;
+};
+
+// What the cache holds for B: whether B was used before with exactly these contents,
+// its B_cat, and G if it was formed since (undefined otherwise).
+struct Found {
+  bool seen = false;
+  at::Tensor B_cat, G;
+};
+
+inline bool bitwise_equal(const at::Tensor& a, const at::Tensor& b) {
+  if (a.sizes() != b.sizes() || a.scalar_type() != b.scalar_type() || a.device() != b.device())
+    return false;
+  if (a.is_cpu()) {
+    const at::Tensor ac = a.contiguous(), bc = b.contiguous();
+    return std::memcmp(ac.data_ptr(), bc.data_ptr(), ac.nbytes()) == 0;
+  }
+  const at::ScalarType bits = a.element_size() == 8   ? at::kLong
+                              : a.element_size() == 4 ? at::kInt
+                                                      : at::kShort;
+  return at::equal(a.contiguous().view(bits), b.contiguous().view(bits));
+}
+
+class GramCache {
+ public:
+  Found find(const at::Tensor& B) {
+    if (!cacheable(B)) return {};
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = entries_.find(B.unsafeGetTensorImpl());
+    if (it == entries_.end() || !it->second.matches(B)) {
+      ++stats_.misses;
+      return {};
+    }
+    it->second.last_use = ++clock_;
+    if (it->second.G.defined()) ++stats_.hits;
+    else ++stats_.misses;
+    return {true, it->second.B_cat, it->second.G};
+  }
+
+  // Remembers B's contents (so a later call knows B is being reused) with its B_cat, and
+  // G if given.
+  void remember(const at::Tensor& B, const at::Tensor& B_cat, const at::Tensor& G = at::Tensor()) {
+    if (!cacheable(B)) return;
+    Entry entry{c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(
+                    B.getIntrusivePtr()),
+                B.clone(at::MemoryFormat::Contiguous), B_cat, G, 0, 0};
+    entry.bytes = int64_t(entry.copy.nbytes()) + int64_t(B_cat.nbytes()) +
+                  (G.defined() ? int64_t(G.nbytes()) : 0);
+    std::lock_guard<std::mutex> lock(mutex_);
+    erase_if([](const Entry& e) { return e.impl.expired(); });  // weights freed since
+    if (auto old = entries_.find(B.unsafeGetTensorImpl()); old != entries_.end()) {
+      bytes_ -= old->second.bytes;
+      entries_.erase(old);
+    }
+    if (entry.bytes > limit_bytes()) return;
+    while (bytes_ + entry.bytes > limit_bytes() && !entries_.empty()) {  // least recently used
+      auto lru = entries_.begin();
+      for (auto it = entries_.begin(); it != entries_.end(); ++it)
+        if (it->second.last_use < lru->second.last_use) lru = it;
+      bytes_ -= lru->second.bytes;
+      entries_.erase(lru);
+    }
+    entry.last_use = ++clock_;
+    bytes_ += entry.bytes;
+    entries_.emplace(B.unsafeGetTensorImpl(), std::move(entry));
+  }
+
+  Stats stats() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    Stats s = stats_;
+    s.entries = int64_t(entries_.size());
+    s.bytes = bytes_;
+    return s;
+  }
+
+  void clear() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    entries_.clear();
+    bytes_ = 0;
+    stats_ = Stats{};
+  }
+
+ private:
+  struct Entry {
+    c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> impl;
+    at::Tensor copy;  // B's contents when the entry was made
+    at::Tensor B_cat, G;
+    int64_t bytes;
+    uint64_t last_use;
+    bool matches(const at::Tensor& B) const {
+      return !impl.expired() && bitwise_equal(B, copy);
+    }
+  };
+
+  static bool cacheable(const at::Tensor& B) {
+    return B.defined() && B.has_storage() && B.numel() > 0;
+  }
+  static int64_t limit_bytes() {
+    static const int64_t limit = [] {
+      const char* mb = std::getenv("OMOE_WEIGHT_CACHE_MB");
+      return (mb ? std::atoll(mb) : 256) * (int64_t(1) << 20);
+    }();
+    return limit;
+  }
+
+  template <typename Pred>
+  void erase_if(Pred pred) {
+    for (auto it = entries_.begin(); it != entries_.end();) {
+      if (pred(it->second)) {
+        bytes_ -= it->second.bytes;
+        it = entries_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+
+  std::mutex mutex_;
+  std::unordered_map<const c10::TensorImpl*, Entry> entries_;
+  int64_t bytes_ = 0;
+  uint64_t clock_ = 0;
+  Stats stats_;
+};
+
+// The one cache of the process (the ops are process-wide too).
+inline GramCache& instance() {
+  static GramCache cache;
+  return cache;
+}
+
+}  // namespace weight_cache
+}  // namespace omoe
