@@ -1,14 +1,20 @@
 """Ahead-of-time resource report of the Triton kernels (no GPU needed).
 
-    python -m omoe_kernels.kernel_report --arch sm_90a [--json out.json]
+    python -m omoe_kernels.kernel_report --arch sm_90a [--only NAME ...] [--launches] [--json out.json]
 
 Compiles every Triton kernel of the `triton` backend in the launch configs it uses by
-default (at the llama7b layout, E=4 r=16, and for the per-token kernels also at E=8
-and E=16 r=8), runs `ptxas -v` on the PTX for registers and spills, reads the shared
-memory Triton allocates, and counts matrix instructions in the SASS (`cuobjdump`).
-Prints a table and exits non-zero when a kernel spills or a bf16/fp16 GEMM kernel has no
-wgmma (`HGMMA`). fp32 GEMMs run IEEE fp32 (docs/contract.md §2), which tensor cores do not offer, so
-they are FMA by design and only checked for spills.
+default (ops/triton_configs.py): the bf16 path at each GPU shape of docs/contract.md §6
+(`llama7b`, `llama7b-top2`, `wide`), the fp16 and fp32 GEMMs at llama7b, and the opt-in
+fused shrink. For each it reports registers and spills (`ptxas -v` on the PTX), the
+shared memory Triton allocates, static counts of MMA (HGMMA/HMMA/DMMA), SHFL and BAR
+instructions in the SASS (`cuobjdump`), and from kernel_model.py the FLOPs it issues vs
+those the problem needs, the bytes it must move, and a roofline ESTIMATE of its H200 time;
+then the summed estimate of a step per shape against a plain bf16 LoRA of rank E·r.
+`--launches` adds the launch count of one step (launch_count.py, on CPU).
+
+Exits non-zero when a kernel spills or a bf16/fp16 GEMM kernel has no wgmma (`HGMMA`).
+fp32 GEMMs run IEEE fp32 (docs/contract.md §2), which tensor cores do not offer, so they
+are FMA by design and only checked for spills.
 """
 from __future__ import annotations
 
