@@ -77,3 +77,18 @@ def test_triton_step_launches_do_not_grow():
             assert counted["total"] <= limit, (
                 f"{step['routing']} {phase}: {counted['total']} launches > {limit} "
                 f"({counted['triton_kernels']}, {counted['aten_ops']})")
+
+
+def test_counts_the_compiled_cpu_backends_aten_ops():
+    """The compiled backend's torch calls from C++ count too (the CUDA fallback's launches
+    besides its own kernels); no Triton launch appears."""
+    import omoe_kernels
+    from omoe_kernels.launch_count import step_launches
+
+    if "cpu" not in omoe_kernels.available_backends("cpu"):
+        pytest.skip("the compiled extension is not built")
+    step = step_launches("cpu", top_k=2, num_tokens=16, d_model=32)
+    for phase in (step.forward, step.backward, step.no_grad_forward):
+        assert phase.triton == [] and phase.total == len(phase.aten) > 0
+        assert "mm" in phase.aten or "bmm" in phase.aten
+    assert step.no_grad_forward.total <= step.forward.total
