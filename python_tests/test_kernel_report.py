@@ -167,3 +167,21 @@ def test_target_misses_flag_wasted_mma_and_per_token_shuffles():
                             result("gram_grad[x]", fp64, 0)])
     assert misses == dict(mma_issued_over_useful=["matmul[bf16, x] padded (2.0×)"],
                           per_token_shfl=["token_forward[x] (3)"])
+
+
+def test_every_triton_kernel_is_in_the_report():
+    """A kernel added to triton_kernels.py must get a spec (and its Work, when it runs in
+    the default step): the report and the model cover what the backend launches."""
+    pytest.importorskip("triton")
+    import triton
+
+    from omoe_kernels.kernel_report import kernel_specs
+    from omoe_kernels.ops import triton_kernels as K
+
+    kernels = {name for name, obj in vars(K).items()
+               if isinstance(obj, triton.runtime.KernelInterface) and name.endswith("_kernel")}
+    assert kernels, "no kernels found in triton_kernels.py"
+    specs = kernel_specs()
+    reported = {s.fn.__name__ for s in specs}
+    assert kernels <= reported, f"not in kernel_report's kernel_specs(): {sorted(kernels - reported)}"
+    assert all(s.work is not None for s in specs if s.step)
