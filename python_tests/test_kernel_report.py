@@ -1,7 +1,9 @@
 """`python -m omoe_kernels.kernel_report --arch sm_90a`: the Triton kernels compile ahead
-of time for Hopper without a GPU, with no spills, and every 16-bit GEMM uses wgmma."""
+of time for Hopper without a GPU, with no spills, and every 16-bit GEMM uses wgmma; the
+report's SASS counts and its roofline model (kernel_model.py) are what they claim."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,23 +13,94 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_kernel_report_sm90a_passes():
+# A subset, so that the test's compile time stays bounded (the full report is a CLI run,
+# `python -m omoe_kernels.kernel_report`): every kernel at the `wide` shape, every
+# per-token kernel, and the fp16 GEMMs (their power-of-2 scaling is the register-hungry one).
+SUBSET = ["wide]", "token_", "gram_grad", "fp16"]
+
+
+def test_kernel_report_sm90a_passes(tmp_path):
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "omoe_kernels.kernel_report", "--arch", "sm_90a"],
+    out_json = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "-m", "omoe_kernels.kernel_report", "--arch", "sm_90a",
+                           "--json", str(out_json), "--only", *SUBSET],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "kernel" not in line]
-    names = [row.split("|")[1].strip() for row in rows]
+    report = json.loads(out_json.read_text())
+    kernels = report["kernels"]
+    names = [k["name"] for k in kernels]
     for kernel in ("shrink", "matmul", "token_forward", "token_backward", "gram_grad"):
         assert any(n.startswith(kernel) for n in names), f"{kernel} missing from the report"
-    for row in rows:
-        cells = [c.strip() for c in row.split("|")[1:-1]]
-        name, spills, hgmma, status = cells[0], cells[4], int(cells[7]), cells[11]
-        assert status == "ok" and spills == "0/0", row
-        if "[bf16" in name or "[fp16" in name:
-            assert hgmma > 0, f"{name}: no HGMMA in its SASS"
+    for k in kernels:
+        assert k["problems"] == [] and k["spill_stores"] == 0 and k["spill_loads"] == 0, k
+        if "[bf16" in k["name"] or "[fp16" in k["name"]:
+            assert k["hgmma"] > 0, f"{k['name']}: no HGMMA in its SASS"
+        for count in ("shfl", "bar", "hgmma", "hmma", "dmma"):
+            assert isinstance(k[count], int) and k[count] >= 0
+        if k["step"]:                 # a kernel of the default step carries its model
+            w = k["work"]
+            assert w["flops_issued"] >= w["flops_useful"] > 0 and w["bytes"] > 0, k
+            assert w["estimate_us"] > 0 and w["bound"] in ("bytes", "flops")
+    # Every kernel of the wide step was compiled, so its estimate is in the output.
+    wide = report["steps"]["wide"]
+    assert wide["fwd+bwd"]["omoe_us"] == pytest.approx(
+        wide["forward"]["omoe_us"] + wide["backward"]["omoe_us"])
+    assert wide["fwd+bwd"]["ratio"] > 0 and "llama7b" not in report["steps"]
+    table = proc.stdout.splitlines()
+    assert any(line.startswith("| kernel ") and "SHFL" in line and "est µs" in line for line in table)
+    assert any("ESTIMATE" in line for line in table)
+
+
+def test_sass_counts():
+    from omoe_kernels.kernel_report import sass_counts
+
+    sass = """
+        /*0100*/  HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24 ;
+        /*0110*/  HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24, gsb0 ;
+        /*0120*/  SHFL.BFLY PT, R3, R2, 0x10, 0x1f ;
+        /*0130*/  SHFL.IDX PT, R5, R4, RZ, 0x1f ;
+        /*0140*/  BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0150*/  HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0160*/  DMMA.8x8x4 R0, R2, R4, R0 ;
+        /*0170*/  WARPSYNC.ALL ;
+    """
+    assert sass_counts(sass) == dict(hgmma=2, hmma=1, dmma=1, shfl=2, bar=1)
+
+
+def test_gemm_work_counts_padding_split_and_bytes():
+    from omoe_kernels import kernel_model as M
+
+    cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)
+    # [100, 80] @ [80, 64]: M pads to 128, K to 128; useful is the problem, K = 72 real.
+    w = M.gemm_work(100, 64, 80, (100, 64, 72), cfg, "bf16 MMA", 2, 2, 4)
+    assert w.flops_issued == 2 * 128 * 64 * 128
+    assert w.flops_useful == 2 * 100 * 64 * 72
+    assert w.bytes == 100 * 80 * 2 + 80 * 64 * 2 + 100 * 64 * 4
+    assert w.estimate_s == max(w.flops_issued / 790e12, w.bytes / 4.3e12)
+    hi_lo = M.gemm_work(100, 64, 80, (100, 64, 72), cfg, "bf16 MMA", 2, 2, 4, hi_lo=True)
+    assert hi_lo.flops_issued == 2 * w.flops_issued and hi_lo.bytes == w.bytes
+    # Long K: 1 output tile -> min(2·132, K/512) splits, each writing an fp32 partial.
+    long = M.gemm_work(64, 64, 8192, (64, 64, 8192), cfg, "bf16 MMA", 2, 2, 4, long_k=True)
+    assert long.grid == (1, 16)
+    assert long.bytes == 64 * 8192 * 2 + 8192 * 64 * 2 + 16 * 64 * 64 * 4
+
+
+def test_step_estimate_compares_with_plain_lora():
+    from omoe_kernels import kernel_model as M
+    from omoe_kernels.kernel_report import KernelResult, kernel_specs, step_estimates
+
+    specs = [s for s in kernel_specs() if s.shape == "llama7b" and s.step]
+    assert {s.step for s in specs} == {"forward", "backward"}
+    steps = step_estimates([KernelResult(s) for s in specs])
+    assert list(steps) == ["llama7b"]       # the other shapes' kernels were not given
+    lora = M.plain_lora_works(8192, 4096, 64)
+    expected = sum(w.estimate_s for phase in lora.values() for _, w in phase) * 1e6
+    assert steps["llama7b"]["fwd+bwd"]["lora_us"] == pytest.approx(expected)
+    omoe = sum(s.work.estimate_s for s in specs) * 1e6
+    assert steps["llama7b"]["fwd+bwd"]["ratio"] == pytest.approx(omoe / expected)
+    assert step_estimates([KernelResult(s) for s in specs[1:]]) == {}
 
 
 def test_problems_flags_spills_and_missing_wgmma():
@@ -64,7 +137,7 @@ def test_report_compiles_the_launchers_configs():
     from omoe_kernels.ops import triton_omoe
 
     specs = {s.name: s for s in kernel_specs()}
-    expand = specs["matmul[bf16] expand base+s·Z·Bᵀ"]
+    expand = specs["matmul[bf16, llama7b] expand base+s·Z·Bᵀ"]
     cfg = C.matmul_default_config(C.DOT_BF16, 4096)
     assert (expand.num_warps, expand.num_stages) == (cfg["num_warps"], cfg["num_stages"])
     assert all(expand.args[k] == cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"))
@@ -74,3 +147,41 @@ def test_report_compiles_the_launchers_configs():
     assert backward.num_warps == flags["num_warps"] and backward.args["BT"] == flags["BT"]
     assert backward.num_stages == C.TOKEN_STAGES
     assert specs["gram_grad[wide]"].args["BLOCK_T"] == C.gram_grad_block(L)
+    dz = specs["matmul[bf16, wide] dZ = s·dY·B"]
+    assert dz.args["BLOCK_N"] == C.matmul_default_config(C.DOT_BF16, L.ERP)["BLOCK_N"]
+
+
+def test_target_misses_flag_wasted_mma_and_per_token_shuffles():
+    from omoe_kernels.kernel_model import Work
+    from omoe_kernels.kernel_report import KernelResult, KernelSpec, target_misses
+
+    def result(name, work, shfl):
+        return KernelResult(KernelSpec(name, None, {}, 4, 3, False, work=work), shfl=shfl)
+
+    tight = Work(1.3e9, 1e9, 1e6, "bf16 MMA")
+    padded = Work(2.0e9, 1e9, 1e6, "bf16 MMA")
+    fp64 = Work(50e9, 1e9, 1e6, "fp64 FMA")      # not tensor-core work: not a GEMM target
+    misses = target_misses([result("matmul[bf16, x] ok", tight, 4),
+                            result("matmul[bf16, x] padded", padded, 0),
+                            result("token_forward[x]", fp64, 3),
+                            result("gram_grad[x]", fp64, 2)])     # reduces over tokens
+    assert misses == dict(mma_issued_over_useful=["matmul[bf16, x] padded (2.0×)"],
+                          per_token_shfl=["token_forward[x] (3)"])
+
+
+def test_every_triton_kernel_is_in_the_report():
+    """A kernel added to triton_kernels.py must get a spec (and its Work, when it runs in
+    the default step): the report and the model cover what the backend launches."""
+    pytest.importorskip("triton")
+    import triton
+
+    from omoe_kernels.kernel_report import kernel_specs
+    from omoe_kernels.ops import triton_kernels as K
+
+    kernels = {name for name, obj in vars(K).items()
+               if isinstance(obj, triton.runtime.KernelInterface) and name.endswith("_kernel")}
+    assert kernels, "no kernels found in triton_kernels.py"
+    specs = kernel_specs()
+    reported = {s.fn.__name__ for s in specs}
+    assert kernels <= reported, f"not in kernel_report's kernel_specs(): {sorted(kernels - reported)}"
+    assert all(s.work is not None for s in specs if s.step)

@@ -1,0 +1,168 @@
+"""A roofline model of the Triton kernels on an H200: FLOPs, bytes, estimated time.
+
+kernel_report attaches a `Work` to each kernel it compiles at a GPU shape of
+docs/contract.md §6 (`llama7b`, `llama7b-top2`, `wide`): the FLOPs the kernel issues
+(its tiles and grid over the padded dimensions, the hi+lo split counted twice), the FLOPs
+the problem needs (the unpadded dimensions, each product once), and the bytes it must
+move (each input read once, each output written once). The estimate is
+
+    time = max(issued FLOPs / peak of the unit that runs them, bytes / copy bandwidth)
+
+a lower bound that ignores latency, shuffles, barriers, occupancy and launch gaps: an
+ESTIMATE, not a measurement. No GPU is needed.
+
+The dense/top-k distinction: the GEMMs run over all E·r columns (useful = all of them),
+the per-token kernels' useful work counts only the top_k active experts.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+# H200 ceilings (/work/.library/device/H200.md and KINDS.md): bf16 matrix product
+# 788 TFLOP/s and device copy 4.3 TB/s were measured on an H200 here; the FMA rates are
+# the vendor datasheet's (fp32 67 TFLOP/s, fp64 vector 34 TFLOP/s; fp64 tensor-core DMMA
+# 67, which cuBLAS DGEMM uses).
+COPY_BYTES_PER_S = 4.3e12
+PEAK_FLOPS = {
+    "bf16 MMA": 790e12,
+    "fp16 MMA": 790e12,       # same rate as bf16 on Hopper (datasheet)
+    "fp32 FMA": 67e12,
+    "fp64 FMA": 34e12,
+    "fp64 DMMA": 67e12,
+}
+H200_SMS = 132
+
+
+@dataclass(frozen=True)
+class Work:
+    """What one launch of a kernel does at one problem size."""
+
+    flops_issued: float
+    flops_useful: float
+    bytes: float
+    unit: str                # a key of PEAK_FLOPS: which ceiling the FLOPs run against
+    grid: tuple = ()
+
+    @property
+    def issued_per_useful(self) -> float:
+        return self.flops_issued / self.flops_useful if self.flops_useful else math.inf
+
+    @property
+    def flops_s(self) -> float:
+        return self.flops_issued / PEAK_FLOPS[self.unit]
+
+    @property
+    def bytes_s(self) -> float:
+        return self.bytes / COPY_BYTES_PER_S
+
+    @property
+    def estimate_s(self) -> float:
+        return max(self.flops_s, self.bytes_s)
+
+    @property
+    def bound(self) -> str:
+        return "bytes" if self.bytes_s >= self.flops_s else "flops"
+
+    def as_dict(self) -> dict:
+        return dict(flops_issued=self.flops_issued, flops_useful=self.flops_useful,
+                    issued_per_useful=round(self.issued_per_useful, 3), bytes=self.bytes,
+                    unit=self.unit, grid=list(self.grid), estimate_us=round(self.estimate_s * 1e6, 2),
+                    bound=self.bound)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _round_up(a: int, b: int) -> int:
+    return _cdiv(a, b) * b
+
+
+def split_k(M: int, N: int, K: int, cfg: dict) -> tuple[int, int]:
+    """(splits, k_per_split) of a long-K (weight-gradient) GEMM on an H200; mirrors the
+    rule in triton_omoe.matmul(long_k=True)."""
+    tiles = _cdiv(M, cfg["BLOCK_M"]) * _cdiv(N, cfg["BLOCK_N"])
+    splits = max(1, min(2 * H200_SMS // tiles, _cdiv(K, 512)))
+    k_per_split = _round_up(_cdiv(K, splits), 64)
+    return _cdiv(K, k_per_split), k_per_split
+
+
+def gemm_work(M: int, N: int, K: int, useful: tuple[int, int, int], cfg: dict, unit: str,
+              a_bytes: int, b_bytes: int, c_bytes: int, add_bytes: int = 0,
+              hi_lo: bool = False, long_k: bool = False) -> Work:
+    """matmul_kernel at [M, K] @ [K, N] in its launch config `cfg`; `useful` = the
+    unpadded (M, N, K); *_bytes = element sizes (0: no such operand); hi_lo: one operand
+    enters as hi + lo 16-bit parts (two MMAs per tile)."""
+    splits, k_per_split = split_k(M, N, K, cfg) if long_k else (1, K)
+    k_issued = splits * _round_up(k_per_split, cfg["BLOCK_K"])
+    issued = 2 * _round_up(M, cfg["BLOCK_M"]) * _round_up(N, cfg["BLOCK_N"]) * k_issued
+    issued *= 2 if hi_lo else 1
+    out_bytes = splits * M * N * 4 if splits > 1 else M * N * c_bytes
+    moved = M * K * a_bytes + K * N * b_bytes + out_bytes + M * N * add_bytes
+    grid = (_cdiv(M, cfg["BLOCK_M"]) * _cdiv(N, cfg["BLOCK_N"]), splits)
+    return Work(issued, 2 * math.prod(useful), moved, unit, grid)
+
+
+def shrink_work(T: int, D: int, L, cfg: dict, unit: str, el: int) -> Work:
+    """shrink_kernel: H = X A_padᵀ (ERP columns) and logits = X Wᵀ (BLOCK_E columns,
+    computed by every n-tile, stored by the first)."""
+    n_tiles = _cdiv(L.ERP, cfg["BLOCK_N"])
+    rows = _round_up(T, cfg["BLOCK_M"])
+    issued = 2 * rows * _round_up(D, cfg["BLOCK_K"]) * n_tiles * (cfg["BLOCK_N"] + L.EPL)
+    useful = 2 * T * D * (L.num_experts * L.rank + L.num_experts)
+    moved = (n_tiles * T * D * el + (L.ERP + L.EPL) * D * el
+             + T * L.ERP * 4 + T * L.num_experts * 4)
+    return Work(issued, useful, moved, unit, (_cdiv(T, cfg["BLOCK_M"]), n_tiles))
+
+
+def _token_flops(L, top_k: int) -> tuple[float, float]:
+    """float64 FLOPs per token of the forward per-token algebra: (issued, useful).
+    Issued: the Gram columns over E × EP × RP² (G_j h_j for every expert j), S, and the
+    MGS sweep over [EP, EP] state (about 10 EP² per step, E steps). Useful: the k²
+    active pairs' G_ij h_j and an O(k³) MGS."""
+    E, EP, RP, r = L.num_experts, L.EP, L.RP, L.rank
+    issued = 2 * E * EP * RP * RP + 2 * E * EP * RP + 10 * E * EP * EP
+    useful = 2 * top_k * top_k * r * r + 2 * top_k * top_k * r + 4 * top_k ** 3
+    return issued, useful
+
+
+def token_forward_work(T: int, L, top_k: int, block_t: int) -> Work:
+    issued, useful = _token_flops(L, top_k)
+    moved = T * (L.ERP * 4 * 2 + L.num_experts * 4) + L.ERP * L.ERP * 8
+    return Work(T * issued, T * useful, moved, "fp64 FMA", (_cdiv(T, block_t),))
+
+
+def token_backward_work(T: int, L, top_k: int, block_t: int) -> Work:
+    """Recomputes the forward, then reverses it: the reverse has the same Gram-sized
+    terms once more (dH through G) plus the MGS reverse, counted as twice the forward."""
+    issued, useful = _token_flops(L, top_k)
+    moved = (T * (L.ERP * 4 * 3 + L.num_experts * 4)          # h, dz in; z out; logits in
+             + T * L.NW * 4 + T * L.EP * L.EP * 8               # dHL, dS out
+             + L.ERP * L.ERP * 8)
+    return Work(3 * T * issued, 3 * T * useful, moved, "fp64 FMA", (_cdiv(T, block_t),))
+
+
+def gram_grad_work(T: int, L, top_k: int, block_t: int) -> Work:
+    """dG = Σ_t dS_t,ij h_i h_jᵀ: every (i, j) block of the E × E grid, RP × RP, token
+    splits as in triton_omoe.gram_grad."""
+    E = L.num_experts
+    wanted = max(1, min(_cdiv(T, 256), 2 * H200_SMS // (E * E) + 1))
+    splits = _cdiv(T, _round_up(_cdiv(T, wanted), block_t))
+    issued = 2 * T * E * E * L.RP * L.RP
+    useful = 2 * T * top_k * top_k * L.rank * L.rank
+    moved = T * L.ERP * 4 + T * L.EP * L.EP * 8 + splits * L.ERP * L.ERP * 8
+    return Work(issued, useful, moved, "fp64 FMA", (E, E, splits))
+
+
+def plain_lora_works(T: int, d: int, R: int, el: int = 2) -> dict[str, list[tuple[str, Work]]]:
+    """An eager bf16 LoRA of rank R = E·r (y = base + s·(x A_catᵀ) B_catᵀ), each torch op
+    modelled like the kernels above (useful = issued, no padding)."""
+    def mm(M: int, N: int, K: int) -> Work:
+        return Work(2 * M * N * K, 2 * M * N * K, (M * K + K * N + M * N) * el, "bf16 MMA")
+
+    add = Work(0, 0, 3 * T * d * el, "bf16 MMA")       # base + V: read two T×d, write one
+    forward = [("U = s·x·A_catᵀ", mm(T, R, d)), ("V = U·B_catᵀ", mm(T, d, R)), ("y = base + V", add)]
+    backward = [("dU = dY·B_cat", mm(T, R, d)), ("dB = dYᵀ·U", mm(d, R, T)),
+                ("dA = s·dUᵀ·x", mm(R, d, T)), ("dX = s·dU·A_cat", mm(T, d, R))]
+    return dict(forward=forward, backward=backward)

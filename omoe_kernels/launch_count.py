@@ -1,0 +1,221 @@
+"""Count the kernel launches of one OMoE step without a GPU.
+
+Under `TRITON_INTERPRET=1` every Triton launch goes through
+`triton.runtime.interpreter.InterpretedFunction.run`. `count_launches` wraps that method,
+marks each launch with a `torch.profiler.record_function` range, and runs the step under
+`torch.profiler` on CPU tensors. It counts
+
+- each Triton launch, and
+- each outermost ATen op that would launch a kernel on a GPU (`mm`, `clone`, `zeros`,
+  `add`, `sum`, `cat`, ...) as one launch, whatever it calls inside (on the CPU `sum`
+  zero-fills its output and `add` wraps a Python scalar in a tensor: not GPU launches);
+  views, metadata ops and the composite wrappers that launch nothing themselves (`to`,
+  `contiguous`, `reshape`, `matmul`, ...) are looked through to the ops they call,
+
+and leaves out everything inside a Triton launch range (the interpreter's own host
+copies). ATen ops of the compiled `cpu` backend count the same way, which gives the
+CUDA fallback's torch launches; its hand-written loops (the per-token passes) are not ATen
+ops and are not in the count.
+
+`step_launches` counts a training forward, its backward, and a no-grad forward
+(decoding, weights unchanged), each after one warm-up call of the same kind.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+TRITON_RANGE = "triton_launch::"
+
+# ATen ops that launch no GPU kernel themselves: views, metadata, allocation without
+# fill, host-side scalar reads, and composite wrappers (their callees are counted instead).
+LOOK_THROUGH = frozenset(f"aten::{name}" for name in (
+    # views and metadata
+    "view", "_unsafe_view", "reshape", "_reshape_alias", "as_strided", "as_strided_",
+    "permute", "t", "transpose", "expand", "expand_as", "slice", "select", "narrow",
+    "unsqueeze", "squeeze", "unflatten", "flatten", "view_as", "split", "split_with_sizes",
+    "chunk", "unbind", "detach", "detach_", "alias", "lift_fresh", "resolve_conj",
+    "resolve_neg", "set_", "result_type", "is_nonzero", "size", "stride", "numel", "dim",
+    "is_same_size", "_has_compatible_shallow_copy_type", "requires_grad_", "broadcast_to",
+    "movedim", "diagonal", "_version", "output_nr", "storage_offset", "is_contiguous",
+    # allocation without a fill, host reads (a sync, not a launch)
+    "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "item",
+    "_local_scalar_dense",
+    # composite wrappers: what they call is what launches
+    "to", "type_as", "contiguous", "matmul", "linear", "einsum", "tensordot",
+))
+
+@dataclass
+class Launches:
+    """Launches of one call: Triton kernel names and leaf ATen op names, in order."""
+
+    triton: list[str] = field(default_factory=list)
+    aten: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return len(self.triton) + len(self.aten)
+
+    def as_dict(self) -> dict:
+        return dict(total=self.total, triton=len(self.triton), aten=len(self.aten),
+                    triton_kernels=dict(Counter(self.triton)), aten_ops=dict(Counter(self.aten)))
+
+    def summary(self) -> str:
+        parts = [f"{n}×{k}" if n > 1 else k for k, n in Counter(self.triton + self.aten).items()]
+        return f"{self.total} ({len(self.triton)} triton + {len(self.aten)} aten: {', '.join(parts)})"
+
+
+@contextlib.contextmanager
+def _marked_triton_launches() -> Iterator[None]:
+    """Wrap every interpreted Triton launch in a profiler range named after the kernel."""
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:        # no triton: only ATen ops to count
+        yield
+        return
+    original = InterpretedFunction.run
+
+    def run(self, *args, **kwargs):
+        with record_function(TRITON_RANGE + self.fn.__name__):
+            return original(self, *args, **kwargs)
+
+    InterpretedFunction.run = run
+    try:
+        yield
+    finally:
+        InterpretedFunction.run = original
+
+
+def _count_tree(event, out: Launches) -> None:
+    """Add the launches of `event` and the events below it to `out`."""
+    name = event.name
+    if name.startswith(TRITON_RANGE):
+        out.triton.append(name[len(TRITON_RANGE):])   # its inner host copies are not launches
+    elif name.startswith("aten::") and name not in LOOK_THROUGH:
+        out.aten.append(name[len("aten::"):])
+    else:
+        for child in event.cpu_children:
+            _count_tree(child, out)
+
+
+def count_launches(fn: Callable[[], object]) -> Launches:
+    """The launches `fn()` would make on a GPU, counted on CPU tensors. Triton launches
+    are seen only under `TRITON_INTERPRET=1` (step_launches checks it; a compiled launch
+    goes through no hook here)."""
+    with _marked_triton_launches(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    out = Launches()
+    events = sorted((e for e in prof.events() if e.cpu_parent is None),
+                    key=lambda e: e.time_range.start)
+    for event in events:
+        _count_tree(event, out)
+    return out
+
+
+@dataclass
+class StepLaunches:
+    backend: str
+    top_k: int | None
+    forward: Launches
+    backward: Launches
+    no_grad_forward: Launches
+
+    def as_dict(self) -> dict:
+        return dict(backend=self.backend, routing="dense" if self.top_k is None else f"top-{self.top_k}",
+                    forward=self.forward.as_dict(), backward=self.backward.as_dict(),
+                    no_grad_forward=self.no_grad_forward.as_dict())
+
+
+def step_launches(backend: str = "triton", top_k: int | None = None, num_tokens: int = 64,
+                  d_model: int = 64, num_experts: int = 4, rank: int = 16) -> StepLaunches:
+    """Launches of one OMoE step on CPU tensors (fp32; `backend` "triton" needs
+    TRITON_INTERPRET=1 set before triton is imported)."""
+    from .functional import omoe_lora
+
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise RuntimeError("step_launches(backend='triton') counts interpreted launches: "
+                           "set TRITON_INTERPRET=1 before importing triton")
+    gen = torch.Generator().manual_seed(0)
+    T, d, E, r = num_tokens, d_model, num_experts, rank
+    x = torch.randn(T, d, generator=gen, requires_grad=True)
+    A = (torch.randn(E, r, d, generator=gen) / d ** 0.5).requires_grad_()
+    B = (torch.randn(E, d, r, generator=gen) / r ** 0.5).requires_grad_()
+    W = (torch.randn(E, d, generator=gen) / d ** 0.5).requires_grad_()
+    base = torch.randn(T, d, generator=gen, requires_grad=True)
+    grad_y = torch.randn(T, d, generator=gen)
+
+    def forward():
+        return omoe_lora(x, A, B, W, scaling=2.0, top_k=top_k, base_out=base, backend=backend)
+
+    def no_grad_forward():
+        with torch.no_grad():
+            forward()
+
+    forward().backward(grad_y)                       # warm-up: first-call work is not a step's
+    y = None
+
+    def counted_forward():
+        nonlocal y
+        y = forward()
+
+    fwd = count_launches(counted_forward)
+    for leaf in (x, A, B, W, base):
+        leaf.grad = None                             # a step starts with no gradients
+    bwd = count_launches(lambda: y.backward(grad_y))
+    no_grad_forward()
+    return StepLaunches(backend, top_k, fwd, bwd, count_launches(no_grad_forward))
+
+
+def format_launches(steps: list[StepLaunches], num_tokens: int) -> str:
+    lines = [f"Launches of one step, counted on CPU (T={num_tokens}; Triton interpreted, "
+             "plus the ATen ops that would launch on a GPU)"]
+    for s in steps:
+        routing = "dense" if s.top_k is None else f"top-{s.top_k}"
+        for label, launches in (("forward", s.forward), ("backward", s.backward),
+                                ("no-grad forward", s.no_grad_forward)):
+            lines.append(f"  {s.backend:7s} {routing:6s} {label:16s} {launches.summary()}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+    import sys
+
+    parser = argparse.ArgumentParser(description="Count one OMoE step's kernel launches on CPU.")
+    parser.add_argument("--backends", default="triton", help="comma-separated: triton, cpu")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--d-model", type=int, default=64)
+    parser.add_argument("--top-k", type=int, default=2, help="the top-k case (E = 4); dense always runs")
+    parser.add_argument("--json", help="write the counts here ('-': stdout, instead of the table)")
+    args = parser.parse_args(argv)
+    if "triton" in args.backends.split(",") and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        # The variable must be set before triton is imported: rerun in a child process.
+        import subprocess
+
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        rest = sys.argv[1:] if argv is None else list(argv)
+        return subprocess.run([sys.executable, "-m", "omoe_kernels.launch_count", *rest],
+                              env=env).returncode
+    steps = [step_launches(b, k, args.tokens, args.d_model)
+             for b in args.backends.split(",") for k in (None, args.top_k)]
+    if args.json == "-":
+        print(json.dumps(dict(num_tokens=args.tokens, d_model=args.d_model,
+                              steps=[s.as_dict() for s in steps]), indent=1))
+        return 0
+    print(format_launches(steps, args.tokens))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(num_tokens=args.tokens, d_model=args.d_model,
+                           steps=[s.as_dict() for s in steps]), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
