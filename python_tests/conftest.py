@@ -36,10 +36,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import tempfile
 from typing import Optional
 
-import pytest
-import torch
+# A private torch.compile cache for each test session (set before torch is imported; child
+# processes inherit it): inductor's shared cache under /tmp can return a graph compiled
+# against another checkout's custom ops, whose schema may differ from this one's.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="omoe-tests-inductor-")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 import omoe_kernels
 from omoe_kernels import omoe_lora

@@ -11,9 +11,18 @@ import torch
 from torch.profiler import profile
 
 import omoe_kernels as ok
-from conftest import (ACCURACY_ROWS, COMPILED_BACKENDS, VARIANTS, assert_finite,
-                      assert_matches_oracle, make_problem, oracle, random_grad, run_backend,
-                      assert_rel_close)
+from conftest import (
+    ACCURACY_ROWS,
+    COMPILED_BACKENDS,
+    VARIANTS,
+    assert_finite,
+    assert_matches_oracle,
+    assert_rel_close,
+    make_problem,
+    oracle,
+    random_grad,
+    run_backend,
+)
 
 pytestmark = pytest.mark.skipif("cpu" not in COMPILED_BACKENDS,
                                 reason="the compiled CPU op is not built")

@@ -25,8 +25,16 @@ import torch
 
 from .._validate import Problem
 from . import triton_configs as C
-from .registration import (BACKWARD_SCHEMA, FORWARD_SCHEMA, OpFamily, accumulate_dtype, call_forward, check_backward_args,
-                           check_forward_args, register_family)
+from .registration import (
+    BACKWARD_SCHEMA,
+    FORWARD_SCHEMA,
+    OpFamily,
+    accumulate_dtype,
+    call_forward,
+    check_backward_args,
+    check_forward_args,
+    register_family,
+)
 
 try:
     import triton
