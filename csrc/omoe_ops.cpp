@@ -121,7 +121,7 @@ at::Tensor gram_matrix(const at::Tensor& B, const at::Tensor& B_cat,
 
 enum class Route { kBatched, kPairs, kDirect };
 
-// G above this size is never formed: the direct route needs no G (issue 8, item 10).
+// G above this size is never formed: the direct route needs no G (docs/contract.md §4: no (E·r)² workspace at once).
 constexpr double kMaxGramBytes = 512.0 * (1 << 20);
 // A multiply-add of the scalar per-token loops costs about this many of a float64 GEMM's.
 constexpr double kScalarCost = 4.0;

@@ -419,7 +419,7 @@ def format_steps(steps: dict) -> str:
     return "\n".join(lines)
 
 
-# Issue 11's static targets: no tensor-core work wasted, no shuffles in the per-token algebra.
+# The static targets (docs/contract.md §5, bench/NOTES.md): no tensor-core work wasted, no shuffles in the per-token algebra.
 MAX_ISSUED_PER_USEFUL = 1.3
 # The kernels whose loops run over experts and ranks per token (gram_grad reduces over
 # tokens, where a cross-lane sum is expected).
@@ -427,7 +427,7 @@ PER_TOKEN_KERNELS = ("token_forward", "token_backward")
 
 
 def target_misses(results: list[KernelResult]) -> dict[str, list[str]]:
-    """The kernels that miss issue 11's static targets (informational: the exit status
+    """The kernels that miss the static targets (informational: the exit status
     does not depend on them yet): GEMMs issuing more than 1.3× the useful MMA FLOPs, and
     per-token kernels with SHFL instructions."""
     gemms = [f"{r.spec.name} ({r.spec.work.issued_per_useful:.1f}×)" for r in results
@@ -477,7 +477,7 @@ def main(argv=None) -> int:
     for what, names in (("MMA issued > 1.3× useful", misses["mma_issued_over_useful"]),
                         ("SHFL in per-token kernels", misses["per_token_shfl"])):
         if names:
-            print(f"\nissue 11 target missed, {what} ({len(names)}): " + "; ".join(names))
+            print(f"\nstatic target missed, {what} ({len(names)}): " + "; ".join(names))
     launches = None
     if args.launches:
 

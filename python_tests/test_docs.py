@@ -1,4 +1,4 @@
-"""Every Python block of the README and docs/integration.md runs as written (issue 12).
+"""Every Python block of the README and docs/integration.md runs as written.
 
 The blocks of one file run top to bottom in one namespace, in a temporary directory, the
 way a reader pastes them into one session."""

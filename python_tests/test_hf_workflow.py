@@ -1,4 +1,4 @@
-"""The Hugging Face / peft workflow (issue 12): OMoEConfig, named adapters, adapter
+"""The Hugging Face / peft workflow (docs/contract.md §3): OMoEConfig, named adapters, adapter
 directories, Trainer checkpoints, the base model's state-dict keys, peft side by side,
 adapter dtype and a quantized base."""
 from __future__ import annotations

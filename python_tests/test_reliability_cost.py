@@ -1,4 +1,4 @@
-"""Issue 8, items 9 and 10: many experts and a large E·r.
+"""Many experts and a large E·r (docs/contract.md §4: any E that fits, no (E·r)² workspace at once).
 
 - Any number of experts works. The compiled CPU pass takes up to 256 active experts
   (min(top_k, E)); beyond that `auto` runs the reference, and an explicit backend that

@@ -1,5 +1,5 @@
 """Changes to the user's model are all-or-nothing, and adapter files are read safely
-(issue 8, items 4-7 and 14), plus the eps contract near B = 0 (docs/integration.md).
+(docs/contract.md §4), plus the eps contract near B = 0 (docs/integration.md).
 
 Each model test records the model's full observable state (modules by identity, ties,
 requires_grad flags, attributes, adapter tensors) and checks it is unchanged after a call

@@ -1,5 +1,5 @@
 """A 2,000-step CPU soak of a training step (forward, backward, optimizer step) with
-router statistics on: resident memory stays flat (issue 8). Seconds, for CI."""
+router statistics on: resident memory stays flat. Seconds, for CI."""
 from __future__ import annotations
 
 import gc
