@@ -124,7 +124,8 @@ struct DirectGram {
       value_t* out = de + active[m] * stride;
       for (int64_t q = 0; q < d_out; ++q) {
         double acc = 0.0;
-        for (int l = 0; l < k; ++l) acc += (dS[m][l] + dS[l][m]) * double(e[active[l] * stride + q]);
+        for (int l = 0; l < k; ++l)
+          acc += (dS[m][l] + dS[l][m]) * double(e[active[l] * stride + q]);
         out[q] = static_cast<value_t>(acc);
       }
     }
@@ -158,7 +159,8 @@ struct DirectRoute {
   int64_t Tc, d_out;
   int E;
   DirectGram<value_t> at(int64_t t, int) const {
-    return DirectGram<value_t>{e + t * d_out, Tc * d_out, d_out, E, de ? de + t * d_out : nullptr};
+    return DirectGram<value_t>{e + t * d_out, Tc * d_out, d_out, E,
+                               de ? de + t * d_out : nullptr};
   }
 };
 
@@ -182,7 +184,8 @@ void for_token_blocks(int64_t T, Body&& body) {
       states[thread] = std::make_unique<State>();
 #pragma omp for schedule(dynamic, 1)
       for (int64_t b = 0; b < blocks; ++b)
-        body(b * kTokensPerTask, std::min(T, (b + 1) * kTokensPerTask), thread, *states[thread]);
+        body(b * kTokensPerTask, std::min(T, (b + 1) * kTokensPerTask), thread,
+             *states[thread]);
     }
     return;
   }
@@ -207,12 +210,12 @@ void token_forward_pass(const at::Tensor& h, const at::Tensor& logits, const Rou
     scalar_t* z_ptr = z.data_ptr<scalar_t>();
     dispatch_max_active(std::min(top_k, E), [&](auto max_k) {
       constexpr int MAX_K = decltype(max_k)::value;
-      for_token_blocks<MgsTape<MAX_K>>(T, [&](int64_t begin, int64_t end, int thread,
-                                              MgsTape<MAX_K>& tape) {
-        for (int64_t t = begin; t < end; ++t)
-          token_forward(h_ptr + t * er, l_ptr + t * E, route.at(t, thread), int(E), int(r),
-                        int(top_k), orthogonalize, normalize, eps, tape, z_ptr + t * er);
-      });
+      for_token_blocks<MgsTape<MAX_K>>(
+          T, [&](int64_t begin, int64_t end, int thread, MgsTape<MAX_K>& tape) {
+            for (int64_t t = begin; t < end; ++t)
+              token_forward(h_ptr + t * er, l_ptr + t * E, route.at(t, thread), int(E), int(r),
+                            int(top_k), orthogonalize, normalize, eps, tape, z_ptr + t * er);
+          });
     });
   });
 }

@@ -50,8 +50,7 @@ int64_t max_active_experts(const at::Tensor& x) {
 // Checks the tensors shared by forward and backward; returns their sizes.
 Sizes check_common(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
                    const at::Tensor& router_weight,
-                   const std::optional<at::Tensor>& router_input, int64_t top_k,
-                   double eps) {
+                   const std::optional<at::Tensor>& router_input, int64_t top_k, double eps) {
   check_float(x, "x");
   TORCH_CHECK(x.dim() == 2, "omoe: x must be 2-D [T, d_in], got ", x.sizes());
   TORCH_CHECK(A.dim() == 3, "omoe: A must be 3-D [E, r, d_in], got ", A.sizes());
@@ -69,7 +68,8 @@ Sizes check_common(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B
   TORCH_CHECK(router_weight.size(0) == s.E && router_weight.size(1) == s.d_in,
               "omoe: router_weight must be [E, d_in] = [", s.E, ", ", s.d_in, "], got ",
               router_weight.sizes());
-  TORCH_CHECK(top_k >= 1 && top_k <= s.E, "omoe: top_k must be in [1, E=", s.E, "], got ", top_k);
+  TORCH_CHECK(top_k >= 1 && top_k <= s.E, "omoe: top_k must be in [1, E=", s.E, "], got ",
+              top_k);
   TORCH_CHECK(std::min(top_k, s.E) <= max_active_experts(x), "omoe: the compiled ops on ",
               x.device().type(), " take at most ", max_active_experts(x),
               " active experts (min(top_k, E)), got ", std::min(top_k, s.E),
@@ -121,7 +121,8 @@ at::Tensor gram_matrix(const at::Tensor& B, const at::Tensor& B_cat,
 
 enum class Route { kBatched, kPairs, kDirect };
 
-// G above this size is never formed: the direct route needs no G (docs/contract.md §4: no (E·r)² workspace at once).
+// G above this size is never formed: the direct route needs no G (docs/contract.md §4: no
+// (E·r)² workspace at once).
 constexpr double kMaxGramBytes = 512.0 * (1 << 20);
 // A multiply-add of the scalar per-token loops costs about this many of a float64 GEMM's.
 constexpr double kScalarCost = 4.0;
@@ -137,7 +138,8 @@ Route forced_route(Route chosen) {
   if (std::strcmp(env, "batched") == 0) return Route::kBatched;
   if (std::strcmp(env, "pairs") == 0) return Route::kPairs;
   if (std::strcmp(env, "direct") == 0) return Route::kDirect;
-  TORCH_CHECK(false, "omoe: OMOE_ROUTE must be auto, batched, pairs or direct, got '", env, "'");
+  TORCH_CHECK(false, "omoe: OMOE_ROUTE must be auto, batched, pairs or direct, got '", env,
+              "'");
 }
 
 // The cheapest route for one pass, counted in float64 multiply-adds. gram_free: G costs
@@ -176,7 +178,9 @@ int64_t chunk_tokens(int64_t T, double bytes_per_token, double budget) {
                              std::max<int64_t>(T, 1));
 }
 // CPU: chunks that stay in cache; other devices: only what memory needs.
-double chunk_budget(const at::Tensor& x) { return x.is_cpu() ? 4.0 * (1 << 20) : 1024.0 * (1 << 20); }
+double chunk_budget(const at::Tensor& x) {
+  return x.is_cpu() ? 4.0 * (1 << 20) : 1024.0 * (1 << 20);
+}
 
 // h ([T, E·r], contiguous) as expert blocks, [E, T, r] (a transposed view), for the
 // batched GEMMs below; in float64 for the routes through G.
@@ -189,8 +193,8 @@ at::Tensor expert_blocks64(const at::Tensor& h, int64_t E, int64_t r) {
 
 // The CPU batched pass, in the shape omoe_ops.h's function pointers have.
 void token_forward_cpu(const at::Tensor& h, const at::Tensor& logits, const at::Tensor& GH,
-                       int64_t E, int64_t r, int64_t top_k, bool orthogonalize,
-                       bool normalize, double eps, at::Tensor& z) {
+                       int64_t E, int64_t r, int64_t top_k, bool orthogonalize, bool normalize,
+                       double eps, at::Tensor& z) {
   const cpu::GhRoute route{orthogonalize ? GH.data_ptr<double>() : nullptr, nullptr, h.size(0),
                            int(E), int(r)};
   cpu::token_forward_pass(h, logits, route, E, r, top_k, orthogonalize, normalize, eps, z);
@@ -222,9 +226,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
   const Sizes s = check_common(x, A, B, router_weight, router_input, top_k, eps);
   TORCH_CHECK(std::isfinite(scaling), "omoe: scaling must be finite, got ", scaling);
   if (base_out.has_value()) {
-    TORCH_CHECK(base_out->dim() == 2 && base_out->size(0) == s.T && base_out->size(1) == s.d_out,
-                "omoe: base_out must be [T, d_out] = [", s.T, ", ", s.d_out, "], got ",
-                base_out->sizes());
+    TORCH_CHECK(
+        base_out->dim() == 2 && base_out->size(0) == s.T && base_out->size(1) == s.d_out,
+        "omoe: base_out must be [T, d_out] = [", s.T, ", ", s.d_out, "], got ",
+        base_out->sizes());
     TORCH_CHECK(base_out->scalar_type() == x.scalar_type() && base_out->device() == x.device(),
                 "omoe: base_out must match x's dtype and device");
   }
@@ -270,10 +275,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
         const at::Tensor e = at::bmm(expert_blocks(h, s.E, s.r).narrow(1, t0, n), Bt);
         at::Tensor zc = z.narrow(0, t0, n);
         AT_DISPATCH_FLOATING_TYPES(e.scalar_type(), "omoe_direct", [&] {
-          cpu::token_forward_pass(h.narrow(0, t0, n), logits.narrow(0, t0, n),
-                                  cpu::DirectRoute<scalar_t>{e.data_ptr<scalar_t>(), nullptr, n,
-                                                             s.d_out, int(s.E)},
-                                  s.E, s.r, top_k, true, normalize, eps, zc);
+          cpu::token_forward_pass(
+              h.narrow(0, t0, n), logits.narrow(0, t0, n),
+              cpu::DirectRoute<scalar_t>{e.data_ptr<scalar_t>(), nullptr, n, s.d_out, int(s.E)},
+              s.E, s.r, top_k, true, normalize, eps, zc);
         });
       }
     } else {
@@ -325,7 +330,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   const auto acc = accumulate_dtype(x);
   const int64_t er = s.E * s.r, k = std::min(top_k, s.E);
   TORCH_CHECK(grad_y.dim() == 2 && grad_y.size(0) == s.T && grad_y.size(1) == s.d_out,
-              "omoe: grad_y must be [T, d_out] = [", s.T, ", ", s.d_out, "], got ", grad_y.sizes());
+              "omoe: grad_y must be [T, d_out] = [", s.T, ", ", s.d_out, "], got ",
+              grad_y.sizes());
   TORCH_CHECK(h.dim() == 2 && h.size(0) == s.T && h.size(1) == er && h.scalar_type() == acc,
               "omoe: h must be [T, E*r] = [", s.T, ", ", er, "] of ", acc, ", got ", h.sizes(),
               " of ", h.scalar_type());
@@ -366,16 +372,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
       for (int64_t t0 = 0; t0 < s.T; t0 += tc) {
         const int64_t n = std::min(tc, s.T - t0);
         const at::Tensor hb = expert_blocks(hc, s.E, s.r).narrow(1, t0, n);  // [E, n, r]
-        const at::Tensor e = at::bmm(hb, Ba.transpose(1, 2));  // [E, n, d_out]
+        const at::Tensor e = at::bmm(hb, Ba.transpose(1, 2));                // [E, n, d_out]
         const at::Tensor de = at::empty_like(e);
-        at::Tensor zc = z.narrow(0, t0, n), dhc = dh.narrow(0, t0, n), dlc = dlogits.narrow(0, t0, n);
+        at::Tensor zc = z.narrow(0, t0, n), dhc = dh.narrow(0, t0, n),
+                   dlc = dlogits.narrow(0, t0, n);
         AT_DISPATCH_FLOATING_TYPES(e.scalar_type(), "omoe_direct_backward", [&] {
-          cpu::token_backward_pass(hc.narrow(0, t0, n), lc.narrow(0, t0, n),
-                                   cpu::DirectRoute<scalar_t>{e.data_ptr<scalar_t>(),
-                                                              de.data_ptr<scalar_t>(), n,
-                                                              s.d_out, int(s.E)},
-                                   dz.narrow(0, t0, n), s.E, s.r, top_k, true, normalize, eps,
-                                   zc, dhc, dlc);
+          cpu::token_backward_pass(
+              hc.narrow(0, t0, n), lc.narrow(0, t0, n),
+              cpu::DirectRoute<scalar_t>{e.data_ptr<scalar_t>(), de.data_ptr<scalar_t>(), n,
+                                         s.d_out, int(s.E)},
+              dz.narrow(0, t0, n), s.E, s.r, top_k, true, normalize, eps, zc, dhc, dlc);
         });
         // dh_i += B_iᵀ de_i; dB_cat = s·dYᵀZ + Σ_t de_i h_iᵀ (block i), written in place.
         dhc.view({n, s.E, s.r}).add_(at::bmm(de, Ba).transpose(0, 1));
@@ -392,10 +398,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
       if (route == Route::kPairs) {
         RECORD_FUNCTION("omoe::pairs_backward", std::vector<c10::IValue>());
         const at::Tensor dG_threads = at::zeros({cpu::pass_threads(), er, er}, G.options());
-        cpu::token_backward_pass(hc, lc,
-                                 cpu::PairRoute{G.data_ptr<double>(),
-                                                dG_threads.data_ptr<double>(), er, int(s.r)},
-                                 dz, s.E, s.r, top_k, true, normalize, eps, z, dh, dlogits);
+        cpu::token_backward_pass(
+            hc, lc,
+            cpu::PairRoute{G.data_ptr<double>(), dG_threads.data_ptr<double>(), er, int(s.r)},
+            dz, s.E, s.r, top_k, true, normalize, eps, z, dh, dlogits);
         dG = dG_threads.sum(0);
       } else {
         // dG[(i,a),(j,b)] = Σ_t dS_ij h_ia h_jb: one batched GEMM over j per chunk of tokens.

@@ -48,8 +48,8 @@ OMOE_HD bool ranks_above(double a, int i, double b, int j) {
 }
 
 // Routing of one token. Writes the active experts in ascending order to `active`
-// (returns how many: top_k, or E when top_k >= E; both arrays must hold that many) and their softmax gates to `gates`
-// (gates[m] belongs to expert active[m]).
+// (returns how many: top_k, or E when top_k >= E; both arrays must hold that many) and their
+// softmax gates to `gates` (gates[m] belongs to expert active[m]).
 template <typename scalar_t>
 OMOE_HD int route_token(const scalar_t* logits, int E, int top_k, int* active, double* gates) {
   int k = 0;
@@ -121,7 +121,8 @@ OMOE_HD double dot(const double* u, const double* v, int k) {
   return s;
 }
 
-// docs/contract.md §1's modified Gram–Schmidt loop, run on coefficient vectors (tape.S must be set).
+// docs/contract.md §1's modified Gram–Schmidt loop, run on coefficient vectors (tape.S must be
+// set).
 template <int MAX_K>
 OMOE_HD void mgs_forward(MgsTape<MAX_K>& t, int k, bool normalize, double eps) {
   for (int m = 0; m < k; ++m) {
@@ -176,8 +177,7 @@ OMOE_HD void mgs_backward(const MgsTape<MAX_K>& t, int k, bool normalize, double
       }
       // ν = max(cᵀSc, 0) + eps: no gradient through the clamp (norm_sq is >= 0 or NaN,
       // and a NaN must flow on).
-      const double dnu =
-          t.norm_sq[m] != 0.0 ? -0.5 * inv * inv * inv * dot(dC[m], c, k) : 0.0;
+      const double dnu = t.norm_sq[m] != 0.0 ? -0.5 * inv * inv * inv * dot(dC[m], c, k) : 0.0;
       for (int l = 0; l < k; ++l) dc[l] = inv * dC[m][l] + 2.0 * dnu * sc[l];
       for (int a = 0; a < k; ++a)
         for (int b = 0; b < k; ++b) dS[a][b] += dnu * c[a] * c[b];
@@ -203,7 +203,7 @@ OMOE_HD void mgs_backward(const MgsTape<MAX_K>& t, int k, bool normalize, double
         dC[j][l] += -coef * dc[l] + dp * sc[l];
         U[j][l] += dp * c[l];
       }
-      if (!normalize && t.norm_sq[j] != 0.0) {  // clamped: no gradient; NaN: flows on
+      if (!normalize && t.norm_sq[j] != 0.0) {   // clamped: no gradient; NaN: flows on
         const double dn = dc_dot_cj * coef / n;  // <dc', C_j> p / n², with p = coef·n
         for (int l = 0; l < k; ++l) {
           dC[j][l] += 2.0 * dn * SCj[l];
@@ -259,9 +259,8 @@ struct GhGram {
 // state for the backward. Needs min(top_k, E) <= MAX_K.
 template <int MAX_K, typename scalar_t, typename Gram>
 OMOE_HD int token_coefficients(const scalar_t* h, const scalar_t* logits, const Gram& gram,
-                               int E, int top_k, bool orthogonalize, bool normalize,
-                               double eps, MgsTape<MAX_K>& t, int* active, double* gates,
-                               double* coeff) {
+                               int E, int top_k, bool orthogonalize, bool normalize, double eps,
+                               MgsTape<MAX_K>& t, int* active, double* gates, double* coeff) {
   const int k = route_token(logits, E, top_k, active, gates);
   if (!orthogonalize) {
     for (int l = 0; l < k; ++l) coeff[l] = gates[l];

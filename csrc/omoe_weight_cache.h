@@ -64,11 +64,16 @@ class GramCache {
 
   // Remembers B's contents (so a later call knows B is being reused) with its B_cat, and
   // G if given.
-  void remember(const at::Tensor& B, const at::Tensor& B_cat, const at::Tensor& G = at::Tensor()) {
+  void remember(const at::Tensor& B, const at::Tensor& B_cat,
+                const at::Tensor& G = at::Tensor()) {
     if (!cacheable(B)) return;
-    Entry entry{c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(
-                    B.getIntrusivePtr()),
-                B.clone(at::MemoryFormat::Contiguous), B_cat, G, 0, 0};
+    Entry entry{
+        c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(B.getIntrusivePtr()),
+        B.clone(at::MemoryFormat::Contiguous),
+        B_cat,
+        G,
+        0,
+        0};
     entry.bytes = int64_t(entry.copy.nbytes()) + int64_t(B_cat.nbytes()) +
                   (G.defined() ? int64_t(G.nbytes()) : 0);
     std::lock_guard<std::mutex> lock(mutex_);

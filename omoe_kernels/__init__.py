@@ -5,22 +5,36 @@
     layer = ok.OMoELinear(nn.Linear(4096, 4096), num_experts=4, rank=16)
     ok.inject(model, ok.OMoEConfig(target_modules=["q_proj", "v_proj"], num_experts=4, rank=8))
 """
+from . import adapters
+from .adapters import (
+    OMoEConfig,
+    active_adapter,
+    adapter_names,
+    adapter_state_dict,
+    disable_adapters,
+    from_pretrained,
+    inject,
+    load_adapter,
+    load_balancing_loss,
+    mark_trainable,
+    omoe_layers,
+    print_trainable_parameters,
+    read_adapter_config,
+    remove,
+    router_stats,
+    save_adapter,
+    save_pretrained,
+    set_adapter,
+    track_router_stats,
+)
 from .backends import BACKENDS, available_backends
 from .functional import omoe_lora
 from .layer import OMoELinear, RouterStats
 
-__all__ = ["BACKENDS", "OMoELinear", "RouterStats", "available_backends", "omoe_lora"]
 __version__ = "0.1.0"
-
-from . import adapters  # noqa: E402  (after the layer it wraps)
-from .adapters import (OMoEConfig, active_adapter, adapter_names, adapter_state_dict,  # noqa: E402
-                       disable_adapters, from_pretrained, inject, load_adapter,
-                       load_balancing_loss, mark_trainable, omoe_layers,
-                       print_trainable_parameters, read_adapter_config, remove, router_stats,
-                       save_adapter, save_pretrained, set_adapter, track_router_stats)
-
-__all__ += ["OMoEConfig", "active_adapter", "adapter_names", "adapter_state_dict",
-            "adapters", "disable_adapters", "from_pretrained", "inject", "load_adapter",
-            "load_balancing_loss", "mark_trainable", "omoe_layers", "print_trainable_parameters",
-            "read_adapter_config", "remove", "router_stats", "save_adapter", "save_pretrained",
-            "set_adapter", "track_router_stats"]
+__all__ = ["BACKENDS", "OMoEConfig", "OMoELinear", "RouterStats", "active_adapter",
+           "adapter_names", "adapter_state_dict", "adapters", "available_backends",
+           "disable_adapters", "from_pretrained", "inject", "load_adapter",
+           "load_balancing_loss", "mark_trainable", "omoe_layers", "omoe_lora",
+           "print_trainable_parameters", "read_adapter_config", "remove", "router_stats",
+           "save_adapter", "save_pretrained", "set_adapter", "track_router_stats"]

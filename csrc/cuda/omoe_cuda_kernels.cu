@@ -41,7 +41,9 @@ size_t workspace_bytes(int64_t num_tokens) {
   return size_t(num_blocks<Scratch>(num_tokens)) * kThreadsPerBlock * sizeof(Scratch);
 }
 
-__device__ inline int64_t first_token() { return int64_t(blockIdx.x) * blockDim.x + threadIdx.x; }
+__device__ inline int64_t first_token() {
+  return int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+}
 __device__ inline int64_t token_stride() { return int64_t(gridDim.x) * blockDim.x; }
 
 // The token loops. GH and dg_lhs hold one [T, E·r] slab per expert j; token t's part of
@@ -154,9 +156,9 @@ template void launch_token_forward<double>(const TokenPassShape&, const double*,
 template void launch_token_backward<float>(const TokenPassShape&, const float*, const float*,
                                            const double*, const float*, void*, float*, float*,
                                            float*, double*, cudaStream_t);
-template void launch_token_backward<double>(const TokenPassShape&, const double*,
-                                            const double*, const double*, const double*, void*,
-                                            double*, double*, double*, double*, cudaStream_t);
+template void launch_token_backward<double>(const TokenPassShape&, const double*, const double*,
+                                            const double*, const double*, void*, double*,
+                                            double*, double*, double*, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace omoe

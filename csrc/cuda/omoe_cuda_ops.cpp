@@ -22,8 +22,8 @@ namespace {
 // any other caller from launching on something else.
 void check_pass_tensor(const at::Tensor& t, const at::Tensor& like, const char* name,
                        at::ScalarType dtype) {
-  TORCH_CHECK(t.is_cuda() && t.device() == like.device(), "omoe (cuda): ", name,
-              " must be on ", like.device(), ", got ", t.device());
+  TORCH_CHECK(t.is_cuda() && t.device() == like.device(), "omoe (cuda): ", name, " must be on ",
+              like.device(), ", got ", t.device());
   TORCH_CHECK(t.is_contiguous(), "omoe (cuda): ", name, " must be contiguous");
   TORCH_CHECK(t.scalar_type() == dtype, "omoe (cuda): ", name, " must be ", dtype, ", got ",
               t.scalar_type());
@@ -31,9 +31,10 @@ void check_pass_tensor(const at::Tensor& t, const at::Tensor& like, const char* 
 
 // GH and dg_lhs are [E, T, E·r] float64 (omoe_ops.h), used only when orthogonalizing.
 void check_gram_layout(const at::Tensor& t, const at::Tensor& h, int64_t E, const char* name) {
-  TORCH_CHECK(t.dim() == 3 && t.size(0) == E && t.size(1) == h.size(0) && t.size(2) == h.size(1),
-              "omoe (cuda): ", name, " must be [E, T, E*r] = [", E, ", ", h.size(0), ", ",
-              h.size(1), "], got ", t.sizes());
+  TORCH_CHECK(
+      t.dim() == 3 && t.size(0) == E && t.size(1) == h.size(0) && t.size(2) == h.size(1),
+      "omoe (cuda): ", name, " must be [E, T, E*r] = [", E, ", ", h.size(0), ", ", h.size(1),
+      "], got ", t.sizes());
   check_pass_tensor(t, h, name, at::kDouble);
 }
 
@@ -51,8 +52,8 @@ cuda::TokenPassShape check_pass(const at::Tensor& h, const at::Tensor& logits,
   check_pass_tensor(h, h, "h", h.scalar_type());
   check_pass_tensor(logits, h, "logits", h.scalar_type());
   if (orthogonalize) check_gram_layout(GH, h, E, "GH");
-  return cuda::TokenPassShape{h.size(0), int(E), int(r), int(top_k), orthogonalize, normalize,
-                              eps};
+  return cuda::TokenPassShape{h.size(0),     int(E),    int(r), int(top_k),
+                              orthogonalize, normalize, eps};
 }
 
 void check_same_as(const at::Tensor& t, const at::Tensor& like, const char* name) {
@@ -109,13 +110,13 @@ void token_backward_cuda(const at::Tensor& h, const at::Tensor& logits, const at
   if (h.scalar_type() == at::kDouble)
     cuda::launch_token_backward(shape, h.data_ptr<double>(), logits.data_ptr<double>(), gh_ptr,
                                 dz.data_ptr<double>(), ws_ptr, z.data_ptr<double>(),
-                                dh.data_ptr<double>(), dlogits.data_ptr<double>(),
-                                lhs_ptr, stream);
+                                dh.data_ptr<double>(), dlogits.data_ptr<double>(), lhs_ptr,
+                                stream);
   else
     cuda::launch_token_backward(shape, h.data_ptr<float>(), logits.data_ptr<float>(), gh_ptr,
                                 dz.data_ptr<float>(), ws_ptr, z.data_ptr<float>(),
-                                dh.data_ptr<float>(), dlogits.data_ptr<float>(),
-                                lhs_ptr, stream);
+                                dh.data_ptr<float>(), dlogits.data_ptr<float>(), lhs_ptr,
+                                stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

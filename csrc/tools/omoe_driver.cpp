@@ -1,5 +1,5 @@
-// omoe_driver: runs the compiled omoe ops (forward, then backward) at a docs/contract.md §6 shape and
-// prints their median times, so the kernels can be profiled on their own:
+// omoe_driver: runs the compiled omoe ops (forward, then backward) at a docs/contract.md §6
+// shape and prints their median times, so the kernels can be profiled on their own:
 //
 //   nsys profile -o omoe ./omoe_driver --shape llama7b
 //   ncu --set full -k regex:token_ ./omoe_driver --shape llama7b-top2 --iters 1 --warmup 1
@@ -69,8 +69,8 @@ Ops find_ops() {
              dispatcher.findSchemaOrThrow("omoe::backward", "")
                  .typed<BackwardOut(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                     const at::Tensor&, const at::Tensor&, const OptTensor&,
-                                    const at::Tensor&, const at::Tensor&, double, int64_t,
-                                    bool, bool, double)>()};
+                                    const at::Tensor&, const at::Tensor&, double, int64_t, bool,
+                                    bool, double)>()};
 }
 
 bool cuda_usable() {
@@ -201,7 +201,8 @@ int main(int argc, char** argv) {
   const Options o;
   const Inputs in = make_inputs(shape, options);
 
-  for (int64_t i = 0; i < warmup; ++i) run_backward(ops, in, run_forward(ops, in, shape, o), shape, o);
+  for (int64_t i = 0; i < warmup; ++i)
+    run_backward(ops, in, run_forward(ops, in, shape, o), shape, o);
   synchronize(device);
   std::vector<double> fwd_ms, bwd_ms;
   using clock = std::chrono::steady_clock;
@@ -228,27 +229,29 @@ int main(int argc, char** argv) {
               (long long)shape.experts, (long long)shape.rank, (long long)shape.top_k,
               c10::toString(shape.dtype), device_name.c_str());
   const double f = median_ms(fwd_ms), b = median_ms(bwd_ms);
-  std::printf("median over %lld iters: forward %.3f ms, backward %.3f ms, forward+backward %.3f ms\n",
-              (long long)iters, f, b, f + b);
+  std::printf(
+      "median over %lld iters: forward %.3f ms, backward %.3f ms, forward+backward %.3f ms\n",
+      (long long)iters, f, b, f + b);
 
   if (check) {
     // The CPU ops in float64 on the same inputs: the same algorithm, another device and
     // precision, so this catches kernel bugs, not algorithm bugs (the Python tests compare
     // with the eager reference).
     const auto to64 = [](const at::Tensor& t) { return t.to(at::kCPU, at::kDouble); };
-    const Inputs ref_in{to64(in.x), to64(in.A), to64(in.B), to64(in.W), to64(in.base),
-                        to64(in.grad_y)};
+    const Inputs ref_in{to64(in.x), to64(in.A),    to64(in.B),
+                        to64(in.W), to64(in.base), to64(in.grad_y)};
     const ForwardOut fwd = run_forward(ops, in, shape, o);
     const BackwardOut bwd = run_backward(ops, in, fwd, shape, o);
     const ForwardOut ref_fwd = run_forward(ops, ref_in, shape, o);
     const BackwardOut ref_bwd = run_backward(ops, ref_in, ref_fwd, shape, o);
-    std::printf("check against CPU float64: y %.3e, grad_x %.3e, grad_A %.3e, grad_B %.3e, "
-                "grad_router_weight %.3e\n",
-                relative_error(std::get<0>(fwd), std::get<0>(ref_fwd)),
-                relative_error(std::get<0>(bwd), std::get<0>(ref_bwd)),
-                relative_error(std::get<1>(bwd), std::get<1>(ref_bwd)),
-                relative_error(std::get<2>(bwd), std::get<2>(ref_bwd)),
-                relative_error(std::get<3>(bwd), std::get<3>(ref_bwd)));
+    std::printf(
+        "check against CPU float64: y %.3e, grad_x %.3e, grad_A %.3e, grad_B %.3e, "
+        "grad_router_weight %.3e\n",
+        relative_error(std::get<0>(fwd), std::get<0>(ref_fwd)),
+        relative_error(std::get<0>(bwd), std::get<0>(ref_bwd)),
+        relative_error(std::get<1>(bwd), std::get<1>(ref_bwd)),
+        relative_error(std::get<2>(bwd), std::get<2>(ref_bwd)),
+        relative_error(std::get<3>(bwd), std::get<3>(ref_bwd)));
   }
   return 0;
 }
