@@ -1,14 +1,18 @@
 """The functional entry point, `omoe_lora` (docs/contract.md §3)."""
 from __future__ import annotations
 
-import torch  # noqa: F401
+from typing import Optional
+
+import torch
 
 from ._validate import check_inputs
 from .backends import backend_function, resolve_backend
 
 
-def omoe_lora(x, A, B, router_weight, *, scaling=1.0, top_k=None, orthogonalize=True,
-              normalize=True, eps=1e-6, base_out=None, router_input=None, backend="auto"):
+def omoe_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, router_weight: torch.Tensor, *,
+              scaling: float = 1.0, top_k: Optional[int] = None, orthogonalize: bool = True,
+              normalize: bool = True, eps: float = 1e-6, base_out: Optional[torch.Tensor] = None,
+              router_input: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
     """Orthogonal mixture of LoRA experts (docs/contract.md §1).
 
     x: [..., d_in]; A: [E, r, d_in]; B: [E, d_out, r]; router_weight: [E, d_in];

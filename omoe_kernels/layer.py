@@ -160,8 +160,8 @@ class OMoELinear(nn.Module):
     dtype otherwise; "base" keeps the base's dtype; a dtype (or its name) is used as is.
     """
 
-    def __init__(self, base: nn.Module, num_experts: int, rank: int, *, alpha=None, top_k=None,
-                 orthogonalize: bool = True, normalize: bool = True, eps: float = 1e-6,
+    def __init__(self, base: nn.Module, num_experts: int, rank: int, *,
+                 alpha: float | None = None, top_k: int | None = None, orthogonalize: bool = True, normalize: bool = True, eps: float = 1e-6,
                  dropout: float = 0.0, backend: str = "auto",
                  adapter_dtype: torch.dtype | str | None = None, adapter_name: str = "default"):
         super().__init__()
