@@ -27,7 +27,8 @@ import torch
 
 import omoe_kernels as ok
 
-from .sweep import RESULTS, cpu_name, load_average
+from .machine import cpu_model
+from .sweep import RESULTS, load_average
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -111,7 +112,7 @@ def main(argv=None) -> dict:
               "lora": with_peft_lora(base, args.experts * args.rank)}
     prompt = torch.randint(1, args.vocab, (1, args.prompt), generator=torch.Generator().manual_seed(1))
     # The same greedy tokens from OMoE on its own backends is a cheap end-to-end check.
-    meta = dict(cpu=cpu_name(), threads=torch.get_num_threads(), torch=torch.__version__,
+    meta = dict(cpu=cpu_model(), threads=torch.get_num_threads(), torch=torch.__version__,
                 load_start=load_average(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                 config=vars(args))
     t0 = time.perf_counter()

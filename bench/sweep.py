@@ -21,7 +21,6 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -31,19 +30,11 @@ from torch import nn
 
 import omoe_kernels as ok
 
+from .machine import cpu_model
+
 RESULTS = Path(__file__).resolve().parent / "results"
 FULL = dict(T=(1, 8, 64, 512, 4096), E=(2, 4, 8, 16), r=(4, 16, 64), routing=("dense", "top2"))
 QUICK = dict(T=(1, 8, 512), E=(4, 16), r=(16,), routing=("dense", "top2"))
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def load_average() -> float:
@@ -236,7 +227,7 @@ def main(argv=None) -> list[dict]:
     if args.routing:
         grid["routing"] = tuple(args.routing.split(","))
     budget = args.budget if args.budget is not None else (0.2 if args.quick else 0.4)
-    meta = dict(cpu=cpu_name(), threads=torch.get_num_threads(), torch=torch.__version__,
+    meta = dict(cpu=cpu_model(), threads=torch.get_num_threads(), torch=torch.__version__,
                 d=args.d, load_start=load_average(),
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     t0 = time.perf_counter()

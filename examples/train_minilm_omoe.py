@@ -134,11 +134,8 @@ def accuracy(model: nn.Module, batches) -> float:
 
 
 @torch.no_grad()
-def expert_diversity(model: nn.Module, input_ids, mask) -> float | None:
-    """Mean |cos(e_i, e_j)|, i < j, over the real tokens of a batch and every OMoE layer."""
-    layers = ok.omoe_layers(model)
-    if not layers or next(iter(layers.values())).num_experts < 2:
-        return None
+def _layer_inputs(model: nn.Module, layers: dict, input_ids, mask) -> dict[str, torch.Tensor]:
+    """The input of every OMoE layer in one eval-mode forward of a batch, by layer name."""
     inputs: dict[str, torch.Tensor] = {}
     hooks = [layer.register_forward_pre_hook(
         lambda module, args, name=name: inputs.__setitem__(name, args[0].detach()))
@@ -148,6 +145,16 @@ def expert_diversity(model: nn.Module, input_ids, mask) -> float | None:
     model.train()
     for hook in hooks:
         hook.remove()
+    return inputs
+
+
+@torch.no_grad()
+def expert_diversity(model: nn.Module, input_ids, mask) -> float | None:
+    """Mean |cos(e_i, e_j)|, i < j, over the real tokens of a batch and every OMoE layer."""
+    layers = ok.omoe_layers(model)
+    if not layers or next(iter(layers.values())).num_experts < 2:
+        return None
+    inputs = _layer_inputs(model, layers, input_ids, mask)
     real = mask.reshape(-1).bool()
     values = []
     for name, layer in layers.items():
@@ -167,15 +174,7 @@ def orthonormality(model: nn.Module, input_ids, mask) -> dict:
     smallest |q_i|. At B = 0 every q_i is 0 (error 1); the q_i are unit only once
     <v, v> >> eps (docs/integration.md, "The eps contract")."""
     layers = ok.omoe_layers(model)
-    inputs: dict[str, torch.Tensor] = {}
-    hooks = [layer.register_forward_pre_hook(
-        lambda module, args, name=name: inputs.__setitem__(name, args[0].detach()))
-        for name, layer in layers.items()]
-    model.eval()
-    model(input_ids, mask)
-    model.train()
-    for hook in hooks:
-        hook.remove()
+    inputs = _layer_inputs(model, layers, input_ids, mask)
     real = mask.reshape(-1).bool()
     worst, shortest, per_token = 0.0, float("inf"), []
     for name, layer in layers.items():
