@@ -83,22 +83,62 @@ def _expert_of(idx, s: tl.constexpr, TOP_K_ROUTING: tl.constexpr, BT: tl.constex
 
 
 @triton.jit
-def _g_times_h(rows, g_ptr, e1, e2, tok, BT: tl.constexpr, RP: tl.constexpr, ERP: tl.constexpr):
-    """v[a, t] = Σ_b G[(e1, a), (e2, b)] h[t, e2, b]  ([RP, BT], float64)."""
-    a = tl.arange(0, RP)[:, None]
-    v = tl.zeros((RP, BT), dtype=tl.float64)
-    g_rows = g_ptr + (e1[None, :] * RP + a) * ERP + e2[None, :] * RP
-    for b in range(RP):
-        hb = tl.load(rows + e2 * RP + b, mask=tok, other=0.0).to(tl.float64)
-        v += tl.load(g_rows + b) * hb[None, :]
-    return v
+def _load_cols(rows, first, tok, count, N: tl.constexpr, BT: tl.constexpr):
+    """rows[t][first_t + n] for n < N as [N, BT] float64 (0 past T and for n >= count).
+
+    One [BT] load per column: a [N, BT] load would be re-laid out by Triton to coalesce
+    along N, spreading N over lanes (shuffles and a shared-memory round trip); per column,
+    every load keeps one token per thread, and L1 serves the neighbouring columns.
+    """
+    out = tl.zeros((N, BT), dtype=tl.float64)
+    n_idx = tl.arange(0, N)[:, None]
+    for n in tl.static_range(N):
+        col = tl.load(rows + first + n, mask=tok & (n < count), other=0.0).to(tl.float64)
+        out = tl.where(n_idx == n, col[None, :], out)
+    return out
 
 
 @triton.jit
-def _load_slot(rows, e, tok, RP: tl.constexpr):
+def _store_cols(rows, first, mask, vals, N: tl.constexpr):
+    """rows[t][first_t + n] = vals[n, t] for n < N where mask[t], one [BT] store per column."""
+    n_idx = tl.arange(0, N)[:, None]
+    for n in tl.static_range(N):
+        tl.store(rows + first + n, _pick(vals, n_idx, n).to(rows.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _h_g_h(h1, rows, g_ptr, e1, e2, tok, BT: tl.constexpr, RP: tl.constexpr, ERP: tl.constexpr):
+    """h1ᵀ G_(e1,e2) h_e2 per token ([BT], float64): Σ_b h[e2, b] Σ_a h1[a] G[(e1,a),(e2,b)],
+    so only h1 is held in registers."""
+    ra = tl.arange(0, RP)[:, None]
+    g_rows = g_ptr + e1 * (RP * ERP) + e2 * RP
+    out = tl.zeros((BT, ), dtype=tl.float64)
+    for b in range(RP):
+        w = tl.zeros((BT, ), dtype=tl.float64)
+        for a in tl.static_range(RP):
+            w += _pick(h1, ra, a) * tl.load(g_rows + a * ERP + b)
+        out += w * tl.load(rows + e2 * RP + b, mask=tok, other=0.0).to(tl.float64)
+    return out
+
+
+@triton.jit
+def _add_g_h(acc, m, rows, g_ptr, e1, e2, tok, BT: tl.constexpr, RP: tl.constexpr,
+             ERP: tl.constexpr):
+    """acc[a, t] + m[t] Σ_b G[(e1, a), (e2, b)] h[t, e2, b]  ([RP, BT], float64)."""
+    ra = tl.arange(0, RP)[:, None]
+    g_rows = g_ptr + e1 * (RP * ERP) + e2 * RP
+    for b in range(RP):
+        mhb = m * tl.load(rows + e2 * RP + b, mask=tok, other=0.0).to(tl.float64)
+        for a in tl.static_range(RP):
+            g = tl.load(g_rows + a * ERP + b)
+            acc = tl.where(ra == a, acc + (g * mhb)[None, :], acc)
+    return acc
+
+
+@triton.jit
+def _load_slot(rows, e, tok, BT: tl.constexpr, RP: tl.constexpr):
     """h[t, e_t, :] of each token as [RP, BT] float64."""
-    return tl.load(rows[None, :] + e[None, :] * RP + tl.arange(0, RP)[:, None],
-                   mask=tok[None, :], other=0.0).to(tl.float64)
+    return _load_cols(rows, e * RP, tok, RP, RP, BT)
 
 
 @triton.jit
@@ -110,10 +150,10 @@ def _gram_slots(rows, g_ptr, idx, tok, K: tl.constexpr, TOP_K_ROUTING: tl.conste
     S = tl.zeros((KP, KP, BT), dtype=tl.float64)
     for s1 in tl.static_range(K):
         e1 = _expert_of(idx, s1, TOP_K_ROUTING, BT, KP)
-        h1 = _load_slot(rows, e1, tok, RP)
+        h1 = _load_slot(rows, e1, tok, BT, RP)
         for s2 in tl.static_range(s1, K):
             e2 = _expert_of(idx, s2, TOP_K_ROUTING, BT, KP)
-            s12 = tl.sum(h1 * _g_times_h(rows, g_ptr, e1, e2, tok, BT, RP, ERP), axis=0)
+            s12 = _h_g_h(h1, rows, g_ptr, e1, e2, tok, BT, RP, ERP)
             S = tl.where(((si == s1) & (sl == s2)) | ((si == s2) & (sl == s1)), s12[None, None, :], S)
     return S
 
@@ -170,8 +210,7 @@ def _token_setup(h_ptr, l_ptr, g_ptr, start, T, E, top_k, eps, stride_ht, stride
     offs_t = (start + tl.arange(0, BT)).to(tl.int64)
     tok = offs_t < T
     e2 = tl.arange(0, EP)[:, None]
-    logits = tl.load(l_ptr + offs_t[None, :] * stride_lt + e2, mask=tok[None, :] & (e2 < E),
-                     other=0.0).to(tl.float64)
+    logits = _load_cols(l_ptr + offs_t * stride_lt, 0, tok, E, EP, BT)
     logits = tl.where(e2 < E, logits, float("-inf"))   # padding tokens keep finite logits
     active, idx, gates = _route_slots(logits, E, top_k, K, TOP_K_ROUTING, BT, EP, KP)
     rows = h_ptr + offs_t * stride_ht
@@ -189,30 +228,25 @@ def _token_setup(h_ptr, l_ptr, g_ptr, start, T, E, top_k, eps, stride_ht, stride
 
 
 @triton.jit
-def _zero_inactive(out_ptr, stride, offs_t, tok, active, BT: tl.constexpr, EP: tl.constexpr,
-                   RP: tl.constexpr):
-    """Zeros in the columns of every inactive (or padding) expert of out [T, EP·RP]."""
+def _zero_inactive(rows, tok, active, BT: tl.constexpr, EP: tl.constexpr, RP: tl.constexpr):
+    """Zeros in the columns of every inactive (or padding) expert of a [T, EP·RP] output."""
     ei = tl.arange(0, EP)[:, None]
+    zeros = tl.zeros((RP, BT), dtype=tl.float64)
     for e in tl.static_range(EP):
-        off = tl.sum(tl.where(ei == e, active, False).to(tl.int32), axis=0) != 0
-        tl.store(out_ptr + offs_t[None, :] * stride + e * RP + tl.arange(0, RP)[:, None],
-                 tl.zeros((RP, BT), dtype=tl.float32).to(out_ptr.dtype.element_ty),
-                 mask=(tok & ~off)[None, :])
+        on = tl.sum(tl.where(ei == e, active, False).to(tl.int32), axis=0) != 0
+        _store_cols(rows, e * RP, tok & ~on, zeros, RP)
 
 
 @triton.jit
-def _store_z(z_ptr, stride_zt, rows, offs_t, tok, active, idx, coeff, K: tl.constexpr,
-             TOP_K_ROUTING: tl.constexpr, BT: tl.constexpr, EP: tl.constexpr, KP: tl.constexpr,
-             RP: tl.constexpr):
+def _store_z(z_rows, rows, tok, active, idx, coeff, K: tl.constexpr, TOP_K_ROUTING: tl.constexpr,
+             BT: tl.constexpr, EP: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr):
     """Z[t] = a ⊙ h in the padded layout (zeros for inactive experts)."""
     sk = tl.arange(0, KP)[:, None]
-    a = tl.arange(0, RP)[:, None]
     for s in tl.static_range(K):
         e = _expert_of(idx, s, TOP_K_ROUTING, BT, KP)
-        z = _pick(coeff, sk, s)[None, :] * _load_slot(rows, e, tok, RP)
-        tl.store(z_ptr + offs_t[None, :] * stride_zt + e[None, :] * RP + a,
-                 z.to(z_ptr.dtype.element_ty), mask=tok[None, :])
-    _zero_inactive(z_ptr, stride_zt, offs_t, tok, active, BT, EP, RP)
+        z = _pick(coeff, sk, s)[None, :] * _load_slot(rows, e, tok, BT, RP)
+        _store_cols(z_rows, e * RP, tok, z, RP)
+    _zero_inactive(z_rows, tok, active, BT, EP, RP)
 
 
 @triton.jit
@@ -225,7 +259,7 @@ def _token_forward_block(h_ptr, l_ptr, g_ptr, z_ptr, start, T, E, top_k, eps,
     offs_t, tok, rows, active, idx, gates, coeff, C, SC, P, nsq = _token_setup(
         h_ptr, l_ptr, g_ptr, start, T, E, top_k, eps, stride_ht, stride_lt, K, TOP_K_ROUTING,
         ORTHOGONALIZE, NORMALIZE, BT, EP, KP, RP, ERP)
-    _store_z(z_ptr, stride_zt, rows, offs_t, tok, active, idx, coeff, K, TOP_K_ROUTING, BT, EP,
+    _store_z(z_ptr + offs_t * stride_zt, rows, tok, active, idx, coeff, K, TOP_K_ROUTING, BT, EP,
              KP, RP)
 
 
@@ -256,8 +290,7 @@ def _reverse_mgs(C, SC, P, nsq, dC, eps, K: tl.constexpr, NORMALIZE: tl.constexp
     R = tl.zeros((KP, KP, BT), dtype=tl.float64)     # running c of each row
     RS = tl.zeros((KP, KP, BT), dtype=tl.float64)    # running S c
     M = tl.zeros((KP, KP, BT), dtype=tl.float64)
-    for jj in tl.static_range(K):
-        j: tl.constexpr = K - 1 - jj
+    for j in tl.static_range(K - 1, -1, -1):
         c_j = _pick(C, si, j)
         sc_j = _pick(SC, si, j)
         nsq_j = _pick(nsq, s2, j)
@@ -317,7 +350,7 @@ def token_backward_kernel(h_ptr, l_ptr, g_ptr, dz_ptr, z_ptr, dhl_ptr, ds_ptr, T
     offs_t, tok, rows, active, idx, gates, coeff, C, SC, P, nsq = _token_setup(
         h_ptr, l_ptr, g_ptr, tl.program_id(0) * BT, T, E, top_k, eps, stride_ht, stride_lt, K,
         TOP_K_ROUTING, ORTHOGONALIZE, NORMALIZE, BT, EP, KP, RP, ERP)
-    _store_z(z_ptr, stride_zt, rows, offs_t, tok, active, idx, coeff, K, TOP_K_ROUTING, BT, EP,
+    _store_z(z_ptr + offs_t * stride_zt, rows, tok, active, idx, coeff, K, TOP_K_ROUTING, BT, EP,
              KP, RP)
     sk = tl.arange(0, KP)[:, None]
     si = tl.arange(0, KP)[:, None, None]
@@ -327,7 +360,7 @@ def token_backward_kernel(h_ptr, l_ptr, g_ptr, dz_ptr, z_ptr, dhl_ptr, ds_ptr, T
     dcoeff = tl.zeros((KP, BT), dtype=tl.float64)
     for s in tl.static_range(K):
         e = _expert_of(idx, s, TOP_K_ROUTING, BT, KP)
-        da = tl.sum(_load_slot(dz_rows, e, tok, RP) * _load_slot(rows, e, tok, RP), axis=0)
+        da = tl.sum(_load_slot(dz_rows, e, tok, BT, RP) * _load_slot(rows, e, tok, BT, RP), axis=0)
         dcoeff = tl.where(sk == s, da[None, :], dcoeff)
     if ORTHOGONALIZE:
         dgate = tl.sum(C * dcoeff[None, :, :], axis=1)                    # <C_i, da>
@@ -351,18 +384,17 @@ def token_backward_kernel(h_ptr, l_ptr, g_ptr, dz_ptr, z_ptr, dhl_ptr, ds_ptr, T
     else:
         dgate = dcoeff
     # dh of slot s1: a_s1 dz_s1 + Σ_s2 M[s1, s2] G_(s1,s2) h_s2.
-    a = tl.arange(0, RP)[:, None]
+    dhl_rows = dhl_ptr + offs_t * stride_dhlt
     for s1 in tl.static_range(K):
         e1 = _expert_of(idx, s1, TOP_K_ROUTING, BT, KP)
-        dh = _pick(coeff, sk, s1)[None, :] * _load_slot(dz_rows, e1, tok, RP)
+        dh = _pick(coeff, sk, s1)[None, :] * _load_slot(dz_rows, e1, tok, BT, RP)
         if ORTHOGONALIZE:
             m1 = _pick(M, si, s1)
             for s2 in tl.static_range(K):
                 e2 = _expert_of(idx, s2, TOP_K_ROUTING, BT, KP)
-                dh += _pick(m1, sk, s2)[None, :] * _g_times_h(rows, g_ptr, e1, e2, tok, BT, RP, ERP)
-        tl.store(dhl_ptr + offs_t[None, :] * stride_dhlt + e1[None, :] * RP + a,
-                 dh.to(dhl_ptr.dtype.element_ty), mask=tok[None, :])
-    _zero_inactive(dhl_ptr, stride_dhlt, offs_t, tok, active, BT, EP, RP)
+                dh = _add_g_h(dh, _pick(m1, sk, s2), rows, g_ptr, e1, e2, tok, BT, RP, ERP)
+        _store_cols(dhl_rows, e1 * RP, tok, dh, RP)
+    _zero_inactive(dhl_rows, tok, active, BT, EP, RP)
     # Softmax over the active set: dlogit_i = g_i (dg_i − Σ_j g_j dg_j), widened to the
     # EPL router columns of dHL (zeros past E) so that one store writes them all.
     mean = tl.sum(gates * dgate, axis=0)
@@ -372,5 +404,4 @@ def token_backward_kernel(h_ptr, l_ptr, g_ptr, dz_ptr, z_ptr, dhl_ptr, ds_ptr, T
     for s in tl.static_range(K):
         e = _expert_of(idx, s, TOP_K_ROUTING, BT, KP)
         wide = tl.where(cols == e[None, :], _pick(dl_slots, sk, s)[None, :], wide)
-    tl.store(dhl_ptr + offs_t[None, :] * stride_dhlt + ERP + cols,
-             wide.to(dhl_ptr.dtype.element_ty), mask=tok[None, :])
+    _store_cols(dhl_rows, ERP, tok, wide, EPL)
