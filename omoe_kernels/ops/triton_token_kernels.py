@@ -107,16 +107,19 @@ def _store_cols(rows, first, mask, vals, N: tl.constexpr):
 
 
 @triton.jit
+def _g_column(g_ptr, e1, e2, b, RP: tl.constexpr, ERP: tl.constexpr):
+    """G[(e1, a), (e2, b)] for a < RP, per token ([RP, BT]; the same in every lane when
+    dense). Stride ERP along a, so the load keeps one token per thread."""
+    return tl.load(g_ptr + (e1[None, :] * RP + tl.arange(0, RP)[:, None]) * ERP + e2[None, :] * RP + b)
+
+
+@triton.jit
 def _h_g_h(h1, rows, g_ptr, e1, e2, tok, BT: tl.constexpr, RP: tl.constexpr, ERP: tl.constexpr):
     """h1ᵀ G_(e1,e2) h_e2 per token ([BT], float64): Σ_b h[e2, b] Σ_a h1[a] G[(e1,a),(e2,b)],
     so only h1 is held in registers."""
-    ra = tl.arange(0, RP)[:, None]
-    g_rows = g_ptr + e1 * (RP * ERP) + e2 * RP
     out = tl.zeros((BT, ), dtype=tl.float64)
     for b in range(RP):
-        w = tl.zeros((BT, ), dtype=tl.float64)
-        for a in tl.static_range(RP):
-            w += _pick(h1, ra, a) * tl.load(g_rows + a * ERP + b)
+        w = tl.sum(h1 * _g_column(g_ptr, e1, e2, b, RP, ERP), axis=0)
         out += w * tl.load(rows + e2 * RP + b, mask=tok, other=0.0).to(tl.float64)
     return out
 
@@ -125,13 +128,9 @@ def _h_g_h(h1, rows, g_ptr, e1, e2, tok, BT: tl.constexpr, RP: tl.constexpr, ERP
 def _add_g_h(acc, m, rows, g_ptr, e1, e2, tok, BT: tl.constexpr, RP: tl.constexpr,
              ERP: tl.constexpr):
     """acc[a, t] + m[t] Σ_b G[(e1, a), (e2, b)] h[t, e2, b]  ([RP, BT], float64)."""
-    ra = tl.arange(0, RP)[:, None]
-    g_rows = g_ptr + e1 * (RP * ERP) + e2 * RP
     for b in range(RP):
         mhb = m * tl.load(rows + e2 * RP + b, mask=tok, other=0.0).to(tl.float64)
-        for a in tl.static_range(RP):
-            g = tl.load(g_rows + a * ERP + b)
-            acc = tl.where(ra == a, acc + (g * mhb)[None, :], acc)
+        acc += _g_column(g_ptr, e1, e2, b, RP, ERP) * mhb[None, :]
     return acc
 
 
