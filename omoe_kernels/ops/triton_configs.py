@@ -42,7 +42,11 @@ def shrink_default_config(kind: int, ERP: int, fuse_token: bool = False) -> dict
                    num_stages=4)
     else:
         cfg = dict(BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=32, num_warps=4, num_stages=2)
-    return dict(cfg, BLOCK_N=ERP) if fuse_token else cfg
+    if fuse_token:
+        # The per-token epilogue holds one token per thread: a program's rows are exactly
+        # the 32 · num_warps tokens of one per-token block.
+        return dict(cfg, BLOCK_N=ERP, BLOCK_M=32 * cfg["num_warps"])
+    return cfg
 
 
 # Under TRITON_INTERPRET=1: small tiles, so that small test shapes still use several programs.
