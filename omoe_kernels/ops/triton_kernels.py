@@ -2,8 +2,7 @@
 
 Layout. Expert `i`'s rank-`r` block lives in columns `i·RP … i·RP + r − 1` of every
 `[*, ERP]` buffer, with `EP = next_pow2(E)`, `RP = next_pow2(r)` and `ERP = EP·RP`
-(raised so that `ERP >= 16` for `tl.dot`); padding columns hold zeros. The padded
-layout lets the per-token kernels view `h` as a `[tokens, EP, RP]` block.
+(raised so that `ERP >= 16` for `tl.dot`); padding columns hold zeros.
 
 Kernels:
 - `shrink_kernel`: `H = X A_padᵀ` and the router logits `L = R Wᵀ` in one pass over X.
