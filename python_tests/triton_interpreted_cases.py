@@ -51,6 +51,17 @@ def test_half_precision_odd_shape(dtype, options):
     assert_matches_oracle(problem, BACKEND, fwd_tol, grad_tol, **options)
 
 
+@pytest.mark.parametrize("top_k", [None, 2], ids=["dense", "top2"])
+def test_per_token_kernels_over_several_token_blocks(top_k):
+    """T past two per-token blocks (one token per thread, token_block tokens a program),
+    with a partial last block: the block offsets and the tail mask of the per-token
+    kernels, which the other shapes (T <= 64) do not reach."""
+    T = 2 * triton_configs.token_block(None) + 37
+    _, collapse, fwd_tol, grad_tol = ACCURACY_ROWS["fp32-collapse0.99"]
+    problem = make_problem(T, 12, 10, 3, 2, dtype=torch.float32, collapse=collapse, seed=51)
+    assert_matches_oracle(problem, BACKEND, fwd_tol, grad_tol, top_k=top_k)
+
+
 @pytest.mark.parametrize("case", [
     ("fp32-collapse0.999", (48, 40, 36, 4, 4), dict(top_k=None), False),
     ("bf16-random", (33, 42, 38, 3, 4), dict(top_k=2), True),

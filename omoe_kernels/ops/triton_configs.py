@@ -42,7 +42,11 @@ def shrink_default_config(kind: int, ERP: int, fuse_token: bool = False) -> dict
                    num_stages=4)
     else:
         cfg = dict(BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=32, num_warps=4, num_stages=2)
-    return dict(cfg, BLOCK_N=ERP) if fuse_token else cfg
+    if fuse_token:
+        # The per-token epilogue holds one token per thread: a program's rows are exactly
+        # the 32 · num_warps tokens of one per-token block.
+        return dict(cfg, BLOCK_N=ERP, BLOCK_M=32 * cfg["num_warps"])
+    return cfg
 
 
 # Under TRITON_INTERPRET=1: small tiles, so that small test shapes still use several programs.
@@ -77,23 +81,29 @@ def autotuned_configs(kernel: str) -> list:
 
 # ---- per-token kernels -----------------------------------------------------------------
 
+# Warps of the per-token kernels: each thread holds one token, so a program covers
+# 32 · TOKEN_WARPS tokens (triton_token_kernels.py).
+TOKEN_WARPS = 4
+
+
 def token_block(L) -> int:
-    """Tokens per program of the per-token kernels: keeps the [BT, EP, RP, RP] Gram
-    product and the [BT, EP, EP] MGS state at a few thousand float64 values."""
-    bt = max(1, min(4096 // (L.ERP * L.RP), 512 // (L.EP * L.EP)))
-    return 1 << (bt.bit_length() - 1)
+    """Tokens per program of the per-token kernels: one per thread (tokens on lanes), so
+    that reductions over experts and ranks stay in one thread's registers."""
+    return 32 * TOKEN_WARPS
 
 
 def token_flags(L, top_k: int, orthogonalize: bool, normalize: bool,
                 backward: bool = False) -> dict:
-    """Compile-time flags and num_warps of token_forward_kernel / token_backward_kernel."""
-    bt = token_block(L)
-    # More threads where 4 warps spill: 16+ experts (the [BT, EP, EP] state), and the
-    # backward's full [BT, E·r, r] Gram product (triton 3.6 spills it at llama7b's E=4, r=16).
-    wide = L.EP >= 16 or (backward and bt * L.ERP * L.RP >= 4096)
-    return dict(TOP_K_ROUTING=top_k < L.num_experts, ORTHOGONALIZE=orthogonalize,
-                NORMALIZE=normalize, BT=bt, EP=L.EP, RP=L.RP, ERP=L.ERP,
-                num_warps=8 if wide else 4)
+    """Compile-time flags and num_warps of token_forward_kernel / token_backward_kernel
+    (the same for both; `backward` is accepted for symmetry). K = top_k slots, KP its
+    power of 2: a kernel is compiled per (E, top_k), which a model fixes."""
+    return dict(K=top_k, TOP_K_ROUTING=top_k < L.num_experts, ORTHOGONALIZE=orthogonalize,
+                NORMALIZE=normalize, BT=token_block(L), EP=L.EP, KP=_pow2(top_k), RP=L.RP,
+                ERP=L.ERP, num_warps=TOKEN_WARPS)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
 
 
 # num_stages of the per-token kernels and gram_grad: Triton's CUDA default, passed

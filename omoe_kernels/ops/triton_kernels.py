@@ -2,8 +2,7 @@
 
 Layout. Expert `i`'s rank-`r` block lives in columns `i·RP … i·RP + r − 1` of every
 `[*, ERP]` buffer, with `EP = next_pow2(E)`, `RP = next_pow2(r)` and `ERP = EP·RP`
-(raised so that `ERP >= 16` for `tl.dot`); padding columns hold zeros. The padded
-layout lets the per-token kernels view `h` as a `[tokens, EP, RP]` block.
+(raised so that `ERP >= 16` for `tl.dot`); padding columns hold zeros.
 
 Kernels:
 - `shrink_kernel`: `H = X A_padᵀ` and the router logits `L = R Wᵀ` in one pass over X.
@@ -11,16 +10,9 @@ Kernels:
   for the expand (`Y = base + s Z B_padᵀ`) and every backward GEMM. One operand may be an
   fp32 intermediate (Z, dH) while the other is bf16/fp16: that operand is split into a
   high and a low 16-bit part (two dots), so it is not rounded to one 16-bit number.
-- `token_forward_kernel`: per token routing, Gram `S = h_iᵀ G_ij h_j` and modified
-  Gram–Schmidt in coefficient space (float64), writes `Z = a ⊙ h`.
-- `token_backward_kernel`: recomputes the forward and reverses it: `Z`, `dH`, `dlogits`,
-  `dS` (float64).
+- `token_forward_kernel`, `token_backward_kernel` (triton_token_kernels.py): the per-token
+  algebra in float64, tokens on lanes, over the k active experts only.
 - `gram_grad_kernel`: `dG_ij = Σ_t dS_t,ij h_t,i h_t,jᵀ` (float64 partial sums).
-
-Triton has no indexed register arrays, so a block of tokens keeps its `E × E` MGS state
-as `[BT, EP, EP]` tensors; rows are read with a masked sum and written with `tl.where`
-inside loops over the experts (run-time loops: the number of experts and top_k are
-plain arguments, so one compiled kernel serves every E up to EP).
 """
 from __future__ import annotations
 
@@ -29,6 +21,9 @@ import triton.language as tl
 
 # The DOT_KIND values live in triton_configs.py (the launchers also read them as K.DOT_*).
 from .triton_configs import DOT_BF16, DOT_FP16, DOT_FP32_IEEE, DOT_FP32_TF32, DOT_FP64
+# The per-token kernels live in their own module; re-exported here so the launchers and
+# kernel_report find every kernel as K.<name>.
+from .triton_token_kernels import _token_forward_block, token_backward_kernel, token_forward_kernel  # noqa: F401
 
 # The same values as compile-time constants for the kernel bodies: a @triton.jit
 # function can only read module globals that are tl.constexpr.
@@ -147,8 +142,8 @@ def shrink_kernel(x_ptr, r_ptr, a_ptr, w_ptr, h_ptr, l_ptr,
                   BLOCK_K: tl.constexpr,
                   FUSE_TOKEN: tl.constexpr = False, TOP_K_ROUTING: tl.constexpr = False,
                   ORTHOGONALIZE: tl.constexpr = True, NORMALIZE: tl.constexpr = True,
-                  BT: tl.constexpr = 1, EP: tl.constexpr = 1, RP: tl.constexpr = 1,
-                  ERP: tl.constexpr = 16):
+                  K: tl.constexpr = 1, BT: tl.constexpr = 1, EP: tl.constexpr = 1,
+                  KP: tl.constexpr = 1, RP: tl.constexpr = 1, ERP: tl.constexpr = 16):
     """H[:, n-tile] = X A_padᵀ and logits = R Wᵀ, sharing the loads of X when R is X.
 
     Logits are stored by the programs of the first n-tile only (N ≤ BLOCK_N in the usual
@@ -193,8 +188,8 @@ def shrink_kernel(x_ptr, r_ptr, a_ptr, w_ptr, h_ptr, l_ptr,
         tl.debug_barrier()   # this program's H and logits stores are visible to all its threads
         for sub in range(0, BLOCK_M, BT):
             _token_forward_block(h_ptr, l_ptr, g_ptr, z_ptr, pid_m * BLOCK_M + sub, T, E, top_k, eps,
-                                 stride_ht, stride_lt, stride_zt, TOP_K_ROUTING, ORTHOGONALIZE,
-                                 NORMALIZE, BT, EP, RP, ERP)
+                                 stride_ht, stride_lt, stride_zt, K, TOP_K_ROUTING, ORTHOGONALIZE,
+                                 NORMALIZE, BT, EP, KP, RP, ERP)
 
 
 @triton.jit
@@ -246,275 +241,6 @@ def matmul_kernel(a_ptr, b_ptr, c_ptr, add_ptr,
         acc = acc + base.to(ACC)
     c_ptrs = c_ptr + pid_s * stride_cs + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok & n_ok)
-
-
-# ----------------------------------------------------------------------------------------
-# Per-token algebra, float64. Shapes: BT tokens, EP experts (padded), RP rank (padded).
-
-
-@triton.jit
-def _select_row(M3, idx3, j):
-    """M3[:, j, :] of a [BT, EP, X] tensor (idx3 indexes axis 1)."""
-    return tl.sum(tl.where(idx3 == j, M3, 0.0), axis=1)
-
-
-@triton.jit
-def _select_col(M2, idx2, j):
-    """M2[:, j] of a [BT, EP] tensor (idx2 indexes axis 1)."""
-    return tl.sum(tl.where(idx2 == j, M2, 0.0), axis=1)
-
-
-@triton.jit
-def _route(logits, e2, E, top_k, TOP_K_ROUTING: tl.constexpr, BT: tl.constexpr, EP: tl.constexpr):
-    """Active set and gates of a [BT, EP] block of float64 logits (padding experts: -inf).
-
-    Top-k: expert i is active when fewer than k experts rank above it (larger logit,
-    ties to the lower index, NaN above everything, as torch.sort orders them).
-    """
-    real = e2 < E
-    if TOP_K_ROUTING:
-        ei = tl.arange(0, EP)[None, :, None]
-        ej = tl.arange(0, EP)[None, None, :]
-        li = logits[:, :, None]
-        lj = logits[:, None, :]
-        li_nan = li != li
-        lj_nan = lj != lj
-        above = (lj > li) | ((lj == li) & (ej < ei))
-        above_nan = lj_nan & ((~li_nan) | (ej < ei))
-        above = tl.where(li_nan | lj_nan, above_nan, above)
-        above = above & (ej != ei) & (ej < E)
-        rank = tl.sum(above.to(tl.int32), axis=2)
-        active = real & (rank < top_k)
-    else:
-        active = tl.broadcast_to(real, (BT, EP))
-    masked = tl.where(active, logits, float("-inf"))
-    top = tl.max(masked, axis=1)
-    ex = tl.where(active, tl.exp(masked - top[:, None]), 0.0)
-    gates = ex / tl.sum(ex, axis=1)[:, None]
-    return active, gates
-
-
-@triton.jit
-def _gram_block(h3, g_ptr, j, ERP: tl.constexpr, EP: tl.constexpr, RP: tl.constexpr):
-    """V[t, i, a] = Σ_b G[(i,a), (j,b)] h[t, j, b]  ([BT, EP, RP], float64)."""
-    ei = tl.arange(0, EP)[:, None, None]
-    ea = tl.arange(0, RP)[None, :, None]
-    eb = tl.arange(0, RP)[None, None, :]
-    g_j = tl.load(g_ptr + (ei * RP + ea) * ERP + j * RP + eb)          # [EP, RP, RP]
-    h_j = _select_row(h3, tl.arange(0, EP)[None, :, None], j)           # [BT, RP]
-    return tl.sum(g_j[None, :, :, :] * h_j[:, None, None, :], axis=3)
-
-
-@triton.jit
-def _token_forward(h3, logits, g_ptr, E, top_k, eps,
-                   TOP_K_ROUTING: tl.constexpr, ORTHOGONALIZE: tl.constexpr,
-                   NORMALIZE: tl.constexpr, BT: tl.constexpr, EP: tl.constexpr, RP: tl.constexpr,
-                   ERP: tl.constexpr):
-    """Routing, Gram and MGS of a block of tokens.
-
-    Returns active [BT, EP], gates, coefficients a, and the MGS tape: C (row i = C_i),
-    SC = S C_i rows, P[:, i, j] = p/n of step (i, j), nsq[:, j] = max(<v_j, v_j>, 0) (NaN kept).
-    MGS runs right-looking: at step j, row j is final, it is normalized and projected out
-    of every later row at once. Each row sees the same operations in the same order as
-    docs/contract.md §1's loop.
-    """
-    e2 = tl.arange(0, EP)[None, :]
-    i3 = tl.arange(0, EP)[None, :, None]
-    l3 = tl.arange(0, EP)[None, None, :]
-    active, gates = _route(logits, e2, E, top_k, TOP_K_ROUTING, BT, EP)
-    act_i = active[:, :, None]
-    act_l = active[:, None, :]
-    C = tl.zeros((BT, EP, EP), dtype=tl.float64)
-    SC = tl.zeros((BT, EP, EP), dtype=tl.float64)
-    P = tl.zeros((BT, EP, EP), dtype=tl.float64)
-    nsq = tl.zeros((BT, EP), dtype=tl.float64)
-    if ORTHOGONALIZE:
-        S = tl.zeros((BT, EP, EP), dtype=tl.float64)
-        for j in range(E):
-            v = _gram_block(h3, g_ptr, j, ERP, EP, RP)
-            s_col = tl.sum(h3 * v, axis=2)                               # S[:, i, j]
-            # Upper triangle from this column, mirrored into the lower one.
-            S = tl.where((l3 == j) & (i3 <= j), s_col[:, :, None], S)
-            S = tl.where((i3 == j) & (l3 < j), s_col[:, None, :], S)
-        S = tl.where(act_i & act_l, S, 0.0)
-        C = tl.where((i3 == l3) & act_i, 1.0, 0.0).to(tl.float64)
-        SC = S
-        for j in range(E):
-            c_j = _select_row(C, i3, j)
-            sc_j = _select_row(SC, i3, j)
-            raw = tl.sum(c_j * sc_j, axis=1)
-            # Clamp rounding below 0 (identical experts), but keep a NaN: clamped to 0 it
-            # would scale q by 1/sqrt(eps) and hide the NaN.
-            nsq_j = tl.where((raw > 0.0) | (raw != raw), raw, 0.0)
-            nsq = tl.where(e2 == j, nsq_j[:, None], nsq)
-            if NORMALIZE:
-                inv = 1.0 / tl.sqrt(nsq_j + eps)
-                c_j = c_j * inv[:, None]
-                sc_j = sc_j * inv[:, None]
-                C = tl.where(i3 == j, c_j[:, None, :], C)
-                SC = tl.where(i3 == j, sc_j[:, None, :], SC)
-                n_j = tl.full((BT, ), 1.0, tl.float64)
-            else:
-                n_j = nsq_j + eps
-            later = (e2 > j) & active
-            coef = tl.where(later, tl.sum(C * sc_j[:, None, :], axis=2) / n_j[:, None], 0.0)
-            P = tl.where(l3 == j, coef[:, :, None], P)
-            later3 = later[:, :, None]
-            C = tl.where(later3, C - coef[:, :, None] * c_j[:, None, :], C)
-            SC = tl.where(later3, SC - coef[:, :, None] * sc_j[:, None, :], SC)
-        coeff = tl.sum(gates[:, :, None] * C, axis=1)
-    else:
-        coeff = gates
-    coeff = tl.where(active, coeff, 0.0)
-    return active, gates, coeff, C, SC, P, nsq
-
-
-@triton.jit
-def _load_token_block(h_ptr, l_ptr, start, T, E, stride_ht, stride_lt,
-                      BT: tl.constexpr, EP: tl.constexpr, RP: tl.constexpr):
-    offs_t = start + tl.arange(0, BT)
-    t3 = offs_t[:, None, None]
-    e3 = tl.arange(0, EP)[None, :, None]
-    a3 = tl.arange(0, RP)[None, None, :]
-    tok3 = t3 < T
-    h3 = tl.load(h_ptr + t3 * stride_ht + e3 * RP + a3, mask=tok3, other=0.0).to(tl.float64)
-    e2 = tl.arange(0, EP)[None, :]
-    logits = tl.load(l_ptr + offs_t[:, None] * stride_lt + e2,
-                     mask=(offs_t[:, None] < T) & (e2 < E), other=0.0).to(tl.float64)
-    logits = tl.where(e2 < E, logits, float("-inf"))   # padding tokens keep finite logits
-    return offs_t, h3, logits
-
-
-@triton.jit
-def token_forward_kernel(h_ptr, l_ptr, g_ptr, z_ptr, T, E, top_k, eps,
-                         stride_ht, stride_lt, stride_zt,
-                         TOP_K_ROUTING: tl.constexpr,
-                         ORTHOGONALIZE: tl.constexpr, NORMALIZE: tl.constexpr,
-                         BT: tl.constexpr, EP: tl.constexpr, RP: tl.constexpr, ERP: tl.constexpr):
-    """Z[t] = a ⊙ h for a block of BT tokens (fp32 out, float64 inside)."""
-    _token_forward_block(h_ptr, l_ptr, g_ptr, z_ptr, tl.program_id(0) * BT, T, E, top_k, eps,
-                         stride_ht, stride_lt, stride_zt, TOP_K_ROUTING, ORTHOGONALIZE, NORMALIZE,
-                         BT, EP, RP, ERP)
-
-
-@triton.jit
-def _token_forward_block(h_ptr, l_ptr, g_ptr, z_ptr, start, T, E, top_k, eps,
-                         stride_ht, stride_lt, stride_zt,
-                         TOP_K_ROUTING: tl.constexpr,
-                         ORTHOGONALIZE: tl.constexpr, NORMALIZE: tl.constexpr,
-                         BT: tl.constexpr, EP: tl.constexpr, RP: tl.constexpr, ERP: tl.constexpr):
-    offs_t, h3, logits = _load_token_block(h_ptr, l_ptr, start, T, E, stride_ht, stride_lt, BT, EP, RP)
-    active, gates, coeff, C, SC, P, nsq = _token_forward(
-        h3, logits, g_ptr, E, top_k, eps, TOP_K_ROUTING, ORTHOGONALIZE, NORMALIZE, BT, EP, RP, ERP)
-    z3 = tl.where(active[:, :, None], coeff[:, :, None] * h3, 0.0)
-    t3 = offs_t[:, None, None]
-    e3 = tl.arange(0, EP)[None, :, None]
-    a3 = tl.arange(0, RP)[None, None, :]
-    tl.store(z_ptr + t3 * stride_zt + e3 * RP + a3, z3.to(z_ptr.dtype.element_ty), mask=t3 < T)
-
-
-@triton.jit
-def token_backward_kernel(h_ptr, l_ptr, g_ptr, dz_ptr, z_ptr, dhl_ptr, ds_ptr, T, E, top_k, eps,
-                          stride_ht, stride_lt, stride_dzt, stride_zt, stride_dhlt,
-                          TOP_K_ROUTING: tl.constexpr,
-                          ORTHOGONALIZE: tl.constexpr, NORMALIZE: tl.constexpr,
-                          BT: tl.constexpr, EP: tl.constexpr, RP: tl.constexpr,
-                          ERP: tl.constexpr, EPL: tl.constexpr):
-    """Per-token reverse. Writes Z (recomputed), dH into dHL[:, :ERP], dlogits into
-    dHL[:, ERP:ERP+E] (zeros up to ERP+EPL), and dS [T, EP, EP] (float64, when orthogonalizing)."""
-    offs_t, h3, logits = _load_token_block(h_ptr, l_ptr, tl.program_id(0) * BT, T, E, stride_ht,
-                                           stride_lt, BT, EP, RP)
-    active, gates, coeff, C, SC, P, nsq = _token_forward(
-        h3, logits, g_ptr, E, top_k, eps, TOP_K_ROUTING, ORTHOGONALIZE, NORMALIZE, BT, EP, RP, ERP)
-    e2 = tl.arange(0, EP)[None, :]
-    i3 = tl.arange(0, EP)[None, :, None]
-    l3 = tl.arange(0, EP)[None, None, :]
-    t3 = offs_t[:, None, None]
-    a3 = tl.arange(0, RP)[None, None, :]
-    tok3 = t3 < T
-    act3 = active[:, :, None]
-    dz3 = tl.load(dz_ptr + t3 * stride_dzt + i3 * RP + a3, mask=tok3, other=0.0).to(tl.float64)
-    z3 = tl.where(act3, coeff[:, :, None] * h3, 0.0)
-    tl.store(z_ptr + t3 * stride_zt + i3 * RP + a3, z3.to(z_ptr.dtype.element_ty), mask=tok3)
-    # z = a ⊙ h: da_l = <dz_l, h_l>, direct part of dh_l = a_l dz_l.
-    dcoeff = tl.where(active, tl.sum(dz3 * h3, axis=2), 0.0)
-    dh3 = coeff[:, :, None] * dz3
-    if ORTHOGONALIZE:
-        dgate = tl.sum(C * dcoeff[:, None, :], axis=2)                   # <C_i, da>
-        dC = tl.where(active[:, :, None], gates[:, :, None] * dcoeff[:, None, :], 0.0)
-        R = tl.zeros((BT, EP, EP), dtype=tl.float64)     # running c of each row
-        RS = tl.zeros((BT, EP, EP), dtype=tl.float64)    # running S c
-        dS = tl.zeros((BT, EP, EP), dtype=tl.float64)
-        dST = tl.zeros((BT, EP, EP), dtype=tl.float64)   # dSᵀ, built alongside
-        for jj in range(E):
-            j = E - 1 - jj
-            c_j = _select_row(C, i3, j)
-            sc_j = _select_row(SC, i3, j)
-            nsq_j = _select_col(nsq, e2, j)
-            if NORMALIZE:
-                n_j = tl.full((BT, ), 1.0, tl.float64)
-            else:
-                n_j = nsq_j + eps
-            later = (e2 > j) & active
-            later3 = later[:, :, None]
-            coef = tl.sum(tl.where(l3 == j, P, 0.0), axis=2)                # P[:, i, j]
-            # Rows i > j: back to their value before step (i, j).
-            R = tl.where(later3, R + coef[:, :, None] * c_j[:, None, :], R)
-            RS = tl.where(later3, RS + coef[:, :, None] * sc_j[:, None, :], RS)
-            dc_dot = tl.sum(dC * c_j[:, None, :], axis=2)                 # <dc'_i, C_j>
-            dp = tl.where(later, -dc_dot / n_j[:, None], 0.0)
-            dcj_add = tl.sum(tl.where(later3, -coef[:, :, None] * dC + dp[:, :, None] * RS, 0.0),
-                             axis=1)
-            u_j = tl.sum(tl.where(later3, dp[:, :, None] * R, 0.0), axis=1)
-            if not NORMALIZE:
-                dn = tl.where(later & (nsq_j != 0.0)[:, None], dc_dot * coef / n_j[:, None], 0.0)
-                dn_total = tl.sum(dn, axis=1)
-                dcj_add = dcj_add + 2.0 * dn_total[:, None] * sc_j
-                u_j = u_j + dn_total[:, None] * c_j
-            dC = tl.where(later3, dC + dp[:, :, None] * sc_j[:, None, :], dC)
-            dC = tl.where(i3 == j, dC + dcj_add[:, None, :], dC)
-            dS = dS + u_j[:, :, None] * c_j[:, None, :]
-            dST = dST + c_j[:, :, None] * u_j[:, None, :]
-            if NORMALIZE:
-                dc_j = _select_row(dC, i3, j)
-                nu = nsq_j + eps
-                root = tl.sqrt(nu)
-                inv = 1.0 / root
-                c_pre = c_j * root[:, None]
-                sc_pre = sc_j * root[:, None]
-                # No gradient through the clamp; nsq_j is >= 0 or NaN, and a NaN flows on.
-                dnu = tl.where(nsq_j != 0.0, -0.5 * inv * inv * inv * tl.sum(dc_j * c_pre, axis=1), 0.0)
-                dc_j = inv[:, None] * dc_j + 2.0 * dnu[:, None] * sc_pre
-                outer = dnu[:, None, None] * c_pre[:, :, None] * c_pre[:, None, :]
-                dS = dS + outer
-                dST = dST + outer
-                dC = tl.where(i3 == j, dc_j[:, None, :], dC)
-                R = tl.where(i3 == j, c_pre[:, None, :], R)
-                RS = tl.where(i3 == j, sc_pre[:, None, :], RS)
-            else:
-                R = tl.where(i3 == j, c_j[:, None, :], R)
-                RS = tl.where(i3 == j, sc_j[:, None, :], RS)
-        dS = tl.where(act3 & active[:, None, :], dS, 0.0)
-        dST = tl.where(act3 & active[:, None, :], dST, 0.0)
-        tl.store(ds_ptr + t3 * (EP * EP) + i3 * EP + l3, dS, mask=tok3)
-        # Gram part of dh: dh_i += Σ_j (dS_ij + dS_ji) G_ij h_j.
-        M = dS + dST
-        for j in range(E):
-            v = _gram_block(h3, g_ptr, j, ERP, EP, RP)
-            m_col = tl.sum(tl.where(l3 == j, M, 0.0), axis=2)              # M[:, i, j]
-            dh3 = dh3 + m_col[:, :, None] * v
-    else:
-        dgate = dcoeff
-    dh3 = tl.where(act3, dh3, 0.0)
-    tl.store(dhl_ptr + t3 * stride_dhlt + i3 * RP + a3, dh3.to(dhl_ptr.dtype.element_ty), mask=tok3)
-    # Softmax over the active set: dlogit_i = g_i (dg_i − Σ_j g_j dg_j).
-    mean = tl.sum(gates * dgate, axis=1)
-    dlogits = tl.where(active, gates * (dgate - mean[:, None]), 0.0)
-    # Widen to the EPL router columns of dHL (zeros past E), so one store writes them all.
-    cols = tl.arange(0, EPL)[None, :, None]
-    wide = tl.sum(tl.where(cols == l3, dlogits[:, None, :], 0.0), axis=2)      # [BT, EPL]
-    tl.store(dhl_ptr + offs_t[:, None] * stride_dhlt + ERP + tl.arange(0, EPL)[None, :],
-             wide.to(dhl_ptr.dtype.element_ty), mask=offs_t[:, None] < T)
 
 
 @triton.jit

@@ -292,7 +292,8 @@ def token_forward(h, logits, G, L: Layout, top_k, orthogonalize, normalize, eps)
 
 
 def token_backward(h, logits, G, dz, L: Layout, top_k, orthogonalize, normalize, eps):
-    """Z, dHL = [dH | dlogits | 0] ([T, NW]) and dS ([T, EP·EP] float64, or None)."""
+    """Z, dHL = [dH | dlogits | 0] ([T, NW]) and (dS + dSᵀ)/2 ([T, EP·EP] float64, or
+    None): gram_grad turns it into (dG + dGᵀ)/2, and dG only enters as dG + dGᵀ."""
     T = h.shape[0]
     z = _empty(h.shape, h.device, h.dtype)
     dhl = _empty((T, L.NW), h.device, h.dtype)

@@ -1,0 +1,406 @@
+"""Per-token kernels of the `triton` backend: routing, Gram, MGS and their reverse
+(docs/algorithm.md, Forward steps 2–5 and Backward step 3), float64 inside.
+
+Layout: tokens on the fastest axis. Every per-token tensor is `[..., BT]` with
+`BT = 32 · num_warps` (triton_configs.token_flags), so Triton's default blocked layout
+gives each thread one token and keeps every other axis in that thread's registers:
+reductions over experts, slots and ranks are register adds (no SHFL, no BAR), and with
+the loops over slots unrolled (`tl.static_range`) a masked "row select" with a
+compile-time index folds to a register move.
+
+Only the active experts: routing first gathers, per token, the `K = top_k` active experts
+in ascending index order ("slots"; `idx[s, t]` is the expert in slot `s`), and Gram, MGS
+and the reverse run over slots, so a token costs `K²·r²` for `S` and `O(K³)` for MGS,
+whatever `E` is. Dense routing is `K = E` with slot `s` = expert `s` (compile-time, so
+`G` addresses are the same in every lane: warp-uniform loads). `G` is read from global
+memory (ERP² float64, L1/L2 resident). Outputs in the padded expert layout are written
+per slot at the slot's columns, and zeros at the columns of inactive experts (disjoint
+masks, so each element is written once).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _pick(M, axis_idx, s):
+    """The slice of M at index s of axis 0 ([KP, ...] → [...]); folds when s is constexpr."""
+    return tl.sum(tl.where(axis_idx == s, M, 0.0), axis=0)
+
+
+@triton.jit
+def _route_slots(logits, E, top_k, K: tl.constexpr, TOP_K_ROUTING: tl.constexpr,
+                 BT: tl.constexpr, EP: tl.constexpr, KP: tl.constexpr):
+    """Routing of a [EP, BT] block of float64 logits (padding experts: -inf).
+
+    Returns active [EP, BT], idx [KP, BT] (int32; slot s holds the s-th active expert,
+    0 in padding slots s >= K) and the gates of the slots [KP, BT] (0 in padding slots).
+    Top-k: expert i is active when fewer than top_k experts rank above it (larger logit,
+    ties to the lower index, NaN above everything, as torch.sort orders them).
+    """
+    ei = tl.arange(0, EP)
+    real = ei[:, None] < E
+    sk = tl.arange(0, KP)[:, None]
+    if TOP_K_ROUTING:
+        i3 = ei[:, None, None]
+        j3 = ei[None, :, None]
+        li = logits[:, None, :]
+        lj = logits[None, :, :]
+        li_nan = li != li
+        lj_nan = lj != lj
+        above = (lj > li) | ((lj == li) & (j3 < i3))
+        above_nan = lj_nan & ((~li_nan) | (j3 < i3))
+        above = tl.where(li_nan | lj_nan, above_nan, above)
+        above = above & (j3 != i3) & (j3 < E)
+        rank = tl.sum(above.to(tl.int32), axis=1)                        # [EP, BT]
+        active = real & (rank < top_k)
+        # Slot of an active expert = number of active experts below it.
+        pos = tl.sum(((j3 < i3) & active[None, :, :]).to(tl.int32), axis=1)
+        hit = active[None, :, :] & (pos[None, :, :] == tl.arange(0, KP)[:, None, None])
+        idx = tl.sum(tl.where(hit, ei[None, :, None], 0), axis=1)        # [KP, BT]
+        lk = tl.sum(tl.where(hit, logits[None, :, :], 0.0), axis=1)
+    else:
+        active = tl.broadcast_to(real, (EP, BT))
+        idx = tl.broadcast_to(sk, (KP, BT))
+        lk = logits          # KP == EP
+    slot_ok = sk < K
+    masked = tl.where(slot_ok, lk, float("-inf"))
+    top = tl.max(masked, axis=0)
+    ex = tl.where(slot_ok, tl.exp(masked - top[None, :]), 0.0)
+    gates = ex / tl.sum(ex, axis=0)[None, :]
+    return active, idx, gates
+
+
+@triton.jit
+def _expert_of(idx, s: tl.constexpr, TOP_K_ROUTING: tl.constexpr, BT: tl.constexpr,
+               KP: tl.constexpr):
+    """Expert of slot s, per token ([BT] int32); a compile-time constant when dense."""
+    if TOP_K_ROUTING:
+        return tl.sum(tl.where(tl.arange(0, KP)[:, None] == s, idx, 0), axis=0)
+    else:
+        return tl.full((BT, ), s, tl.int32)
+
+
+@triton.jit
+def _load_cols(rows, first, tok, count, N: tl.constexpr, BT: tl.constexpr):
+    """rows[t][first_t + n] for n < N as [N, BT] float64 (0 past T and for n >= count).
+
+    One [BT] load per column: a [N, BT] load would be re-laid out by Triton to coalesce
+    along N, spreading N over lanes (shuffles and a shared-memory round trip); per column,
+    every load keeps one token per thread, and L1 serves the neighbouring columns.
+    """
+    out = tl.zeros((N, BT), dtype=tl.float64)
+    n_idx = tl.arange(0, N)[:, None]
+    for n in tl.static_range(N):
+        col = tl.load(rows + first + n, mask=tok & (n < count), other=0.0).to(tl.float64)
+        out = tl.where(n_idx == n, col[None, :], out)
+    return out
+
+
+@triton.jit
+def _store_cols(rows, first, mask, vals, N: tl.constexpr):
+    """rows[t][first_t + n] = vals[n, t] for n < N where mask[t], one [BT] store per column."""
+    n_idx = tl.arange(0, N)[:, None]
+    for n in tl.static_range(N):
+        tl.store(rows + first + n, _pick(vals, n_idx, n).to(rows.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _g_column(g_ptr, e1, e2, b, RP: tl.constexpr, ERP: tl.constexpr):
+    """G[(e1, a), (e2, b)] for a < RP, per token ([RP, BT]; the same in every lane when
+    dense). Stride ERP along a, so the load keeps one token per thread."""
+    return tl.load(g_ptr + (e1[None, :] * RP + tl.arange(0, RP)[:, None]) * ERP + e2[None, :] * RP + b)
+
+
+@triton.jit
+def _h_g_h(h1, rows, g_ptr, e1, e2, tok, BT: tl.constexpr, RP: tl.constexpr, ERP: tl.constexpr):
+    """h1ᵀ G_(e1,e2) h_e2 per token ([BT], float64): Σ_b h[e2, b] Σ_a h1[a] G[(e1,a),(e2,b)],
+    so only h1 is held in registers."""
+    out = tl.zeros((BT, ), dtype=tl.float64)
+    for b in range(RP):
+        w = tl.sum(h1 * _g_column(g_ptr, e1, e2, b, RP, ERP), axis=0)
+        out += w * tl.load(rows + e2 * RP + b, mask=tok, other=0.0).to(tl.float64)
+    return out
+
+
+@triton.jit
+def _add_g_h(acc, m, rows, g_ptr, e1, e2, tok, BT: tl.constexpr, RP: tl.constexpr,
+             ERP: tl.constexpr):
+    """acc[a, t] + m[t] Σ_b G[(e1, a), (e2, b)] h[t, e2, b]  ([RP, BT], float64)."""
+    for b in range(RP):
+        mhb = m * tl.load(rows + e2 * RP + b, mask=tok, other=0.0).to(tl.float64)
+        acc += _g_column(g_ptr, e1, e2, b, RP, ERP) * mhb[None, :]
+    return acc
+
+
+@triton.jit
+def _load_slot(rows, e, tok, BT: tl.constexpr, RP: tl.constexpr):
+    """h[t, e_t, :] of each token as [RP, BT] float64."""
+    return _load_cols(rows, e * RP, tok, RP, RP, BT)
+
+
+@triton.jit
+def _gram_slots(rows, g_ptr, idx, tok, K: tl.constexpr, TOP_K_ROUTING: tl.constexpr,
+                BT: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr, ERP: tl.constexpr):
+    """S[s1, s2, t] = h_s1ᵀ G_(s1,s2) h_s2 over the active slots ([KP, KP, BT])."""
+    si = tl.arange(0, KP)[:, None, None]
+    sl = tl.arange(0, KP)[None, :, None]
+    S = tl.zeros((KP, KP, BT), dtype=tl.float64)
+    for s1 in tl.static_range(K):
+        e1 = _expert_of(idx, s1, TOP_K_ROUTING, BT, KP)
+        h1 = _load_slot(rows, e1, tok, BT, RP)
+        for s2 in tl.static_range(s1, K):
+            e2 = _expert_of(idx, s2, TOP_K_ROUTING, BT, KP)
+            s12 = _h_g_h(h1, rows, g_ptr, e1, e2, tok, BT, RP, ERP)
+            S = tl.where(((si == s1) & (sl == s2)) | ((si == s2) & (sl == s1)), s12[None, None, :], S)
+    return S
+
+
+@triton.jit
+def _mgs_slots(S, eps, K: tl.constexpr, NORMALIZE: tl.constexpr, BT: tl.constexpr,
+               KP: tl.constexpr):
+    """MGS in coefficient space over the slots, right-looking: at step j, row j is final,
+    it is normalized and projected out of every later row at once. Each row sees the same
+    operations in the same order as docs/contract.md §1's loop.
+
+    Returns C (row i = C_i), SC (row i = S C_i), P[i, j] = p/n of step (i, j) and
+    nsq[j] = max(<v_j, v_j>, 0) (NaN kept), all over [.., BT].
+    """
+    si = tl.arange(0, KP)[:, None, None]
+    sl = tl.arange(0, KP)[None, :, None]
+    s2 = tl.arange(0, KP)[:, None]
+    C = tl.broadcast_to(tl.where((si == sl) & (si < K), 1.0, 0.0).to(tl.float64), (KP, KP, BT))
+    SC = S
+    P = tl.zeros((KP, KP, BT), dtype=tl.float64)
+    nsq = tl.zeros((KP, BT), dtype=tl.float64)
+    for j in tl.static_range(K):
+        c_j = _pick(C, si, j)                                              # [KP, BT]
+        sc_j = _pick(SC, si, j)
+        raw = tl.sum(c_j * sc_j, axis=0)
+        # Clamp rounding below 0 (identical experts), but keep a NaN: clamped to 0 it
+        # would scale q by 1/sqrt(eps) and hide the NaN.
+        nsq_j = tl.where((raw > 0.0) | (raw != raw), raw, 0.0)
+        nsq = tl.where(s2 == j, nsq_j[None, :], nsq)
+        if NORMALIZE:
+            inv = 1.0 / tl.sqrt(nsq_j + eps)
+            c_j = c_j * inv[None, :]
+            sc_j = sc_j * inv[None, :]
+            C = tl.where(si == j, c_j[None, :, :], C)
+            SC = tl.where(si == j, sc_j[None, :, :], SC)
+            n_j = tl.full((BT, ), 1.0, tl.float64)
+        else:
+            n_j = nsq_j + eps
+        later = (s2 > j) & (s2 < K)
+        coef = tl.where(later, tl.sum(C * sc_j[None, :, :], axis=1) / n_j[None, :], 0.0)
+        P = tl.where(sl == j, coef[:, None, :], P)
+        later3 = later[:, :, None]
+        C = tl.where(later3, C - coef[:, None, :] * c_j[None, :, :], C)
+        SC = tl.where(later3, SC - coef[:, None, :] * sc_j[None, :, :], SC)
+    return C, SC, P, nsq
+
+
+@triton.jit
+def _token_setup(h_ptr, l_ptr, g_ptr, start, T, E, top_k, eps, stride_ht, stride_lt,
+                 K: tl.constexpr, TOP_K_ROUTING: tl.constexpr, ORTHOGONALIZE: tl.constexpr,
+                 NORMALIZE: tl.constexpr, BT: tl.constexpr, EP: tl.constexpr, KP: tl.constexpr,
+                 RP: tl.constexpr, ERP: tl.constexpr):
+    """Load, route, Gram and MGS of BT tokens; coeff[s] = a of slot s ([KP, BT])."""
+    offs_t = (start + tl.arange(0, BT)).to(tl.int64)
+    tok = offs_t < T
+    e2 = tl.arange(0, EP)[:, None]
+    logits = _load_cols(l_ptr + offs_t * stride_lt, 0, tok, E, EP, BT)
+    logits = tl.where(e2 < E, logits, float("-inf"))   # padding tokens keep finite logits
+    active, idx, gates = _route_slots(logits, E, top_k, K, TOP_K_ROUTING, BT, EP, KP)
+    rows = h_ptr + offs_t * stride_ht
+    if ORTHOGONALIZE:
+        S = _gram_slots(rows, g_ptr, idx, tok, K, TOP_K_ROUTING, BT, KP, RP, ERP)
+        C, SC, P, nsq = _mgs_slots(S, eps, K, NORMALIZE, BT, KP)
+        coeff = tl.sum(gates[:, None, :] * C, axis=0)
+    else:
+        C = tl.zeros((KP, KP, BT), dtype=tl.float64)
+        SC = C
+        P = C
+        nsq = tl.zeros((KP, BT), dtype=tl.float64)
+        coeff = gates
+    return offs_t, tok, rows, active, idx, gates, coeff, C, SC, P, nsq
+
+
+@triton.jit
+def _zero_inactive(rows, tok, active, BT: tl.constexpr, EP: tl.constexpr, RP: tl.constexpr):
+    """Zeros in the columns of every inactive (or padding) expert of a [T, EP·RP] output."""
+    ei = tl.arange(0, EP)[:, None]
+    zeros = tl.zeros((RP, BT), dtype=tl.float64)
+    for e in tl.static_range(EP):
+        on = tl.sum(tl.where(ei == e, active, False).to(tl.int32), axis=0) != 0
+        _store_cols(rows, e * RP, tok & ~on, zeros, RP)
+
+
+@triton.jit
+def _store_z(z_rows, rows, tok, active, idx, coeff, K: tl.constexpr, TOP_K_ROUTING: tl.constexpr,
+             BT: tl.constexpr, EP: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr):
+    """Z[t] = a ⊙ h in the padded layout (zeros for inactive experts)."""
+    sk = tl.arange(0, KP)[:, None]
+    for s in tl.static_range(K):
+        e = _expert_of(idx, s, TOP_K_ROUTING, BT, KP)
+        z = _pick(coeff, sk, s)[None, :] * _load_slot(rows, e, tok, BT, RP)
+        _store_cols(z_rows, e * RP, tok, z, RP)
+    _zero_inactive(z_rows, tok, active, BT, EP, RP)
+
+
+@triton.jit
+def _token_forward_block(h_ptr, l_ptr, g_ptr, z_ptr, start, T, E, top_k, eps,
+                         stride_ht, stride_lt, stride_zt,
+                         K: tl.constexpr, TOP_K_ROUTING: tl.constexpr,
+                         ORTHOGONALIZE: tl.constexpr, NORMALIZE: tl.constexpr,
+                         BT: tl.constexpr, EP: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr,
+                         ERP: tl.constexpr):
+    offs_t, tok, rows, active, idx, gates, coeff, C, SC, P, nsq = _token_setup(
+        h_ptr, l_ptr, g_ptr, start, T, E, top_k, eps, stride_ht, stride_lt, K, TOP_K_ROUTING,
+        ORTHOGONALIZE, NORMALIZE, BT, EP, KP, RP, ERP)
+    _store_z(z_ptr + offs_t * stride_zt, rows, tok, active, idx, coeff, K, TOP_K_ROUTING, BT, EP,
+             KP, RP)
+
+
+@triton.jit
+def token_forward_kernel(h_ptr, l_ptr, g_ptr, z_ptr, T, E, top_k, eps,
+                         stride_ht, stride_lt, stride_zt,
+                         K: tl.constexpr, TOP_K_ROUTING: tl.constexpr,
+                         ORTHOGONALIZE: tl.constexpr, NORMALIZE: tl.constexpr,
+                         BT: tl.constexpr, EP: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr,
+                         ERP: tl.constexpr):
+    """Z[t] = a ⊙ h for a block of BT tokens (fp32 out, float64 inside)."""
+    _token_forward_block(h_ptr, l_ptr, g_ptr, z_ptr, tl.program_id(0) * BT, T, E, top_k, eps,
+                         stride_ht, stride_lt, stride_zt, K, TOP_K_ROUTING, ORTHOGONALIZE,
+                         NORMALIZE, BT, EP, KP, RP, ERP)
+
+
+@triton.jit
+def _reverse_mgs(C, SC, P, nsq, dC, eps, K: tl.constexpr, NORMALIZE: tl.constexpr,
+                 BT: tl.constexpr, KP: tl.constexpr):
+    """Reverse of _mgs_slots (docs/algorithm.md, "Reverse of the MGS loop"), given dC.
+
+    Returns M = dS + dSᵀ over the slots ([KP, KP, BT]): every dS term of step j is
+    u_j C_jᵀ or a symmetric outer product, so M is built directly.
+    """
+    si = tl.arange(0, KP)[:, None, None]
+    sl = tl.arange(0, KP)[None, :, None]
+    s2 = tl.arange(0, KP)[:, None]
+    R = tl.zeros((KP, KP, BT), dtype=tl.float64)     # running c of each row
+    RS = tl.zeros((KP, KP, BT), dtype=tl.float64)    # running S c
+    M = tl.zeros((KP, KP, BT), dtype=tl.float64)
+    for j in tl.static_range(K - 1, -1, -1):
+        c_j = _pick(C, si, j)
+        sc_j = _pick(SC, si, j)
+        nsq_j = _pick(nsq, s2, j)
+        if NORMALIZE:
+            n_j = tl.full((BT, ), 1.0, tl.float64)
+        else:
+            n_j = nsq_j + eps
+        later = (s2 > j) & (s2 < K)
+        later3 = later[:, :, None]
+        coef = tl.sum(tl.where(sl == j, P, 0.0), axis=1)                 # P[:, j]
+        # Rows i > j: back to their value before step (i, j).
+        R = tl.where(later3, R + coef[:, None, :] * c_j[None, :, :], R)
+        RS = tl.where(later3, RS + coef[:, None, :] * sc_j[None, :, :], RS)
+        dc_dot = tl.sum(dC * c_j[None, :, :], axis=1)                     # <dc'_i, C_j>
+        dp = tl.where(later, -dc_dot / n_j[None, :], 0.0)
+        dcj_add = tl.sum(tl.where(later3, -coef[:, None, :] * dC + dp[:, None, :] * RS, 0.0), axis=0)
+        u_j = tl.sum(tl.where(later3, dp[:, None, :] * R, 0.0), axis=0)
+        if not NORMALIZE:
+            dn = tl.where(later & (nsq_j != 0.0)[None, :], dc_dot * coef / n_j[None, :], 0.0)
+            dn_total = tl.sum(dn, axis=0)
+            dcj_add = dcj_add + 2.0 * dn_total[None, :] * sc_j
+            u_j = u_j + dn_total[None, :] * c_j
+        dC = tl.where(later3, dC + dp[:, None, :] * sc_j[None, :, :], dC)
+        dC = tl.where(si == j, dC + dcj_add[None, :, :], dC)
+        M = M + u_j[:, None, :] * c_j[None, :, :] + c_j[:, None, :] * u_j[None, :, :]
+        if NORMALIZE:
+            dc_j = _pick(dC, si, j)
+            nu = nsq_j + eps
+            root = tl.sqrt(nu)
+            inv = 1.0 / root
+            c_pre = c_j * root[None, :]
+            sc_pre = sc_j * root[None, :]
+            # No gradient through the clamp; nsq_j is >= 0 or NaN, and a NaN flows on.
+            dnu = tl.where(nsq_j != 0.0, -0.5 * inv * inv * inv * tl.sum(dc_j * c_pre, axis=0), 0.0)
+            dc_j = inv[None, :] * dc_j + 2.0 * dnu[None, :] * sc_pre
+            M = M + 2.0 * dnu[None, None, :] * c_pre[:, None, :] * c_pre[None, :, :]
+            dC = tl.where(si == j, dc_j[None, :, :], dC)
+            R = tl.where(si == j, c_pre[None, :, :], R)
+            RS = tl.where(si == j, sc_pre[None, :, :], RS)
+        else:
+            R = tl.where(si == j, c_j[None, :, :], R)
+            RS = tl.where(si == j, sc_j[None, :, :], RS)
+    return tl.where((si < K) & (sl < K), M, 0.0)
+
+
+@triton.jit
+def token_backward_kernel(h_ptr, l_ptr, g_ptr, dz_ptr, z_ptr, dhl_ptr, ds_ptr, T, E, top_k, eps,
+                          stride_ht, stride_lt, stride_dzt, stride_zt, stride_dhlt,
+                          K: tl.constexpr, TOP_K_ROUTING: tl.constexpr,
+                          ORTHOGONALIZE: tl.constexpr, NORMALIZE: tl.constexpr,
+                          BT: tl.constexpr, EP: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr,
+                          ERP: tl.constexpr, EPL: tl.constexpr):
+    """Per-token reverse. Writes Z (recomputed), dH into dHL[:, :ERP], dlogits into
+    dHL[:, ERP:ERP+E] (zeros up to ERP+EPL), and, when orthogonalizing, the symmetric
+    part (dS + dSᵀ)/2 of dS into ds [T, EP, EP] (float64; dG only enters as dG + dGᵀ,
+    which is the same from either)."""
+    offs_t, tok, rows, active, idx, gates, coeff, C, SC, P, nsq = _token_setup(
+        h_ptr, l_ptr, g_ptr, tl.program_id(0) * BT, T, E, top_k, eps, stride_ht, stride_lt, K,
+        TOP_K_ROUTING, ORTHOGONALIZE, NORMALIZE, BT, EP, KP, RP, ERP)
+    _store_z(z_ptr + offs_t * stride_zt, rows, tok, active, idx, coeff, K, TOP_K_ROUTING, BT, EP,
+             KP, RP)
+    sk = tl.arange(0, KP)[:, None]
+    si = tl.arange(0, KP)[:, None, None]
+    sl = tl.arange(0, KP)[None, :, None]
+    dz_rows = dz_ptr + offs_t * stride_dzt
+    # z = a ⊙ h: da_s = <dz_s, h_s>.
+    dcoeff = tl.zeros((KP, BT), dtype=tl.float64)
+    for s in tl.static_range(K):
+        e = _expert_of(idx, s, TOP_K_ROUTING, BT, KP)
+        da = tl.sum(_load_slot(dz_rows, e, tok, BT, RP) * _load_slot(rows, e, tok, BT, RP), axis=0)
+        dcoeff = tl.where(sk == s, da[None, :], dcoeff)
+    if ORTHOGONALIZE:
+        dgate = tl.sum(C * dcoeff[None, :, :], axis=1)                    # <C_i, da>
+        dC = tl.where(si < K, gates[:, None, :] * dcoeff[None, :, :], 0.0)
+        M = _reverse_mgs(C, SC, P, nsq, dC, eps, K, NORMALIZE, BT, KP)
+        # (dS + dSᵀ)/2 in the expert layout: slot pairs, then zeros for inactive pairs.
+        ds_rows = ds_ptr + offs_t * (EP * EP)
+        for s1 in tl.static_range(K):
+            e1 = _expert_of(idx, s1, TOP_K_ROUTING, BT, KP)
+            for s2 in tl.static_range(K):
+                e2 = _expert_of(idx, s2, TOP_K_ROUTING, BT, KP)
+                m12 = _pick(_pick(M, si, s1), sk, s2)
+                tl.store(ds_rows + e1 * EP + e2, 0.5 * m12, mask=tok)
+        ei = tl.arange(0, EP)[:, None]
+        for i in tl.static_range(EP):
+            act_i = tl.sum(tl.where(ei == i, active, False).to(tl.int32), axis=0) != 0
+            for j in tl.static_range(EP):
+                act_j = tl.sum(tl.where(ei == j, active, False).to(tl.int32), axis=0) != 0
+                tl.store(ds_rows + i * EP + j, tl.zeros((BT, ), tl.float64),
+                         mask=tok & ~(act_i & act_j))
+    else:
+        dgate = dcoeff
+    # dh of slot s1: a_s1 dz_s1 + Σ_s2 M[s1, s2] G_(s1,s2) h_s2.
+    dhl_rows = dhl_ptr + offs_t * stride_dhlt
+    for s1 in tl.static_range(K):
+        e1 = _expert_of(idx, s1, TOP_K_ROUTING, BT, KP)
+        dh = _pick(coeff, sk, s1)[None, :] * _load_slot(dz_rows, e1, tok, BT, RP)
+        if ORTHOGONALIZE:
+            m1 = _pick(M, si, s1)
+            for s2 in tl.static_range(K):
+                e2 = _expert_of(idx, s2, TOP_K_ROUTING, BT, KP)
+                dh = _add_g_h(dh, _pick(m1, sk, s2), rows, g_ptr, e1, e2, tok, BT, RP, ERP)
+        _store_cols(dhl_rows, e1 * RP, tok, dh, RP)
+    _zero_inactive(dhl_rows, tok, active, BT, EP, RP)
+    # Softmax over the active set: dlogit_i = g_i (dg_i − Σ_j g_j dg_j), widened to the
+    # EPL router columns of dHL (zeros past E) so that one store writes them all.
+    mean = tl.sum(gates * dgate, axis=0)
+    dl_slots = tl.where(sk < K, gates * (dgate - mean[None, :]), 0.0)
+    cols = tl.arange(0, EPL)[:, None]
+    wide = tl.zeros((EPL, BT), dtype=tl.float64)
+    for s in tl.static_range(K):
+        e = _expert_of(idx, s, TOP_K_ROUTING, BT, KP)
+        wide = tl.where(cols == e[None, :], _pick(dl_slots, sk, s)[None, :], wide)
+    _store_cols(dhl_rows, ERP, tok, wide, EPL)
