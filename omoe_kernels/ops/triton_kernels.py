@@ -20,10 +20,14 @@ import triton
 import triton.language as tl
 
 # The DOT_KIND values live in triton_configs.py (the launchers also read them as K.DOT_*).
-from .triton_configs import DOT_BF16, DOT_FP16, DOT_FP32_IEEE, DOT_FP32_TF32, DOT_FP64
 # The per-token kernels live in their own module; re-exported here so the launchers and
 # kernel_report find every kernel as K.<name>.
-from .triton_token_kernels import _token_forward_block, token_backward_kernel, token_forward_kernel  # noqa: F401
+from .triton_configs import DOT_BF16, DOT_FP16, DOT_FP32_IEEE, DOT_FP32_TF32, DOT_FP64
+from .triton_token_kernels import (  # noqa: F401
+    _token_forward_block,
+    token_backward_kernel,
+    token_forward_kernel,
+)
 
 # The same values as compile-time constants for the kernel bodies: a @triton.jit
 # function can only read module globals that are tl.constexpr.
