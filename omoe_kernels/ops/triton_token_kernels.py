@@ -353,7 +353,6 @@ def token_backward_kernel(h_ptr, l_ptr, g_ptr, dz_ptr, z_ptr, dhl_ptr, ds_ptr, T
              KP, RP)
     sk = tl.arange(0, KP)[:, None]
     si = tl.arange(0, KP)[:, None, None]
-    sl = tl.arange(0, KP)[None, :, None]
     dz_rows = dz_ptr + offs_t * stride_dzt
     # z = a ⊙ h: da_s = <dz_s, h_s>.
     dcoeff = tl.zeros((KP, BT), dtype=tl.float64)
