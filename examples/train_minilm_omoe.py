@@ -198,15 +198,22 @@ def orthonormality(model: nn.Module, input_ids, mask) -> dict:
             "fraction_below_1e-3": (errors < 1e-3).double().mean().item()}
 
 
-def measure_q(args, data) -> None:
-    """Trains OMoE and records, per step, how far the q_i are from orthonormal."""
-    train_ids, train_mask, train_y, test_batches = data
-    model = build("omoe", args.backend, args.alpha)
+def make_optimizer(model: nn.Module, args):
+    """AdamW over the trainable parameters, with a linear warm-up (a tenth of the steps)
+    and a linear decay to 5%."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     warmup = max(1, args.steps // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / args.steps))
+    return optimizer, schedule
+
+
+def measure_q(args, data) -> None:
+    """Trains OMoE and records, per step, how far the q_i are from orthonormal."""
+    train_ids, train_mask, train_y, test_batches = data
+    model = build("omoe", args.backend, args.alpha)
+    optimizer, schedule = make_optimizer(model, args)
     generator = torch.Generator().manual_seed(1)
     probe = test_batches[0][:2]
     rows = [{"step": 0, **orthonormality(model, *probe)}]
@@ -264,11 +271,7 @@ def train(kind: str, args, data) -> dict:
     train_ids, train_mask, train_y, test_batches = data
     model = build(kind, args.backend, args.alpha)
     trainable = sum(p.numel() for p in model.encoder.parameters() if p.requires_grad)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    warmup = max(1, args.steps // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / args.steps))
+    optimizer, schedule = make_optimizer(model, args)
     generator = torch.Generator().manual_seed(1)
     history = {"step": [], "loss": [], "eval_step": [], "accuracy": []}
     history["eval_step"].append(0)

@@ -62,7 +62,8 @@ class Backend:
 # ---------------------------------------------------------------------------------------
 # The entries' checks and loaders.
 
-def _triton_interpreting() -> bool:
+def triton_interpreting() -> bool:
+    """Whether TRITON_INTERPRET asks for the Triton interpreter (read before triton is imported)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -73,7 +74,7 @@ def _triton_available(device_type: str) -> bool:
         return False
     if device_type == "cuda":
         return torch.cuda.is_available()
-    return device_type == "cpu" and _triton_interpreting()
+    return device_type == "cpu" and triton_interpreting()
 
 
 def _compiled_available(device_type: str) -> bool:

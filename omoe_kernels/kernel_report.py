@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from . import kernel_model as M
+from .backends import triton_interpreting
 from .kernel_model import Work
 
 
@@ -465,7 +466,7 @@ def main(argv=None) -> int:
                         help="also count one step's launches on CPU (omoe_kernels.launch_count)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if triton_interpreting():
         print("kernel_report: unset TRITON_INTERPRET (the interpreter cannot compile)", file=sys.stderr)
         return 2
     results = run_report(args.arch, args.only)

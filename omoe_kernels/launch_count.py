@@ -31,6 +31,8 @@ from typing import Callable, Iterator
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from .backends import triton_interpreting
+
 TRITON_RANGE = "triton_launch::"
 
 # ATen ops that launch no GPU kernel themselves: views, metadata, allocation without
@@ -138,7 +140,7 @@ def step_launches(backend: str = "triton", top_k: int | None = None, num_tokens:
     TRITON_INTERPRET=1 set before triton is imported)."""
     from .functional import omoe_lora
 
-    if backend == "triton" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    if backend == "triton" and not triton_interpreting():
         raise RuntimeError("step_launches(backend='triton') counts interpreted launches: "
                            "set TRITON_INTERPRET=1 before importing triton")
     gen = torch.Generator().manual_seed(0)
@@ -195,7 +197,7 @@ def main(argv=None) -> int:
     parser.add_argument("--top-k", type=int, default=2, help="the top-k case (E = 4); dense always runs")
     parser.add_argument("--json", help="write the counts here ('-': stdout, instead of the table)")
     args = parser.parse_args(argv)
-    if "triton" in args.backends.split(",") and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    if "triton" in args.backends.split(",") and not triton_interpreting():
         # The variable must be set before triton is imported: rerun in a child process.
         import subprocess
 

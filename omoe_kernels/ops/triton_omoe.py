@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from .._validate import Problem
+from ..backends import triton_interpreting
 from . import triton_configs as C
 from .registration import (
     BACKWARD_SCHEMA,
@@ -48,8 +49,7 @@ except Exception as exc:  # triton missing or broken: the backend is just unavai
     IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+interpreting = triton_interpreting  # the one reading of TRITON_INTERPRET (backends.py)
 
 
 def fixed_config() -> bool:
