@@ -8,6 +8,7 @@
 // a stale G is a silent wrong answer. The compare reads d_out·E·r values; forming G costs
 // E·r times that. Entries are found by B's TensorImpl (a weak reference, so freed weights
 // drop out) and must match its dtype, device, sizes and strides too.
+// Only CPU weights are cached (see `cacheable`).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -33,17 +34,11 @@ struct Found {
   at::Tensor B_cat, G;
 };
 
-inline bool bitwise_equal(const at::Tensor& a, const at::Tensor& b) {
+inline bool bitwise_equal(const at::Tensor& a, const at::Tensor& b) {  // CPU tensors
   if (a.sizes() != b.sizes() || a.scalar_type() != b.scalar_type() || a.device() != b.device())
     return false;
-  if (a.is_cpu()) {
-    const at::Tensor ac = a.contiguous(), bc = b.contiguous();
-    return std::memcmp(ac.data_ptr(), bc.data_ptr(), ac.nbytes()) == 0;
-  }
-  const at::ScalarType bits = a.element_size() == 8   ? at::kLong
-                              : a.element_size() == 4 ? at::kInt
-                                                      : at::kShort;
-  return at::equal(a.contiguous().view(bits), b.contiguous().view(bits));
+  const at::Tensor ac = a.contiguous(), bc = b.contiguous();
+  return std::memcmp(ac.data_ptr(), bc.data_ptr(), ac.nbytes()) == 0;
 }
 
 class GramCache {
@@ -122,8 +117,10 @@ class GramCache {
     }
   };
 
+  // CPU tensors only: on a GPU the bitwise compare would return its answer to the host,
+  // a synchronisation in every call.
   static bool cacheable(const at::Tensor& B) {
-    return B.defined() && B.has_storage() && B.numel() > 0;
+    return B.defined() && B.is_cpu() && B.has_storage() && B.numel() > 0;
   }
   static int64_t limit_bytes() {
     static const int64_t limit = [] {
