@@ -27,8 +27,9 @@
 #include <memory>
 
 namespace omoe {
-namespace {
 
+// accumulate_dtype and check_common are declared in omoe_ops.h: the CUDA plan
+// (csrc/cuda/omoe_cuda_plan.cpp) makes the same checks.
 at::ScalarType accumulate_dtype(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -37,10 +38,6 @@ void check_float(const at::Tensor& t, const char* name) {
   TORCH_CHECK(at::isFloatingType(t.scalar_type()), "omoe: ", name,
               " must be a floating tensor, got ", t.scalar_type());
 }
-
-struct Sizes {
-  int64_t T, d_in, d_out, E, r;
-};
 
 // The most active experts k = min(top_k, E) a device's per-token pass takes.
 int64_t max_active_experts(const at::Tensor& x) {
@@ -92,6 +89,8 @@ Sizes check_common(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B
   }
   return s;
 }
+
+namespace {
 
 // ---- packed weights, and G (cached across calls while B is unchanged) ----------------
 

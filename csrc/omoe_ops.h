@@ -11,6 +11,19 @@
 
 namespace omoe {
 
+struct Sizes {
+  int64_t T, d_in, d_out, E, r;
+};
+
+// The dtype h and the logits are kept in: float64 for float64 inputs, else float32.
+at::ScalarType accumulate_dtype(const at::Tensor& x);
+
+// The checks shared by forward and backward of every device (messages name the argument);
+// returns the sizes.
+Sizes check_common(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+                   const at::Tensor& router_weight,
+                   const std::optional<at::Tensor>& router_input, int64_t top_k, double eps);
+
 // Per-token forward over all tokens: z[t] = a[t] ⊙ h[t] (docs/algorithm.md, steps 2–5).
 // h: [T, E·r], logits: [T, E] (both float32, or float64 for float64 inputs);
 // GH: [E, T, E·r] float64 with GH[j][t][(i, a)] = (G_ij h_j)_a (undefined unless

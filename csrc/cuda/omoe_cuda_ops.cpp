@@ -1,7 +1,8 @@
-// The omoe ops on CUDA tensors: the device-generic orchestration of omoe_ops.cpp (input
-// checks, then cuBLAS GEMMs through ATen) around the CUDA per-token passes of
-// omoe_cuda_kernels.cu, registered for the CUDA dispatch key. Every check here and in the
-// orchestration runs before any kernel is launched.
+// The omoe ops on CUDA tensors: the CUDA plan (omoe_cuda_plan.cpp: input checks, then
+// cuBLAS GEMMs through ATen) around the warp-per-token passes of omoe_cuda_kernels.cu,
+// registered for the CUDA dispatch key. Every check runs before any kernel is launched,
+// and nothing here waits for the GPU (no host synchronisation: CUDA graphs can capture a
+// step).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -9,17 +10,16 @@
 #include <torch/library.h>
 
 #include <optional>
-#include <utility>
 
 #include "cuda/omoe_cuda_kernels.h"
-#include "omoe_ops.h"
+#include "cuda/omoe_cuda_plan.h"
 #include "omoe_token.h"
 
 namespace omoe {
 namespace {
 
-// The orchestration hands over contiguous tensors of its own making; these checks keep
-// any other caller from launching on something else.
+// The plan hands over tensors of its own making; these checks keep any other caller
+// from launching on something else.
 void check_pass_tensor(const at::Tensor& t, const at::Tensor& like, const char* name,
                        at::ScalarType dtype) {
   TORCH_CHECK(t.is_cuda() && t.device() == like.device(), "omoe (cuda): ", name, " must be on ",
@@ -29,99 +29,99 @@ void check_pass_tensor(const at::Tensor& t, const at::Tensor& like, const char* 
               t.scalar_type());
 }
 
-// GH and dg_lhs are [E, T, E·r] float64 (omoe_ops.h), used only when orthogonalizing.
-void check_gram_layout(const at::Tensor& t, const at::Tensor& h, int64_t E, const char* name) {
-  TORCH_CHECK(
-      t.dim() == 3 && t.size(0) == E && t.size(1) == h.size(0) && t.size(2) == h.size(1),
-      "omoe (cuda): ", name, " must be [E, T, E*r] = [", E, ", ", h.size(0), ", ", h.size(1),
-      "], got ", t.sizes());
-  check_pass_tensor(t, h, name, at::kDouble);
+void check_rows(const at::Tensor& t, int64_t rows, int64_t cols, const char* name) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, "omoe (cuda): ", name,
+              " must be [", rows, ", ", cols, "], got ", t.sizes());
 }
 
-cuda::TokenPassShape check_pass(const at::Tensor& h, const at::Tensor& logits,
-                                const at::Tensor& GH, int64_t E, int64_t r, int64_t top_k,
-                                bool orthogonalize, bool normalize, double eps) {
-  TORCH_CHECK(E >= 1 && r >= 1 && top_k >= 1 && top_k <= E && top_k <= kMaxExperts,
-              "omoe (cuda): bad sizes E=", E, " r=", r, " top_k=", top_k, " (at most ",
-              kMaxExperts, " active experts)");
-  TORCH_CHECK(h.scalar_type() == at::kFloat || h.scalar_type() == at::kDouble,
-              "omoe (cuda): h must be float32 or float64, got ", h.scalar_type());
-  TORCH_CHECK(h.dim() == 2 && h.size(1) == E * r, "omoe (cuda): h must be [T, E*r]");
-  TORCH_CHECK(logits.dim() == 2 && logits.size(0) == h.size(0) && logits.size(1) == E,
-              "omoe (cuda): logits must be [T, E]");
+cuda::PassTypes pass_types(at::ScalarType acc, at::ScalarType operand) {
+  if (acc == at::kDouble && operand == at::kDouble) return cuda::PassTypes::kFloat64;
+  TORCH_CHECK(acc == at::kFloat, "omoe (cuda): h must be float32 or float64, got ", acc);
+  if (operand == at::kBFloat16) return cuda::PassTypes::kFloat32ToBFloat16;
+  if (operand == at::kHalf) return cuda::PassTypes::kFloat32ToFloat16;
+  TORCH_CHECK(operand == at::kFloat, "omoe (cuda): operands must be float32, bfloat16 or "
+              "float16 for float32 h, got ", operand);
+  return cuda::PassTypes::kFloat32;
+}
+
+// Checks what both passes read; returns the launch arguments filled so far.
+cuda::TokenPassArgs check_pass(const at::Tensor& h, const at::Tensor& logits,
+                               const at::Tensor& G, const LanePassShape& s, at::Tensor& z) {
+  const int64_t E = s.num_experts, r = s.rank, k = s.top_k;
+  TORCH_CHECK(E >= 1 && r >= 1 && k >= 1 && k <= E && k <= kMaxExperts,
+              "omoe (cuda): bad sizes E=", E, " r=", r, " top_k=", k, " (at most ", kMaxExperts,
+              " active experts)");
+  const int64_t T = s.num_tokens, er = E * r;
+  check_rows(h, T, er, "h");
+  check_rows(logits, T, E, "logits");
   check_pass_tensor(h, h, "h", h.scalar_type());
   check_pass_tensor(logits, h, "logits", h.scalar_type());
-  if (orthogonalize) check_gram_layout(GH, h, E, "GH");
-  return cuda::TokenPassShape{h.size(0),     int(E),    int(r), int(top_k),
-                              orthogonalize, normalize, eps};
+  const bool split = z.element_size() == 2;
+  check_rows(z, T, split ? 2 * er : er, "z");
+  check_pass_tensor(z, h, "z", z.scalar_type());
+  if (s.orthogonalize) {
+    check_rows(G, er, er, "G");
+    check_pass_tensor(G, h, "G", at::kDouble);
+  }
+  cuda::TokenPassArgs args{};
+  args.shape = s;
+  args.types = pass_types(h.scalar_type(), z.scalar_type());
+  args.h = h.data_ptr();
+  args.logits = logits.data_ptr();
+  args.G = s.orthogonalize ? G.data_ptr<double>() : nullptr;
+  args.z = z.data_ptr();
+  args.z_ld = z.size(1);
+  return args;
 }
 
-void check_same_as(const at::Tensor& t, const at::Tensor& like, const char* name) {
-  TORCH_CHECK(t.sizes() == like.sizes(), "omoe (cuda): ", name, " must have shape ",
-              like.sizes(), ", got ", t.sizes());
-  check_pass_tensor(t, like, name, like.scalar_type());
-}
-
-at::Tensor make_workspace(size_t bytes, const at::Tensor& like) {
+at::Tensor workspace_for(const LanePassShape& s, bool backward, const at::Tensor& like) {
+  const size_t bytes = cuda::token_pass_workspace_bytes(s, backward);
   return at::empty({int64_t(bytes)}, like.options().dtype(at::kByte));
 }
 
-void token_forward_cuda(const at::Tensor& h, const at::Tensor& logits, const at::Tensor& GH,
-                        int64_t E, int64_t r, int64_t top_k, bool orthogonalize, bool normalize,
-                        double eps, at::Tensor& z) {
-  const cuda::TokenPassShape shape =
-      check_pass(h, logits, GH, E, r, top_k, orthogonalize, normalize, eps);
-  check_same_as(z, h, "z");
-  if (shape.num_tokens == 0) return;
+void token_forward_cuda(const at::Tensor& h, const at::Tensor& logits, const at::Tensor& G,
+                        const LanePassShape& s, at::Tensor& z) {
+  cuda::TokenPassArgs args = check_pass(h, logits, G, s, z);
+  if (s.num_tokens == 0) return;
   const c10::cuda::CUDAGuard device_guard(h.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const double* gh_ptr = orthogonalize ? GH.data_ptr<double>() : nullptr;
-  const size_t ws_bytes = cuda::token_forward_workspace_bytes(shape);
-  at::Tensor workspace = make_workspace(ws_bytes, h);
-  void* ws_ptr = ws_bytes ? workspace.data_ptr() : nullptr;
-  if (h.scalar_type() == at::kDouble)
-    cuda::launch_token_forward(shape, h.data_ptr<double>(), logits.data_ptr<double>(), gh_ptr,
-                               ws_ptr, z.data_ptr<double>(), stream);
-  else
-    cuda::launch_token_forward(shape, h.data_ptr<float>(), logits.data_ptr<float>(), gh_ptr,
-                               ws_ptr, z.data_ptr<float>(), stream);
+  const at::Tensor workspace = workspace_for(s, false, h);
+  args.workspace = workspace.numel() ? workspace.data_ptr() : nullptr;
+  cuda::launch_token_forward(args, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void token_backward_cuda(const at::Tensor& h, const at::Tensor& logits, const at::Tensor& GH,
-                         const at::Tensor& dz, int64_t E, int64_t r, int64_t top_k,
-                         bool orthogonalize, bool normalize, double eps, at::Tensor& z,
-                         at::Tensor& dh, at::Tensor& dlogits, at::Tensor& dg_lhs) {
-  const cuda::TokenPassShape shape =
-      check_pass(h, logits, GH, E, r, top_k, orthogonalize, normalize, eps);
-  check_same_as(dz, h, "dz");
-  check_same_as(z, h, "z");
-  check_same_as(dh, h, "dh");
-  check_same_as(dlogits, logits, "dlogits");
-  if (orthogonalize) check_gram_layout(dg_lhs, h, E, "dg_lhs");
-  if (shape.num_tokens == 0) return;
+void token_backward_cuda(const at::Tensor& h, const at::Tensor& logits, const at::Tensor& G,
+                         const at::Tensor& dz, const LanePassShape& s, at::Tensor& z,
+                         at::Tensor& dhl, at::Tensor& dg_lhs) {
+  cuda::TokenPassArgs args = check_pass(h, logits, G, s, z);
+  const int64_t T = s.num_tokens, E = s.num_experts, er = E * s.rank;
+  check_rows(dz, T, er, "dz");
+  check_pass_tensor(dz, h, "dz", h.scalar_type());
+  check_rows(dhl, T, z.element_size() == 2 ? 2 * (er + E) : er + E, "dhl");
+  check_pass_tensor(dhl, h, "dhl", z.scalar_type());
+  if (s.orthogonalize) {
+    TORCH_CHECK(dg_lhs.dim() == 3 && dg_lhs.size(0) == E && dg_lhs.size(1) == T &&
+                    dg_lhs.size(2) == er,
+                "omoe (cuda): dg_lhs must be [E, T, E*r] = [", E, ", ", T, ", ", er, "], got ",
+                dg_lhs.sizes());
+    check_pass_tensor(dg_lhs, h, "dg_lhs", at::kDouble);
+  }
+  if (T == 0) return;
+  args.dz = dz.data_ptr();
+  args.dhl = dhl.data_ptr();
+  args.dhl_ld = dhl.size(1);
+  args.dg_lhs = s.orthogonalize ? dg_lhs.data_ptr<double>() : nullptr;
   const c10::cuda::CUDAGuard device_guard(h.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const double* gh_ptr = orthogonalize ? GH.data_ptr<double>() : nullptr;
-  double* lhs_ptr = orthogonalize ? dg_lhs.data_ptr<double>() : nullptr;
-  const size_t ws_bytes = cuda::token_backward_workspace_bytes(shape);
-  at::Tensor workspace = make_workspace(ws_bytes, h);
-  void* ws_ptr = ws_bytes ? workspace.data_ptr() : nullptr;
-  if (h.scalar_type() == at::kDouble)
-    cuda::launch_token_backward(shape, h.data_ptr<double>(), logits.data_ptr<double>(), gh_ptr,
-                                dz.data_ptr<double>(), ws_ptr, z.data_ptr<double>(),
-                                dh.data_ptr<double>(), dlogits.data_ptr<double>(), lhs_ptr,
-                                stream);
-  else
-    cuda::launch_token_backward(shape, h.data_ptr<float>(), logits.data_ptr<float>(), gh_ptr,
-                                dz.data_ptr<float>(), ws_ptr, z.data_ptr<float>(),
-                                dh.data_ptr<float>(), dlogits.data_ptr<float>(), lhs_ptr,
-                                stream);
+  const at::Tensor workspace = workspace_for(s, true, h);
+  args.workspace = workspace.numel() ? workspace.data_ptr() : nullptr;
+  cuda::launch_token_backward(args, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// x on another device than the other inputs is reported by the orchestration's checks,
-// so the guard only acts when x is on a GPU.
+constexpr PlanPass kCudaPass{token_forward_cuda, token_backward_cuda};
+
+// x on another device than the other inputs is reported by the plan's checks, so the
+// guard only acts when x is on a GPU.
 std::optional<c10::Device> cuda_device_of(const at::Tensor& x) {
   return x.is_cuda() ? std::optional<c10::Device>(x.device()) : std::nullopt;
 }
@@ -132,8 +132,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
     const std::optional<at::Tensor>& base_out, double scaling, int64_t top_k,
     bool orthogonalize, bool normalize, double eps) {
   const c10::cuda::OptionalCUDAGuard device_guard(cuda_device_of(x));
-  return forward_impl(x, A, B, router_weight, router_input, base_out, scaling, top_k,
-                      orthogonalize, normalize, eps, token_forward_cuda);
+  return plan_forward(x, A, B, router_weight, router_input, base_out, scaling, top_k,
+                      orthogonalize, normalize, eps, kCudaPass);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
@@ -142,8 +142,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     const at::Tensor& h, const at::Tensor& logits, double scaling, int64_t top_k,
     bool orthogonalize, bool normalize, double eps) {
   const c10::cuda::OptionalCUDAGuard device_guard(cuda_device_of(x));
-  return backward_impl(grad_y, x, A, B, router_weight, router_input, h, logits, scaling, top_k,
-                       orthogonalize, normalize, eps, token_backward_cuda);
+  return plan_backward(grad_y, x, A, B, router_weight, router_input, h, logits, scaling, top_k,
+                       orthogonalize, normalize, eps, kCudaPass);
 }
 
 }  // namespace
