@@ -5,9 +5,12 @@ empty inputs) is in the shared suites, which run for `cuda` with OMOE_TEST_DEVIC
 Every check here compares with the float64 evaluation of docs/contract.md §1 (conftest.oracle) or, where
 noted, with the compiled CPU ops in float64 (the same algorithm, so differences are
 kernel bugs). Shapes cover each compile-time bound on the active experts (k ≤ 4, 8, 16,
-32), both scratch placements (stack for k ≤ 4, global workspace above) and grids where
-each thread loops over several tokens. Skipped with a reason without a GPU; the
-real-size cases also carry the `gpu` marker (OMOE_TEST_DEVICE=cuda runs them).
+32), both scratch placements (shared memory for k ≤ 8, a global slot per warp above), G
+in shared memory and in global memory (E·r > 140), and grids where each warp loops over
+several tokens. The plan's GEMMs are checked on the CPU as well (test_cuda_plan.py);
+here run the warps, cuBLAS's 16-bit GEMMs, the absence of host synchronisation and CUDA
+graph capture. Skipped with a reason without a GPU; the real-size cases also carry the
+`gpu` marker (OMOE_TEST_DEVICE=cuda runs them).
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from conftest import (
     random_grad,
     run_backend,
 )
+from omoe_kernels import omoe_lora
 from omoe_kernels.ops import compiled
 
 CUDA = torch.device("cuda")
@@ -62,10 +66,80 @@ def test_every_active_set_bound_float64(E, top_k, normalize):
                           scaling=1.3)
 
 
+@pytest.mark.parametrize("with_router_input", [False, True])
+@pytest.mark.parametrize("top_k", [None, 2])
+@pytest.mark.parametrize("row", list(ACCURACY_ROWS))
+def test_accuracy_rows_with_16bit_gemms(row, top_k, with_router_input):
+    dtype, collapse, fwd_tol, grad_tol = ACCURACY_ROWS[row]
+    problem = make_problem(*SHAPE, dtype=dtype, collapse=collapse, seed=3, device=CUDA,
+                           with_router_input=with_router_input)
+    assert_matches_oracle(problem, "cuda", fwd_tol, grad_tol, top_k=top_k, scaling=1.7)
+
+
+@pytest.mark.parametrize("E,r,top_k", [(3, 5, None), (7, 3, 2), (24, 8, 3), (6, 33, None)])
+def test_odd_shapes_bf16(E, r, top_k):
+    # Odd E·r (15, 21), G in global memory (E·r = 192 > 140), and a rank above a warp.
+    problem = make_problem(33, 19, 27, E, r, dtype=torch.bfloat16, seed=E, device=CUDA)
+    assert_matches_oracle(problem, "cuda", 1e-2, 2e-2, top_k=top_k)
+
+
+def _training_step(problem, grad_y, top_k):
+    leaves = {n: t.detach().requires_grad_(True) for n, t in problem.tensors().items()}
+    y = omoe_lora(leaves["x"], leaves["A"], leaves["B"], leaves["router_weight"],
+                  base_out=leaves.get("base_out"), top_k=top_k, backend="cuda")
+    y.backward(grad_y)
+    return y, {n: t.grad for n, t in leaves.items()}
+
+
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_step_never_synchronises_with_the_host(top_k):
+    problem = make_problem(*SHAPE, dtype=torch.bfloat16, seed=9, device=CUDA)
+    grad_y = random_grad((SHAPE[0], SHAPE[2]), torch.bfloat16, CUDA)
+    _training_step(problem, grad_y, top_k)  # warm-up: lazy initialisation may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        p = problem
+        y, h, logits = torch.ops.omoe.forward(p.x, p.A, p.B, p.router_weight, None, p.base_out,
+                                              1.0, top_k or SHAPE[3], True, True, 1e-6)
+        torch.ops.omoe.backward(grad_y, p.x, p.A, p.B, p.router_weight, None, h, logits, 1.0,
+                                top_k or SHAPE[3], True, True, 1e-6)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+
+
+def test_cuda_graph_captures_forward_and_backward_ops():
+    p = make_problem(*SHAPE, dtype=torch.bfloat16, seed=10, device=CUDA)
+    grad_y = random_grad((SHAPE[0], SHAPE[2]), torch.bfloat16, CUDA)
+    options = (1.0, 2, True, True, 1e-6)
+
+    def step():
+        y, h, logits = torch.ops.omoe.forward(p.x, p.A, p.B, p.router_weight, None, p.base_out,
+                                              *options)
+        grads = torch.ops.omoe.backward(grad_y, p.x, p.A, p.B, p.router_weight, None, h,
+                                        logits, *options)
+        return (y,) + tuple(grads[:4])
+
+    eager = step()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # warm-up on the capture stream
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(captured, eager):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("E,top_k", [(4, None), (16, 9), (32, None)])
 def test_grid_stride_over_many_tokens_matches_cpu_ops(E, top_k):
-    # More tokens than launched threads for k > 4 (the workspace caps the grid), so each
-    # thread handles several tokens; compared with the CPU ops on the same float64 inputs.
+    # More tokens than resident warps, so each warp handles several tokens; compared with
+    # the CPU ops on the same float64 inputs.
     problem = make_problem(20000, 16, 40, E, 2, dtype=torch.float64, seed=3, device=CUDA)
     grad_y = random_grad((20000, 40), torch.float64, CUDA)
     y, grads = run_backend(problem, "cuda", grad_y, top_k=top_k)

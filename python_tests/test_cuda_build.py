@@ -49,10 +49,11 @@ CUDA_EXPECTED, CUDA_WHY_NOT = _cuda_build_expected()
 needs_cuda_build = pytest.mark.skipif(not CUDA_EXPECTED,
                                       reason=f"the CUDA part is not built here: {CUDA_WHY_NOT}")
 
-# The kernels of csrc/cuda/omoe_cuda_kernels.cu: forward and backward, per compile-time
-# bound on the active experts (4, 8, 16, 32) and per token dtype (float, double).
-KERNEL_NAMES = ("token_forward_kernel", "token_backward_kernel")
-INSTANCES_PER_KERNEL = 4 * 2
+# The kernel of csrc/cuda/omoe_cuda_kernels.cu: forward and backward, per compile-time
+# bound on the active experts (4, 8, 16, 32) and per (pass dtype, operand dtype) pair
+# (double/double, float/float, float/bfloat16, float/half).
+KERNEL_NAMES = ("token_pass_kernel",)
+INSTANCES_PER_KERNEL = 2 * 4 * 4
 
 
 def _cuobjdump() -> str:
@@ -95,6 +96,18 @@ def _check_cuda_code(library: str) -> None:
         for kernel in KERNEL_NAMES:
             found = len(re.findall(rf"Function \S*{kernel}\S*:", blocks.get(arch, "")))
             assert found == INSTANCES_PER_KERNEL, f"{arch}: {found} instances of {kernel}"
+
+
+def test_cuda_plan_makes_no_float32_copy_of_activations():
+    # csrc/cuda/omoe_cuda_plan.cpp hands x, base_out, router_input and grad_y to the GEMMs
+    # in their own dtype (16-bit GEMMs with float32 output): no cast of any of them to
+    # the accumulate dtype. (grad_y is cast only when its dtype differs from x's.)
+    with open(os.path.join(ROOT, "csrc", "cuda", "omoe_cuda_plan.cpp")) as f:
+        source = f.read()
+    casts = re.findall(r"(?:\bx|base_out(?:->|\))|router_input(?:->|\))|grad_y)\s*\.\s*to\(([^)]*)\)",
+                       source)
+    assert casts == ["dt"], casts
+    assert "at::mm(a, b, acc)" in source  # cuBLAS's 16-bit GEMM with float32 output
 
 
 def _omoe_op_names() -> list[str]:

@@ -17,7 +17,9 @@ namespace omoe {
 
 template <>
 struct OperandConvert<__nv_bfloat16> {
-  static __host__ __device__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+  static __host__ __device__ __nv_bfloat16 from_float(float v) {
+    return __float2bfloat16_rn(v);
+  }
   static __host__ __device__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 };
 template <>
@@ -39,8 +41,8 @@ constexpr size_t kDefaultSharedBytes = size_t(48) << 10;
 constexpr size_t kWorkspaceBudgetBytes = size_t(256) << 20;
 
 template <int MAX_K, bool BACKWARD>
-using Scratch = LaneScratch<MAX_K, std::conditional_t<BACKWARD, BackwardScratch<MAX_K>,
-                                                      MgsTape<MAX_K>>>;
+using Scratch =
+    LaneScratch<MAX_K, std::conditional_t<BACKWARD, BackwardScratch<MAX_K>, MgsTape<MAX_K>>>;
 
 template <int MAX_K>
 constexpr bool scratch_in_shared() {
@@ -167,7 +169,8 @@ size_t token_pass_workspace_bytes(const LanePassShape& shape, bool backward) {
   size_t bytes = 0;
   dispatch_max_active(shape.top_k, [&](auto max_k) {
     constexpr int MAX_K = decltype(max_k)::value;
-    bytes = backward ? workspace_bytes<MAX_K, true>(shape) : workspace_bytes<MAX_K, false>(shape);
+    bytes =
+        backward ? workspace_bytes<MAX_K, true>(shape) : workspace_bytes<MAX_K, false>(shape);
   });
   return bytes;
 }

@@ -39,8 +39,10 @@ cuda::PassTypes pass_types(at::ScalarType acc, at::ScalarType operand) {
   TORCH_CHECK(acc == at::kFloat, "omoe (cuda): h must be float32 or float64, got ", acc);
   if (operand == at::kBFloat16) return cuda::PassTypes::kFloat32ToBFloat16;
   if (operand == at::kHalf) return cuda::PassTypes::kFloat32ToFloat16;
-  TORCH_CHECK(operand == at::kFloat, "omoe (cuda): operands must be float32, bfloat16 or "
-              "float16 for float32 h, got ", operand);
+  TORCH_CHECK(operand == at::kFloat,
+              "omoe (cuda): operands must be float32, bfloat16 or "
+              "float16 for float32 h, got ",
+              operand);
   return cuda::PassTypes::kFloat32;
 }
 
@@ -100,10 +102,10 @@ void token_backward_cuda(const at::Tensor& h, const at::Tensor& logits, const at
   check_rows(dhl, T, z.element_size() == 2 ? 2 * (er + E) : er + E, "dhl");
   check_pass_tensor(dhl, h, "dhl", z.scalar_type());
   if (s.orthogonalize) {
-    TORCH_CHECK(dg_lhs.dim() == 3 && dg_lhs.size(0) == E && dg_lhs.size(1) == T &&
-                    dg_lhs.size(2) == er,
-                "omoe (cuda): dg_lhs must be [E, T, E*r] = [", E, ", ", T, ", ", er, "], got ",
-                dg_lhs.sizes());
+    TORCH_CHECK(
+        dg_lhs.dim() == 3 && dg_lhs.size(0) == E && dg_lhs.size(1) == T && dg_lhs.size(2) == er,
+        "omoe (cuda): dg_lhs must be [E, T, E*r] = [", E, ", ", T, ", ", er, "], got ",
+        dg_lhs.sizes());
     check_pass_tensor(dg_lhs, h, "dg_lhs", at::kDouble);
   }
   if (T == 0) return;

@@ -51,7 +51,10 @@ at::Tensor add_halves(bool split, const at::Tensor& t, int64_t dim, int64_t n) {
 
 // B as [d_out, E·r] in `dtype`: column i·r + a is B[i, :, a].
 at::Tensor packed_expand(const at::Tensor& B, at::ScalarType dtype) {
-  return B.permute({1, 0, 2}).reshape({B.size(1), B.size(0) * B.size(2)}).to(dtype).contiguous();
+  return B.permute({1, 0, 2})
+      .reshape({B.size(1), B.size(0) * B.size(2)})
+      .to(dtype)
+      .contiguous();
 }
 
 // G = B_catᵀ B_cat in float64 (symmetric), [E·r, E·r].
@@ -175,7 +178,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> plan_back
       // dG[:, block j] = Σ_t dg_lhs[j, t]ᵀ h_j[t]: one batched GEMM per chunk of tokens.
       const at::Tensor h_blocks64 = hc.to(at::kDouble).view({s.T, s.E, s.r}).transpose(0, 1);
       at::Tensor dG_blocks = at::zeros({s.E, er, s.r}, G.options());  // [j, (i,a), b]
-      const int64_t chunk = std::clamp<int64_t>(int64_t(kChunkBytes / (8.0 * s.E * er)), 1, s.T);
+      const int64_t chunk =
+          std::clamp<int64_t>(int64_t(kChunkBytes / (8.0 * s.E * er)), 1, s.T);
       for (int64_t t0 = 0; t0 < s.T; t0 += chunk) {
         const int64_t n = std::min(chunk, s.T - t0);
         at::Tensor dg_lhs = at::empty({s.E, n, er}, G.options());

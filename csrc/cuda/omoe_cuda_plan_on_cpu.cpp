@@ -22,8 +22,7 @@ void dispatch_operands(const at::Tensor& h, const at::Tensor& z, Fn&& fn) {
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "omoe_cuda_plan_acc", [&] {
     using Acc = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(),
-                                    "omoe_cuda_plan_operand",
-                                    [&] { fn(Acc{}, scalar_t{}); });
+                                    "omoe_cuda_plan_operand", [&] { fn(Acc{}, scalar_t{}); });
   });
 }
 
@@ -58,12 +57,10 @@ void token_backward_on_cpu(const at::Tensor& h, const at::Tensor& logits, const 
       const double* g = s.orthogonalize ? G.data_ptr<double>() : nullptr;
       double* lhs = s.orthogonalize ? dg_lhs.data_ptr<double>() : nullptr;
       for (int64_t t = 0; t < T; ++t)
-        lane_token_backward<MAX_K>(kOneLane, s, h.data_ptr<Acc>() + t * er,
-                                   logits.data_ptr<Acc>() + t * E, g,
-                                   dz.data_ptr<Acc>() + t * er, *w,
-                                   z.data_ptr<Out>() + t * z.size(1),
-                                   dhl.data_ptr<Out>() + t * dhl.size(1),
-                                   lhs ? lhs + t * er : nullptr, T * er);
+        lane_token_backward<MAX_K>(
+            kOneLane, s, h.data_ptr<Acc>() + t * er, logits.data_ptr<Acc>() + t * E, g,
+            dz.data_ptr<Acc>() + t * er, *w, z.data_ptr<Out>() + t * z.size(1),
+            dhl.data_ptr<Out>() + t * dhl.size(1), lhs ? lhs + t * er : nullptr, T * er);
     });
   });
 }

@@ -114,7 +114,8 @@ OMOE_HD double gh_entry(const double* G, int64_t er, const Acc* h, int r, int j,
 // when orthogonalizing, w.tape. Ends with the lanes synchronised.
 template <int MAX_K, typename Acc, typename Tape>
 OMOE_HD void lane_coefficients(const LaneGroup& g, const LanePassShape& s, const Acc* h,
-                               const Acc* logits, const double* G, LaneScratch<MAX_K, Tape>& w) {
+                               const Acc* logits, const double* G,
+                               LaneScratch<MAX_K, Tape>& w) {
   const int E = s.num_experts, r = s.rank;
   const int64_t er = int64_t(E) * r;
   MgsTape<MAX_K>& t = tape_of(w.tape);
@@ -202,7 +203,7 @@ OMOE_HD void lane_token_backward(const LaneGroup& g, const LanePassShape& s, con
     for (int m = 0; m < k; ++m) w.mean += w.gates[m] * w.dgate[m];
   }
   g.sync();
-  const double(*dS)[MAX_K] = w.tape.dS;
+  const double (*dS)[MAX_K] = w.tape.dS;
   for (int64_t q = g.lane; q < er; q += g.size) {
     const int m = slot_of(w, E, int(q / r));
     double zv = 0.0, dhv = 0.0;
@@ -226,7 +227,8 @@ OMOE_HD void lane_token_backward(const LaneGroup& g, const LanePassShape& s, con
       const int j = int(p / er);
       const int64_t q = p % er;
       const int l = slot_of(w, E, j), m = slot_of(w, E, int(q / r));
-      dg_lhs[j * lhs_stride + q] = (l < 0 || m < 0) ? 0.0 : dS[m][l] * static_cast<double>(h[q]);
+      dg_lhs[j * lhs_stride + q] =
+          (l < 0 || m < 0) ? 0.0 : dS[m][l] * static_cast<double>(h[q]);
     }
   }
   g.sync();  // w is reused by the next token
