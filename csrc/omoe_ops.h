@@ -1,7 +1,7 @@
-// The omoe ops: one device-generic orchestration (ATen GEMMs around a per-token pass)
-// and, per device, the per-token pass itself. omoe_ops.cpp holds the orchestration, the
-// schemas and the CPU pass; cuda/omoe_cuda_kernels.cu holds the CUDA pass, and
-// cuda/omoe_cuda_ops.cpp checks, launches and registers it for CUDA tensors.
+// The omoe ops: the orchestration (ATen GEMMs around a per-token pass) and, per device,
+// the per-token pass itself. omoe_ops.cpp holds the schemas, the shared checks and the
+// CPU orchestration and pass; CUDA has its own orchestration (cuda/omoe_cuda_plan.cpp)
+// around the passes of cuda/omoe_cuda_kernels.cu, registered in cuda/omoe_cuda_ops.cpp.
 #pragma once
 
 #include <ATen/ATen.h>
