@@ -97,6 +97,34 @@ def test_without_orthogonalization_or_base_out(dtype):
     check_against_oracle(problem, fwd_tol, grad_tol, top_k=3, scaling=0.0)
 
 
+@pytest.mark.parametrize("dtype,E,r,top_k", [
+    (torch.bfloat16, 4, 4, None),   # E·r = 16 < 32 lanes
+    (torch.float32, 5, 7, 2),       # E·r = 35: lanes wrap; top-k slots
+    (torch.float64, 12, 3, 9),      # k = 9: the k ≤ 16 instance; E·E·r = 432 dG entries
+])
+def test_lanes_of_a_warp_divide_the_work_exactly(dtype, E, r, top_k, monkeypatch):
+    # The per-token body with 32 threads as a warp's lanes (a barrier at each sync point)
+    # must give bitwise what one lane gives: every entry is computed by one lane in the
+    # same order. An entry no lane writes shows every time; a missing synchronisation
+    # shows as a race (a lane reading the token state before lane 0 wrote it), when the
+    # scheduler interleaves the threads that way.
+    problem = make_problem(6, 13, 17, E, r, dtype=dtype, seed=11, device=CPU,
+                           with_router_input=True)
+    grad_y = random_grad((6, 17), dtype, CPU)
+    y1, g1 = run_plan(problem, grad_y, top_k=top_k, scaling=0.7)
+    monkeypatch.setenv("OMOE_CUDA_PLAN_LANES", "32")
+    y32, g32 = run_plan(problem, grad_y, top_k=top_k, scaling=0.7)
+    assert torch.equal(y32, y1)
+    for name in g1:
+        assert torch.equal(g32[name], g1[name]), name
+    y_ref, g_ref = oracle(problem, grad_y, top_k=top_k, scaling=0.7)
+    fwd_tol, grad_tol = {torch.bfloat16: (1e-2, 2e-2), torch.float32: (1e-5, 1e-4),
+                         torch.float64: (1e-10, 1e-9)}[dtype]
+    assert_rel_close(y32, y_ref, fwd_tol, "y")
+    for name in g1:
+        assert_rel_close(g32[name], g_ref[name], grad_tol, name)
+
+
 def test_bf16_hi_lo_operands_hold_beyond_the_table():
     # Near collapse y = B_cat z cancels about κ-fold, so z's rounding is amplified by κ.
     # The plan hands z (and dh, dlogits) to the GEMMs as hi + lo bf16 pairs. Emulated in

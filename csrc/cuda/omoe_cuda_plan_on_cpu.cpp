@@ -1,21 +1,44 @@
 // The CUDA plan on CPU tensors, for tests only: torch.ops.omoe_cuda_plan.forward/backward
 // (the omoe op schemas) run omoe_cuda_plan.cpp's GEMMs with the per-token body of
-// omoe_lane_token.h on one lane, token by token. What a GPU would add (the warps' lanes,
-// shared memory, cuBLAS's tensor cores) is not covered here; the operand layout, the
-// hi + lo split, the dtypes of every GEMM and the per-token algebra are
+// omoe_lane_token.h, token by token, on one lane, or with OMOE_CUDA_PLAN_LANES=n on n
+// threads that play a warp's lanes (a barrier at each of its synchronisation points).
+// What a GPU adds (shared memory, cuBLAS's tensor cores, the hardware's warps) is not
+// covered here; the operand layout, the hi + lo split, the dtypes of every GEMM, the
+// lanes' division of the work and the per-token algebra are
 // (python_tests/test_cuda_plan.py checks them against the float64 oracle).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <barrier>
+#include <cstdlib>
 #include <memory>
+#include <thread>
+#include <vector>
 
 #include "cuda/omoe_cuda_plan.h"
 
 namespace omoe {
 namespace {
 
-constexpr LaneGroup kOneLane{0, 1};
+// Runs body(lanes) on each lane of a group of OMOE_CUDA_PLAN_LANES (default 1) lanes.
+template <typename Body>
+void run_lanes(Body&& body) {
+  const char* env = std::getenv("OMOE_CUDA_PLAN_LANES");
+  const int n = env != nullptr && *env != '\0' ? std::atoi(env) : 1;
+  TORCH_CHECK(n >= 1 && n <= 64, "omoe: OMOE_CUDA_PLAN_LANES must be in [1, 64], got '", env,
+              "'");
+  if (n == 1) {
+    body(LaneGroup{0, 1});
+    return;
+  }
+  std::barrier<> barrier(n);
+  auto arrive = +[](void* b) { static_cast<std::barrier<>*>(b)->arrive_and_wait(); };
+  std::vector<std::thread> lanes;
+  for (int lane = 0; lane < n; ++lane)
+    lanes.emplace_back([&, lane] { body(LaneGroup{lane, n, arrive, &barrier}); });
+  for (auto& lane : lanes) lane.join();
+}
 
 template <typename Fn>
 void dispatch_operands(const at::Tensor& h, const at::Tensor& z, Fn&& fn) {
@@ -36,10 +59,12 @@ void token_forward_on_cpu(const at::Tensor& h, const at::Tensor& logits, const a
       constexpr int MAX_K = decltype(max_k)::value;
       auto w = std::make_unique<LaneScratch<MAX_K, MgsTape<MAX_K>>>();
       const double* g = s.orthogonalize ? G.data_ptr<double>() : nullptr;
-      for (int64_t t = 0; t < s.num_tokens; ++t)
-        lane_token_forward<MAX_K>(kOneLane, s, h.data_ptr<Acc>() + t * er,
-                                  logits.data_ptr<Acc>() + t * E, g, *w,
-                                  z.data_ptr<Out>() + t * z.size(1));
+      run_lanes([&](const LaneGroup& lanes) {
+        for (int64_t t = 0; t < s.num_tokens; ++t)
+          lane_token_forward<MAX_K>(lanes, s, h.data_ptr<Acc>() + t * er,
+                                    logits.data_ptr<Acc>() + t * E, g, *w,
+                                    z.data_ptr<Out>() + t * z.size(1));
+      });
     });
   });
 }
@@ -56,11 +81,13 @@ void token_backward_on_cpu(const at::Tensor& h, const at::Tensor& logits, const 
       auto w = std::make_unique<LaneScratch<MAX_K, BackwardScratch<MAX_K>>>();
       const double* g = s.orthogonalize ? G.data_ptr<double>() : nullptr;
       double* lhs = s.orthogonalize ? dg_lhs.data_ptr<double>() : nullptr;
-      for (int64_t t = 0; t < T; ++t)
-        lane_token_backward<MAX_K>(
-            kOneLane, s, h.data_ptr<Acc>() + t * er, logits.data_ptr<Acc>() + t * E, g,
-            dz.data_ptr<Acc>() + t * er, *w, z.data_ptr<Out>() + t * z.size(1),
-            dhl.data_ptr<Out>() + t * dhl.size(1), lhs ? lhs + t * er : nullptr, T * er);
+      run_lanes([&](const LaneGroup& lanes) {
+        for (int64_t t = 0; t < T; ++t)
+          lane_token_backward<MAX_K>(
+              lanes, s, h.data_ptr<Acc>() + t * er, logits.data_ptr<Acc>() + t * E, g,
+              dz.data_ptr<Acc>() + t * er, *w, z.data_ptr<Out>() + t * z.size(1),
+              dhl.data_ptr<Out>() + t * dhl.size(1), lhs ? lhs + t * er : nullptr, T * er);
+      });
     });
   });
 }

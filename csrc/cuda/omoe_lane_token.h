@@ -7,8 +7,9 @@
 //   - S_ml = h_iᵀ G_ij h_j for the active pairs (step 3), read from G itself (no GH),
 //     da_l = <dz_l, h_l>, and every row write (z, dh, dlogits, the dG rows): lanes, with
 //     lane q handling entry q of the row, so reads and writes are coalesced.
-// It is host/device code: the CPU runs the same body with one lane (LaneGroup{0, 1}) for
-// the tests of the CUDA plan (python_tests/test_cuda_plan.py).
+// It is host/device code: for the tests of the CUDA plan (python_tests/test_cuda_plan.py)
+// the CPU runs the same body with one lane, or with a thread per lane and a barrier for
+// each synchronisation point.
 //
 // Operands are written for the GEMMs that follow (omoe_cuda_plan.cpp): in the
 // accumulate dtype (float32/float64), or, for 16-bit inputs, as a hi + lo pair of
@@ -22,11 +23,17 @@
 
 namespace omoe {
 
+// The lanes that share one token: a warp on the GPU. On the host (tests) each lane is a
+// thread and host_sync a barrier among them, or there is one lane and no barrier.
 struct LaneGroup {
   int lane, size;
+  void (*host_sync)(void*) = nullptr;
+  void* host_sync_arg = nullptr;
   OMOE_HD void sync() const {
 #if defined(__CUDA_ARCH__)
     __syncwarp();
+#else
+    if (host_sync != nullptr) host_sync(host_sync_arg);
 #endif
   }
 };
