@@ -51,7 +51,7 @@ def _ieee_fp32():
     torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-# (E, top_k): k = 1, 2, 4 (stack scratch), 5, 8, 12, 16, 17, 32 (global workspace).
+# (E, top_k): k = 1, 2, 4, 5, 8 (scratch in shared memory), 12, 16, 17, 32 (a global slot).
 ACTIVE_SET_CASES = [(5, 1), (6, 2), (4, None), (12, 5), (8, None), (13, 12), (16, None),
                     (20, 17), (32, None)]
 
