@@ -119,6 +119,19 @@ def test_extension_holds_sm90a_and_sm80_kernels():
     _check_cuda_code(_extension_path())
 
 
+@needs_cuda_build
+def test_sm90a_forward_pass_keeps_no_per_token_state_in_local_memory():
+    # The warp-per-token forward keeps its token state in shared memory or a global slot
+    # (csrc/cuda/omoe_cuda_kernels.cu): no stack frame, no spills. The backward's stack
+    # is mgs_backward's three small vectors on lane 0 (bench/NOTES.md, CUDA).
+    usage = _resource_usage_by_arch(_extension_path())["sm_90a"]
+    forward = re.findall(r"Function \S*token_pass_kernelILi\d+ELb0E\S*:\s*REG:(\d+) STACK:(\d+)",
+                         usage)
+    assert len(forward) == INSTANCES_PER_KERNEL // 2, forward
+    for registers, stack in forward:
+        assert int(stack) == 0 and int(registers) <= 128, (registers, stack)
+
+
 def test_every_op_has_cpu_and_cuda_kernels():
     _extension_path()
     names = _omoe_op_names()
