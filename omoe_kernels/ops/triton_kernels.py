@@ -197,7 +197,9 @@ def _gram_tile(b_ptr, g_ptr, tile, E, rank, d_out, stride_be, stride_bd, stride_
             rows = b_ptr + (d0 + offs_d)[:, None] * stride_bd
             b_i = tl.load(rows + off_i[None, :], mask=d_ok[:, None] & ok_i[None, :], other=0.0)
             b_j = tl.load(rows + off_j[None, :], mask=d_ok[:, None] & ok_j[None, :], other=0.0)
-            acc = tl.dot(tl.trans(b_i.to(tl.float64)), b_j.to(tl.float64), acc)
+            # Float64 FMAs, not tl.dot: Triton 3.8 cannot lower a float64 dot whose operands
+            # were loaded as 16-bit values (an MMAv2 layout assertion on sm_90).
+            acc += tl.sum(b_i.to(tl.float64)[:, :, None] * b_j.to(tl.float64)[:, None, :], axis=0)
         tl.store(g_ptr + cols_i[:, None] * ERP + cols_j[None, :], acc)
         if ti < tj:
             tl.store(g_ptr + cols_j[:, None] * ERP + cols_i[None, :], tl.trans(acc))
@@ -246,7 +248,7 @@ def shrink_kernel(x_ptr, r_ptr, a_ptr, w_ptr, h_ptr, l_ptr, b_ptr, gram_ptr,
                   g_ptr, z_ptr, top_k, eps, stride_zt,
                   SEPARATE_ROUTER: tl.constexpr, DOT_KIND: tl.constexpr, UPCAST: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
-                  BLOCK_K: tl.constexpr, GB: tl.constexpr = 16, GD: tl.constexpr = 64,
+                  BLOCK_K: tl.constexpr, GB: tl.constexpr = 16, GD: tl.constexpr = 16,
                   FUSE_TOKEN: tl.constexpr = False, TOP_K_ROUTING: tl.constexpr = False,
                   ORTHOGONALIZE: tl.constexpr = True, NORMALIZE: tl.constexpr = True,
                   K: tl.constexpr = 1, BT: tl.constexpr = 1, EP: tl.constexpr = 1,
@@ -343,7 +345,7 @@ def matmul_kernel(a_ptr, b_ptr, c_ptr, add_ptr, a2_ptr, b2_ptr, c2_ptr, gram_ptr
                   GROUP_M: tl.constexpr, PACKED_BK: tl.constexpr = False,
                   PACKED_BN: tl.constexpr = False, ROUTER: tl.constexpr = 0,
                   BLOCK_E: tl.constexpr = 16, RP: tl.constexpr = 1, ERP: tl.constexpr = 16,
-                  GB: tl.constexpr = 16, GD: tl.constexpr = 64):
+                  GB: tl.constexpr = 16, GD: tl.constexpr = 16):
     """C[s] = scale · A[:, K-slice s] B[K-slice s, :] (+ ADD), grid (gram + tiles, splits).
 
     With one split, C is the output (any dtype); with several, C is a partial buffer
@@ -466,7 +468,13 @@ def finalize_grads_kernel(pb_ptr, pa_ptr, pg_ptr, b_ptr, grad_b_ptr, grad_a_ptr,
                 off_k, k_ok = _offsets(ks, stride_br, stride_be, ERP, E, rank, RP, True)
                 b = tl.load(b_ptr + rows[:, None] * stride_bd + off_k[None, :],
                             mask=r_ok & k_ok[None, :], other=0.0)
-                acc = tl.dot(b.to(tl.float64), dg, acc)
+                if b_ptr.dtype.element_ty.primitive_bitwidth == 16:
+                    # fp32 dot (a float64 one cannot take 16-bit loads, see _gram_tile): the
+                    # products with the 16-bit B are exact, dG is rounded to fp32 once.
+                    acc += tl.dot(b.to(tl.float32), dg.to(tl.float32),
+                                  input_precision="ieee").to(tl.float64)
+                else:
+                    acc = tl.dot(b.to(tl.float64), dg, acc)
         off_c, valid = _offsets(cols, stride_gbr, stride_gbe, ERP, E, rank, RP, True)
         tl.store(grad_b_ptr + rows[:, None] * stride_gbd + off_c[None, :],
                  _narrow(acc, grad_b_ptr), mask=r_ok & valid[None, :])
