@@ -4,12 +4,20 @@ Layout. Expert `i`'s rank-`r` block lives in columns `i·RP … i·RP + r − 1`
 `[*, ERP]` buffer, with `EP = next_pow2(E)`, `RP = next_pow2(r)` and `ERP = EP·RP`
 (raised so that `ERP >= 16` for `tl.dot`); padding columns hold zeros.
 
+Weights are read in place: `A [E, r, d_in]` and `B [E, d_out, r]` enter the GEMMs in that
+layout through `_offsets` (expert stride + rank stride, padding masked).
+
 Kernels:
-- `shrink_kernel`: `H = X A_padᵀ` and the router logits `L = R Wᵀ` in one pass over X.
-- `matmul_kernel`: `C = scale · A B (+ ADD)`, optional split-K into fp32 partials. Used
-  for the expand (`Y = base + s Z B_padᵀ`) and every backward GEMM. One operand may be an
-  fp32 intermediate (Z, dH) while the other is bf16/fp16: that operand is split into a
-  high and a low 16-bit part (two dots), so it is not rounded to one 16-bit number.
+- `shrink_kernel`: `H = X A_catᵀ` and the router logits `L = R Wᵀ` in one pass over X;
+  its first programs build `G = B_catᵀ B_cat` in float64 (`_gram_tile`).
+- `matmul_kernel`: `C = scale · A B (+ ADD)`, optional split-K into partials, optional
+  router term (a BLOCK_E-wide dot) and gram programs. The expand (`Y = base + s Z B_catᵀ`),
+  dZ (+ G), dB and dX. An fp32 intermediate (Z, dH) meeting a 16-bit operand may enter
+  as a high and a low 16-bit part (two dots; triton_configs.SPLIT_*).
+- `weight_grad_kernel`: split-K partials of `[dA_cat; dW]ᵀ = [Xᵀ dH | Rᵀ dL]`, the
+  router's E columns in a narrow tile beside the E·r wide one.
+- `finalize_grads_kernel`: sums the split-K and gram partials and writes grad_B (with
+  `B_cat (dG + dGᵀ)`), grad_A and grad_W in their layout and dtype.
 - `token_forward_kernel`, `token_backward_kernel` (triton_token_kernels.py): the per-token
   algebra in float64, tokens on lanes, over the k active experts only.
 - `gram_grad_kernel`: `dG_ij = Σ_t dS_t,ij h_t,i h_t,jᵀ` (float64 partial sums).

@@ -1,19 +1,26 @@
 """The `triton` backend: launchers and the `torch.ops.omoe_triton` custom ops.
 
-Forward (docs/algorithm.md): shrink (`H`, logits in one pass over x) → per-token kernel
-(routing, Gram, MGS in float64 → `Z = a ⊙ h`) → expand (`Y = base + s Z B_catᵀ`, base
-added in the GEMM epilogue). Backward: `dZ = s dY B_cat` → per-token reverse (Z, dH,
-dlogits, dS) → `dG` (float64) → the weight and input GEMMs. Saved: `H` and the logits
-(the backward recomputes `G = B_catᵀB_cat`: weight-sized, a small float64 GEMM).
+A training step is ten launches and nothing else (docs/algorithm.md, "The Triton step"):
+- forward (3): shrink (`H`, logits in one pass over x; appended programs build
+  `G = B_catᵀB_cat` in float64) → per-token kernel (routing, Gram, MGS → `Z = a ⊙ h`) →
+  expand (`Y = base + s Z B_catᵀ`, base added in the epilogue);
+- backward (7): dZ = s dY B_cat (+ G again) → per-token reverse (Z, dH, dlogits, dS) →
+  gram_grad (dG partials) → dB partials → [dA; dW] partials → finalize (sums the
+  partials, adds `B_cat (dG + dGᵀ)`, writes grad_A, grad_B, grad_W) → dX.
+The weights are read in place from `A [E, r, d_in]`, `B [E, d_out, r]` and the router
+weight (no padded, concatenated or float64 copies), grad_y and x in their own dtype; the
+router's E columns run in a narrow tile of their own, so the wide GEMMs span E·r. No
+host synchronisation: every size is known from the shapes. Saved: `H` and the logits.
 
 The ops `torch.ops.omoe_triton.forward/backward` have the schema of the compiled ops;
 registration.py gives them the same checks, fake kernels and autograd, so
 `torch.compile` traces through them as opaque nodes.
 
 Runs on CUDA tensors, and on CPU tensors under `TRITON_INTERPRET=1` (a correctness tool:
-bf16 operands are upcast to fp32 there because the interpreter cannot do bf16 math).
-Fixed launch configs under the interpreter or with `OMOE_TRITON_FIXED_CONFIG=1`;
-otherwise the GEMM kernels are autotuned over a few configs.
+the interpreter cannot do bf16 math, so bf16 dots run in fp32 on operands rounded to
+bf16 exactly as on the GPU). Fixed launch configs under the interpreter or with
+`OMOE_TRITON_FIXED_CONFIG=1`; otherwise the shrink and matmul kernels are autotuned over
+a few configs, keyed on sizes rounded up to powers of 2.
 """
 from __future__ import annotations
 
