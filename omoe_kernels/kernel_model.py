@@ -132,10 +132,10 @@ def gram_work(d_out: int, L, el: int, tile: int = 16) -> Work:
 def shrink_work(T: int, D: int, L, cfg: dict, unit: str, el: int,
                 extra: "Work | None" = None) -> Work:
     """shrink_kernel: H = X A_catᵀ (ERP columns) and logits = X Wᵀ (BLOCK_E columns,
-    computed and stored by the first n-tile), plus its gram programs (`extra`)."""
+    computed by every n-tile, stored by the first), plus its gram programs (`extra`)."""
     n_tiles = _cdiv(L.ERP, cfg["BLOCK_N"])
     rows = _round_up(T, cfg["BLOCK_M"])
-    issued = 2 * rows * _round_up(D, cfg["BLOCK_K"]) * (n_tiles * cfg["BLOCK_N"] + L.EPL)
+    issued = 2 * rows * _round_up(D, cfg["BLOCK_K"]) * n_tiles * (cfg["BLOCK_N"] + L.EPL)
     useful = 2 * T * D * (L.num_experts * L.rank + L.num_experts)
     moved = (n_tiles * T * D * el + (L.ERP + L.EPL) * D * el
              + T * L.ERP * 4 + T * L.num_experts * 4)

@@ -236,7 +236,7 @@ def _gemm_specs(shape, dtype_name: str, kind: int, step: bool) -> list[KernelSpe
          dict(HAS_ADD=True, SPLIT_A=split(C.SPLIT_EXPAND), PACKED_BK=True), (4, el, el, el),
          "forward")
     gemm("dZ = s·dY·B + G", ptr, ptr, f32, row, (s_r, one, s_dr), (T, L.ERP, d), (T, R, d),
-         dict(PACKED_BN=True), (el, el, 4), "backward", extra=gram)
+         dict(PACKED_BN=True, WITH_GRAM=True), (el, el, 4), "backward", extra=gram)
     gemm("dB = s·dYᵀ·Z (split-K)", ptr, f32, f32, col, (i16, one, i32), (d, L.ERP, T), (d, R, T),
          dict(SPLIT_B=split(C.SPLIT_DB)), (el, 4, 4), "backward", long_k=True)
     gemm("dX = dH·A + dL·W", f32, ptr, ptr, row, (s_d, one, s_dr), (T, d, L.ERP), (T, d, R + E),

@@ -94,7 +94,7 @@ MATMUL_AUTOTUNE = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4
 # Keys on dimensions rounded up to powers of 2 (the launchers' *_bucket arguments), not
 # on T itself: a new token count re-tunes only when it crosses a power of 2.
 MATMUL_AUTOTUNE_KEY = ["m_bucket", "n_bucket", "k_bucket", "HAS_ADD", "SPLIT_A", "SPLIT_B",
-                       "DOT_KIND", "PACKED_BK", "PACKED_BN", "ROUTER"]
+                       "DOT_KIND", "PACKED_BK", "PACKED_BN", "ROUTER", "WITH_GRAM"]
 SHRINK_AUTOTUNE = [(128, 64, 8, 3), (64, 64, 4, 4), (128, 128, 8, 2), (64, 128, 4, 3)]
 SHRINK_AUTOTUNE_KEY = ["t_bucket", "D", "N", "E", "SEPARATE_ROUTER", "DOT_KIND", "BLOCK_N",
                        "BLOCK_E"]

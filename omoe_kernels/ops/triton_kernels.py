@@ -265,8 +265,8 @@ def shrink_kernel(x_ptr, r_ptr, a_ptr, w_ptr, h_ptr, l_ptr, b_ptr, gram_ptr,
     sharing the loads of X when R is X; the first `num_gram` programs build G = B_catᵀB_cat
     instead (_gram_tile). 1-D grid: gram programs, then (m-tile, n-tile) GEMM tiles.
 
-    Logits are computed and stored by the programs of the first n-tile only (N <= BLOCK_N
-    at the docs/contract.md §6 shapes: one n-tile). `t_bucket` (T rounded up to a power
+    Every n-tile computes the logits (a runtime branch around them spilled the fp32 kernel),
+    the first stores them (N <= BLOCK_N at the docs/contract.md §6 shapes: one n-tile). `t_bucket` (T rounded up to a power
     of 2) is only an autotune key.
 
     FUSE_TOKEN (one n-tile, num_gram = 0, G from an earlier launch): after storing its H
@@ -275,7 +275,10 @@ def shrink_kernel(x_ptr, r_ptr, a_ptr, w_ptr, h_ptr, l_ptr, b_ptr, gram_ptr,
     accumulator) and writes Z. g_ptr … stride_zt are only read then.
     """
     pid = tl.program_id(0)
-    if pid < num_gram:
+    is_gram = False   # the fused variant has no gram programs: keep their code out of it
+    if not FUSE_TOKEN:
+        is_gram = pid < num_gram
+    if is_gram:
         _gram_tile(b_ptr, gram_ptr, pid, E, rank, d_out, stride_be, stride_bd, stride_br,
                    RP, ERP, GB, GD)
     else:
@@ -291,7 +294,7 @@ def shrink_kernel(x_ptr, r_ptr, a_ptr, w_ptr, h_ptr, l_ptr, b_ptr, gram_ptr,
         off_an, an_ok = _offsets(offs_n, stride_ar, stride_ae, N, E, rank, RP, True)
         acc_h, acc_l = _paired_tile(x_ptr, r_ptr, a_ptr, w_ptr, offs_m, row_ok, off_an,
                                     an_ok[None, :], 0, D, E, stride_xt, stride_xd, stride_rt,
-                                    stride_rd, stride_ad, stride_wd, stride_we, pid_n == 0,
+                                    stride_rd, stride_ad, stride_wd, stride_we, True,
                                     SEPARATE_ROUTER, False, DOT_KIND, UPCAST, BLOCK_M, BLOCK_N,
                                     BLOCK_E, BLOCK_K)
         tl.store(h_ptr + offs_m[:, None] * stride_ht + offs_n[None, :], acc_h,
@@ -353,7 +356,8 @@ def matmul_kernel(a_ptr, b_ptr, c_ptr, add_ptr, a2_ptr, b2_ptr, c2_ptr, gram_ptr
                   GROUP_M: tl.constexpr, PACKED_BK: tl.constexpr = False,
                   PACKED_BN: tl.constexpr = False, ROUTER: tl.constexpr = 0,
                   BLOCK_E: tl.constexpr = 16, RP: tl.constexpr = 1, ERP: tl.constexpr = 16,
-                  GB: tl.constexpr = 16, GD: tl.constexpr = 16):
+                  WITH_GRAM: tl.constexpr = False, GB: tl.constexpr = 16,
+                  GD: tl.constexpr = 16):
     """C[s] = scale · A[:, K-slice s] B[K-slice s, :] (+ ADD), grid (gram + tiles, splits).
 
     With one split, C is the output (any dtype); with several, C is a partial buffer
@@ -362,13 +366,16 @@ def matmul_kernel(a_ptr, b_ptr, c_ptr, add_ptr, a2_ptr, b2_ptr, c2_ptr, gram_ptr
     along K: PACKED_BK, or along N: PACKED_BN; `stride_b_expert` is its expert stride).
     ROUTER = 1 adds the router term A2 [M, E] · B2 [E, N] (one BLOCK_E-wide dot, masked to
     E) into C; ROUTER = 2 stores it as a second output C2 (dX and d router_input).
-    The first `num_gram` programs of axis 0 build G = B_catᵀB_cat into gram_ptr from
-    B_cat = b (_gram_tile, one split only). m/n/k_bucket (M, N, K rounded up to powers of
+    WITH_GRAM: the first `num_gram` programs of axis 0 build G = B_catᵀB_cat into
+    gram_ptr from B_cat = b (_gram_tile, one split only). m/n/k_bucket (M, N, K rounded up to powers of
     2) are only autotune keys.
     """
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)
-    if pid < num_gram:
+    is_gram = False   # compiled in only where a launch has gram programs (WITH_GRAM)
+    if WITH_GRAM:
+        is_gram = pid < num_gram
+    if is_gram:
         _gram_tile(b_ptr, gram_ptr, pid, E, rank, d_out, stride_ge, stride_gd, stride_gr,
                    RP, ERP, GB, GD)
     else:

@@ -248,7 +248,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, L: Layout, *, out_dtype: torch.dtyp
     flags = dict(HAS_ADD=add is not None, SPLIT_A=split_a, SPLIT_B=split_b, DOT_KIND=kind,
                  UPCAST=upcast, PACKED_BK=packed in ("Bk", "Ak"), PACKED_BN=packed == "Bn",
                  ROUTER=0 if router is None else (1 if c2 is None else 2), BLOCK_E=L.EPL,
-                 RP=L.RP, ERP=L.ERP, GB=C.GRAM_TILE)
+                 RP=L.RP, ERP=L.ERP, WITH_GRAM=num_gram > 0, GB=C.GRAM_TILE)
     assert gram is None or gram[0] is b, "the gram programs read B as the b operand"
     if _use_autotune(kind, device):
         fn = _autotuned("matmul")
