@@ -39,7 +39,7 @@ def test_kernel_report_sm90a_passes(tmp_path):
         assert any(n.startswith(kernel) for n in names), f"{kernel} missing from the report"
     for k in kernels:
         assert k["problems"] == [] and k["spill_stores"] == 0 and k["spill_loads"] == 0, k
-        if "[bf16" in k["name"] or "[fp16" in k["name"]:
+        if k["work"] and k["work"]["unit"] in ("bf16 MMA", "fp16 MMA"):   # a 16-bit GEMM
             assert k["hgmma"] > 0, f"{k['name']}: no HGMMA in its SASS"
         for count in ("shfl", "bar", "hgmma", "hmma", "dmma"):
             assert isinstance(k[count], int) and k[count] >= 0
