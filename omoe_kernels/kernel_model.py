@@ -43,6 +43,9 @@ class Work:
     bytes: float
     unit: str                # a key of PEAK_FLOPS: which ceiling the FLOPs run against
     grid: tuple = ()
+    # Time of other programs in the same launch (the gram programs appended to a GEMM),
+    # modelled apart and added: they share the launch, not the roofline.
+    extra_s: float = 0.0
 
     @property
     def issued_per_useful(self) -> float:
@@ -58,7 +61,7 @@ class Work:
 
     @property
     def estimate_s(self) -> float:
-        return max(self.flops_s, self.bytes_s)
+        return max(self.flops_s, self.bytes_s) + self.extra_s
 
     @property
     def bound(self) -> str:
@@ -81,39 +84,86 @@ def _round_up(a: int, b: int) -> int:
 
 def split_k(M: int, N: int, K: int, cfg: dict) -> tuple[int, int]:
     """(splits, k_per_split) of a long-K (weight-gradient) GEMM on an H200; mirrors the
-    rule in triton_omoe.matmul(long_k=True)."""
+    rule in triton_omoe._splits."""
     tiles = _cdiv(M, cfg["BLOCK_M"]) * _cdiv(N, cfg["BLOCK_N"])
     splits = max(1, min(2 * H200_SMS // tiles, _cdiv(K, 512)))
-    k_per_split = _round_up(_cdiv(K, splits), 64)
+    k_per_split = max(64, _round_up(_cdiv(K, splits), 64))
     return _cdiv(K, k_per_split), k_per_split
 
 
 def gemm_work(M: int, N: int, K: int, useful: tuple[int, int, int], cfg: dict, unit: str,
               a_bytes: int, b_bytes: int, c_bytes: int, add_bytes: int = 0,
-              hi_lo: bool = False, long_k: bool = False) -> Work:
-    """matmul_kernel at [M, K] @ [K, N] in its launch config `cfg`; `useful` = the
-    unpadded (M, N, K); *_bytes = element sizes (0: no such operand); hi_lo: one operand
-    enters as hi + lo 16-bit parts (two MMAs per tile)."""
+              hi_lo: bool = False, long_k: bool = False, router_k: int = 0,
+              router_n: int = 0, extra: "Work | None" = None) -> Work:
+    """matmul_kernel / weight_grad_kernel at [M, K] @ [K, N] in its launch config `cfg`;
+    `useful` = the unpadded (M, N, K); *_bytes = element sizes (0: no such operand);
+    hi_lo: one operand enters as hi + lo 16-bit parts (two MMAs per tile); router_k: a
+    narrow dot of that K width per tile (dX's router term); router_n: a narrow tile of that
+    width beside the first n-tile (the router columns of [dA; dW]ᵀ); extra: programs
+    appended to the launch (G), whose bytes and time are added."""
     splits, k_per_split = split_k(M, N, K, cfg) if long_k else (1, K)
     k_issued = splits * _round_up(k_per_split, cfg["BLOCK_K"])
-    issued = 2 * _round_up(M, cfg["BLOCK_M"]) * _round_up(N, cfg["BLOCK_N"]) * k_issued
+    rows = _round_up(M, cfg["BLOCK_M"])
+    issued = 2 * rows * _round_up(N, cfg["BLOCK_N"]) * (k_issued + router_k)
+    issued += 2 * rows * router_n * k_issued
     issued *= 2 if hi_lo else 1
-    out_bytes = splits * M * N * 4 if splits > 1 else M * N * c_bytes
+    out_bytes = splits * M * N * 4 if long_k else M * N * c_bytes
     moved = M * K * a_bytes + K * N * b_bytes + out_bytes + M * N * add_bytes
     grid = (_cdiv(M, cfg["BLOCK_M"]) * _cdiv(N, cfg["BLOCK_N"]), splits)
-    return Work(issued, 2 * math.prod(useful), moved, unit, grid)
+    work = Work(issued, 2 * math.prod(useful), moved, unit, grid)
+    if extra is not None:
+        work = Work(work.flops_issued, work.flops_useful, work.bytes + extra.bytes, unit, grid,
+                    extra.estimate_s)
+    return work
 
 
-def shrink_work(T: int, D: int, L, cfg: dict, unit: str, el: int) -> Work:
-    """shrink_kernel: H = X A_padᵀ (ERP columns) and logits = X Wᵀ (BLOCK_E columns,
-    computed by every n-tile, stored by the first)."""
+def gram_work(d_out: int, L, el: int, tile: int = 16) -> Work:
+    """The gram programs of a launch: G = B_catᵀB_cat in float64 tiles of tile × tile
+    (upper triangle of tiles only), B read in place. FLOPs run on the fp64 FMA pipe
+    (kernel_report's SASS shows whether Triton used DMMA)."""
+    nt = L.ERP // tile
+    tiles = nt * (nt + 1) // 2
+    R = L.num_experts * L.rank
+    issued = 2 * tiles * tile * tile * _round_up(d_out, 64)
+    moved = tiles * 2 * d_out * tile * el + L.ERP * L.ERP * 8
+    return Work(issued, d_out * R * (R + 1), moved, "fp64 FMA", (nt * nt,))
+
+
+def shrink_work(T: int, D: int, L, cfg: dict, unit: str, el: int,
+                extra: "Work | None" = None) -> Work:
+    """shrink_kernel: H = X A_catᵀ (ERP columns) and logits = X Wᵀ (BLOCK_E columns,
+    computed by every n-tile, stored by the first), plus its gram programs (`extra`)."""
     n_tiles = _cdiv(L.ERP, cfg["BLOCK_N"])
     rows = _round_up(T, cfg["BLOCK_M"])
     issued = 2 * rows * _round_up(D, cfg["BLOCK_K"]) * n_tiles * (cfg["BLOCK_N"] + L.EPL)
     useful = 2 * T * D * (L.num_experts * L.rank + L.num_experts)
     moved = (n_tiles * T * D * el + (L.ERP + L.EPL) * D * el
              + T * L.ERP * 4 + T * L.num_experts * 4)
-    return Work(issued, useful, moved, unit, (_cdiv(T, cfg["BLOCK_M"]), n_tiles))
+    extra_s = 0.0
+    if extra is not None:
+        moved += extra.bytes
+        extra_s = extra.estimate_s
+    return Work(issued, useful, moved, unit, (_cdiv(T, cfg["BLOCK_M"]) * n_tiles,), extra_s)
+
+
+def gram_grad_splits(T: int, L, block_t: int) -> int:
+    """Token splits of gram_grad_kernel (as triton_omoe.gram_grad on an H200)."""
+    E = L.num_experts
+    wanted = max(1, min(_cdiv(T, 256), 2 * H200_SMS // (E * E) + 1))
+    return _cdiv(T, _round_up(_cdiv(T, wanted), block_t))
+
+
+def finalize_work(d_out: int, d_in: int, L, b_splits: int, a_splits: int, g_splits: int,
+                  el: int) -> Work:
+    """finalize_grads_kernel: sums the fp32 split-K partials of dB and [dA; dW]ᵀ, adds
+    B_cat (dG + dGᵀ) and writes grad_B, grad_A, grad_W. The g_splits dG partials
+    (< 1.2 MB at the §6 shapes) are counted once: every row tile re-reads them, from L2."""
+    R = L.num_experts * L.rank
+    moved = (b_splits * d_out * L.ERP * 4 + a_splits * d_in * L.NW * 4 + d_out * R * el
+             + (d_out * R + d_in * R + L.num_experts * d_in) * el
+             + g_splits * L.ERP * L.ERP * 8)
+    flops = 2 * d_out * L.ERP * L.ERP
+    return Work(flops, 2 * d_out * R * R, moved, "fp64 FMA")
 
 
 def _token_flops(L, top_k: int) -> tuple[float, float]:

@@ -165,9 +165,10 @@ GPU_SHAPES = ("llama7b", "llama7b-top2", "wide")     # docs/contract.md §6
 
 
 def _gemm_specs(shape, dtype_name: str, kind: int, step: bool) -> list[KernelSpec]:
-    """shrink_kernel and the five matmul_kernel launches of a step at `shape`, in the
-    launchers' configs, each with its Work (kernel_model.py). step: they are the default
-    GPU path at this shape (bf16), so they count in the step's estimate."""
+    """The GEMM-side launches of a step at `shape` in the launchers' configs, each with its
+    Work (kernel_model.py): shrink (+ G), expand, dZ (+ G), dB, [dA; dW], finalize, dX.
+    step: they are the default GPU path at this shape (bf16), so they count in the step's
+    estimate."""
     from .ops import triton_configs as C
     from .ops import triton_kernels as K
     from .ops import triton_omoe as ops
@@ -176,56 +177,99 @@ def _gemm_specs(shape, dtype_name: str, kind: int, step: bool) -> list[KernelSpe
     L = ops.layout(E, r)
     R = E * r
     ptr = f"*{dtype_name}:16"
+    f32 = "*fp32:16"
     sixteen = kind in C.SIXTEEN_BIT_KINDS
     el = 4 if dtype_name == "fp32" else 2
     unit = f"{dtype_name} MMA" if sixteen else "fp32 FMA"
     note = "" if sixteen else "IEEE fp32: FMA by design"
     tag = f"{dtype_name}, {shape.name}"
+    split = lambda bf16_flag: kind == C.DOT_FP16 or (kind == C.DOT_BF16 and bf16_flag)  # noqa: E731
+    gram = M.gram_work(d, L, el, C.GRAM_TILE)
+    i32, i16, one = "i32", "i32:16", "i32:1"
+
+    def hint(v: int) -> str:   # what the launcher specializes a stride of value v to
+        return one if v == 1 else (i16 if v % 16 == 0 else i32)
+
+    s_dr, s_r, s_d = hint(d * r), hint(r), hint(d)   # strides of A [E, r, d] and B [E, d, r]
     cfg = C.shrink_default_config(kind, L.ERP)
     specs = [KernelSpec(
-        f"shrink[{tag}] x·[A;W]ᵀ", K.shrink_kernel,
-        dict(x_ptr=ptr, r_ptr=ptr, a_ptr=ptr, w_ptr=ptr, h_ptr="*fp32:16", l_ptr="*fp32:16",
-             T="i32:16", D="i32:16", N="i32:16", E="i32", stride_xt="i32:16", stride_xd="i32:1",
-             stride_rt="i32:16", stride_rd="i32:1", stride_an="i32:16", stride_ad="i32:1",
-             stride_we="i32:16", stride_wd="i32:1", stride_ht="i32:16", stride_lt="i32",
-             g_ptr="*fp32:16", z_ptr="*fp32:16", top_k="i32", eps="fp32", stride_zt="i32",
+        f"shrink[{tag}] x·[A;W]ᵀ + G", K.shrink_kernel,
+        dict(x_ptr=ptr, r_ptr=ptr, a_ptr=ptr, w_ptr=ptr, h_ptr=f32, l_ptr=f32, b_ptr=ptr,
+             gram_ptr="*fp64:16", T=i16, D=i16, N=i16, E=i32, rank=i32, d_out=i16, num_gram=i32,
+             t_bucket=i32, stride_xt=i16, stride_xd=one, stride_rt=i16, stride_rd=one,
+             stride_ae=s_dr, stride_ar=s_d, stride_ad=one, stride_we=i16, stride_wd=one,
+             stride_ht=i16, stride_lt=hint(E), stride_be=s_dr, stride_bd=s_r, stride_br=one,
+             g_ptr=f32, z_ptr=f32, top_k=i32, eps="fp32", stride_zt=i32,
              SEPARATE_ROUTER=False, DOT_KIND=kind, UPCAST=False, BLOCK_M=cfg["BLOCK_M"],
-             BLOCK_N=cfg["BLOCK_N"], BLOCK_E=L.EPL, BLOCK_K=cfg["BLOCK_K"]),
+             BLOCK_N=cfg["BLOCK_N"], BLOCK_E=L.EPL, BLOCK_K=cfg["BLOCK_K"], GB=C.GRAM_TILE,
+             RP=L.RP, ERP=L.ERP),
         cfg["num_warps"], cfg["num_stages"], sixteen, note, shape.name,
-        "forward" if step else "", M.shrink_work(T, d, L, cfg, unit, el))]
+        "forward" if step else "", M.shrink_work(T, d, L, cfg, unit, el, extra=gram))]
 
-    def gemm(label, a_ptr, b_ptr, c_ptr, a_strides, b_strides, dims, useful, has_add, split_a,
-             split_b, sizes, phase, long_k=False):
+    def gemm(label, a_ptr, b_ptr, c_ptr, a_strides, b_strides, dims, useful, flags, sizes,
+             phase, long_k=False, router_k=0, extra=None, a2_ptr=f32, b2_ptr=ptr):
         Mdim, Ndim, Kdim = dims
         cfg = C.matmul_default_config(kind, Ndim)
-        work = M.gemm_work(Mdim, Ndim, Kdim, useful, cfg, unit, *sizes,
-                           hi_lo=(split_a or split_b) and sixteen, long_k=long_k)
-        specs.append(KernelSpec(
-            f"matmul[{tag}] {label}", K.matmul_kernel,
-            dict(a_ptr=a_ptr, b_ptr=b_ptr, c_ptr=c_ptr, add_ptr=ptr, M="i32:16", N="i32:16",
-                 K="i32:16", k_per_split="i32:16", stride_am=a_strides[0], stride_ak=a_strides[1],
-                 stride_bk=b_strides[0], stride_bn=b_strides[1], stride_cs="i32:16",
-                 stride_cm="i32:16", stride_cn="i32:1", stride_addm="i32:16", stride_addn="i32:1",
-                 scale="fp32", HAS_ADD=has_add, SPLIT_A=split_a and sixteen,
-                 SPLIT_B=split_b and sixteen, DOT_KIND=kind, UPCAST=False,
-                 BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                 GROUP_M=cfg["GROUP_M"]),
-            cfg["num_warps"], cfg["num_stages"], sixteen, note, shape.name,
-            phase if step else "", work))
+        hi_lo = flags.get("SPLIT_A", False) or flags.get("SPLIT_B", False)
+        work = M.gemm_work(Mdim, Ndim, Kdim, useful, cfg, unit, *sizes, hi_lo=hi_lo and sixteen,
+                           long_k=long_k, router_k=router_k, extra=extra)
+        args = dict(a_ptr=a_ptr, b_ptr=b_ptr, c_ptr=c_ptr, add_ptr=ptr, a2_ptr=a2_ptr,
+                    b2_ptr=b2_ptr, c2_ptr=ptr, gram_ptr="*fp64:16", M=i16, N=i16, K=i16,
+                    k_per_split=i16, E=i32, rank=i32, d_out=i16, num_gram=i32, m_bucket=i32,
+                    n_bucket=i32, k_bucket=i32, stride_am=a_strides[0], stride_ak=a_strides[1],
+                    stride_bk=b_strides[0], stride_bn=b_strides[1], stride_b_expert=b_strides[2],
+                    stride_cs=i16, stride_cm=i16, stride_cn=one, stride_addm=i16, stride_addn=one,
+                    stride_a2m=i16, stride_a2k=one, stride_b2k=i16, stride_b2n=one,
+                    stride_c2m=i16, stride_c2n=one, stride_ge=s_dr, stride_gd=s_r, stride_gr=one,
+                    scale="fp32", HAS_ADD=False, SPLIT_A=False, SPLIT_B=False, DOT_KIND=kind,
+                    UPCAST=False, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                    BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"], BLOCK_E=L.EPL, RP=L.RP,
+                    ERP=L.ERP, GB=C.GRAM_TILE)
+        args.update(flags)
+        specs.append(KernelSpec(f"matmul[{tag}] {label}", K.matmul_kernel, args,
+                                cfg["num_warps"], cfg["num_stages"], sixteen, note, shape.name,
+                                phase if step else "", work))
 
-    row, col = ("i32:16", "i32:1"), ("i32:1", "i32:16")
-    f32 = "*fp32:16"
-    # (element sizes: a, b, c, add)
-    gemm("expand base+s·Z·Bᵀ", f32, ptr, ptr, row, col, (T, d, L.ERP), (T, d, R), True, True, False,
-         (4, el, el, el), "forward")
-    gemm("dZ = s·dY·B", ptr, ptr, f32, row, row, (T, L.ERP, d), (T, R, d), False, False, False,
-         (el, el, 4), "backward")
-    gemm("dB = s·dYᵀ·Z (split-K)", ptr, f32, f32, col, row, (d, L.ERP, T), (d, R, T), False, False,
-         True, (el, 4, 4), "backward", long_k=True)
-    gemm("[dA;dW] = dHLᵀ·X (split-K)", f32, ptr, f32, col, row, (L.NW, d, T), (R + E, d, T), False,
-         True, False, (4, el, 4), "backward", long_k=True)
-    gemm("dX = dHL·[A;W]", f32, ptr, ptr, row, row, (T, d, L.NW), (T, d, R + E), False, True, False,
-         (4, el, el), "backward")
+    row, col = (i16, one), (one, i16)
+    # (element sizes: a, b, c, add). B_cat and A_cat are read in place from [E, d, r] / [E, r, d].
+    gemm("expand base+s·Z·Bᵀ", f32, ptr, ptr, row, (one, s_r, s_dr), (T, d, L.ERP), (T, d, R),
+         dict(HAS_ADD=True, SPLIT_A=split(C.SPLIT_EXPAND), PACKED_BK=True), (4, el, el, el),
+         "forward")
+    gemm("dZ = s·dY·B + G", ptr, ptr, f32, row, (s_r, one, s_dr), (T, L.ERP, d), (T, R, d),
+         dict(PACKED_BN=True, WITH_GRAM=True), (el, el, 4), "backward", extra=gram)
+    gemm("dB = s·dYᵀ·Z (split-K)", ptr, f32, f32, col, (i16, one, i32), (d, L.ERP, T), (d, R, T),
+         dict(SPLIT_B=split(C.SPLIT_DB)), (el, 4, 4), "backward", long_k=True)
+    gemm("dX = dH·A + dL·W", f32, ptr, ptr, row, (s_d, one, s_dr), (T, d, L.ERP), (T, d, R + E),
+         dict(SPLIT_A=split(C.SPLIT_DH), PACKED_BK=True, ROUTER=1), (4, el, el), "backward",
+         router_k=L.EPL)
+    wcfg = C.weight_grad_config(kind, L.ERP)
+    wsplit = split(C.SPLIT_DH)
+    specs.append(KernelSpec(
+        f"weight_grad[{tag}] [dA;dW]ᵀ = Xᵀ·[dH|dL] (split-K)", K.weight_grad_kernel,
+        dict(x_ptr=ptr, r_ptr=ptr, dh_ptr=f32, dl_ptr=f32, out_ptr=f32, T=i16, D=i16, N=i16,
+             E=i32, k_per_split=i16, t_bucket=i32, stride_xt=i16, stride_xd=one, stride_rt=i16,
+             stride_rd=one, stride_dht=i16, stride_dlt=i16, stride_os=i16, stride_od=i16,
+             SEPARATE_ROUTER=False, SPLIT_B=wsplit, DOT_KIND=kind, UPCAST=False,
+             BLOCK_M=wcfg["BLOCK_M"], BLOCK_N=wcfg["BLOCK_N"], BLOCK_E=L.EPL, BLOCK_K=wcfg["BLOCK_K"]),
+        wcfg["num_warps"], wcfg["num_stages"], sixteen, note, shape.name, "backward" if step else "",
+        M.gemm_work(d, L.ERP, T, (d, R + E, T), wcfg, unit, el, 4, 4, hi_lo=wsplit and sixteen,
+                    long_k=True, router_n=L.EPL)))
+    b_splits = M.split_k(d, L.ERP, T, C.matmul_default_config(kind, L.ERP))[0]
+    a_splits = M.split_k(d, L.ERP, T, wcfg)[0]
+    g_splits = M.gram_grad_splits(T, L, C.gram_grad_block(L))
+    fin = C.FINALIZE
+    specs.append(KernelSpec(
+        f"finalize[{tag}] grad_B, grad_A, grad_W", K.finalize_grads_kernel,
+        dict(pb_ptr=f32, pa_ptr=f32, pg_ptr="*fp64:16", b_ptr=ptr, grad_b_ptr=ptr, grad_a_ptr=ptr,
+             grad_w_ptr=ptr, b_splits=i32, a_splits=i32, g_splits=i32, d_out=i16, d_in=i16,
+             E=i32, rank=i32, b_programs=i32, stride_be=s_dr, stride_bd=s_r, stride_br=one,
+             stride_gbe=s_dr, stride_gbd=s_r, stride_gbr=one, stride_gae=s_dr, stride_gar=s_d,
+             stride_gad=one, stride_gwe=i16, stride_gwd=one, ORTHOGONALIZE=True, RP=L.RP,
+             ERP=L.ERP, NW=L.NW, BLOCK_R=fin["BLOCK_R"], BLOCK_C=fin["BLOCK_C"],
+             BLOCK_G=fin["BLOCK_G"]),
+        fin["num_warps"], C.TOKEN_STAGES, False, f"splits dB {b_splits}, [dA;dW] {a_splits}, dG {g_splits}",
+        shape.name, "backward" if step else "",
+        M.finalize_work(d, d, L, b_splits, a_splits, g_splits, el)))
     return specs
 
 
@@ -285,7 +329,8 @@ def _fused_shrink_specs(base: KernelSpec) -> list[KernelSpec]:
             f"shrink+token[bf16, {label}]", base.fn,
             dict(base.args, g_ptr="*fp64:16", z_ptr="*fp32:16", stride_zt="i32:16",
                  N="i32:16", BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                 BLOCK_E=L.EPL, BLOCK_K=cfg["BLOCK_K"], FUSE_TOKEN=True, **flags),
+                 BLOCK_E=L.EPL, BLOCK_K=cfg["BLOCK_K"], FUSE_TOKEN=True,
+                 **{**flags, "RP": L.RP, "ERP": L.ERP}),
             cfg["num_warps"], cfg["num_stages"], True, f"opt-in OMOE_TRITON_FUSE_TOKEN=1, E={E} r={r}",
             label))
     return specs

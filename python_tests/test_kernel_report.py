@@ -34,11 +34,12 @@ def test_kernel_report_sm90a_passes(tmp_path):
     report = json.loads(out_json.read_text())
     kernels = report["kernels"]
     names = [k["name"] for k in kernels]
-    for kernel in ("shrink", "matmul", "token_forward", "token_backward", "gram_grad"):
+    for kernel in ("shrink", "matmul", "weight_grad", "finalize", "token_forward",
+                   "token_backward", "gram_grad"):
         assert any(n.startswith(kernel) for n in names), f"{kernel} missing from the report"
     for k in kernels:
         assert k["problems"] == [] and k["spill_stores"] == 0 and k["spill_loads"] == 0, k
-        if "[bf16" in k["name"] or "[fp16" in k["name"]:
+        if k["work"] and k["work"]["unit"] in ("bf16 MMA", "fp16 MMA"):   # a 16-bit GEMM
             assert k["hgmma"] > 0, f"{k['name']}: no HGMMA in its SASS"
         for count in ("shfl", "bar", "hgmma", "hmma", "dmma"):
             assert isinstance(k[count], int) and k[count] >= 0
@@ -150,8 +151,16 @@ def test_report_compiles_the_launchers_configs():
     assert backward.num_warps == flags["num_warps"] and backward.args["BT"] == flags["BT"]
     assert backward.num_stages == C.TOKEN_STAGES
     assert specs["gram_grad[wide]"].args["BLOCK_T"] == C.gram_grad_block(L)
-    dz = specs["matmul[bf16, wide] dZ = s·dY·B"]
+    dz = specs["matmul[bf16, wide] dZ = s·dY·B + G"]
     assert dz.args["BLOCK_N"] == C.matmul_default_config(C.DOT_BF16, L.ERP)["BLOCK_N"]
+    assert dz.args["GB"] == C.GRAM_TILE and dz.args["PACKED_BN"]
+    weight_grad = specs["weight_grad[bf16, wide] [dA;dW]ᵀ = Xᵀ·[dH|dL] (split-K)"]
+    wcfg = C.weight_grad_config(C.DOT_BF16, L.ERP)
+    assert all(weight_grad.args[k] == wcfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    assert weight_grad.args["BLOCK_E"] == L.EPL
+    finalize = specs["finalize[bf16, wide] grad_B, grad_A, grad_W"]
+    assert all(finalize.args[k] == C.FINALIZE[k] for k in ("BLOCK_R", "BLOCK_C", "BLOCK_G"))
+    assert finalize.num_warps == C.FINALIZE["num_warps"]
 
 
 def test_target_misses_flag_wasted_mma_and_per_token_shuffles():

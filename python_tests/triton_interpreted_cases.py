@@ -127,6 +127,47 @@ def test_layout_pads_for_tl_dot():
             assert triton_configs.token_block(L) >= 1
 
 
+def test_gram_programs_build_the_exact_symmetric_gram_matrix():
+    """G = B_catᵀB_cat built by the programs appended to a GEMM launch, from B in place
+    (E=3, r=5: padded experts and ranks), every element written (outputs are poisoned)."""
+    E, d_out, r = 3, 37, 5
+    B = torch.randn(E, d_out, r, dtype=torch.float32).transpose(1, 2).contiguous().transpose(1, 2)
+    L = triton_omoe.layout(E, r)
+    G = triton_omoe.gram_only(B, L)
+    B_cat = torch.zeros(d_out, L.EP, L.RP, dtype=torch.float64)
+    B_cat[:, :E, :r] = B.permute(1, 0, 2).double()
+    B_cat = B_cat.reshape(d_out, L.ERP)
+    torch.testing.assert_close(G, B_cat.t() @ B_cat, rtol=1e-13, atol=1e-13)
+    assert torch.equal(G, G.t())
+
+
+def test_bf16_operands_are_rounded_as_on_the_gpu():
+    """Under the interpreter a bf16 dot runs in fp32 on operands rounded to bf16 (the
+    GPU's tensor-core inputs): an fp32 operand without the hi+lo split loses its low
+    bits, with the split it keeps them."""
+    L = triton_omoe.layout(2, 8)
+    z = torch.randn(40, L.ERP) * (1 + torch.rand(40, L.ERP))
+    B = torch.randn(2, 24, 8).to(torch.bfloat16)
+    B_cat = B.permute(1, 0, 2).reshape(24, L.ERP).float()
+    exact = z.double() @ B_cat.double().t()
+    rounded = z.bfloat16().double() @ B_cat.double().t()
+    # hi + lo keep 16 of fp32's 24 mantissa bits (~2^-17 relative); one bf16 keeps 8.
+    for split, expected, tol in ((False, rounded, 1e-6), (True, exact, 1e-5)):
+        y = triton_omoe.matmul(z, B, L, out_dtype=torch.float32, kind=triton_configs.DOT_BF16,
+                               upcast=True, packed="Bk", split_a=split)
+        assert_rel_close(y, expected, tol, f"split={split}")
+    assert ((rounded - exact).norm() / exact.norm()).item() > 1e-3
+
+
+def test_autotune_keys_follow_no_exact_token_count():
+    """A new T re-tunes only when it crosses a power of 2: the autotune keys name the
+    bucketed sizes, never T, M or K themselves."""
+    for key in (triton_configs.MATMUL_AUTOTUNE_KEY, triton_configs.SHRINK_AUTOTUNE_KEY):
+        assert not {"T", "M", "K", "k_per_split"} & set(key), key
+    assert "t_bucket" in triton_configs.SHRINK_AUTOTUNE_KEY
+    assert {"m_bucket", "k_bucket"} <= set(triton_configs.MATMUL_AUTOTUNE_KEY)
+
+
 # ---- reliability (test_reliability_ops.py's Triton share) --------------------------------
 
 @pytest.mark.parametrize("experts,top_k", [(1, None), (3, 1)], ids=["E1-dense", "top1"])

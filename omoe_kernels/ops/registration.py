@@ -239,11 +239,16 @@ def register_family(family: OpFamily) -> None:
         ctx.options = (scaling, top_k, orth, norm, eps)
         ctx.has_base = base_out is not None
         ctx.mark_non_differentiable(h, logits)
+        # h and logits get no gradient: without this autograd would fill two zero tensors
+        # for them (two launches per backward on a GPU).
+        ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_y, _grad_h, _grad_logits):
         if torch.is_grad_enabled():  # the autograd engine enables grad only for create_graph=True
             raise _unsupported(family, "double backward (a backward with create_graph=True, "
                                        "e.g. a gradient penalty)")
+        if grad_y is None:   # unmaterialized: nothing flowed into y
+            return (None,) * 11
         x, A, B, router_weight, router_input, h, logits = ctx.saved_tensors
         grad_x, grad_A, grad_B, grad_W, grad_router_input = backward_op(
             grad_y.contiguous(), x, A, B, router_weight, router_input, h, logits, *ctx.options)

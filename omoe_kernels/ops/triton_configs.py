@@ -49,6 +49,35 @@ def shrink_default_config(kind: int, ERP: int, fuse_token: bool = False) -> dict
     return cfg
 
 
+def weight_grad_config(kind: int, ERP: int) -> dict:
+    """The fixed GPU config of weight_grad_kernel ([dA; dW]ᵀ = [Xᵀ dH | Rᵀ dL]): rows are
+    d_in, BLOCK_N covers the E·r columns (one n-tile up to 128), the router's E columns
+    take a BLOCK_E-wide tile of their own."""
+    cfg = matmul_default_config(kind, ERP)
+    return {k: v for k, v in cfg.items() if k != "GROUP_M"}
+
+
+# bf16: which fp32 intermediates enter a GEMM as hi + lo bf16 parts (two MMAs per tile).
+# fp16 always splits (the split carries the scaling into fp16's range). Measured under the
+# interpreter, which rounds operands to bf16 as the GPU does (bench/NOTES.md, "Accuracy
+# choices"): without any split the bf16 rows stay inside docs/contract.md §2, but
+# - Z in the expand: collapse 0.99 forward 3.3e-3 → 1.3e-2 (bound 3e-2): near collapse
+#   B_cat z cancels (κ·2^-9 worst case). Kept: the expand is bound by bytes at every §6
+#   shape, so the second MMA costs no time.
+# - dH in dX: grad x at collapse 0.99 3.5e-3 → 1e-1 (bound: finite); at random 3.6e-3
+#   (bound 2e-2). Dropped, as are Z in dB and dH in [dA; dW] (no visible change).
+SPLIT_EXPAND = True
+SPLIT_DB = False
+SPLIT_DH = False
+
+# G = B_catᵀB_cat is built by GRAM_TILE × GRAM_TILE float64 tiles appended to a GEMM
+# launch (a power of 2 >= 16 for tl.dot; ERP is a multiple).
+GRAM_TILE = 16
+
+# finalize_grads_kernel: tiles of BLOCK_R rows × BLOCK_C columns, dG read in BLOCK_G chunks.
+FINALIZE = dict(BLOCK_R=64, BLOCK_C=64, BLOCK_G=16, num_warps=4)
+
+
 # Under TRITON_INTERPRET=1: small tiles, so that small test shapes still use several programs.
 INTERPRET_MATMUL = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
 
@@ -62,9 +91,13 @@ def interpret_shrink_config(ERP: int, fuse_token: bool = False) -> dict:
 # fixed by shrink_default_config).
 MATMUL_AUTOTUNE = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
                    (128, 256, 64, 8, 3), (64, 64, 64, 4, 4)]
-MATMUL_AUTOTUNE_KEY = ["M", "N", "K", "k_per_split", "HAS_ADD", "SPLIT_A", "SPLIT_B", "DOT_KIND"]
+# Keys on dimensions rounded up to powers of 2 (the launchers' *_bucket arguments), not
+# on T itself: a new token count re-tunes only when it crosses a power of 2.
+MATMUL_AUTOTUNE_KEY = ["m_bucket", "n_bucket", "k_bucket", "HAS_ADD", "SPLIT_A", "SPLIT_B",
+                       "DOT_KIND", "PACKED_BK", "PACKED_BN", "ROUTER", "WITH_GRAM"]
 SHRINK_AUTOTUNE = [(128, 64, 8, 3), (64, 64, 4, 4), (128, 128, 8, 2), (64, 128, 4, 3)]
-SHRINK_AUTOTUNE_KEY = ["T", "D", "N", "E", "SEPARATE_ROUTER", "DOT_KIND", "BLOCK_N", "BLOCK_E"]
+SHRINK_AUTOTUNE_KEY = ["t_bucket", "D", "N", "E", "SEPARATE_ROUTER", "DOT_KIND", "BLOCK_N",
+                       "BLOCK_E"]
 
 
 def autotuned_configs(kernel: str) -> list:

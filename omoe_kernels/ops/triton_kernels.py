@@ -4,12 +4,20 @@ Layout. Expert `i`'s rank-`r` block lives in columns `i·RP … i·RP + r − 1`
 `[*, ERP]` buffer, with `EP = next_pow2(E)`, `RP = next_pow2(r)` and `ERP = EP·RP`
 (raised so that `ERP >= 16` for `tl.dot`); padding columns hold zeros.
 
+Weights are read in place: `A [E, r, d_in]` and `B [E, d_out, r]` enter the GEMMs in that
+layout through `_offsets` (expert stride + rank stride, padding masked).
+
 Kernels:
-- `shrink_kernel`: `H = X A_padᵀ` and the router logits `L = R Wᵀ` in one pass over X.
-- `matmul_kernel`: `C = scale · A B (+ ADD)`, optional split-K into fp32 partials. Used
-  for the expand (`Y = base + s Z B_padᵀ`) and every backward GEMM. One operand may be an
-  fp32 intermediate (Z, dH) while the other is bf16/fp16: that operand is split into a
-  high and a low 16-bit part (two dots), so it is not rounded to one 16-bit number.
+- `shrink_kernel`: `H = X A_catᵀ` and the router logits `L = R Wᵀ` in one pass over X;
+  its first programs build `G = B_catᵀ B_cat` in float64 (`_gram_tile`).
+- `matmul_kernel`: `C = scale · A B (+ ADD)`, optional split-K into partials, optional
+  router term (a BLOCK_E-wide dot) and gram programs. The expand (`Y = base + s Z B_catᵀ`),
+  dZ (+ G), dB and dX. An fp32 intermediate (Z, dH) meeting a 16-bit operand may enter
+  as a high and a low 16-bit part (two dots; triton_configs.SPLIT_*).
+- `weight_grad_kernel`: split-K partials of `[dA_cat; dW]ᵀ = [Xᵀ dH | Rᵀ dL]`, the
+  router's E columns in a narrow tile beside the E·r wide one.
+- `finalize_grads_kernel`: sums the split-K and gram partials and writes grad_B (with
+  `B_cat (dG + dGᵀ)`), grad_A and grad_W in their layout and dtype.
 - `token_forward_kernel`, `token_backward_kernel` (triton_token_kernels.py): the per-token
   algebra in float64, tokens on lanes, over the k active experts only.
 - `gram_grad_kernel`: `dG_ij = Σ_t dS_t,ij h_t,i h_t,jᵀ` (float64 partial sums).
@@ -81,12 +89,34 @@ def _pow2_scales(amax):
 
 
 @triton.jit
+def _round_bf16(v):
+    """fp32 → nearest bf16 (ties to even), returned as fp32, from the bits: the
+    interpreter's own fp32 → bf16 cast does not round to nearest. NaN and Inf stay."""
+    bits = v.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+    return tl.where(v != v, v, bits.to(tl.float32, bitcast=True))
+
+
+@triton.jit
 def _dot_acc(a, b, acc, SPLIT_A: tl.constexpr, SPLIT_B: tl.constexpr, DOT_KIND: tl.constexpr,
              UPCAST: tl.constexpr):
     """acc + a·b. With a 16-bit DOT_KIND, the SPLIT operand is fp32 and enters as hi + lo."""
     if UPCAST:
-        # Interpreter with bf16 data: the interpreter cannot do bf16 arithmetic.
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        # Interpreter with bf16 data: it cannot do bf16 arithmetic, so the dot runs in fp32
+        # on operands rounded to bf16 exactly as the GPU path rounds them (products of bf16
+        # values are exact in fp32, which is what the tensor cores compute).
+        a32 = a.to(tl.float32)
+        b32 = b.to(tl.float32)
+        if SPLIT_A:
+            a_hi = _round_bf16(a32)
+            acc = tl.dot(a_hi, _round_bf16(b32), acc, input_precision="ieee")
+            acc = tl.dot(_round_bf16(a32 - a_hi), _round_bf16(b32), acc, input_precision="ieee")
+        elif SPLIT_B:
+            b_hi = _round_bf16(b32)
+            acc = tl.dot(_round_bf16(a32), b_hi, acc, input_precision="ieee")
+            acc = tl.dot(_round_bf16(a32), _round_bf16(b32 - b_hi), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(_round_bf16(a32), _round_bf16(b32), acc, input_precision="ieee")
     elif DOT_KIND == KIND_FP64:
         acc = tl.dot(a.to(tl.float64), b.to(tl.float64), acc)
     elif DOT_KIND == KIND_FP32_IEEE:
@@ -135,116 +165,351 @@ def _dot_acc(a, b, acc, SPLIT_A: tl.constexpr, SPLIT_B: tl.constexpr, DOT_KIND: 
 
 
 @triton.jit
-def shrink_kernel(x_ptr, r_ptr, a_ptr, w_ptr, h_ptr, l_ptr,
-                  T, D, N, E,
-                  stride_xt, stride_xd, stride_rt, stride_rd,
-                  stride_an, stride_ad, stride_we, stride_wd,
-                  stride_ht, stride_lt,
-                  g_ptr, z_ptr, top_k, eps, stride_zt,
-                  SEPARATE_ROUTER: tl.constexpr, DOT_KIND: tl.constexpr, UPCAST: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
-                  BLOCK_K: tl.constexpr,
-                  FUSE_TOKEN: tl.constexpr = False, TOP_K_ROUTING: tl.constexpr = False,
-                  ORTHOGONALIZE: tl.constexpr = True, NORMALIZE: tl.constexpr = True,
-                  K: tl.constexpr = 1, BT: tl.constexpr = 1, EP: tl.constexpr = 1,
-                  KP: tl.constexpr = 1, RP: tl.constexpr = 1, ERP: tl.constexpr = 16):
-    """H[:, n-tile] = X A_padᵀ and logits = R Wᵀ, sharing the loads of X when R is X.
+def _offsets(idx, stride, stride_expert, limit, E, rank, RP: tl.constexpr, PACKED: tl.constexpr):
+    """(element offsets, mask) of indices `idx` along one dimension of an operand.
 
-    Logits are stored by the programs of the first n-tile only (N ≤ BLOCK_N in the usual
-    case, so there is one n-tile and no wasted work).
-
-    FUSE_TOKEN (one n-tile only): after storing its H rows and logits, the program runs the
-    per-token algebra on them in blocks of BT tokens (re-read from global memory after a
-    barrier: Triton cannot slice the accumulator) and writes Z — the shrink-epilogue
-    variant of token_forward_kernel. g_ptr … stride_zt are only read then.
+    PACKED: the dimension is the padded expert layout (idx = expert·RP + k) of a weight
+    stored with separate expert and rank strides (A [E, r, d_in], B [E, d_out, r]); the
+    padding (expert >= E or k >= rank) is masked. Otherwise a plain dimension of `limit`.
     """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    # int64 rows: T · stride can pass 2^31 on large inputs.
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_e = tl.arange(0, BLOCK_E)
-    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
-    ACC = tl.float64 if DOT_KIND == KIND_FP64 else tl.float32
-    acc_h = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    acc_l = tl.zeros((BLOCK_M, BLOCK_E), dtype=ACC)
-    row_ok = offs_m[:, None] < T
-    for k0 in range(0, D, BLOCK_K):
-        k_ok = (k0 + offs_k) < D
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xt + (k0 + offs_k)[None, :] * stride_xd,
-                    mask=row_ok & k_ok[None, :], other=0.0)
-        a = tl.load(a_ptr + offs_n[None, :] * stride_an + (k0 + offs_k)[:, None] * stride_ad,
-                    mask=k_ok[:, None] & (offs_n[None, :] < N), other=0.0)
-        w = tl.load(w_ptr + offs_e[None, :] * stride_we + (k0 + offs_k)[:, None] * stride_wd,
-                    mask=k_ok[:, None] & (offs_e[None, :] < E), other=0.0)
-        acc_h = _dot_acc(x, a, acc_h, False, False, DOT_KIND, UPCAST)
-        if SEPARATE_ROUTER:
-            rt = tl.load(r_ptr + offs_m[:, None] * stride_rt + (k0 + offs_k)[None, :] * stride_rd,
-                         mask=row_ok & k_ok[None, :], other=0.0)
-            acc_l = _dot_acc(rt, w, acc_l, False, False, DOT_KIND, UPCAST)
-        else:
-            acc_l = _dot_acc(x, w, acc_l, False, False, DOT_KIND, UPCAST)
-    tl.store(h_ptr + offs_m[:, None] * stride_ht + offs_n[None, :], acc_h,
-             mask=row_ok & (offs_n[None, :] < N))
-    tl.store(l_ptr + offs_m[:, None] * stride_lt + offs_e[None, :], acc_l,
-             mask=row_ok & (offs_e[None, :] < E) & (pid_n == 0))
-    if FUSE_TOKEN:
-        tl.debug_barrier()   # this program's H and logits stores are visible to all its threads
-        for sub in range(0, BLOCK_M, BT):
-            _token_forward_block(h_ptr, l_ptr, g_ptr, z_ptr, pid_m * BLOCK_M + sub, T, E, top_k, eps,
-                                 stride_ht, stride_lt, stride_zt, K, TOP_K_ROUTING, ORTHOGONALIZE,
-                                 NORMALIZE, BT, EP, KP, RP, ERP)
+    if PACKED:
+        expert = idx // RP
+        k = idx % RP
+        return expert * stride_expert + k * stride, (expert < E) & (k < rank)
+    else:
+        return idx * stride, idx < limit
 
 
 @triton.jit
-def matmul_kernel(a_ptr, b_ptr, c_ptr, add_ptr,
-                  M, N, K, k_per_split,
-                  stride_am, stride_ak, stride_bk, stride_bn,
-                  stride_cs, stride_cm, stride_cn, stride_addm, stride_addn,
-                  scale,
-                  HAS_ADD: tl.constexpr, SPLIT_A: tl.constexpr, SPLIT_B: tl.constexpr,
-                  DOT_KIND: tl.constexpr, UPCAST: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  GROUP_M: tl.constexpr):
-    """C[s] = scale · A[:, K-slice s] B[K-slice s, :] (+ ADD), grid (tiles, splits).
+def _gram_tile(b_ptr, g_ptr, tile, E, rank, d_out, stride_be, stride_bd, stride_br,
+               RP: tl.constexpr, ERP: tl.constexpr, GB: tl.constexpr, GD: tl.constexpr):
+    """One GB × GB tile of G = B_catᵀ B_cat ([ERP, ERP] float64), read straight from
+    B [E, d_out, r] (products of 16-bit or fp32 values are exact in float64).
 
-    With one split, C is the output (any dtype); with several, C is an fp32 partial
-    buffer [splits, M, N] that the caller sums.
+    Tile (i, j) of the (ERP/GB)² grid: i < j also writes its transpose (so G is exactly
+    symmetric), i == j writes itself, i > j does nothing. A "gram program" appended to the
+    grid of a GEMM launch (shrink, dZ), so G costs no launch of its own.
     """
-    pid = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    # Grouped tile order: GROUP_M row tiles share their column tiles in L2.
-    group = pid // (GROUP_M * num_pid_n)
-    first_m = group * GROUP_M
-    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_pid_n)) % group_size
-    pid_n = (pid % (GROUP_M * num_pid_n)) // group_size
-    # int64 offsets: rows × stride (and the K walk of transposed operands) can pass 2^31.
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    NT: tl.constexpr = ERP // GB
+    ti = tile // NT
+    tj = tile % NT
+    if ti <= tj:
+        cols_i = ti * GB + tl.arange(0, GB)
+        cols_j = tj * GB + tl.arange(0, GB)
+        off_i, ok_i = _offsets(cols_i, stride_br, stride_be, ERP, E, rank, RP, True)
+        off_j, ok_j = _offsets(cols_j, stride_br, stride_be, ERP, E, rank, RP, True)
+        offs_d = tl.arange(0, GD).to(tl.int64)
+        acc = tl.zeros((GB, GB), dtype=tl.float64)
+        for d0 in range(0, d_out, GD):
+            d_ok = (d0 + offs_d) < d_out
+            rows = b_ptr + (d0 + offs_d)[:, None] * stride_bd
+            b_i = tl.load(rows + off_i[None, :], mask=d_ok[:, None] & ok_i[None, :], other=0.0)
+            b_j = tl.load(rows + off_j[None, :], mask=d_ok[:, None] & ok_j[None, :], other=0.0)
+            # Float64 FMAs, not tl.dot: Triton 3.8 cannot lower a float64 dot whose operands
+            # were loaded as 16-bit values (an MMAv2 layout assertion on sm_90).
+            acc += tl.sum(b_i.to(tl.float64)[:, :, None] * b_j.to(tl.float64)[:, None, :], axis=0)
+        tl.store(g_ptr + cols_i[:, None] * ERP + cols_j[None, :], acc)
+        if ti < tj:
+            tl.store(g_ptr + cols_j[:, None] * ERP + cols_i[None, :], tl.trans(acc))
+
+
+@triton.jit
+def _paired_tile(a_ptr, r_ptr, b_ptr, w_ptr, offs_m, m_ok, off_bn, n_ok, k_begin, k_end, E,
+                 stride_am, stride_ak, stride_rm, stride_rk, stride_bk, stride_wk, stride_we,
+                 with_router, SEPARATE_ROUTER: tl.constexpr, SPLIT_B: tl.constexpr,
+                 DOT_KIND: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(A·B, R·W) over K in [k_begin, k_end): the wide product [BLOCK_M, BLOCK_N] and the
+    router's narrow one [BLOCK_M, BLOCK_E] (BLOCK_E >= E, only where `with_router`),
+    sharing the loads of A when R is A. B's columns come as offsets `off_bn` (plain or
+    packed expert layout); W[k, e] is masked to e < E."""
     offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
-    k_begin = pid_s * k_per_split
-    k_end = tl.minimum(K, k_begin + k_per_split)
+    offs_e = tl.arange(0, BLOCK_E)
     ACC = tl.float64 if DOT_KIND == KIND_FP64 else tl.float32
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    m_ok = offs_m[:, None] < M
-    n_ok = offs_n[None, :] < N
+    acc_r = tl.zeros((BLOCK_M, BLOCK_E), dtype=ACC)
     for k0 in range(k_begin, k_end, BLOCK_K):
         k_ok = (k0 + offs_k) < k_end
         a = tl.load(a_ptr + offs_m[:, None] * stride_am + (k0 + offs_k)[None, :] * stride_ak,
                     mask=m_ok & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptr + (k0 + offs_k)[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+        b = tl.load(b_ptr + (k0 + offs_k)[:, None] * stride_bk + off_bn[None, :],
                     mask=k_ok[:, None] & n_ok, other=0.0)
-        acc = _dot_acc(a, b, acc, SPLIT_A, SPLIT_B, DOT_KIND, UPCAST)
-    acc = acc * scale
-    if HAS_ADD:
-        base = tl.load(add_ptr + offs_m[:, None] * stride_addm + offs_n[None, :] * stride_addn,
-                       mask=m_ok & n_ok, other=0.0)
-        acc = acc + base.to(ACC)
-    c_ptrs = c_ptr + pid_s * stride_cs + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok & n_ok)
+        acc = _dot_acc(a, b, acc, False, SPLIT_B, DOT_KIND, UPCAST)
+        if with_router:
+            w = tl.load(w_ptr + (k0 + offs_k)[:, None] * stride_wk + offs_e[None, :] * stride_we,
+                        mask=k_ok[:, None] & (offs_e[None, :] < E), other=0.0)
+            if SEPARATE_ROUTER:
+                rt = tl.load(r_ptr + offs_m[:, None] * stride_rm + (k0 + offs_k)[None, :] * stride_rk,
+                             mask=m_ok & k_ok[None, :], other=0.0)
+                acc_r = _dot_acc(rt, w, acc_r, False, SPLIT_B, DOT_KIND, UPCAST)
+            else:
+                acc_r = _dot_acc(a, w, acc_r, False, SPLIT_B, DOT_KIND, UPCAST)
+    return acc, acc_r
+
+
+@triton.jit
+def shrink_kernel(x_ptr, r_ptr, a_ptr, w_ptr, h_ptr, l_ptr, b_ptr, gram_ptr,
+                  T, D, N, E, rank, d_out, num_gram, t_bucket,
+                  stride_xt, stride_xd, stride_rt, stride_rd,
+                  stride_ae, stride_ar, stride_ad, stride_we, stride_wd,
+                  stride_ht, stride_lt, stride_be, stride_bd, stride_br,
+                  g_ptr, z_ptr, top_k, eps, stride_zt,
+                  SEPARATE_ROUTER: tl.constexpr, DOT_KIND: tl.constexpr, UPCAST: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+                  BLOCK_K: tl.constexpr, GB: tl.constexpr = 16, GD: tl.constexpr = 16,
+                  FUSE_TOKEN: tl.constexpr = False, TOP_K_ROUTING: tl.constexpr = False,
+                  ORTHOGONALIZE: tl.constexpr = True, NORMALIZE: tl.constexpr = True,
+                  K: tl.constexpr = 1, BT: tl.constexpr = 1, EP: tl.constexpr = 1,
+                  KP: tl.constexpr = 1, RP: tl.constexpr = 1, ERP: tl.constexpr = 16):
+    """H = X A_catᵀ ([T, ERP], A read from [E, r, d_in]) and logits = R Wᵀ ([T, E]),
+    sharing the loads of X when R is X; the first `num_gram` programs build G = B_catᵀB_cat
+    instead (_gram_tile). 1-D grid: gram programs, then (m-tile, n-tile) GEMM tiles.
+
+    Every n-tile computes the logits (a runtime branch around them spilled the fp32 kernel),
+    the first stores them (N <= BLOCK_N at the docs/contract.md §6 shapes: one n-tile). `t_bucket` (T rounded up to a power
+    of 2) is only an autotune key.
+
+    FUSE_TOKEN (one n-tile, num_gram = 0, G from an earlier launch): after storing its H
+    rows and logits, the program runs the per-token algebra on them in blocks of BT
+    tokens (re-read from global memory after a barrier: Triton cannot slice the
+    accumulator) and writes Z. g_ptr … stride_zt are only read then.
+    """
+    pid = tl.program_id(0)
+    is_gram = False   # the fused variant has no gram programs: keep their code out of it
+    if not FUSE_TOKEN:
+        is_gram = pid < num_gram
+    if is_gram:
+        _gram_tile(b_ptr, gram_ptr, pid, E, rank, d_out, stride_be, stride_bd, stride_br,
+                   RP, ERP, GB, GD)
+    else:
+        tile = pid - num_gram
+        n_tiles = tl.cdiv(N, BLOCK_N)
+        pid_m = tile // n_tiles
+        pid_n = tile % n_tiles
+        # int64 rows: T · stride can pass 2^31 on large inputs.
+        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_e = tl.arange(0, BLOCK_E)
+        row_ok = offs_m[:, None] < T
+        off_an, an_ok = _offsets(offs_n, stride_ar, stride_ae, N, E, rank, RP, True)
+        acc_h, acc_l = _paired_tile(x_ptr, r_ptr, a_ptr, w_ptr, offs_m, row_ok, off_an,
+                                    an_ok[None, :], 0, D, E, stride_xt, stride_xd, stride_rt,
+                                    stride_rd, stride_ad, stride_wd, stride_we, True,
+                                    SEPARATE_ROUTER, False, DOT_KIND, UPCAST, BLOCK_M, BLOCK_N,
+                                    BLOCK_E, BLOCK_K)
+        tl.store(h_ptr + offs_m[:, None] * stride_ht + offs_n[None, :], acc_h,
+                 mask=row_ok & (offs_n[None, :] < N))
+        tl.store(l_ptr + offs_m[:, None] * stride_lt + offs_e[None, :], acc_l,
+                 mask=row_ok & (offs_e[None, :] < E) & (pid_n == 0))
+        if FUSE_TOKEN:
+            tl.debug_barrier()   # this program's H and logits stores are visible to all its threads
+            for sub in range(0, BLOCK_M, BT):
+                _token_forward_block(h_ptr, l_ptr, g_ptr, z_ptr, pid_m * BLOCK_M + sub, T, E,
+                                     top_k, eps, stride_ht, stride_lt, stride_zt, K,
+                                     TOP_K_ROUTING, ORTHOGONALIZE, NORMALIZE, BT, EP, KP, RP, ERP)
+
+
+@triton.jit
+def weight_grad_kernel(x_ptr, r_ptr, dh_ptr, dl_ptr, out_ptr,
+                       T, D, N, E, k_per_split, t_bucket,
+                       stride_xt, stride_xd, stride_rt, stride_rd, stride_dht, stride_dlt,
+                       stride_os, stride_od,
+                       SEPARATE_ROUTER: tl.constexpr, SPLIT_B: tl.constexpr,
+                       DOT_KIND: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Split-K partials of [dA_cat; dW]ᵀ = [Xᵀ dH | Rᵀ dL] over the tokens of split s:
+    out[s, d, n] for n < N (= ERP) and out[s, d, N + e] for e < BLOCK_E (the router's
+    narrow tile, so the wide GEMM's N is E·r exactly). Grid (d-tiles × n-tiles, splits);
+    finalize_grads_kernel sums the splits and writes grad_A, grad_W."""
+    pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // n_tiles
+    pid_n = pid % n_tiles
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_e = tl.arange(0, BLOCK_E)
+    m_ok = offs_m[:, None] < D
+    n_ok = offs_n < N
+    k_begin = pid_s * k_per_split
+    k_end = tl.minimum(T, k_begin + k_per_split)
+    acc, acc_r = _paired_tile(x_ptr, r_ptr, dh_ptr, dl_ptr, offs_m, m_ok, offs_n, n_ok[None, :],
+                              k_begin, k_end, E, stride_xd, stride_xt, stride_rd, stride_rt,
+                              stride_dht, stride_dlt, 1, pid_n == 0, SEPARATE_ROUTER, SPLIT_B,
+                              DOT_KIND, UPCAST, BLOCK_M, BLOCK_N, BLOCK_E, BLOCK_K)
+    rows = out_ptr + pid_s * stride_os + offs_m[:, None] * stride_od
+    tl.store(rows + offs_n[None, :], acc, mask=m_ok & n_ok[None, :])
+    tl.store(rows + N + offs_e[None, :], acc_r, mask=m_ok & (pid_n == 0))
+
+
+@triton.jit
+def matmul_kernel(a_ptr, b_ptr, c_ptr, add_ptr, a2_ptr, b2_ptr, c2_ptr, gram_ptr,
+                  M, N, K, k_per_split, E, rank, d_out, num_gram, m_bucket, n_bucket, k_bucket,
+                  stride_am, stride_ak, stride_bk, stride_bn, stride_b_expert,
+                  stride_cs, stride_cm, stride_cn, stride_addm, stride_addn,
+                  stride_a2m, stride_a2k, stride_b2k, stride_b2n, stride_c2m, stride_c2n,
+                  stride_ge, stride_gd, stride_gr,
+                  scale,
+                  HAS_ADD: tl.constexpr, SPLIT_A: tl.constexpr, SPLIT_B: tl.constexpr,
+                  DOT_KIND: tl.constexpr, UPCAST: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  GROUP_M: tl.constexpr, PACKED_BK: tl.constexpr = False,
+                  PACKED_BN: tl.constexpr = False, ROUTER: tl.constexpr = 0,
+                  BLOCK_E: tl.constexpr = 16, RP: tl.constexpr = 1, ERP: tl.constexpr = 16,
+                  WITH_GRAM: tl.constexpr = False, GB: tl.constexpr = 16,
+                  GD: tl.constexpr = 16):
+    """C[s] = scale · A[:, K-slice s] B[K-slice s, :] (+ ADD), grid (gram + tiles, splits).
+
+    With one split, C is the output (any dtype); with several, C is a partial buffer
+    [splits, M, N] in the accumulator dtype that finalize_grads_kernel sums.
+    B may be a weight in the padded expert layout read in place from [E, d_out, r] (B_cat
+    along K: PACKED_BK, or along N: PACKED_BN; `stride_b_expert` is its expert stride).
+    ROUTER = 1 adds the router term A2 [M, E] · B2 [E, N] (one BLOCK_E-wide dot, masked to
+    E) into C; ROUTER = 2 stores it as a second output C2 (dX and d router_input).
+    WITH_GRAM: the first `num_gram` programs of axis 0 build G = B_catᵀB_cat into
+    gram_ptr from B_cat = b (_gram_tile, one split only). m/n/k_bucket (M, N, K rounded up to powers of
+    2) are only autotune keys.
+    """
+    pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    is_gram = False   # compiled in only where a launch has gram programs (WITH_GRAM)
+    if WITH_GRAM:
+        is_gram = pid < num_gram
+    if is_gram:
+        _gram_tile(b_ptr, gram_ptr, pid, E, rank, d_out, stride_ge, stride_gd, stride_gr,
+                   RP, ERP, GB, GD)
+    else:
+        tile = pid - num_gram
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        # Grouped tile order: GROUP_M row tiles share their column tiles in L2.
+        group = tile // (GROUP_M * num_pid_n)
+        first_m = group * GROUP_M
+        group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % (GROUP_M * num_pid_n)) % group_size
+        pid_n = (tile % (GROUP_M * num_pid_n)) // group_size
+        # int64 offsets: rows × stride (and the K walk of transposed operands) can pass 2^31.
+        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+        k_begin = pid_s * k_per_split
+        k_end = tl.minimum(K, k_begin + k_per_split)
+        ACC = tl.float64 if DOT_KIND == KIND_FP64 else tl.float32
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+        m_ok = offs_m[:, None] < M
+        n_ok = offs_n[None, :] < N
+        off_bn, bn_ok = _offsets(offs_n, stride_bn, stride_b_expert, N, E, rank, RP, PACKED_BN)
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            k_ok = (k0 + offs_k) < k_end
+            off_bk, bk_ok = _offsets(k0 + offs_k, stride_bk, stride_b_expert, k_end, E, rank, RP,
+                                     PACKED_BK)
+            a = tl.load(a_ptr + offs_m[:, None] * stride_am + (k0 + offs_k)[None, :] * stride_ak,
+                        mask=m_ok & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptr + off_bk[:, None] + off_bn[None, :],
+                        mask=(k_ok & bk_ok)[:, None] & bn_ok[None, :], other=0.0)
+            acc = _dot_acc(a, b, acc, SPLIT_A, SPLIT_B, DOT_KIND, UPCAST)
+        if ROUTER != 0:
+            offs_e = tl.arange(0, BLOCK_E)
+            a2 = tl.load(a2_ptr + offs_m[:, None] * stride_a2m + offs_e[None, :] * stride_a2k,
+                         mask=m_ok & (offs_e[None, :] < E), other=0.0)
+            b2 = tl.load(b2_ptr + offs_e[:, None] * stride_b2k + offs_n[None, :] * stride_b2n,
+                         mask=(offs_e[:, None] < E) & n_ok, other=0.0)
+            if ROUTER == 1:
+                acc = _dot_acc(a2, b2, acc, SPLIT_A, False, DOT_KIND, UPCAST)
+            else:
+                acc2 = _dot_acc(a2, b2, tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC), SPLIT_A, False,
+                                DOT_KIND, UPCAST)
+                tl.store(c2_ptr + offs_m[:, None] * stride_c2m + offs_n[None, :] * stride_c2n,
+                         acc2.to(c2_ptr.dtype.element_ty), mask=m_ok & n_ok)
+        acc = acc * scale
+        if HAS_ADD:
+            base = tl.load(add_ptr + offs_m[:, None] * stride_addm + offs_n[None, :] * stride_addn,
+                           mask=m_ok & n_ok, other=0.0)
+            acc = acc + base.to(ACC)
+        c_ptrs = c_ptr + pid_s * stride_cs + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok & n_ok)
+
+
+@triton.jit
+def _narrow(acc, ptr):
+    """A float64 sum in the dtype of `ptr`'s tensor, through fp32 unless that is float64
+    (one rounding either way; the interpreter cannot convert float64 to bf16 directly)."""
+    if ptr.dtype.element_ty == tl.float64:
+        return acc
+    else:
+        return acc.to(tl.float32).to(ptr.dtype.element_ty)
+
+
+@triton.jit
+def finalize_grads_kernel(pb_ptr, pa_ptr, pg_ptr, b_ptr, grad_b_ptr, grad_a_ptr, grad_w_ptr,
+                          b_splits, a_splits, g_splits, d_out, d_in, E, rank, b_programs,
+                          stride_be, stride_bd, stride_br,
+                          stride_gbe, stride_gbd, stride_gbr,
+                          stride_gae, stride_gar, stride_gad,
+                          stride_gwe, stride_gwd,
+                          ORTHOGONALIZE: tl.constexpr, RP: tl.constexpr, ERP: tl.constexpr,
+                          NW: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                          BLOCK_G: tl.constexpr):
+    """The weight gradients in their final layout and dtype, from the split-K partials:
+
+    - programs [0, b_programs): grad_B [E, d_out, r] = Σ_s PB[s] (PB [splits, d_out, ERP],
+      s·dYᵀZ) + B_cat (dG + dGᵀ) with dG = Σ_s PG[s] (gram_grad's [splits, ERP, ERP]
+      float64 partials), tiles of BLOCK_R rows × BLOCK_C columns of B_cat;
+    - the rest: grad_A [E, r, d_in] and grad_W [E, d_in] = Σ_s PA[s] (PA [splits, d_in,
+      NW], weight_grad_kernel's [dA_cat; dW]ᵀ), the same tiles over (d_in, NW).
+    Sums run in float64; padding columns of the expert layout are dropped.
+    """
+    pid = tl.program_id(0)
+    offs_c0 = tl.arange(0, BLOCK_C)
+    if pid < b_programs:
+        c_tiles: tl.constexpr = (ERP + BLOCK_C - 1) // BLOCK_C
+        rows = (pid // c_tiles).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = (pid % c_tiles) * BLOCK_C + offs_c0
+        r_ok = rows[:, None] < d_out
+        c_ok = cols[None, :] < ERP
+        acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float64)
+        for s in range(b_splits):
+            acc += tl.load(pb_ptr + (s * d_out + rows[:, None]) * ERP + cols[None, :],
+                           mask=r_ok & c_ok, other=0.0).to(tl.float64)
+        if ORTHOGONALIZE:
+            offs_g = tl.arange(0, BLOCK_G)
+            for k0 in range(0, ERP, BLOCK_G):
+                ks = k0 + offs_g
+                dg = tl.zeros((BLOCK_G, BLOCK_C), dtype=tl.float64)
+                for s in range(g_splits):
+                    part = pg_ptr + s * ERP * ERP
+                    dg += tl.load(part + ks[:, None] * ERP + cols[None, :], mask=c_ok, other=0.0)
+                    dg += tl.load(part + cols[None, :] * ERP + ks[:, None], mask=c_ok, other=0.0)
+                off_k, k_ok = _offsets(ks, stride_br, stride_be, ERP, E, rank, RP, True)
+                b = tl.load(b_ptr + rows[:, None] * stride_bd + off_k[None, :],
+                            mask=r_ok & k_ok[None, :], other=0.0)
+                if b_ptr.dtype.element_ty.primitive_bitwidth == 16:
+                    # fp32 dot (a float64 one cannot take 16-bit loads, see _gram_tile): the
+                    # products with the 16-bit B are exact, dG is rounded to fp32 once.
+                    acc += tl.dot(b.to(tl.float32), dg.to(tl.float32),
+                                  input_precision="ieee").to(tl.float64)
+                else:
+                    acc = tl.dot(b.to(tl.float64), dg, acc)
+        off_c, valid = _offsets(cols, stride_gbr, stride_gbe, ERP, E, rank, RP, True)
+        tl.store(grad_b_ptr + rows[:, None] * stride_gbd + off_c[None, :],
+                 _narrow(acc, grad_b_ptr), mask=r_ok & valid[None, :])
+    else:
+        c_tiles_a: tl.constexpr = (NW + BLOCK_C - 1) // BLOCK_C
+        tile = pid - b_programs
+        rows = (tile // c_tiles_a).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = (tile % c_tiles_a) * BLOCK_C + offs_c0
+        r_ok = rows[:, None] < d_in
+        acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float64)
+        for s in range(a_splits):
+            acc += tl.load(pa_ptr + (s * d_in + rows[:, None]) * NW + cols[None, :],
+                           mask=r_ok & (cols[None, :] < NW), other=0.0).to(tl.float64)
+        off_a, a_ok = _offsets(cols, stride_gar, stride_gae, ERP, E, rank, RP, True)
+        tl.store(grad_a_ptr + rows[:, None] * stride_gad + off_a[None, :],
+                 _narrow(acc, grad_a_ptr), mask=r_ok & (a_ok & (cols < ERP))[None, :])
+        e = cols - ERP
+        w_ok = (e >= 0) & (e < E)
+        tl.store(grad_w_ptr + rows[:, None] * stride_gwd + e[None, :] * stride_gwe,
+                 _narrow(acc, grad_w_ptr), mask=r_ok & w_ok[None, :])
 
 
 @triton.jit

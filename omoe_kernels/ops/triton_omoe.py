@@ -1,19 +1,26 @@
 """The `triton` backend: launchers and the `torch.ops.omoe_triton` custom ops.
 
-Forward (docs/algorithm.md): shrink (`H`, logits in one pass over x) → per-token kernel
-(routing, Gram, MGS in float64 → `Z = a ⊙ h`) → expand (`Y = base + s Z B_catᵀ`, base
-added in the GEMM epilogue). Backward: `dZ = s dY B_cat` → per-token reverse (Z, dH,
-dlogits, dS) → `dG` (float64) → the weight and input GEMMs. Saved: `H` and the logits
-(the backward recomputes `G = B_catᵀB_cat`: weight-sized, a small float64 GEMM).
+A training step is ten launches and nothing else (docs/algorithm.md, "The Triton step"):
+- forward (3): shrink (`H`, logits in one pass over x; appended programs build
+  `G = B_catᵀB_cat` in float64) → per-token kernel (routing, Gram, MGS → `Z = a ⊙ h`) →
+  expand (`Y = base + s Z B_catᵀ`, base added in the epilogue);
+- backward (7): dZ = s dY B_cat (+ G again) → per-token reverse (Z, dH, dlogits, dS) →
+  gram_grad (dG partials) → dB partials → [dA; dW] partials → finalize (sums the
+  partials, adds `B_cat (dG + dGᵀ)`, writes grad_A, grad_B, grad_W) → dX.
+The weights are read in place from `A [E, r, d_in]`, `B [E, d_out, r]` and the router
+weight (no padded, concatenated or float64 copies), grad_y and x in their own dtype; the
+router's E columns run in a narrow tile of their own, so the wide GEMMs span E·r. No
+host synchronisation: every size is known from the shapes. Saved: `H` and the logits.
 
 The ops `torch.ops.omoe_triton.forward/backward` have the schema of the compiled ops;
 registration.py gives them the same checks, fake kernels and autograd, so
 `torch.compile` traces through them as opaque nodes.
 
 Runs on CUDA tensors, and on CPU tensors under `TRITON_INTERPRET=1` (a correctness tool:
-bf16 operands are upcast to fp32 there because the interpreter cannot do bf16 math).
-Fixed launch configs under the interpreter or with `OMOE_TRITON_FIXED_CONFIG=1`;
-otherwise the GEMM kernels are autotuned over a few configs.
+the interpreter cannot do bf16 math, so bf16 dots run in fp32 on operands rounded to
+bf16 exactly as on the GPU). Fixed launch configs under the interpreter or with
+`OMOE_TRITON_FIXED_CONFIG=1`; otherwise the shrink and matmul kernels are autotuned over
+a few configs, keyed on sizes rounded up to powers of 2.
 """
 from __future__ import annotations
 
@@ -109,34 +116,31 @@ def _upcast(dtype: torch.dtype) -> bool:
     return interpreting() and dtype == torch.bfloat16
 
 
-def _pad_A(A: torch.Tensor, L: Layout) -> torch.Tensor:
-    E, r, d_in = A.shape
-    if (E, r) == (L.EP, L.RP):   # already the padded layout (every §6 shape): no copy
-        return A.reshape(L.ERP, d_in)
-    out = A.new_zeros((L.EP, L.RP, d_in))
-    out[:E, :r] = A
-    return out.view(L.ERP, d_in)
+def _split(kind: int, bf16_split: bool) -> bool:
+    """Whether an fp32 intermediate enters a 16-bit GEMM as hi + lo parts: always for fp16
+    (the split carries the power-of-2 scaling that keeps Z and dH inside fp16's range),
+    for bf16 where triton_configs says the accuracy table needs it."""
+    return kind == K.DOT_FP16 or (kind == K.DOT_BF16 and bf16_split)
 
 
-def _pad_B(B: torch.Tensor, L: Layout) -> torch.Tensor:
-    E, d_out, r = B.shape
-    if (E, r) == (L.EP, L.RP):   # one transposing copy, no zero fill
-        return B.permute(1, 0, 2).reshape(d_out, L.ERP)
-    out = B.new_zeros((d_out, L.EP, L.RP))
-    out[:, :E, :r] = B.permute(1, 0, 2)
-    return out.view(d_out, L.ERP)
+def _pow2_bucket(n: int) -> int:
+    """n rounded up to a power of 2: the autotune key of a dimension that follows T, so a
+    new token count re-tunes only when it crosses a power of 2."""
+    return _next_pow2(max(1, n))
 
 
-def _pad_W(W: torch.Tensor, L: Layout) -> torch.Tensor:
-    out = W.new_zeros((L.EPL, W.shape[1]))
-    out[: W.shape[0]] = W
-    return out
+def _gram_programs(L: Layout) -> int:
+    """Programs that build G = B_catᵀB_cat when appended to a GEMM launch (_gram_tile)."""
+    tiles = L.ERP // C.GRAM_TILE
+    return tiles * tiles
 
 
-def _gram(B_pad: torch.Tensor) -> torch.Tensor:
-    """G = B_catᵀ B_cat in float64 (ERP × ERP; tiny, so a torch GEMM)."""
-    b = B_pad.double()
-    return (b.t() @ b).contiguous()
+def _gram_args(B: Optional[torch.Tensor], G: Optional[torch.Tensor], L: Layout, dummy):
+    """(B, G, num_gram, d_out, B's strides) for the gram programs of a launch (none
+    when G is None)."""
+    if G is None:
+        return dummy, dummy, 0, 0, (0, 0, 0)
+    return B, G, _gram_programs(L), B.shape[1], tuple(B.stride())
 
 
 # ----------------------------------------------------------------------------------------
@@ -175,58 +179,96 @@ def _use_autotune(kind: int, device: torch.device) -> bool:
     return device.type == "cuda" and not fixed_config() and kind in C.SIXTEEN_BIT_KINDS + (C.DOT_FP32_TF32,)
 
 
+def _splits(M: int, N: int, Kdim: int, cfg: dict, device: torch.device) -> tuple[int, int]:
+    """(splits, k_per_split) of a long-K (token-summed) GEMM: K split over several programs
+    into partials so that the few output tiles still fill the GPU."""
+    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    if interpreting():
+        splits = min(3, triton.cdiv(Kdim, 32))
+    else:
+        splits = min(2 * _num_sms(device) // tiles, triton.cdiv(Kdim, 512))
+    splits = max(1, splits)
+    k_per_split = max(64, triton.cdiv(triton.cdiv(Kdim, splits), 64) * 64)
+    return triton.cdiv(max(Kdim, 1), k_per_split), k_per_split
+
+
 # ----------------------------------------------------------------------------------------
 # Launchers.
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor, *, out_dtype: torch.dtype, kind: int, upcast: bool,
-           scale: float = 1.0, add: Optional[torch.Tensor] = None, split_a: bool = False,
-           split_b: bool = False, long_k: bool = False) -> torch.Tensor:
-    """scale · a @ b (+ add) for a [M, K] and b [K, N] of any strides.
+def matmul(a: torch.Tensor, b: torch.Tensor, L: Layout, *, out_dtype: torch.dtype, kind: int,
+           upcast: bool, scale: float = 1.0, add: Optional[torch.Tensor] = None,
+           packed: Optional[str] = None, split_a: bool = False, split_b: bool = False,
+           long_k: bool = False, router: Optional[tuple] = None,
+           gram: Optional[tuple] = None) -> torch.Tensor:
+    """scale · a @ b (+ add) for a [M, K] of any strides, in one launch.
 
-    long_k: K is the token dimension (weight gradients): split K over several programs
-    into fp32 partials so that the few output tiles still fill the GPU.
+    b: a [K, N] tensor of any strides, or (packed) a weight read in place in the padded
+    expert layout: packed="Bk" (B [E, d_out, r] as B_catᵀ, K = ERP), "Bn" (B as B_cat,
+    N = ERP), "Ak" (A [E, r, d_in] as A_cat, K = ERP).
+    long_k: K is the token dimension (weight gradients): returns the partials
+    [splits, M, N] in the accumulator dtype, for finalize_grads.
+    router = (a2 [M, ≥E], W [E, N], out or None): adds a2[:, :E] · W to the result, or
+    writes it to `out` (the gradient of a separate router input).
+    gram = (B, G): the launch also builds G = B_catᵀB_cat ([ERP, ERP] float64) into G.
     """
     M, Kdim = a.shape
-    N = b.shape[1]
-    device = a.device
-    interp = interpreting()
-    default = C.INTERPRET_MATMUL if interp else C.matmul_default_config(kind, N)
-    splits = 1
-    if long_k:
-        tiles = triton.cdiv(M, default["BLOCK_M"]) * triton.cdiv(N, default["BLOCK_N"])
-        if interp:
-            splits = min(3, triton.cdiv(Kdim, 32))
-        else:
-            splits = max(1, min(2 * _num_sms(device) // tiles, triton.cdiv(Kdim, 512)))
-    k_per_split = triton.cdiv(triton.cdiv(Kdim, splits), 64) * 64
-    splits = triton.cdiv(Kdim, k_per_split)
-    acc_dtype = torch.float64 if kind == K.DOT_FP64 else torch.float32
-    if splits > 1:
-        out = _empty((splits, M, N), device, acc_dtype)
-        result_add, add = add, None
+    if packed == "Bk":
+        N, Kdim = b.shape[1], L.ERP
+        stride_bk, stride_bn, stride_be = b.stride(2), b.stride(1), b.stride(0)
+    elif packed == "Bn":
+        N = L.ERP
+        stride_bk, stride_bn, stride_be = b.stride(1), b.stride(2), b.stride(0)
+    elif packed == "Ak":
+        N, Kdim = b.shape[2], L.ERP
+        stride_bk, stride_bn, stride_be = b.stride(1), b.stride(2), b.stride(0)
     else:
+        N = b.shape[1]
+        stride_bk, stride_bn, stride_be = b.stride(0), b.stride(1), 0
+    device = a.device
+    default = C.INTERPRET_MATMUL if interpreting() else C.matmul_default_config(kind, N)
+    acc_dtype = torch.float64 if kind == K.DOT_FP64 else torch.float32
+    if long_k:
+        splits, k_per_split = _splits(M, N, Kdim, default, device)
+        out = _empty((splits, M, N), device, acc_dtype)
+    else:
+        splits, k_per_split = 1, max(Kdim, 1)
         out = _empty((1, M, N), device, out_dtype)
     add_t = add if add is not None else out
-    args = (a, b, out, add_t, M, N, Kdim, k_per_split,
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+    a2, b2, c2 = router if router is not None else (out, out, None)
+    c2_t = c2 if c2 is not None else out
+    gram_b, gram_g, num_gram, d_out, gram_strides = _gram_args(*(gram or (None, None)), L, out)
+    assert num_gram == 0 or splits == 1
+    args = (a, b, out, add_t, a2, b2, c2_t, gram_g, M, N, Kdim, k_per_split, L.num_experts,
+            L.rank, d_out, num_gram, _pow2_bucket(M), _pow2_bucket(N), _pow2_bucket(Kdim),
+            a.stride(0), a.stride(1), stride_bk, stride_bn, stride_be,
             out.stride(0), out.stride(1), out.stride(2), add_t.stride(-2), add_t.stride(-1),
-            float(scale))
+            a2.stride(-2), a2.stride(-1), b2.stride(-2), b2.stride(-1), c2_t.stride(-2),
+            c2_t.stride(-1), *gram_strides, float(scale))
     flags = dict(HAS_ADD=add is not None, SPLIT_A=split_a, SPLIT_B=split_b, DOT_KIND=kind,
-                 UPCAST=upcast)
+                 UPCAST=upcast, PACKED_BK=packed in ("Bk", "Ak"), PACKED_BN=packed == "Bn",
+                 ROUTER=0 if router is None else (1 if c2 is None else 2), BLOCK_E=L.EPL,
+                 RP=L.RP, ERP=L.ERP, WITH_GRAM=num_gram > 0, GB=C.GRAM_TILE)
+    assert gram is None or gram[0] is b, "the gram programs read B as the b operand"
     if _use_autotune(kind, device):
         fn = _autotuned("matmul")
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), splits)
+        grid = lambda meta: (num_gram + triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),
+                             splits)
         fn[grid](*args, **flags)
     else:
-        grid = (triton.cdiv(M, default["BLOCK_M"]) * triton.cdiv(N, default["BLOCK_N"]), splits)
+        grid = (num_gram + triton.cdiv(M, default["BLOCK_M"]) * triton.cdiv(N, default["BLOCK_N"]), splits)
         K.matmul_kernel[grid](*args, **flags, **default)
-    if splits == 1:
-        return out[0]
-    total = out.sum(0)
-    if result_add is not None:
-        total = total + result_add.to(acc_dtype)
-    return total.to(out_dtype)
+    return out if long_k else out[0]
+
+
+def gram_only(B: torch.Tensor, L: Layout) -> torch.Tensor:
+    """G = B_catᵀB_cat ([ERP, ERP] float64) in a launch of its own (the fused-token shrink
+    needs G complete before its epilogue): matmul_kernel with no GEMM tiles."""
+    G = _empty((L.ERP, L.ERP), B.device, torch.float64)
+    empty = B.new_empty((0, B.shape[1]))
+    matmul(empty, B, L, out_dtype=torch.float32, kind=K.DOT_FP32_IEEE, upcast=False,
+           packed="Bn", gram=(B, G))
+    return G
 
 
 def fuse_token_in_shrink() -> bool:
@@ -235,12 +277,15 @@ def fuse_token_in_shrink() -> bool:
     return os.environ.get("OMOE_TRITON_FUSE_TOKEN", "0") not in ("", "0")
 
 
-def shrink(x: torch.Tensor, router_input: Optional[torch.Tensor], A_pad: torch.Tensor,
-           W: torch.Tensor, L: Layout, kind: int, upcast: bool, token: Optional[dict] = None):
+def shrink(x: torch.Tensor, router_input: Optional[torch.Tensor], A: torch.Tensor,
+           W: torch.Tensor, L: Layout, kind: int, upcast: bool,
+           gram: Optional[tuple] = None, token: Optional[dict] = None):
     """H [T, ERP] and logits [T, E] (accumulator dtype), and Z when `token` is given.
 
+    gram = (B, G): the same launch builds G = B_catᵀB_cat into G.
     token = dict(G=…, top_k=…, orthogonalize=…, normalize=…, eps=…): fuse the per-token
-    kernel into the epilogue (fixed config, one n-tile). Returns (h, logits, z or None).
+    kernel into the epilogue (fixed config, one n-tile; G complete beforehand).
+    Returns (h, logits, z or None).
     """
     T, D = x.shape
     acc = accumulate_dtype(x.dtype)
@@ -263,21 +308,66 @@ def shrink(x: torch.Tensor, router_input: Optional[torch.Tensor], A_pad: torch.T
         # may not be written yet).
         token_flags["BT"] = min(token_flags["BT"], cfg["BLOCK_M"])
         token_flags["FUSE_TOKEN"] = True
-    args = (x, r, A_pad, W, h, logits, T, D, L.ERP, L.num_experts,
+    gram_b, gram_g, num_gram, d_out, gram_strides = _gram_args(*(gram or (None, None)), L, h)
+    args = (x, r, A, W, h, logits, gram_b, gram_g, T, D, L.ERP, L.num_experts, L.rank, d_out,
+            num_gram, _pow2_bucket(T),
             x.stride(0), x.stride(1), r.stride(0), r.stride(1),
-            A_pad.stride(0), A_pad.stride(1), W.stride(0), W.stride(1),
-            h.stride(0), logits.stride(0)) + token_args
+            A.stride(0), A.stride(1), A.stride(2), W.stride(0), W.stride(1),
+            h.stride(0), logits.stride(0), *gram_strides) + token_args
     flags = dict(SEPARATE_ROUTER=router_input is not None, DOT_KIND=kind, UPCAST=upcast,
-                 BLOCK_E=L.EPL, **token_flags)
+                 BLOCK_E=L.EPL, GB=C.GRAM_TILE, RP=L.RP, ERP=L.ERP)
+    flags.update(token_flags)
     if token is None and _use_autotune(kind, x.device):
         fn = _autotuned("shrink")
-        grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), triton.cdiv(L.ERP, cfg["BLOCK_N"]))
+        grid = lambda meta: (num_gram + triton.cdiv(T, meta["BLOCK_M"]) * triton.cdiv(L.ERP, cfg["BLOCK_N"]),)
         fn[grid](*args, **flags, BLOCK_N=cfg["BLOCK_N"])
     else:
-        grid = (triton.cdiv(T, cfg["BLOCK_M"]), triton.cdiv(L.ERP, cfg["BLOCK_N"]))
-        assert token is None or grid[1] == 1
+        n_tiles = triton.cdiv(L.ERP, cfg["BLOCK_N"])
+        assert token is None or (n_tiles == 1 and num_gram == 0)
+        grid = (num_gram + triton.cdiv(T, cfg["BLOCK_M"]) * n_tiles,)
         K.shrink_kernel[grid](*args, **flags, **cfg)
     return h, logits, z
+
+
+def weight_grad(x: torch.Tensor, router_input: Optional[torch.Tensor], dhl: torch.Tensor,
+                L: Layout, kind: int, upcast: bool, split: bool) -> torch.Tensor:
+    """Split-K partials [splits, d_in, NW] of [dA_cat; dW]ᵀ = [Xᵀ dH | Rᵀ dL] (one launch)."""
+    T, D = x.shape
+    r = router_input if router_input is not None else x
+    cfg = C.INTERPRET_MATMUL if interpreting() else C.weight_grad_config(kind, L.ERP)
+    splits, k_per_split = _splits(D, L.ERP, T, cfg, x.device)
+    acc = torch.float64 if kind == K.DOT_FP64 else torch.float32
+    out = _empty((splits, D, L.NW), x.device, acc)
+    dl = dhl[:, L.ERP:]
+    grid = (triton.cdiv(D, cfg["BLOCK_M"]) * triton.cdiv(L.ERP, cfg["BLOCK_N"]), splits)
+    K.weight_grad_kernel[grid](x, r, dhl, dl, out, T, D, L.ERP, L.num_experts, k_per_split,
+                               _pow2_bucket(T), x.stride(0), x.stride(1), r.stride(0), r.stride(1),
+                               dhl.stride(0), dl.stride(0), out.stride(0), out.stride(1),
+                               SEPARATE_ROUTER=router_input is not None, SPLIT_B=split,
+                               DOT_KIND=kind, UPCAST=upcast, BLOCK_E=L.EPL,
+                               **{k: v for k, v in cfg.items() if k != "GROUP_M"})
+    return out
+
+
+def finalize_grads(pb: torch.Tensor, pa: torch.Tensor, pg: Optional[torch.Tensor],
+                   A: torch.Tensor, B: torch.Tensor, L: Layout, dtype: torch.dtype):
+    """(grad_A, grad_B, grad_W) in their final layout and dtype from the partials of the
+    dB GEMM (pb), the [dA; dW] GEMM (pa) and gram_grad (pg, or None), in one launch."""
+    E, r, d_in = A.shape
+    d_out = B.shape[1]
+    device = A.device
+    grad_A = _empty((E, r, d_in), device, dtype)
+    grad_B = _empty((E, d_out, r), device, dtype)
+    grad_W = _empty((E, d_in), device, dtype)
+    cfg = C.FINALIZE
+    b_programs = triton.cdiv(d_out, cfg["BLOCK_R"]) * triton.cdiv(L.ERP, cfg["BLOCK_C"])
+    a_programs = triton.cdiv(d_in, cfg["BLOCK_R"]) * triton.cdiv(L.NW, cfg["BLOCK_C"])
+    K.finalize_grads_kernel[(b_programs + a_programs,)](
+        pb, pa, pg if pg is not None else pb, B, grad_B, grad_A, grad_W,
+        pb.shape[0], pa.shape[0], pg.shape[0] if pg is not None else 0, d_out, d_in, E, r,
+        b_programs, *B.stride(), *grad_B.stride(), *grad_A.stride(), *grad_W.stride(),
+        ORTHOGONALIZE=pg is not None, RP=L.RP, ERP=L.ERP, NW=L.NW, **cfg)
+    return grad_A, grad_B, grad_W
 
 
 def token_forward(h, logits, G, L: Layout, top_k, orthogonalize, normalize, eps):
@@ -309,7 +399,7 @@ def token_backward(h, logits, G, dz, L: Layout, top_k, orthogonalize, normalize,
 
 
 def gram_grad(h, ds, L: Layout) -> torch.Tensor:
-    """dG [ERP, ERP] float64 from dS, summed over tokens."""
+    """dG partials [splits, ERP, ERP] float64 from dS (finalize_grads sums them)."""
     T = h.shape[0]
     E = L.num_experts
     block_t = C.gram_grad_block(L)
@@ -323,7 +413,7 @@ def gram_grad(h, ds, L: Layout) -> torch.Tensor:
     K.gram_grad_kernel[(E, E, splits)](h, ds, partial, T, per_split, h.stride(0),
                                        EP=L.EP, RP=L.RP, ERP=L.ERP, BLOCK_T=block_t,
                                        num_warps=C.GRAM_GRAD_WARPS, num_stages=C.TOKEN_STAGES)
-    return partial.sum(0)
+    return partial
 
 
 # ----------------------------------------------------------------------------------------
@@ -332,78 +422,59 @@ def gram_grad(h, ds, L: Layout) -> torch.Tensor:
 
 def forward_impl(x, A, B, router_weight, router_input, base_out, scaling, top_k,
                  orthogonalize, normalize, eps):
-    """(y, h, logits): the op `omoe_triton::forward`."""
+    """(y, h, logits): the op `omoe_triton::forward`. Three launches: shrink (+ G),
+    per-token, expand; the weights are read in place (no padded or float64 copies)."""
     check_forward_args(FAMILY, x, A, B, router_weight, router_input, base_out, scaling, top_k, eps)
     E, r, _ = A.shape
     L = layout(E, r)
     kind = dot_kind(x.dtype, x.device.type)
     upcast = _upcast(x.dtype)
-    A_pad = _pad_A(A, L)
-    B_pad = _pad_B(B, L)
-    G = _gram(B_pad) if orthogonalize else None
+    G = _empty((L.ERP, L.ERP), x.device, torch.float64) if orthogonalize else None
     if fuse_token_in_shrink() and L.ERP <= 256:
+        if G is not None:
+            G = gram_only(B, L)
         token = dict(G=G, top_k=top_k, orthogonalize=orthogonalize, normalize=normalize, eps=eps)
-        h, logits, z = shrink(x, router_input, A_pad, router_weight, L, kind, upcast, token)
+        h, logits, z = shrink(x, router_input, A, router_weight, L, kind, upcast, token=token)
     else:
-        h, logits, _ = shrink(x, router_input, A_pad, router_weight, L, kind, upcast)
+        gram = (B, G) if G is not None else None
+        h, logits, _ = shrink(x, router_input, A, router_weight, L, kind, upcast, gram=gram)
         z = token_forward(h, logits, G, L, top_k, orthogonalize, normalize, eps)
-    sixteen = kind in (K.DOT_BF16, K.DOT_FP16)
-    y = matmul(z, B_pad.t(), out_dtype=x.dtype, kind=kind, upcast=upcast, scale=scaling,
-               add=base_out, split_a=sixteen)
+    y = matmul(z, B, L, out_dtype=x.dtype, kind=kind, upcast=upcast, scale=scaling,
+               add=base_out, packed="Bk", split_a=_split(kind, C.SPLIT_EXPAND))
     return y, h, logits
-
-
-def _fresh(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A contiguous copy (custom-op outputs must not alias each other)."""
-    return t.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
 
 
 def backward_impl(grad_y, x, A, B, router_weight, router_input, h, logits, scaling, top_k,
                   orthogonalize, normalize, eps):
     """(grad x, grad A, grad B, grad router_weight, grad router_input or an empty tensor):
-    the op `omoe_triton::backward`."""
+    the op `omoe_triton::backward`. Seven launches: dZ (+ G), per-token reverse,
+    gram_grad, dB, [dA; dW], finalize, dX (docs/algorithm.md, Backward)."""
     check_backward_args(FAMILY, grad_y, x, A, B, router_weight, router_input, h, logits,
                         scaling, top_k, eps)
     h, logits = h.contiguous(), logits.contiguous()   # the per-token kernels read unit columns
-    E, r, d_in = A.shape
-    d_out = B.shape[1]
-    L = layout(E, r)
+    L = layout(A.shape[0], A.shape[1])
     dtype = x.dtype
     kind = dot_kind(dtype, x.device.type)
     upcast = _upcast(dtype)
-    sixteen = kind in (K.DOT_BF16, K.DOT_FP16)
     acc = accumulate_dtype(dtype)
-    grad_y = grad_y.to(dtype)
-    A_pad = _pad_A(A, L)
-    B_pad = _pad_B(B, L)
-    W_pad = _pad_W(router_weight, L)
-    G = _gram(B_pad) if orthogonalize else None
-    dz = matmul(grad_y, B_pad, out_dtype=acc, kind=kind, upcast=upcast, scale=scaling)
+    G = _empty((L.ERP, L.ERP), x.device, torch.float64) if orthogonalize else None
+    # dZ = s dY B_cat (grad_y is read in its own dtype: the kernels convert per tile)
+    dz = matmul(grad_y, B, L, out_dtype=acc, kind=kind, upcast=upcast, scale=scaling,
+                packed="Bn", gram=(B, G) if G is not None else None)
     z, dhl, ds = token_backward(h, logits, G, dz, L, top_k, orthogonalize, normalize, eps)
-    # dB_cat = s dYᵀ Z + B_cat (dG + dGᵀ)
-    dB_pad = matmul(grad_y.t(), z, out_dtype=acc, kind=kind, upcast=upcast, scale=scaling,
-                    split_b=sixteen, long_k=True)
-    if orthogonalize:
-        dG = gram_grad(h, ds, L)
-        dB_pad = (dB_pad.double() + B_pad.double() @ (dG + dG.t())).to(acc)
-    grad_B = _fresh(dB_pad.view(d_out, L.EP, L.RP)[:, :E, :r].permute(1, 0, 2), dtype)
-    ERP, NW = L.ERP, L.NW
-    if router_input is None:
-        # One GEMM each for [dA; dW] = dHLᵀ X and dX = dHL [A; W].
-        stacked = torch.cat([A_pad, W_pad], dim=0)
-        dAW = matmul(dhl.t(), x, out_dtype=acc, kind=kind, upcast=upcast, split_a=sixteen, long_k=True)
-        grad_x = matmul(dhl, stacked, out_dtype=dtype, kind=kind, upcast=upcast, split_a=sixteen)
-        dA_pad, grad_W = dAW[:ERP], dAW[ERP:ERP + E]
-        grad_R = x.new_empty((0,))
-    else:
-        dh, dl = dhl[:, :ERP], dhl[:, ERP:NW]
-        dA_pad = matmul(dh.t(), x, out_dtype=acc, kind=kind, upcast=upcast, split_a=sixteen, long_k=True)
-        grad_x = matmul(dh, A_pad, out_dtype=dtype, kind=kind, upcast=upcast, split_a=sixteen)
-        grad_W = matmul(dl.t(), router_input, out_dtype=acc, kind=kind, upcast=upcast,
-                        split_a=sixteen, long_k=True)[:E]
-        grad_R = matmul(dl, W_pad, out_dtype=dtype, kind=kind, upcast=upcast, split_a=sixteen)
-    grad_A = _fresh(dA_pad.view(L.EP, L.RP, d_in)[:E, :r], dtype)
-    return grad_x, grad_A, grad_B, _fresh(grad_W, dtype), grad_R
+    dG_partials = gram_grad(h, ds, L).view(-1, L.ERP, L.ERP) if orthogonalize else None
+    # dB_cat = s dYᵀ Z (+ B_cat (dG + dGᵀ), added by finalize_grads)
+    dB_partials = matmul(grad_y.t(), z, L, out_dtype=acc, kind=kind, upcast=upcast,
+                         scale=scaling, split_b=_split(kind, C.SPLIT_DB), long_k=True)
+    dAW_partials = weight_grad(x, router_input, dhl, L, kind, upcast,
+                               split=_split(kind, C.SPLIT_DH))
+    grad_A, grad_B, grad_W = finalize_grads(dB_partials, dAW_partials, dG_partials, A, B, L, dtype)
+    # dX = dH A_cat + dL W (+ a separate router input's own gradient dL W)
+    grad_R = _empty(router_input.shape, x.device, dtype) if router_input is not None else None
+    grad_x = matmul(dhl[:, :L.ERP], A, L, out_dtype=dtype, kind=kind, upcast=upcast,
+                    packed="Ak", split_a=_split(kind, C.SPLIT_DH),
+                    router=(dhl[:, L.ERP:], router_weight, grad_R))
+    return grad_x, grad_A, grad_B, grad_W, grad_R if grad_R is not None else x.new_empty((0,))
 
 
 # ----------------------------------------------------------------------------------------
