@@ -41,6 +41,20 @@ def _unit(row_stride):
 
 
 @triton.jit
+def _row_offsets(tokens, stride):
+    """tokens · stride in int64: token index times row stride passes 2³¹ on large inputs
+    (T · E·r elements), while the offsets within a row stay int32. Every row base of
+    these kernels goes through here (python_tests check both)."""
+    return tokens.to(tl.int64) * stride
+
+
+@triton.jit
+def _rows(ptr, tokens, stride):
+    """Pointers to the rows `tokens` of a [T, stride] buffer."""
+    return ptr + _row_offsets(tokens, stride)
+
+
+@triton.jit
 def _pick(M, axis_idx, s):
     """The slice of M at index s of axis 0 ([KP, ...] → [...]): KP selects in the thread."""
     return tl.sum(tl.where(axis_idx == s, M, 0.0), axis=0)
@@ -212,18 +226,17 @@ def _token_setup(h_ptr, l_ptr, g_ptr, start, T, E, top_k, eps, stride_ht, stride
                  K: tl.constexpr, TOP_K_ROUTING: tl.constexpr, ORTHOGONALIZE: tl.constexpr,
                  NORMALIZE: tl.constexpr, BT: tl.constexpr, EP: tl.constexpr, KP: tl.constexpr,
                  RP: tl.constexpr, ERP: tl.constexpr):
-    """Load, route, Gram and MGS of BT tokens; coeff[s] = a of slot s ([KP, BT]).
-
-    Row offsets are int64 (token · stride passes 2³¹ on large inputs); column offsets
-    within a row stay int32."""
+    """Load, route, Gram and MGS of BT tokens; coeff[s] = a of slot s ([KP, BT])."""
+    # int64 tokens (int32 would do: row bases widen in _rows) because with int32 ptxas
+    # spilled 8 bytes in token_forward at llama7b-top2.
     offs_t = start.to(tl.int64) + tl.arange(0, BT)
     tok = offs_t < T
     unit = _unit(stride_ht)
     e2 = tl.arange(0, EP)[:, None]
-    logits = _load_cols(l_ptr + offs_t * stride_lt, 0, tok, E, unit, EP)
+    logits = _load_cols(_rows(l_ptr, offs_t, stride_lt), 0, tok, E, unit, EP)
     logits = tl.where(e2 < E, logits, float("-inf"))   # padding tokens keep finite logits
     active, idx, gates = _route_slots(logits, E, top_k, K, TOP_K_ROUTING, BT, EP, KP)
-    rows = h_ptr + offs_t * stride_ht
+    rows = _rows(h_ptr, offs_t, stride_ht)
     if ORTHOGONALIZE:
         S = _gram_slots(rows, g_ptr, idx, tok, unit, K, TOP_K_ROUTING, BT, KP, RP, ERP)
         C, SC, P, nsq = _mgs_slots(S, eps, K, NORMALIZE, BT, KP)
@@ -270,7 +283,7 @@ def _token_forward_block(h_ptr, l_ptr, g_ptr, z_ptr, start, T, E, top_k, eps,
     offs_t, tok, unit, rows, active, idx, gates, coeff, C, SC, P, nsq = _token_setup(
         h_ptr, l_ptr, g_ptr, start, T, E, top_k, eps, stride_ht, stride_lt, K, TOP_K_ROUTING,
         ORTHOGONALIZE, NORMALIZE, BT, EP, KP, RP, ERP)
-    _store_z(z_ptr + offs_t * stride_zt, rows, tok, active, idx, coeff, unit, K, TOP_K_ROUTING,
+    _store_z(_rows(z_ptr, offs_t, stride_zt), rows, tok, active, idx, coeff, unit, K, TOP_K_ROUTING,
              BT, EP, KP, RP)
 
 
@@ -364,12 +377,12 @@ def token_backward_kernel(h_ptr, l_ptr, g_ptr, dz_ptr, z_ptr, dhl_ptr, ds_ptr, s
     offs_t, tok, unit, rows, active, idx, gates, coeff, C, SC, P, nsq = _token_setup(
         h_ptr, l_ptr, g_ptr, tl.program_id(0) * BT, T, E, top_k, eps, stride_ht, stride_lt, K,
         TOP_K_ROUTING, ORTHOGONALIZE, NORMALIZE, BT, EP, KP, RP, ERP)
-    _store_z(z_ptr + offs_t * stride_zt, rows, tok, active, idx, coeff, unit, K, TOP_K_ROUTING,
+    _store_z(_rows(z_ptr, offs_t, stride_zt), rows, tok, active, idx, coeff, unit, K, TOP_K_ROUTING,
              BT, EP, KP, RP)
     sk = tl.arange(0, KP)[:, None]
     si = tl.arange(0, KP)[:, None, None]
     sl = tl.arange(0, KP)[None, :, None]
-    dz_rows = dz_ptr + offs_t * stride_dzt
+    dz_rows = _rows(dz_ptr, offs_t, stride_dzt)
     # z = a ⊙ h: da_s = <dz_s, h_s>.
     dcoeff = tl.zeros((KP, BT), dtype=tl.float64)
     for s in range(K):
@@ -380,14 +393,14 @@ def token_backward_kernel(h_ptr, l_ptr, g_ptr, dz_ptr, z_ptr, dhl_ptr, ds_ptr, s
         dgate = tl.sum(C * dcoeff[None, :, :], axis=1)                    # <C_i, da>
         dC = tl.where(si < K, gates[:, None, :] * dcoeff[None, :, :], 0.0)
         M = _reverse_mgs(C, SC, P, nsq, dC, eps, K, NORMALIZE, BT, KP)
-        ds_ptrs = ds_ptr + offs_t[None, None, :] * (KP * KP) + (si * KP + sl) * unit
+        ds_ptrs = _rows(ds_ptr, offs_t, KP * KP)[None, None, :] + (si * KP + sl) * unit
         tl.store(ds_ptrs, 0.5 * M, mask=tok[None, None, :])
         if TOP_K_ROUTING:
-            _store_cols(slots_ptr + offs_t * KP, 0, tok, tl.where(sk < K, idx, -1), unit, KP)
+            _store_cols(_rows(slots_ptr, offs_t, KP), 0, tok, tl.where(sk < K, idx, -1), unit, KP)
     else:
         dgate = dcoeff
     # dh of slot s1: a_s1 dz_s1 + Σ_s2 M[s1, s2] G_(s1,s2) h_s2.
-    dhl_rows = dhl_ptr + offs_t * stride_dhlt
+    dhl_rows = _rows(dhl_ptr, offs_t, stride_dhlt)
     for s1 in tl.static_range(K):
         e1 = _expert_of(idx, s1, TOP_K_ROUTING, BT, KP)
         dh = _pick(coeff, sk, s1)[None, :] * _load_slot(dz_rows, e1, tok, unit, RP)
@@ -433,26 +446,28 @@ def gram_grad_kernel(h_ptr, ds_ptr, slots_ptr, out_ptr, T, E, tokens_per_split, 
     # Blocks of padding experts run no iteration and store zeros.
     t_end = tl.where((i < E) & (j < E), tl.minimum(T, t_begin + tokens_per_split), t_begin)
     for t0 in range(t_begin, t_end, BLOCK_T):
-        offs_t = offs_tb.to(tl.int64) + t0
+        offs_t = t0 + offs_tb
         ok = offs_t < t_end
+        h_rows = _rows(h_ptr, offs_t, stride_ht)[:, None]
+        ds_rows = _rows(ds_ptr, offs_t, KP * KP)
         if TOP_K_ROUTING:
-            experts = tl.load(slots_ptr + offs_t[:, None] * KP + slot_ids[None, :],
+            experts = tl.load(_rows(slots_ptr, offs_t, KP)[:, None] + slot_ids[None, :],
                               mask=ok[:, None], other=-1)                  # [BLOCK_T, KP]
             slot_i = tl.max(tl.where(experts == i, slot_ids[None, :], -1), axis=1)
             slot_j = tl.max(tl.where(experts == j, slot_ids[None, :], -1), axis=1)
             pair = (slot_i >= 0) & (slot_j >= 0)
             if tl.max(pair.to(tl.int32), axis=0) != 0:
-                ds = tl.load(ds_ptr + offs_t * (KP * KP) + slot_i * KP + slot_j, mask=pair, other=0.0)
-                h_i = tl.load(h_ptr + offs_t[:, None] * stride_ht + i * RP + offs_a[None, :],
+                ds = tl.load(ds_rows + slot_i * KP + slot_j, mask=pair, other=0.0)
+                h_i = tl.load(h_rows + i * RP + offs_a[None, :],
                               mask=pair[:, None], other=0.0).to(tl.float64)
-                h_j = tl.load(h_ptr + offs_t[:, None] * stride_ht + j * RP + offs_a[None, :],
+                h_j = tl.load(h_rows + j * RP + offs_a[None, :],
                               mask=pair[:, None], other=0.0).to(tl.float64)
                 acc += tl.sum((ds[:, None] * h_i)[:, :, None] * h_j[:, None, :], axis=0)
         else:
-            ds = tl.load(ds_ptr + offs_t * (KP * KP) + i * KP + j, mask=ok, other=0.0)
-            h_i = tl.load(h_ptr + offs_t[:, None] * stride_ht + i * RP + offs_a[None, :],
+            ds = tl.load(ds_rows + i * KP + j, mask=ok, other=0.0)
+            h_i = tl.load(h_rows + i * RP + offs_a[None, :],
                           mask=ok[:, None], other=0.0).to(tl.float64)
-            h_j = tl.load(h_ptr + offs_t[:, None] * stride_ht + j * RP + offs_a[None, :],
+            h_j = tl.load(h_rows + j * RP + offs_a[None, :],
                           mask=ok[:, None], other=0.0).to(tl.float64)
             acc += tl.sum((ds[:, None] * h_i)[:, :, None] * h_j[:, None, :], axis=0)
     tl.store(out_ptr + s.to(tl.int64) * (ERP * ERP) + (i * RP + offs_a[:, None]) * ERP
