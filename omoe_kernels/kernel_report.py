@@ -243,7 +243,7 @@ def _token_specs(shape) -> list[KernelSpec]:
     bwd_flags = C.token_flags(L, top_k, True, True, backward=True)
     bwd_warps = bwd_flags.pop("num_warps")
     label = shape.name
-    block_t = C.gram_grad_block(L)
+    block_t = C.gram_grad_block(L, flags["TOP_K_ROUTING"])
     return [
         KernelSpec(
             f"token_forward[{label}]", K.token_forward_kernel,

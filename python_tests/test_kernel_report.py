@@ -149,7 +149,7 @@ def test_report_compiles_the_launchers_configs():
     backward = specs["token_backward[wide]"]
     assert backward.num_warps == flags["num_warps"] and backward.args["BT"] == flags["BT"]
     assert backward.num_stages == C.TOKEN_STAGES
-    assert specs["gram_grad[wide]"].args["BLOCK_T"] == C.gram_grad_block(L)
+    assert specs["gram_grad[wide]"].args["BLOCK_T"] == C.gram_grad_block(L, top_k_routing=True)
     dz = specs["matmul[bf16, wide] dZ = s·dY·B"]
     assert dz.args["BLOCK_N"] == C.matmul_default_config(C.DOT_BF16, L.ERP)["BLOCK_N"]
 

@@ -332,7 +332,8 @@ def gram_grad(h, ds: SlotGrads, L: Layout) -> torch.Tensor:
     in which an expert pair is not active costs that pair's program nothing."""
     T = h.shape[0]
     E = L.num_experts
-    block_t = C.gram_grad_block(L)
+    top_k_routing = ds.experts is not None
+    block_t = C.gram_grad_block(L, top_k_routing)
     if interpreting():
         wanted = min(2, triton.cdiv(T, block_t))
     else:
@@ -340,7 +341,6 @@ def gram_grad(h, ds: SlotGrads, L: Layout) -> torch.Tensor:
     per_split = max(1, triton.cdiv(triton.cdiv(T, max(1, wanted)), block_t)) * block_t
     splits = max(1, triton.cdiv(T, per_split))
     partial = _empty((splits, L.ERP, L.ERP), h.device, torch.float64)
-    top_k_routing = ds.experts is not None
     K.gram_grad_kernel[(L.EP, L.EP, splits)](
         h, ds.values, ds.experts if top_k_routing else ds.values, partial, T, E, per_split,
         h.stride(0), TOP_K_ROUTING=top_k_routing, KP=ds.slots, RP=L.RP, ERP=L.ERP,
