@@ -7,12 +7,13 @@ Layout: tokens on the fastest axis. Every per-token tensor is `[..., BT]` with
 gives each thread one token and keeps every other axis in that thread's registers:
 reductions over experts, slots and ranks are register adds (no SHFL, no BAR).
 
-Loops over slots and ranks are run-time loops (`range`), not unrolled: compile time
-stays flat in K and r (Triton's coalescing pass is quadratic in the number of memory
-operations, and an unrolled K² slot loop of per-column accesses took minutes). Picking
-row `s` of a `[KP, ...]` register tensor at a run-time `s` is a masked sum over KP
-values in the thread: a few selects, no shuffles. A token's `[N]` columns are read and
-written by one `[N, BT]` access whose column stride is `_unit` (see there).
+Loops that touch memory (over slots, ranks and columns) are run-time loops (`range`),
+so the IR holds each load or store once: Triton's coalescing pass is quadratic in the
+number of memory operations, and the same loops unrolled (`tl.static_range`) took minutes
+to compile. Picking row `s` of a `[KP, ...]` register tensor at a run-time `s` is a
+masked sum over KP values in the thread: a few selects, no shuffles. The Gram pairs and
+the MGS sweep and its reverse, register algebra only, stay unrolled: as run-time loops
+their `[KP, KP]` state is live across the whole loop, and the backward spilled.
 
 Only the active experts: routing first gathers, per token, the `K = top_k` active experts
 in ascending index order ("slots"; `idx[s, t]` is the expert in slot `s`), and Gram, MGS
@@ -29,15 +30,6 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-
-
-@triton.jit
-def _unit(row_stride):
-    """1 at run time (strides are >= 0), computed so that Triton's contiguity analysis
-    cannot see it (LLVM folds it away). Column offsets `n * unit` keep a `[N, BT]` access
-    in the default layout, one token per thread; with a visibly unit stride the coalescing
-    pass spreads N over lanes instead (shuffles and a shared-memory round trip)."""
-    return (row_stride + 1) // (row_stride + 1)
 
 
 @triton.jit
@@ -113,18 +105,27 @@ def _expert_of(idx, s, TOP_K_ROUTING: tl.constexpr, BT: tl.constexpr, KP: tl.con
 
 
 @triton.jit
-def _load_cols(rows, first, tok, count, unit, N: tl.constexpr):
-    """rows[t][first_t + n] for n < N as [N, BT] float64 (0 past T and for n >= count)."""
-    n = tl.arange(0, N)[:, None]
-    vals = tl.load(rows[None, :] + first + n * unit, mask=tok[None, :] & (n < count), other=0.0)
-    return vals.to(tl.float64)
+def _load_cols(rows, first, tok, count, N: tl.constexpr, BT: tl.constexpr):
+    """rows[t][first_t + n] for n < N as [N, BT] float64 (0 past T and for n >= count).
+
+    One [BT] load per column: a [N, BT] load would be re-laid out by Triton's coalescing
+    pass with N over lanes (shuffles and a shared-memory round trip). A run-time loop, so
+    that the IR holds one load, not N (that pass is quadratic in the memory operations);
+    LLVM unrolls it and the row select folds into register moves."""
+    out = tl.zeros((N, BT), dtype=tl.float64)
+    n_idx = tl.arange(0, N)[:, None]
+    for n in range(N):
+        col = tl.load(rows + first + n, mask=tok & (n < count), other=0.0).to(tl.float64)
+        out = tl.where(n_idx == n, col[None, :], out)
+    return out
 
 
 @triton.jit
-def _store_cols(rows, first, mask, vals, unit, N: tl.constexpr):
-    """rows[t][first_t + n] = vals[n, t] for n < N where mask[t]."""
-    n = tl.arange(0, N)[:, None]
-    tl.store(rows[None, :] + first + n * unit, vals.to(rows.dtype.element_ty), mask=mask[None, :])
+def _store_cols(rows, first, mask, vals, N: tl.constexpr):
+    """rows[t][first_t + n] = vals[n, t] for n < N where mask[t], one [BT] store per column."""
+    n_idx = tl.arange(0, N)[:, None]
+    for n in range(N):
+        tl.store(rows + first + n, _pick(vals, n_idx, n).to(rows.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -156,13 +157,13 @@ def _add_g_h(acc, m, rows, g_ptr, e1, e2, tok, BT: tl.constexpr, RP: tl.constexp
 
 
 @triton.jit
-def _load_slot(rows, e, tok, unit, RP: tl.constexpr):
+def _load_slot(rows, e, tok, BT: tl.constexpr, RP: tl.constexpr):
     """h[t, e_t, :] of each token as [RP, BT] float64."""
-    return _load_cols(rows, e * RP, tok, RP, unit, RP)
+    return _load_cols(rows, e * RP, tok, RP, RP, BT)
 
 
 @triton.jit
-def _gram_slots(rows, g_ptr, idx, tok, unit, K: tl.constexpr, TOP_K_ROUTING: tl.constexpr,
+def _gram_slots(rows, g_ptr, idx, tok, K: tl.constexpr, TOP_K_ROUTING: tl.constexpr,
                 BT: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr, ERP: tl.constexpr):
     """S[s1, s2, t] = h_s1ᵀ G_(s1,s2) h_s2 over the active slots ([KP, KP, BT])."""
     si = tl.arange(0, KP)[:, None, None]
@@ -170,7 +171,7 @@ def _gram_slots(rows, g_ptr, idx, tok, unit, K: tl.constexpr, TOP_K_ROUTING: tl.
     S = tl.zeros((KP, KP, BT), dtype=tl.float64)
     for s1 in tl.static_range(K):
         e1 = _expert_of(idx, s1, TOP_K_ROUTING, BT, KP)
-        h1 = _load_slot(rows, e1, tok, unit, RP)
+        h1 = _load_slot(rows, e1, tok, BT, RP)
         for s2 in tl.static_range(s1, K):
             e2 = _expert_of(idx, s2, TOP_K_ROUTING, BT, KP)
             s12 = _h_g_h(h1, rows, g_ptr, e1, e2, tok, BT, RP, ERP)
@@ -231,14 +232,13 @@ def _token_setup(h_ptr, l_ptr, g_ptr, start, T, E, top_k, eps, stride_ht, stride
     # spilled 8 bytes in token_forward at llama7b-top2.
     offs_t = start.to(tl.int64) + tl.arange(0, BT)
     tok = offs_t < T
-    unit = _unit(stride_ht)
     e2 = tl.arange(0, EP)[:, None]
-    logits = _load_cols(_rows(l_ptr, offs_t, stride_lt), 0, tok, E, unit, EP)
+    logits = _load_cols(_rows(l_ptr, offs_t, stride_lt), 0, tok, E, EP, BT)
     logits = tl.where(e2 < E, logits, float("-inf"))   # padding tokens keep finite logits
     active, idx, gates = _route_slots(logits, E, top_k, K, TOP_K_ROUTING, BT, EP, KP)
     rows = _rows(h_ptr, offs_t, stride_ht)
     if ORTHOGONALIZE:
-        S = _gram_slots(rows, g_ptr, idx, tok, unit, K, TOP_K_ROUTING, BT, KP, RP, ERP)
+        S = _gram_slots(rows, g_ptr, idx, tok, K, TOP_K_ROUTING, BT, KP, RP, ERP)
         C, SC, P, nsq = _mgs_slots(S, eps, K, NORMALIZE, BT, KP)
         coeff = tl.sum(gates[:, None, :] * C, axis=0)
     else:
@@ -247,30 +247,30 @@ def _token_setup(h_ptr, l_ptr, g_ptr, start, T, E, top_k, eps, stride_ht, stride
         P = C
         nsq = tl.zeros((KP, BT), dtype=tl.float64)
         coeff = gates
-    return offs_t, tok, unit, rows, active, idx, gates, coeff, C, SC, P, nsq
+    return offs_t, tok, rows, active, idx, gates, coeff, C, SC, P, nsq
 
 
 @triton.jit
-def _zero_inactive(rows, tok, active, unit, BT: tl.constexpr, EP: tl.constexpr, RP: tl.constexpr):
+def _zero_inactive(rows, tok, active, BT: tl.constexpr, EP: tl.constexpr, RP: tl.constexpr):
     """Zeros in the columns of every inactive (or padding) expert of a [T, EP·RP] output."""
     ei = tl.arange(0, EP)[:, None]
     zeros = tl.zeros((RP, BT), dtype=tl.float64)
     for e in range(EP):
         on = tl.sum(tl.where(ei == e, active, False).to(tl.int32), axis=0) != 0
-        _store_cols(rows, e * RP, tok & ~on, zeros, unit, RP)
+        _store_cols(rows, e * RP, tok & ~on, zeros, RP)
 
 
 @triton.jit
-def _store_z(z_rows, rows, tok, active, idx, coeff, unit, K: tl.constexpr,
+def _store_z(z_rows, rows, tok, active, idx, coeff, K: tl.constexpr,
              TOP_K_ROUTING: tl.constexpr, BT: tl.constexpr, EP: tl.constexpr, KP: tl.constexpr,
              RP: tl.constexpr):
     """Z[t] = a ⊙ h in the padded layout (zeros for inactive experts)."""
     sk = tl.arange(0, KP)[:, None]
     for s in range(K):
         e = _expert_of(idx, s, TOP_K_ROUTING, BT, KP)
-        z = _pick(coeff, sk, s)[None, :] * _load_slot(rows, e, tok, unit, RP)
-        _store_cols(z_rows, e * RP, tok, z, unit, RP)
-    _zero_inactive(z_rows, tok, active, unit, BT, EP, RP)
+        z = _pick(coeff, sk, s)[None, :] * _load_slot(rows, e, tok, BT, RP)
+        _store_cols(z_rows, e * RP, tok, z, RP)
+    _zero_inactive(z_rows, tok, active, BT, EP, RP)
 
 
 @triton.jit
@@ -280,10 +280,10 @@ def _token_forward_block(h_ptr, l_ptr, g_ptr, z_ptr, start, T, E, top_k, eps,
                          ORTHOGONALIZE: tl.constexpr, NORMALIZE: tl.constexpr,
                          BT: tl.constexpr, EP: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr,
                          ERP: tl.constexpr):
-    offs_t, tok, unit, rows, active, idx, gates, coeff, C, SC, P, nsq = _token_setup(
+    offs_t, tok, rows, active, idx, gates, coeff, C, SC, P, nsq = _token_setup(
         h_ptr, l_ptr, g_ptr, start, T, E, top_k, eps, stride_ht, stride_lt, K, TOP_K_ROUTING,
         ORTHOGONALIZE, NORMALIZE, BT, EP, KP, RP, ERP)
-    _store_z(_rows(z_ptr, offs_t, stride_zt), rows, tok, active, idx, coeff, unit, K, TOP_K_ROUTING,
+    _store_z(_rows(z_ptr, offs_t, stride_zt), rows, tok, active, idx, coeff, K, TOP_K_ROUTING,
              BT, EP, KP, RP)
 
 
@@ -374,43 +374,43 @@ def token_backward_kernel(h_ptr, l_ptr, g_ptr, dz_ptr, z_ptr, dhl_ptr, ds_ptr, s
     part (dS + dSᵀ)/2 of dS per slot pair into ds [T, KP, KP] (float64; zeros in padding
     slots; dG only enters as dG + dGᵀ, which is the same from either) and, under top-k,
     the expert of each slot into slots [T, KP] (int32, -1 in padding slots)."""
-    offs_t, tok, unit, rows, active, idx, gates, coeff, C, SC, P, nsq = _token_setup(
+    offs_t, tok, rows, active, idx, gates, coeff, C, SC, P, nsq = _token_setup(
         h_ptr, l_ptr, g_ptr, tl.program_id(0) * BT, T, E, top_k, eps, stride_ht, stride_lt, K,
         TOP_K_ROUTING, ORTHOGONALIZE, NORMALIZE, BT, EP, KP, RP, ERP)
-    _store_z(_rows(z_ptr, offs_t, stride_zt), rows, tok, active, idx, coeff, unit, K, TOP_K_ROUTING,
+    _store_z(_rows(z_ptr, offs_t, stride_zt), rows, tok, active, idx, coeff, K, TOP_K_ROUTING,
              BT, EP, KP, RP)
     sk = tl.arange(0, KP)[:, None]
     si = tl.arange(0, KP)[:, None, None]
-    sl = tl.arange(0, KP)[None, :, None]
     dz_rows = _rows(dz_ptr, offs_t, stride_dzt)
     # z = a ⊙ h: da_s = <dz_s, h_s>.
     dcoeff = tl.zeros((KP, BT), dtype=tl.float64)
     for s in range(K):
         e = _expert_of(idx, s, TOP_K_ROUTING, BT, KP)
-        da = tl.sum(_load_slot(dz_rows, e, tok, unit, RP) * _load_slot(rows, e, tok, unit, RP), axis=0)
+        da = tl.sum(_load_slot(dz_rows, e, tok, BT, RP) * _load_slot(rows, e, tok, BT, RP), axis=0)
         dcoeff = tl.where(sk == s, da[None, :], dcoeff)
     if ORTHOGONALIZE:
         dgate = tl.sum(C * dcoeff[None, :, :], axis=1)                    # <C_i, da>
         dC = tl.where(si < K, gates[:, None, :] * dcoeff[None, :, :], 0.0)
         M = _reverse_mgs(C, SC, P, nsq, dC, eps, K, NORMALIZE, BT, KP)
-        ds_ptrs = _rows(ds_ptr, offs_t, KP * KP)[None, None, :] + (si * KP + sl) * unit
-        tl.store(ds_ptrs, 0.5 * M, mask=tok[None, None, :])
+        ds_rows = _rows(ds_ptr, offs_t, KP * KP)
+        for s1 in range(KP):
+            _store_cols(ds_rows, s1 * KP, tok, 0.5 * _pick(M, si, s1), KP)
         if TOP_K_ROUTING:
-            _store_cols(_rows(slots_ptr, offs_t, KP), 0, tok, tl.where(sk < K, idx, -1), unit, KP)
+            _store_cols(_rows(slots_ptr, offs_t, KP), 0, tok, tl.where(sk < K, idx, -1), KP)
     else:
         dgate = dcoeff
     # dh of slot s1: a_s1 dz_s1 + Σ_s2 M[s1, s2] G_(s1,s2) h_s2.
     dhl_rows = _rows(dhl_ptr, offs_t, stride_dhlt)
     for s1 in tl.static_range(K):
         e1 = _expert_of(idx, s1, TOP_K_ROUTING, BT, KP)
-        dh = _pick(coeff, sk, s1)[None, :] * _load_slot(dz_rows, e1, tok, unit, RP)
+        dh = _pick(coeff, sk, s1)[None, :] * _load_slot(dz_rows, e1, tok, BT, RP)
         if ORTHOGONALIZE:
             m1 = _pick(M, si, s1)
             for s2 in range(K):
                 e2 = _expert_of(idx, s2, TOP_K_ROUTING, BT, KP)
                 dh = _add_g_h(dh, _pick(m1, sk, s2), rows, g_ptr, e1, e2, tok, BT, RP, ERP)
-        _store_cols(dhl_rows, e1 * RP, tok, dh, unit, RP)
-    _zero_inactive(dhl_rows, tok, active, unit, BT, EP, RP)
+        _store_cols(dhl_rows, e1 * RP, tok, dh, RP)
+    _zero_inactive(dhl_rows, tok, active, BT, EP, RP)
     # Softmax over the active set: dlogit_i = g_i (dg_i − Σ_j g_j dg_j), widened to the
     # EPL router columns of dHL (zeros past E) so that one store writes them all.
     mean = tl.sum(gates * dgate, axis=0)
@@ -420,7 +420,7 @@ def token_backward_kernel(h_ptr, l_ptr, g_ptr, dz_ptr, z_ptr, dhl_ptr, ds_ptr, s
     for s in range(K):
         e = _expert_of(idx, s, TOP_K_ROUTING, BT, KP)
         wide = tl.where(cols == e[None, :], _pick(dl_slots, sk, s)[None, :], wide)
-    _store_cols(dhl_rows, ERP, tok, wide, unit, EPL)
+    _store_cols(dhl_rows, ERP, tok, wide, EPL)
 
 
 @triton.jit
