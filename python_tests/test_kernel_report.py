@@ -190,3 +190,19 @@ def test_every_triton_kernel_is_in_the_report():
     reported = {s.fn.__name__ for s in specs}
     assert kernels <= reported, f"not in kernel_report's kernel_specs(): {sorted(kernels - reported)}"
     assert all(s.work is not None for s in specs if s.step)
+
+
+def test_gram_grad_model_counts_active_pair_blocks():
+    """kernel_model's expected (pair, block) steps of gram_grad under top-k match a count
+    over routing that picks each k-subset alike; dense runs every block of every pair."""
+    import torch
+
+    from omoe_kernels import kernel_model as M
+
+    T, E, k, block_t = 4096, 16, 2, 16
+    gen = torch.Generator().manual_seed(0)
+    chosen = torch.rand(T, E, generator=gen).argsort(dim=1)[:, :k]
+    routed = torch.zeros(T, E, dtype=torch.bool).scatter_(1, chosen, True).view(-1, block_t, E)
+    counted = (routed[:, :, :, None] & routed[:, :, None, :]).any(dim=1).sum().item()
+    assert M.active_pair_blocks(T, E, k, block_t) == pytest.approx(counted, rel=0.03)
+    assert M.active_pair_blocks(T, E, E, block_t) == E * E * T // block_t
