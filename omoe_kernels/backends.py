@@ -108,8 +108,10 @@ REGISTRY: dict[str, Backend] = {
     b.name: b
     for b in (
         # Triton kernels (docs/algorithm.md); on CPU tensors only under the interpreter.
+        # Bound: the per-token kernels unroll MGS over k slots (ops/triton_token_kernels.py);
+        # k <= 4 stays in registers, 5–8 spill and compile for minutes (bench/NOTES.md).
         Backend("triton", places={"cuda": 0, "cpu": 1}, auto_devices=("cuda",),
-                available=_triton_available, load=_load_triton),
+                available=_triton_available, load=_load_triton, max_active_experts=8),
         # The compiled extension (csrc/): its CUDA kernels, and its C++ CPU kernels.
         # Bounds: csrc/omoe_token.h kMaxExperts (CUDA), csrc/omoe_cpu_pass.h kMaxActive (CPU).
         Backend("cuda", places={"cuda": 1}, auto_devices=("cuda",),

@@ -146,13 +146,6 @@ def shrink_work(T: int, D: int, L, cfg: dict, unit: str, el: int,
     return Work(issued, useful, moved, unit, (_cdiv(T, cfg["BLOCK_M"]) * n_tiles,), extra_s)
 
 
-def gram_grad_splits(T: int, L, block_t: int) -> int:
-    """Token splits of gram_grad_kernel (as triton_omoe.gram_grad on an H200)."""
-    E = L.num_experts
-    wanted = max(1, min(_cdiv(T, 256), 2 * H200_SMS // (E * E) + 1))
-    return _cdiv(T, _round_up(_cdiv(T, wanted), block_t))
-
-
 def finalize_work(d_out: int, d_in: int, L, b_splits: int, a_splits: int, g_splits: int,
                   el: int) -> Work:
     """finalize_grads_kernel: sums the fp32 split-K partials of dB and [dA; dW]ᵀ, adds
@@ -166,14 +159,19 @@ def finalize_work(d_out: int, d_in: int, L, b_splits: int, a_splits: int, g_spli
     return Work(flops, 2 * d_out * R * R, moved, "fp64 FMA")
 
 
+def _pad_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
 def _token_flops(L, top_k: int) -> tuple[float, float]:
-    """float64 FLOPs per token of the forward per-token algebra: (issued, useful).
-    Issued: the Gram columns over E × EP × RP² (G_j h_j for every expert j), S, and the
-    MGS sweep over [EP, EP] state (about 10 EP² per step, E steps). Useful: the k²
-    active pairs' G_ij h_j and an O(k³) MGS."""
-    E, EP, RP, r = L.num_experts, L.EP, L.RP, L.rank
-    issued = 2 * E * EP * RP * RP + 2 * E * EP * RP + 10 * E * EP * EP
-    useful = 2 * top_k * top_k * r * r + 2 * top_k * top_k * r + 4 * top_k ** 3
+    """float64 FLOPs per token of the forward per-token algebra over the K = top_k active
+    slots: (issued, useful). Issued: S over the K(K+1)/2 slot pairs, h1ᵀ G h2 at the padded
+    rank (RP² + RP multiply-adds each), and the MGS sweep over [KP, KP] state (about
+    10 KP² per step, K steps). Useful: the same at the real rank, MGS O(k³)."""
+    K, KP, RP, r = top_k, _pad_pow2(top_k), L.RP, L.rank
+    pairs = K * (K + 1) // 2
+    issued = 2 * pairs * (RP * RP + RP) + 10 * K * KP * KP
+    useful = 2 * pairs * (r * r + r) + 4 * K ** 3
     return issued, useful
 
 
@@ -184,25 +182,54 @@ def token_forward_work(T: int, L, top_k: int, block_t: int) -> Work:
 
 
 def token_backward_work(T: int, L, top_k: int, block_t: int) -> Work:
-    """Recomputes the forward, then reverses it: the reverse has the same Gram-sized
-    terms once more (dH through G) plus the MGS reverse, counted as twice the forward."""
+    """Recomputes the forward, then reverses it: the Gram part of dH over all K² slot pairs
+    (2·K²·RP² FLOPs) and the MGS reverse (about 20 KP² per step)."""
     issued, useful = _token_flops(L, top_k)
+    K, KP = top_k, _pad_pow2(top_k)
+    issued += 2 * K * K * L.RP * L.RP + 20 * K * KP * KP
+    useful += 2 * K * K * L.rank * L.rank + 8 * K ** 3
+    slots = KP if top_k < L.num_experts else 0                  # slot experts, top-k only
     moved = (T * (L.ERP * 4 * 3 + L.num_experts * 4)          # h, dz in; z out; logits in
-             + T * L.NW * 4 + T * L.EP * L.EP * 8               # dHL, dS out
+             + T * L.NW * 4 + T * (KP * KP * 8 + slots * 4)      # dHL, dS per slot pair out
              + L.ERP * L.ERP * 8)
-    return Work(3 * T * issued, 3 * T * useful, moved, "fp64 FMA", (_cdiv(T, block_t),))
+    return Work(T * issued, T * useful, moved, "fp64 FMA", (_cdiv(T, block_t),))
+
+
+def gram_grad_splits(T: int, L, block_t: int) -> int:
+    """Token splits of gram_grad on an H200; mirrors triton_omoe.gram_grad."""
+    E = L.num_experts
+    wanted = min(_cdiv(T, 256), 2 * H200_SMS // (E * E) + 1)
+    per_split = max(1, _cdiv(_cdiv(T, max(1, wanted)), block_t)) * block_t
+    return max(1, _cdiv(T, per_split))
+
+
+def active_pair_blocks(T: int, E: int, top_k: int, block_t: int) -> float:
+    """Expected (expert pair, token block) iterations gram_grad runs: every block of every
+    pair when dense; under top-k, a block counts when one of its tokens routes to both
+    experts, here for routing that picks each k-subset of the E experts alike (an
+    assumption: real routers are skewed, which makes fewer blocks active)."""
+    blocks = _cdiv(T, block_t)
+    if top_k >= E:
+        return float(E * E * blocks)
+    p_same = top_k / E                                      # pair (i, i)
+    p_other = top_k * (top_k - 1) / (E * (E - 1))           # pair (i, j), i != j
+    active = lambda p: 1.0 - (1.0 - p) ** block_t
+    return blocks * (E * active(p_same) + E * (E - 1) * active(p_other))
 
 
 def gram_grad_work(T: int, L, top_k: int, block_t: int) -> Work:
-    """dG = Σ_t dS_t,ij h_i h_jᵀ: every (i, j) block of the E × E grid, RP × RP, token
-    splits as in triton_omoe.gram_grad."""
+    """dG = Σ_t dS_t,ij h_i h_jᵀ: an RP × RP block per program, grid (EP, EP, splits);
+    issued = the active (pair, block) iterations (active_pair_blocks) at BLOCK_T tokens ×
+    RP² multiply-adds; useful = each token's k² active pairs at the real rank. Bytes:
+    h, dS per slot pair and (top-k) the slot experts once, and the split partials."""
     E = L.num_experts
-    wanted = max(1, min(_cdiv(T, 256), 2 * H200_SMS // (E * E) + 1))
-    splits = _cdiv(T, _round_up(_cdiv(T, wanted), block_t))
-    issued = 2 * T * E * E * L.RP * L.RP
+    splits = gram_grad_splits(T, L, block_t)
+    KP = _pad_pow2(min(top_k, E))
+    issued = 2 * block_t * L.RP * L.RP * active_pair_blocks(T, E, top_k, block_t)
     useful = 2 * T * top_k * top_k * L.rank * L.rank
-    moved = T * L.ERP * 4 + T * L.EP * L.EP * 8 + splits * L.ERP * L.ERP * 8
-    return Work(issued, useful, moved, "fp64 FMA", (E, E, splits))
+    slots = KP if top_k < E else 0
+    moved = T * L.ERP * 4 + T * (KP * KP * 8 + slots * 4) + splits * L.ERP * L.ERP * 8
+    return Work(issued, useful, moved, "fp64 FMA", (L.EP, L.EP, splits))
 
 
 def plain_lora_works(T: int, d: int, R: int, el: int = 2) -> dict[str, list[tuple[str, Work]]]:

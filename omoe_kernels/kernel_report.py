@@ -256,7 +256,7 @@ def _gemm_specs(shape, dtype_name: str, kind: int, step: bool) -> list[KernelSpe
                     long_k=True, router_n=L.EPL)))
     b_splits = M.split_k(d, L.ERP, T, C.matmul_default_config(kind, L.ERP))[0]
     a_splits = M.split_k(d, L.ERP, T, wcfg)[0]
-    g_splits = M.gram_grad_splits(T, L, C.gram_grad_block(L))
+    g_splits = M.gram_grad_splits(T, L, C.gram_grad_block(L, (shape.top_k or E) < E))
     fin = C.FINALIZE
     specs.append(KernelSpec(
         f"finalize[{tag}] grad_B, grad_A, grad_W", K.finalize_grads_kernel,
@@ -287,7 +287,7 @@ def _token_specs(shape) -> list[KernelSpec]:
     bwd_flags = C.token_flags(L, top_k, True, True, backward=True)
     bwd_warps = bwd_flags.pop("num_warps")
     label = shape.name
-    block_t = C.gram_grad_block(L)
+    block_t = C.gram_grad_block(L, flags["TOP_K_ROUTING"])
     return [
         KernelSpec(
             f"token_forward[{label}]", K.token_forward_kernel,
@@ -298,15 +298,17 @@ def _token_specs(shape) -> list[KernelSpec]:
         KernelSpec(
             f"token_backward[{label}]", K.token_backward_kernel,
             dict(h_ptr="*fp32:16", l_ptr="*fp32:16", g_ptr="*fp64:16", dz_ptr="*fp32:16",
-                 z_ptr="*fp32:16", dhl_ptr="*fp32:16", ds_ptr="*fp64:16", T="i32", E="i32", top_k="i32", eps="fp32",
+                 z_ptr="*fp32:16", dhl_ptr="*fp32:16", ds_ptr="*fp64:16", slots_ptr="*i32:16",
+                 T="i32", E="i32", top_k="i32", eps="fp32",
                  stride_ht="i32:16", stride_lt="i32", stride_dzt="i32:16", stride_zt="i32:16",
                  stride_dhlt="i32:16", EPL=L.EPL, **bwd_flags),
             bwd_warps, C.TOKEN_STAGES, False, f"E={E} r={r} top{top_k}, BT={bwd_flags['BT']}", label,
             "backward", M.token_backward_work(T, L, top_k, bwd_flags["BT"])),
         KernelSpec(
             f"gram_grad[{label}]", K.gram_grad_kernel,
-            dict(h_ptr="*fp32:16", ds_ptr="*fp64:16", out_ptr="*fp64:16", T="i32",
-                 tokens_per_split="i32:16", stride_ht="i32:16", EP=L.EP, RP=L.RP, ERP=L.ERP,
+            dict(h_ptr="*fp32:16", ds_ptr="*fp64:16", slots_ptr="*i32:16", out_ptr="*fp64:16",
+                 T="i32", E="i32", tokens_per_split="i32:16", stride_ht="i32:16",
+                 TOP_K_ROUTING=flags["TOP_K_ROUTING"], KP=flags["KP"], RP=L.RP, ERP=L.ERP,
                  BLOCK_T=block_t),
             C.GRAM_GRAD_WARPS, C.TOKEN_STAGES, False, "float64 FMA", label, "backward",
             M.gram_grad_work(T, L, top_k, block_t)),

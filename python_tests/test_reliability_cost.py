@@ -1,13 +1,16 @@
 """Many experts and a large E·r (docs/contract.md §4: any E that fits, no (E·r)² workspace at once).
 
 - Any number of experts works. The compiled CPU pass takes up to 256 active experts
-  (min(top_k, E)); beyond that `auto` runs the reference, and an explicit backend that
-  cannot take the layer's k fails when the layer is built, saying why.
+  (min(top_k, E)), the Triton kernels up to 8; beyond that `auto` runs the next backend
+  (the reference at last), and an explicit backend that cannot take the layer's k fails
+  when the layer is built, saying why.
 - A large E·r never allocates (E·r)² at once: past 512 MiB for G = B_catᵀB_cat the CPU op
   takes the direct route (no G) over chunks of tokens; a route forced onto G says how
   big G would be.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -66,6 +69,27 @@ def test_an_explicit_backend_that_cannot_take_k_fails_at_construction():
         ok.OMoELinear(nn.Linear(4, 4), 33, 1, backend="cuda")
     # top-k within the bound is fine, whatever E
     ok.OMoELinear(nn.Linear(4, 4), 300, 1, top_k=8, backend="cpu")
+
+
+def test_the_triton_bound_fails_explicit_layers_and_auto_passes_over_it(monkeypatch):
+    """The per-token Triton kernels unroll their MGS over k = min(top_k, E) slots: the
+    registry records the k they take. Failed before: no bound, so a layer with many
+    dense experts compiled for many minutes on first use."""
+    from omoe_kernels.backends import REGISTRY, resolve_backend
+
+    bound = REGISTRY["triton"].max_active_experts
+    assert bound is not None
+    with pytest.raises(ValueError, match=rf"'triton'.*at most {bound} active experts.*got {bound + 1}"):
+        ok.OMoELinear(nn.Linear(4, 4), bound + 1, 1, backend="triton")
+    ok.OMoELinear(nn.Linear(4, 4), 4 * bound, 1, top_k=bound, backend="triton")
+    # On a GPU (both backends available), auto takes triton up to its bound, cuda beyond.
+    monkeypatch.delenv("OMOE_BACKEND", raising=False)
+    for name in ("triton", "cuda"):
+        monkeypatch.setitem(REGISTRY, name, dataclasses.replace(REGISTRY[name],
+                                                                available=lambda device_type: True))
+    gpu = torch.device("cuda")
+    assert resolve_backend("auto", gpu, bound) == "triton"
+    assert resolve_backend("auto", gpu, bound + 1) == "cuda"
 
 
 def test_auto_runs_a_working_backend_beyond_the_compiled_bound():

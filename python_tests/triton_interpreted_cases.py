@@ -12,12 +12,17 @@ the real 16-bit path. conftest poisons every buffer a kernel writes with NaN.
 """
 from __future__ import annotations
 
+import inspect
 import os
+import re
 
 import pytest
 import torch
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run through test_triton.py (TRITON_INTERPRET=1)"
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 import omoe_kernels  # noqa: E402
 from conftest import (  # noqa: E402
@@ -30,6 +35,7 @@ from conftest import (  # noqa: E402
     run_backend,
 )
 from omoe_kernels.ops import triton_configs, triton_omoe  # noqa: E402
+from omoe_kernels.ops import triton_token_kernels as token_kernels  # noqa: E402
 
 pytestmark = pytest.mark.interpreter
 
@@ -245,3 +251,92 @@ def test_per_token_pass_matches_the_coefficient_oracle():
                          eps=1e-6)
     torch.testing.assert_close(y, p.base_out + 0.7 * z @ co.concat_experts(p.B).t(),
                                rtol=1e-10, atol=1e-12)
+
+
+# ---- per-token kernels: gram gradient over active pairs, 64-bit row offsets ---------------
+
+def _gram_grad_reference(h, ds, L):
+    """dG = Σ_t Σ_(i,j) dS[t, i, j] h_i h_jᵀ in float64, from SlotGrads (slot layout)."""
+    T = h.shape[0]
+    values = ds.values.view(T, ds.slots, ds.slots)
+    if ds.experts is None:                       # dense: slot s is expert s
+        full = values
+    else:
+        full = torch.zeros(T, L.EP, L.EP, dtype=torch.float64)
+        for s1 in range(ds.slots):
+            for s2 in range(ds.slots):
+                e1, e2 = ds.experts[:, s1].long(), ds.experts[:, s2].long()
+                on = (e1 >= 0) & (e2 >= 0)
+                full[on, e1[on], e2[on]] = values[on, s1, s2]
+    hh = h.double().view(T, L.EP, L.RP)
+    return torch.einsum("tij,tia,tjb->iajb", full, hh, hh).reshape(L.ERP, L.ERP)
+
+
+def _slot_grads(T, E, r, top_k, seed):
+    """Random h and SlotGrads as token_backward writes them: top-k slots hold distinct
+    experts in ascending order (-1 in padding slots), padding slots' values are 0."""
+    L = triton_omoe.layout(E, r)
+    KP = triton_configs.token_flags(L, top_k, True, True)["KP"]
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.zeros(T, L.EP, L.RP)
+    h[:, :E, :r] = torch.randn(T, E, r, generator=gen)
+    values = torch.zeros(T, KP, KP, dtype=torch.float64)
+    values[:, :top_k, :top_k] = torch.randn(T, top_k, top_k, dtype=torch.float64, generator=gen)
+    experts = None
+    if top_k < E:
+        chosen = torch.rand(T, E, generator=gen).argsort(dim=1)[:, :top_k].sort(dim=1).values
+        experts = torch.full((T, KP), -1, dtype=torch.int32)
+        experts[:, :top_k] = chosen.int()
+    ds = triton_omoe.SlotGrads(values.view(T, KP * KP), experts, KP)
+    return h.view(T, L.ERP), ds, L
+
+
+@pytest.mark.parametrize("E, r, top_k", [(3, 2, 3), (4, 4, 2), (6, 2, 3), (5, 3, 1)],
+                         ids=["dense-padded-experts", "top2", "top3-padding-slot", "top1"])
+def test_gram_grad_partials_sum_active_pairs(E, r, top_k):
+    """gram_grad writes every element of its [splits, ERP, ERP] partials (outputs start as
+    NaN), they sum to dG over the active pairs, and a pair no token activates is exactly 0."""
+    T = 3 * triton_configs.gram_grad_block(triton_omoe.layout(E, r)) + 5
+    h, ds, L = _slot_grads(T, E, r, top_k, seed=E * 10 + top_k)
+    if ds.experts is not None:                  # no token routes to the last expert
+        ds.experts[ds.experts == E - 1] = -1
+    partials = triton_omoe.gram_grad(h, ds, L)
+    assert partials.shape[0] >= 2 and partials.shape[1:] == (L.ERP, L.ERP)
+    assert torch.isfinite(partials).all()
+    expected = _gram_grad_reference(h, ds, L)
+    torch.testing.assert_close(partials.sum(0), expected, rtol=1e-12, atol=1e-12)
+    if ds.experts is not None:
+        last = slice((E - 1) * L.RP, E * L.RP)
+        assert torch.equal(partials[:, last], torch.zeros_like(partials[:, last]))
+
+
+def test_gram_grad_keeps_a_nan_to_its_pair():
+    """A NaN in one token's dS of pair (i, j) reaches dG's (i, j) block only
+    (the kernel selects a token's pair value; it does not multiply the others by 0)."""
+    h, ds, L = _slot_grads(40, 4, 2, 2, seed=3)
+    t = 7
+    i, j = (int(e) for e in ds.experts[t, :2])
+    ds.values.view(40, 2, 2)[t, 0, 1] = float("nan")
+    dG = triton_omoe.gram_grad(h, ds, L).sum(0).view(L.EP, L.RP, L.EP, L.RP)
+    nan_blocks = {(a, b) for a in range(4) for b in range(4) if torch.isnan(dG[a, :, b]).any()}
+    assert nan_blocks == {(i, j)}
+
+
+@triton.jit
+def _row_offsets_kernel(tokens_ptr, out_ptr, stride, N: tl.constexpr):
+    n = tl.arange(0, N)
+    tl.store(out_ptr + n, token_kernels._row_offsets(tl.load(tokens_ptr + n), stride))
+
+
+def test_row_offsets_are_64_bit():
+    """token · stride passes 2³¹ once T · E·r does (h, z, dHL; T · KP² for dS): the row
+    bases are int64. Checked on the index arithmetic itself (no 2³¹-element buffers), and
+    every row base of the kernels goes through it."""
+    tokens = torch.tensor([0, 1, 3, (1 << 25) + 5], dtype=torch.int32)
+    stride = (1 << 30) - 16                     # an int32 kernel argument
+    out = torch.empty(4, dtype=torch.int64)
+    _row_offsets_kernel[(1,)](tokens, out, stride, N=4)
+    assert out.tolist() == [t * stride for t in tokens.tolist()]
+    source = inspect.getsource(token_kernels)
+    assert not re.search(r"\*\s*stride_", source), "a row stride multiplied outside _row_offsets"
+    assert not re.search(r"offs_t(\[[^\]]*\])?\s*\*", source), "a token index multiplied outside _row_offsets"

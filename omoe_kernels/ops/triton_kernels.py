@@ -20,7 +20,8 @@ Kernels:
   `B_cat (dG + dGᵀ)`), grad_A and grad_W in their layout and dtype.
 - `token_forward_kernel`, `token_backward_kernel` (triton_token_kernels.py): the per-token
   algebra in float64, tokens on lanes, over the k active experts only.
-- `gram_grad_kernel`: `dG_ij = Σ_t dS_t,ij h_t,i h_t,jᵀ` (float64 partial sums).
+- `gram_grad_kernel` (triton_token_kernels.py): `dG_ij = Σ_t dS_t,ij h_t,i h_t,jᵀ`
+  (float64 partial sums per token split, over the active expert pairs).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ import triton.language as tl
 from .triton_configs import DOT_BF16, DOT_FP16, DOT_FP32_IEEE, DOT_FP32_TF32, DOT_FP64
 from .triton_token_kernels import (  # noqa: F401
     _token_forward_block,
+    gram_grad_kernel,
     token_backward_kernel,
     token_forward_kernel,
 )
@@ -510,31 +512,3 @@ def finalize_grads_kernel(pb_ptr, pa_ptr, pg_ptr, b_ptr, grad_b_ptr, grad_a_ptr,
         w_ok = (e >= 0) & (e < E)
         tl.store(grad_w_ptr + rows[:, None] * stride_gwd + e[None, :] * stride_gwe,
                  _narrow(acc, grad_w_ptr), mask=r_ok & w_ok[None, :])
-
-
-@triton.jit
-def gram_grad_kernel(h_ptr, ds_ptr, out_ptr, T, tokens_per_split, stride_ht,
-                     EP: tl.constexpr, RP: tl.constexpr, ERP: tl.constexpr,
-                     BLOCK_T: tl.constexpr):
-    """out[s, (i,a), (j,b)] = Σ_{t in split s} dS[t, i, j] h[t, i, a] h[t, j, b] (float64).
-
-    Grid (E, E, splits): one (i, j) expert block per program.
-    """
-    i = tl.program_id(0)
-    j = tl.program_id(1)
-    s = tl.program_id(2)
-    offs_a = tl.arange(0, RP)
-    offs_tb = tl.arange(0, BLOCK_T)
-    acc = tl.zeros((RP, RP), dtype=tl.float64)
-    t_begin = s * tokens_per_split
-    t_end = tl.minimum(T, t_begin + tokens_per_split)
-    for t0 in range(t_begin, t_end, BLOCK_T):
-        offs_t = t0 + offs_tb
-        ok = offs_t < t_end
-        h_i = tl.load(h_ptr + offs_t[:, None] * stride_ht + i * RP + offs_a[None, :],
-                      mask=ok[:, None], other=0.0).to(tl.float64)
-        h_j = tl.load(h_ptr + offs_t[:, None] * stride_ht + j * RP + offs_a[None, :],
-                      mask=ok[:, None], other=0.0).to(tl.float64)
-        ds = tl.load(ds_ptr + offs_t * (EP * EP) + i * EP + j, mask=ok, other=0.0)
-        acc += tl.sum((ds[:, None] * h_i)[:, :, None] * h_j[:, None, :], axis=0)
-    tl.store(out_ptr + s * (ERP * ERP) + (i * RP + offs_a[:, None]) * ERP + j * RP + offs_a[None, :], acc)

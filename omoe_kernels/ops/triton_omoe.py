@@ -70,7 +70,8 @@ POISON_OUTPUTS = False
 
 def _empty(shape, device, dtype) -> torch.Tensor:
     if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), device=device, dtype=dtype)
+        poison = float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min
+        return torch.full(shape, poison, device=device, dtype=dtype)
     return torch.empty(shape, device=device, dtype=dtype)
 
 
@@ -381,38 +382,59 @@ def token_forward(h, logits, G, L: Layout, top_k, orthogonalize, normalize, eps)
     return z
 
 
+@dataclass(frozen=True)
+class SlotGrads:
+    """What the per-token reverse hands to gram_grad: (dS + dSᵀ)/2 of each token over its
+    active slots (`values`, [T, KP·KP] float64, zeros in padding slots) and, under top-k,
+    the expert of each slot (`experts`, [T, KP] int32, -1 in padding slots; None when
+    dense, where slot s is expert s)."""
+
+    values: torch.Tensor
+    experts: Optional[torch.Tensor]
+    slots: int   # KP
+
+
 def token_backward(h, logits, G, dz, L: Layout, top_k, orthogonalize, normalize, eps):
-    """Z, dHL = [dH | dlogits | 0] ([T, NW]) and (dS + dSᵀ)/2 ([T, EP·EP] float64, or
-    None): gram_grad turns it into (dG + dGᵀ)/2, and dG only enters as dG + dGᵀ."""
+    """Z, dHL = [dH | dlogits | 0] ([T, NW]) and the SlotGrads of dS (or None):
+    gram_grad turns them into (dG + dGᵀ)/2, and dG only enters as dG + dGᵀ."""
     T = h.shape[0]
     z = _empty(h.shape, h.device, h.dtype)
     dhl = _empty((T, L.NW), h.device, h.dtype)
-    ds = _empty((T, L.EP * L.EP), h.device, torch.float64) if orthogonalize else None
     flags = C.token_flags(L, top_k, orthogonalize, normalize, backward=True)
+    KP = flags["KP"]
+    ds = None
+    if orthogonalize:
+        experts = _empty((T, KP), h.device, torch.int32) if flags["TOP_K_ROUTING"] else None
+        ds = SlotGrads(_empty((T, KP * KP), h.device, torch.float64), experts, KP)
     grid = (triton.cdiv(T, flags["BT"]),)
     K.token_backward_kernel[grid](h, logits, G if G is not None else h, dz, z, dhl,
-                                  ds if ds is not None else h, T, L.num_experts, top_k,
-                                  float(eps),
+                                  ds.values if ds is not None else h,
+                                  ds.experts if ds is not None and ds.experts is not None else h,
+                                  T, L.num_experts, top_k, float(eps),
                                   h.stride(0), logits.stride(0), dz.stride(0), z.stride(0),
                                   dhl.stride(0), EPL=L.EPL, num_stages=C.TOKEN_STAGES, **flags)
     return z, dhl, ds
 
 
-def gram_grad(h, ds, L: Layout) -> torch.Tensor:
-    """dG partials [splits, ERP, ERP] float64 from dS (finalize_grads sums them)."""
+def gram_grad(h, ds: SlotGrads, L: Layout) -> torch.Tensor:
+    """Partial sums of dG over token splits, [splits, ERP, ERP] float64: every element is
+    written by the one launch (the caller sums over splits). Under top-k, a token block
+    in which an expert pair is not active costs that pair's program nothing."""
     T = h.shape[0]
     E = L.num_experts
-    block_t = C.gram_grad_block(L)
+    top_k_routing = ds.experts is not None
+    block_t = C.gram_grad_block(L, top_k_routing)
     if interpreting():
-        splits = min(2, triton.cdiv(T, block_t))
+        wanted = min(2, triton.cdiv(T, block_t))
     else:
-        splits = max(1, min(triton.cdiv(T, 256), 2 * _num_sms(h.device) // (E * E) + 1))
-    per_split = triton.cdiv(triton.cdiv(T, splits), block_t) * block_t
-    splits = triton.cdiv(T, per_split)
-    partial = torch.zeros((splits, L.ERP, L.ERP), device=h.device, dtype=torch.float64)
-    K.gram_grad_kernel[(E, E, splits)](h, ds, partial, T, per_split, h.stride(0),
-                                       EP=L.EP, RP=L.RP, ERP=L.ERP, BLOCK_T=block_t,
-                                       num_warps=C.GRAM_GRAD_WARPS, num_stages=C.TOKEN_STAGES)
+        wanted = min(triton.cdiv(T, 256), 2 * _num_sms(h.device) // (E * E) + 1)
+    per_split = max(1, triton.cdiv(triton.cdiv(T, max(1, wanted)), block_t)) * block_t
+    splits = max(1, triton.cdiv(T, per_split))
+    partial = _empty((splits, L.ERP, L.ERP), h.device, torch.float64)
+    K.gram_grad_kernel[(L.EP, L.EP, splits)](
+        h, ds.values, ds.experts if top_k_routing else ds.values, partial, T, E, per_split,
+        h.stride(0), TOP_K_ROUTING=top_k_routing, KP=ds.slots, RP=L.RP, ERP=L.ERP,
+        BLOCK_T=block_t, num_warps=C.GRAM_GRAD_WARPS, num_stages=C.TOKEN_STAGES)
     return partial
 
 

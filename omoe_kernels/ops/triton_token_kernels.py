@@ -1,21 +1,30 @@
 """Per-token kernels of the `triton` backend: routing, Gram, MGS and their reverse
-(docs/algorithm.md, Forward steps 2–5 and Backward step 3), float64 inside.
+(docs/algorithm.md, Forward steps 2–5 and Backward step 3), float64 inside, and the gram
+gradient `dG` over the active expert pairs (Backward step 4).
 
 Layout: tokens on the fastest axis. Every per-token tensor is `[..., BT]` with
 `BT = 32 · num_warps` (triton_configs.token_flags), so Triton's default blocked layout
 gives each thread one token and keeps every other axis in that thread's registers:
-reductions over experts, slots and ranks are register adds (no SHFL, no BAR), and with
-the loops over slots unrolled (`tl.static_range`) a masked "row select" with a
-compile-time index folds to a register move.
+reductions over experts, slots and ranks are register adds (no SHFL, no BAR).
+
+Loops that touch memory (over slots, ranks and columns) are run-time loops (`range`),
+so the IR holds each load or store once: Triton's coalescing pass is quadratic in the
+number of memory operations, and the same loops unrolled (`tl.static_range`) took minutes
+to compile. Picking row `s` of a `[KP, ...]` register tensor at a run-time `s` is a
+masked sum over KP values in the thread: a few selects, no shuffles. The Gram pairs and
+the MGS sweep and its reverse, register algebra only, stay unrolled: as run-time loops
+their `[KP, KP]` state is live across the whole loop, and the backward spilled.
 
 Only the active experts: routing first gathers, per token, the `K = top_k` active experts
 in ascending index order ("slots"; `idx[s, t]` is the expert in slot `s`), and Gram, MGS
 and the reverse run over slots, so a token costs `K²·r²` for `S` and `O(K³)` for MGS,
-whatever `E` is. Dense routing is `K = E` with slot `s` = expert `s` (compile-time, so
-`G` addresses are the same in every lane: warp-uniform loads). `G` is read from global
-memory (ERP² float64, L1/L2 resident). Outputs in the padded expert layout are written
-per slot at the slot's columns, and zeros at the columns of inactive experts (disjoint
-masks, so each element is written once).
+whatever `E` is. Dense routing is `K = E` with slot `s` = expert `s` (the same in every
+lane, so `G` loads are warp-uniform). `G` is read from global memory (ERP² float64,
+L1/L2 resident). Outputs in the padded expert layout are written per slot at the slot's
+columns, and zeros at the columns of inactive experts (disjoint masks, so each element
+is written once). The backward hands `dS` on per slot pair (`[T, KP, KP]`) with the
+slots' experts (`[T, KP]`, top-k only), and `gram_grad_kernel` skips token blocks in
+which an expert pair is not active.
 """
 from __future__ import annotations
 
@@ -24,8 +33,22 @@ import triton.language as tl
 
 
 @triton.jit
+def _row_offsets(tokens, stride):
+    """tokens · stride in int64: token index times row stride passes 2³¹ on large inputs
+    (T · E·r elements), while the offsets within a row stay int32. Every row base of
+    these kernels goes through here (python_tests check both)."""
+    return tokens.to(tl.int64) * stride
+
+
+@triton.jit
+def _rows(ptr, tokens, stride):
+    """Pointers to the rows `tokens` of a [T, stride] buffer."""
+    return ptr + _row_offsets(tokens, stride)
+
+
+@triton.jit
 def _pick(M, axis_idx, s):
-    """The slice of M at index s of axis 0 ([KP, ...] → [...]); folds when s is constexpr."""
+    """The slice of M at index s of axis 0 ([KP, ...] → [...]): KP selects in the thread."""
     return tl.sum(tl.where(axis_idx == s, M, 0.0), axis=0)
 
 
@@ -73,26 +96,25 @@ def _route_slots(logits, E, top_k, K: tl.constexpr, TOP_K_ROUTING: tl.constexpr,
 
 
 @triton.jit
-def _expert_of(idx, s: tl.constexpr, TOP_K_ROUTING: tl.constexpr, BT: tl.constexpr,
-               KP: tl.constexpr):
-    """Expert of slot s, per token ([BT] int32); a compile-time constant when dense."""
+def _expert_of(idx, s, TOP_K_ROUTING: tl.constexpr, BT: tl.constexpr, KP: tl.constexpr):
+    """Expert of slot s, per token ([BT] int32); dense: s itself, the same in every lane."""
     if TOP_K_ROUTING:
         return tl.sum(tl.where(tl.arange(0, KP)[:, None] == s, idx, 0), axis=0)
     else:
-        return tl.full((BT, ), s, tl.int32)
+        return tl.zeros((BT, ), tl.int32) + s
 
 
 @triton.jit
 def _load_cols(rows, first, tok, count, N: tl.constexpr, BT: tl.constexpr):
     """rows[t][first_t + n] for n < N as [N, BT] float64 (0 past T and for n >= count).
 
-    One [BT] load per column: a [N, BT] load would be re-laid out by Triton to coalesce
-    along N, spreading N over lanes (shuffles and a shared-memory round trip); per column,
-    every load keeps one token per thread, and L1 serves the neighbouring columns.
-    """
+    One [BT] load per column: a [N, BT] load would be re-laid out by Triton's coalescing
+    pass with N over lanes (shuffles and a shared-memory round trip). A run-time loop, so
+    that the IR holds one load, not N (that pass is quadratic in the memory operations);
+    LLVM unrolls it and the row select folds into register moves."""
     out = tl.zeros((N, BT), dtype=tl.float64)
     n_idx = tl.arange(0, N)[:, None]
-    for n in tl.static_range(N):
+    for n in range(N):
         col = tl.load(rows + first + n, mask=tok & (n < count), other=0.0).to(tl.float64)
         out = tl.where(n_idx == n, col[None, :], out)
     return out
@@ -102,7 +124,7 @@ def _load_cols(rows, first, tok, count, N: tl.constexpr, BT: tl.constexpr):
 def _store_cols(rows, first, mask, vals, N: tl.constexpr):
     """rows[t][first_t + n] = vals[n, t] for n < N where mask[t], one [BT] store per column."""
     n_idx = tl.arange(0, N)[:, None]
-    for n in tl.static_range(N):
+    for n in range(N):
         tl.store(rows + first + n, _pick(vals, n_idx, n).to(rows.dtype.element_ty), mask=mask)
 
 
@@ -206,13 +228,15 @@ def _token_setup(h_ptr, l_ptr, g_ptr, start, T, E, top_k, eps, stride_ht, stride
                  NORMALIZE: tl.constexpr, BT: tl.constexpr, EP: tl.constexpr, KP: tl.constexpr,
                  RP: tl.constexpr, ERP: tl.constexpr):
     """Load, route, Gram and MGS of BT tokens; coeff[s] = a of slot s ([KP, BT])."""
-    offs_t = (start + tl.arange(0, BT)).to(tl.int64)
+    # int64 tokens (int32 would do: row bases widen in _rows) because with int32 ptxas
+    # spilled 8 bytes in token_forward at llama7b-top2.
+    offs_t = start.to(tl.int64) + tl.arange(0, BT)
     tok = offs_t < T
     e2 = tl.arange(0, EP)[:, None]
-    logits = _load_cols(l_ptr + offs_t * stride_lt, 0, tok, E, EP, BT)
+    logits = _load_cols(_rows(l_ptr, offs_t, stride_lt), 0, tok, E, EP, BT)
     logits = tl.where(e2 < E, logits, float("-inf"))   # padding tokens keep finite logits
     active, idx, gates = _route_slots(logits, E, top_k, K, TOP_K_ROUTING, BT, EP, KP)
-    rows = h_ptr + offs_t * stride_ht
+    rows = _rows(h_ptr, offs_t, stride_ht)
     if ORTHOGONALIZE:
         S = _gram_slots(rows, g_ptr, idx, tok, K, TOP_K_ROUTING, BT, KP, RP, ERP)
         C, SC, P, nsq = _mgs_slots(S, eps, K, NORMALIZE, BT, KP)
@@ -231,17 +255,18 @@ def _zero_inactive(rows, tok, active, BT: tl.constexpr, EP: tl.constexpr, RP: tl
     """Zeros in the columns of every inactive (or padding) expert of a [T, EP·RP] output."""
     ei = tl.arange(0, EP)[:, None]
     zeros = tl.zeros((RP, BT), dtype=tl.float64)
-    for e in tl.static_range(EP):
+    for e in range(EP):
         on = tl.sum(tl.where(ei == e, active, False).to(tl.int32), axis=0) != 0
         _store_cols(rows, e * RP, tok & ~on, zeros, RP)
 
 
 @triton.jit
-def _store_z(z_rows, rows, tok, active, idx, coeff, K: tl.constexpr, TOP_K_ROUTING: tl.constexpr,
-             BT: tl.constexpr, EP: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr):
+def _store_z(z_rows, rows, tok, active, idx, coeff, K: tl.constexpr,
+             TOP_K_ROUTING: tl.constexpr, BT: tl.constexpr, EP: tl.constexpr, KP: tl.constexpr,
+             RP: tl.constexpr):
     """Z[t] = a ⊙ h in the padded layout (zeros for inactive experts)."""
     sk = tl.arange(0, KP)[:, None]
-    for s in tl.static_range(K):
+    for s in range(K):
         e = _expert_of(idx, s, TOP_K_ROUTING, BT, KP)
         z = _pick(coeff, sk, s)[None, :] * _load_slot(rows, e, tok, BT, RP)
         _store_cols(z_rows, e * RP, tok, z, RP)
@@ -258,8 +283,8 @@ def _token_forward_block(h_ptr, l_ptr, g_ptr, z_ptr, start, T, E, top_k, eps,
     offs_t, tok, rows, active, idx, gates, coeff, C, SC, P, nsq = _token_setup(
         h_ptr, l_ptr, g_ptr, start, T, E, top_k, eps, stride_ht, stride_lt, K, TOP_K_ROUTING,
         ORTHOGONALIZE, NORMALIZE, BT, EP, KP, RP, ERP)
-    _store_z(z_ptr + offs_t * stride_zt, rows, tok, active, idx, coeff, K, TOP_K_ROUTING, BT, EP,
-             KP, RP)
+    _store_z(_rows(z_ptr, offs_t, stride_zt), rows, tok, active, idx, coeff, K, TOP_K_ROUTING,
+             BT, EP, KP, RP)
 
 
 @triton.jit
@@ -289,7 +314,8 @@ def _reverse_mgs(C, SC, P, nsq, dC, eps, K: tl.constexpr, NORMALIZE: tl.constexp
     R = tl.zeros((KP, KP, BT), dtype=tl.float64)     # running c of each row
     RS = tl.zeros((KP, KP, BT), dtype=tl.float64)    # running S c
     M = tl.zeros((KP, KP, BT), dtype=tl.float64)
-    for j in tl.static_range(K - 1, -1, -1):
+    for step in tl.static_range(K):
+        j = K - 1 - step
         c_j = _pick(C, si, j)
         sc_j = _pick(SC, si, j)
         nsq_j = _pick(nsq, s2, j)
@@ -336,7 +362,8 @@ def _reverse_mgs(C, SC, P, nsq, dC, eps, K: tl.constexpr, NORMALIZE: tl.constexp
 
 
 @triton.jit
-def token_backward_kernel(h_ptr, l_ptr, g_ptr, dz_ptr, z_ptr, dhl_ptr, ds_ptr, T, E, top_k, eps,
+def token_backward_kernel(h_ptr, l_ptr, g_ptr, dz_ptr, z_ptr, dhl_ptr, ds_ptr, slots_ptr,
+                          T, E, top_k, eps,
                           stride_ht, stride_lt, stride_dzt, stride_zt, stride_dhlt,
                           K: tl.constexpr, TOP_K_ROUTING: tl.constexpr,
                           ORTHOGONALIZE: tl.constexpr, NORMALIZE: tl.constexpr,
@@ -344,19 +371,20 @@ def token_backward_kernel(h_ptr, l_ptr, g_ptr, dz_ptr, z_ptr, dhl_ptr, ds_ptr, T
                           ERP: tl.constexpr, EPL: tl.constexpr):
     """Per-token reverse. Writes Z (recomputed), dH into dHL[:, :ERP], dlogits into
     dHL[:, ERP:ERP+E] (zeros up to ERP+EPL), and, when orthogonalizing, the symmetric
-    part (dS + dSᵀ)/2 of dS into ds [T, EP, EP] (float64; dG only enters as dG + dGᵀ,
-    which is the same from either)."""
+    part (dS + dSᵀ)/2 of dS per slot pair into ds [T, KP, KP] (float64; zeros in padding
+    slots; dG only enters as dG + dGᵀ, which is the same from either) and, under top-k,
+    the expert of each slot into slots [T, KP] (int32, -1 in padding slots)."""
     offs_t, tok, rows, active, idx, gates, coeff, C, SC, P, nsq = _token_setup(
         h_ptr, l_ptr, g_ptr, tl.program_id(0) * BT, T, E, top_k, eps, stride_ht, stride_lt, K,
         TOP_K_ROUTING, ORTHOGONALIZE, NORMALIZE, BT, EP, KP, RP, ERP)
-    _store_z(z_ptr + offs_t * stride_zt, rows, tok, active, idx, coeff, K, TOP_K_ROUTING, BT, EP,
-             KP, RP)
+    _store_z(_rows(z_ptr, offs_t, stride_zt), rows, tok, active, idx, coeff, K, TOP_K_ROUTING,
+             BT, EP, KP, RP)
     sk = tl.arange(0, KP)[:, None]
     si = tl.arange(0, KP)[:, None, None]
-    dz_rows = dz_ptr + offs_t * stride_dzt
+    dz_rows = _rows(dz_ptr, offs_t, stride_dzt)
     # z = a ⊙ h: da_s = <dz_s, h_s>.
     dcoeff = tl.zeros((KP, BT), dtype=tl.float64)
-    for s in tl.static_range(K):
+    for s in range(K):
         e = _expert_of(idx, s, TOP_K_ROUTING, BT, KP)
         da = tl.sum(_load_slot(dz_rows, e, tok, BT, RP) * _load_slot(rows, e, tok, BT, RP), axis=0)
         dcoeff = tl.where(sk == s, da[None, :], dcoeff)
@@ -364,31 +392,21 @@ def token_backward_kernel(h_ptr, l_ptr, g_ptr, dz_ptr, z_ptr, dhl_ptr, ds_ptr, T
         dgate = tl.sum(C * dcoeff[None, :, :], axis=1)                    # <C_i, da>
         dC = tl.where(si < K, gates[:, None, :] * dcoeff[None, :, :], 0.0)
         M = _reverse_mgs(C, SC, P, nsq, dC, eps, K, NORMALIZE, BT, KP)
-        # (dS + dSᵀ)/2 in the expert layout: slot pairs, then zeros for inactive pairs.
-        ds_rows = ds_ptr + offs_t * (EP * EP)
-        for s1 in tl.static_range(K):
-            e1 = _expert_of(idx, s1, TOP_K_ROUTING, BT, KP)
-            for s2 in tl.static_range(K):
-                e2 = _expert_of(idx, s2, TOP_K_ROUTING, BT, KP)
-                m12 = _pick(_pick(M, si, s1), sk, s2)
-                tl.store(ds_rows + e1 * EP + e2, 0.5 * m12, mask=tok)
-        ei = tl.arange(0, EP)[:, None]
-        for i in tl.static_range(EP):
-            act_i = tl.sum(tl.where(ei == i, active, False).to(tl.int32), axis=0) != 0
-            for j in tl.static_range(EP):
-                act_j = tl.sum(tl.where(ei == j, active, False).to(tl.int32), axis=0) != 0
-                tl.store(ds_rows + i * EP + j, tl.zeros((BT, ), tl.float64),
-                         mask=tok & ~(act_i & act_j))
+        ds_rows = _rows(ds_ptr, offs_t, KP * KP)
+        for s1 in range(KP):
+            _store_cols(ds_rows, s1 * KP, tok, 0.5 * _pick(M, si, s1), KP)
+        if TOP_K_ROUTING:
+            _store_cols(_rows(slots_ptr, offs_t, KP), 0, tok, tl.where(sk < K, idx, -1), KP)
     else:
         dgate = dcoeff
     # dh of slot s1: a_s1 dz_s1 + Σ_s2 M[s1, s2] G_(s1,s2) h_s2.
-    dhl_rows = dhl_ptr + offs_t * stride_dhlt
+    dhl_rows = _rows(dhl_ptr, offs_t, stride_dhlt)
     for s1 in tl.static_range(K):
         e1 = _expert_of(idx, s1, TOP_K_ROUTING, BT, KP)
         dh = _pick(coeff, sk, s1)[None, :] * _load_slot(dz_rows, e1, tok, BT, RP)
         if ORTHOGONALIZE:
             m1 = _pick(M, si, s1)
-            for s2 in tl.static_range(K):
+            for s2 in range(K):
                 e2 = _expert_of(idx, s2, TOP_K_ROUTING, BT, KP)
                 dh = _add_g_h(dh, _pick(m1, sk, s2), rows, g_ptr, e1, e2, tok, BT, RP, ERP)
         _store_cols(dhl_rows, e1 * RP, tok, dh, RP)
@@ -399,7 +417,58 @@ def token_backward_kernel(h_ptr, l_ptr, g_ptr, dz_ptr, z_ptr, dhl_ptr, ds_ptr, T
     dl_slots = tl.where(sk < K, gates * (dgate - mean[None, :]), 0.0)
     cols = tl.arange(0, EPL)[:, None]
     wide = tl.zeros((EPL, BT), dtype=tl.float64)
-    for s in tl.static_range(K):
+    for s in range(K):
         e = _expert_of(idx, s, TOP_K_ROUTING, BT, KP)
         wide = tl.where(cols == e[None, :], _pick(dl_slots, sk, s)[None, :], wide)
     _store_cols(dhl_rows, ERP, tok, wide, EPL)
+
+
+@triton.jit
+def gram_grad_kernel(h_ptr, ds_ptr, slots_ptr, out_ptr, T, E, tokens_per_split, stride_ht,
+                     TOP_K_ROUTING: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr,
+                     ERP: tl.constexpr, BLOCK_T: tl.constexpr):
+    """out[s, (i,a), (j,b)] = Σ_{t in split s} dS[t, i, j] h[t, i, a] h[t, j, b] (float64),
+    with dS[t, i, j] = ds[t, slot of i, slot of j] where both are active, 0 elsewhere.
+
+    Grid (EP, EP, splits): one (i, j) expert block of one split's partial per program, so
+    every element of `out` is written once (padding experts' blocks: zeros). Top-k: a block
+    of BLOCK_T tokens in which no token has both i and j active is skipped (no h loads, no
+    FMAs); dense: slot = expert, every block counts.
+    """
+    i = tl.program_id(0)
+    j = tl.program_id(1)
+    s = tl.program_id(2)
+    offs_a = tl.arange(0, RP)
+    offs_tb = tl.arange(0, BLOCK_T)
+    slot_ids = tl.arange(0, KP)
+    acc = tl.zeros((RP, RP), dtype=tl.float64)
+    t_begin = s * tokens_per_split
+    # Blocks of padding experts run no iteration and store zeros.
+    t_end = tl.where((i < E) & (j < E), tl.minimum(T, t_begin + tokens_per_split), t_begin)
+    for t0 in range(t_begin, t_end, BLOCK_T):
+        offs_t = t0 + offs_tb
+        ok = offs_t < t_end
+        h_rows = _rows(h_ptr, offs_t, stride_ht)[:, None]
+        ds_rows = _rows(ds_ptr, offs_t, KP * KP)
+        if TOP_K_ROUTING:
+            experts = tl.load(_rows(slots_ptr, offs_t, KP)[:, None] + slot_ids[None, :],
+                              mask=ok[:, None], other=-1)                  # [BLOCK_T, KP]
+            slot_i = tl.max(tl.where(experts == i, slot_ids[None, :], -1), axis=1)
+            slot_j = tl.max(tl.where(experts == j, slot_ids[None, :], -1), axis=1)
+            pair = (slot_i >= 0) & (slot_j >= 0)
+            if tl.max(pair.to(tl.int32), axis=0) != 0:
+                ds = tl.load(ds_rows + slot_i * KP + slot_j, mask=pair, other=0.0)
+                h_i = tl.load(h_rows + i * RP + offs_a[None, :],
+                              mask=pair[:, None], other=0.0).to(tl.float64)
+                h_j = tl.load(h_rows + j * RP + offs_a[None, :],
+                              mask=pair[:, None], other=0.0).to(tl.float64)
+                acc += tl.sum((ds[:, None] * h_i)[:, :, None] * h_j[:, None, :], axis=0)
+        else:
+            ds = tl.load(ds_rows + i * KP + j, mask=ok, other=0.0)
+            h_i = tl.load(h_rows + i * RP + offs_a[None, :],
+                          mask=ok[:, None], other=0.0).to(tl.float64)
+            h_j = tl.load(h_rows + j * RP + offs_a[None, :],
+                          mask=ok[:, None], other=0.0).to(tl.float64)
+            acc += tl.sum((ds[:, None] * h_i)[:, :, None] * h_j[:, None, :], axis=0)
+    tl.store(out_ptr + s.to(tl.int64) * (ERP * ERP) + (i * RP + offs_a[:, None]) * ERP
+             + j * RP + offs_a[None, :], acc)
