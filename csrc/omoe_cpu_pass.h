@@ -38,45 +38,93 @@ inline void dispatch_max_active(int64_t k, Fn&& fn) {
   else fn(std::integral_constant<int, kMaxActive>{});
 }
 
-// S from G = B_catᵀ B_cat ([R, R] float64, R = E·r) for the active pairs only. The
-// backward adds dS_ml h_ia h_jᵀ into dG (this thread's [R, R] accumulator).
+// h_iᵀ G_ij h_j = Σ_a h_ia u_a with u = Σ_b h_jb G[(j, b), block i] (G is symmetric), 8
+// entries of u at a time: the inner loop runs along a row of G into accumulators that stay
+// in registers, with no reduction, so it vectorizes. g_ji points at G[(j, 0), (i, 0)], R
+// apart between rows. Compiled for AVX2/FMA as well, picked at load time by the CPU.
+template <typename h_t>
+__attribute__((always_inline)) inline double pair_product_body(const double* g_ji, int64_t R,
+                                                               int rank, const h_t* h_i,
+                                                               const h_t* h_j) {
+  constexpr int kWidth = 8;
+  double s = 0.0;
+  int a0 = 0;
+  for (; a0 + kWidth <= rank; a0 += kWidth) {
+    double u[kWidth] = {};
+    for (int b = 0; b < rank; ++b) {
+      const double hb = static_cast<double>(h_j[b]);
+      const double* row = g_ji + b * R + a0;
+      for (int a = 0; a < kWidth; ++a) u[a] += hb * row[a];
+    }
+    for (int a = 0; a < kWidth; ++a) s += static_cast<double>(h_i[a0 + a]) * u[a];
+  }
+  for (; a0 < rank; ++a0) {  // the last rank % 8 entries
+    double u = 0.0;
+    for (int b = 0; b < rank; ++b) u += static_cast<double>(h_j[b]) * g_ji[b * R + a0];
+    s += static_cast<double>(h_i[a0]) * u;
+  }
+  return s;
+}
+__attribute__((target_clones("arch=x86-64-v3", "default"))) static double pair_product(
+    const double* g_ji, int64_t R, int rank, const float* h_i, const float* h_j) {
+  return pair_product_body(g_ji, R, rank, h_i, h_j);
+}
+__attribute__((target_clones("arch=x86-64-v3", "default"))) static double pair_product(
+    const double* g_ji, int64_t R, int rank, const double* h_i, const double* h_j) {
+  return pair_product_body(g_ji, R, rank, h_i, h_j);
+}
+
+// S from G = B_catᵀ B_cat ([R, R] float64, R = E·r) for the active pairs only. h is this
+// token's h. The backward hands dS back in one of two ways (omoe_ops.cpp picks by cost):
+// - dG set ("pairs"): grad_h adds Σ_l (dS_ml + dS_lm) G_ij h_j itself and dS_ml h_ia h_jᵀ
+//   into dG, this thread's [R, R] accumulator: k²·r² scalar work per token, for few pairs;
+// - w set ("pairs_gemm"): grad_h adds nothing; end_backward writes this token's rows of
+//   W[i][(j, b)] = (dS_ij + dS_ji) h_jb (zero outside the active pairs, w_stride between
+//   experts i), and two float64 batched GEMMs after the pass give the Gram part of dh
+//   (dh_i += W_i G[block i]ᵀ) and dG + dGᵀ (block row i: h_iᵀ W_i): for many pairs.
+template <typename scalar_t>
 struct PairGram {
   const double* G;
   int64_t R;
-  int rank;
-  double* dG;  // backward only
+  int rank, num_experts;
+  const scalar_t* h;
+  double* dG;  // "pairs" backward only
+  double* w;   // "pairs_gemm" backward only
+  int64_t w_stride;
 
-  template <typename scalar_t>
-  double row_times_h(const scalar_t* h, int i, int a, int j) const {
+  // h_iᵀ G_ij h_j (pair_product below).
+  double pair_product(int i, int j) const {
+    return cpu::pair_product(G + int64_t(j) * rank * R + int64_t(i) * rank, R, rank,
+                             h + i * rank, h + j * rank);
+  }
+  double row_times_h(int i, int a, int j) const {  // (G_ij h_j)_a
     const double* row = G + (int64_t(i) * rank + a) * R + int64_t(j) * rank;
     const scalar_t* hj = h + j * rank;
     double s = 0.0;
     for (int b = 0; b < rank; ++b) s += row[b] * static_cast<double>(hj[b]);
     return s;
   }
-  template <int MAX_K, typename scalar_t>
-  void gram(const scalar_t* h, const int* active, int k, double (*S)[MAX_K]) const {
-    for (int m = 0; m < k; ++m) {
-      const int i = active[m];
+  // (The pass hands h in too; this token's h is already held.)
+  template <int MAX_K, typename any_t>
+  void gram(const any_t*, const int* active, int k, double (*S)[MAX_K]) const {
+    for (int m = 0; m < k; ++m)
       for (int l = m; l < k; ++l) {
-        double s = 0.0;
-        for (int a = 0; a < rank; ++a)
-          s += static_cast<double>(h[i * rank + a]) * row_times_h(h, i, a, active[l]);
+        const double s = pair_product(active[m], active[l]);
         S[m][l] = s;
         S[l][m] = s;
       }
-    }
   }
   void begin_backward() const {}
-  template <int MAX_K, typename scalar_t>
-  double grad_h(const scalar_t* h, const int* active, int k, const double (*dS)[MAX_K], int m,
+  template <int MAX_K, typename any_t>
+  double grad_h(const any_t*, const int* active, int k, const double (*dS)[MAX_K], int m,
                 int a) const {
+    if (dG == nullptr) return 0.0;  // pairs_gemm: W and the GEMMs after the pass
     const int i = active[m];
     const double hv = static_cast<double>(h[i * rank + a]);
     double acc = 0.0;
     for (int l = 0; l < k; ++l) {
       const int j = active[l];
-      acc += (dS[m][l] + dS[l][m]) * row_times_h(h, i, a, j);
+      acc += (dS[m][l] + dS[l][m]) * row_times_h(i, a, j);
       double* dg_row = dG + (int64_t(i) * rank + a) * R + int64_t(j) * rank;
       const double c = dS[m][l] * hv;
       for (int b = 0; b < rank; ++b) dg_row[b] += c * static_cast<double>(h[j * rank + b]);
@@ -84,7 +132,25 @@ struct PairGram {
     return acc;
   }
   template <int MAX_K>
-  void end_backward(const int*, int, const double (*)[MAX_K]) const {}
+  void end_backward(const int* active, int k, const double (*dS)[MAX_K]) const {
+    if (w == nullptr) return;
+    for (int i = 0, m = 0; i < num_experts; ++i) {
+      double* row = w + i * w_stride;
+      const bool i_active = m < k && active[m] == i;
+      for (int j = 0, l = 0; j < num_experts; ++j) {
+        double* block = row + j * rank;
+        if (i_active && l < k && active[l] == j) {
+          const double c = dS[m][l] + dS[l][m];
+          for (int b = 0; b < rank; ++b) block[b] = c * static_cast<double>(h[j * rank + b]);
+          ++l;
+        } else {
+          std::fill_n(block, rank, 0.0);
+          if (l < k && active[l] == j) ++l;
+        }
+      }
+      if (i_active) ++m;
+    }
+  }
 };
 
 // S from the expert outputs: e points at this token's e_0 (d_out values, expert i at
@@ -143,13 +209,23 @@ struct GhRoute {
     return GhGram{gh ? gh + t * R : nullptr, Tc * R, E, r, dg_lhs ? dg_lhs + t * R : nullptr};
   }
 };
+template <typename scalar_t>
 struct PairRoute {
-  const double* G;  // [R, R]
-  double* dG;       // [num_threads, R, R], backward only
-  int64_t R;
-  int r;
-  PairGram at(int64_t, int thread) const {
-    return PairGram{G, R, r, dG ? dG + int64_t(thread) * R * R : nullptr};
+  const double* G;    // [R, R]
+  const scalar_t* h;  // [Tc, R], the chunk's h
+  double* dG;         // [num_threads, R, R], "pairs" backward only
+  double* w;          // [E, Tc, R], "pairs_gemm" backward only
+  int64_t Tc, R;
+  int E, r;
+  PairGram<scalar_t> at(int64_t t, int thread) const {
+    return PairGram<scalar_t>{G,
+                              R,
+                              r,
+                              E,
+                              h + t * R,
+                              dG ? dG + int64_t(thread) * R * R : nullptr,
+                              w ? w + t * R : nullptr,
+                              Tc * R};
   }
 };
 template <typename value_t>

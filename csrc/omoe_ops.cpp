@@ -119,26 +119,34 @@ at::Tensor gram_matrix(const at::Tensor& B, const at::Tensor& B_cat,
 
 // ---- choosing the route by cost (omoe_cpu_pass.h, docs/algorithm.md "Routes") ---------
 
-enum class Route { kBatched, kPairs, kDirect };
+// On the CPU the forward takes pairs or direct; the backward takes pairs, pairs_gemm or
+// direct. batched (GH for all E² pairs, K = r GEMMs) is what the other devices take; on
+// the CPU it runs only when forced (it tests the per-token code the GPU shares).
+enum class Route { kBatched, kPairs, kPairsGemm, kDirect };
 
 // G above this size is never formed: the direct route needs no G (docs/contract.md §4: no
 // (E·r)² workspace at once).
 constexpr double kMaxGramBytes = 512.0 * (1 << 20);
-// A multiply-add of the scalar per-token loops costs about this many of a float64 GEMM's.
+// A multiply-add of the scalar per-token loops costs about this many of a float64 GEMM's;
+// one of the vectorized pair products about this many.
 constexpr double kScalarCost = 4.0;
+constexpr double kVectorCost = 1.0;
 // A small batched float64 GEMM call costs about this many multiply-adds on its own, and
 // far more when another process holds a core (its threads wait for each other): a few
 // tokens are cheaper in the scalar pairs route than in any batched GEMM.
 constexpr double kBatchedCallCost = 50000.0;
 
-// OMOE_ROUTE=batched|pairs|direct forces a route on the CPU (tests run every route).
-Route forced_route(Route chosen) {
+// OMOE_ROUTE=batched|pairs|pairs_gemm|direct forces a route on the CPU (tests run every
+// route); pairs_gemm forces pairs on the forward.
+Route forced_route(Route chosen, bool backward) {
   const char* env = std::getenv("OMOE_ROUTE");
   if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) return chosen;
   if (std::strcmp(env, "batched") == 0) return Route::kBatched;
   if (std::strcmp(env, "pairs") == 0) return Route::kPairs;
+  if (std::strcmp(env, "pairs_gemm") == 0) return backward ? Route::kPairsGemm : Route::kPairs;
   if (std::strcmp(env, "direct") == 0) return Route::kDirect;
-  TORCH_CHECK(false, "omoe: OMOE_ROUTE must be auto, batched, pairs or direct, got '", env,
+  TORCH_CHECK(false,
+              "omoe: OMOE_ROUTE must be auto, batched, pairs, pairs_gemm or direct, got '", env,
               "'");
 }
 
@@ -146,7 +154,7 @@ Route forced_route(Route chosen) {
 // nothing here (cached, or worth caching because the weights will be reused).
 Route choose_route(const Sizes& s, int64_t k, bool backward, bool gram_free, bool on_cpu) {
   const double T = double(s.T), R = double(s.E * s.r), d = double(s.d_out), r = double(s.r);
-  const double kk = double(k) * double(k);
+  const double E = double(s.E), kk = double(k) * double(k);
   const bool gram_fits = R * R * 8.0 <= kMaxGramBytes;
   if (!on_cpu) {
     TORCH_CHECK(gram_fits, "omoe: G = B_catᵀB_cat would take ", R * R * 8.0 / (1 << 20),
@@ -154,18 +162,25 @@ Route choose_route(const Sizes& s, int64_t k, bool backward, bool gram_free, boo
                 kMaxGramBytes / (1 << 20), " MiB: use backend='reference' or a smaller E·r");
     return Route::kBatched;
   }
-  const double passes = backward ? 2.0 : 1.0;  // the backward recomputes S, then uses dS
+  // G once (unless free), and B_cat (dG + dGᵀ) in the backward.
   const double gram_fixed = (gram_free ? 0.0 : d * R * R) + (backward ? d * R * R : 0.0);
-  const double calls = backward ? 2.0 : 1.0;  // batched GEMMs per chunk
-  const double batched = gram_fixed + passes * T * R * R + calls * kBatchedCallCost;
-  const double pairs = gram_fixed + kScalarCost * passes * T * kk * r * r +
-                       (backward ? double(at::get_num_threads()) * R * R : 0.0);
-  const double direct = (backward ? 3.0 : 1.0) * T * R * d + kScalarCost * passes * T * kk * d +
+  // S for the k(k+1)/2 active pairs (vectorized), in the forward and again in the backward.
+  const double pair_gram = kVectorCost * T * 0.5 * kk * r * r;
+  const double pairs =
+      gram_fixed + pair_gram +
+      (backward ? kScalarCost * 2.0 * T * kk * r * r + double(at::get_num_threads()) * R * R
+                : 0.0);
+  // W (T·E·R values), then dh and dG + dGᵀ by two batched GEMMs (T·R² each) per chunk.
+  const double pairs_gemm = gram_fixed + pair_gram + T * E * R + 2.0 * T * R * R +
+                            2.0 * kBatchedCallCost * std::ceil(T * E * R * 8.0 / (4 << 20));
+  const double direct = (backward ? 3.0 : 1.0) * T * R * d +
+                        kScalarCost * (backward ? 2.0 : 1.0) * T * kk * d +
                         R * d /* B in float64 */ + (backward ? 3.0 : 1.0) * kBatchedCallCost;
-  Route best = !gram_fits || direct < std::min(batched, pairs)
+  const double through_g = backward ? std::min(pairs, pairs_gemm) : pairs;
+  Route best = !gram_fits || direct < through_g
                    ? Route::kDirect
-                   : (pairs < batched ? Route::kPairs : Route::kBatched);
-  best = forced_route(best);
+                   : (backward && pairs_gemm < pairs ? Route::kPairsGemm : Route::kPairs);
+  best = forced_route(best, backward);
   if (best != Route::kDirect)
     TORCH_CHECK(gram_fits, "omoe: OMOE_ROUTE asks for G = B_catᵀB_cat, which would take ",
                 R * R * 8.0 / (1 << 20), " MiB (E·r = ", s.E * s.r, ")");
@@ -282,21 +297,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
         });
       }
     } else {
-      const at::Tensor h_blocks64 = expert_blocks64(h, s.E, s.r);
       at::Tensor G;
       {
         RECORD_FUNCTION("omoe::gram", std::vector<c10::IValue>());
         G = gram_matrix(B, B_cat, found);
         gram_formed = !found.G.defined();
       }
-      RECORD_FUNCTION("omoe::orthogonalize", std::vector<c10::IValue>());
       if (route == Route::kPairs) {
         RECORD_FUNCTION("omoe::pairs", std::vector<c10::IValue>());
-        cpu::token_forward_pass(h, logits,
-                                cpu::PairRoute{G.data_ptr<double>(), nullptr, er, int(s.r)},
-                                s.E, s.r, top_k, true, normalize, eps, z);
+        AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "omoe_pairs", [&] {
+          cpu::token_forward_pass(
+              h, logits,
+              cpu::PairRoute<scalar_t>{G.data_ptr<double>(), h.data_ptr<scalar_t>(), nullptr,
+                                       nullptr, s.T, er, int(s.E), int(s.r)},
+              s.E, s.r, top_k, true, normalize, eps, z);
+        });
       } else {
         // GH = (G_ij h_j) for every pair, a chunk of tokens at a time.
+        RECORD_FUNCTION("omoe::batched", std::vector<c10::IValue>());
+        const at::Tensor h_blocks64 = expert_blocks64(h, s.E, s.r);
         const at::Tensor G_rows = G.view({s.E, s.r, er});
         const int64_t tc = chunk_tokens(s.T, 8.0 * s.E * er, chunk_budget(x));
         for (int64_t t0 = 0; t0 < s.T; t0 += tc) {
@@ -357,7 +376,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   at::Tensor z = at::empty_like(hc), dh = at::empty_like(hc), dlogits = at::empty_like(lc);
   // What the Gram part adds to dB_cat once dB_cat = s·dYᵀZ exists: B_cat (dG + dGᵀ) for the
   // routes through G. (The direct route writes dB_cat itself, chunk by chunk.)
-  at::Tensor dG, dB_cat;
+  at::Tensor dG_sym, dB_cat;
   if (s.T > 0 && !orthogonalize) {
     RECORD_FUNCTION("omoe::orthogonalize_backward", std::vector<c10::IValue>());
     at::Tensor none;
@@ -392,18 +411,54 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
           dB_cat.narrow(1, i * s.r, s.r).addmm_(de[i].t(), hb[i]);
       }
     } else {
-      const at::Tensor h_blocks64 = expert_blocks64(hc, s.E, s.r);
-      RECORD_FUNCTION("omoe::gram_recompute", std::vector<c10::IValue>());
-      const at::Tensor G = gram_matrix(B, B_cat, found);
+      at::Tensor G;
+      {
+        RECORD_FUNCTION("omoe::gram", std::vector<c10::IValue>());
+        G = gram_matrix(B, B_cat, found);
+      }
       if (route == Route::kPairs) {
         RECORD_FUNCTION("omoe::pairs_backward", std::vector<c10::IValue>());
         const at::Tensor dG_threads = at::zeros({cpu::pass_threads(), er, er}, G.options());
-        cpu::token_backward_pass(
-            hc, lc,
-            cpu::PairRoute{G.data_ptr<double>(), dG_threads.data_ptr<double>(), er, int(s.r)},
-            dz, s.E, s.r, top_k, true, normalize, eps, z, dh, dlogits);
-        dG = dG_threads.sum(0);
+        AT_DISPATCH_FLOATING_TYPES(hc.scalar_type(), "omoe_pairs_backward", [&] {
+          cpu::token_backward_pass(
+              hc, lc,
+              cpu::PairRoute<scalar_t>{G.data_ptr<double>(), hc.data_ptr<scalar_t>(),
+                                       dG_threads.data_ptr<double>(), nullptr, s.T, er,
+                                       int(s.E), int(s.r)},
+              dz, s.E, s.r, top_k, true, normalize, eps, z, dh, dlogits);
+        });
+        const at::Tensor dG = dG_threads.sum(0);
+        dG_sym = dG + dG.t();
+      } else if (route == Route::kPairsGemm) {
+        // Per chunk: the pass writes W[i, t, (j, b)] = (dS_ij + dS_ji) h_jb; then
+        // dh_i += W_i G[block i]ᵀ and (dG + dGᵀ)[block i] += h_iᵀ W_i, two batched GEMMs
+        // with long inner dimensions (R and the chunk's tokens).
+        RECORD_FUNCTION("omoe::pairs_gemm_backward", std::vector<c10::IValue>());
+        const at::Tensor h_blocks64 = expert_blocks64(hc, s.E, s.r);
+        const at::Tensor G_rows_t = G.view({s.E, s.r, er}).transpose(1, 2);  // [E, R, r]
+        at::Tensor dG_rows = at::zeros({s.E, s.r, er}, G.options());         // [i, a, (j,b)]
+        const int64_t tc = chunk_tokens(s.T, 8.0 * s.E * er, chunk_budget(x));
+        for (int64_t t0 = 0; t0 < s.T; t0 += tc) {
+          const int64_t n = std::min(tc, s.T - t0);
+          const at::Tensor W = at::empty({s.E, n, er}, G.options());
+          const at::Tensor hcc = hc.narrow(0, t0, n);
+          at::Tensor zc = z.narrow(0, t0, n), dhc = dh.narrow(0, t0, n),
+                     dlc = dlogits.narrow(0, t0, n);
+          AT_DISPATCH_FLOATING_TYPES(hc.scalar_type(), "omoe_pairs_gemm_backward", [&] {
+            cpu::token_backward_pass(
+                hcc, lc.narrow(0, t0, n),
+                cpu::PairRoute<scalar_t>{G.data_ptr<double>(), hcc.data_ptr<scalar_t>(),
+                                         nullptr, W.data_ptr<double>(), n, er, int(s.E),
+                                         int(s.r)},
+                dz.narrow(0, t0, n), s.E, s.r, top_k, true, normalize, eps, zc, dhc, dlc);
+          });
+          dhc.view({n, s.E, s.r}).add_(at::bmm(W, G_rows_t).transpose(0, 1));
+          dG_rows.baddbmm_(h_blocks64.narrow(1, t0, n).transpose(1, 2), W);
+        }
+        dG_sym = dG_rows.view({er, er});
       } else {
+        RECORD_FUNCTION("omoe::batched_backward", std::vector<c10::IValue>());
+        const at::Tensor h_blocks64 = expert_blocks64(hc, s.E, s.r);
         // dG[(i,a),(j,b)] = Σ_t dS_ij h_ia h_jb: one batched GEMM over j per chunk of tokens.
         const at::Tensor G_rows = G.view({s.E, s.r, er});
         at::Tensor dG_blocks = at::zeros({s.E, er, s.r}, G.options());  // [j, (i,a), b]
@@ -419,7 +474,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
                          s.r, top_k, true, normalize, eps, zc, dhc, dlc, dg_lhs);
           dG_blocks.baddbmm_(dg_lhs.transpose(1, 2), hb);
         }
-        dG = dG_blocks.permute({1, 0, 2}).reshape({er, er});
+        const at::Tensor dG = dG_blocks.permute({1, 0, 2}).reshape({er, er});
+        dG_sym = dG + dG.t();
       }
     }
   }
@@ -427,9 +483,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     RECORD_FUNCTION("omoe::expand_backward_weight", std::vector<c10::IValue>());
     dB_cat = at::mm(dY.t(), z).mul_(scaling);
   }
-  if (dG.defined()) {
+  if (dG_sym.defined()) {
     RECORD_FUNCTION("omoe::gram_backward", std::vector<c10::IValue>());
-    dB_cat.add_(at::mm(B_cat.to(at::kDouble), dG + dG.t()).to(acc));
+    dB_cat.add_(at::mm(B_cat.to(at::kDouble), dG_sym).to(acc));
   }
   RECORD_FUNCTION("omoe::shrink_backward", std::vector<c10::IValue>());
   at::Tensor grad_x, grad_A, grad_W, grad_router_input;

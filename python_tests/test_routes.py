@@ -27,7 +27,7 @@ from conftest import (
 pytestmark = pytest.mark.skipif("cpu" not in COMPILED_BACKENDS,
                                 reason="the compiled CPU op is not built")
 
-ROUTES = ("batched", "pairs", "direct")
+ROUTES = ("batched", "pairs", "pairs_gemm", "direct")
 SHAPE = (48, 40, 36, 4, 4)  # as test_accuracy: κ < 10 random, ≈3e2 / 3e3 at collapse
 
 
@@ -108,10 +108,13 @@ def test_few_tokens_take_the_direct_route(auto_route):
     assert "omoe::gram" not in names
 
 
-def test_many_tokens_take_the_batched_gram_route(auto_route):
+def test_many_tokens_of_dense_routing_hand_dS_to_the_gemms(auto_route):
+    # All E² pairs active over many tokens: dS goes back through W and two batched GEMMs,
+    # not through per-token scalar updates of dG.
     names = _ranges(T=4096, E=4, r=4, d=64)
-    assert {"omoe::gram", "omoe::gram_backward"} <= names
-    assert not names & {"omoe::direct", "omoe::pairs", "omoe::pairs_backward"}
+    assert {"omoe::gram", "omoe::pairs", "omoe::pairs_gemm_backward",
+            "omoe::gram_backward"} <= names
+    assert not names & {"omoe::direct", "omoe::batched", "omoe::pairs_backward"}
 
 
 def test_top1_of_many_experts_takes_the_active_pairs(auto_route):
