@@ -38,6 +38,14 @@ inline void dispatch_max_active(int64_t k, Fn&& fn) {
   else fn(std::integral_constant<int, kMaxActive>{});
 }
 
+// The hot per-token loops are compiled twice, for x86-64-v3 (AVX2, FMA) and the baseline,
+// and the loader picks the one this CPU runs (GCC function multiversioning).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define OMOE_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define OMOE_VECTOR_CLONES
+#endif
+
 // h_iᵀ G_ij h_j = Σ_a h_ia u_a with u = Σ_b h_jb G[(j, b), block i] (G is symmetric), 8
 // entries of u at a time: the inner loop runs along a row of G into accumulators that stay
 // in registers, with no reduction, so it vectorizes. g_ji points at G[(j, 0), (i, 0)], R
@@ -65,12 +73,12 @@ __attribute__((always_inline)) inline double pair_product_body(const double* g_j
   }
   return s;
 }
-__attribute__((target_clones("arch=x86-64-v3", "default"))) static double pair_product(
-    const double* g_ji, int64_t R, int rank, const float* h_i, const float* h_j) {
+OMOE_VECTOR_CLONES static double pair_product(const double* g_ji, int64_t R, int rank,
+                                              const float* h_i, const float* h_j) {
   return pair_product_body(g_ji, R, rank, h_i, h_j);
 }
-__attribute__((target_clones("arch=x86-64-v3", "default"))) static double pair_product(
-    const double* g_ji, int64_t R, int rank, const double* h_i, const double* h_j) {
+OMOE_VECTOR_CLONES static double pair_product(const double* g_ji, int64_t R, int rank,
+                                              const double* h_i, const double* h_j) {
   return pair_product_body(g_ji, R, rank, h_i, h_j);
 }
 
@@ -153,6 +161,55 @@ struct PairGram {
   }
 };
 
+// <u, v> in float64 over n values, 8 partial sums (a fixed order, so it vectorizes).
+template <typename v_t>
+__attribute__((always_inline)) inline double dot64_body(const v_t* u, const v_t* v, int64_t n) {
+  constexpr int kWidth = 8;
+  double part[kWidth] = {};
+  int64_t q = 0;
+  for (; q + kWidth <= n; q += kWidth)
+    for (int w = 0; w < kWidth; ++w)
+      part[w] += static_cast<double>(u[q + w]) * static_cast<double>(v[q + w]);
+  double s = 0.0;
+  for (int w = 0; w < kWidth; ++w) s += part[w];
+  for (; q < n; ++q) s += static_cast<double>(u[q]) * static_cast<double>(v[q]);
+  return s;
+}
+// out = Σ_l c[l] · e_l (e_l = e + rows[l]·stride, n values), summed in float64.
+template <typename v_t>
+__attribute__((always_inline)) inline void combine64_body(const double* c, const int* rows,
+                                                          int k, const v_t* e, int64_t stride,
+                                                          int64_t n, v_t* out) {
+  constexpr int64_t kChunk = 256;
+  double acc[kChunk];
+  for (int64_t q0 = 0; q0 < n; q0 += kChunk) {
+    const int64_t len = std::min(kChunk, n - q0);
+    for (int64_t q = 0; q < len; ++q) acc[q] = 0.0;
+    for (int l = 0; l < k; ++l) {
+      const v_t* src = e + rows[l] * stride + q0;
+      const double cl = c[l];
+      for (int64_t q = 0; q < len; ++q) acc[q] += cl * static_cast<double>(src[q]);
+    }
+    for (int64_t q = 0; q < len; ++q) out[q0 + q] = static_cast<v_t>(acc[q]);
+  }
+}
+OMOE_VECTOR_CLONES static double dot64(const float* u, const float* v, int64_t n) {
+  return dot64_body(u, v, n);
+}
+OMOE_VECTOR_CLONES static double dot64(const double* u, const double* v, int64_t n) {
+  return dot64_body(u, v, n);
+}
+OMOE_VECTOR_CLONES static void combine64(const double* c, const int* rows, int k,
+                                         const float* e, int64_t stride, int64_t n,
+                                         float* out) {
+  combine64_body(c, rows, k, e, stride, n, out);
+}
+OMOE_VECTOR_CLONES static void combine64(const double* c, const int* rows, int k,
+                                         const double* e, int64_t stride, int64_t n,
+                                         double* out) {
+  combine64_body(c, rows, k, e, stride, n, out);
+}
+
 // S from the expert outputs: e points at this token's e_0 (d_out values, expert i at
 // e + i·stride; float32 for float32 and 16-bit inputs: S is then the exact Gram matrix of
 // vectors rounded like the eager fp32 e_i, which keeps MGS-level accuracy, not a Gram
@@ -170,10 +227,7 @@ struct DirectGram {
   void gram(const scalar_t*, const int* active, int k, double (*S)[MAX_K]) const {
     for (int m = 0; m < k; ++m)
       for (int l = m; l < k; ++l) {
-        const value_t* u = e + active[m] * stride;
-        const value_t* v = e + active[l] * stride;
-        double s = 0.0;
-        for (int64_t q = 0; q < d_out; ++q) s += double(u[q]) * double(v[q]);
+        const double s = dot64(e + active[m] * stride, e + active[l] * stride, d_out);
         S[m][l] = s;
         S[l][m] = s;
       }
@@ -185,15 +239,14 @@ struct DirectGram {
   }
   template <int MAX_K>
   void end_backward(const int* active, int k, const double (*dS)[MAX_K]) const {
-    for (int i = 0; i < num_experts; ++i) std::fill_n(de + i * stride, d_out, value_t(0));
+    for (int i = 0, m = 0; i < num_experts; ++i) {  // inactive experts: de_i = 0
+      if (m < k && active[m] == i) ++m;
+      else std::fill_n(de + i * stride, d_out, value_t(0));
+    }
+    double c[MAX_K];
     for (int m = 0; m < k; ++m) {
-      value_t* out = de + active[m] * stride;
-      for (int64_t q = 0; q < d_out; ++q) {
-        double acc = 0.0;
-        for (int l = 0; l < k; ++l)
-          acc += (dS[m][l] + dS[l][m]) * double(e[active[l] * stride + q]);
-        out[q] = static_cast<value_t>(acc);
-      }
+      for (int l = 0; l < k; ++l) c[l] = dS[m][l] + dS[l][m];
+      combine64(c, active, k, e, stride, d_out, de + active[m] * stride);
     }
   }
 };
