@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
 #include <memory>
 #include <type_traits>
 #include <vector>
@@ -27,6 +28,9 @@
 
 namespace omoe {
 namespace cpu {
+
+// Tokens per task of a pass (for_token_blocks); blocks start at multiples of it.
+constexpr int64_t kTokensPerTask = 64;
 
 // The CPU keeps the per-token state on the heap, so it takes more active experts than a
 // CUDA thread: k = min(top_k, E) up to kMaxActive (beyond that `auto` uses the reference).
@@ -46,40 +50,95 @@ inline void dispatch_max_active(int64_t k, Fn&& fn) {
 #define OMOE_VECTOR_CLONES
 #endif
 
-// h_iᵀ G_ij h_j = Σ_a h_ia u_a with u = Σ_b h_jb G[(j, b), block i] (G is symmetric), 8
-// entries of u at a time: the inner loop runs along a row of G into accumulators that stay
-// in registers, with no reduction, so it vectorizes. g_ji points at G[(j, 0), (i, 0)], R
-// apart between rows. Compiled for AVX2/FMA as well, picked at load time by the CPU.
-template <typename h_t>
-__attribute__((always_inline)) inline double pair_product_body(const double* g_ji, int64_t R,
-                                                               int rank, const h_t* h_i,
-                                                               const h_t* h_j) {
+// h_iᵀ G_ij h_j for NT tokens at once (h rows h_stride apart) into out[NT]:
+// Σ_a h_ia u_a with u = Σ_b h_jb G[(j, b), block i] (G is symmetric), 8 entries of u at a
+// time. The inner loop runs along a row of G into accumulators that stay in registers, with
+// no reduction, so it vectorizes; each piece of G read serves the NT tokens. The order of
+// the sums does not depend on NT: one token gives the same bits alone or in a group.
+// Four doubles as one value (GCC/Clang vector extension): AVX2 registers in the x86-64-v3
+// clone, SSE pairs in the baseline. GCC does not vectorize the loop below on its own.
+typedef double vec4d __attribute__((vector_size(32)));
+
+template <int NT, typename h_t>
+__attribute__((always_inline)) inline void pair_products_body(const double* G, int64_t R,
+                                                              int rank, int i, int j,
+                                                              const h_t* h, int64_t h_stride,
+                                                              double* out) {
   constexpr int kWidth = 8;
-  double s = 0.0;
+  const double* g_ji = G + int64_t(j) * rank * R + int64_t(i) * rank;
+  double s[NT] = {};
   int a0 = 0;
   for (; a0 + kWidth <= rank; a0 += kWidth) {
-    double u[kWidth] = {};
+    vec4d u[NT][2] = {};
     for (int b = 0; b < rank; ++b) {
-      const double hb = static_cast<double>(h_j[b]);
       const double* row = g_ji + b * R + a0;
-      for (int a = 0; a < kWidth; ++a) u[a] += hb * row[a];
+      vec4d lo, hi;  // unaligned loads
+      std::memcpy(&lo, row, sizeof(lo));
+      std::memcpy(&hi, row + 4, sizeof(hi));
+      for (int n = 0; n < NT; ++n) {
+        const double hb = static_cast<double>(h[n * h_stride + j * rank + b]);
+        u[n][0] += hb * lo;
+        u[n][1] += hb * hi;
+      }
     }
-    for (int a = 0; a < kWidth; ++a) s += static_cast<double>(h_i[a0 + a]) * u[a];
+    for (int n = 0; n < NT; ++n)
+      for (int a = 0; a < kWidth; ++a)
+        s[n] += static_cast<double>(h[n * h_stride + i * rank + a0 + a]) * u[n][a / 4][a % 4];
   }
-  for (; a0 < rank; ++a0) {  // the last rank % 8 entries
-    double u = 0.0;
-    for (int b = 0; b < rank; ++b) u += static_cast<double>(h_j[b]) * g_ji[b * R + a0];
-    s += static_cast<double>(h_i[a0]) * u;
-  }
+  for (; a0 < rank; ++a0)  // the last rank % 8 entries
+    for (int n = 0; n < NT; ++n) {
+      double u = 0.0;
+      for (int b = 0; b < rank; ++b)
+        u += static_cast<double>(h[n * h_stride + j * rank + b]) * g_ji[b * R + a0];
+      s[n] += static_cast<double>(h[n * h_stride + i * rank + a0]) * u;
+    }
+  for (int n = 0; n < NT; ++n) out[n] = s[n];
+}
+// One token's h_iᵀ G_ij h_j.
+template <typename h_t>
+__attribute__((always_inline)) inline double pair_product_body(const double* G, int64_t R,
+                                                               int rank, int i, int j,
+                                                               const h_t* h) {
+  double s;
+  pair_products_body<1>(G, R, rank, i, j, h, 0, &s);
   return s;
 }
-OMOE_VECTOR_CLONES static double pair_product(const double* g_ji, int64_t R, int rank,
-                                              const float* h_i, const float* h_j) {
-  return pair_product_body(g_ji, R, rank, h_i, h_j);
+// S[t][i][j] of all E² pairs for the n tokens of h ([n, E·r]), S laid out [n, E, E]: dense
+// routing, where every token needs every pair, 4 tokens per read of G.
+template <typename h_t>
+__attribute__((always_inline)) inline void dense_gram_body(const double* G, int E, int rank,
+                                                           const h_t* h, int64_t n, double* S) {
+  constexpr int kTokens = 4;
+  const int64_t R = int64_t(E) * rank, EE = int64_t(E) * E;
+  double out[kTokens];
+  for (int j = 0; j < E; ++j)
+    for (int i = 0; i <= j; ++i) {
+      int64_t t = 0;
+      for (; t + kTokens <= n; t += kTokens) {
+        pair_products_body<kTokens>(G, R, rank, i, j, h + t * R, R, out);
+        for (int q = 0; q < kTokens; ++q)
+          S[(t + q) * EE + i * E + j] = S[(t + q) * EE + j * E + i] = out[q];
+      }
+      for (; t < n; ++t)
+        S[t * EE + i * E + j] = S[t * EE + j * E + i] =
+            pair_product_body(G, R, rank, i, j, h + t * R);
+    }
 }
-OMOE_VECTOR_CLONES static double pair_product(const double* g_ji, int64_t R, int rank,
-                                              const double* h_i, const double* h_j) {
-  return pair_product_body(g_ji, R, rank, h_i, h_j);
+OMOE_VECTOR_CLONES static double pair_product(const double* G, int64_t R, int rank, int i,
+                                              int j, const float* h) {
+  return pair_product_body(G, R, rank, i, j, h);
+}
+OMOE_VECTOR_CLONES static double pair_product(const double* G, int64_t R, int rank, int i,
+                                              int j, const double* h) {
+  return pair_product_body(G, R, rank, i, j, h);
+}
+OMOE_VECTOR_CLONES static void dense_gram(const double* G, int E, int rank, const float* h,
+                                          int64_t n, double* S) {
+  dense_gram_body(G, E, rank, h, n, S);
+}
+OMOE_VECTOR_CLONES static void dense_gram(const double* G, int E, int rank, const double* h,
+                                          int64_t n, double* S) {
+  dense_gram_body(G, E, rank, h, n, S);
 }
 
 // S from G = B_catᵀ B_cat ([R, R] float64, R = E·r) for the active pairs only. h is this
@@ -99,11 +158,10 @@ struct PairGram {
   double* dG;  // "pairs" backward only
   double* w;   // "pairs_gemm" backward only
   int64_t w_stride;
+  const double* S_all;  // this token's [E, E] Gram matrix when formed ahead (dense), or null
 
-  // h_iᵀ G_ij h_j (pair_product below).
   double pair_product(int i, int j) const {
-    return cpu::pair_product(G + int64_t(j) * rank * R + int64_t(i) * rank, R, rank,
-                             h + i * rank, h + j * rank);
+    return S_all ? S_all[i * num_experts + j] : cpu::pair_product(G, R, rank, i, j, h);
   }
   double row_times_h(int i, int a, int j) const {  // (G_ij h_j)_a
     const double* row = G + (int64_t(i) * rank + a) * R + int64_t(j) * rank;
@@ -257,6 +315,7 @@ struct GhRoute {
   double* dg_lhs;    // [E, Tc, R], backward only
   int64_t Tc;
   int E, r;
+  void begin_block(int64_t, int64_t, int) const {}
   GhGram at(int64_t t, int) const {
     const int64_t R = int64_t(E) * r;
     return GhGram{gh ? gh + t * R : nullptr, Tc * R, E, r, dg_lhs ? dg_lhs + t * R : nullptr};
@@ -270,15 +329,29 @@ struct PairRoute {
   double* w;          // [E, Tc, R], "pairs_gemm" backward only
   int64_t Tc, R;
   int E, r;
+  // Dense routing: each thread's [kTokensPerTask, E, E], S of its block of tokens formed
+  // ahead by dense_gram (begin_block); null otherwise.
+  double* S_blocks = nullptr;
+
+  void begin_block(int64_t begin, int64_t end, int thread) const {
+    if (S_blocks) dense_gram(G, E, r, h + begin * R, end - begin, block_S(thread));
+  }
   PairGram<scalar_t> at(int64_t t, int thread) const {
-    return PairGram<scalar_t>{G,
-                              R,
-                              r,
-                              E,
-                              h + t * R,
-                              dG ? dG + int64_t(thread) * R * R : nullptr,
-                              w ? w + t * R : nullptr,
-                              Tc * R};
+    return PairGram<scalar_t>{
+        G,
+        R,
+        r,
+        E,
+        h + t * R,
+        dG ? dG + int64_t(thread) * R * R : nullptr,
+        w ? w + t * R : nullptr,
+        Tc * R,
+        S_blocks ? block_S(thread) + (t % kTokensPerTask) * E * E : nullptr};
+  }
+
+ private:
+  double* block_S(int thread) const {
+    return S_blocks + int64_t(thread) * kTokensPerTask * E * E;
   }
 };
 template <typename value_t>
@@ -287,13 +360,12 @@ struct DirectRoute {
   value_t* de;       // [E, Tc, d_out], backward only
   int64_t Tc, d_out;
   int E;
+  void begin_block(int64_t, int64_t, int) const {}
   DirectGram<value_t> at(int64_t t, int) const {
     return DirectGram<value_t>{e + t * d_out, Tc * d_out, d_out, E,
                                de ? de + t * d_out : nullptr};
   }
 };
-
-constexpr int64_t kTokensPerTask = 64;
 
 // Runs body(begin, end, thread, state) over the tokens [0, T) in blocks of kTokensPerTask,
 // handed out one at a time; state is the thread's own State (made once per thread). A
@@ -320,7 +392,8 @@ void for_token_blocks(int64_t T, Body&& body) {
   }
 #endif
   auto state = std::make_unique<State>();
-  body(int64_t(0), T, 0, *state);
+  for (int64_t b = 0; b < blocks; ++b)
+    body(b * kTokensPerTask, std::min(T, (b + 1) * kTokensPerTask), 0, *state);
 }
 
 // How many per-thread accumulators a pass may index (for PairRoute's dG).
@@ -341,6 +414,7 @@ void token_forward_pass(const at::Tensor& h, const at::Tensor& logits, const Rou
       constexpr int MAX_K = decltype(max_k)::value;
       for_token_blocks<MgsTape<MAX_K>>(
           T, [&](int64_t begin, int64_t end, int thread, MgsTape<MAX_K>& tape) {
+            if (orthogonalize) route.begin_block(begin, end, thread);
             for (int64_t t = begin; t < end; ++t)
               token_forward(h_ptr + t * er, l_ptr + t * E, route.at(t, thread), int(E), int(r),
                             int(top_k), orthogonalize, normalize, eps, tape, z_ptr + t * er);
@@ -367,6 +441,7 @@ void token_backward_pass(const at::Tensor& h, const at::Tensor& logits, const Ro
       constexpr int MAX_K = decltype(max_k)::value;
       for_token_blocks<BackwardScratch<MAX_K>>(T, [&](int64_t begin, int64_t end, int thread,
                                                       BackwardScratch<MAX_K>& scratch) {
+        if (orthogonalize) route.begin_block(begin, end, thread);
         for (int64_t t = begin; t < end; ++t)
           token_backward(h_ptr + t * er, l_ptr + t * E, route.at(t, thread), dz_ptr + t * er,
                          int(E), int(r), int(top_k), orthogonalize, normalize, eps, scratch,

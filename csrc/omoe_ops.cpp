@@ -206,6 +206,27 @@ at::Tensor expert_blocks64(const at::Tensor& h, int64_t E, int64_t r) {
   return expert_blocks(h.to(at::kDouble), E, r);
 }
 
+// The pairs route's Gram source over the tokens of h (a chunk); dG and W as in PairRoute.
+// Dense routing with few experts forms S ahead, a block of tokens per read of G.
+template <typename scalar_t>
+cpu::PairRoute<scalar_t> pair_route(const at::Tensor& G, const at::Tensor& h, const Sizes& s,
+                                    int64_t k, double* dG, double* W, at::Tensor& S_blocks) {
+  cpu::PairRoute<scalar_t> route{G.data_ptr<double>(),
+                                 h.data_ptr<scalar_t>(),
+                                 dG,
+                                 W,
+                                 h.size(0),
+                                 s.E * s.r,
+                                 int(s.E),
+                                 int(s.r)};
+  if (k == s.E && s.E <= kMaxExperts) {
+    if (!S_blocks.defined())
+      S_blocks = at::empty({cpu::pass_threads(), cpu::kTokensPerTask, s.E, s.E}, G.options());
+    route.S_blocks = S_blocks.data_ptr<double>();
+  }
+  return route;
+}
+
 // The CPU batched pass, in the shape omoe_ops.h's function pointers have.
 void token_forward_cpu(const at::Tensor& h, const at::Tensor& logits, const at::Tensor& GH,
                        int64_t E, int64_t r, int64_t top_k, bool orthogonalize, bool normalize,
@@ -303,14 +324,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
         G = gram_matrix(B, B_cat, found);
         gram_formed = !found.G.defined();
       }
+      at::Tensor S_blocks;  // pair_route's, when it forms S ahead
       if (route == Route::kPairs) {
         RECORD_FUNCTION("omoe::pairs", std::vector<c10::IValue>());
         AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "omoe_pairs", [&] {
-          cpu::token_forward_pass(
-              h, logits,
-              cpu::PairRoute<scalar_t>{G.data_ptr<double>(), h.data_ptr<scalar_t>(), nullptr,
-                                       nullptr, s.T, er, int(s.E), int(s.r)},
-              s.E, s.r, top_k, true, normalize, eps, z);
+          cpu::token_forward_pass(h, logits,
+                                  pair_route<scalar_t>(G, h, s, k, nullptr, nullptr, S_blocks),
+                                  s.E, s.r, top_k, true, normalize, eps, z);
         });
       } else {
         // GH = (G_ij h_j) for every pair, a chunk of tokens at a time.
@@ -416,15 +436,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
         RECORD_FUNCTION("omoe::gram", std::vector<c10::IValue>());
         G = gram_matrix(B, B_cat, found);
       }
+      at::Tensor S_blocks;  // pair_route's, when it forms S ahead
       if (route == Route::kPairs) {
         RECORD_FUNCTION("omoe::pairs_backward", std::vector<c10::IValue>());
         const at::Tensor dG_threads = at::zeros({cpu::pass_threads(), er, er}, G.options());
         AT_DISPATCH_FLOATING_TYPES(hc.scalar_type(), "omoe_pairs_backward", [&] {
           cpu::token_backward_pass(
               hc, lc,
-              cpu::PairRoute<scalar_t>{G.data_ptr<double>(), hc.data_ptr<scalar_t>(),
-                                       dG_threads.data_ptr<double>(), nullptr, s.T, er,
-                                       int(s.E), int(s.r)},
+              pair_route<scalar_t>(G, hc, s, k, dG_threads.data_ptr<double>(), nullptr,
+                                   S_blocks),
               dz, s.E, s.r, top_k, true, normalize, eps, z, dh, dlogits);
         });
         const at::Tensor dG = dG_threads.sum(0);
@@ -447,9 +467,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
           AT_DISPATCH_FLOATING_TYPES(hc.scalar_type(), "omoe_pairs_gemm_backward", [&] {
             cpu::token_backward_pass(
                 hcc, lc.narrow(0, t0, n),
-                cpu::PairRoute<scalar_t>{G.data_ptr<double>(), hcc.data_ptr<scalar_t>(),
-                                         nullptr, W.data_ptr<double>(), n, er, int(s.E),
-                                         int(s.r)},
+                pair_route<scalar_t>(G, hcc, s, k, nullptr, W.data_ptr<double>(), S_blocks),
                 dz.narrow(0, t0, n), s.E, s.r, top_k, true, normalize, eps, zc, dhc, dlc);
           });
           dhc.view({n, s.E, s.r}).add_(at::bmm(W, G_rows_t).transpose(0, 1));
