@@ -1,11 +1,14 @@
 // The CPU per-token passes and the Gram sources only the CPU uses.
 //
 // Three routes give a token the Gram matrix S of its k active experts (docs/algorithm.md,
-// "Routes"); omoe_ops.cpp picks one per call by cost:
+// "Routes"); omoe_ops.cpp picks one per pass by cost:
 // - batched (GhGram, omoe_token.h): GH = (G_ij h_j) for every pair by one float64 batched
-//   GEMM per chunk of tokens; T·(E·r)² work, all E² pairs, cheapest per pair.
-// - pairs (PairGram): S_ml = h_iᵀ G_ij h_j for the k² active pairs only, read from G;
-//   T·k²·r² work, so top-k costs like k·r.
+//   GEMM per chunk of tokens (inner dimension r). What the GPU runs; on the CPU only when
+//   forced (OMOE_ROUTE), as it loses to pairs there.
+// - pairs (PairGram): S_ml = h_iᵀ G_ij h_j for the k(k+1)/2 active pairs, read from G by
+//   vectorized loops (dense routing: a block of tokens per read of G, dense_gram); the
+//   backward hands dS back per token into dG (few pairs, "pairs") or through W and two
+//   float64 GEMMs (many pairs, "pairs_gemm").
 // - direct (DirectGram): the expert outputs e_i = B_i h_i themselves (a batched GEMM per
 //   chunk, in the accumulate dtype), S_ml = <e_i, e_j> summed in float64; no G at all,
 //   T·(E·r·d + k²·d) work. For small T against E·r, and for E·r too large for G.

@@ -433,7 +433,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     } else {
       at::Tensor G;
       {
-        RECORD_FUNCTION("omoe::gram", std::vector<c10::IValue>());
+        RECORD_FUNCTION("omoe::gram_recompute", std::vector<c10::IValue>());
         G = gram_matrix(B, B_cat, found);
       }
       at::Tensor S_blocks;  // pair_route's, when it forms S ahead

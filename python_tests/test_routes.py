@@ -72,6 +72,16 @@ def test_route_zero_B_adds_exactly_zero(route, top_k):
         assert_rel_close(g, grads_ref[name], 1e-4, f"grad {name}")
 
 
+@pytest.mark.parametrize("top_k", [None, 3], ids=["dense", "top3"])
+@pytest.mark.parametrize("collapse", [0.0, 0.999], ids=["random", "collapse0.999"])
+def test_route_vector_loops_and_their_tails(route, top_k, collapse):
+    # rank 12: one 8-wide chunk of the vectorized pair products and a 4-entry tail;
+    # 70 tokens: two blocks of the pass, the dense Gram of the second one 4 + 2 tokens.
+    problem = make_problem(70, 40, 36, 5, 12, seed=16, collapse=collapse)
+    fwd_tol, grad_tol = (1e-5, 1e-4) if collapse == 0.0 else (1e-3, 1e-2)
+    assert_matches_oracle(problem, "cpu", fwd_tol, grad_tol, top_k=top_k)
+
+
 def test_route_bad_name_is_refused(monkeypatch):
     monkeypatch.setenv("OMOE_ROUTE", "fastest")
     problem = make_problem(*SHAPE, seed=14)
