@@ -395,8 +395,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   }
   at::Tensor z = at::empty_like(hc), dh = at::empty_like(hc), dlogits = at::empty_like(lc);
   // What the Gram part adds to dB_cat once dB_cat = s·dYᵀZ exists: B_cat (dG + dGᵀ) for the
-  // routes through G. (The direct route writes dB_cat itself, chunk by chunk.)
-  at::Tensor dG_sym, dB_cat;
+  // routes through G; for the direct route Σ_t de_i h_iᵀ, kept in B's layout [E, d_out, r].
+  at::Tensor dG_sym, dB_cat, dB_direct;
   if (s.T > 0 && !orthogonalize) {
     RECORD_FUNCTION("omoe::orthogonalize_backward", std::vector<c10::IValue>());
     at::Tensor none;
@@ -422,13 +422,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
                                          s.d_out, int(s.E)},
               dz.narrow(0, t0, n), s.E, s.r, top_k, true, normalize, eps, zc, dhc, dlc);
         });
-        // dh_i += B_iᵀ de_i; dB_cat = s·dYᵀZ + Σ_t de_i h_iᵀ (block i), written in place.
+        // dh_i += B_iᵀ de_i; Σ_t de_i h_iᵀ straight into B's layout (no per-expert GEMMs,
+        // no permuted copy of dB at the end).
         dhc.view({n, s.E, s.r}).add_(at::bmm(de, Ba).transpose(0, 1));
-        const at::Tensor dY_c = dY.narrow(0, t0, n);
-        if (!dB_cat.defined()) dB_cat = at::mm(dY_c.t(), zc).mul_(scaling);
-        else dB_cat.addmm_(dY_c.t(), zc, 1, scaling);
-        for (int64_t i = 0; i < s.E; ++i)
-          dB_cat.narrow(1, i * s.r, s.r).addmm_(de[i].t(), hb[i]);
+        if (!dB_direct.defined()) dB_direct = at::bmm(de.transpose(1, 2), hb);
+        else dB_direct.baddbmm_(de.transpose(1, 2), hb);
       }
     } else {
       at::Tensor G;
@@ -539,7 +537,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     grad_x = at::mm(dh_dl, AW);
     grad_router_input = at::empty({0}, x.options());
   }
-  at::Tensor grad_B = dB_cat.view({s.d_out, s.E, s.r}).permute({1, 0, 2}).contiguous();
+  const at::Tensor dB_blocks = dB_cat.view({s.d_out, s.E, s.r}).permute({1, 0, 2});
+  at::Tensor grad_B = dB_direct.defined() ? dB_direct.add_(dB_blocks) : dB_blocks.contiguous();
   const auto dt = x.scalar_type();
   return {grad_x.to(dt), grad_A.reshape({s.E, s.r, s.d_in}).to(dt), grad_B.to(dt),
           grad_W.to(dt), grad_router_input};
