@@ -28,11 +28,8 @@ def omoe_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, router_weight: 
     if problem.num_tokens == 0:
         # No kernel launch for an empty batch, but keep the graph (zero gradients), as nn.Linear does.
         name = "reference"
-    # 2-D inputs go as they are: a reshape would add a view node to the autograd graph.
-    flat = x.dim() == 2
-    x2d = x if flat else x.reshape(problem.num_tokens, problem.d_in)
-    router2d = (router_input if router_input is None or flat
-                else router_input.reshape(problem.num_tokens, problem.d_in))
-    base2d = base_out if base_out is None or flat else base_out.reshape(problem.num_tokens, problem.d_out)
+    x2d = x.reshape(problem.num_tokens, problem.d_in)
+    router2d = None if router_input is None else router_input.reshape(problem.num_tokens, problem.d_in)
+    base2d = None if base_out is None else base_out.reshape(problem.num_tokens, problem.d_out)
     y = backend_function(name)(x2d, A, B, router_weight, router2d, base2d, problem)
-    return y if flat else y.reshape(out_shape)
+    return y.reshape(out_shape)
