@@ -1,11 +1,14 @@
 // The CPU per-token passes and the Gram sources only the CPU uses.
 //
 // Three routes give a token the Gram matrix S of its k active experts (docs/algorithm.md,
-// "Routes"); omoe_ops.cpp picks one per call by cost:
+// "Routes"); omoe_ops.cpp picks one per pass by cost:
 // - batched (GhGram, omoe_token.h): GH = (G_ij h_j) for every pair by one float64 batched
-//   GEMM per chunk of tokens; T·(E·r)² work, all E² pairs, cheapest per pair.
-// - pairs (PairGram): S_ml = h_iᵀ G_ij h_j for the k² active pairs only, read from G;
-//   T·k²·r² work, so top-k costs like k·r.
+//   GEMM per chunk of tokens (inner dimension r). What the GPU runs; on the CPU only when
+//   forced (OMOE_ROUTE), as it loses to pairs there.
+// - pairs (PairGram): S_ml = h_iᵀ G_ij h_j for the k(k+1)/2 active pairs, read from G by
+//   vectorized loops (dense routing: a block of tokens per read of G, dense_gram); the
+//   backward hands dS back per token into dG (few pairs, "pairs") or through W and two
+//   float64 GEMMs (many pairs, "pairs_gemm").
 // - direct (DirectGram): the expert outputs e_i = B_i h_i themselves (a batched GEMM per
 //   chunk, in the accumulate dtype), S_ml = <e_i, e_j> summed in float64; no G at all,
 //   T·(E·r·d + k²·d) work. For small T against E·r, and for E·r too large for G.
@@ -15,6 +18,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
 #include <memory>
 #include <type_traits>
 #include <vector>
@@ -28,6 +32,9 @@
 namespace omoe {
 namespace cpu {
 
+// Tokens per task of a pass (for_token_blocks); blocks start at multiples of it.
+constexpr int64_t kTokensPerTask = 64;
+
 // The CPU keeps the per-token state on the heap, so it takes more active experts than a
 // CUDA thread: k = min(top_k, E) up to kMaxActive (beyond that `auto` uses the reference).
 constexpr int kMaxActive = 256;
@@ -38,45 +45,155 @@ inline void dispatch_max_active(int64_t k, Fn&& fn) {
   else fn(std::integral_constant<int, kMaxActive>{});
 }
 
-// S from G = B_catᵀ B_cat ([R, R] float64, R = E·r) for the active pairs only. The
-// backward adds dS_ml h_ia h_jᵀ into dG (this thread's [R, R] accumulator).
+// The hot per-token loops are compiled twice, for x86-64-v3 (AVX2, FMA) and the baseline,
+// and the loader picks the one this CPU runs (GCC function multiversioning).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define OMOE_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define OMOE_VECTOR_CLONES
+#endif
+
+// h_iᵀ G_ij h_j for NT tokens at once (h rows h_stride apart) into out[NT]:
+// Σ_a h_ia u_a with u = Σ_b h_jb G[(j, b), block i] (G is symmetric), 8 entries of u at a
+// time. The inner loop runs along a row of G into accumulators that stay in registers, with
+// no reduction, so it vectorizes; each piece of G read serves the NT tokens. The order of
+// the sums does not depend on NT: one token gives the same bits alone or in a group.
+// Four doubles as one value (GCC/Clang vector extension): AVX2 registers in the x86-64-v3
+// clone, SSE pairs in the baseline. GCC does not vectorize the loop below on its own.
+typedef double vec4d __attribute__((vector_size(32)));
+
+template <int NT, typename h_t>
+__attribute__((always_inline)) inline void pair_products_body(const double* G, int64_t R,
+                                                              int rank, int i, int j,
+                                                              const h_t* h, int64_t h_stride,
+                                                              double* out) {
+  constexpr int kWidth = 8;
+  const double* g_ji = G + int64_t(j) * rank * R + int64_t(i) * rank;
+  double s[NT] = {};
+  int a0 = 0;
+  for (; a0 + kWidth <= rank; a0 += kWidth) {
+    vec4d u[NT][2] = {};
+    for (int b = 0; b < rank; ++b) {
+      const double* row = g_ji + b * R + a0;
+      vec4d lo, hi;  // unaligned loads
+      std::memcpy(&lo, row, sizeof(lo));
+      std::memcpy(&hi, row + 4, sizeof(hi));
+      for (int n = 0; n < NT; ++n) {
+        const double hb = static_cast<double>(h[n * h_stride + j * rank + b]);
+        u[n][0] += hb * lo;
+        u[n][1] += hb * hi;
+      }
+    }
+    for (int n = 0; n < NT; ++n)
+      for (int a = 0; a < kWidth; ++a)
+        s[n] += static_cast<double>(h[n * h_stride + i * rank + a0 + a]) * u[n][a / 4][a % 4];
+  }
+  for (; a0 < rank; ++a0)  // the last rank % 8 entries
+    for (int n = 0; n < NT; ++n) {
+      double u = 0.0;
+      for (int b = 0; b < rank; ++b)
+        u += static_cast<double>(h[n * h_stride + j * rank + b]) * g_ji[b * R + a0];
+      s[n] += static_cast<double>(h[n * h_stride + i * rank + a0]) * u;
+    }
+  for (int n = 0; n < NT; ++n) out[n] = s[n];
+}
+// One token's h_iᵀ G_ij h_j.
+template <typename h_t>
+__attribute__((always_inline)) inline double pair_product_body(const double* G, int64_t R,
+                                                               int rank, int i, int j,
+                                                               const h_t* h) {
+  double s;
+  pair_products_body<1>(G, R, rank, i, j, h, 0, &s);
+  return s;
+}
+// S[t][i][j] of all E² pairs for the n tokens of h ([n, E·r]), S laid out [n, E, E]: dense
+// routing, where every token needs every pair, 4 tokens per read of G.
+template <typename h_t>
+__attribute__((always_inline)) inline void dense_gram_body(const double* G, int E, int rank,
+                                                           const h_t* h, int64_t n, double* S) {
+  constexpr int kTokens = 4;
+  const int64_t R = int64_t(E) * rank, EE = int64_t(E) * E;
+  double out[kTokens];
+  for (int j = 0; j < E; ++j)
+    for (int i = 0; i <= j; ++i) {
+      int64_t t = 0;
+      for (; t + kTokens <= n; t += kTokens) {
+        pair_products_body<kTokens>(G, R, rank, i, j, h + t * R, R, out);
+        for (int q = 0; q < kTokens; ++q)
+          S[(t + q) * EE + i * E + j] = S[(t + q) * EE + j * E + i] = out[q];
+      }
+      for (; t < n; ++t)
+        S[t * EE + i * E + j] = S[t * EE + j * E + i] =
+            pair_product_body(G, R, rank, i, j, h + t * R);
+    }
+}
+OMOE_VECTOR_CLONES static double pair_product(const double* G, int64_t R, int rank, int i,
+                                              int j, const float* h) {
+  return pair_product_body(G, R, rank, i, j, h);
+}
+OMOE_VECTOR_CLONES static double pair_product(const double* G, int64_t R, int rank, int i,
+                                              int j, const double* h) {
+  return pair_product_body(G, R, rank, i, j, h);
+}
+OMOE_VECTOR_CLONES static void dense_gram(const double* G, int E, int rank, const float* h,
+                                          int64_t n, double* S) {
+  dense_gram_body(G, E, rank, h, n, S);
+}
+OMOE_VECTOR_CLONES static void dense_gram(const double* G, int E, int rank, const double* h,
+                                          int64_t n, double* S) {
+  dense_gram_body(G, E, rank, h, n, S);
+}
+
+// S from G = B_catᵀ B_cat ([R, R] float64, R = E·r) for the active pairs only. h is this
+// token's h. The backward hands dS back in one of two ways (omoe_ops.cpp picks by cost):
+// - dG set ("pairs"): grad_h adds Σ_l (dS_ml + dS_lm) G_ij h_j itself and dS_ml h_ia h_jᵀ
+//   into dG, this thread's [R, R] accumulator: k²·r² scalar work per token, for few pairs;
+// - w set ("pairs_gemm"): grad_h adds nothing; end_backward writes this token's rows of
+//   W[i][(j, b)] = (dS_ij + dS_ji) h_jb (zero outside the active pairs, w_stride between
+//   experts i), and two float64 batched GEMMs after the pass give the Gram part of dh
+//   (dh_i += W_i G[block i]ᵀ) and dG + dGᵀ (block row i: h_iᵀ W_i): for many pairs.
+template <typename scalar_t>
 struct PairGram {
   const double* G;
   int64_t R;
-  int rank;
-  double* dG;  // backward only
+  int rank, num_experts;
+  const scalar_t* h;
+  double* dG;  // "pairs" backward only
+  double* w;   // "pairs_gemm" backward only
+  int64_t w_stride;
+  const double* S_all;  // this token's [E, E] Gram matrix when formed ahead (dense), or null
 
-  template <typename scalar_t>
-  double row_times_h(const scalar_t* h, int i, int a, int j) const {
+  double pair_product(int i, int j) const {
+    return S_all ? S_all[i * num_experts + j] : cpu::pair_product(G, R, rank, i, j, h);
+  }
+  double row_times_h(int i, int a, int j) const {  // (G_ij h_j)_a
     const double* row = G + (int64_t(i) * rank + a) * R + int64_t(j) * rank;
     const scalar_t* hj = h + j * rank;
     double s = 0.0;
     for (int b = 0; b < rank; ++b) s += row[b] * static_cast<double>(hj[b]);
     return s;
   }
-  template <int MAX_K, typename scalar_t>
-  void gram(const scalar_t* h, const int* active, int k, double (*S)[MAX_K]) const {
-    for (int m = 0; m < k; ++m) {
-      const int i = active[m];
+  // (The pass hands h in too; this token's h is already held.)
+  template <int MAX_K, typename any_t>
+  void gram(const any_t*, const int* active, int k, double (*S)[MAX_K]) const {
+    for (int m = 0; m < k; ++m)
       for (int l = m; l < k; ++l) {
-        double s = 0.0;
-        for (int a = 0; a < rank; ++a)
-          s += static_cast<double>(h[i * rank + a]) * row_times_h(h, i, a, active[l]);
+        const double s = pair_product(active[m], active[l]);
         S[m][l] = s;
         S[l][m] = s;
       }
-    }
   }
   void begin_backward() const {}
-  template <int MAX_K, typename scalar_t>
-  double grad_h(const scalar_t* h, const int* active, int k, const double (*dS)[MAX_K], int m,
+  template <int MAX_K, typename any_t>
+  double grad_h(const any_t*, const int* active, int k, const double (*dS)[MAX_K], int m,
                 int a) const {
+    if (dG == nullptr) return 0.0;  // pairs_gemm: W and the GEMMs after the pass
     const int i = active[m];
     const double hv = static_cast<double>(h[i * rank + a]);
     double acc = 0.0;
     for (int l = 0; l < k; ++l) {
       const int j = active[l];
-      acc += (dS[m][l] + dS[l][m]) * row_times_h(h, i, a, j);
+      acc += (dS[m][l] + dS[l][m]) * row_times_h(i, a, j);
       double* dg_row = dG + (int64_t(i) * rank + a) * R + int64_t(j) * rank;
       const double c = dS[m][l] * hv;
       for (int b = 0; b < rank; ++b) dg_row[b] += c * static_cast<double>(h[j * rank + b]);
@@ -84,8 +201,75 @@ struct PairGram {
     return acc;
   }
   template <int MAX_K>
-  void end_backward(const int*, int, const double (*)[MAX_K]) const {}
+  void end_backward(const int* active, int k, const double (*dS)[MAX_K]) const {
+    if (w == nullptr) return;
+    for (int i = 0, m = 0; i < num_experts; ++i) {
+      double* row = w + i * w_stride;
+      const bool i_active = m < k && active[m] == i;
+      for (int j = 0, l = 0; j < num_experts; ++j) {
+        double* block = row + j * rank;
+        if (i_active && l < k && active[l] == j) {
+          const double c = dS[m][l] + dS[l][m];
+          for (int b = 0; b < rank; ++b) block[b] = c * static_cast<double>(h[j * rank + b]);
+          ++l;
+        } else {
+          std::fill_n(block, rank, 0.0);
+          if (l < k && active[l] == j) ++l;
+        }
+      }
+      if (i_active) ++m;
+    }
+  }
 };
+
+// <u, v> in float64 over n values, 8 partial sums (a fixed order, so it vectorizes).
+template <typename v_t>
+__attribute__((always_inline)) inline double dot64_body(const v_t* u, const v_t* v, int64_t n) {
+  constexpr int kWidth = 8;
+  double part[kWidth] = {};
+  int64_t q = 0;
+  for (; q + kWidth <= n; q += kWidth)
+    for (int w = 0; w < kWidth; ++w)
+      part[w] += static_cast<double>(u[q + w]) * static_cast<double>(v[q + w]);
+  double s = 0.0;
+  for (int w = 0; w < kWidth; ++w) s += part[w];
+  for (; q < n; ++q) s += static_cast<double>(u[q]) * static_cast<double>(v[q]);
+  return s;
+}
+// out = Σ_l c[l] · e_l (e_l = e + rows[l]·stride, n values), summed in float64.
+template <typename v_t>
+__attribute__((always_inline)) inline void combine64_body(const double* c, const int* rows,
+                                                          int k, const v_t* e, int64_t stride,
+                                                          int64_t n, v_t* out) {
+  constexpr int64_t kChunk = 256;
+  double acc[kChunk];
+  for (int64_t q0 = 0; q0 < n; q0 += kChunk) {
+    const int64_t len = std::min(kChunk, n - q0);
+    for (int64_t q = 0; q < len; ++q) acc[q] = 0.0;
+    for (int l = 0; l < k; ++l) {
+      const v_t* src = e + rows[l] * stride + q0;
+      const double cl = c[l];
+      for (int64_t q = 0; q < len; ++q) acc[q] += cl * static_cast<double>(src[q]);
+    }
+    for (int64_t q = 0; q < len; ++q) out[q0 + q] = static_cast<v_t>(acc[q]);
+  }
+}
+OMOE_VECTOR_CLONES static double dot64(const float* u, const float* v, int64_t n) {
+  return dot64_body(u, v, n);
+}
+OMOE_VECTOR_CLONES static double dot64(const double* u, const double* v, int64_t n) {
+  return dot64_body(u, v, n);
+}
+OMOE_VECTOR_CLONES static void combine64(const double* c, const int* rows, int k,
+                                         const float* e, int64_t stride, int64_t n,
+                                         float* out) {
+  combine64_body(c, rows, k, e, stride, n, out);
+}
+OMOE_VECTOR_CLONES static void combine64(const double* c, const int* rows, int k,
+                                         const double* e, int64_t stride, int64_t n,
+                                         double* out) {
+  combine64_body(c, rows, k, e, stride, n, out);
+}
 
 // S from the expert outputs: e points at this token's e_0 (d_out values, expert i at
 // e + i·stride; float32 for float32 and 16-bit inputs: S is then the exact Gram matrix of
@@ -104,10 +288,7 @@ struct DirectGram {
   void gram(const scalar_t*, const int* active, int k, double (*S)[MAX_K]) const {
     for (int m = 0; m < k; ++m)
       for (int l = m; l < k; ++l) {
-        const value_t* u = e + active[m] * stride;
-        const value_t* v = e + active[l] * stride;
-        double s = 0.0;
-        for (int64_t q = 0; q < d_out; ++q) s += double(u[q]) * double(v[q]);
+        const double s = dot64(e + active[m] * stride, e + active[l] * stride, d_out);
         S[m][l] = s;
         S[l][m] = s;
       }
@@ -119,15 +300,14 @@ struct DirectGram {
   }
   template <int MAX_K>
   void end_backward(const int* active, int k, const double (*dS)[MAX_K]) const {
-    for (int i = 0; i < num_experts; ++i) std::fill_n(de + i * stride, d_out, value_t(0));
+    for (int i = 0, m = 0; i < num_experts; ++i) {  // inactive experts: de_i = 0
+      if (m < k && active[m] == i) ++m;
+      else std::fill_n(de + i * stride, d_out, value_t(0));
+    }
+    double c[MAX_K];
     for (int m = 0; m < k; ++m) {
-      value_t* out = de + active[m] * stride;
-      for (int64_t q = 0; q < d_out; ++q) {
-        double acc = 0.0;
-        for (int l = 0; l < k; ++l)
-          acc += (dS[m][l] + dS[l][m]) * double(e[active[l] * stride + q]);
-        out[q] = static_cast<value_t>(acc);
-      }
+      for (int l = 0; l < k; ++l) c[l] = dS[m][l] + dS[l][m];
+      combine64(c, active, k, e, stride, d_out, de + active[m] * stride);
     }
   }
 };
@@ -138,18 +318,43 @@ struct GhRoute {
   double* dg_lhs;    // [E, Tc, R], backward only
   int64_t Tc;
   int E, r;
+  void begin_block(int64_t, int64_t, int) const {}
   GhGram at(int64_t t, int) const {
     const int64_t R = int64_t(E) * r;
     return GhGram{gh ? gh + t * R : nullptr, Tc * R, E, r, dg_lhs ? dg_lhs + t * R : nullptr};
   }
 };
+template <typename scalar_t>
 struct PairRoute {
-  const double* G;  // [R, R]
-  double* dG;       // [num_threads, R, R], backward only
-  int64_t R;
-  int r;
-  PairGram at(int64_t, int thread) const {
-    return PairGram{G, R, r, dG ? dG + int64_t(thread) * R * R : nullptr};
+  const double* G;    // [R, R]
+  const scalar_t* h;  // [Tc, R], the chunk's h
+  double* dG;         // [num_threads, R, R], "pairs" backward only
+  double* w;          // [E, Tc, R], "pairs_gemm" backward only
+  int64_t Tc, R;
+  int E, r;
+  // Dense routing: each thread's [kTokensPerTask, E, E], S of its block of tokens formed
+  // ahead by dense_gram (begin_block); null otherwise.
+  double* S_blocks = nullptr;
+
+  void begin_block(int64_t begin, int64_t end, int thread) const {
+    if (S_blocks) dense_gram(G, E, r, h + begin * R, end - begin, block_S(thread));
+  }
+  PairGram<scalar_t> at(int64_t t, int thread) const {
+    return PairGram<scalar_t>{
+        G,
+        R,
+        r,
+        E,
+        h + t * R,
+        dG ? dG + int64_t(thread) * R * R : nullptr,
+        w ? w + t * R : nullptr,
+        Tc * R,
+        S_blocks ? block_S(thread) + (t % kTokensPerTask) * E * E : nullptr};
+  }
+
+ private:
+  double* block_S(int thread) const {
+    return S_blocks + int64_t(thread) * kTokensPerTask * E * E;
   }
 };
 template <typename value_t>
@@ -158,13 +363,12 @@ struct DirectRoute {
   value_t* de;       // [E, Tc, d_out], backward only
   int64_t Tc, d_out;
   int E;
+  void begin_block(int64_t, int64_t, int) const {}
   DirectGram<value_t> at(int64_t t, int) const {
     return DirectGram<value_t>{e + t * d_out, Tc * d_out, d_out, E,
                                de ? de + t * d_out : nullptr};
   }
 };
-
-constexpr int64_t kTokensPerTask = 64;
 
 // Runs body(begin, end, thread, state) over the tokens [0, T) in blocks of kTokensPerTask,
 // handed out one at a time; state is the thread's own State (made once per thread). A
@@ -191,7 +395,8 @@ void for_token_blocks(int64_t T, Body&& body) {
   }
 #endif
   auto state = std::make_unique<State>();
-  body(int64_t(0), T, 0, *state);
+  for (int64_t b = 0; b < blocks; ++b)
+    body(b * kTokensPerTask, std::min(T, (b + 1) * kTokensPerTask), 0, *state);
 }
 
 // How many per-thread accumulators a pass may index (for PairRoute's dG).
@@ -212,6 +417,7 @@ void token_forward_pass(const at::Tensor& h, const at::Tensor& logits, const Rou
       constexpr int MAX_K = decltype(max_k)::value;
       for_token_blocks<MgsTape<MAX_K>>(
           T, [&](int64_t begin, int64_t end, int thread, MgsTape<MAX_K>& tape) {
+            if (orthogonalize) route.begin_block(begin, end, thread);
             for (int64_t t = begin; t < end; ++t)
               token_forward(h_ptr + t * er, l_ptr + t * E, route.at(t, thread), int(E), int(r),
                             int(top_k), orthogonalize, normalize, eps, tape, z_ptr + t * er);
@@ -238,6 +444,7 @@ void token_backward_pass(const at::Tensor& h, const at::Tensor& logits, const Ro
       constexpr int MAX_K = decltype(max_k)::value;
       for_token_blocks<BackwardScratch<MAX_K>>(T, [&](int64_t begin, int64_t end, int thread,
                                                       BackwardScratch<MAX_K>& scratch) {
+        if (orthogonalize) route.begin_block(begin, end, thread);
         for (int64_t t = begin; t < end; ++t)
           token_backward(h_ptr + t * er, l_ptr + t * E, route.at(t, thread), dz_ptr + t * er,
                          int(E), int(r), int(top_k), orthogonalize, normalize, eps, scratch,

@@ -118,26 +118,34 @@ at::Tensor gram_matrix(const at::Tensor& B, const at::Tensor& B_cat,
 
 // ---- choosing the route by cost (omoe_cpu_pass.h, docs/algorithm.md "Routes") ---------
 
-enum class Route { kBatched, kPairs, kDirect };
+// On the CPU the forward takes pairs or direct; the backward takes pairs, pairs_gemm or
+// direct. batched (GH for all E² pairs, K = r GEMMs) is what the other devices take; on
+// the CPU it runs only when forced (it tests the per-token code the GPU shares).
+enum class Route { kBatched, kPairs, kPairsGemm, kDirect };
 
 // G above this size is never formed: the direct route needs no G (docs/contract.md §4: no
 // (E·r)² workspace at once).
 constexpr double kMaxGramBytes = 512.0 * (1 << 20);
-// A multiply-add of the scalar per-token loops costs about this many of a float64 GEMM's.
+// A multiply-add of the scalar per-token loops costs about this many of a float64 GEMM's;
+// one of the vectorized pair products about this many.
 constexpr double kScalarCost = 4.0;
+constexpr double kVectorCost = 1.0;
 // A small batched float64 GEMM call costs about this many multiply-adds on its own, and
 // far more when another process holds a core (its threads wait for each other): a few
 // tokens are cheaper in the scalar pairs route than in any batched GEMM.
 constexpr double kBatchedCallCost = 50000.0;
 
-// OMOE_ROUTE=batched|pairs|direct forces a route on the CPU (tests run every route).
-Route forced_route(Route chosen) {
+// OMOE_ROUTE=batched|pairs|pairs_gemm|direct forces a route on the CPU (tests run every
+// route); pairs_gemm forces pairs on the forward.
+Route forced_route(Route chosen, bool backward) {
   const char* env = std::getenv("OMOE_ROUTE");
   if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) return chosen;
   if (std::strcmp(env, "batched") == 0) return Route::kBatched;
   if (std::strcmp(env, "pairs") == 0) return Route::kPairs;
+  if (std::strcmp(env, "pairs_gemm") == 0) return backward ? Route::kPairsGemm : Route::kPairs;
   if (std::strcmp(env, "direct") == 0) return Route::kDirect;
-  TORCH_CHECK(false, "omoe: OMOE_ROUTE must be auto, batched, pairs or direct, got '", env,
+  TORCH_CHECK(false,
+              "omoe: OMOE_ROUTE must be auto, batched, pairs, pairs_gemm or direct, got '", env,
               "'");
 }
 
@@ -145,7 +153,7 @@ Route forced_route(Route chosen) {
 // nothing here (cached, or worth caching because the weights will be reused).
 Route choose_route(const Sizes& s, int64_t k, bool backward, bool gram_free, bool on_cpu) {
   const double T = double(s.T), R = double(s.E * s.r), d = double(s.d_out), r = double(s.r);
-  const double kk = double(k) * double(k);
+  const double E = double(s.E), kk = double(k) * double(k);
   const bool gram_fits = R * R * 8.0 <= kMaxGramBytes;
   if (!on_cpu) {
     TORCH_CHECK(gram_fits, "omoe: G = B_catᵀB_cat would take ", R * R * 8.0 / (1 << 20),
@@ -153,18 +161,25 @@ Route choose_route(const Sizes& s, int64_t k, bool backward, bool gram_free, boo
                 kMaxGramBytes / (1 << 20), " MiB: use backend='reference' or a smaller E·r");
     return Route::kBatched;
   }
-  const double passes = backward ? 2.0 : 1.0;  // the backward recomputes S, then uses dS
+  // G once (unless free), and B_cat (dG + dGᵀ) in the backward.
   const double gram_fixed = (gram_free ? 0.0 : d * R * R) + (backward ? d * R * R : 0.0);
-  const double calls = backward ? 2.0 : 1.0;  // batched GEMMs per chunk
-  const double batched = gram_fixed + passes * T * R * R + calls * kBatchedCallCost;
-  const double pairs = gram_fixed + kScalarCost * passes * T * kk * r * r +
-                       (backward ? double(at::get_num_threads()) * R * R : 0.0);
-  const double direct = (backward ? 3.0 : 1.0) * T * R * d + kScalarCost * passes * T * kk * d +
+  // S for the k(k+1)/2 active pairs (vectorized), in the forward and again in the backward.
+  const double pair_gram = kVectorCost * T * 0.5 * kk * r * r;
+  const double pairs =
+      gram_fixed + pair_gram +
+      (backward ? kScalarCost * 2.0 * T * kk * r * r + double(at::get_num_threads()) * R * R
+                : 0.0);
+  // W (T·E·R values), then dh and dG + dGᵀ by two batched GEMMs (T·R² each) per chunk.
+  const double pairs_gemm = gram_fixed + pair_gram + T * E * R + 2.0 * T * R * R +
+                            2.0 * kBatchedCallCost * std::ceil(T * E * R * 8.0 / (4 << 20));
+  const double direct = (backward ? 3.0 : 1.0) * T * R * d +
+                        kScalarCost * (backward ? 2.0 : 1.0) * T * kk * d +
                         R * d /* B in float64 */ + (backward ? 3.0 : 1.0) * kBatchedCallCost;
-  Route best = !gram_fits || direct < std::min(batched, pairs)
+  const double through_g = backward ? std::min(pairs, pairs_gemm) : pairs;
+  Route best = !gram_fits || direct < through_g
                    ? Route::kDirect
-                   : (pairs < batched ? Route::kPairs : Route::kBatched);
-  best = forced_route(best);
+                   : (backward && pairs_gemm < pairs ? Route::kPairsGemm : Route::kPairs);
+  best = forced_route(best, backward);
   if (best != Route::kDirect)
     TORCH_CHECK(gram_fits, "omoe: OMOE_ROUTE asks for G = B_catᵀB_cat, which would take ",
                 R * R * 8.0 / (1 << 20), " MiB (E·r = ", s.E * s.r, ")");
@@ -188,6 +203,27 @@ at::Tensor expert_blocks(const at::Tensor& h, int64_t E, int64_t r) {
 }
 at::Tensor expert_blocks64(const at::Tensor& h, int64_t E, int64_t r) {
   return expert_blocks(h.to(at::kDouble), E, r);
+}
+
+// The pairs route's Gram source over the tokens of h (a chunk); dG and W as in PairRoute.
+// Dense routing with few experts forms S ahead, a block of tokens per read of G.
+template <typename scalar_t>
+cpu::PairRoute<scalar_t> pair_route(const at::Tensor& G, const at::Tensor& h, const Sizes& s,
+                                    int64_t k, double* dG, double* W, at::Tensor& S_blocks) {
+  cpu::PairRoute<scalar_t> route{G.data_ptr<double>(),
+                                 h.data_ptr<scalar_t>(),
+                                 dG,
+                                 W,
+                                 h.size(0),
+                                 s.E * s.r,
+                                 int(s.E),
+                                 int(s.r)};
+  if (k == s.E && s.E <= kMaxExperts) {
+    if (!S_blocks.defined())
+      S_blocks = at::empty({cpu::pass_threads(), cpu::kTokensPerTask, s.E, s.E}, G.options());
+    route.S_blocks = S_blocks.data_ptr<double>();
+  }
+  return route;
 }
 
 // The CPU batched pass, in the shape omoe_ops.h's function pointers have.
@@ -281,21 +317,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
         });
       }
     } else {
-      const at::Tensor h_blocks64 = expert_blocks64(h, s.E, s.r);
       at::Tensor G;
       {
         RECORD_FUNCTION("omoe::gram", std::vector<c10::IValue>());
         G = gram_matrix(B, B_cat, found);
         gram_formed = !found.G.defined();
       }
-      RECORD_FUNCTION("omoe::orthogonalize", std::vector<c10::IValue>());
+      at::Tensor S_blocks;  // pair_route's, when it forms S ahead
       if (route == Route::kPairs) {
         RECORD_FUNCTION("omoe::pairs", std::vector<c10::IValue>());
-        cpu::token_forward_pass(h, logits,
-                                cpu::PairRoute{G.data_ptr<double>(), nullptr, er, int(s.r)},
-                                s.E, s.r, top_k, true, normalize, eps, z);
+        AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "omoe_pairs", [&] {
+          cpu::token_forward_pass(h, logits,
+                                  pair_route<scalar_t>(G, h, s, k, nullptr, nullptr, S_blocks),
+                                  s.E, s.r, top_k, true, normalize, eps, z);
+        });
       } else {
         // GH = (G_ij h_j) for every pair, a chunk of tokens at a time.
+        RECORD_FUNCTION("omoe::batched", std::vector<c10::IValue>());
+        const at::Tensor h_blocks64 = expert_blocks64(h, s.E, s.r);
         const at::Tensor G_rows = G.view({s.E, s.r, er});
         const int64_t tc = chunk_tokens(s.T, 8.0 * s.E * er, chunk_budget(x));
         for (int64_t t0 = 0; t0 < s.T; t0 += tc) {
@@ -355,8 +394,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   }
   at::Tensor z = at::empty_like(hc), dh = at::empty_like(hc), dlogits = at::empty_like(lc);
   // What the Gram part adds to dB_cat once dB_cat = s·dYᵀZ exists: B_cat (dG + dGᵀ) for the
-  // routes through G. (The direct route writes dB_cat itself, chunk by chunk.)
-  at::Tensor dG, dB_cat;
+  // routes through G; for the direct route Σ_t de_i h_iᵀ, kept in B's layout [E, d_out, r].
+  at::Tensor dG_sym, dB_cat, dB_direct;
   if (s.T > 0 && !orthogonalize) {
     RECORD_FUNCTION("omoe::orthogonalize_backward", std::vector<c10::IValue>());
     at::Tensor none;
@@ -382,27 +421,68 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
                                          s.d_out, int(s.E)},
               dz.narrow(0, t0, n), s.E, s.r, top_k, true, normalize, eps, zc, dhc, dlc);
         });
-        // dh_i += B_iᵀ de_i; dB_cat = s·dYᵀZ + Σ_t de_i h_iᵀ (block i), written in place.
+        // dh_i += B_iᵀ de_i; Σ_t de_i h_iᵀ straight into B's layout (no per-expert GEMMs,
+        // no permuted copy of dB at the end).
         dhc.view({n, s.E, s.r}).add_(at::bmm(de, Ba).transpose(0, 1));
-        const at::Tensor dY_c = dY.narrow(0, t0, n);
-        if (!dB_cat.defined()) dB_cat = at::mm(dY_c.t(), zc).mul_(scaling);
-        else dB_cat.addmm_(dY_c.t(), zc, 1, scaling);
-        for (int64_t i = 0; i < s.E; ++i)
-          dB_cat.narrow(1, i * s.r, s.r).addmm_(de[i].t(), hb[i]);
+        if (!dB_direct.defined()) dB_direct = at::bmm(de.transpose(1, 2), hb);
+        else dB_direct.baddbmm_(de.transpose(1, 2), hb);
       }
     } else {
-      const at::Tensor h_blocks64 = expert_blocks64(hc, s.E, s.r);
-      RECORD_FUNCTION("omoe::gram_recompute", std::vector<c10::IValue>());
-      const at::Tensor G = gram_matrix(B, B_cat, found);
+      at::Tensor G;
+      {
+        RECORD_FUNCTION("omoe::gram_recompute", std::vector<c10::IValue>());
+        G = gram_matrix(B, B_cat, found);
+      }
+      at::Tensor S_blocks;  // pair_route's, when it forms S ahead
       if (route == Route::kPairs) {
         RECORD_FUNCTION("omoe::pairs_backward", std::vector<c10::IValue>());
         const at::Tensor dG_threads = at::zeros({cpu::pass_threads(), er, er}, G.options());
-        cpu::token_backward_pass(
-            hc, lc,
-            cpu::PairRoute{G.data_ptr<double>(), dG_threads.data_ptr<double>(), er, int(s.r)},
-            dz, s.E, s.r, top_k, true, normalize, eps, z, dh, dlogits);
-        dG = dG_threads.sum(0);
+        AT_DISPATCH_FLOATING_TYPES(hc.scalar_type(), "omoe_pairs_backward", [&] {
+          cpu::token_backward_pass(
+              hc, lc,
+              pair_route<scalar_t>(G, hc, s, k, dG_threads.data_ptr<double>(), nullptr,
+                                   S_blocks),
+              dz, s.E, s.r, top_k, true, normalize, eps, z, dh, dlogits);
+        });
+        const at::Tensor dG = dG_threads.sum(0);
+        dG_sym = dG + dG.t();
+      } else if (route == Route::kPairsGemm) {
+        // Per chunk: the pass writes W[i, t, (j, b)] = (dS_ij + dS_ji) h_jb; then
+        // dh_i += W_i G[block i]ᵀ (a batched GEMM, inner dimension R) and
+        // (dG + dGᵀ)[block i, blocks j >= i] += h_iᵀ W_i[:, blocks j >= i] (inner dimension
+        // the chunk's tokens): dG + dGᵀ is symmetric, so its upper block triangle U is enough.
+        RECORD_FUNCTION("omoe::pairs_gemm_backward", std::vector<c10::IValue>());
+        const at::Tensor h_blocks64 = expert_blocks64(hc, s.E, s.r);
+        const at::Tensor G_rows_t = G.view({s.E, s.r, er}).transpose(1, 2);  // [E, R, r]
+        at::Tensor U = at::zeros({er, er}, G.options());  // rows (i, a), columns (j, b)
+        const int64_t tc = chunk_tokens(s.T, 8.0 * s.E * er, chunk_budget(x));
+        for (int64_t t0 = 0; t0 < s.T; t0 += tc) {
+          const int64_t n = std::min(tc, s.T - t0);
+          const at::Tensor W = at::empty({s.E, n, er}, G.options());
+          const at::Tensor hcc = hc.narrow(0, t0, n);
+          at::Tensor zc = z.narrow(0, t0, n), dhc = dh.narrow(0, t0, n),
+                     dlc = dlogits.narrow(0, t0, n);
+          AT_DISPATCH_FLOATING_TYPES(hc.scalar_type(), "omoe_pairs_gemm_backward", [&] {
+            cpu::token_backward_pass(
+                hcc, lc.narrow(0, t0, n),
+                pair_route<scalar_t>(G, hcc, s, k, nullptr, W.data_ptr<double>(), S_blocks),
+                dz.narrow(0, t0, n), s.E, s.r, top_k, true, normalize, eps, zc, dhc, dlc);
+          });
+          dhc.view({n, s.E, s.r}).add_(at::bmm(W, G_rows_t).transpose(0, 1));
+          for (int64_t i = 0; i < s.E; ++i)
+            U.narrow(0, i * s.r, s.r)
+                .narrow(1, i * s.r, er - i * s.r)
+                .addmm_(h_blocks64[i].narrow(0, t0, n).t(),
+                        W[i].narrow(1, i * s.r, er - i * s.r));
+        }
+        dG_sym = U + U.t();  // the diagonal blocks counted twice: take U_ii off once
+        for (int64_t i = 0; i < s.E; ++i)
+          dG_sym.narrow(0, i * s.r, s.r)
+              .narrow(1, i * s.r, s.r)
+              .sub_(U.narrow(0, i * s.r, s.r).narrow(1, i * s.r, s.r));
       } else {
+        RECORD_FUNCTION("omoe::batched_backward", std::vector<c10::IValue>());
+        const at::Tensor h_blocks64 = expert_blocks64(hc, s.E, s.r);
         // dG[(i,a),(j,b)] = Σ_t dS_ij h_ia h_jb: one batched GEMM over j per chunk of tokens.
         const at::Tensor G_rows = G.view({s.E, s.r, er});
         at::Tensor dG_blocks = at::zeros({s.E, er, s.r}, G.options());  // [j, (i,a), b]
@@ -418,7 +498,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
                          s.r, top_k, true, normalize, eps, zc, dhc, dlc, dg_lhs);
           dG_blocks.baddbmm_(dg_lhs.transpose(1, 2), hb);
         }
-        dG = dG_blocks.permute({1, 0, 2}).reshape({er, er});
+        const at::Tensor dG = dG_blocks.permute({1, 0, 2}).reshape({er, er});
+        dG_sym = dG + dG.t();
       }
     }
   }
@@ -426,9 +507,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     RECORD_FUNCTION("omoe::expand_backward_weight", std::vector<c10::IValue>());
     dB_cat = at::mm(dY.t(), z).mul_(scaling);
   }
-  if (dG.defined()) {
+  if (dG_sym.defined()) {
     RECORD_FUNCTION("omoe::gram_backward", std::vector<c10::IValue>());
-    dB_cat.add_(at::mm(B_cat.to(at::kDouble), dG + dG.t()).to(acc));
+    dB_cat.add_(at::mm(B_cat.to(at::kDouble), dG_sym).to(acc));
   }
   RECORD_FUNCTION("omoe::shrink_backward", std::vector<c10::IValue>());
   at::Tensor grad_x, grad_A, grad_W, grad_router_input;
@@ -455,7 +536,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     grad_x = at::mm(dh_dl, AW);
     grad_router_input = at::empty({0}, x.options());
   }
-  at::Tensor grad_B = dB_cat.view({s.d_out, s.E, s.r}).permute({1, 0, 2}).contiguous();
+  const at::Tensor dB_blocks = dB_cat.view({s.d_out, s.E, s.r}).permute({1, 0, 2});
+  at::Tensor grad_B = dB_direct.defined() ? dB_direct.add_(dB_blocks) : dB_blocks.contiguous();
   const auto dt = x.scalar_type();
   return {grad_x.to(dt), grad_A.reshape({s.E, s.r, s.d_in}).to(dt), grad_B.to(dt),
           grad_W.to(dt), grad_router_input};

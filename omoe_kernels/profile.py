@@ -8,12 +8,16 @@ both land in one Chrome trace.
    - `omoe.fused.forward.base`      the frozen nn.Linear
    - `omoe.fused.forward.adapter`   one `omoe_lora` call. For the compiled backends this is
      the op `omoe::forward`, whose C++ orchestration marks its stages with RECORD_FUNCTION
-     ranges: `omoe::shrink` (x → h and logits), `omoe::gram` (G and GH, float64),
-     `omoe::orthogonalize` (the per-token pass: route, MGS, coefficients), `omoe::expand`.
+     ranges: `omoe::shrink` (x → h and logits), `omoe::gram` (G = B_catᵀB_cat, float64,
+     or the cached one), then the route's per-token pass (routing, S, MGS, coefficients)
+     with its GEMMs: `omoe::pairs`, `omoe::direct` or `omoe::batched` (docs/algorithm.md,
+     "Routes"; `omoe::orthogonalize` without orthogonalization), and `omoe::expand`.
    - `omoe.fused.backward`          the whole backward (`omoe::backward` and the base's grad);
-     inside `omoe::backward`: `omoe::expand_backward_input` (dZ), `omoe::gram_recompute`,
-     `omoe::orthogonalize_backward` (per-token reverse), `omoe::expand_backward_weight`
-     (dB), `omoe::gram_backward` (dG), `omoe::shrink_backward` (dA, dW, dx).
+     inside `omoe::backward`: `omoe::expand_backward_input` (dZ), `omoe::gram_recompute`
+     (G), the route's reverse pass with its GEMMs (`omoe::pairs_backward`,
+     `omoe::pairs_gemm_backward`, `omoe::direct_backward` or `omoe::batched_backward`;
+     `omoe::orthogonalize_backward` without orthogonalization), `omoe::expand_backward_weight`
+     (dB), `omoe::gram_backward` (B_cat (dG + dGᵀ)), `omoe::shrink_backward` (dA, dW, dx).
 2. `staged` — the same low-rank algorithm (docs/algorithm.md), written step by step in
    PyTorch ops, each stage a separate autograd node whose backward runs in its own range:
    - `shrink`                  h = x · A_catᵀ                            (GEMM, T × E·r)
@@ -45,8 +49,13 @@ from .reference import route
 
 STAGES = ("shrink", "route", "orthogonalize.gram", "orthogonalize.mgs", "expand")
 # RECORD_FUNCTION ranges inside the compiled ops (csrc/omoe_ops.cpp), in execution order.
-COMPILED_FORWARD_STAGES = ("omoe::shrink", "omoe::gram", "omoe::orthogonalize", "omoe::expand")
+# The route ranges (docs/algorithm.md, "Routes") hold that route's per-token pass and GEMMs;
+# one route runs per pass.
+COMPILED_FORWARD_STAGES = ("omoe::shrink", "omoe::gram", "omoe::pairs", "omoe::direct",
+                           "omoe::batched", "omoe::orthogonalize", "omoe::expand")
 COMPILED_BACKWARD_STAGES = ("omoe::expand_backward_input", "omoe::gram_recompute",
+                            "omoe::pairs_backward", "omoe::pairs_gemm_backward",
+                            "omoe::direct_backward", "omoe::batched_backward",
                             "omoe::orthogonalize_backward", "omoe::expand_backward_weight",
                             "omoe::gram_backward", "omoe::shrink_backward")
 

@@ -27,7 +27,7 @@ from conftest import (
 pytestmark = pytest.mark.skipif("cpu" not in COMPILED_BACKENDS,
                                 reason="the compiled CPU op is not built")
 
-ROUTES = ("batched", "pairs", "direct")
+ROUTES = ("batched", "pairs", "pairs_gemm", "direct")
 SHAPE = (48, 40, 36, 4, 4)  # as test_accuracy: κ < 10 random, ≈3e2 / 3e3 at collapse
 
 
@@ -72,6 +72,16 @@ def test_route_zero_B_adds_exactly_zero(route, top_k):
         assert_rel_close(g, grads_ref[name], 1e-4, f"grad {name}")
 
 
+@pytest.mark.parametrize("top_k", [None, 3], ids=["dense", "top3"])
+@pytest.mark.parametrize("collapse", [0.0, 0.999], ids=["random", "collapse0.999"])
+def test_route_vector_loops_and_their_tails(route, top_k, collapse):
+    # rank 12: one 8-wide chunk of the vectorized pair products and a 4-entry tail;
+    # 70 tokens: two blocks of the pass, the dense Gram of the second one 4 + 2 tokens.
+    problem = make_problem(70, 40, 36, 5, 12, seed=16, collapse=collapse)
+    fwd_tol, grad_tol = (1e-5, 1e-4) if collapse == 0.0 else (1e-3, 1e-2)
+    assert_matches_oracle(problem, "cpu", fwd_tol, grad_tol, top_k=top_k)
+
+
 def test_route_bad_name_is_refused(monkeypatch):
     monkeypatch.setenv("OMOE_ROUTE", "fastest")
     problem = make_problem(*SHAPE, seed=14)
@@ -108,10 +118,13 @@ def test_few_tokens_take_the_direct_route(auto_route):
     assert "omoe::gram" not in names
 
 
-def test_many_tokens_take_the_batched_gram_route(auto_route):
+def test_many_tokens_of_dense_routing_hand_dS_to_the_gemms(auto_route):
+    # All E² pairs active over many tokens: dS goes back through W and two batched GEMMs,
+    # not through per-token scalar updates of dG.
     names = _ranges(T=4096, E=4, r=4, d=64)
-    assert {"omoe::gram", "omoe::gram_backward"} <= names
-    assert not names & {"omoe::direct", "omoe::pairs", "omoe::pairs_backward"}
+    assert {"omoe::gram", "omoe::pairs", "omoe::pairs_gemm_backward",
+            "omoe::gram_backward"} <= names
+    assert not names & {"omoe::direct", "omoe::batched", "omoe::pairs_backward"}
 
 
 def test_top1_of_many_experts_takes_the_active_pairs(auto_route):
