@@ -8,9 +8,10 @@ r ∈ {4, 16, 64}, dense and top-2, at two levels:
   `base(x) + s·(x A_catᵀ) B_catᵀ` with the same base;
 - `adapter`: `omoe_lora(..., base_out=...)` against `base_out + s·(x A_catᵀ) B_catᵀ`.
 
-Each in two modes: `train` (forward + backward into x and the adapter weights) and
-`infer` (forward under `torch.no_grad()`, the weights unchanged between calls, as in
-decoding). Providers are timed interleaved, one call each per round, order rotating, so
+Each in two modes: `train` (forward + backward into x and the adapter weights, then an
+SGD update of those weights, so that whatever the weights determine, such as the CPU's
+cached `G = B_catᵀB_cat`, is formed again every step, as in training) and `infer`
+(forward under `torch.no_grad()`, the weights unchanged between calls, as in decoding). Providers are timed interleaved, one call each per round, order rotating, so
 a busy neighbour slows both alike; medians. Results: `bench/results/sweep-<tag>.json`
 and `.md`, plus a PNG of OMoE ÷ LoRA against T and against E. Standalone: it imports
 only omoe_kernels, torch and (for the PNG) matplotlib.
@@ -73,9 +74,10 @@ def make_point(T: int, E: int, r: int, routing: str, d: int, seed: int = 0):
 def providers(level: str, mode: str, omoe: ok.OMoELinear, lora: PlainLoRA, x, base_out, top_k):
     """Two zero-argument callables that run one call of each provider."""
     xg = x.clone().requires_grad_(mode == "train")
-    params = [omoe.lora_A, omoe.lora_B, omoe.router_weight, lora.A, lora.B]
+    omoe_params = [omoe.lora_A, omoe.lora_B, omoe.router_weight]
+    lora_params = [lora.A, lora.B]
 
-    def run(fn):
+    def run(fn, params):
         def call():
             for p in params:
                 p.grad = None
@@ -85,15 +87,19 @@ def providers(level: str, mode: str, omoe: ok.OMoELinear, lora: PlainLoRA, x, ba
                     fn()
             else:
                 fn().sum().backward()
+                with torch.no_grad():  # the weights change every step, as in training
+                    for p in params:
+                        p.sub_(p.grad, alpha=1e-6)
         return call
 
     if level == "layer":
-        return {"omoe": run(lambda: omoe(xg)), "lora": run(lambda: lora(xg))}
+        return {"omoe": run(lambda: omoe(xg), omoe_params),
+                "lora": run(lambda: lora(xg), lora_params)}
     return {
         "omoe": run(lambda: ok.omoe_lora(xg, omoe.lora_A, omoe.lora_B, omoe.router_weight,
                                          scaling=omoe.scaling, top_k=top_k, base_out=base_out,
-                                         backend="cpu")),
-        "lora": run(lambda: lora.adapter(xg, base_out)),
+                                         backend="cpu"), omoe_params),
+        "lora": run(lambda: lora.adapter(xg, base_out), lora_params),
     }
 
 
