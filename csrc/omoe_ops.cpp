@@ -28,7 +28,7 @@
 
 namespace omoe {
 
-// accumulate_dtype and check_common are declared in omoe_ops.h: the CUDA plan
+// accumulate_dtype and the check_* functions are declared in omoe_ops.h: the CUDA plan
 // (csrc/cuda/omoe_cuda_plan.cpp) makes the same checks.
 at::ScalarType accumulate_dtype(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -87,6 +87,48 @@ Sizes check_common(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B
     TORCH_CHECK(t->device() == x.device(), "omoe: ", name, " is on ", t->device(),
                 " but x is on ", x.device());
   }
+  return s;
+}
+
+Sizes check_forward(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+                    const at::Tensor& router_weight,
+                    const std::optional<at::Tensor>& router_input,
+                    const std::optional<at::Tensor>& base_out, double scaling, int64_t top_k,
+                    double eps) {
+  const Sizes s = check_common(x, A, B, router_weight, router_input, top_k, eps);
+  TORCH_CHECK(std::isfinite(scaling), "omoe: scaling must be finite, got ", scaling);
+  if (base_out.has_value()) {
+    TORCH_CHECK(
+        base_out->dim() == 2 && base_out->size(0) == s.T && base_out->size(1) == s.d_out,
+        "omoe: base_out must be [T, d_out] = [", s.T, ", ", s.d_out, "], got ",
+        base_out->sizes());
+    TORCH_CHECK(base_out->scalar_type() == x.scalar_type() && base_out->device() == x.device(),
+                "omoe: base_out must match x's dtype and device");
+  }
+  return s;
+}
+
+Sizes check_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& A,
+                     const at::Tensor& B, const at::Tensor& router_weight,
+                     const std::optional<at::Tensor>& router_input, const at::Tensor& h,
+                     const at::Tensor& logits, double scaling, int64_t top_k, double eps) {
+  const Sizes s = check_common(x, A, B, router_weight, router_input, top_k, eps);
+  TORCH_CHECK(std::isfinite(scaling), "omoe: scaling must be finite, got ", scaling);
+  const auto acc = accumulate_dtype(x);
+  const int64_t er = s.E * s.r;
+  TORCH_CHECK(grad_y.dim() == 2 && grad_y.size(0) == s.T && grad_y.size(1) == s.d_out,
+              "omoe: grad_y must be [T, d_out] = [", s.T, ", ", s.d_out, "], got ",
+              grad_y.sizes());
+  TORCH_CHECK(h.dim() == 2 && h.size(0) == s.T && h.size(1) == er && h.scalar_type() == acc,
+              "omoe: h must be [T, E*r] = [", s.T, ", ", er, "] of ", acc, ", got ", h.sizes(),
+              " of ", h.scalar_type());
+  TORCH_CHECK(logits.dim() == 2 && logits.size(0) == s.T && logits.size(1) == s.E &&
+                  logits.scalar_type() == acc,
+              "omoe: logits must be [T, E] = [", s.T, ", ", s.E, "] of ", acc, ", got ",
+              logits.sizes(), " of ", logits.scalar_type());
+  for (const auto* t : {&grad_y, &h, &logits})
+    TORCH_CHECK(t->device() == x.device(), "omoe: backward tensors must be on x's device");
+  TORCH_CHECK(at::isFloatingType(grad_y.scalar_type()), "omoe: grad_y must be floating");
   return s;
 }
 
@@ -258,16 +300,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
   // The GEMMs below choose their own precision; an enclosing autocast region must not
   // recast them (their outputs feed float32/float64 buffers).
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  const Sizes s = check_common(x, A, B, router_weight, router_input, top_k, eps);
-  TORCH_CHECK(std::isfinite(scaling), "omoe: scaling must be finite, got ", scaling);
-  if (base_out.has_value()) {
-    TORCH_CHECK(
-        base_out->dim() == 2 && base_out->size(0) == s.T && base_out->size(1) == s.d_out,
-        "omoe: base_out must be [T, d_out] = [", s.T, ", ", s.d_out, "], got ",
-        base_out->sizes());
-    TORCH_CHECK(base_out->scalar_type() == x.scalar_type() && base_out->device() == x.device(),
-                "omoe: base_out must match x's dtype and device");
-  }
+  const Sizes s =
+      check_forward(x, A, B, router_weight, router_input, base_out, scaling, top_k, eps);
   const auto acc = accumulate_dtype(x);
   const int64_t er = s.E * s.r, k = std::min(top_k, s.E);
   const at::Tensor xc = x.to(acc).contiguous();
@@ -363,23 +397,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     const at::Tensor& h, const at::Tensor& logits, double scaling, int64_t top_k,
     bool orthogonalize, bool normalize, double eps, TokenBackwardFn token_backward) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  const Sizes s = check_common(x, A, B, router_weight, router_input, top_k, eps);
-  TORCH_CHECK(std::isfinite(scaling), "omoe: scaling must be finite, got ", scaling);
+  const Sizes s = check_backward(grad_y, x, A, B, router_weight, router_input, h, logits,
+                                 scaling, top_k, eps);
   const auto acc = accumulate_dtype(x);
   const int64_t er = s.E * s.r, k = std::min(top_k, s.E);
-  TORCH_CHECK(grad_y.dim() == 2 && grad_y.size(0) == s.T && grad_y.size(1) == s.d_out,
-              "omoe: grad_y must be [T, d_out] = [", s.T, ", ", s.d_out, "], got ",
-              grad_y.sizes());
-  TORCH_CHECK(h.dim() == 2 && h.size(0) == s.T && h.size(1) == er && h.scalar_type() == acc,
-              "omoe: h must be [T, E*r] = [", s.T, ", ", er, "] of ", acc, ", got ", h.sizes(),
-              " of ", h.scalar_type());
-  TORCH_CHECK(logits.dim() == 2 && logits.size(0) == s.T && logits.size(1) == s.E &&
-                  logits.scalar_type() == acc,
-              "omoe: logits must be [T, E] = [", s.T, ", ", s.E, "] of ", acc, ", got ",
-              logits.sizes(), " of ", logits.scalar_type());
-  for (const auto* t : {&grad_y, &h, &logits})
-    TORCH_CHECK(t->device() == x.device(), "omoe: backward tensors must be on x's device");
-  TORCH_CHECK(at::isFloatingType(grad_y.scalar_type()), "omoe: grad_y must be floating");
 
   const at::Tensor xc = x.to(acc).contiguous();
   const weight_cache::Found found = weight_cache::instance().find(B);

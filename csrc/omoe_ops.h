@@ -24,6 +24,19 @@ Sizes check_common(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B
                    const at::Tensor& router_weight,
                    const std::optional<at::Tensor>& router_input, int64_t top_k, double eps);
 
+// check_common plus the forward's own arguments (scaling, base_out).
+Sizes check_forward(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+                    const at::Tensor& router_weight,
+                    const std::optional<at::Tensor>& router_input,
+                    const std::optional<at::Tensor>& base_out, double scaling, int64_t top_k,
+                    double eps);
+
+// check_common plus the backward's own arguments (scaling, grad_y, h, logits).
+Sizes check_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& A,
+                     const at::Tensor& B, const at::Tensor& router_weight,
+                     const std::optional<at::Tensor>& router_input, const at::Tensor& h,
+                     const at::Tensor& logits, double scaling, int64_t top_k, double eps);
+
 // Per-token forward over all tokens: z[t] = a[t] ⊙ h[t] (docs/algorithm.md, steps 2–5).
 // h: [T, E·r], logits: [T, E] (both float32, or float64 for float64 inputs);
 // GH: [E, T, E·r] float64 with GH[j][t][(i, a)] = (G_ij h_j)_a (undefined unless

@@ -82,16 +82,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> plan_forward(
     bool orthogonalize, bool normalize, double eps, const PlanPass& pass) {
   // The GEMMs choose their own precision; an enclosing autocast region must not recast.
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  const Sizes s = check_common(x, A, B, router_weight, router_input, top_k, eps);
-  TORCH_CHECK(std::isfinite(scaling), "omoe: scaling must be finite, got ", scaling);
-  if (base_out.has_value()) {
-    TORCH_CHECK(
-        base_out->dim() == 2 && base_out->size(0) == s.T && base_out->size(1) == s.d_out,
-        "omoe: base_out must be [T, d_out] = [", s.T, ", ", s.d_out, "], got ",
-        base_out->sizes());
-    TORCH_CHECK(base_out->scalar_type() == x.scalar_type() && base_out->device() == x.device(),
-                "omoe: base_out must match x's dtype and device");
-  }
+  const Sizes s =
+      check_forward(x, A, B, router_weight, router_input, base_out, scaling, top_k, eps);
   const at::ScalarType acc = accumulate_dtype(x), dt = x.scalar_type();
   const bool split = is_16bit(dt);
   const at::ScalarType operand = split ? dt : acc;  // == dt for float32/float64 inputs
@@ -135,23 +127,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> plan_back
     const at::Tensor& h, const at::Tensor& logits, double scaling, int64_t top_k,
     bool orthogonalize, bool normalize, double eps, const PlanPass& pass) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  const Sizes s = check_common(x, A, B, router_weight, router_input, top_k, eps);
-  TORCH_CHECK(std::isfinite(scaling), "omoe: scaling must be finite, got ", scaling);
+  const Sizes s = check_backward(grad_y, x, A, B, router_weight, router_input, h, logits,
+                                 scaling, top_k, eps);
   const at::ScalarType acc = accumulate_dtype(x), dt = x.scalar_type();
   const int64_t er = s.E * s.r;
-  TORCH_CHECK(grad_y.dim() == 2 && grad_y.size(0) == s.T && grad_y.size(1) == s.d_out,
-              "omoe: grad_y must be [T, d_out] = [", s.T, ", ", s.d_out, "], got ",
-              grad_y.sizes());
-  TORCH_CHECK(h.dim() == 2 && h.size(0) == s.T && h.size(1) == er && h.scalar_type() == acc,
-              "omoe: h must be [T, E*r] = [", s.T, ", ", er, "] of ", acc, ", got ", h.sizes(),
-              " of ", h.scalar_type());
-  TORCH_CHECK(logits.dim() == 2 && logits.size(0) == s.T && logits.size(1) == s.E &&
-                  logits.scalar_type() == acc,
-              "omoe: logits must be [T, E] = [", s.T, ", ", s.E, "] of ", acc, ", got ",
-              logits.sizes(), " of ", logits.scalar_type());
-  for (const auto* t : {&grad_y, &h, &logits})
-    TORCH_CHECK(t->device() == x.device(), "omoe: backward tensors must be on x's device");
-  TORCH_CHECK(at::isFloatingType(grad_y.scalar_type()), "omoe: grad_y must be floating");
   // The GEMMs pair grad_y with x-dtype weights and operands.
   const at::Tensor dY = grad_y.scalar_type() == dt ? grad_y : grad_y.to(dt);
   const bool split = is_16bit(dt);
