@@ -12,7 +12,14 @@ import torch
 
 from .._validate import Problem
 from ..backends import REGISTRY
-from .registration import OpFamily, _unsupported, call_forward, check_autograd_mode, register_family
+from .registration import (
+    OpFamily,
+    call_forward,
+    check_autograd_mode,
+    register_family,
+    save_context,
+    tensor_grads,
+)
 
 LOAD_ERROR: str | None = None
 try:
@@ -58,30 +65,20 @@ if LOADED:
 class _CompiledOp(torch.autograd.Function):
     """The ops' registered autograd (registration.py), for eager calls without its per-call
     Python (argument wrapping, output checks, the Python kernel at the Autograd key): about
-    50 µs of a 1-token step. Same saved tensors, same refusals, same gradients."""
+    50 µs of a 1-token step. Same saved tensors, refusals and gradients (save_context,
+    tensor_grads)."""
 
     @staticmethod
     def forward(ctx, x, A, B, router_weight, router_input, base_out, options):
         with torch._C._AutoDispatchBelowAutograd():
             y, h, logits = FAMILY.op("forward")(x, A, B, router_weight, router_input, base_out,
                                                 *options)
-        ctx.save_for_backward(x, A, B, router_weight, router_input, h, logits)
-        ctx.options, ctx.has_base = options, base_out is not None
+        save_context(ctx, (x, A, B, router_weight, router_input, base_out), options, h, logits)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        if torch.is_grad_enabled():  # the autograd engine enables grad only for create_graph=True
-            raise _unsupported(FAMILY, "double backward (a backward with create_graph=True, "
-                                       "e.g. a gradient penalty)")
-        x, A, B, router_weight, router_input, h, logits = ctx.saved_tensors
-        with torch._C._AutoDispatchBelowAutograd():
-            grad_x, grad_A, grad_B, grad_W, grad_router_input = FAMILY.op("backward")(
-                grad_y.contiguous(), x, A, B, router_weight, router_input, h, logits,
-                *ctx.options)
-        return (grad_x, grad_A, grad_B, grad_W,
-                grad_router_input if router_input is not None else None,
-                grad_y if ctx.has_base else None, None)
+        return tensor_grads(FAMILY, ctx, grad_y) + (None,)   # options
 
 
 def omoe_lora_compiled(x, A, B, router_weight, router_input, base_out, p: Problem) -> torch.Tensor:

@@ -210,6 +210,32 @@ def check_autograd_mode(family: OpFamily, tensors: Sequence[Optional[Tensor]]) -
 # Registration.
 
 
+def save_context(ctx, tensors: tuple, options: tuple, h: Tensor, logits: Tensor) -> None:
+    """What the backward op needs, kept on an autograd ctx: tensors = (x, A, B,
+    router_weight, router_input, base_out), options = (scaling, top_k, orthogonalize,
+    normalize, eps)."""
+    x, A, B, router_weight, router_input, base_out = tensors
+    ctx.save_for_backward(x, A, B, router_weight, router_input, h, logits)
+    ctx.options = tuple(options)
+    ctx.has_base = base_out is not None
+
+
+def tensor_grads(family: OpFamily, ctx, grad_y: Optional[Tensor]) -> tuple:
+    """The gradients of (x, A, B, router_weight, router_input, base_out) from grad_y, by
+    `family`'s backward op: the backward of every autograd path to the ops."""
+    if torch.is_grad_enabled():  # the autograd engine enables grad only for create_graph=True
+        raise _unsupported(family, "double backward (a backward with create_graph=True, "
+                                   "e.g. a gradient penalty)")
+    if grad_y is None:   # unmaterialized: nothing flowed into y
+        return (None,) * 6
+    x, A, B, router_weight, router_input, h, logits = ctx.saved_tensors
+    grad_x, grad_A, grad_B, grad_W, grad_router_input = family.op("backward")(
+        grad_y.contiguous(), x, A, B, router_weight, router_input, h, logits, *ctx.options)
+    return (grad_x, grad_A, grad_B, grad_W,
+            grad_router_input if router_input is not None else None,
+            grad_y if ctx.has_base else None)
+
+
 def register_family(family: OpFamily) -> None:
     """Registers the fake kernels and the autograd of `family`'s forward and backward ops."""
     forward_op, backward_op = family.op("forward"), family.op("backward")
@@ -233,28 +259,15 @@ def register_family(family: OpFamily) -> None:
                 x.new_empty(router_weight.shape), grad_router_input)
 
     def setup_context(ctx, inputs, output):
-        x, A, B, router_weight, router_input, base_out, scaling, top_k, orth, norm, eps = inputs
         _, h, logits = output
-        ctx.save_for_backward(x, A, B, router_weight, router_input, h, logits)
-        ctx.options = (scaling, top_k, orth, norm, eps)
-        ctx.has_base = base_out is not None
+        save_context(ctx, inputs[:6], inputs[6:], h, logits)
         ctx.mark_non_differentiable(h, logits)
         # h and logits get no gradient: without this autograd would fill two zero tensors
         # for them (two launches per backward on a GPU).
         ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_y, _grad_h, _grad_logits):
-        if torch.is_grad_enabled():  # the autograd engine enables grad only for create_graph=True
-            raise _unsupported(family, "double backward (a backward with create_graph=True, "
-                                       "e.g. a gradient penalty)")
-        if grad_y is None:   # unmaterialized: nothing flowed into y
-            return (None,) * 11
-        x, A, B, router_weight, router_input, h, logits = ctx.saved_tensors
-        grad_x, grad_A, grad_B, grad_W, grad_router_input = backward_op(
-            grad_y.contiguous(), x, A, B, router_weight, router_input, h, logits, *ctx.options)
-        return (grad_x, grad_A, grad_B, grad_W,
-                grad_router_input if router_input is not None else None,
-                grad_y if ctx.has_base else None, None, None, None, None, None)
+        return tensor_grads(family, ctx, grad_y) + (None,) * 5   # the five options
 
     torch.library.register_fake(forward_op)(forward_fake)
     torch.library.register_fake(backward_op)(backward_fake)
