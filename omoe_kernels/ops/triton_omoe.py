@@ -484,7 +484,7 @@ def backward_impl(grad_y, x, A, B, router_weight, router_input, h, logits, scali
     dz = matmul(grad_y, B, L, out_dtype=acc, kind=kind, upcast=upcast, scale=scaling,
                 packed="Bn", gram=(B, G) if G is not None else None)
     z, dhl, ds = token_backward(h, logits, G, dz, L, top_k, orthogonalize, normalize, eps)
-    dG_partials = gram_grad(h, ds, L).view(-1, L.ERP, L.ERP) if orthogonalize else None
+    dG_partials = gram_grad(h, ds, L) if orthogonalize else None   # [splits, ERP, ERP]
     # dB_cat = s dYᵀ Z (+ B_cat (dG + dGᵀ), added by finalize_grads)
     dB_partials = matmul(grad_y.t(), z, L, out_dtype=acc, kind=kind, upcast=upcast,
                          scale=scaling, split_b=_split(kind, C.SPLIT_DB), long_k=True)
