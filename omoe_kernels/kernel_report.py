@@ -183,7 +183,8 @@ def _gemm_specs(shape, dtype_name: str, kind: int, step: bool) -> list[KernelSpe
     unit = f"{dtype_name} MMA" if sixteen else "fp32 FMA"
     note = "" if sixteen else "IEEE fp32: FMA by design"
     tag = f"{dtype_name}, {shape.name}"
-    split = lambda bf16_flag: kind == C.DOT_FP16 or (kind == C.DOT_BF16 and bf16_flag)  # noqa: E731
+    split = lambda bf16_flag: C.b_operand_split(kind, bf16_flag)  # noqa: E731
+    a_operand = lambda mode: {k.upper(): v for k, v in C.a_operand_flags(kind, mode).items()}  # noqa: E731
     gram = M.gram_work(d, L, el, C.GRAM_TILE)
     i32, i16, one = "i32", "i32:16", "i32:1"
 
@@ -209,7 +210,7 @@ def _gemm_specs(shape, dtype_name: str, kind: int, step: bool) -> list[KernelSpe
     def gemm(label, a_ptr, b_ptr, c_ptr, a_strides, b_strides, dims, useful, flags, sizes,
              phase, long_k=False, router_k=0, extra=None, a2_ptr=f32, b2_ptr=ptr):
         Mdim, Ndim, Kdim = dims
-        cfg = C.matmul_default_config(kind, Ndim)
+        cfg = C.matmul_default_config(kind, Ndim, flags.get("FP16_A", False))
         hi_lo = flags.get("SPLIT_A", False) or flags.get("SPLIT_B", False)
         work = M.gemm_work(Mdim, Ndim, Kdim, useful, cfg, unit, *sizes, hi_lo=hi_lo and sixteen,
                            long_k=long_k, router_k=router_k, extra=extra)
@@ -221,7 +222,7 @@ def _gemm_specs(shape, dtype_name: str, kind: int, step: bool) -> list[KernelSpe
                     stride_cs=i16, stride_cm=i16, stride_cn=one, stride_addm=i16, stride_addn=one,
                     stride_a2m=i16, stride_a2k=one, stride_b2k=i16, stride_b2n=one,
                     stride_c2m=i16, stride_c2n=one, stride_ge=s_dr, stride_gd=s_r, stride_gr=one,
-                    scale="fp32", HAS_ADD=False, SPLIT_A=False, SPLIT_B=False, DOT_KIND=kind,
+                    scale="fp32", HAS_ADD=False, SPLIT_A=False, SPLIT_B=False, FP16_A=False, DOT_KIND=kind,
                     UPCAST=False, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                     BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"], BLOCK_E=L.EPL, RP=L.RP,
                     ERP=L.ERP, GB=C.GRAM_TILE)
@@ -233,17 +234,17 @@ def _gemm_specs(shape, dtype_name: str, kind: int, step: bool) -> list[KernelSpe
     row, col = (i16, one), (one, i16)
     # (element sizes: a, b, c, add). B_cat and A_cat are read in place from [E, d, r] / [E, r, d].
     gemm("expand base+s·Z·Bᵀ", f32, ptr, ptr, row, (one, s_r, s_dr), (T, d, L.ERP), (T, d, R),
-         dict(HAS_ADD=True, SPLIT_A=split(C.SPLIT_EXPAND), PACKED_BK=True), (4, el, el, el),
+         dict(HAS_ADD=True, **a_operand(C.EXPAND_Z), PACKED_BK=True), (4, el, el, el),
          "forward")
     gemm("dZ = s·dY·B + G", ptr, ptr, f32, row, (s_r, one, s_dr), (T, L.ERP, d), (T, R, d),
          dict(PACKED_BN=True, WITH_GRAM=True), (el, el, 4), "backward", extra=gram)
     gemm("dB = s·dYᵀ·Z (split-K)", ptr, f32, f32, col, (i16, one, i32), (d, L.ERP, T), (d, R, T),
          dict(SPLIT_B=split(C.SPLIT_DB)), (el, 4, 4), "backward", long_k=True)
     gemm("dX = dH·A + dL·W", f32, ptr, ptr, row, (s_d, one, s_dr), (T, d, L.ERP), (T, d, R + E),
-         dict(SPLIT_A=split(C.SPLIT_DH), PACKED_BK=True, ROUTER=1), (4, el, el), "backward",
+         dict(**a_operand(C.DX_DH), PACKED_BK=True, ROUTER=1), (4, el, el), "backward",
          router_k=L.EPL)
     wcfg = C.weight_grad_config(kind, L.ERP)
-    wsplit = split(C.SPLIT_DH)
+    wsplit = split(C.SPLIT_DAW)
     specs.append(KernelSpec(
         f"weight_grad[{tag}] [dA;dW]ᵀ = Xᵀ·[dH|dL] (split-K)", K.weight_grad_kernel,
         dict(x_ptr=ptr, r_ptr=ptr, dh_ptr=f32, dl_ptr=f32, out_ptr=f32, T=i16, D=i16, N=i16,

@@ -49,6 +49,8 @@ def test_kernel_report_sm90a_passes(tmp_path):
             w = k["work"]
             assert w["flops_issued"] >= w["flops_useful"] > 0 and w["bytes"] > 0, k
             assert w["estimate_us"] > 0 and w["bound"] in ("bytes", "flops")
+            if w["unit"] == "bf16 MMA":   # no GEMM of the bf16 step wastes tensor-core work
+                assert w["flops_issued"] <= 1.3 * w["flops_useful"], k
     # Every kernel of the wide step was compiled, so its estimate is in the output.
     wide = report["steps"]["wide"]
     assert wide["fwd+bwd"]["omoe_us"] == pytest.approx(
@@ -144,7 +146,8 @@ def test_report_compiles_the_launchers_configs():
 
     specs = {s.name: s for s in kernel_specs()}
     expand = specs["matmul[bf16, llama7b] expand base+s·Z·Bᵀ"]
-    cfg = C.matmul_default_config(C.DOT_BF16, 4096)
+    cfg = C.matmul_default_config(C.DOT_BF16, 4096, fp16_a=expand.args["FP16_A"])
+    assert expand.args["FP16_A"] == C.a_operand_flags(C.DOT_BF16, C.EXPAND_Z)["fp16_a"]
     assert (expand.num_warps, expand.num_stages) == (cfg["num_warps"], cfg["num_stages"])
     assert all(expand.args[k] == cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"))
     L = triton_omoe.layout(16, 8)

@@ -21,10 +21,13 @@ SIXTEEN_BIT_KINDS = (DOT_FP16, DOT_BF16)
 
 # ---- GEMM kernels (matmul_kernel, shrink_kernel) --------------------------------------
 
-def matmul_default_config(kind: int, N: int) -> dict:
-    """The fixed GPU config of matmul_kernel (also the autotuner's fallback shape)."""
+def matmul_default_config(kind: int, N: int, fp16_a: bool = False) -> dict:
+    """The fixed GPU config of matmul_kernel (also the autotuner's fallback shape).
+    fp16_a (scaled fp16 operands, `_dot_fp16_scaled`): the partial product of each K chunk
+    takes a second [BLOCK_M, BLOCK_N] of registers, so the tile is half as wide (128 wide
+    spilled 176 B at E·r = 128)."""
     if kind in SIXTEEN_BIT_KINDS:
-        block_n = 64 if N <= 64 else 128
+        block_n = 64 if N <= 64 or fp16_a else 128
         return dict(BLOCK_M=128, BLOCK_N=block_n, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
     if kind == DOT_FP32_TF32:
         return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
@@ -57,18 +60,38 @@ def weight_grad_config(kind: int, ERP: int) -> dict:
     return {k: v for k, v in cfg.items() if k != "GROUP_M"}
 
 
-# bf16: which fp32 intermediates enter a GEMM as hi + lo bf16 parts (two MMAs per tile).
-# fp16 always splits (the split carries the scaling into fp16's range). Measured under the
-# interpreter, which rounds operands to bf16 as the GPU does (bench/NOTES.md, "Accuracy
-# choices"): without any split the bf16 rows stay inside docs/contract.md §2, but
-# - Z in the expand: collapse 0.99 forward 3.3e-3 → 1.3e-2 (bound 3e-2): near collapse
-#   B_cat z cancels (κ·2^-9 worst case). Kept: the expand is bound by bytes at every §6
-#   shape, so the second MMA costs no time.
-# - dH in dX: grad x at collapse 0.99 3.5e-3 → 1e-1 (bound: finite); at random 3.6e-3
-#   (bound 2e-2). Dropped, as are Z in dB and dH in [dA; dW] (no visible change).
-SPLIT_EXPAND = True
+# bf16: how an fp32 intermediate (Z, dH) meets a bf16 operand in a GEMM. In the a operand
+# (EXPAND_Z, DX_DH) one of A_OPERAND_MODES: "bf16" rounds it to bf16 (8 significant bits,
+# one MMA); "fp16" takes both operands to fp16, scaled by powers of 2 (11 bits, one MMA at
+# the same rate; the bf16 weight converts exactly: triton_kernels._dot_fp16_scaled);
+# "hi_lo" splits it into hi + lo bf16 parts (16 bits, two MMAs). In the b operand (SPLIT_*)
+# hi + lo or not. fp16 inputs: every fp32 intermediate enters as scaled fp16 (one MMA; the
+# scaling keeps Z, which grows like κ/‖e‖, inside fp16's range).
+# Measured under the interpreter, which rounds operands as the GPU does (bench/NOTES.md,
+# "Accuracy choices"), worst over seeds:
+# - Z in the expand, collapse 0.99 forward (bound 3e-2): hi_lo 3.3e-3 (the rounding of y
+#   itself), bf16 up to 2.3e-2 (near collapse B_cat z cancels: κ·2^-9), fp16 4e-3 at
+#   hi_lo's MMA count halved.
+# - dH in dX, grad x at collapse 0.99 (bound: finite): hi_lo 3.5e-3, bf16 1.3e-1; at random
+#   3.6e-3 (bound 2e-2). Z in dB and dH in [dA; dW]: no visible change.
+A_OPERAND_MODES = ("bf16", "fp16", "hi_lo")
+EXPAND_Z = "fp16"
+DX_DH = "fp16"
 SPLIT_DB = False
-SPLIT_DH = False
+SPLIT_DAW = False
+
+
+def a_operand_flags(kind: int, bf16_mode: str) -> dict:
+    """matmul's split_a / fp16_a for an fp32 intermediate in the a operand of a bf16 GEMM,
+    by the mode above (fp16 GEMMs always take it as scaled fp16: fp16_a is implied)."""
+    assert bf16_mode in A_OPERAND_MODES, bf16_mode
+    bf16 = kind == DOT_BF16
+    return dict(split_a=bf16 and bf16_mode == "hi_lo", fp16_a=bf16 and bf16_mode == "fp16")
+
+
+def b_operand_split(kind: int, bf16_split: bool) -> bool:
+    """Whether an fp32 intermediate in the b operand of a bf16 GEMM enters as hi + lo."""
+    return kind == DOT_BF16 and bf16_split
 
 # G = B_catᵀB_cat is built by GRAM_TILE × GRAM_TILE float64 tiles appended to a GEMM
 # launch (a power of 2 >= 16 for tl.dot; ERP is a multiple).
@@ -94,7 +117,7 @@ MATMUL_AUTOTUNE = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4
 # Keys on dimensions rounded up to powers of 2 (the launchers' *_bucket arguments), not
 # on T itself: a new token count re-tunes only when it crosses a power of 2.
 MATMUL_AUTOTUNE_KEY = ["m_bucket", "n_bucket", "k_bucket", "HAS_ADD", "SPLIT_A", "SPLIT_B",
-                       "DOT_KIND", "PACKED_BK", "PACKED_BN", "ROUTER", "WITH_GRAM"]
+                       "FP16_A", "DOT_KIND", "PACKED_BK", "PACKED_BN", "ROUTER", "WITH_GRAM"]
 SHRINK_AUTOTUNE = [(128, 64, 8, 3), (64, 64, 4, 4), (128, 128, 8, 2), (64, 128, 4, 3)]
 SHRINK_AUTOTUNE_KEY = ["t_bucket", "D", "N", "E", "SEPARATE_ROUTER", "DOT_KIND", "BLOCK_N",
                        "BLOCK_E"]

@@ -12,8 +12,8 @@ Kernels:
   its first programs build `G = B_catᵀ B_cat` in float64 (`_gram_tile`).
 - `matmul_kernel`: `C = scale · A B (+ ADD)`, optional split-K into partials, optional
   router term (a BLOCK_E-wide dot) and gram programs. The expand (`Y = base + s Z B_catᵀ`),
-  dZ (+ G), dB and dX. An fp32 intermediate (Z, dH) meeting a 16-bit operand may enter
-  as a high and a low 16-bit part (two dots; triton_configs.SPLIT_*).
+  dZ (+ G), dB and dX. An fp32 intermediate (Z, dH) meeting a 16-bit operand enters as
+  scaled fp16, as hi + lo bf16 parts or as bf16 (`_dot_acc`, triton_configs).
 - `weight_grad_kernel`: split-K partials of `[dA_cat; dW]ᵀ = [Xᵀ dH | Rᵀ dL]`, the
   router's E columns in a narrow tile beside the E·r wide one.
 - `finalize_grads_kernel`: sums the split-K and gram partials and writes grad_B (with
@@ -64,22 +64,6 @@ def _to_compute(v, DOT_KIND: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _split_hi(v, DOT_KIND: tl.constexpr):
-    if DOT_KIND == KIND_BF16:
-        return v.to(tl.bfloat16)
-    else:
-        return v.to(tl.float16)
-
-
-@triton.jit
-def _split_lo(v, hi, DOT_KIND: tl.constexpr):
-    if DOT_KIND == KIND_BF16:
-        return (v - hi.to(tl.float32)).to(tl.bfloat16)
-    else:
-        return (v - hi.to(tl.float32)).to(tl.float16)
-
-
-@triton.jit
 def _pow2_scales(amax):
     """(2^(127-e), 2^(e-127)) with e the fp32 exponent field of amax (at least 1):
     amax · scale < 2. Built from exponent bits, so both are exact powers of 2 and
@@ -100,10 +84,47 @@ def _round_bf16(v):
 
 
 @triton.jit
-def _dot_acc(a, b, acc, SPLIT_A: tl.constexpr, SPLIT_B: tl.constexpr, DOT_KIND: tl.constexpr,
-             UPCAST: tl.constexpr):
-    """acc + a·b. With a 16-bit DOT_KIND, the SPLIT operand is fp32 and enters as hi + lo."""
+def _dot_fp16_scaled(a, b, acc, UPCAST: tl.constexpr):
+    """acc + a·b in one fp16 MMA, for an fp32 intermediate (Z, dH, dL) meeting a 16-bit
+    operand. Each operand that is not fp16 already is scaled by powers of 2 (rows of `a`,
+    columns of `b`, each to its max: exact) and the partial product scaled back. An fp32
+    operand keeps 11 significant bits (bf16: 8) and stays inside fp16's range whatever its
+    magnitude (Z grows like κ/‖e‖); a bf16 weight converts exactly (8 bits fit in 11; a
+    scaled value below 2^-17 of its max may round, by 2^-25 of that max at most)."""
+    if a.dtype == tl.float16:
+        a16 = a
+    else:
+        a32 = a.to(tl.float32)
+        a_scale, a_unscale = _pow2_scales(tl.max(tl.abs(a32), axis=1))
+        a16 = (a32 * a_scale[:, None]).to(tl.float16)
+    if b.dtype == tl.float16:
+        b16 = b
+    else:
+        b32 = b.to(tl.float32)
+        b_scale, b_unscale = _pow2_scales(tl.max(tl.abs(b32), axis=0))
+        b16 = (b32 * b_scale[None, :]).to(tl.float16)
     if UPCAST:
+        # Interpreter: fp16 products are exact in fp32, as on the tensor cores.
+        part = tl.dot(a16.to(tl.float32), b16.to(tl.float32), input_precision="ieee")
+    else:
+        part = tl.dot(a16, b16)
+    if a.dtype != tl.float16:
+        part = part * a_unscale[:, None]
+    if b.dtype != tl.float16:
+        part = part * b_unscale[None, :]
+    return acc + part
+
+
+@triton.jit
+def _dot_acc(a, b, acc, SPLIT_A: tl.constexpr, SPLIT_B: tl.constexpr, FP16_A: tl.constexpr,
+             DOT_KIND: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a·b. An fp32 intermediate meeting a 16-bit operand: in an fp16 dot always, and
+    in a bf16 dot with FP16_A, both enter one scaled fp16 MMA (_dot_fp16_scaled); in a
+    bf16 dot with SPLIT_A/SPLIT_B it enters as hi + lo bf16 parts (two MMAs), else as one
+    bf16 rounding."""
+    if FP16_A or (DOT_KIND == KIND_FP16 and (a.dtype == tl.float32 or b.dtype == tl.float32)):
+        acc = _dot_fp16_scaled(a, b, acc, UPCAST)
+    elif UPCAST:
         # Interpreter with bf16 data: it cannot do bf16 arithmetic, so the dot runs in fp32
         # on operands rounded to bf16 exactly as the GPU path rounds them (products of bf16
         # values are exact in fp32, which is what the tensor cores compute).
@@ -125,39 +146,17 @@ def _dot_acc(a, b, acc, SPLIT_A: tl.constexpr, SPLIT_B: tl.constexpr, DOT_KIND: 
         acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     elif DOT_KIND == KIND_FP32_TF32:
         acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32")
-    elif SPLIT_A and DOT_KIND == KIND_FP16:
-        # fp16: scale each row of the chunk by a power of 2 into [-2, 2] first (fp16 tops
-        # out at 65504; Z grows like κ / ‖e‖), and undo it on the partial product. Exact.
-        a32 = a.to(tl.float32)
-        scale, unscale = _pow2_scales(tl.max(tl.abs(a32), axis=1))
-        a32 = a32 * scale[:, None]
-        a_hi = _split_hi(a32, DOT_KIND)
-        a_lo = _split_lo(a32, a_hi, DOT_KIND)
-        b16 = _to_compute(b, DOT_KIND, False)
-        part = tl.dot(a_hi, b16)
-        part = tl.dot(a_lo, b16, part)
-        acc += part * unscale[:, None]
-    elif SPLIT_B and DOT_KIND == KIND_FP16:
-        b32 = b.to(tl.float32)
-        scale, unscale = _pow2_scales(tl.max(tl.abs(b32), axis=0))
-        b32 = b32 * scale[None, :]
-        b_hi = _split_hi(b32, DOT_KIND)
-        b_lo = _split_lo(b32, b_hi, DOT_KIND)
-        a16 = _to_compute(a, DOT_KIND, False)
-        part = tl.dot(a16, b_hi)
-        part = tl.dot(a16, b_lo, part)
-        acc += part * unscale[None, :]
     elif SPLIT_A:
         a32 = a.to(tl.float32)
-        a_hi = _split_hi(a32, DOT_KIND)
-        a_lo = _split_lo(a32, a_hi, DOT_KIND)
+        a_hi = a32.to(tl.bfloat16)
+        a_lo = (a32 - a_hi.to(tl.float32)).to(tl.bfloat16)
         b16 = _to_compute(b, DOT_KIND, False)
         acc = tl.dot(a_hi, b16, acc)
         acc = tl.dot(a_lo, b16, acc)
     elif SPLIT_B:
         b32 = b.to(tl.float32)
-        b_hi = _split_hi(b32, DOT_KIND)
-        b_lo = _split_lo(b32, b_hi, DOT_KIND)
+        b_hi = b32.to(tl.bfloat16)
+        b_lo = (b32 - b_hi.to(tl.float32)).to(tl.bfloat16)
         a16 = _to_compute(a, DOT_KIND, False)
         acc = tl.dot(a16, b_hi, acc)
         acc = tl.dot(a16, b_lo, acc)
@@ -236,16 +235,16 @@ def _paired_tile(a_ptr, r_ptr, b_ptr, w_ptr, offs_m, m_ok, off_bn, n_ok, k_begin
                     mask=m_ok & k_ok[None, :], other=0.0)
         b = tl.load(b_ptr + (k0 + offs_k)[:, None] * stride_bk + off_bn[None, :],
                     mask=k_ok[:, None] & n_ok, other=0.0)
-        acc = _dot_acc(a, b, acc, False, SPLIT_B, DOT_KIND, UPCAST)
+        acc = _dot_acc(a, b, acc, False, SPLIT_B, False, DOT_KIND, UPCAST)
         if with_router:
             w = tl.load(w_ptr + (k0 + offs_k)[:, None] * stride_wk + offs_e[None, :] * stride_we,
                         mask=k_ok[:, None] & (offs_e[None, :] < E), other=0.0)
             if SEPARATE_ROUTER:
                 rt = tl.load(r_ptr + offs_m[:, None] * stride_rm + (k0 + offs_k)[None, :] * stride_rk,
                              mask=m_ok & k_ok[None, :], other=0.0)
-                acc_r = _dot_acc(rt, w, acc_r, False, SPLIT_B, DOT_KIND, UPCAST)
+                acc_r = _dot_acc(rt, w, acc_r, False, SPLIT_B, False, DOT_KIND, UPCAST)
             else:
-                acc_r = _dot_acc(a, w, acc_r, False, SPLIT_B, DOT_KIND, UPCAST)
+                acc_r = _dot_acc(a, w, acc_r, False, SPLIT_B, False, DOT_KIND, UPCAST)
     return acc, acc_r
 
 
@@ -353,7 +352,7 @@ def matmul_kernel(a_ptr, b_ptr, c_ptr, add_ptr, a2_ptr, b2_ptr, c2_ptr, gram_ptr
                   stride_ge, stride_gd, stride_gr,
                   scale,
                   HAS_ADD: tl.constexpr, SPLIT_A: tl.constexpr, SPLIT_B: tl.constexpr,
-                  DOT_KIND: tl.constexpr, UPCAST: tl.constexpr,
+                  FP16_A: tl.constexpr, DOT_KIND: tl.constexpr, UPCAST: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   GROUP_M: tl.constexpr, PACKED_BK: tl.constexpr = False,
                   PACKED_BN: tl.constexpr = False, ROUTER: tl.constexpr = 0,
@@ -409,7 +408,7 @@ def matmul_kernel(a_ptr, b_ptr, c_ptr, add_ptr, a2_ptr, b2_ptr, c2_ptr, gram_ptr
                         mask=m_ok & k_ok[None, :], other=0.0)
             b = tl.load(b_ptr + off_bk[:, None] + off_bn[None, :],
                         mask=(k_ok & bk_ok)[:, None] & bn_ok[None, :], other=0.0)
-            acc = _dot_acc(a, b, acc, SPLIT_A, SPLIT_B, DOT_KIND, UPCAST)
+            acc = _dot_acc(a, b, acc, SPLIT_A, SPLIT_B, FP16_A, DOT_KIND, UPCAST)
         if ROUTER != 0:
             offs_e = tl.arange(0, BLOCK_E)
             a2 = tl.load(a2_ptr + offs_m[:, None] * stride_a2m + offs_e[None, :] * stride_a2k,
@@ -417,10 +416,10 @@ def matmul_kernel(a_ptr, b_ptr, c_ptr, add_ptr, a2_ptr, b2_ptr, c2_ptr, gram_ptr
             b2 = tl.load(b2_ptr + offs_e[:, None] * stride_b2k + offs_n[None, :] * stride_b2n,
                          mask=(offs_e[:, None] < E) & n_ok, other=0.0)
             if ROUTER == 1:
-                acc = _dot_acc(a2, b2, acc, SPLIT_A, False, DOT_KIND, UPCAST)
+                acc = _dot_acc(a2, b2, acc, SPLIT_A, False, FP16_A, DOT_KIND, UPCAST)
             else:
                 acc2 = _dot_acc(a2, b2, tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC), SPLIT_A, False,
-                                DOT_KIND, UPCAST)
+                                FP16_A, DOT_KIND, UPCAST)
                 tl.store(c2_ptr + offs_m[:, None] * stride_c2m + offs_n[None, :] * stride_c2n,
                          acc2.to(c2_ptr.dtype.element_ty), mask=m_ok & n_ok)
         acc = acc * scale

@@ -117,13 +117,6 @@ def _upcast(dtype: torch.dtype) -> bool:
     return interpreting() and dtype == torch.bfloat16
 
 
-def _split(kind: int, bf16_split: bool) -> bool:
-    """Whether an fp32 intermediate enters a 16-bit GEMM as hi + lo parts: always for fp16
-    (the split carries the power-of-2 scaling that keeps Z and dH inside fp16's range),
-    for bf16 where triton_configs says the accuracy table needs it."""
-    return kind == K.DOT_FP16 or (kind == K.DOT_BF16 and bf16_split)
-
-
 def _pow2_bucket(n: int) -> int:
     """n rounded up to a power of 2: the autotune key of a dimension that follows T, so a
     new token count re-tunes only when it crosses a power of 2."""
@@ -200,7 +193,7 @@ def _splits(M: int, N: int, Kdim: int, cfg: dict, device: torch.device) -> tuple
 def matmul(a: torch.Tensor, b: torch.Tensor, L: Layout, *, out_dtype: torch.dtype, kind: int,
            upcast: bool, scale: float = 1.0, add: Optional[torch.Tensor] = None,
            packed: Optional[str] = None, split_a: bool = False, split_b: bool = False,
-           long_k: bool = False, router: Optional[tuple] = None,
+           fp16_a: bool = False, long_k: bool = False, router: Optional[tuple] = None,
            gram: Optional[tuple] = None) -> torch.Tensor:
     """scale · a @ b (+ add) for a [M, K] of any strides, in one launch.
 
@@ -227,7 +220,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, L: Layout, *, out_dtype: torch.dtyp
         N = b.shape[1]
         stride_bk, stride_bn, stride_be = b.stride(0), b.stride(1), 0
     device = a.device
-    default = C.INTERPRET_MATMUL if interpreting() else C.matmul_default_config(kind, N)
+    default = C.INTERPRET_MATMUL if interpreting() else C.matmul_default_config(kind, N, fp16_a)
     acc_dtype = torch.float64 if kind == K.DOT_FP64 else torch.float32
     if long_k:
         splits, k_per_split = _splits(M, N, Kdim, default, device)
@@ -246,8 +239,10 @@ def matmul(a: torch.Tensor, b: torch.Tensor, L: Layout, *, out_dtype: torch.dtyp
             out.stride(0), out.stride(1), out.stride(2), add_t.stride(-2), add_t.stride(-1),
             a2.stride(-2), a2.stride(-1), b2.stride(-2), b2.stride(-1), c2_t.stride(-2),
             c2_t.stride(-1), *gram_strides, float(scale))
-    flags = dict(HAS_ADD=add is not None, SPLIT_A=split_a, SPLIT_B=split_b, DOT_KIND=kind,
-                 UPCAST=upcast, PACKED_BK=packed in ("Bk", "Ak"), PACKED_BN=packed == "Bn",
+    assert not fp16_a or kind == K.DOT_BF16, "fp16_a takes an fp32 a and a bf16 b"
+    flags = dict(HAS_ADD=add is not None, SPLIT_A=split_a, SPLIT_B=split_b, FP16_A=fp16_a,
+                 DOT_KIND=kind, UPCAST=upcast, PACKED_BK=packed in ("Bk", "Ak"),
+                 PACKED_BN=packed == "Bn",
                  ROUTER=0 if router is None else (1 if c2 is None else 2), BLOCK_E=L.EPL,
                  RP=L.RP, ERP=L.ERP, WITH_GRAM=num_gram > 0, GB=C.GRAM_TILE)
     assert gram is None or gram[0] is b, "the gram programs read B as the b operand"
@@ -462,7 +457,7 @@ def forward_impl(x, A, B, router_weight, router_input, base_out, scaling, top_k,
         h, logits, _ = shrink(x, router_input, A, router_weight, L, kind, upcast, gram=gram)
         z = token_forward(h, logits, G, L, top_k, orthogonalize, normalize, eps)
     y = matmul(z, B, L, out_dtype=x.dtype, kind=kind, upcast=upcast, scale=scaling,
-               add=base_out, packed="Bk", split_a=_split(kind, C.SPLIT_EXPAND))
+               add=base_out, packed="Bk", **C.a_operand_flags(kind, C.EXPAND_Z))
     return y, h, logits
 
 
@@ -487,14 +482,14 @@ def backward_impl(grad_y, x, A, B, router_weight, router_input, h, logits, scali
     dG_partials = gram_grad(h, ds, L) if orthogonalize else None   # [splits, ERP, ERP]
     # dB_cat = s dYᵀ Z (+ B_cat (dG + dGᵀ), added by finalize_grads)
     dB_partials = matmul(grad_y.t(), z, L, out_dtype=acc, kind=kind, upcast=upcast,
-                         scale=scaling, split_b=_split(kind, C.SPLIT_DB), long_k=True)
+                         scale=scaling, split_b=C.b_operand_split(kind, C.SPLIT_DB), long_k=True)
     dAW_partials = weight_grad(x, router_input, dhl, L, kind, upcast,
-                               split=_split(kind, C.SPLIT_DH))
+                               split=C.b_operand_split(kind, C.SPLIT_DAW))
     grad_A, grad_B, grad_W = finalize_grads(dB_partials, dAW_partials, dG_partials, A, B, L, dtype)
     # dX = dH A_cat + dL W (+ a separate router input's own gradient dL W)
     grad_R = _empty(router_input.shape, x.device, dtype) if router_input is not None else None
     grad_x = matmul(dhl[:, :L.ERP], A, L, out_dtype=dtype, kind=kind, upcast=upcast,
-                    packed="Ak", split_a=_split(kind, C.SPLIT_DH),
+                    packed="Ak", **C.a_operand_flags(kind, C.DX_DH),
                     router=(dhl[:, L.ERP:], router_weight, grad_R))
     return grad_x, grad_A, grad_B, grad_W, grad_R if grad_R is not None else x.new_empty((0,))
 
