@@ -125,6 +125,37 @@ def test_opcheck_backward_op():
     torch.library.opcheck(torch.ops.omoe_triton.backward.default, args, test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.parametrize("orthogonalize", [True, False])
+def test_raw_ops_at_zero_tokens(orthogonalize):
+    """T = 0 through the ops themselves (the public API returns before them): empty
+    outputs and zero weight gradients, without launching a kernel on an empty grid."""
+    p = make_problem(1, 6, 5, 3, 2, dtype=torch.float32, seed=34, with_router_input=True)
+    x, r_in = p.x[:0], p.router_input[:0]
+    y, h, logits = torch.ops.omoe_triton.forward(x, p.A, p.B, p.router_weight, r_in, p.base_out[:0],
+                                                 0.5, 2, orthogonalize, True, 1e-6)
+    assert y.shape == (0, 5) and h.shape[0] == 0 and logits.shape == (0, 3)
+    grads = torch.ops.omoe_triton.backward(y, x, p.A, p.B, p.router_weight, r_in, h, logits, 0.5,
+                                           2, orthogonalize, True, 1e-6)
+    expected = [(0, 6), p.A.shape, p.B.shape, p.router_weight.shape, (0, 6)]
+    for g, shape in zip(grads, expected):
+        assert tuple(g.shape) == tuple(shape) and torch.equal(g, torch.zeros_like(g))
+
+
+def test_raw_ops_refuse_more_active_experts_than_the_kernels_take():
+    """The per-token kernels unroll over the k active slots: k = 16 did not compile in 15
+    minutes. The ops say so instead of compiling (the registry's bound, 8)."""
+    bound = omoe_kernels.backends.REGISTRY["triton"].max_active_experts
+    p = make_problem(3, 4, 5, bound + 1, 2, dtype=torch.float32, seed=35)
+    with pytest.raises(RuntimeError, match=f"Triton ops on cpu take at most {bound} active experts"):
+        torch.ops.omoe_triton.forward(p.x, p.A, p.B, p.router_weight, None, None, 1.0, bound + 1,
+                                      True, True, 1e-6)
+    L = triton_omoe.layout(bound + 1, 2)
+    h, logits = torch.zeros(3, L.ERP), torch.zeros(3, bound + 1)
+    with pytest.raises(RuntimeError, match="at most"):
+        torch.ops.omoe_triton.backward(torch.zeros(3, 5), p.x, p.A, p.B, p.router_weight, None, h,
+                                       logits, 1.0, bound + 1, True, True, 1e-6)
+
+
 def test_layout_pads_for_tl_dot():
     for E in range(1, 17):
         for r in (1, 2, 3, 4, 8, 16):

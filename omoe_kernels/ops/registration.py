@@ -49,6 +49,7 @@ class OpFamily:
     hidden_width: Callable[[int, int], int]   # columns of the saved h, from (E, r)
     # device type -> the most active experts min(top_k, E) its kernels take; None: any
     max_active_experts: Optional[Callable[[str], int]] = None
+    kernels: str = "compiled"           # how messages name the kernels ("compiled", "Triton")
 
     def op(self, name: str) -> torch._ops.OpOverload:
         return getattr(getattr(torch.ops, self.namespace), name).default
@@ -113,8 +114,8 @@ def _check_common(family: OpFamily, x, A, B, router_weight, router_input, top_k,
     if family.max_active_experts is not None:
         device_type = x.device.type
         limit, k = family.max_active_experts(device_type), min(top_k, E)
-        _require(k <= limit, ns, "the compiled ops on ", device_type, " take at most ", limit,
-                 " active experts (min(top_k, E)), got ", k,
+        _require(k <= limit, ns, "the ", family.kernels, " ops on ", device_type,
+                 " take at most ", limit, " active experts (min(top_k, E)), got ", k,
                  "; use backend='reference' or a smaller top_k")
     _require(eps > 0.0 and math.isfinite(eps), ns, "eps must be finite and > 0, got ", eps)
     same = [(A, "A"), (B, "B"), (router_weight, "router_weight")]

@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 
 from .._validate import Problem
-from ..backends import triton_interpreting
+from ..backends import REGISTRY, triton_interpreting
 from . import triton_configs as C
 from .registration import (
     BACKWARD_SCHEMA,
@@ -444,6 +444,10 @@ def forward_impl(x, A, B, router_weight, router_input, base_out, scaling, top_k,
     check_forward_args(FAMILY, x, A, B, router_weight, router_input, base_out, scaling, top_k, eps)
     E, r, _ = A.shape
     L = layout(E, r)
+    if x.shape[0] == 0:   # no tokens: nothing to launch
+        acc = accumulate_dtype(x.dtype)
+        return (x.new_empty((0, B.shape[1])), _empty((0, L.ERP), x.device, acc),
+                _empty((0, E), x.device, acc))
     kind = dot_kind(x.dtype, x.device.type)
     upcast = _upcast(x.dtype)
     G = _empty((L.ERP, L.ERP), x.device, torch.float64) if orthogonalize else None
@@ -468,6 +472,10 @@ def backward_impl(grad_y, x, A, B, router_weight, router_input, h, logits, scali
     gram_grad, dB, [dA; dW], finalize, dX (docs/algorithm.md, Backward)."""
     check_backward_args(FAMILY, grad_y, x, A, B, router_weight, router_input, h, logits,
                         scaling, top_k, eps)
+    if x.shape[0] == 0:   # no tokens: zero weight gradients, nothing to launch
+        grad_R = router_input.new_empty(router_input.shape) if router_input is not None else None
+        return (x.new_empty(x.shape), torch.zeros_like(A), torch.zeros_like(B),
+                torch.zeros_like(router_weight), grad_R if grad_R is not None else x.new_empty((0,)))
     h, logits = h.contiguous(), logits.contiguous()   # the per-token kernels read unit columns
     L = layout(A.shape[0], A.shape[1])
     dtype = x.dtype
@@ -498,7 +506,9 @@ def backward_impl(grad_y, x, A, B, router_weight, router_input, h, logits, scali
 # The ops.
 
 FAMILY = OpFamily(namespace="omoe_triton", backends="'triton'",
-                  hidden_width=lambda E, r: layout(E, r).ERP)
+                  hidden_width=lambda E, r: layout(E, r).ERP,
+                  max_active_experts=lambda device_type: REGISTRY["triton"].max_active_experts,
+                  kernels="Triton")
 
 if AVAILABLE:
     for _name, _schema, _impl in (("forward", FORWARD_SCHEMA, forward_impl),
