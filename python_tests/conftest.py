@@ -36,14 +36,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shutil
 import tempfile
 from typing import Optional
 
 # A private torch.compile cache for each test session (set before torch is imported; child
 # processes inherit it): inductor's shared cache under /tmp can return a graph compiled
 # against another checkout's custom ops, whose schema may differ from this one's.
+# The process that made it removes it at the end (pytest_sessionfinish below).
 if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="omoe-tests-inductor-")
+    os.environ["OMOE_TESTS_INDUCTOR_CACHE_OWNER"] = str(os.getpid())
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -82,6 +85,11 @@ VARIANTS = {
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (OMOE_TEST_DEVICE=cuda)")
     config.addinivalue_line("markers", "interpreter: the triton backend under TRITON_INTERPRET=1")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if os.environ.get("OMOE_TESTS_INDUCTOR_CACHE_OWNER") == str(os.getpid()):
+        shutil.rmtree(os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 
 def pytest_report_header(config):
