@@ -110,6 +110,26 @@ def test_cuda_plan_makes_no_float32_copy_of_activations():
     assert "at::mm(a, b, acc)" in source  # cuBLAS's 16-bit GEMM with float32 output
 
 
+# Standard headers that exist only from C++20 on. torch before 2.13 (the H200 machine has
+# 2.11) builds extensions with -std=c++17, torch 2.14 (here) with -std=c++20: a C++20-only
+# header builds here and fails there (<barrier> did).
+CPP20_ONLY_HEADERS = ("barrier", "bit", "compare", "concepts", "coroutine", "format", "latch",
+                      "numbers", "ranges", "semaphore", "source_location", "span", "stop_token",
+                      "syncstream", "version")
+
+
+def test_sources_include_no_cpp20_only_header():
+    found = []
+    for folder, _, files in os.walk(os.path.join(ROOT, "csrc")):
+        for name in files:
+            path = os.path.join(folder, name)
+            with open(path) as f:
+                for header in re.findall(r"^\s*#\s*include\s*<([a-z_]+)>", f.read(), re.M):
+                    if header in CPP20_ONLY_HEADERS:
+                        found.append(f"{os.path.relpath(path, ROOT)}: <{header}>")
+    assert not found, f"C++20-only headers (the build must stay C++17): {found}"
+
+
 def _omoe_op_names() -> list[str]:
     return sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("omoe::"))
 

@@ -10,9 +10,10 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
-#include <barrier>
+#include <condition_variable>
 #include <cstdlib>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -20,6 +21,31 @@
 
 namespace omoe {
 namespace {
+
+// A reusable barrier for n threads (C++17: torch before 2.13 builds extensions with
+// -std=c++17, which has no std::barrier).
+class LaneBarrier {
+ public:
+  explicit LaneBarrier(int n) : n_(n) {}
+  void arrive_and_wait() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    const int64_t generation = generation_;
+    if (++arrived_ == n_) {
+      arrived_ = 0;
+      ++generation_;
+      all_arrived_.notify_all();
+    } else {
+      all_arrived_.wait(lock, [&] { return generation_ != generation; });
+    }
+  }
+
+ private:
+  const int n_;
+  int arrived_ = 0;
+  int64_t generation_ = 0;
+  std::mutex mutex_;
+  std::condition_variable all_arrived_;
+};
 
 // Runs body(lanes) on each lane of a group of OMOE_CUDA_PLAN_LANES (default 1) lanes.
 template <typename Body>
@@ -32,8 +58,8 @@ void run_lanes(Body&& body) {
     body(LaneGroup{0, 1});
     return;
   }
-  std::barrier<> barrier(n);
-  auto arrive = +[](void* b) { static_cast<std::barrier<>*>(b)->arrive_and_wait(); };
+  LaneBarrier barrier(n);
+  auto arrive = +[](void* b) { static_cast<LaneBarrier*>(b)->arrive_and_wait(); };
   std::vector<std::thread> lanes;
   for (int lane = 0; lane < n; ++lane)
     lanes.emplace_back([&, lane] { body(LaneGroup{lane, n, arrive, &barrier}); });
