@@ -5,7 +5,10 @@ gradient `dG` over the active expert pairs (Backward step 4).
 Layout: tokens on the fastest axis. Every per-token tensor is `[..., BT]` with
 `BT = 32 · num_warps` (triton_configs.token_flags), so Triton's default blocked layout
 gives each thread one token and keeps every other axis in that thread's registers:
-reductions over experts, slots and ranks are register adds (no SHFL, no BAR).
+reductions over experts, slots and ranks are register adds (no SHFL, no BAR). Every
+global load and store of the per-token kernels is a `[BT]` vector (one per column): for a
+multi-dimensional one Triton's coalescing pass picks the layout itself, and triton 3.6 put
+the other axis over lanes (python_tests/test_kernel_report.py checks the IR for this).
 
 Loops that touch memory (over slots, ranks and columns) are run-time loops (`range`),
 so the IR holds each load or store once: Triton's coalescing pass is quadratic in the
