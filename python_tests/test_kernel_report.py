@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -59,6 +60,39 @@ def test_kernel_report_sm90a_passes(tmp_path):
     table = proc.stdout.splitlines()
     assert any(line.startswith("| kernel ") and "SHFL" in line and "est µs" in line for line in table)
     assert any("ESTIMATE" in line for line in table)
+
+
+# The per-token kernels of SUBSET (dense and top-k; compiled there already, so the Triton
+# cache answers).
+PER_TOKEN_SUBSET = ["token_backward[llama7b]", "token_forward[wide]", "token_backward[wide]"]
+
+
+def test_per_token_kernels_access_memory_one_token_per_lane():
+    """Every global load and store of the per-token kernels is a [BT] vector (or a scalar):
+    for a multi-dimensional one, Triton's coalescing pass chooses the layout, and triton
+    3.6 (the H200 machine's version) put the non-token axis of the [RP, BT] G loads over
+    lanes, which brought SHFL, BAR and spills back (3.8 did not, so the SASS counts above
+    cannot catch it here)."""
+    pytest.importorskip("triton")
+    from omoe_kernels.backends import triton_interpreting
+
+    if triton_interpreting():
+        pytest.skip("TRITON_INTERPRET=1: no ahead-of-time compile in this process")
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from omoe_kernels.kernel_report import _ast_source, kernel_specs, select_specs
+
+    specs = select_specs(kernel_specs(), PER_TOKEN_SUBSET)
+    assert [s.name for s in specs] == PER_TOKEN_SUBSET
+    for spec in specs:
+        compiled = triton.compile(_ast_source(spec), target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=spec.num_warps,
+                                               num_stages=spec.num_stages))
+        memory_ops = re.findall(r"tt\.(?:load|store) [^\n]*", compiled.asm["ttir"])
+        assert len(memory_ops) > 3, spec.name
+        multi = [op for op in memory_ops if re.search(r"tensor<\d+x\d+", op)]
+        assert not multi, f"{spec.name}: multi-dimensional memory accesses: {multi[:3]}"
 
 
 def test_sass_counts():

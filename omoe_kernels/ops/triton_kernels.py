@@ -141,7 +141,9 @@ def _dot_acc(a, b, acc, SPLIT_A: tl.constexpr, SPLIT_B: tl.constexpr, FP16_A: tl
         else:
             acc = tl.dot(_round_bf16(a32), _round_bf16(b32), acc, input_precision="ieee")
     elif DOT_KIND == KIND_FP64:
-        acc = tl.dot(a.to(tl.float64), b.to(tl.float64), acc)
+        # out_dtype named: triton 3.6's tl.dot defaults it to float32 and asserts that the
+        # accumulator has that dtype (3.8 takes the accumulator's).
+        acc = tl.dot(a.to(tl.float64), b.to(tl.float64), acc, out_dtype=tl.float64)
     elif DOT_KIND == KIND_FP32_IEEE:
         acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     elif DOT_KIND == KIND_FP32_TF32:
@@ -490,7 +492,7 @@ def finalize_grads_kernel(pb_ptr, pa_ptr, pg_ptr, b_ptr, grad_b_ptr, grad_a_ptr,
                     acc += tl.dot(b.to(tl.float32), dg.to(tl.float32),
                                   input_precision="ieee").to(tl.float64)
                 else:
-                    acc = tl.dot(b.to(tl.float64), dg, acc)
+                    acc = tl.dot(b.to(tl.float64), dg, acc, out_dtype=tl.float64)   # see _dot_acc
         off_c, valid = _offsets(cols, stride_gbr, stride_gbe, ERP, E, rank, RP, True)
         tl.store(grad_b_ptr + rows[:, None] * stride_gbd + off_c[None, :],
                  _narrow(acc, grad_b_ptr), mask=r_ok & valid[None, :])

@@ -5,7 +5,10 @@ gradient `dG` over the active expert pairs (Backward step 4).
 Layout: tokens on the fastest axis. Every per-token tensor is `[..., BT]` with
 `BT = 32 · num_warps` (triton_configs.token_flags), so Triton's default blocked layout
 gives each thread one token and keeps every other axis in that thread's registers:
-reductions over experts, slots and ranks are register adds (no SHFL, no BAR).
+reductions over experts, slots and ranks are register adds (no SHFL, no BAR). Every
+global load and store of the per-token kernels is a `[BT]` vector (one per column): for a
+multi-dimensional one Triton's coalescing pass picks the layout itself, and triton 3.6 put
+the other axis over lanes (python_tests/test_kernel_report.py checks the IR for this).
 
 Loops that touch memory (over slots, ranks and columns) are run-time loops (`range`),
 so the IR holds each load or store once: Triton's coalescing pass is quadratic in the
@@ -129,10 +132,17 @@ def _store_cols(rows, first, mask, vals, N: tl.constexpr):
 
 
 @triton.jit
-def _g_column(g_ptr, e1, e2, b, RP: tl.constexpr, ERP: tl.constexpr):
+def _g_column(g_ptr, e1, e2, b, BT: tl.constexpr, RP: tl.constexpr, ERP: tl.constexpr):
     """G[(e1, a), (e2, b)] for a < RP, per token ([RP, BT]; the same in every lane when
-    dense). Stride ERP along a, so the load keeps one token per thread."""
-    return tl.load(g_ptr + (e1[None, :] * RP + tl.arange(0, RP)[:, None]) * ERP + e2[None, :] * RP + b)
+    dense). One [BT] load per a, as in _load_cols: as one [RP, BT] load (no axis
+    contiguous) triton 3.6's coalescing pass put RP over lanes (SHFL, BAR, shared memory
+    and spills)."""
+    base = g_ptr + e1 * (RP * ERP) + e2 * RP + b
+    a_idx = tl.arange(0, RP)[:, None]
+    out = tl.zeros((RP, BT), dtype=tl.float64)
+    for a in range(RP):
+        out = tl.where(a_idx == a, tl.load(base + a * ERP)[None, :], out)
+    return out
 
 
 @triton.jit
@@ -141,7 +151,7 @@ def _h_g_h(h1, rows, g_ptr, e1, e2, tok, BT: tl.constexpr, RP: tl.constexpr, ERP
     so only h1 is held in registers."""
     out = tl.zeros((BT, ), dtype=tl.float64)
     for b in range(RP):
-        w = tl.sum(h1 * _g_column(g_ptr, e1, e2, b, RP, ERP), axis=0)
+        w = tl.sum(h1 * _g_column(g_ptr, e1, e2, b, BT, RP, ERP), axis=0)
         out += w * tl.load(rows + e2 * RP + b, mask=tok, other=0.0).to(tl.float64)
     return out
 
@@ -152,7 +162,7 @@ def _add_g_h(acc, m, rows, g_ptr, e1, e2, tok, BT: tl.constexpr, RP: tl.constexp
     """acc[a, t] + m[t] Σ_b G[(e1, a), (e2, b)] h[t, e2, b]  ([RP, BT], float64)."""
     for b in range(RP):
         mhb = m * tl.load(rows + e2 * RP + b, mask=tok, other=0.0).to(tl.float64)
-        acc += _g_column(g_ptr, e1, e2, b, RP, ERP) * mhb[None, :]
+        acc += _g_column(g_ptr, e1, e2, b, BT, RP, ERP) * mhb[None, :]
     return acc
 
 
