@@ -393,7 +393,9 @@ def test_dynamic_quantized_linear_base():
 
 def test_installed_hugging_face_versions_are_the_pinned_ones():
     """The Makefile pins the versions this suite runs against; a venv outside the pins
-    means the tests no longer say anything about what `make` installs."""
+    means the tests no longer say anything about what `make` installs. Without the Hugging
+    Face stack at all (the GPU machine's image) the HF tests skip, and so does this one."""
+    pytest.importorskip("transformers")
     import re
     from importlib.metadata import version
 

@@ -83,6 +83,7 @@ def _peft_lora_linear(base: nn.Linear, A0, B0, alpha):
 @pytest.mark.parametrize("orthogonalize", [True, False])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_one_expert_matches_peft_lora(backend, orthogonalize):
+    pytest.importorskip("peft")
     d_in, d_out, rank, alpha = 12, 10, 4, 8
     torch.manual_seed(62)
     base = nn.Linear(d_in, d_out).to(DEVICE)
