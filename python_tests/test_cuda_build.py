@@ -100,10 +100,11 @@ def _resource_usage_by_arch(library: str) -> dict[str, str]:
     return blocks
 
 
-def _built_archs() -> list[str]:
+def _built_archs(arch_list: str | None = None) -> list[str]:
     """The sm_XX a build holds: TORCH_CUDA_ARCH_LIST as setup.py and CMakeLists.txt read it,
     with their default "8.0;9.0a" (bench/gpu_check.sh sets "9.0a", its machine only)."""
-    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+    if arch_list is None:
+        arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
     return ["sm_" + a.replace("+PTX", "").replace(".", "")
             for a in re.split(r"[;\s]+", arch_list.strip()) if a]
 
@@ -207,6 +208,10 @@ _LOAD_SCRIPT = textwrap.dedent("""
 """)
 
 
+# One GPU target keeps the CMake build short; the setup.py build above checks both.
+CMAKE_ARCH_LIST = os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0a")
+
+
 @pytest.fixture(scope="module")
 def cmake_build(tmp_path_factory):
     """Configures and builds CMakeLists.txt in a temporary folder; yields that folder."""
@@ -221,9 +226,7 @@ def cmake_build(tmp_path_factory):
         configure += ["-G", "Ninja"]
     if CUDA_EXPECTED:
         configure.append(f"-DCMAKE_CUDA_COMPILER={_nvcc()}")
-    env = dict(os.environ)
-    # One GPU target keeps this build short; the setup.py build above checks both.
-    env.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
+    env = dict(os.environ, TORCH_CUDA_ARCH_LIST=CMAKE_ARCH_LIST)
     for cmd in (configure, [cmake, "--build", str(build), "--parallel", "2"]):
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
@@ -245,7 +248,7 @@ def test_cmake_library_loads_and_registers_the_ops(cmake_build):
     if CUDA_EXPECTED:
         elfs = subprocess.run([_cuobjdump(), "--list-elf", str(library)], check=True,
                               capture_output=True, text=True).stdout
-        for arch in _built_archs():
+        for arch in _built_archs(CMAKE_ARCH_LIST):
             assert f".{arch}.cubin" in elfs, elfs
 
 
