@@ -203,6 +203,9 @@ def _distributed_worker(rank: int, world_size: int, port: int, out_dir: str) -> 
             except Exception as exc:  # the test fails with it: FSDP2 exists but broke
                 result = {"error": f"{type(exc).__name__}: {exc}"}
         torch.save(result, os.path.join(out_dir, f"fsdp{rank}.pt"))
+        # Both ranks finish every collective before either tears the group down: a rank
+        # aborted ("terminate called without an active exception") twice in a full suite.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
