@@ -203,6 +203,31 @@ def test_bf16_operands_are_rounded_as_on_the_gpu():
     assert errors["bf16"] > 4 * errors["fp16"] > 0 and errors["fp16"] > 1e-5, errors
 
 
+def test_scaled_fp16_operands_keep_extreme_and_non_finite_values():
+    """The power-of-2 scaling of _dot_fp16_scaled: a row of Z past 2^127 (its scale's
+    bits were 0.0: the row came out as zeros), and NaN/Inf reach exactly the outputs they
+    reach in eager (a NaN in B: its column; an Inf in Z: its row)."""
+    L = triton_omoe.layout(2, 8)
+    z = torch.randn(4, L.ERP)
+    z[1] *= 1.5 * 2.0 ** 127 / z[1].abs().max()
+    B = (torch.randn(2, 24, 8) * 1e-3).to(torch.bfloat16)
+    B_cat = B.permute(1, 0, 2).reshape(24, L.ERP).double()
+    flags = triton_configs.a_operand_flags(triton_configs.DOT_BF16, "fp16")
+
+    def expand(z, B):
+        return triton_omoe.matmul(z, B, L, out_dtype=torch.float32, kind=triton_configs.DOT_BF16,
+                                  upcast=True, packed="Bk", **flags)
+
+    assert_rel_close(expand(z, B), z.double() @ B_cat.t(), 1e-3, "row past 2^127")
+    z_bad, B_bad = z.clone(), B.clone()
+    z_bad[2, 3] = float("inf")
+    B_bad[1, 5, 2] = float("nan")
+    eager = z_bad.double() @ B_bad.permute(1, 0, 2).reshape(24, L.ERP).double().t()
+    got = expand(z_bad, B_bad)
+    assert not torch.isfinite(eager).all()
+    assert torch.equal(torch.isfinite(got), torch.isfinite(eager))
+
+
 @pytest.mark.parametrize("top_k", [None, 2], ids=["dense", "top2"])
 def test_bf16_collapse_keeps_the_operand_precision(top_k):
     """Near collapse `B_cat z` and `dH A_cat` cancel (κ ≈ 3e2), so the precision Z and dH

@@ -65,10 +65,12 @@ def _to_compute(v, DOT_KIND: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _pow2_scales(amax):
-    """(2^(127-e), 2^(e-127)) with e the fp32 exponent field of amax (at least 1):
-    amax · scale < 2. Built from exponent bits, so both are exact powers of 2 and
-    scale · unscale = 1; Inf/NaN give non-finite scales, which propagate as they should."""
-    exponent = tl.maximum((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF, 1)
+    """(2^(127-e), 2^(e-127)) with e the fp32 exponent field of amax, kept in [1, 253]:
+    amax · scale < 2 (< 4 for amax ≥ 2^127). Built from exponent bits, so both are exact
+    powers of 2 and scale · unscale = 1. At e = 254 the scale's bits would be 0.0, and a
+    row past 2^127 came out as zeros; Inf/NaN keep finite scales and propagate through
+    the values themselves."""
+    exponent = tl.minimum(tl.maximum((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF, 1), 253)
     scale = ((254 - exponent) << 23).to(tl.float32, bitcast=True)
     unscale = (exponent << 23).to(tl.float32, bitcast=True)
     return scale, unscale
@@ -108,10 +110,12 @@ def _dot_fp16_scaled(a, b, acc, UPCAST: tl.constexpr):
         part = tl.dot(a16.to(tl.float32), b16.to(tl.float32), input_precision="ieee")
     else:
         part = tl.dot(a16, b16)
-    if a.dtype != tl.float16:
-        part = part * a_unscale[:, None]
+    # The weight's scale first: it is moderate, Z's may not be (a Z row past 2^120 times
+    # its unscale alone would overflow before the weight's brought it back).
     if b.dtype != tl.float16:
         part = part * b_unscale[None, :]
+    if a.dtype != tl.float16:
+        part = part * a_unscale[:, None]
     return acc + part
 
 
