@@ -434,6 +434,16 @@ def token_backward_kernel(h_ptr, l_ptr, g_ptr, dz_ptr, z_ptr, dhl_ptr, ds_ptr, s
 
 
 @triton.jit
+def _pair_outer(ds_ptrs, h_rows, i, j, mask, offs_a, RP: tl.constexpr):
+    """Σ_t dS_t h[t, i, :] h[t, j, :]ᵀ ([RP, RP] float64) over the tokens in `mask`, dS_t
+    read at `ds_ptrs` (one per token)."""
+    ds = tl.load(ds_ptrs, mask=mask, other=0.0)
+    h_i = tl.load(h_rows + i * RP + offs_a[None, :], mask=mask[:, None], other=0.0).to(tl.float64)
+    h_j = tl.load(h_rows + j * RP + offs_a[None, :], mask=mask[:, None], other=0.0).to(tl.float64)
+    return tl.sum((ds[:, None] * h_i)[:, :, None] * h_j[:, None, :], axis=0)
+
+
+@triton.jit
 def gram_grad_kernel(h_ptr, ds_ptr, slots_ptr, out_ptr, T, E, tokens_per_split, stride_ht,
                      TOP_K_ROUTING: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr,
                      ERP: tl.constexpr, BLOCK_T: tl.constexpr):
@@ -467,18 +477,8 @@ def gram_grad_kernel(h_ptr, ds_ptr, slots_ptr, out_ptr, T, E, tokens_per_split, 
             slot_j = tl.max(tl.where(experts == j, slot_ids[None, :], -1), axis=1)
             pair = (slot_i >= 0) & (slot_j >= 0)
             if tl.max(pair.to(tl.int32), axis=0) != 0:
-                ds = tl.load(ds_rows + slot_i * KP + slot_j, mask=pair, other=0.0)
-                h_i = tl.load(h_rows + i * RP + offs_a[None, :],
-                              mask=pair[:, None], other=0.0).to(tl.float64)
-                h_j = tl.load(h_rows + j * RP + offs_a[None, :],
-                              mask=pair[:, None], other=0.0).to(tl.float64)
-                acc += tl.sum((ds[:, None] * h_i)[:, :, None] * h_j[:, None, :], axis=0)
+                acc += _pair_outer(ds_rows + slot_i * KP + slot_j, h_rows, i, j, pair, offs_a, RP)
         else:
-            ds = tl.load(ds_rows + i * KP + j, mask=ok, other=0.0)
-            h_i = tl.load(h_rows + i * RP + offs_a[None, :],
-                          mask=ok[:, None], other=0.0).to(tl.float64)
-            h_j = tl.load(h_rows + j * RP + offs_a[None, :],
-                          mask=ok[:, None], other=0.0).to(tl.float64)
-            acc += tl.sum((ds[:, None] * h_i)[:, :, None] * h_j[:, None, :], axis=0)
+            acc += _pair_outer(ds_rows + i * KP + j, h_rows, i, j, ok, offs_a, RP)
     tl.store(out_ptr + s.to(tl.int64) * (ERP * ERP) + (i * RP + offs_a[:, None]) * ERP
              + j * RP + offs_a[None, :], acc)
