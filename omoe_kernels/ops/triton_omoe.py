@@ -242,9 +242,8 @@ def matmul(a: torch.Tensor, b: torch.Tensor, L: Layout, *, out_dtype: torch.dtyp
     assert not fp16_a or kind == K.DOT_BF16, "fp16_a takes an fp32 a and a bf16 b"
     flags = dict(HAS_ADD=add is not None, SPLIT_A=split_a, SPLIT_B=split_b, FP16_A=fp16_a,
                  DOT_KIND=kind, UPCAST=upcast, PACKED_BK=packed in ("Bk", "Ak"),
-                 PACKED_BN=packed == "Bn",
-                 ROUTER=0 if router is None else (1 if c2 is None else 2), BLOCK_E=L.EPL,
-                 RP=L.RP, ERP=L.ERP, WITH_GRAM=num_gram > 0, GB=C.GRAM_TILE)
+                 PACKED_BN=packed == "Bn", ROUTER=0 if router is None else (1 if c2 is None else 2),
+                 BLOCK_E=L.EPL, RP=L.RP, ERP=L.ERP, WITH_GRAM=num_gram > 0, GB=C.GRAM_TILE)
     assert gram is None or gram[0] is b, "the gram programs read B as the b operand"
     if _use_autotune(kind, device):
         fn = _autotuned("matmul")
@@ -473,9 +472,10 @@ def backward_impl(grad_y, x, A, B, router_weight, router_input, h, logits, scali
     check_backward_args(FAMILY, grad_y, x, A, B, router_weight, router_input, h, logits,
                         scaling, top_k, eps)
     if x.shape[0] == 0:   # no tokens: zero weight gradients, nothing to launch
-        grad_R = router_input.new_empty(router_input.shape) if router_input is not None else None
+        grad_R = router_input.new_empty(router_input.shape) if router_input is not None \
+            else x.new_empty((0,))
         return (x.new_empty(x.shape), torch.zeros_like(A), torch.zeros_like(B),
-                torch.zeros_like(router_weight), grad_R if grad_R is not None else x.new_empty((0,)))
+                torch.zeros_like(router_weight), grad_R)
     h, logits = h.contiguous(), logits.contiguous()   # the per-token kernels read unit columns
     L = layout(A.shape[0], A.shape[1])
     dtype = x.dtype
