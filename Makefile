@@ -54,4 +54,4 @@ format: venv
 	$(VENV)/bin/clang-format -i $(CXX_SOURCES)
 
 clean:
-	rm -rf build *.egg-info omoe_kernels/_C*.so
+	rm -rf build *.egg-info omoe_kernels/ops/_C*.so

@@ -1,4 +1,4 @@
-"""Builds omoe_kernels._C, the compiled ops (CPU always; CUDA when it can).
+"""Builds omoe_kernels.ops._C, the compiled ops (CPU always; CUDA when it can).
 
     pip install --no-build-isolation -e .      # or: make install
 
@@ -43,7 +43,7 @@ def _extension():
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
         return CUDAExtension(
-            "omoe_kernels._C",
+            "omoe_kernels.ops._C",
             sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
             extra_compile_args={"cxx": cxx_flags + ["-DOMOE_WITH_CUDA"],
@@ -52,7 +52,7 @@ def _extension():
             extra_link_args=["-fopenmp"],
         )
     return CppExtension(
-        "omoe_kernels._C",
+        "omoe_kernels.ops._C",
         sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args=cxx_flags,

@@ -72,7 +72,8 @@ build() {
 run_stage build 200 "$OUT/build.log" bash -c "$(declare -f build); PY=$PY build"
 "$PY" - >>"$SUMMARY" 2>&1 <<'EOF'
 import omoe_kernels as ok, torch
-from omoe_kernels.ops import compiled, triton_omoe
+from omoe_kernels.ops import compiled
+    from omoe_kernels.ops.triton import launch as triton_ops
 print("backends on cuda:", ok.available_backends("cuda"), "| extension:", compiled.LOAD_ERROR or "loaded",
       "| triton:", triton_omoe.IMPORT_ERROR or "available")
 EOF
@@ -131,6 +132,6 @@ run_stage bench_fused 70 "$OUT/bench.log" env OMOE_TRITON_FUSE_TOKEN=1 \
 tail -n 12 "$OUT/bench.log" | sed 's/^/  bench_fused| /' >>"$SUMMARY"
 
 # 5. If time is left: the compiler's view on this machine's triton (registers, HGMMA).
-run_stage kernel_report 40 /tmp/gpu_check_kernel_report.log "$PY" -m omoe_kernels.kernel_report --arch sm_90a
+run_stage kernel_report 40 /tmp/gpu_check_kernel_report.log "$PY" -m omoe_kernels.tools.kernel_report --arch sm_90a
 tail -n 30 /tmp/gpu_check_kernel_report.log | sed 's/^/  kernel_report| /' >>"$SUMMARY"
 note "gpu_check: done in $(( $(date +%s) - START ))s"

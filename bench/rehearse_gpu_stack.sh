@@ -36,7 +36,7 @@ echo "build: ok"
 TORCH_CUDA_ARCH_LIST=9.0a "$PY" -m pytest -q -p no:cacheprovider python_tests -rfEs >"$WORK/tests.log" 2>&1 || status=1
 echo "tests: $(tail -n 1 "$WORK/tests.log")"
 grep -E "^(FAILED|ERROR)" "$WORK/tests.log"
-"$PY" -m omoe_kernels.kernel_report --arch sm_90a >"$WORK/kernel_report.log" 2>&1 || status=1
+"$PY" -m omoe_kernels.tools.kernel_report --arch sm_90a >"$WORK/kernel_report.log" 2>&1 || status=1
 echo "kernel_report (triton 3.6): $(tail -n 1 "$WORK/kernel_report.log")"
 echo "logs: $WORK/{build,tests,kernel_report}.log"
 exit $status

@@ -29,7 +29,8 @@ from .adapters import (
 )
 from .backends import BACKENDS, available_backends
 from .functional import omoe_lora
-from .layer import OMoELinear, RouterStats
+from .layer import OMoELinear
+from .router_stats import RouterStats
 
 __version__ = "0.1.0"
 __all__ = ["BACKENDS", "OMoEConfig", "OMoELinear", "RouterStats", "active_adapter",

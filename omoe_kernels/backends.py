@@ -22,6 +22,8 @@ from typing import Callable
 
 import torch
 
+from .ops.limits import MAX_ACTIVE_EXPERTS, triton_interpreting
+
 # The signature every backend function has:
 # (x2d, A, B, router_weight, router_input2d, base_out2d, problem) -> y2d.
 BackendFunction = Callable[..., torch.Tensor]
@@ -62,15 +64,10 @@ class Backend:
 # ---------------------------------------------------------------------------------------
 # The entries' checks and loaders.
 
-def triton_interpreting() -> bool:
-    """Whether TRITON_INTERPRET asks for the Triton interpreter (read before triton is imported)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _triton_available(device_type: str) -> bool:
-    from .ops import triton_omoe
+    from .ops.triton import launch
 
-    if not triton_omoe.AVAILABLE:
+    if not launch.AVAILABLE:
         return False
     if device_type == "cuda":
         return torch.cuda.is_available()
@@ -84,7 +81,7 @@ def _compiled_available(device_type: str) -> bool:
 
 
 def _load_triton() -> BackendFunction:
-    from .ops.triton_omoe import omoe_lora_triton
+    from .ops.triton.launch import omoe_lora_triton
 
     return omoe_lora_triton
 
@@ -108,16 +105,13 @@ REGISTRY: dict[str, Backend] = {
     b.name: b
     for b in (
         # Triton kernels (docs/algorithm.md); on CPU tensors only under the interpreter.
-        # Bound: the per-token kernels unroll MGS over k slots (ops/triton_token_kernels.py);
-        # k <= 4 stays in registers, 5–8 spill and compile for minutes (bench/NOTES.md).
         Backend("triton", places={"cuda": 0, "cpu": 1}, auto_devices=("cuda",),
-                available=_triton_available, load=_load_triton, max_active_experts=8),
+                available=_triton_available, load=_load_triton, max_active_experts=MAX_ACTIVE_EXPERTS["triton"]),
         # The compiled extension (csrc/): its CUDA kernels, and its C++ CPU kernels.
-        # Bounds: csrc/omoe_token.h kMaxExperts (CUDA), csrc/omoe_cpu_pass.h kMaxActive (CPU).
         Backend("cuda", places={"cuda": 1}, auto_devices=("cuda",),
-                available=_compiled_available, load=_load_compiled, max_active_experts=32),
+                available=_compiled_available, load=_load_compiled, max_active_experts=MAX_ACTIVE_EXPERTS["cuda"]),
         Backend("cpu", places={"cpu": 0}, auto_devices=("cpu",),
-                available=_compiled_available, load=_load_compiled, max_active_experts=256),
+                available=_compiled_available, load=_load_compiled, max_active_experts=MAX_ACTIVE_EXPERTS["cpu"]),
         # Eager PyTorch, docs/contract.md §1 literally: runs anywhere, the last resort.
         Backend("reference", places={ANY_DEVICE: 100}, auto_devices=(ANY_DEVICE,),
                 available=lambda device_type: True, load=_load_reference),

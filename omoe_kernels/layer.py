@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -10,44 +9,7 @@ from torch import nn
 from ._validate import check_options
 from .backends import REGISTRY, capacity_error
 from .functional import omoe_lora
-from .reference import route
-
-
-@dataclass
-class RouterStats:
-    """Router statistics of one `OMoELinear` forward pass, all [E] tensors.
-
-    - `load`: fraction of the tokens whose active set holds expert i (top-k: sums to k;
-      dense: all ones). A count, so it carries no gradient.
-    - `mean_prob`: mean over tokens of softmax(logits) over all E experts; differentiable.
-      This is the router probability of the Switch/Mixtral load-balancing loss.
-    - `mean_gate`: mean over tokens of the gate g_i the layer applied (0 outside the
-      active set, softmax over the active set inside); differentiable.
-    """
-
-    load: torch.Tensor
-    mean_prob: torch.Tensor
-    mean_gate: torch.Tensor
-    top_k: int
-    num_tokens: int
-
-    @classmethod
-    def from_logits(cls, logits: torch.Tensor, top_k: int) -> "RouterStats":
-        logits = logits.float()
-        num_tokens, num_experts = logits.shape
-        if num_tokens == 0:
-            zeros = logits.new_zeros(num_experts)
-            return cls(zeros, zeros, zeros, top_k, 0)
-        gates, active = route(logits, top_k)
-        return cls(load=active.float().mean(0).detach(),
-                   mean_prob=torch.softmax(logits, dim=-1).mean(0),
-                   mean_gate=gates.mean(0), top_k=top_k, num_tokens=num_tokens)
-
-    def balance_loss(self) -> torch.Tensor:
-        """Switch-style auxiliary loss E · Σ_i (load_i / k) · mean_prob_i; 1 when balanced."""
-        num_experts = self.load.numel()
-        return num_experts * torch.sum(self.load / self.top_k * self.mean_prob)
-
+from .router_stats import RouterStats, record_router_logits, recorded_router_stats
 
 ADAPTER_TENSORS = ("lora_A", "lora_B", "router_weight")
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -276,9 +238,7 @@ class OMoELinear(nn.Module):
         dropping = self.dropout_p > 0 and self.training
         adapter_in = self.dropout(x_c) if dropping else x_c
         if self.track_router_stats:
-            # One [T, d_in] x [d_in, E] matmul on the undropped input, kept (with its graph)
-            # so `router_stats` can give a differentiable load-balancing term.
-            self._router_logits = x_c.reshape(-1, self.in_features) @ router_weight.t()
+            record_router_logits(self, x_c, router_weight)
         options = dict(scaling=self.scaling, top_k=self.top_k, orthogonalize=self.orthogonalize,
                        normalize=self.normalize, eps=self.eps, base_out=base_out,
                        router_input=x_c if dropping else None, backend=self.backend)
@@ -300,15 +260,9 @@ class OMoELinear(nn.Module):
 
     @property
     def router_stats(self) -> RouterStats:
-        """Per-expert load and mean gate of the last forward (needs `track_router_stats`)."""
-        if not self.track_router_stats:
-            raise RuntimeError(
-                "router statistics are off for this layer: set `layer.track_router_stats = True` "
-                "(or call `omoe_kernels.track_router_stats(model)`) before the forward pass")
-        if self._router_logits is None:
-            raise RuntimeError("no router statistics yet: run a forward pass first")
-        return RouterStats.from_logits(self._router_logits, self.num_experts if self.top_k is None
-                                       else self.top_k)
+        """Per-expert load and mean gate of the recorded forward passes (needs
+        `track_router_stats`; router_stats.py)."""
+        return recorded_router_stats(self)
 
     def extra_repr(self) -> str:
         routing = "dense" if self.top_k is None else f"top-{self.top_k}"

@@ -313,11 +313,11 @@ def _poisoned_triton_outputs():
     if "triton" not in BACKENDS:
         yield
         return
-    from omoe_kernels.ops import triton_omoe
+    from omoe_kernels.ops.triton import launch as triton_ops
 
-    triton_omoe.POISON_OUTPUTS = True
+    triton_ops.POISON_OUTPUTS = True
     yield
-    triton_omoe.POISON_OUTPUTS = False
+    triton_ops.POISON_OUTPUTS = False
 
 
 @pytest.fixture(autouse=True)

@@ -107,7 +107,7 @@ def test_unavailable_backend_raises_naming_backend(name):
         omoe_lora(p.x, p.A, p.B, p.router_weight, backend=name)
 
 
-# A child interpreter in which importing omoe_kernels._C fails the way a missing or broken
+# A child interpreter in which importing omoe_kernels.ops._C fails the way a missing or broken
 # build does; everything else must keep working on the reference backend.
 _BROKEN_EXTENSION = textwrap.dedent("""
     import importlib.abc, sys, warnings
@@ -117,8 +117,8 @@ _BROKEN_EXTENSION = textwrap.dedent("""
 
     class BreakExtension(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path, target=None):
-            if name == "omoe_kernels._C":
-                raise ERROR("simulated broken build of omoe_kernels._C")
+            if name == "omoe_kernels.ops._C":
+                raise ERROR("simulated broken build of omoe_kernels.ops._C")
             return None
 
     sys.meta_path.insert(0, BreakExtension())

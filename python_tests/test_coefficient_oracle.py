@@ -1,4 +1,4 @@
-"""The per-token passes against the coefficient-space oracle (omoe_kernels/coefficient_oracle.py).
+"""The per-token passes against the coefficient-space oracle (omoe_kernels/testing/oracle.py).
 
 The oracle is the fused backends' algebra (Gram matrix, MGS on coefficients, mixture
 coefficients) in float64 PyTorch; it must equal the reference (§1 on full vectors), and
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import COMPILED_BACKENDS, make_problem, random_grad, run_backend
-from omoe_kernels import coefficient_oracle as co
+from omoe_kernels.testing import oracle as co
 
 needs_compiled = pytest.mark.skipif(not COMPILED_BACKENDS, reason="no compiled backend here")
 CASES = [dict(top_k=None, orthogonalize=True, normalize=True),

@@ -84,7 +84,7 @@ def _cuobjdump() -> str:
 
 def _extension_path() -> str:
     assert compiled.LOADED, compiled.LOAD_ERROR
-    from omoe_kernels import _C
+    from omoe_kernels.ops import _C
 
     return _C.__file__
 

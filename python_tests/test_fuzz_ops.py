@@ -74,13 +74,14 @@ def _run_fuzz(seed: int) -> dict:
     import torch
 
     import omoe_kernels  # noqa: F401  (registers both families)
-    from omoe_kernels.ops import compiled, triton_omoe
+    from omoe_kernels.ops import compiled
+    from omoe_kernels.ops.triton import launch as triton_ops
 
     families = []
     if compiled.has_kernels("cpu"):
         families.append(compiled.FAMILY)
-    if triton_omoe.AVAILABLE:
-        families.append(triton_omoe.FAMILY)
+    if triton_ops.AVAILABLE:
+        families.append(triton_ops.FAMILY)
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     T, d_in, d_out, E, r = 5, 6, 7, 3, 2

@@ -1,4 +1,4 @@
-"""`python -m omoe_kernels.kernel_report --arch sm_90a`: the Triton kernels compile ahead
+"""`python -m omoe_kernels.tools.kernel_report --arch sm_90a`: the Triton kernels compile ahead
 of time for Hopper without a GPU, with no spills, and every 16-bit GEMM uses wgmma; the
 report's SASS counts and its roofline model (kernel_model.py) are what they claim."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # A subset, so that the test's compile time stays bounded (the full report is a CLI run,
-# `python -m omoe_kernels.kernel_report`): every kernel at the `wide` shape, the dense
+# `python -m omoe_kernels.tools.kernel_report`): every kernel at the `wide` shape, the dense
 # llama7b per-token backward (the register-hungry one: 224 registers), the gram gradient,
 # and the fp16 GEMMs (their power-of-2 scaling is register-hungry too). From a cold Triton
 # cache that takes about 2–2.5 minutes on a loaded 2-core machine.
@@ -26,7 +26,7 @@ def test_kernel_report_sm90a_passes(tmp_path):
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out_json = tmp_path / "report.json"
-    proc = subprocess.run([sys.executable, "-m", "omoe_kernels.kernel_report", "--arch", "sm_90a",
+    proc = subprocess.run([sys.executable, "-m", "omoe_kernels.tools.kernel_report", "--arch", "sm_90a",
                            "--json", str(out_json), "--only", *SUBSET],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr
@@ -81,7 +81,7 @@ def test_per_token_kernels_access_memory_one_token_per_lane():
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from omoe_kernels.kernel_report import _ast_source, kernel_specs, select_specs
+    from omoe_kernels.tools.kernel_report import _ast_source, kernel_specs, select_specs
 
     specs = select_specs(kernel_specs(), PER_TOKEN_SUBSET)
     assert [s.name for s in specs] == PER_TOKEN_SUBSET
@@ -96,7 +96,7 @@ def test_per_token_kernels_access_memory_one_token_per_lane():
 
 
 def test_sass_counts():
-    from omoe_kernels.kernel_report import sass_counts
+    from omoe_kernels.tools.kernel_report import sass_counts
 
     sass = """
         /*0100*/  HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24 ;
@@ -112,7 +112,7 @@ def test_sass_counts():
 
 
 def test_gemm_work_counts_padding_split_and_bytes():
-    from omoe_kernels import kernel_model as M
+    from omoe_kernels.tools import kernel_model as M
 
     cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)
     # [100, 80] @ [80, 64]: M pads to 128, K to 128; useful is the problem, K = 72 real.
@@ -130,8 +130,8 @@ def test_gemm_work_counts_padding_split_and_bytes():
 
 
 def test_step_estimate_compares_with_plain_lora():
-    from omoe_kernels import kernel_model as M
-    from omoe_kernels.kernel_report import KernelResult, kernel_specs, step_estimates
+    from omoe_kernels.tools import kernel_model as M
+    from omoe_kernels.tools.kernel_report import KernelResult, kernel_specs, step_estimates
 
     specs = [s for s in kernel_specs() if s.shape == "llama7b" and s.step]
     assert {s.step for s in specs} == {"forward", "backward"}
@@ -146,7 +146,7 @@ def test_step_estimate_compares_with_plain_lora():
 
 
 def test_problems_flags_spills_and_missing_wgmma():
-    from omoe_kernels.kernel_report import KernelResult, KernelSpec, problems
+    from omoe_kernels.tools.kernel_report import KernelResult, KernelSpec, problems
 
     gemm = KernelSpec("gemm", None, {}, 4, 2, needs_wgmma=True)
     good = KernelResult(gemm, registers=128, spill_stores=0, spill_loads=0, hgmma=8)
@@ -162,7 +162,7 @@ def test_problems_flags_spills_and_missing_wgmma():
 def test_unknown_only_name_lists_the_valid_names():
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "omoe_kernels.kernel_report", "--only", "BADNAME"],
+    proc = subprocess.run([sys.executable, "-m", "omoe_kernels.tools.kernel_report", "--only", "BADNAME"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -172,11 +172,11 @@ def test_unknown_only_name_lists_the_valid_names():
 
 
 def test_report_compiles_the_launchers_configs():
-    """kernel_report reads its configs from ops/triton_configs.py, like the launchers."""
+    """kernel_report reads its configs from ops/triton/configs.py, like the launchers."""
     pytest.importorskip("triton")
-    from omoe_kernels.kernel_report import kernel_specs
-    from omoe_kernels.ops import triton_configs as C
-    from omoe_kernels.ops import triton_omoe
+    from omoe_kernels.ops.triton import configs as C
+    from omoe_kernels.ops.triton import launch as triton_ops
+    from omoe_kernels.tools.kernel_report import kernel_specs
 
     specs = {s.name: s for s in kernel_specs()}
     expand = specs["matmul[bf16, llama7b] expand base+s·Z·Bᵀ"]
@@ -184,7 +184,7 @@ def test_report_compiles_the_launchers_configs():
     assert expand.args["FP16_A"] == C.a_operand_flags(C.DOT_BF16, C.EXPAND_Z)["fp16_a"]
     assert (expand.num_warps, expand.num_stages) == (cfg["num_warps"], cfg["num_stages"])
     assert all(expand.args[k] == cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"))
-    L = triton_omoe.layout(16, 8)
+    L = triton_ops.layout(16, 8)
     flags = C.token_flags(L, 2, True, True, backward=True)
     backward = specs["token_backward[wide]"]
     assert backward.num_warps == flags["num_warps"] and backward.args["BT"] == flags["BT"]
@@ -203,8 +203,8 @@ def test_report_compiles_the_launchers_configs():
 
 
 def test_target_misses_flag_wasted_mma_and_per_token_shuffles():
-    from omoe_kernels.kernel_model import Work
-    from omoe_kernels.kernel_report import KernelResult, KernelSpec, target_misses
+    from omoe_kernels.tools.kernel_model import Work
+    from omoe_kernels.tools.kernel_report import KernelResult, KernelSpec, target_misses
 
     def result(name, work, shfl):
         return KernelResult(KernelSpec(name, None, {}, 4, 3, False, work=work), shfl=shfl)
@@ -221,17 +221,17 @@ def test_target_misses_flag_wasted_mma_and_per_token_shuffles():
 
 
 def test_every_triton_kernel_is_in_the_report():
-    """A kernel added to triton_kernels.py must get a spec (and its Work, when it runs in
+    """A kernel added to triton/gemm_kernels.py must get a spec (and its Work, when it runs in
     the default step): the report and the model cover what the backend launches."""
     pytest.importorskip("triton")
     import triton
 
-    from omoe_kernels.kernel_report import kernel_specs
-    from omoe_kernels.ops import triton_kernels as K
+    from omoe_kernels.ops.triton import gemm_kernels as K
+    from omoe_kernels.tools.kernel_report import kernel_specs
 
     kernels = {name for name, obj in vars(K).items()
                if isinstance(obj, triton.runtime.KernelInterface) and name.endswith("_kernel")}
-    assert kernels, "no kernels found in triton_kernels.py"
+    assert kernels, "no kernels found in triton/gemm_kernels.py"
     specs = kernel_specs()
     reported = {s.fn.__name__ for s in specs}
     assert kernels <= reported, f"not in kernel_report's kernel_specs(): {sorted(kernels - reported)}"
@@ -243,7 +243,7 @@ def test_gram_grad_model_counts_active_pair_blocks():
     over routing that picks each k-subset alike; dense runs every block of every pair."""
     import torch
 
-    from omoe_kernels import kernel_model as M
+    from omoe_kernels.tools import kernel_model as M
 
     T, E, k, block_t = 4096, 16, 2, 16
     gen = torch.Generator().manual_seed(0)

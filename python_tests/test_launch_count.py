@@ -1,4 +1,4 @@
-"""The launch counter (omoe_kernels/launch_count.py): it counts a hand-written function's
+"""The launch counter (omoe_kernels/tools/launch_count.py): it counts a hand-written function's
 launches exactly, and pins the launches of one triton-backend step (bench/NOTES.md, Triton
 section: <= 4 forward, <= 8 backward, <= 3 no-grad forward are the targets)."""
 from __future__ import annotations
@@ -19,7 +19,7 @@ KNOWN_LAUNCHES = textwrap.dedent("""
     import torch
     import triton
     import triton.language as tl
-    from omoe_kernels.launch_count import count_launches
+    from omoe_kernels.tools.launch_count import count_launches
 
     @triton.jit
     def double_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
@@ -67,7 +67,7 @@ TRITON_STEP_MAX = dict(forward=3, backward=7, no_grad_forward=3)
 
 def test_triton_step_launches_meet_the_targets():
     pytest.importorskip("triton")
-    out = _run(["-m", "omoe_kernels.launch_count", "--backends", "triton", "--d-model", "32",
+    out = _run(["-m", "omoe_kernels.tools.launch_count", "--backends", "triton", "--d-model", "32",
                 "--json", "-"], 300)
     report = json.loads(out[out.index("{"):])
     assert [s["routing"] for s in report["steps"]] == ["dense", "top-2"]
@@ -84,7 +84,7 @@ def test_counts_the_compiled_cpu_backends_aten_ops():
     """The compiled backend's torch calls from C++ count too (the CUDA fallback's launches
     besides its own kernels); no Triton launch appears."""
     import omoe_kernels
-    from omoe_kernels.launch_count import step_launches
+    from omoe_kernels.tools.launch_count import step_launches
 
     if "cpu" not in omoe_kernels.available_backends("cpu"):
         pytest.skip("the compiled extension is not built")

@@ -18,7 +18,8 @@ from torch import nn
 
 from conftest import COMPILED_BACKENDS, DEVICE, make_problem, random_grad, run_backend
 from omoe_kernels import OMoELinear, omoe_lora
-from omoe_kernels.ops import compiled, registration, triton_omoe
+from omoe_kernels.ops import compiled, registration
+from omoe_kernels.ops.triton import launch as triton_ops
 
 needs_compiled = pytest.mark.skipif(not COMPILED_BACKENDS,
                                     reason=f"no compiled backend on {DEVICE.type}")
@@ -161,8 +162,8 @@ def test_forward_mode_ad_is_refused_clearly():
 
 FAMILIES = [pytest.param(compiled.FAMILY, marks=pytest.mark.skipif(
                 not compiled.has_kernels("cpu"), reason="compiled extension not built for CPU")),
-            pytest.param(triton_omoe.FAMILY, marks=pytest.mark.skipif(
-                not triton_omoe.AVAILABLE, reason="triton not importable"))]
+            pytest.param(triton_ops.FAMILY, marks=pytest.mark.skipif(
+                not triton_ops.AVAILABLE, reason="triton not importable"))]
 
 
 def _valid_forward_args(device="cpu"):
@@ -271,16 +272,16 @@ def test_fake_backward_runs_the_real_checks(family, case):
 def test_the_two_families_share_one_schema():
     for name, schema in (("forward", registration.FORWARD_SCHEMA),
                          ("backward", registration.BACKWARD_SCHEMA)):
-        for family in (compiled.FAMILY, triton_omoe.FAMILY):
+        for family in (compiled.FAMILY, triton_ops.FAMILY):
             if family is compiled.FAMILY and not compiled.LOADED:
                 continue
-            if family is triton_omoe.FAMILY and not triton_omoe.AVAILABLE:
+            if family is triton_ops.FAMILY and not triton_ops.AVAILABLE:
                 continue
             op_schema = str(family.op(name)._schema)
             assert op_schema == f"{family.namespace}::{name}{schema}", op_schema
 
 
-@pytest.mark.skipif(not triton_omoe.AVAILABLE, reason="triton not importable")
+@pytest.mark.skipif(not triton_ops.AVAILABLE, reason="triton not importable")
 def test_triton_op_refuses_a_short_router_weight_before_launching():
     """It used to read past the end of router_weight (its rows were masked by A's E)."""
     args = _valid_forward_args()

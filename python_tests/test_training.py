@@ -284,7 +284,7 @@ def test_profile_cli_help_trace_only_when_asked_and_no_error_on_cpu(tmp_path):
 
     from omoe_kernels import profile
 
-    help_text = subprocess.run([sys.executable, "-m", "omoe_kernels.profile", "--help"],
+    help_text = subprocess.run([sys.executable, "-m", "omoe_kernels.tools.profile", "--help"],
                                capture_output=True, text=True, check=True).stdout
     for option in ("--tokens", "--d-in", "--d-out", "--experts", "--rank", "--top-k", "--dtype",
                    "--device", "--backend", "--iters", "--trace"):
@@ -296,7 +296,7 @@ def test_profile_cli_help_trace_only_when_asked_and_no_error_on_cpu(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [os.path.dirname(os.path.dirname(os.path.abspath(profile.__file__))),
          os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run([sys.executable, "-m", "omoe_kernels.profile", "--tokens", "16",
+    run = subprocess.run([sys.executable, "-m", "omoe_kernels.tools.profile", "--tokens", "16",
                           "--d-in", "16", "--d-out", "16", "--experts", "2", "--rank", "2",
                           "--iters", "1", "--dtype", "bf16", "--device", "cpu"],
                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)

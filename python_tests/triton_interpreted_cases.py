@@ -35,8 +35,9 @@ from conftest import (  # noqa: E402
     random_grad,
     run_backend,
 )
-from omoe_kernels.ops import triton_configs, triton_omoe  # noqa: E402
-from omoe_kernels.ops import triton_token_kernels as token_kernels  # noqa: E402
+from omoe_kernels.ops.triton import configs as triton_configs  # noqa: E402
+from omoe_kernels.ops.triton import launch as triton_ops  # noqa: E402
+from omoe_kernels.ops.triton import token_kernels  # noqa: E402
 
 pytestmark = pytest.mark.interpreter
 
@@ -44,7 +45,7 @@ BACKEND = "triton"
 
 
 def test_triton_is_available_under_the_interpreter():
-    assert triton_omoe.AVAILABLE, triton_omoe.IMPORT_ERROR
+    assert triton_ops.AVAILABLE, triton_ops.IMPORT_ERROR
     assert "triton" in omoe_kernels.available_backends("cpu")
 
 
@@ -149,7 +150,7 @@ def test_raw_ops_refuse_more_active_experts_than_the_kernels_take():
     with pytest.raises(RuntimeError, match=f"Triton ops on cpu take at most {bound} active experts"):
         torch.ops.omoe_triton.forward(p.x, p.A, p.B, p.router_weight, None, None, 1.0, bound + 1,
                                       True, True, 1e-6)
-    L = triton_omoe.layout(bound + 1, 2)
+    L = triton_ops.layout(bound + 1, 2)
     h, logits = torch.zeros(3, L.ERP), torch.zeros(3, bound + 1)
     with pytest.raises(RuntimeError, match="at most"):
         torch.ops.omoe_triton.backward(torch.zeros(3, 5), p.x, p.A, p.B, p.router_weight, None, h,
@@ -159,7 +160,7 @@ def test_raw_ops_refuse_more_active_experts_than_the_kernels_take():
 def test_layout_pads_for_tl_dot():
     for E in range(1, 17):
         for r in (1, 2, 3, 4, 8, 16):
-            L = triton_omoe.layout(E, r)
+            L = triton_ops.layout(E, r)
             assert L.EP >= E and L.RP >= r and L.ERP == L.EP * L.RP and L.ERP >= 16
             assert L.EPL >= 16 and L.EPL >= E
             assert triton_configs.token_block(L) >= 1
@@ -170,8 +171,8 @@ def test_gram_programs_build_the_exact_symmetric_gram_matrix():
     (E=3, r=5: padded experts and ranks), every element written (outputs are poisoned)."""
     E, d_out, r = 3, 37, 5
     B = torch.randn(E, d_out, r, dtype=torch.float32).transpose(1, 2).contiguous().transpose(1, 2)
-    L = triton_omoe.layout(E, r)
-    G = triton_omoe.gram_only(B, L)
+    L = triton_ops.layout(E, r)
+    G = triton_ops.gram_only(B, L)
     B_cat = torch.zeros(d_out, L.EP, L.RP, dtype=torch.float64)
     B_cat[:, :E, :r] = B.permute(1, 0, 2).double()
     B_cat = B_cat.reshape(d_out, L.ERP)
@@ -183,7 +184,7 @@ def test_bf16_operands_are_rounded_as_on_the_gpu():
     """Under the interpreter a bf16 dot runs in fp32 on operands rounded as the GPU's
     tensor cores see them: an fp32 operand in one bf16 MMA loses its low bits; as scaled
     fp16 (one MMA) it keeps 11 significant bits; hi + lo (two MMAs) keep 16."""
-    L = triton_omoe.layout(2, 8)
+    L = triton_ops.layout(2, 8)
     z = torch.randn(40, L.ERP) * (1 + torch.rand(40, L.ERP)) * 300
     B = (torch.randn(2, 24, 8) * 1e-3).to(torch.bfloat16)   # small weights: fp16 subnormals unscaled
     B_cat = B.permute(1, 0, 2).reshape(24, L.ERP).double()
@@ -196,7 +197,7 @@ def test_bf16_operands_are_rounded_as_on_the_gpu():
     errors = {}
     for mode, tol in (("bf16", 1e-6), ("fp16", 1e-6), ("hi_lo", 1e-5)):
         flags = triton_configs.a_operand_flags(triton_configs.DOT_BF16, mode)
-        y = triton_omoe.matmul(z, B, L, out_dtype=torch.float32, kind=triton_configs.DOT_BF16,
+        y = triton_ops.matmul(z, B, L, out_dtype=torch.float32, kind=triton_configs.DOT_BF16,
                                upcast=True, packed="Bk", **flags)
         assert_rel_close(y, expected[mode], tol, mode)
         errors[mode] = ((expected[mode] - exact).norm() / exact.norm()).item()
@@ -207,7 +208,7 @@ def test_scaled_fp16_operands_keep_extreme_and_non_finite_values():
     """The power-of-2 scaling of _dot_fp16_scaled: a row of Z past 2^127 (its scale's
     bits were 0.0: the row came out as zeros), and NaN/Inf reach exactly the outputs they
     reach in eager (a NaN in B: its column; an Inf in Z: its row)."""
-    L = triton_omoe.layout(2, 8)
+    L = triton_ops.layout(2, 8)
     z = torch.randn(4, L.ERP)
     z[1] *= 1.5 * 2.0 ** 127 / z[1].abs().max()
     B = (torch.randn(2, 24, 8) * 1e-3).to(torch.bfloat16)
@@ -215,7 +216,7 @@ def test_scaled_fp16_operands_keep_extreme_and_non_finite_values():
     flags = triton_configs.a_operand_flags(triton_configs.DOT_BF16, "fp16")
 
     def expand(z, B):
-        return triton_omoe.matmul(z, B, L, out_dtype=torch.float32, kind=triton_configs.DOT_BF16,
+        return triton_ops.matmul(z, B, L, out_dtype=torch.float32, kind=triton_configs.DOT_BF16,
                                   upcast=True, packed="Bk", **flags)
 
     assert_rel_close(expand(z, B), z.double() @ B_cat.t(), 1e-3, "row past 2^127")
@@ -319,12 +320,12 @@ def test_opcheck_non_contiguous_inputs(layout):
 
 
 def test_per_token_pass_matches_the_coefficient_oracle():
-    from omoe_kernels import coefficient_oracle as co
+    from omoe_kernels.testing import oracle as co
 
     p = make_problem(9, 6, 7, 3, 2, dtype=torch.float64, seed=45, collapse=0.9)
     y, h, logits = torch.ops.omoe_triton.forward(p.x, p.A, p.B, p.router_weight, None,
                                                  p.base_out, 0.7, 2, True, True, 1e-6)
-    L = triton_omoe.layout(3, 2)
+    L = triton_ops.layout(3, 2)
     h_unpadded = h.view(9, L.EP, L.RP)[:, :3, :2].reshape(9, 6)
     z = co.token_outputs(h_unpadded, logits, p.B, top_k=2, orthogonalize=True, normalize=True,
                          eps=1e-6)
@@ -354,7 +355,7 @@ def _gram_grad_reference(h, ds, L):
 def _slot_grads(T, E, r, top_k, seed):
     """Random h and SlotGrads as token_backward writes them: top-k slots hold distinct
     experts in ascending order (-1 in padding slots), padding slots' values are 0."""
-    L = triton_omoe.layout(E, r)
+    L = triton_ops.layout(E, r)
     KP = triton_configs.token_flags(L, top_k, True, True)["KP"]
     gen = torch.Generator().manual_seed(seed)
     h = torch.zeros(T, L.EP, L.RP)
@@ -366,7 +367,7 @@ def _slot_grads(T, E, r, top_k, seed):
         chosen = torch.rand(T, E, generator=gen).argsort(dim=1)[:, :top_k].sort(dim=1).values
         experts = torch.full((T, KP), -1, dtype=torch.int32)
         experts[:, :top_k] = chosen.int()
-    ds = triton_omoe.SlotGrads(values.view(T, KP * KP), experts, KP)
+    ds = triton_ops.SlotGrads(values.view(T, KP * KP), experts, KP)
     return h.view(T, L.ERP), ds, L
 
 
@@ -375,11 +376,11 @@ def _slot_grads(T, E, r, top_k, seed):
 def test_gram_grad_partials_sum_active_pairs(E, r, top_k):
     """gram_grad writes every element of its [splits, ERP, ERP] partials (outputs start as
     NaN), they sum to dG over the active pairs, and a pair no token activates is exactly 0."""
-    T = 3 * triton_configs.gram_grad_block(triton_omoe.layout(E, r)) + 5
+    T = 3 * triton_configs.gram_grad_block(triton_ops.layout(E, r)) + 5
     h, ds, L = _slot_grads(T, E, r, top_k, seed=E * 10 + top_k)
     if ds.experts is not None:                  # no token routes to the last expert
         ds.experts[ds.experts == E - 1] = -1
-    partials = triton_omoe.gram_grad(h, ds, L)
+    partials = triton_ops.gram_grad(h, ds, L)
     assert partials.shape[0] >= 2 and partials.shape[1:] == (L.ERP, L.ERP)
     assert torch.isfinite(partials).all()
     expected = _gram_grad_reference(h, ds, L)
@@ -396,7 +397,7 @@ def test_gram_grad_keeps_a_nan_to_its_pair():
     t = 7
     i, j = (int(e) for e in ds.experts[t, :2])
     ds.values.view(40, 2, 2)[t, 0, 1] = float("nan")
-    dG = triton_omoe.gram_grad(h, ds, L).sum(0).view(L.EP, L.RP, L.EP, L.RP)
+    dG = triton_ops.gram_grad(h, ds, L).sum(0).view(L.EP, L.RP, L.EP, L.RP)
     nan_blocks = {(a, b) for a in range(4) for b in range(4) if torch.isnan(dG[a, :, b]).any()}
     assert nan_blocks == {(i, j)}
 

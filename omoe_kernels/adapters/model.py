@@ -13,7 +13,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..layer import ADAPTER_TENSORS, OMoELinear, RouterStats, base_factory
+from ..layer import ADAPTER_TENSORS, OMoELinear, base_factory
+from ..router_stats import RouterStats
 from .config import OMoEConfig
 
 STATE_ATTR = "_omoe_inject_state"  # on the root module: adapters, active one, flags to restore

@@ -11,7 +11,7 @@ import warnings
 import torch
 
 from .._validate import Problem
-from ..backends import REGISTRY
+from .limits import MAX_ACTIVE_EXPERTS
 from .registration import (
     OpFamily,
     call_forward,
@@ -23,7 +23,7 @@ from .registration import (
 
 LOAD_ERROR: str | None = None
 try:
-    from .. import _C  # noqa: F401  (loading the library registers torch.ops.omoe.*)
+    from . import _C  # noqa: F401  (loading the library registers torch.ops.omoe.*)
 except Exception as exc:  # a missing or broken build must not break `import omoe_kernels`
     LOAD_ERROR = f"{type(exc).__name__}: {exc}"
     warnings.warn(
@@ -52,7 +52,7 @@ def has_kernels(device_type: str) -> bool:
 
 def _max_active_experts(device_type: str) -> int:
     # max_active_experts in csrc/omoe_ops.cpp: the CPU pass's bound on CPU, the CUDA one elsewhere.
-    return REGISTRY["cpu" if device_type == "cpu" else "cuda"].max_active_experts
+    return MAX_ACTIVE_EXPERTS["cpu" if device_type == "cpu" else "cuda"]
 
 
 FAMILY = OpFamily(namespace="omoe", backends="'cpu'/'cuda'", hidden_width=lambda E, r: E * r,

@@ -18,9 +18,9 @@ Kernels:
   router's E columns in a narrow tile beside the E·r wide one.
 - `finalize_grads_kernel`: sums the split-K and gram partials and writes grad_B (with
   `B_cat (dG + dGᵀ)`), grad_A and grad_W in their layout and dtype.
-- `token_forward_kernel`, `token_backward_kernel` (triton_token_kernels.py): the per-token
+- `token_forward_kernel`, `token_backward_kernel` (triton/token_kernels.py): the per-token
   algebra in float64, tokens on lanes, over the k active experts only.
-- `gram_grad_kernel` (triton_token_kernels.py): `dG_ij = Σ_t dS_t,ij h_t,i h_t,jᵀ`
+- `gram_grad_kernel` (triton/token_kernels.py): `dG_ij = Σ_t dS_t,ij h_t,i h_t,jᵀ`
   (float64 partial sums per token split, over the active expert pairs).
 """
 from __future__ import annotations
@@ -28,11 +28,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# The DOT_KIND values live in triton_configs.py (the launchers also read them as K.DOT_*).
+# The DOT_KIND values live in triton/configs.py (the launchers also read them as K.DOT_*).
 # The per-token kernels live in their own module; re-exported here so the launchers and
 # kernel_report find every kernel as K.<name>.
-from .triton_configs import DOT_BF16, DOT_FP16, DOT_FP32_IEEE, DOT_FP32_TF32, DOT_FP64
-from .triton_token_kernels import (  # noqa: F401
+from .configs import DOT_BF16, DOT_FP16, DOT_FP32_IEEE, DOT_FP32_TF32, DOT_FP64
+from .token_kernels import (  # noqa: F401
     _token_forward_block,
     gram_grad_kernel,
     token_backward_kernel,

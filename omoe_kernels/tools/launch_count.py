@@ -31,7 +31,7 @@ from typing import Callable, Iterator
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from .backends import triton_interpreting
+from ..backends import triton_interpreting
 
 TRITON_RANGE = "triton_launch::"
 
@@ -138,7 +138,7 @@ def step_launches(backend: str = "triton", top_k: int | None = None, num_tokens:
                   d_model: int = 64, num_experts: int = 4, rank: int = 16) -> StepLaunches:
     """Launches of one OMoE step on CPU tensors (fp32; `backend` "triton" needs
     TRITON_INTERPRET=1 set before triton is imported)."""
-    from .functional import omoe_lora
+    from ..functional import omoe_lora
 
     if backend == "triton" and not triton_interpreting():
         raise RuntimeError("step_launches(backend='triton') counts interpreted launches: "
@@ -203,7 +203,7 @@ def main(argv=None) -> int:
 
         env = dict(os.environ, TRITON_INTERPRET="1")
         rest = sys.argv[1:] if argv is None else list(argv)
-        return subprocess.run([sys.executable, "-m", "omoe_kernels.launch_count", *rest],
+        return subprocess.run([sys.executable, "-m", "omoe_kernels.tools.launch_count", *rest],
                               env=env).returncode
     steps = [step_launches(b, k, args.tokens, args.d_model)
              for b in args.backends.split(",") for k in (None, args.top_k)]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference import route
+from ..reference import route
 
 
 def concat_experts(B: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Profile one OMoELinear layer, stage by stage: `python -m omoe_kernels.profile`.
+"""Profile one OMoELinear layer, stage by stage: `python -m omoe_kernels.tools.profile`.
 
 Two executions of the same layer run under `torch.profiler`, each with named ranges
 (`torch.profiler.record_function`); the time per range is printed, and with `--trace PATH`
@@ -41,11 +41,11 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from .backends import resolve_backend
-from .coefficient_oracle import gram_matrix, mgs_coefficients, mixture_coefficients
-from .functional import omoe_lora
-from .layer import OMoELinear
-from .reference import route
+from ..backends import resolve_backend
+from ..functional import omoe_lora
+from ..layer import OMoELinear
+from ..reference import route
+from ..testing.oracle import gram_matrix, mgs_coefficients, mixture_coefficients
 
 STAGES = ("shrink", "route", "orthogonalize.gram", "orthogonalize.mgs", "expand")
 # RECORD_FUNCTION ranges inside the compiled ops (csrc/omoe_ops.cpp), in execution order.
@@ -174,9 +174,9 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m omoe_kernels.profile", formatter_class=_HelpFormatter,
+        prog="python -m omoe_kernels.tools.profile", formatter_class=_HelpFormatter,
         description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n", 1)[1],
-        epilog="Example: python -m omoe_kernels.profile --tokens 8192 --d-in 4096 --d-out 4096 "
+        epilog="Example: python -m omoe_kernels.tools.profile --tokens 8192 --d-in 4096 --d-out 4096 "
                "--experts 8 --rank 16 --top-k 2 --dtype bf16 --trace trace.json")
     parser.add_argument("--tokens", type=int, default=4096, help="T, tokens per call")
     parser.add_argument("--d-in", type=int, default=1024, help="input features of the base linear")

@@ -1,9 +1,9 @@
 """Ahead-of-time resource report of the Triton kernels (no GPU needed).
 
-    python -m omoe_kernels.kernel_report --arch sm_90a [--only NAME ...] [--launches] [--json out.json]
+    python -m omoe_kernels.tools.kernel_report --arch sm_90a [--only NAME ...] [--launches] [--json out.json]
 
 Compiles every Triton kernel of the `triton` backend in the launch configs it uses by
-default (ops/triton_configs.py): the bf16 path at each GPU shape of docs/contract.md §6
+default (ops/triton/configs.py): the bf16 path at each GPU shape of docs/contract.md §6
 (`llama7b`, `llama7b-top2`, `wide`), the fp16 and fp32 GEMMs at llama7b, and the opt-in
 fused shrink. For each it reports registers and spills (`ptxas -v` on the PTX), the
 shared memory Triton allocates, static counts of MMA (HGMMA/HMMA/DMMA), SHFL and BAR
@@ -29,8 +29,8 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
+from ..backends import triton_interpreting
 from . import kernel_model as M
-from .backends import triton_interpreting
 from .kernel_model import Work
 
 
@@ -169,9 +169,9 @@ def _gemm_specs(shape, dtype_name: str, kind: int, step: bool) -> list[KernelSpe
     Work (kernel_model.py): shrink (+ G), expand, dZ (+ G), dB, [dA; dW], finalize, dX.
     step: they are the default GPU path at this shape (bf16), so they count in the step's
     estimate."""
-    from .ops import triton_configs as C
-    from .ops import triton_kernels as K
-    from .ops import triton_omoe as ops
+    from ..ops.triton import configs as C
+    from ..ops.triton import gemm_kernels as K
+    from ..ops.triton import launch as ops
 
     T, d, E, r = shape.num_tokens, shape.d_model, shape.num_experts, shape.rank
     L = ops.layout(E, r)
@@ -276,9 +276,9 @@ def _gemm_specs(shape, dtype_name: str, kind: int, step: bool) -> list[KernelSpe
 
 def _token_specs(shape) -> list[KernelSpec]:
     """The per-token kernels and gram_grad at `shape` (float64 algebra, no MMA)."""
-    from .ops import triton_configs as C
-    from .ops import triton_kernels as K
-    from .ops import triton_omoe as ops
+    from ..ops.triton import configs as C
+    from ..ops.triton import gemm_kernels as K
+    from ..ops.triton import launch as ops
 
     T, E, r = shape.num_tokens, shape.num_experts, shape.rank
     top_k = shape.top_k or E
@@ -319,8 +319,8 @@ def _token_specs(shape) -> list[KernelSpec]:
 def _fused_shrink_specs(base: KernelSpec) -> list[KernelSpec]:
     """The opt-in shrink with the per-token algebra in its epilogue
     (OMOE_TRITON_FUSE_TOKEN=1), at llama7b and wide; not in the step's estimate."""
-    from .ops import triton_configs as C
-    from .ops import triton_omoe as ops
+    from ..ops.triton import configs as C
+    from ..ops.triton import launch as ops
 
     specs = []
     for E, r, top_k, label in ((4, 16, 4, "llama7b"), (16, 8, 2, "wide")):
@@ -341,11 +341,11 @@ def _fused_shrink_specs(base: KernelSpec) -> list[KernelSpec]:
 
 def kernel_specs() -> list[KernelSpec]:
     """Every kernel in the launch config the `triton` backend uses on a GPU by default
-    (ops/triton_configs.py, which the launchers read too): the bf16 path at each GPU
+    (ops/triton/configs.py, which the launchers read too): the bf16 path at each GPU
     shape of docs/contract.md §6, the fp16 and fp32 GEMMs at llama7b, and the opt-in
     fused shrink."""
-    from .ops import triton_configs as C
-    from .testing.shapes import SHAPES
+    from ..ops.triton import configs as C
+    from ..testing.shapes import SHAPES
 
     specs = []
     for name in GPU_SHAPES:
@@ -429,7 +429,7 @@ def step_estimates(results: list[KernelResult]) -> dict:
     """Per GPU shape: the summed roofline estimate of the kernels of a default bf16 step
     (forward, backward) against a plain bf16 LoRA of rank E·r modelled the same way.
     Only shapes whose step kernels were all selected are summed."""
-    from .testing.shapes import SHAPES
+    from ..testing.shapes import SHAPES
 
     out = {}
     all_specs = kernel_specs()
@@ -499,7 +499,7 @@ def count_launches_json() -> dict:
     """launch_count's step counts (triton and cpu backends), run in a child process with
     TRITON_INTERPRET=1 (the interpreter must be on before triton is imported)."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "omoe_kernels.launch_count", "--backends",
+    proc = subprocess.run([sys.executable, "-m", "omoe_kernels.tools.launch_count", "--backends",
                            "triton,cpu", "--json", "-"], env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"kernel_report --launches: launch_count failed:\n{proc.stderr[-3000:]}")
@@ -511,7 +511,7 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", default="sm_90a", help="target, e.g. sm_90a (Hopper) or sm_80")
     parser.add_argument("--only", nargs="*", help="substrings of kernel names to compile")
     parser.add_argument("--launches", action="store_true",
-                        help="also count one step's launches on CPU (omoe_kernels.launch_count)")
+                        help="also count one step's launches on CPU (omoe_kernels.tools.launch_count)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     if triton_interpreting():

@@ -19,6 +19,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..ops.limits import next_pow2
+
 # H200 ceilings (/work/.library/device/H200.md and KINDS.md): bf16 matrix product
 # 788 TFLOP/s and device copy 4.3 TB/s were measured on an H200 here; the FMA rates are
 # the vendor datasheet's (fp32 67 TFLOP/s, fp64 vector 34 TFLOP/s; fp64 tensor-core DMMA
@@ -159,16 +161,12 @@ def finalize_work(d_out: int, d_in: int, L, b_splits: int, a_splits: int, g_spli
     return Work(flops, 2 * d_out * R * R, moved, "fp64 FMA")
 
 
-def _pad_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def _token_flops(L, top_k: int) -> tuple[float, float]:
     """float64 FLOPs per token of the forward per-token algebra over the K = top_k active
     slots: (issued, useful). Issued: S over the K(K+1)/2 slot pairs, h1ᵀ G h2 at the padded
     rank (RP² + RP multiply-adds each), and the MGS sweep over [KP, KP] state (about
     10 KP² per step, K steps). Useful: the same at the real rank, MGS O(k³)."""
-    K, KP, RP, r = top_k, _pad_pow2(top_k), L.RP, L.rank
+    K, KP, RP, r = top_k, next_pow2(top_k), L.RP, L.rank
     pairs = K * (K + 1) // 2
     issued = 2 * pairs * (RP * RP + RP) + 10 * K * KP * KP
     useful = 2 * pairs * (r * r + r) + 4 * K ** 3
@@ -185,7 +183,7 @@ def token_backward_work(T: int, L, top_k: int, block_t: int) -> Work:
     """Recomputes the forward, then reverses it: the Gram part of dH over all K² slot pairs
     (2·K²·RP² FLOPs) and the MGS reverse (about 20 KP² per step)."""
     issued, useful = _token_flops(L, top_k)
-    K, KP = top_k, _pad_pow2(top_k)
+    K, KP = top_k, next_pow2(top_k)
     issued += 2 * K * K * L.RP * L.RP + 20 * K * KP * KP
     useful += 2 * K * K * L.rank * L.rank + 8 * K ** 3
     slots = KP if top_k < L.num_experts else 0                  # slot experts, top-k only
@@ -224,7 +222,7 @@ def gram_grad_work(T: int, L, top_k: int, block_t: int) -> Work:
     h, dS per slot pair and (top-k) the slot experts once, and the split partials."""
     E = L.num_experts
     splits = gram_grad_splits(T, L, block_t)
-    KP = _pad_pow2(min(top_k, E))
+    KP = next_pow2(min(top_k, E))
     issued = 2 * block_t * L.RP * L.RP * active_pair_blocks(T, E, top_k, block_t)
     useful = 2 * T * top_k * top_k * L.rank * L.rank
     slots = KP if top_k < E else 0

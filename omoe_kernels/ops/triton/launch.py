@@ -30,10 +30,9 @@ from typing import Optional
 
 import torch
 
-from .._validate import Problem
-from ..backends import REGISTRY, triton_interpreting
-from . import triton_configs as C
-from .registration import (
+from ..._validate import Problem
+from ..limits import MAX_ACTIVE_EXPERTS, next_pow2, triton_interpreting
+from ..registration import (
     BACKWARD_SCHEMA,
     FORWARD_SCHEMA,
     OpFamily,
@@ -43,11 +42,12 @@ from .registration import (
     check_forward_args,
     register_family,
 )
+from . import configs as C
 
 try:
     import triton
 
-    from . import triton_kernels as K
+    from . import gemm_kernels as K
 
     AVAILABLE = True
     IMPORT_ERROR: str | None = None
@@ -56,7 +56,7 @@ except Exception as exc:  # triton missing or broken: the backend is just unavai
     IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 
-interpreting = triton_interpreting  # the one reading of TRITON_INTERPRET (backends.py)
+interpreting = triton_interpreting  # the one reading of TRITON_INTERPRET (ops/limits.py)
 
 
 def fixed_config() -> bool:
@@ -73,10 +73,6 @@ def _empty(shape, device, dtype) -> torch.Tensor:
         poison = float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min
         return torch.full(shape, poison, device=device, dtype=dtype)
     return torch.empty(shape, device=device, dtype=dtype)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 @dataclass(frozen=True)
@@ -96,8 +92,8 @@ class Layout:
 
 
 def layout(num_experts: int, rank: int) -> Layout:
-    EP = _next_pow2(num_experts)
-    RP = max(_next_pow2(rank), 16 // EP if EP < 16 else 1)
+    EP = next_pow2(num_experts)
+    RP = max(next_pow2(rank), 16 // EP if EP < 16 else 1)
     return Layout(num_experts, rank, EP, RP, EP * RP, max(16, EP))
 
 
@@ -120,7 +116,7 @@ def _upcast(dtype: torch.dtype) -> bool:
 def _pow2_bucket(n: int) -> int:
     """n rounded up to a power of 2: the autotune key of a dimension that follows T, so a
     new token count re-tunes only when it crosses a power of 2."""
-    return _next_pow2(max(1, n))
+    return next_pow2(max(1, n))
 
 
 def _gram_programs(L: Layout) -> int:
@@ -152,7 +148,7 @@ def _num_sms(device: torch.device) -> int:
     return _SMS
 
 
-# The configs themselves are in triton_configs.py (kernel_report compiles the same ones).
+# The configs themselves are in triton/configs.py (kernel_report compiles the same ones).
 
 _AUTOTUNED = {}
 
@@ -507,7 +503,7 @@ def backward_impl(grad_y, x, A, B, router_weight, router_input, h, logits, scali
 
 FAMILY = OpFamily(namespace="omoe_triton", backends="'triton'",
                   hidden_width=lambda E, r: layout(E, r).ERP,
-                  max_active_experts=lambda device_type: REGISTRY["triton"].max_active_experts,
+                  max_active_experts=lambda device_type: MAX_ACTIVE_EXPERTS["triton"],
                   kernels="Triton")
 
 if AVAILABLE:

@@ -1,6 +1,6 @@
 """Launch configurations of the Triton kernels, in one place.
 
-The launchers (`triton_omoe.py`) and the ahead-of-time resource report
+The launchers (`triton/launch.py`) and the ahead-of-time resource report
 (`kernel_report.py`) both read these functions, so the report compiles exactly what runs.
 Nothing here imports triton except the autotune lists, which are built on demand.
 
@@ -8,8 +8,10 @@ Nothing here imports triton except the autotune lists, which are built on demand
 """
 from __future__ import annotations
 
+from ..limits import next_pow2
+
 # DOT_KIND values: how the matmul operands are multiplied. The launchers pass these plain
-# ints; triton_kernels.py holds the same values as `tl.constexpr` for the kernel bodies.
+# ints; triton/gemm_kernels.py holds the same values as `tl.constexpr` for the kernel bodies.
 DOT_FP32_IEEE = 0
 DOT_FP32_TF32 = 1
 DOT_FP16 = 2
@@ -138,7 +140,7 @@ def autotuned_configs(kernel: str) -> list:
 # ---- per-token kernels -----------------------------------------------------------------
 
 # Warps of the per-token kernels: each thread holds one token, so a program covers
-# 32 · TOKEN_WARPS tokens (triton_token_kernels.py).
+# 32 · TOKEN_WARPS tokens (triton/token_kernels.py).
 TOKEN_WARPS = 4
 
 
@@ -154,12 +156,8 @@ def token_flags(L, top_k: int, orthogonalize: bool, normalize: bool,
     (the same for both; `backward` is accepted for symmetry). K = top_k slots, KP its
     power of 2: a kernel is compiled per (E, top_k), which a model fixes."""
     return dict(K=top_k, TOP_K_ROUTING=top_k < L.num_experts, ORTHOGONALIZE=orthogonalize,
-                NORMALIZE=normalize, BT=token_block(L), EP=L.EP, KP=_pow2(top_k), RP=L.RP,
+                NORMALIZE=normalize, BT=token_block(L), EP=L.EP, KP=next_pow2(top_k), RP=L.RP,
                 ERP=L.ERP, num_warps=TOKEN_WARPS)
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 # num_stages of the per-token kernels and gram_grad: Triton's CUDA default, passed
