@@ -595,15 +595,8 @@ void weight_cache_clear() { weight_cache::instance().clear(); }
 }  // namespace omoe
 
 TORCH_LIBRARY(omoe, m) {
-  m.def(
-      "forward(Tensor x, Tensor A, Tensor B, Tensor router_weight, Tensor? router_input, "
-      "Tensor? base_out, float scaling, int top_k, bool orthogonalize, bool normalize, "
-      "float eps) -> (Tensor y, Tensor h, Tensor logits)");
-  m.def(
-      "backward(Tensor grad_y, Tensor x, Tensor A, Tensor B, Tensor router_weight, "
-      "Tensor? router_input, Tensor h, Tensor logits, float scaling, int top_k, "
-      "bool orthogonalize, bool normalize, float eps) -> (Tensor grad_x, Tensor grad_A, "
-      "Tensor grad_B, Tensor grad_router_weight, Tensor grad_router_input)");
+  m.def("forward" OMOE_FORWARD_SIGNATURE);
+  m.def("backward" OMOE_BACKWARD_SIGNATURE);
 }
 
 // The weight cache (omoe_weight_cache.h), in a namespace of its own: these are not device

@@ -9,6 +9,20 @@
 #include <optional>
 #include <tuple>
 
+// The ops' signatures, after the op name: every op family defined in C++ (omoe,
+// omoe_cuda_plan) uses these, and omoe_kernels/ops/registration.py's FORWARD_SCHEMA and
+// BACKWARD_SCHEMA must match them (python_tests/test_op_schema.py). String literals, so
+// that `"forward" OMOE_FORWARD_SIGNATURE` is one literal for TORCH_LIBRARY's def.
+#define OMOE_FORWARD_SIGNATURE                                                       \
+  "(Tensor x, Tensor A, Tensor B, Tensor router_weight, Tensor? router_input, "      \
+  "Tensor? base_out, float scaling, int top_k, bool orthogonalize, bool normalize, " \
+  "float eps) -> (Tensor y, Tensor h, Tensor logits)"
+#define OMOE_BACKWARD_SIGNATURE                                                       \
+  "(Tensor grad_y, Tensor x, Tensor A, Tensor B, Tensor router_weight, "              \
+  "Tensor? router_input, Tensor h, Tensor logits, float scaling, int top_k, "         \
+  "bool orthogonalize, bool normalize, float eps) -> (Tensor grad_x, Tensor grad_A, " \
+  "Tensor grad_B, Tensor grad_router_weight, Tensor grad_router_input)"
+
 namespace omoe {
 
 struct Sizes {

@@ -257,7 +257,7 @@ def test_fsdp2_fully_shard_matches_single_process(distributed_results):
 # ---------------------------------------------------------------------------- profiling
 
 def test_profile_module_writes_trace_and_times_every_stage(tmp_path, capsys):
-    from omoe_kernels import profile
+    from omoe_kernels.tools import profile
 
     trace = tmp_path / "trace.json"
     result = profile.main(["--tokens", "40", "--d-in", "24", "--d-out", "20", "--experts", "3",
@@ -282,7 +282,7 @@ def test_profile_cli_help_trace_only_when_asked_and_no_error_on_cpu(tmp_path):
     import subprocess
     import sys
 
-    from omoe_kernels import profile
+    from omoe_kernels.tools import profile
 
     help_text = subprocess.run([sys.executable, "-m", "omoe_kernels.tools.profile", "--help"],
                                capture_output=True, text=True, check=True).stdout
@@ -294,7 +294,7 @@ def test_profile_cli_help_trace_only_when_asked_and_no_error_on_cpu(tmp_path):
     with pytest.raises(SystemExit):
         profile.parse_args(["--dtype", "bfloat16"])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [os.path.dirname(os.path.dirname(os.path.abspath(profile.__file__))),
+        [os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(profile.__file__)))),
          os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run([sys.executable, "-m", "omoe_kernels.tools.profile", "--tokens", "16",
                           "--d-in", "16", "--d-out", "16", "--experts", "2", "--rank", "2",

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "cuda/omoe_cuda_plan.h"
+#include "omoe_ops.h"
 
 namespace omoe {
 namespace {
@@ -142,15 +143,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
 }  // namespace omoe
 
 TORCH_LIBRARY(omoe_cuda_plan, m) {
-  m.def(
-      "forward(Tensor x, Tensor A, Tensor B, Tensor router_weight, Tensor? router_input, "
-      "Tensor? base_out, float scaling, int top_k, bool orthogonalize, bool normalize, "
-      "float eps) -> (Tensor y, Tensor h, Tensor logits)");
-  m.def(
-      "backward(Tensor grad_y, Tensor x, Tensor A, Tensor B, Tensor router_weight, "
-      "Tensor? router_input, Tensor h, Tensor logits, float scaling, int top_k, "
-      "bool orthogonalize, bool normalize, float eps) -> (Tensor grad_x, Tensor grad_A, "
-      "Tensor grad_B, Tensor grad_router_weight, Tensor grad_router_input)");
+  m.def("forward" OMOE_FORWARD_SIGNATURE);
+  m.def("backward" OMOE_BACKWARD_SIGNATURE);
 }
 
 TORCH_LIBRARY_IMPL(omoe_cuda_plan, CPU, m) {
