@@ -32,7 +32,7 @@ install: venv
 test: install
 	$(PY) -m pytest -q python_tests
 
-# The §6 shapes, then the cost-growth sweep and greedy decoding (bench/NOTES.md); each
+# The §6 shapes, then the cost-growth sweep and greedy decoding (bench/README.md); each
 # writes its results under bench/results/.
 bench: install
 	$(PY) -m bench.bench_omoe
