@@ -3,8 +3,8 @@
 A backend is one `Backend` entry in `REGISTRY` below: its name, the device types it serves
 with its place in each device's order (fastest first), the devices on which `"auto"` may
 pick it, a check that it can run here, and a loader that imports its function on first
-use. `available_backends`, `resolve_backend`, `OMoELinear`'s name check and the test suite
-all read this table; adding a backend means adding one entry (docs/extending.md).
+use. `available_backends`, `resolve_backend`, `OMoEOptions`'s backend check and the test
+suite all read this table; adding a backend means adding one entry (docs/extending.md).
 
 Today's order, fastest first per device:
 - CUDA tensors: "triton", "cuda", "reference"
