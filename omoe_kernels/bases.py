@@ -95,8 +95,11 @@ BASE_KINDS: tuple[BaseKind, ...] = (
 
 
 def dispatch(base: nn.Module) -> BaseKind:
-    """The first kind in BASE_KINDS that takes `base`."""
-    return next(kind for kind in BASE_KINDS if kind.matches(base))
+    """The first kind in BASE_KINDS that takes `base` (the last takes every module)."""
+    for kind in BASE_KINDS:
+        if kind.matches(base):
+            return kind
+    raise AssertionError("BASE_KINDS ends with a kind that takes every module")
 
 
 def check_base(base) -> None:

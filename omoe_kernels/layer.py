@@ -1,7 +1,7 @@
 """`OMoELinear`: a frozen `nn.Linear` plus an orthogonal mixture of LoRA experts.
 
 Its options and their rules are `OMoEOptions`'s (options.py); the base layers it wraps and
-how each runs, bases.py's. What is left here is the layer itself and its state-dict keys.
+how each runs, bases.py's. This module holds the layer and its state-dict keys.
 """
 from __future__ import annotations
 
