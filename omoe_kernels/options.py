@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .backends import REGISTRY, capacity_error
+from .backends import capacity_error, check_backend_name
 
 # Adapter parameter dtypes by name; an alias maps to its canonical (first) name.
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
@@ -95,14 +95,9 @@ def check_adapter_dtype(adapter_dtype) -> str | None:
 
 
 def check_backend(backend, active_experts: int) -> str:
-    """"auto" or a registered backend that takes k = `active_experts` active experts; an
-    explicit backend that cannot fails here, when the layer is built, not at its first call."""
-    if not isinstance(backend, str):
-        raise TypeError(f"`backend` must be a str, one of {('auto', *REGISTRY)}, "
-                        f"got {type(backend).__name__}")
-    if backend != "auto" and backend not in REGISTRY:
-        raise ValueError(f"`backend` must be one of {('auto', *REGISTRY)}, got {backend!r}")
-    error = None if backend == "auto" else capacity_error(backend, active_experts)
+    """"auto" or a registered backend that takes k = `active_experts` active experts (the
+    registry's checks); an explicit backend that cannot fails when the layer is built."""
+    error = None if check_backend_name(backend) == "auto" else capacity_error(backend, active_experts)
     if error is not None:
         raise ValueError(error)
     return backend
