@@ -139,23 +139,23 @@ class OMoEOptions:
     orthogonalize: bool = _defines_function(True)
     normalize: bool = _defines_function(True)
     eps: float = _defines_function(1e-6)
-    adapter_dtype: str | None = None
+    adapter_dtype: str | torch.dtype | None = None  # stored as a name of DTYPES
     backend: str = "auto"
 
     def __post_init__(self) -> None:
-        def canonical(name: str, value) -> None:
+        def store(name: str, value) -> None:  # the checked, canonical value (frozen class)
             object.__setattr__(self, name, value)
 
-        canonical("num_experts", check_count("num_experts", self.num_experts))
-        canonical("rank", check_count("rank", self.rank))
-        canonical("alpha", None if self.alpha is None else check_finite("alpha", self.alpha))
+        store("num_experts", check_count("num_experts", self.num_experts))
+        store("rank", check_count("rank", self.rank))
+        store("alpha", None if self.alpha is None else check_finite("alpha", self.alpha))
         active_experts = check_top_k(self.top_k, self.num_experts)
-        canonical("dropout", check_dropout(self.dropout))
-        canonical("orthogonalize", check_flag("orthogonalize", self.orthogonalize))
-        canonical("normalize", check_flag("normalize", self.normalize))
-        canonical("eps", check_eps(self.eps))
-        canonical("adapter_dtype", check_adapter_dtype(self.adapter_dtype))
-        canonical("backend", check_backend(self.backend, active_experts))
+        store("dropout", check_dropout(self.dropout))
+        store("orthogonalize", check_flag("orthogonalize", self.orthogonalize))
+        store("normalize", check_flag("normalize", self.normalize))
+        store("eps", check_eps(self.eps))
+        store("adapter_dtype", check_adapter_dtype(self.adapter_dtype))
+        store("backend", check_backend(self.backend, active_experts))
 
     @property
     def effective_alpha(self) -> float:
@@ -168,7 +168,7 @@ class OMoEOptions:
 
     def parameter_dtype(self, base_dtype: torch.dtype) -> torch.dtype:
         """The dtype of the adapter parameters on a base computing in `base_dtype`."""
-        if self.adapter_dtype is None:  # half-precision adapters train poorly (peft agrees)
+        if self.adapter_dtype is None:  # fp32 adapters on a half base, as peft's
             return torch.float32 if base_dtype in HALF_DTYPES else base_dtype
         return base_dtype if self.adapter_dtype == "base" else DTYPES[self.adapter_dtype]
 
