@@ -9,12 +9,15 @@ from dataclasses import dataclass
 
 import torch
 
+from .options import check_eps, check_finite, check_flag, check_top_k
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass(frozen=True)
 class Problem:
-    """The sizes and options of one call, after validation."""
+    """The sizes and kernel options of one call, checked by `check_inputs` with the
+    validators of `OMoEOptions` (options.py)."""
 
     num_tokens: int
     d_in: int
@@ -40,31 +43,10 @@ def _check_tensor(name: str, t, ndim: int | None = None) -> None:
         raise ValueError(f"`{name}` must be {ndim}-D, got shape {tuple(t.shape)}")
 
 
-def _check_flag(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"`{name}` must be a bool, got {type(value).__name__}")
-    return value
-
-
 def check_options(num_experts: int, top_k, eps, scaling=1.0) -> tuple[int, float, float]:
-    """Validates top_k, eps and scaling (finite); returns (top_k as int, eps, scaling)."""
-    if top_k is None:
-        k = num_experts
-    else:
-        if isinstance(top_k, bool) or not isinstance(top_k, int):
-            raise TypeError(f"`top_k` must be an int or None, got {type(top_k).__name__}")
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"`top_k` must be in [1, {num_experts}] (the number of experts), got {top_k}")
-        k = top_k
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"`eps` must be a float, got {type(eps).__name__}")
-    if not (eps > 0 and math.isfinite(eps)):
-        raise ValueError(f"`eps` must be a finite number > 0, got {eps}")
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
-        raise TypeError(f"`scaling` must be a float, got {type(scaling).__name__}")
-    if not math.isfinite(scaling):
-        raise ValueError(f"`scaling` must be a finite number, got {scaling}")
-    return k, float(eps), float(scaling)
+    """top_k, eps and scaling by `OMoEOptions`'s rules (options.py); returns
+    (k = min(top_k, E), eps, scaling) as the kernels take them."""
+    return check_top_k(top_k, num_experts), check_eps(eps), check_finite("scaling", scaling)
 
 
 # The smallest positive value of each dtype (a subnormal): a number at or below half of
@@ -134,9 +116,8 @@ def check_inputs(x, A, B, router_weight, *, scaling, top_k, orthogonalize, norma
             raise ValueError(f"`{name}` is on {t.device} but `x` is on {x.device}")
         if t.dtype != x.dtype:
             raise TypeError(f"`{name}` has dtype {t.dtype} but `x` has dtype {x.dtype}")
-    _check_flag("orthogonalize", orthogonalize)
-    _check_flag("normalize", normalize)
     k, eps, scaling = check_options(E, top_k, eps, scaling)
     check_eps_fits(eps, x.dtype)
-    num_tokens = math.prod(lead)
-    return Problem(num_tokens, d_in, d_out, E, r, k, scaling, orthogonalize, normalize, eps)
+    return Problem(math.prod(lead), d_in, d_out, E, r, k, scaling,
+                   check_flag("orthogonalize", orthogonalize), check_flag("normalize", normalize),
+                   eps)

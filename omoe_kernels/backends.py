@@ -3,8 +3,8 @@
 A backend is one `Backend` entry in `REGISTRY` below: its name, the device types it serves
 with its place in each device's order (fastest first), the devices on which `"auto"` may
 pick it, a check that it can run here, and a loader that imports its function on first
-use. `available_backends`, `resolve_backend`, `OMoELinear`'s name check and the test suite
-all read this table; adding a backend means adding one entry (docs/extending.md).
+use. `available_backends`, `resolve_backend`, `OMoEOptions`'s backend check and the test
+suite all read this table; adding a backend means adding one entry (docs/extending.md).
 
 Today's order, fastest first per device:
 - CUDA tensors: "triton", "cuda", "reference"
@@ -128,6 +128,16 @@ def _ordered(device_type: str) -> list[Backend]:
     return sorted(serving, key=lambda b: b.place(device_type))
 
 
+def check_backend_name(backend, source: str = "`backend`") -> str:
+    """`backend` when it is "auto" or a name in REGISTRY; TypeError/ValueError naming `source`."""
+    if not isinstance(backend, str):
+        raise TypeError(f"{source} must be a str, one of {('auto', *REGISTRY)}, "
+                        f"got {type(backend).__name__}")
+    if backend != "auto" and backend not in REGISTRY:
+        raise ValueError(f"{source} must be one of {('auto', *REGISTRY)}, got {backend!r}")
+    return backend
+
+
 def capacity_error(name: str, active_experts: int, source: str = "`backend`") -> str | None:
     """Why backend `name` cannot take `active_experts` = min(top_k, E), or None if it can."""
     limit = REGISTRY[name].max_active_experts
@@ -156,21 +166,18 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
 def resolve_backend(backend: str, device: torch.device, active_experts: int = 1) -> str:
     """The backend name a call with `active_experts` = min(top_k, E) runs on; raises
     ValueError naming `backend` if it cannot run."""
-    if not isinstance(backend, str):
-        raise TypeError(f"`backend` must be a str, got {type(backend).__name__}")
     source = "`backend`"
+    check_backend_name(backend, source)
     if backend == "auto":
         env = os.environ.get("OMOE_BACKEND", "").strip()
         if env and env != "auto":
-            backend, source = env, "OMOE_BACKEND"
+            backend, source = check_backend_name(env, "OMOE_BACKEND"), "OMOE_BACKEND"
     if backend == "auto":
         for candidate in _ordered(device.type):
             if (candidate.auto_may_pick(device.type) and candidate.available(device.type)
                     and capacity_error(candidate.name, active_experts) is None):
                 return candidate.name
         return "reference"
-    if backend not in REGISTRY:
-        raise ValueError(f"{source} must be one of {('auto', *REGISTRY)}, got {backend!r}")
     if not backend_usable(backend, device):
         raise ValueError(
             f"{source}={backend!r} cannot run on {device.type} tensors here; "

@@ -1,4 +1,4 @@
-"""`OMoEConfig`: every option of `inject`, as a dataclass that round-trips through JSON."""
+"""`OMoEConfig`: the targets and options of `inject`, a dataclass that round-trips through JSON."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,38 +7,26 @@ import os
 import re
 from dataclasses import dataclass
 
-import torch
+from ..options import OMoEOptions
 
 CONFIG_FORMAT = "omoe_kernels.config"
 CONFIG_FORMAT_VERSION = 1
-_DTYPE_NAMES = ("float32", "float64", "float16", "bfloat16")
 
 
-@dataclass
-class OMoEConfig:
-    """What `ok.inject(model, config, adapter_name=...)` builds (docs/integration.md).
-
-    - `target_modules`: module-name suffixes (a name matches when it equals a suffix or
-      ends with "." + suffix), or one regex string that must match the whole name.
-    - `num_experts`, `rank`, `alpha` (None: alpha = rank; scaling = alpha / rank),
-      `top_k` (None: dense routing), `dropout` (adapter input only), `orthogonalize`,
-      `normalize`, `eps`: the layer's options (docs/contract.md §1, §3).
-    - `adapter_dtype`: None = float32 adapters on a float16/bfloat16 base, the base's
-      dtype otherwise; "base" = always the base's dtype; or "float32", "bfloat16", ...
-    - `backend`: which kernels run ("auto", "cpu", "cuda", "triton", "reference").
-    """
-
+@dataclass(frozen=True)
+class _Targets:
     target_modules: list[str] | str
-    num_experts: int
-    rank: int
-    alpha: float | None = None
-    top_k: int | None = None
-    dropout: float = 0.0
-    orthogonalize: bool = True
-    normalize: bool = True
-    eps: float = 1e-6
-    adapter_dtype: str | None = None
-    backend: str = "auto"
+
+
+@dataclass(frozen=True)
+class OMoEConfig(OMoEOptions, _Targets):
+    """What `ok.inject(model, config, adapter_name=...)` builds (docs/integration.md):
+    `target_modules` and the layer's options, `OMoEOptions`'s fields (options.py), checked
+    at construction.
+
+    `target_modules`: module-name suffixes (a name matches when it equals a suffix or ends
+    with "." + suffix), or one regex string that must match the whole name.
+    """
 
     def __post_init__(self) -> None:
         targets = self.target_modules
@@ -49,23 +37,15 @@ class OMoEConfig:
                 raise ValueError(f"`target_modules` is not a valid regex: {exc}") from None
         elif isinstance(targets, (list, tuple, set, frozenset)) and targets and all(
                 isinstance(s, str) and s for s in targets):
-            self.target_modules = list(targets)
+            object.__setattr__(self, "target_modules", list(targets))
         else:
             raise TypeError("`target_modules` must be a non-empty list of module-name suffixes "
                             f"or one regex string, got {targets!r}")
-        if isinstance(self.adapter_dtype, torch.dtype):  # store the name: JSON-friendly
-            self.adapter_dtype = str(self.adapter_dtype).removeprefix("torch.")
-        if self.adapter_dtype not in (None, "base") + _DTYPE_NAMES:
-            raise ValueError(f"`adapter_dtype` must be None, 'base' or one of {_DTYPE_NAMES}, "
-                             f"got {self.adapter_dtype!r}")
-        # The numeric options are checked by OMoELinear, which names each one.
+        super().__post_init__()
 
     def layer_options(self) -> dict:
         """The keyword arguments of `OMoELinear` this config gives."""
-        return {"num_experts": self.num_experts, "rank": self.rank, "alpha": self.alpha,
-                "top_k": self.top_k, "dropout": self.dropout,
-                "orthogonalize": self.orthogonalize, "normalize": self.normalize,
-                "eps": self.eps, "adapter_dtype": self.adapter_dtype, "backend": self.backend}
+        return OMoEOptions.as_dict(self)
 
     def to_dict(self) -> dict:
         """A JSON-ready dict with the format name and version."""
@@ -74,7 +54,8 @@ class OMoEConfig:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> "OMoEConfig":
-        """The inverse of `to_dict`; ValueError naming `source` for anything malformed."""
+        """The inverse of `to_dict`; ValueError naming `source` and the field for anything
+        malformed (a field's own check names it)."""
         if not isinstance(data, dict):
             raise ValueError(f"{source}: an OMoE config must be a JSON object, "
                              f"got {type(data).__name__}")
@@ -87,7 +68,8 @@ class OMoEConfig:
         unknown = sorted(set(options) - names)
         if unknown:
             raise ValueError(f"{source}: unknown config keys {unknown}")
-        missing = sorted(n for n in ("target_modules", "num_experts", "rank") if n not in options)
+        missing = sorted(f.name for f in dataclasses.fields(cls) if f.name not in options
+                         and f.default is dataclasses.MISSING)
         if missing:
             raise ValueError(f"{source}: the config lacks {missing}")
         try:
