@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import omoe_kernels as ok
-from conftest import DEVICE
+from helpers import DEVICE
 
 OPTIONS = dict(num_experts=3, rank=2, top_k=2)
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import COMPILED_BACKENDS, DEVICE, make_problem, random_grad, run_backend
+from helpers import COMPILED_BACKENDS, DEVICE, make_problem, random_grad, run_backend
 from omoe_kernels import OMoELinear, omoe_lora
 from omoe_kernels.ops import compiled, registration
 from omoe_kernels.ops.triton import launch as triton_ops
