@@ -149,7 +149,8 @@ def test_the_two_families_share_one_schema():
 
 @pytest.mark.skipif(not triton_ops.AVAILABLE, reason="triton not importable")
 def test_triton_op_refuses_a_short_router_weight_before_launching():
-    """It used to read past the end of router_weight (its rows were masked by A's E)."""
+    """The kernels mask router_weight's rows by A's E, so a shorter router_weight would be
+    read past its end: the op checks its shape before it launches anything."""
     args = _valid_forward_args()
     args["router_weight"] = args["router_weight"][:1]
     with pytest.raises(RuntimeError, match=r"omoe_triton: router_weight must be \[E, d_in\]"):
@@ -185,7 +186,8 @@ def test_opcheck_non_contiguous_inputs(layout):
 
 @needs_compiled
 def test_compiled_fullgraph_backward_with_transposed_x():
-    """Inductor asserts the fake strides at run time: a transposed x used to fail there."""
+    """Inductor asserts the fake strides at run time, so a fake kernel whose output strides
+    differ from the real kernel's for a transposed x fails here."""
     torch._dynamo.reset()
     p = make_problem(6, 5, 4, 2, 3, dtype=torch.float32, seed=8, with_base_out=False)
     x = p.x.t().contiguous().t()
