@@ -85,6 +85,7 @@ EOF
 #    and named in the log, so a missing package does not stop the run at collection.
 IGNORES=$("$PY" - <<'EOF'
 import ast, importlib.util, pathlib
+local = {p.stem for p in pathlib.Path("python_tests").glob("*.py")} | {"omoe_kernels", "bench"}
 for path in sorted(pathlib.Path("python_tests").glob("test_*.py")):
     missing = set()
     for node in ast.walk(ast.parse(path.read_text())):
@@ -92,7 +93,7 @@ for path in sorted(pathlib.Path("python_tests").glob("test_*.py")):
                 [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else []
         for name in names:
             top = name.split(".")[0]
-            if top not in ("conftest", "omoe_kernels", "bench") and importlib.util.find_spec(top) is None:
+            if top not in local and importlib.util.find_spec(top) is None:  # helpers, conftest: ours
                 missing.add(top)
     if missing:
         print(f"--ignore={path}  # needs {', '.join(sorted(missing))}")
