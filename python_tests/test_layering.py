@@ -268,6 +268,59 @@ def test_ops_imports_nothing_above_it():
                      "layers above them:\n" + "\n".join(map(str, bad)))
 
 
+def reachable_from(edges: list[Import], start: str) -> dict[str, Import]:
+    """Every module `start` imports directly or through others, with the import that
+    first reaches it (breadth-first, so the chain back to `start` is a shortest one)."""
+    graph: dict[str, list[Import]] = {}
+    for e in edges:
+        graph.setdefault(e.source, []).append(e)
+    reached: dict[str, Import] = {}
+    queue = [start]
+    while queue:
+        node = queue.pop(0)
+        for e in graph.get(node, ()):
+            if e.target != start and e.target not in reached:
+                reached[e.target] = e
+                queue.append(e.target)
+    return reached
+
+
+def chain(reached: dict[str, Import], start: str, target: str) -> list[Import]:
+    links = []
+    while target != start:
+        links.append(reached[target])
+        target = reached[target].source
+    return links[::-1]
+
+
+def test_ops_reaches_nothing_above_it_through_other_modules():
+    """ops/ may import omoe_kernels._validate, but not when that (or anything it imports)
+    imports the registry: ops would then depend on the registry that loads it."""
+    edges = import_edges(REPO)
+    above = {PACKAGE} | {f"{PACKAGE}.{m}" for m in ABOVE_OPS}
+    bad = []
+    for start in sorted({e.source for e in edges if e.source.startswith(f"{PACKAGE}.ops")}):
+        reached = reachable_from(edges, start)
+        for target in sorted(reached):
+            if target in above or any(target.startswith(a + ".") for a in above - {PACKAGE}):
+                bad.append(" -> ".join([start] + [e.target for e in chain(reached, start, target)])
+                           + "\n  " + "\n  ".join(map(str, chain(reached, start, target))))
+                break
+    assert not bad, "omoe_kernels/ops/ reaches the layers above it:\n" + "\n".join(bad)
+
+
+def test_reachable_from_names_the_chain(tmp_path):
+    files = {"omoe_kernels/__init__.py": "", "omoe_kernels/backends.py": "",
+             "omoe_kernels/options.py": "from .backends import check_backend_name\n",
+             "omoe_kernels/_validate.py": "from .options import check_eps\n",
+             "omoe_kernels/ops/__init__.py": "",
+             "omoe_kernels/ops/compiled.py": "from .._validate import Problem\n"}
+    edges = import_edges(_write_tree(tmp_path, files))
+    reached = reachable_from(edges, "omoe_kernels.ops.compiled")
+    assert [e.target for e in chain(reached, "omoe_kernels.ops.compiled", "omoe_kernels.backends")] == [
+        "omoe_kernels._validate", "omoe_kernels.options", "omoe_kernels.backends"]
+
+
 # ---- the expert bounds ------------------------------------------------------------------
 
 def _cpp_constants(name: str) -> list[tuple[str, int]]:
@@ -342,11 +395,11 @@ def test_omoe_linear_is_under_100_lines():
 
 # ---- no paths of the machine a file was written on --------------------------------------
 
-# A home, build or scratch directory: /work/..., /workspace/..., /home/<user>/...,
-# /Users/<user>/..., /root/..., /scratch/..., /mnt/..., and any fixed name under /tmp or
-# /var/tmp (a script makes its scratch directory with mktemp; tests use tmp_path). System
-# paths (/usr/local/cuda, /usr/bin/env, /dev/null, /opt/...) are no machine's own. A
-# path counts where it starts a token: not inside a relative path, a URL or ${VAR}/.
+# A path under a home, build or scratch directory: /work, /workspace, /home/<user>,
+# /Users/<user>, /root, /scratch, /mnt, and any fixed name under /tmp or /var/tmp (a
+# script makes its scratch directory with mktemp; tests use tmp_path). System paths
+# (/usr/local/cuda, /usr/bin/env, /dev/null, /opt) are no machine's own. A path counts
+# where it starts a token: not inside a relative path, a URL or after ${VAR}.
 MACHINE_PATH = re.compile(
     r"(?<![\w.~$}/-])/(?:work|workspace|root|scratch|mnt|tmp|var/tmp|private/tmp"
     r"|home/[\w.-]+|Users/[\w.-]+)/[\w.~-][\w.~+/-]*")
