@@ -6,7 +6,7 @@ checks as the real kernels (same first line of the error) and describe the real 
 shapes, dtypes and strides for any input layout (opcheck; a fullgraph compile whose
 inductor asserts the strides at run time); both families share one schema; and a Triton
 op refuses a too-short `router_weight` before launching rather than reading past its end.
-The Triton kernels' share runs under the interpreter in triton_interpreted_cases.py.
+The Triton kernels' share runs under the interpreter (test_triton.py starts that session).
 """
 from __future__ import annotations
 
