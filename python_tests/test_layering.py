@@ -230,6 +230,26 @@ def test_the_cycle_finder_passes_the_layout_with_the_bounds_in_ops_limits(tmp_pa
     assert ops_layering_violations(edges) == []
 
 
+@pytest.mark.parametrize("path, source, target", [
+    ("ops/compiled.py", "import omoe_kernels\n", "omoe_kernels"),
+    ("ops/compiled.py", "import omoe_kernels.backends as b\n", "omoe_kernels.backends"),
+    ("ops/compiled.py", "from .. import omoe_lora\n", "omoe_kernels"),
+    ("ops/compiled.py", "from .. import backends\n", "omoe_kernels.backends"),
+    ("ops/compiled.py", "def f():\n    from ..backends import REGISTRY\n", "omoe_kernels.backends"),
+    ("ops/triton/launch.py", "from ... import omoe_lora\n", "omoe_kernels"),
+    ("ops/triton/launch.py", "from ...functional import omoe_lora\n", "omoe_kernels.functional"),
+    ("ops/__init__.py", "from omoe_kernels import omoe_lora\n", "omoe_kernels"),
+])
+def test_every_form_of_importing_the_root_or_registry_from_ops_is_caught(tmp_path, path, source, target):
+    files = {"omoe_kernels/__init__.py": "from .functional import omoe_lora\n",
+             "omoe_kernels/functional.py": "", "omoe_kernels/backends.py": "REGISTRY = {}\n",
+             "omoe_kernels/ops/__init__.py": "", "omoe_kernels/ops/compiled.py": "",
+             "omoe_kernels/ops/triton/__init__.py": "", "omoe_kernels/ops/triton/launch.py": ""}
+    files[f"omoe_kernels/{path}"] = source
+    bad = ops_layering_violations(import_edges(_write_tree(tmp_path, files)))
+    assert [e.target for e in bad] == [target]
+
+
 @pytest.mark.parametrize("sub_imports, cycle", [
     ("from . import other\n", None),                   # pkg.sub -> pkg.other: a submodule
     ("import pkg.other\n", None),
