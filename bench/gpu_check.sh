@@ -28,6 +28,8 @@ export PATH="$CUDA_HOME/bin:$PATH"
 export MAX_JOBS=${MAX_JOBS:-16}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}   # this machine only: half the nvcc work
 export OMOE_BUILD_CUDA=${OMOE_BUILD_CUDA:-auto}
+# What stays off $OUT (the device tool returns few files): a scratch directory of its own.
+SCRATCH=$(mktemp -d -t omoe-gpu-check.XXXXXX)
 
 note() { echo "[$(date -u +%H:%M:%S) +$(( $(date +%s) - START ))s] $*" | tee -a "$SUMMARY"; }
 left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
@@ -83,6 +85,7 @@ EOF
 #    and named in the log, so a missing package does not stop the run at collection.
 IGNORES=$("$PY" - <<'EOF'
 import ast, importlib.util, pathlib
+local = {p.stem for p in pathlib.Path("python_tests").glob("*.py")} | {"omoe_kernels", "bench"}
 for path in sorted(pathlib.Path("python_tests").glob("test_*.py")):
     missing = set()
     for node in ast.walk(ast.parse(path.read_text())):
@@ -90,7 +93,7 @@ for path in sorted(pathlib.Path("python_tests").glob("test_*.py")):
                 [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else []
         for name in names:
             top = name.split(".")[0]
-            if top not in ("conftest", "omoe_kernels", "bench") and importlib.util.find_spec(top) is None:
+            if top not in local and importlib.util.find_spec(top) is None:  # helpers, conftest: ours
                 missing.add(top)
     if missing:
         print(f"--ignore={path}  # needs {', '.join(sorted(missing))}")
@@ -128,10 +131,10 @@ tail -n 40 "$OUT/bench.log" | sed 's/^/  bench| /' >>"$SUMMARY"
 #    Its result files stay outside $OUT (file limit); its table is in bench.log.
 run_stage bench_fused 70 "$OUT/bench.log" env OMOE_TRITON_FUSE_TOKEN=1 \
   "$PY" -m bench.bench_omoe --shapes llama7b --providers triton,lora --no-memory \
-  --out /tmp/gpu_check_fuse_token
+  --out "$SCRATCH/fuse_token"
 tail -n 12 "$OUT/bench.log" | sed 's/^/  bench_fused| /' >>"$SUMMARY"
 
 # 5. If time is left: the compiler's view on this machine's triton (registers, HGMMA).
-run_stage kernel_report 40 /tmp/gpu_check_kernel_report.log "$PY" -m omoe_kernels.tools.kernel_report --arch sm_90a
-tail -n 30 /tmp/gpu_check_kernel_report.log | sed 's/^/  kernel_report| /' >>"$SUMMARY"
+run_stage kernel_report 40 "$SCRATCH/kernel_report.log" "$PY" -m omoe_kernels.tools.kernel_report --arch sm_90a
+tail -n 30 "$SCRATCH/kernel_report.log" | sed 's/^/  kernel_report| /' >>"$SUMMARY"
 note "gpu_check: done in $(( $(date +%s) - START ))s"

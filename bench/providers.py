@@ -9,8 +9,7 @@ from typing import Callable
 import torch
 
 import omoe_kernels as ok
-from omoe_kernels._validate import check_inputs
-from omoe_kernels.reference import omoe_lora_reference
+from omoe_kernels.testing.reference import reference_forward
 
 from .shapes import Shape
 
@@ -83,13 +82,8 @@ def _omoe_call(backend: str) -> Callable[[Shape, Inputs], Callable[[], torch.Ten
 
 
 def _compiled_reference(shape: Shape, inp: Inputs) -> Callable[[], torch.Tensor]:
-    problem = check_inputs(
-        inp.x, inp.A, inp.B, inp.router_weight, scaling=SCALING, top_k=shape.top_k,
-        orthogonalize=True, normalize=True, eps=1e-6, base_out=inp.base_out, router_input=None)
-
-    def reference(x, A, B, router_weight, base_out):
-        return omoe_lora_reference(x, A, B, router_weight, None, base_out, problem)
-
+    reference = reference_forward(inp.x, inp.A, inp.B, inp.router_weight, scaling=SCALING,
+                                  top_k=shape.top_k, base_out=inp.base_out)
     torch._dynamo.reset()  # a fresh cache per shape: no recompile limits, no stale guards
     compiled = torch.compile(reference, dynamic=False)
 

@@ -6,13 +6,13 @@
 #
 #   bash bench/rehearse_gpu_stack.sh            # about 15 min the first time, 10 after
 #
-# Works in a clone of HEAD under $WORK (default /tmp/omoe-gpu-stack), so this checkout's
+# Works in a clone of HEAD under $WORK (default ~/.cache/omoe-gpu-stack), so this checkout's
 # build for the newer torch stays as it is. $WORK/venv is kept between runs. What the
 # versions found the first time (a C++20 header, the 9.0a-only build, tests needing the
 # HF stack): bench/NOTES.md, "The whole GPU machine's stack, rehearsed".
 set -uo pipefail
 
-WORK=${WORK:-/tmp/omoe-gpu-stack}
+WORK=${WORK:-${XDG_CACHE_HOME:-$HOME/.cache}/omoe-gpu-stack}
 REPO=$(git rev-parse --show-toplevel)
 VENV=$WORK/venv
 PY=$VENV/bin/python

@@ -2,14 +2,14 @@
 
 Rows: fp32 random / collapse 0.99 / collapse 0.999, bf16 random / collapse 0.99, fp16
 random, two identical experts, B = 0; in the variants dense, top-k, normalize off and
-orthogonalize off (conftest.VARIANTS).
+orthogonalize off (helpers.VARIANTS).
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from conftest import (
+from helpers import (
     ACCURACY_ROWS,
     ACCURACY_SHAPE,
     BACKENDS,

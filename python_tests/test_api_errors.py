@@ -13,7 +13,7 @@ import torch
 
 import omoe_kernels
 import omoe_kernels.functional
-from conftest import BACKENDS, COMPILED_BACKENDS, DEVICE, make_problem
+from helpers import BACKENDS, COMPILED_BACKENDS, DEVICE, make_problem
 from omoe_kernels import omoe_lora
 
 T, D_IN, D_OUT, E, R = 4, 6, 5, 3, 2

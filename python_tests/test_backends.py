@@ -13,7 +13,7 @@ import torch
 
 import omoe_kernels
 import omoe_kernels.functional
-from conftest import BACKENDS, DEVICE, make_problem, run_backend
+from helpers import BACKENDS, DEVICE, make_problem, run_backend
 from omoe_kernels import omoe_lora
 from omoe_kernels.backends import resolve_backend
 from omoe_kernels.ops import compiled

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import COMPILED_BACKENDS, make_problem, random_grad, run_backend
+from helpers import COMPILED_BACKENDS, make_problem, random_grad, run_backend
 from omoe_kernels.testing import oracle as co
 
 needs_compiled = pytest.mark.skipif(not COMPILED_BACKENDS, reason="no compiled backend here")

@@ -2,7 +2,7 @@
 on a GPU. What every backend must do (the accuracy table, special cases, strided and
 empty inputs) is in the shared suites, which run for `cuda` with OMOE_TEST_DEVICE=cuda.
 
-Every check here compares with the float64 evaluation of docs/contract.md §1 (conftest.oracle) or, where
+Every check here compares with the float64 evaluation of docs/contract.md §1 (helpers.oracle) or, where
 noted, with the compiled CPU ops in float64 (the same algorithm, so differences are
 kernel bugs). Shapes cover each compile-time bound on the active experts (k ≤ 4, 8, 16,
 32), both scratch placements (shared memory for k ≤ 8, a global slot per warp above), G
@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import (
+from helpers import (
     ACCURACY_ROWS,
     ACCURACY_SHAPE,
     assert_finite,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import (
+from helpers import (
     ACCURACY_ROWS,
     ACCURACY_SHAPE,
     assert_finite,

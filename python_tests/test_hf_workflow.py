@@ -215,7 +215,8 @@ def test_state_dict_keeps_the_base_models_keys():
     other = ok.inject(net(seed=5), TARGETS, num_experts=2, rank=2)
     other.load_state_dict(state)
     assert torch.equal(outputs(other), outputs(model))
-    # The layout of earlier versions (`q_proj.base.weight`, `q_proj.lora_A`) still loads.
+    # The single-adapter layout (`q_proj.base.weight`, `q_proj.lora_A`) loads too: users
+    # hold checkpoints written in it.
     legacy = {k.replace(".omoe.default.", "."): v for k, v in state.items()}
     legacy = {(k.replace("q_proj.", "q_proj.base.").replace("v_proj.", "v_proj.base.")
                if k.rsplit(".", 1)[1] in ("weight", "bias") and "_proj." in k else k): v
@@ -393,7 +394,7 @@ def test_dynamic_quantized_linear_base():
 
 def test_installed_hugging_face_versions_are_the_pinned_ones():
     """The Makefile pins the versions this suite runs against; a venv outside the pins
-    means the tests no longer say anything about what `make` installs. Without the Hugging
+    makes the tests say nothing about what `make` installs. Without the Hugging
     Face stack at all (the GPU machine's image) the HF tests skip, and so does this one."""
     pytest.importorskip("transformers")
     import re

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import omoe_kernels as ok
-from conftest import DEVICE
+from helpers import DEVICE
 from omoe_kernels import read_adapter_config
 
 

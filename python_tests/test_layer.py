@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import BACKENDS, DEVICE, assert_rel_close, random_grad
+from helpers import BACKENDS, DEVICE, assert_rel_close, random_grad
 from omoe_kernels import OMoELinear, omoe_lora
 
 D_IN, D_OUT, E, R = 12, 10, 3, 4

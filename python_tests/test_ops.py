@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-from conftest import (
+from helpers import (
     ACCURACY_ROWS,
     BACKENDS,
     COMPILED_BACKENDS,

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from conftest import (
+from helpers import (
     ACCURACY_ROWS,
     BACKENDS,
     DEVICE,

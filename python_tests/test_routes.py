@@ -11,7 +11,7 @@ import torch
 from torch.profiler import profile
 
 import omoe_kernels as ok
-from conftest import (
+from helpers import (
     ACCURACY_ROWS,
     COMPILED_BACKENDS,
     VARIANTS,

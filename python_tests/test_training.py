@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import omoe_kernels as ok
-from conftest import BACKENDS, DEVICE, rel_err
+from helpers import BACKENDS, DEVICE, rel_err
 
 D_IN, D_HID, D_OUT = 24, 20, 12
 

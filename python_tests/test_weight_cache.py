@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import omoe_kernels as ok
-from conftest import COMPILED_BACKENDS
+from helpers import COMPILED_BACKENDS
 
 pytestmark = pytest.mark.skipif("cpu" not in COMPILED_BACKENDS,
                                 reason="the compiled CPU op is not built")

@@ -61,7 +61,7 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------------------
-# Checks of the raw ops (the Python API checks earlier, in _validate.py).
+# Checks of the raw ops (omoe_lora has checked its arguments before it gets here, in _validate.py).
 
 # c10's names for dtypes, so that a fake kernel's message is the C++ kernel's, word for word.
 _C10_NAMES = {

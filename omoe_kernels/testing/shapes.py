@@ -1,6 +1,6 @@
 """Shapes and tolerances of the contract (docs/contract.md §2 and §6), as data.
 
-The test suite (python_tests/conftest.py) and the benchmarks (bench/) both import this
+The test suite (python_tests/helpers.py) and the benchmarks (bench/) both import this
 module, so an accuracy bound or a benchmark shape is written down once.
 """
 from __future__ import annotations

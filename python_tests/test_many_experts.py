@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import omoe_kernels as ok
-from conftest import COMPILED_BACKENDS, assert_matches_oracle, make_problem
+from helpers import COMPILED_BACKENDS, assert_matches_oracle, make_problem
 
 needs_cpu_op = pytest.mark.skipif("cpu" not in COMPILED_BACKENDS,
                                   reason="the compiled CPU op is not built")
