@@ -5,30 +5,13 @@ Every check runs in Python before any kernel, and every error names the argument
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
+from .ops.problem import Problem
 from .options import check_eps, check_finite, check_flag, check_top_k
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-@dataclass(frozen=True)
-class Problem:
-    """The sizes and kernel options of one call, checked by `check_inputs` with the
-    validators of `OMoEOptions` (options.py)."""
-
-    num_tokens: int
-    d_in: int
-    d_out: int
-    num_experts: int
-    rank: int
-    top_k: int  # == num_experts for dense routing
-    scaling: float
-    orthogonalize: bool
-    normalize: bool
-    eps: float
 
 
 def _check_tensor(name: str, t, ndim: int | None = None) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ._validate import Problem
+from .ops.problem import Problem
 
 
 def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,8 +23,6 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run through test_triton.py (T
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-
-import omoe_kernels  # noqa: E402
 from conftest import (  # noqa: E402
     ACCURACY_ROWS,
     ACCURACY_SHAPE,
@@ -35,6 +33,8 @@ from conftest import (  # noqa: E402
     random_grad,
     run_backend,
 )
+
+import omoe_kernels  # noqa: E402
 from omoe_kernels.ops.triton import configs as triton_configs  # noqa: E402
 from omoe_kernels.ops.triton import launch as triton_ops  # noqa: E402
 from omoe_kernels.ops.triton import token_kernels  # noqa: E402

@@ -10,8 +10,8 @@ import warnings
 
 import torch
 
-from .._validate import Problem
 from .limits import MAX_ACTIVE_EXPERTS
+from .problem import Problem
 from .registration import (
     OpFamily,
     call_forward,

@@ -25,7 +25,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .._validate import Problem
+from .problem import Problem
 
 FORWARD_SCHEMA = (
     "(Tensor x, Tensor A, Tensor B, Tensor router_weight, Tensor? router_input, "

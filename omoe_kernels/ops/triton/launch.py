@@ -30,8 +30,8 @@ from typing import Optional
 
 import torch
 
-from ..._validate import Problem
 from ..limits import MAX_ACTIVE_EXPERTS, next_pow2, triton_interpreting
+from ..problem import Problem
 from ..registration import (
     BACKWARD_SCHEMA,
     FORWARD_SCHEMA,
