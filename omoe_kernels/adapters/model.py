@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..layer import ADAPTER_TENSORS, OMoELinear, base_factory
-from ..router_stats import RouterStats
+from ..router_stats import RouterStats, clear_router_stats
 from .config import OMoEConfig
 
 STATE_ATTR = "_omoe_inject_state"  # on the root module: adapters, active one, flags to restore
@@ -516,11 +516,11 @@ def print_trainable_parameters(model: nn.Module) -> None:
 
 
 def track_router_stats(model: nn.Module, enabled: bool = True) -> nn.Module:
-    """Turns router statistics on (or off) in every `OMoELinear` of `model`."""
+    """Turns router statistics on (or off) in every `OMoELinear` of `model`, and drops
+    what they recorded so far (router_stats.py says what a layer records)."""
     for layer in omoe_layers(model).values():
         layer.track_router_stats = enabled
-        if not enabled:
-            layer._router_logits = None
+        clear_router_stats(layer)
     return model
 
 
