@@ -85,24 +85,10 @@ def model_config(model):
 
 # ------------------------------------------------------------------ transitions
 
-def test_inject_makes_the_first_adapter_active_and_a_later_one_waits():
-    model, base, only_a, _ = two_adapters()
-    assert_state(model, "a", True)
-    assert torch.equal(outputs(model), only_a)
-
-
-def test_set_adapter_switches_the_active_adapter():
-    model, _, only_a, only_b = two_adapters()
-    ok.set_adapter(model, "b")
-    assert_state(model, "b", True)
-    assert torch.equal(outputs(model), only_b)
-    ok.set_adapter(model, "a")
-    assert_state(model, "a", True)
-    assert torch.equal(outputs(model), only_a)
-
-
 def test_set_adapter_inside_disable_adapters_takes_effect_on_exit():
-    model, base, _, only_b = two_adapters()
+    model, base, only_a, only_b = two_adapters()
+    assert_state(model, "a", True)  # inject: the first adapter is active, a later one waits
+    assert torch.equal(outputs(model), only_a)
     with ok.disable_adapters(model):
         assert_state(model, "a", False)
         ok.set_adapter(model, "b")
@@ -144,15 +130,23 @@ def test_enable_adapters_outside_a_block():
         ok.enable_adapters(net())
 
 
-def test_removing_the_active_adapter_activates_a_remaining_one():
-    model, _, only_a, _ = two_adapters()
+def test_removing_adapters_keeps_one_active():
+    model, base, only_a, only_b = two_adapters()
+    ok.inject(model, ok.OMoEConfig(["v_proj"], 2, 2), adapter_name="c")
     ok.set_adapter(model, "b")
-    with pytest.warns(UserWarning, match="'a' is active now"):
-        ok.remove(model, "b")
-    assert ok.adapter_names(model) == ["a"]
-    assert_state(model, "a", True)
-    assert torch.equal(outputs(model), only_a)
+    ok.remove(model, "a")  # an inactive one: the active adapter stays
+    assert_state(model, "b", True)
+    assert torch.equal(outputs(model), only_b)
+    with pytest.warns(UserWarning, match="'c' is active now"):
+        ok.remove(model, "b")  # the active one: the first remaining adapter takes over
+    assert ok.adapter_names(model) == ["c"]
+    assert_state(model, "c", True)
     ok.mark_trainable(model)  # there is an active adapter to mark
+    ok.remove(model, "c")  # the last one: the base model is back
+    assert not ok.omoe_layers(model) and ok.active_adapter(model) is None
+    assert not ok.adapters_enabled(model)
+    assert torch.equal(outputs(model), base)
+    assert all(p.requires_grad for p in model.parameters())
 
 
 def test_removing_the_active_adapter_while_disabled_keeps_them_disabled():
@@ -165,24 +159,6 @@ def test_removing_the_active_adapter_while_disabled_keeps_them_disabled():
         assert torch.equal(outputs(model), base)
     assert_state(model, "a", True)
     assert torch.equal(outputs(model), only_a)
-
-
-def test_removing_an_inactive_adapter_keeps_the_active_one():
-    model, _, _, only_b = two_adapters()
-    ok.set_adapter(model, "b")
-    ok.remove(model, "a")
-    assert_state(model, "b", True)
-    assert torch.equal(outputs(model), only_b)
-
-
-def test_removing_the_last_adapter_restores_the_base_model():
-    model, base, _, _ = two_adapters()
-    ok.remove(model, "b")
-    ok.remove(model, "a")
-    assert not ok.omoe_layers(model) and ok.active_adapter(model) is None
-    assert not ok.adapters_enabled(model)
-    assert torch.equal(outputs(model), base)
-    assert all(p.requires_grad for p in model.parameters())
 
 
 def test_disabled_adapters_give_errors_that_say_so():
@@ -199,30 +175,22 @@ def test_disabled_adapters_give_errors_that_say_so():
 
 # ------------------------------------------------------------------ files
 
-def test_save_and_load_a_non_default_active_adapter(tmp_path):
-    model, _, _, only_b = two_adapters()
+def test_save_and_load_keep_the_active_adapter_and_disabled_adapters(tmp_path):
+    model, base, _, only_b = two_adapters()
     ok.set_adapter(model, "b")
-    ok.save_pretrained(model, tmp_path / "b")
+    with ok.disable_adapters(model):
+        ok.save_pretrained(model, tmp_path / "b")  # the active adapter, "b"
     restored = ok.from_pretrained(net(), tmp_path / "b")
     assert ok.adapter_names(restored) == ["b"]
-    assert_state(restored, "b", True)
-    assert torch.equal(outputs(restored), only_b)
-
-
-def test_save_and_load_with_adapters_disabled(tmp_path):
-    model, base, only_a, _ = two_adapters()
-    with ok.disable_adapters(model):
-        ok.save_pretrained(model, tmp_path / "a")
-    restored = ok.from_pretrained(net(), tmp_path / "a")
-    assert_state(restored, "a", False)  # computes what the saved model computed
+    assert_state(restored, "b", False)  # computes what the saved model computed
     assert torch.equal(outputs(restored), base)
     ok.enable_adapters(restored)
-    assert torch.equal(outputs(restored), only_a)
+    assert_state(restored, "b", True)
+    assert torch.equal(outputs(restored), only_b)
     # Loading into a model that holds adapters adds one inactive and keeps the model's state.
-    ok.inject(restored, ok.OMoEConfig(["v_proj"], 2, 2), adapter_name="c")
-    ok.from_pretrained(restored, tmp_path / "a", adapter_name="a2")
-    assert ok.adapter_names(restored) == ["a", "c", "a2"]
-    assert_state(restored, "a", True)
+    ok.from_pretrained(restored, tmp_path / "b", adapter_name="b2")
+    assert ok.adapter_names(restored) == ["b", "b2"]
+    assert_state(restored, "b", True)
 
 
 def test_directory_without_the_state_loads_active_and_enabled(tmp_path):
