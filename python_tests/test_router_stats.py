@@ -203,3 +203,30 @@ def test_statistics_never_read_are_bounded_with_a_warning():
             model(batch(tokens=1))
     assert any("oldest are dropped" in str(w.message) for w in caught)
     assert ok.router_stats(model)["0"].num_tokens == records.MAX_RECORDS
+
+
+def test_hugging_face_reentrant_gradient_checkpointing_keeps_the_balancing_gradient():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=2, num_attention_heads=2,
+                                      num_key_value_heads=1, max_position_embeddings=32)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(2))
+
+    def train_grads(checkpointing: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(config)
+        ok.inject(model, ok.OMoEConfig(["q_proj", "v_proj"], E, 2, top_k=2))
+        with torch.no_grad():
+            for layer in ok.omoe_layers(model).values():
+                layer.lora_B.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+        ok.track_router_stats(model)
+        if checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": True})
+            model.enable_input_require_grads()  # as peft does for reentrant checkpointing
+        model.train()
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        (loss + COEF * ok.load_balancing_loss(model)).backward()
+        return grads(model)
+
+    assert_grads_close(train_grads(True), train_grads(False))
