@@ -154,10 +154,11 @@ class _Records:
                 " in this backward, so the router would get no balancing gradient. Run the "
                 "training forward with gradients and read the loss before any eval forward; "
                 "with gradient checkpointing use use_reentrant=False "
-                "(model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
-                "{'use_reentrant': False}), or torch.utils.checkpoint.checkpoint(..., "
-                "use_reentrant=False)), and back-propagate the task loss and the "
-                "balancing loss in one backward call")
+                "(model.activation_checkpointing_enable(activation_checkpointing_kwargs="
+                "{'use_reentrant': False}), gradient_checkpointing_enable(gradient_"
+                "checkpointing_kwargs=...) in older transformers, or torch.utils.checkpoint."
+                "checkpoint(..., use_reentrant=False)), and back-propagate the task loss and "
+                "the balancing loss in one backward call")
 
 
 class _RerunGradient(torch.autograd.Function):

@@ -205,7 +205,7 @@ def test_statistics_never_read_are_bounded_with_a_warning():
     assert ok.router_stats(model)["0"].num_tokens == records.MAX_RECORDS
 
 
-def test_hugging_face_reentrant_gradient_checkpointing_keeps_the_balancing_gradient():
+def test_hugging_face_reentrant_activation_checkpointing_keeps_the_balancing_gradient():
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
                                       num_hidden_layers=2, num_attention_heads=2,
@@ -221,8 +221,8 @@ def test_hugging_face_reentrant_gradient_checkpointing_keeps_the_balancing_gradi
                 layer.lora_B.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
         ok.track_router_stats(model)
         if checkpointing:
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": True})
+            model.activation_checkpointing_enable(  # gradient_checkpointing_enable's new name
+                activation_checkpointing_kwargs={"use_reentrant": True})
             model.enable_input_require_grads()  # as peft does for reentrant checkpointing
         model.train()
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss

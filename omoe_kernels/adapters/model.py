@@ -409,7 +409,7 @@ def enable_adapters(model: nn.Module, enabled: bool = True) -> nn.Module:
     return model
 
 
-def _disabled_error(root: nn.Module, what: str) -> ValueError:
+def _disabled_error(what: str) -> ValueError:
     return ValueError(f"the adapters of `model` are disabled (inside ok.disable_adapters, or "
                       f"after ok.enable_adapters(model, False)), so {what}; call it where "
                       "adapters are enabled, or enable them with ok.enable_adapters(model)")
@@ -534,7 +534,7 @@ def router_stats(model: nn.Module) -> dict[str, RouterStats]:
         raise ValueError("`model` holds no OMoELinear layer: call omoe_kernels.inject first")
     enabled = {name: layer for name, layer in layers.items() if layer.adapter_enabled}
     if not enabled:
-        raise _disabled_error(root, "no layer routes and there are no router statistics")
+        raise _disabled_error("no layer routes and there are no router statistics")
     return {name: layer.router_stats for name, layer in enabled.items()}
 
 
