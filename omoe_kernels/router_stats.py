@@ -81,15 +81,21 @@ def _stats_dtype(logits: torch.Tensor) -> torch.Tensor:
     return logits.float() if logits.dtype in _HALF_DTYPES else logits
 
 
+def _router_grad(layer):
+    weight = layer.router_weight
+    # Only a leaf has a .grad (torch.func.functional_call may put a non-leaf here).
+    return weight.grad if weight.is_leaf else None
+
+
 def _grad_marker(layer):
     """What changes when a backward pass reaches `layer.router_weight`: its grad tensor
     (a new one, or a new in-place version)."""
-    grad = layer.router_weight.grad
+    grad = _router_grad(layer)
     return None if grad is None else (weakref.ref(grad), grad._version)
 
 
 def _grad_changed(layer, marker) -> bool:
-    grad = layer.router_weight.grad
+    grad = _router_grad(layer)
     if grad is None or marker is None:
         return (grad is None) != (marker is None)
     return marker[0]() is not grad or marker[1] != grad._version
