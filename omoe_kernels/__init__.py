@@ -11,7 +11,9 @@ from .adapters import (
     active_adapter,
     adapter_names,
     adapter_state_dict,
+    adapters_enabled,
     disable_adapters,
+    enable_adapters,
     from_pretrained,
     inject,
     load_adapter,
@@ -34,8 +36,9 @@ from .router_stats import RouterStats
 
 __version__ = "0.1.0"
 __all__ = ["BACKENDS", "OMoEConfig", "OMoELinear", "RouterStats", "active_adapter",
-           "adapter_names", "adapter_state_dict", "adapters", "available_backends",
-           "disable_adapters", "from_pretrained", "inject", "load_adapter",
-           "load_balancing_loss", "mark_trainable", "omoe_layers", "omoe_lora",
-           "print_trainable_parameters", "read_adapter_config", "remove", "router_stats",
-           "save_adapter", "save_pretrained", "set_adapter", "track_router_stats"]
+           "adapter_names", "adapter_state_dict", "adapters", "adapters_enabled",
+           "available_backends", "disable_adapters", "enable_adapters", "from_pretrained",
+           "inject", "load_adapter", "load_balancing_loss", "mark_trainable", "omoe_layers",
+           "omoe_lora", "print_trainable_parameters", "read_adapter_config", "remove",
+           "router_stats", "save_adapter", "save_pretrained", "set_adapter",
+           "track_router_stats"]

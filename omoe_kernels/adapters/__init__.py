@@ -15,7 +15,9 @@ from .model import (
                     active_adapter,
                     adapter_layers,
                     adapter_names,
+                    adapters_enabled,
                     disable_adapters,
+                    enable_adapters,
                     inject,
                     load_balancing_loss,
                     mark_trainable,
@@ -30,8 +32,9 @@ from .model import (
 )
 
 __all__ = ["ADAPTER_FORMAT", "ADAPTER_FORMAT_VERSION", "OMoEConfig", "active_adapter",
-           "adapter_layers", "adapter_names", "adapter_state_dict", "disable_adapters",
-           "from_pretrained", "inject", "load_adapter", "load_balancing_loss", "mark_trainable",
-           "omoe_layers", "print_trainable_parameters", "read_adapter_config", "remove",
-           "router_stats", "save_adapter", "save_pretrained", "set_adapter",
-           "track_router_stats", "trainable_parameters", "trainable_parameters_summary"]
+           "adapter_layers", "adapter_names", "adapter_state_dict", "adapters_enabled",
+           "disable_adapters", "enable_adapters", "from_pretrained", "inject", "load_adapter",
+           "load_balancing_loss", "mark_trainable", "omoe_layers", "print_trainable_parameters",
+           "read_adapter_config", "remove", "router_stats", "save_adapter", "save_pretrained",
+           "set_adapter", "track_router_stats", "trainable_parameters",
+           "trainable_parameters_summary"]

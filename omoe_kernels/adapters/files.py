@@ -19,6 +19,7 @@ from .model import (
     STATE_ATTR,
     _check_model,
     _Rollback,
+    _set_enabled,
     adapter_layers,
     inject,
     remove,
@@ -50,7 +51,8 @@ def _layer_record(layer: OMoELinear) -> dict:
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None) -> None:
     """Writes one adapter's tensors to a safetensors file; the layers' options (and the
-    adapter's `OMoEConfig`) go into its metadata as JSON (key "omoe_config")."""
+    adapter's `OMoEConfig`, and whether the model's adapters are enabled) go into its
+    metadata as JSON (key "omoe_config")."""
     from safetensors.torch import save_file
 
     root = _check_model(model)
@@ -62,6 +64,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     state = getattr(root, STATE_ATTR, None)
     if state is not None:
         config["config"] = state["adapters"][name]
+        config["enabled"] = state.get("enabled", True)
     save_file(tensors, os.fspath(path), metadata={"omoe_config": json.dumps(config)})
 
 
@@ -114,6 +117,8 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
                                  f"{' or '.join(t.__name__ for t in types)}")
     if not isinstance(config.get("adapter_name", "default"), str):
         raise ValueError(f"{path!r}: 'adapter_name' must be a string")
+    if not isinstance(config.get("enabled", True), bool):
+        raise ValueError(f"{path!r}: 'enabled' must be true or false")
     if "config" in config:
         OMoEConfig.from_dict(config["config"], f"{path!r} metadata 'omoe_config.config'")
     return config
@@ -206,7 +211,14 @@ def from_pretrained(model: nn.Module, directory: str | os.PathLike,
     their tensors, in one call; returns `model`. `directory` is one written by
     `save_pretrained`, or a Hugging Face Trainer checkpoint of an injected model (its
     config.json holds the adapters' configs, model.safetensors their tensors; every
-    adapter in it is restored, or only `adapter_name`). Base weights come from `model`."""
+    adapter in it is restored, or only `adapter_name`). Base weights come from `model`.
+
+    Into a model without adapters it restores the saved state too: the adapter that was
+    active (a `save_pretrained` directory holds one adapter, active on load; from a
+    checkpoint, `adapter_name` or else the one active when it was saved) and whether
+    adapters were enabled. A directory saved before that state was recorded loads with
+    its (first) adapter active and enabled. Into a model that already holds adapters the
+    loaded ones join inactive, as `inject` makes them, and the model's state stays."""
     root = _check_model(model)
     if not isinstance(directory, (str, os.PathLike)):
         raise TypeError(f"`directory` must be a str or os.PathLike, got {type(directory).__name__}")
@@ -215,16 +227,20 @@ def from_pretrained(model: nn.Module, directory: str | os.PathLike,
         raise ValueError(f"{directory!r} is not a directory")
     rollback = _Rollback(root)
     injected: list[str] = []
+    fresh = getattr(root, STATE_ATTR, None) is None
     try:
         if os.path.isfile(os.path.join(directory, CONFIG_NAME)):
             weights = os.path.join(directory, WEIGHTS_NAME)
             config = OMoEConfig.load(os.path.join(directory, CONFIG_NAME))
-            name = adapter_name or read_adapter_config(weights).get("adapter_name", "default")
+            saved = read_adapter_config(weights)
+            name = adapter_name or saved.get("adapter_name", "default")
             inject(root, config, adapter_name=name)
             injected.append(name)
             load_adapter(root, weights, name)
+            if fresh:
+                _set_enabled(root, getattr(root, STATE_ATTR), saved.get("enabled", True))
         else:
-            _load_trainer_checkpoint(root, directory, adapter_name, injected)
+            _load_trainer_checkpoint(root, directory, adapter_name, injected, fresh)
     except BaseException:
         for name in reversed(injected):
             remove(root, name)
@@ -234,7 +250,7 @@ def from_pretrained(model: nn.Module, directory: str | os.PathLike,
 
 
 def _load_trainer_checkpoint(root: nn.Module, directory: str, adapter_name: str | None,
-                             injected: list[str]) -> None:
+                             injected: list[str], fresh: bool) -> None:
     source = repr(os.path.join(directory, "config.json"))
     if not os.path.isfile(os.path.join(directory, "config.json")):
         raise ValueError(f"{directory!r} holds neither {CONFIG_NAME} (omoe_kernels."
@@ -250,6 +266,10 @@ def _load_trainer_checkpoint(root: nn.Module, directory: str, adapter_name: str 
         raise ValueError(f"{source}: no adapter {adapter_name!r} (it has {list(entry['adapters'])})")
     configs = {n: OMoEConfig.from_dict(entry["adapters"][n], f"{source} adapter {n!r}")
                for n in names}
+    active, enabled = entry.get("active"), entry.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise ValueError(f"{source}: '{HF_CONFIG_ATTR}.enabled' must be true or false, "
+                         f"got {enabled!r}")
     tensors = _read_checkpoint_tensors(directory, {f".{HF_CONFIG_ATTR}.{n}." for n in names})
     for name, config in configs.items():
         inject(root, config, adapter_name=name)
@@ -257,9 +277,9 @@ def _load_trainer_checkpoint(root: nn.Module, directory: str, adapter_name: str 
         layers = adapter_layers(root, name)
         keys = {f"{t}.{n}": f"{t}.{HF_CONFIG_ATTR}.{name}.{n}" for t in layers for n in ADAPTER_TENSORS}
         _copy_adapter_tensors(layers, tensors, keys, repr(directory), exact=False)
-    active = entry.get("active")
-    if active in names:
-        set_adapter(root, active)
+    if fresh:
+        set_adapter(root, active if active in names else names[0])
+        _set_enabled(root, getattr(root, STATE_ATTR), enabled)
 
 
 def _read_checkpoint_tensors(directory: str, markers: set[str]) -> dict[str, torch.Tensor]:

@@ -2,19 +2,25 @@
 
 Every call that changes the model either completes or leaves it exactly as it was
 (modules, tied modules, `requires_grad` flags, attributes): docs/contract.md §4.
+
+The adapter state follows peft's rule: while a model holds adapters exactly one of them
+is active (`state["active"]`, never None), and `state["enabled"]` says whether it computes.
+A layer computes when it belongs to the active adapter and adapters are enabled; the
+active adapter's parameters are the trainable ones, enabled or not.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import re
+import warnings
 from typing import Iterator
 
 import torch
 from torch import nn
 
 from ..layer import ADAPTER_TENSORS, OMoELinear, base_factory
-from ..router_stats import RouterStats
+from ..router_stats import RouterStats, clear_router_stats
 from .config import OMoEConfig
 
 STATE_ATTR = "_omoe_inject_state"  # on the root module: adapters, active one, flags to restore
@@ -88,8 +94,35 @@ def adapter_names(model: nn.Module) -> list[str]:
 
 
 def active_adapter(model: nn.Module) -> str | None:
+    """The active adapter's name (also while adapters are disabled); None without adapters."""
     state = getattr(_check_model(model), STATE_ATTR, None)
     return state["active"] if state else None
+
+
+def adapters_enabled(model: nn.Module) -> bool:
+    """False while adapters are disabled (`disable_adapters`, `enable_adapters(model, False)`)
+    or when `model` holds no adapter made by `inject`."""
+    state = getattr(_check_model(model), STATE_ATTR, None)
+    return bool(state) and state.get("enabled", True)
+
+
+def _apply_state(root: nn.Module, state: dict, flags: bool) -> None:
+    """Makes every layer follow `state`: the active adapter's layers compute when adapters
+    are enabled; with `flags`, its parameters are trainable and the others' frozen."""
+    enabled = state.get("enabled", True)
+    for layer in root.modules():
+        if isinstance(layer, OMoELinear):
+            active = layer.adapter_name == state["active"]
+            layer.adapter_enabled = active and enabled
+            if flags:
+                for tensor in ADAPTER_TENSORS:
+                    getattr(layer, tensor).requires_grad_(active)
+
+
+def _set_enabled(root: nn.Module, state: dict, enabled: bool) -> None:
+    state["enabled"] = enabled
+    _apply_state(root, state, flags=False)
+    _sync_hf_config(root, state)
 
 
 def resolve_adapter_name(root: nn.Module, adapter_name: str | None) -> str:
@@ -211,7 +244,8 @@ def _sync_hf_config(root: nn.Module, state: dict | None) -> None:
     config = getattr(root, "config", None)
     if _is_hf_config(config):
         _set_hf_config(config, _MISSING if state is None else
-                       {"adapters": dict(state["adapters"]), "active": state["active"]})
+                       {"adapters": dict(state["adapters"]), "active": state["active"],
+                        "enabled": state.get("enabled", True)})
 
 
 def inject(model: nn.Module, target_modules: OMoEConfig | list[str] | str, *,
@@ -262,7 +296,8 @@ def inject(model: nn.Module, target_modules: OMoEConfig | list[str] | str, *,
     try:
         if first:
             state = {"requires_grad": {n: p.requires_grad for n, p in root.named_parameters()},
-                     "had_extra_repr": "extra_repr" in vars(root), "adapters": {}, "active": None}
+                     "had_extra_repr": "extra_repr" in vars(root), "adapters": {}, "active": None,
+                     "enabled": True}
         else:  # a new dict: the rollback keeps the old one as it was
             state = {**state, "adapters": dict(state["adapters"])}
         targets = [(n, root.get_submodule(n)) for n in names]
@@ -284,7 +319,7 @@ def inject(model: nn.Module, target_modules: OMoEConfig | list[str] | str, *,
                 if id(p) not in keep:
                     p.requires_grad_(False)
         for layer in wrappers.values():
-            layer.adapter_enabled = active
+            layer.adapter_enabled = active and state.get("enabled", True)
             for tensor in ADAPTER_TENSORS:
                 getattr(layer, tensor).requires_grad_(active)
         state["adapters"][adapter_name] = config.to_dict()
@@ -311,44 +346,86 @@ def _extra_repr_with_summary(model: nn.Module) -> str:
 # --------------------------------------------------------------------------- switching
 
 def set_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
-    """Makes `adapter_name` the one active (and trainable) adapter; the others compute
-    nothing and are frozen."""
+    """Makes `adapter_name` the active (and trainable) adapter; the others compute nothing
+    and are frozen. While adapters are disabled it computes nothing either, until they are
+    enabled again (the end of the `disable_adapters` block, or `enable_adapters`)."""
     root = _check_model(model)
     name = resolve_adapter_name(root, adapter_name)
-    for layer in root.modules():
-        if isinstance(layer, OMoELinear):
-            layer.adapter_enabled = layer.adapter_name == name
-            for tensor in ADAPTER_TENSORS:
-                getattr(layer, tensor).requires_grad_(layer.adapter_enabled)
     state = getattr(root, STATE_ATTR, None)
-    if state is not None:  # None: layers built by hand, not by inject
-        state["active"] = name
-        _sync_hf_config(root, state)
+    if state is None:  # layers built by hand, not by inject: no model-wide state
+        _apply_state(root, {"active": name, "enabled": True}, flags=True)
+        return model
+    state["active"] = name
+    _apply_state(root, state, flags=True)
+    _sync_hf_config(root, state)
     return model
 
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """`with ok.disable_adapters(model): ...` computes exactly the base model inside (e.g.
-    the reference logits of DPO); the adapters are back as they were after the block."""
-    layers = [m for m in _check_model(model).modules() if isinstance(m, OMoELinear)]
-    if not layers:
-        raise ValueError("`model` holds no OMoELinear layer: call omoe_kernels.inject first")
-    enabled = [layer.adapter_enabled for layer in layers]
-    for layer in layers:
-        layer.adapter_enabled = False
+    the reference logits of DPO). On exit, also when the block raises, adapters are enabled
+    or disabled as they were on entry, and the adapter active then computes: one that
+    `set_adapter` chose inside the block, or the one active on entry. Blocks nest. The
+    `requires_grad` flags do not change."""
+    root = _check_model(model)
+    state = getattr(root, STATE_ATTR, None)
+    if state is None:
+        layers = [m for m in root.modules() if isinstance(m, OMoELinear)]
+        if not layers:
+            raise ValueError("`model` holds no OMoELinear layer: call omoe_kernels.inject first")
+        enabled = [layer.adapter_enabled for layer in layers]
+        for layer in layers:
+            layer.adapter_enabled = False
+        try:
+            yield model
+        finally:
+            for layer, flag in zip(layers, enabled):
+                layer.adapter_enabled = flag
+        return
+    was_enabled = state.get("enabled", True)
+    _set_enabled(root, state, False)
     try:
         yield model
     finally:
-        for layer, flag in zip(layers, enabled):
-            layer.adapter_enabled = flag
+        # Re-read: the block may have removed or injected adapters.
+        state = getattr(root, STATE_ATTR, None)
+        if state is not None:
+            _set_enabled(root, state, was_enabled)
+
+
+def enable_adapters(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Enables (or, with False, disables) the adapters of `model` outside a
+    `disable_adapters` block, e.g. after loading a model saved with adapters disabled.
+    The active adapter and the `requires_grad` flags do not change."""
+    root = _check_model(model)
+    if not isinstance(enabled, bool):
+        raise TypeError(f"`enabled` must be a bool, got {type(enabled).__name__}")
+    state = getattr(root, STATE_ATTR, None)
+    if state is None:
+        raise ValueError("`model` holds no adapter made by omoe_kernels.inject: call "
+                         "omoe_kernels.inject (or from_pretrained) first")
+    _set_enabled(root, state, enabled)
+    return model
+
+
+def _disabled_error(what: str) -> ValueError:
+    return ValueError(f"the adapters of `model` are disabled (inside ok.disable_adapters, or "
+                      f"after ok.enable_adapters(model, False)), so {what}; call it where "
+                      "adapters are enabled, or enable them with ok.enable_adapters(model)")
 
 
 def mark_trainable(model: nn.Module) -> nn.Module:
     """Makes the parameters of the active OMoE adapter trainable again, e.g. after a
-    library (peft's get_peft_model) froze everything it does not own."""
+    library (peft's get_peft_model) froze everything it does not own. Works while
+    adapters are disabled too."""
     root = _check_model(model)
-    layers = [m for m in root.modules() if isinstance(m, OMoELinear) and m.adapter_enabled]
+    state = getattr(root, STATE_ATTR, None)
+    if state is not None:
+        layers = [m for m in root.modules()
+                  if isinstance(m, OMoELinear) and m.adapter_name == state["active"]]
+    else:
+        layers = [m for m in root.modules() if isinstance(m, OMoELinear) and m.adapter_enabled]
     if not layers:
         raise ValueError("`model` holds no active OMoELinear layer: call omoe_kernels.inject "
                          "(or set_adapter) first")
@@ -359,9 +436,11 @@ def mark_trainable(model: nn.Module) -> nn.Module:
 
 
 def remove(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
-    """Takes one adapter (or, with None, every adapter) out of `model`. When the last one
-    goes, the original modules are back with the `requires_grad` flags they had before
-    the first `inject`. Returns `model`."""
+    """Takes one adapter (or, with None, every adapter) out of `model`. Removing the
+    active adapter makes the first remaining one (in injection order) active and
+    trainable, with a warning; whether adapters are enabled does not change. When the
+    last one goes, the original modules are back with the `requires_grad` flags they had
+    before the first `inject`. Returns `model`."""
     root = _check_model(model)
     tops = _stack_tops(root, remove_duplicate=False)
     if not tops:
@@ -384,10 +463,17 @@ def remove(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
         remaining = [] if state is None or name is None else [
             n for n in state["adapters"] if n != name]
         if state is not None and remaining:
+            # peft's rule: removing the active adapter activates the first remaining one.
+            fallback = state["active"] == name
             state = {**state, "adapters": {n: state["adapters"][n] for n in remaining},
-                     "active": None if state["active"] == name else state["active"]}
+                     "active": remaining[0] if fallback else state["active"]}
             vars(root)[STATE_ATTR] = state
+            _apply_state(root, state, flags=fallback)
             _sync_hf_config(root, state)
+            if fallback:
+                warnings.warn(f"adapter {name!r} was active; {remaining[0]!r} is active now "
+                              f"(call omoe_kernels.set_adapter(model, name) to pick another "
+                              f"of {remaining})", stacklevel=2)
         elif state is not None:
             flags = state["requires_grad"]
             for pname, p in root.named_parameters():
@@ -430,27 +516,37 @@ def print_trainable_parameters(model: nn.Module) -> None:
 
 
 def track_router_stats(model: nn.Module, enabled: bool = True) -> nn.Module:
-    """Turns router statistics on (or off) in every `OMoELinear` of `model`."""
+    """Turns router statistics on (or off) in every `OMoELinear` of `model`, and drops
+    what they recorded so far (router_stats.py says what a layer records)."""
     for layer in omoe_layers(model).values():
         layer.track_router_stats = enabled
-        if not enabled:
-            layer._router_logits = None
+        clear_router_stats(layer)
     return model
 
 
 def router_stats(model: nn.Module) -> dict[str, RouterStats]:
-    """The `RouterStats` of every active `OMoELinear` of `model` from its last forward."""
-    return {name: layer.router_stats for name, layer in omoe_layers(model).items()
-            if layer.adapter_enabled}
+    """The `RouterStats` of every layer of the active adapter, over the forward passes
+    recorded since the step began (router_stats.py): every application of a layer that
+    runs several times. Reading ends the step: the next forward starts afresh."""
+    root = _check_model(model)
+    layers = omoe_layers(root)
+    if not layers:
+        raise ValueError("`model` holds no OMoELinear layer: call omoe_kernels.inject first")
+    enabled = {name: layer for name, layer in layers.items() if layer.adapter_enabled}
+    if not enabled:
+        raise _disabled_error("no layer routes and there are no router statistics")
+    return {name: layer.router_stats for name, layer in enabled.items()}
 
 
 def load_balancing_loss(model: nn.Module) -> torch.Tensor:
-    """Mean over the OMoE layers of E · Σ_i (load_i / k) · mean_prob_i (1 when balanced).
+    """Mean over the OMoE layers of E · Σ_i (load_i / k) · mean_prob_i (1 when balanced),
+    over the forward passes recorded since the step began (see `router_stats`).
 
     Add `coef * (load_balancing_loss(model) - 1)` (or without the constant) to the
-    training loss; needs `track_router_stats(model)` before the forward pass.
+    training loss, and back-propagate both in one backward call; needs
+    `track_router_stats(model)` before the forward pass. Under reentrant gradient
+    checkpointing the router's gradient arrives when backward reruns the layers; a
+    backward that cannot give it raises an error naming the fix.
     """
     stats = list(router_stats(model).values())
-    if not stats:
-        raise ValueError("`model` holds no OMoELinear layer")
     return torch.stack([s.balance_loss() for s in stats]).mean()
