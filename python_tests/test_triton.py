@@ -1,9 +1,10 @@
 """The triton backend.
 
-CPU (CI): under TRITON_INTERPRET=1, in child processes (the variable must be set before
-triton is imported, and this pytest process may already have imported it), the shared
-suites' `interpreter` cases (every test parametrised over the backend registry, with
-backend="triton") and the triton-only cases of `triton_interpreted_cases.py`.
+CPU (CI): the triton backend runs under the Triton interpreter, and TRITON_INTERPRET=1
+must be set before triton is imported, which this session (conftest) already did without
+it. So two pytest sessions started with it run the `interpreter` cases: the shared
+suites' (every test parametrised over the backend registry, with backend="triton") and
+`test_triton_interpreted.py` (the triton-only cases; skipped in a session without it).
 GPU (`gpu` marker, OMOE_TEST_DEVICE=cuda): the backend at real sizes against float64,
 the autotuned path against the fixed-config path, and torch.compile.
 """
@@ -31,7 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Two children, one per core, of about equal length.
 INTERPRETED_RUNS = {
     "accuracy+properties+triton_only": ["test_accuracy.py", "test_properties.py",
-                                        "triton_interpreted_cases.py"],
+                                        "test_triton_interpreted.py"],
     "ops+layer+training": ["test_ops.py", "test_layer.py", "test_training.py"],
 }
 

@@ -3,7 +3,7 @@
 gradient `dG` over the active expert pairs (Backward step 4).
 
 Layout: tokens on the fastest axis. Every per-token tensor is `[..., BT]` with
-`BT = 32 · num_warps` (triton_configs.token_flags), so Triton's default blocked layout
+`BT = 32 · num_warps` (configs.TokenConfig), so Triton's default blocked layout
 gives each thread one token and keeps every other axis in that thread's registers:
 reductions over experts, slots and ranks are register adds (no SHFL, no BAR). Every
 global load and store of the per-token kernels is a `[BT]` vector (one per column): for a
