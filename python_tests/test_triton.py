@@ -43,7 +43,13 @@ def test_interpreted_suite():
     """Every `interpreter` case passes under TRITON_INTERPRET=1, and there are such cases
     in every file (a registry or marker change that drops triton would show here)."""
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMOE_TEST_DEVICE="cpu")
+    import omoe_kernels
+
+    # The children run in python_tests/: put this session's omoe_kernels first on their
+    # path, or they would test whichever copy is installed.
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(omoe_kernels.__file__)))
+    path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, TRITON_INTERPRET="1", OMOE_TEST_DEVICE="cpu", PYTHONPATH=path)
     children = {}
     for name, files in INTERPRETED_RUNS.items():
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", HERE,
