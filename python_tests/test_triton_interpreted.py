@@ -260,7 +260,8 @@ def test_autotune_keys_follow_no_exact_token_count():
 
 @pytest.mark.parametrize("experts,top_k", [(1, None), (3, 1)], ids=["E1-dense", "top1"])
 def test_nan_in_the_routed_experts_B_poisons_its_tokens(experts, top_k):
-    """The <v, v> clamp kept NaN out: the output was finite garbage (scaled by 1/sqrt(eps))."""
+    """A NaN in a routed expert's B reaches every output eager's reaches: a clamp of
+    <v, v> must not turn it into finite values (scaled by 1/sqrt(eps))."""
     problem = make_problem(5, 4, 6, experts, 2, dtype=torch.float32, seed=40)
     B = problem.B.clone()
     B[:, 2, 1] = float("nan")

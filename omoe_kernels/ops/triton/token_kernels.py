@@ -238,8 +238,8 @@ def _token_setup(h_ptr, l_ptr, g_ptr, start, T, E, top_k, eps, stride_ht, stride
                  NORMALIZE: tl.constexpr, BT: tl.constexpr, EP: tl.constexpr, KP: tl.constexpr,
                  RP: tl.constexpr, ERP: tl.constexpr):
     """Load, route, Gram and MGS of BT tokens; coeff[s] = a of slot s ([KP, BT])."""
-    # int64 tokens (int32 would do: row bases widen in _rows) because with int32 ptxas
-    # spilled 8 bytes in token_forward at llama7b-top2.
+    # int64 tokens (int32 would do: row bases widen in _rows): with int32, ptxas spills
+    # token_forward at llama7b-top2 (kernel_report shows it).
     offs_t = start.to(tl.int64) + tl.arange(0, BT)
     tok = offs_t < T
     e2 = tl.arange(0, EP)[:, None]
