@@ -212,47 +212,25 @@ def _meta(*shape: int, dtype):
     return torch.empty(shape, device="meta", dtype=dtype)
 
 
-def _step_launches(shape, dtype) -> dict:
-    """The launches of one default training step at `shape` (forward: shrink + G,
-    token_forward, expand; backward: dZ + G, token_backward, gram_grad, dB, [dA; dW],
-    finalize, dX), built by the launchers' plan functions on meta tensors, in the order
-    and with the arguments of launch.forward_impl / backward_impl."""
-    import torch
-
-    from ..ops.triton import configs as C
+def _step_launches(shape, dtype, fuse_token: bool = False) -> dict:
+    """The launches of one training step at `shape` by name (forward: shrink + G,
+    token_forward, expand; backward: dZ + G, token_backward, gram_grad, dB, weight_grad,
+    finalize, dX): the ops' own plans (launch.plan_forward / plan_backward) on meta
+    tensors, orthogonalized and normalized, sized for an H200 (fp32 on a meta device:
+    IEEE, torch's default)."""
     from ..ops.triton import launch as ops
-    from ..ops.triton.launch import Epilogue, Operands
 
     T, d, E, r = shape.num_tokens, shape.d_model, shape.num_experts, shape.rank
     top_k = shape.top_k or E
-    L = ops.layout(E, r)
-    kind = ops.dot_kind(dtype, "cuda") if dtype != torch.float32 else C.DOT_FP32_IEEE
-    target = _h200()
     x, base, grad_y = (_meta(T, d, dtype=dtype) for _ in range(3))
     A, B, W = _meta(E, r, d, dtype=dtype), _meta(E, d, r, dtype=dtype), _meta(E, d, dtype=dtype)
-    G = _meta(L.ERP, L.ERP, dtype=torch.float64)
-    acc = torch.float32 if dtype != torch.float64 else torch.float64
-    out = {}
-    out["shrink"], (h, logits, _) = ops.plan_shrink(x, None, A, W, L, kind, False, target, gram=(B, G))
-    out["token_forward"], z = ops.plan_token_forward(h, logits, G, L, top_k, True, True, 1e-6)
-    out["expand"], _ = ops.plan_matmul(
-        z, B, L, Operands(kind, False, "Bk", **C.a_operand_flags(kind, C.EXPAND_Z)),
-        Epilogue(dtype, 2.0, add=base), target)
-    out["dZ"], dz = ops.plan_matmul(grad_y, B, L, Operands(kind, False, "Bn"),
-                                    Epilogue(acc, 2.0, gram=(B, G)), target)
-    out["token_backward"], (z, dhl, ds) = ops.plan_token_backward(h, logits, G, dz, L, top_k,
-                                                                  True, True, 1e-6)
-    out["gram_grad"], pg = ops.plan_gram_grad(h, ds, L, target)
-    out["dB"], pb = ops.plan_matmul(
-        grad_y.t(), z, L, Operands(kind, False, split_b=C.b_operand_split(kind, C.SPLIT_DB)),
-        Epilogue(acc, 2.0, long_k=True), target)
-    out["weight_grad"], pa = ops.plan_weight_grad(x, None, dhl, L, kind, False,
-                                                  C.b_operand_split(kind, C.SPLIT_DAW), target)
-    out["finalize"], _ = ops.plan_finalize_grads(pb, pa, pg, A, B, L, dtype)
-    out["dX"], _ = ops.plan_matmul(
-        dhl[:, :L.ERP], A, L, Operands(kind, False, "Ak", **C.a_operand_flags(kind, C.DX_DH)),
-        Epilogue(dtype, router=(dhl[:, L.ERP:], W, None)), target)
-    return out
+    options = (2.0, top_k, True, True, 1e-6)
+    forward, (_, h, logits) = ops.plan_forward(x, A, B, W, None, base, *options, _h200(),
+                                               fuse_token=fuse_token)
+    if fuse_token:
+        return forward
+    backward, _ = ops.plan_backward(grad_y, x, A, B, W, None, h, logits, *options, _h200())
+    return {**forward, **backward}
 
 
 def _gemm_specs(shape, dtype_name: str, launches: dict, step: bool) -> list[KernelSpec]:
@@ -334,23 +312,15 @@ def _fused_shrink_specs() -> list[KernelSpec]:
     (OMOE_TRITON_FUSE_TOKEN=1), at llama7b and wide; not in the step's estimate."""
     import torch
 
-    from ..ops.triton import launch as ops
     from ..testing.shapes import SHAPES
 
     specs = []
     for label in ("llama7b", "wide"):
         shape = SHAPES[label]
-        T, d, E, r = shape.num_tokens, shape.d_model, shape.num_experts, shape.rank
-        top_k = shape.top_k or E
-        L = ops.layout(E, r)
-        bf16 = torch.bfloat16
-        token = dict(G=_meta(L.ERP, L.ERP, dtype=torch.float64), top_k=top_k, orthogonalize=True,
-                     normalize=True, eps=1e-6)
-        launch, _ = ops.plan_shrink(_meta(T, d, dtype=bf16), None, _meta(E, r, d, dtype=bf16),
-                                    _meta(E, d, dtype=bf16), L, ops.dot_kind(bf16, "cuda"), False,
-                                    _h200(), token=token)
+        launch = _step_launches(shape, torch.bfloat16, fuse_token=True)["shrink"]
         specs.append(_spec(f"shrink+token[bf16, {label}]", launch, True,
-                           f"opt-in OMOE_TRITON_FUSE_TOKEN=1, E={E} r={r}", label, "", None))
+                           f"opt-in OMOE_TRITON_FUSE_TOKEN=1, E={shape.num_experts} r={shape.rank}",
+                           label, "", None))
     return specs
 
 

@@ -274,14 +274,18 @@ def matmul(a: torch.Tensor, b: torch.Tensor, L: Layout, ops: Operands,
     return out if epi.long_k else out[0]
 
 
+def plan_gram_only(B: torch.Tensor, L: Layout, target: Target):
+    """The launch of `gram_only` (matmul_kernel with no GEMM tiles), and G."""
+    G = _empty((L.ERP, L.ERP), B.device, torch.float64)
+    launch, _ = plan_matmul(B.new_empty((0, B.shape[1])), B, L, Operands(C.DOT_FP32_IEEE, packed="Bn"),
+                            Epilogue(torch.float32, gram=(B, G)), target)
+    return launch, G
+
+
 def gram_only(B: torch.Tensor, L: Layout) -> torch.Tensor:
     """G = B_catᵀB_cat ([ERP, ERP] float64) in a launch of its own (the fused-token shrink
-    needs G complete before its epilogue): matmul_kernel with no GEMM tiles."""
-    G = _empty((L.ERP, L.ERP), B.device, torch.float64)
-    empty = B.new_empty((0, B.shape[1]))
-    matmul(empty, B, L, Operands(C.DOT_FP32_IEEE, packed="Bn"),
-           Epilogue(torch.float32, gram=(B, G)))
-    return G
+    needs G complete before its epilogue)."""
+    return _run(plan_gram_only(B, L, Target.of(B.device)))
 
 
 def fuse_token_in_shrink() -> bool:
@@ -467,32 +471,89 @@ def gram_grad(h, ds: SlotGrads, L: Layout) -> torch.Tensor:
 # Forward and backward of the op.
 
 
+def plan_forward(x, A, B, router_weight, router_input, base_out, scaling, top_k,
+                 orthogonalize, normalize, eps, target: Target, fuse_token: bool = False):
+    """The launches of the forward op, by name in launch order (shrink + G, token_forward,
+    expand; with fuse_token: gram, shrink with the per-token epilogue, expand), and
+    (y, h, logits). tools/kernel_report compiles these same launches."""
+    E, r, _ = A.shape
+    L = layout(E, r)
+    kind = dot_kind(x.dtype, x.device.type)
+    upcast = _upcast(x.dtype)
+    launches, G = {}, None
+    if fuse_token and L.ERP <= 256:
+        if orthogonalize:
+            launches["gram"], G = plan_gram_only(B, L, target)
+        token = dict(G=G, top_k=top_k, orthogonalize=orthogonalize, normalize=normalize, eps=eps)
+        launches["shrink"], (h, logits, z) = plan_shrink(x, router_input, A, router_weight, L, kind,
+                                                         upcast, target, token=token)
+    else:
+        G = _empty((L.ERP, L.ERP), x.device, torch.float64) if orthogonalize else None
+        gram = (B, G) if G is not None else None
+        launches["shrink"], (h, logits, _) = plan_shrink(x, router_input, A, router_weight, L, kind,
+                                                         upcast, target, gram=gram)
+        launches["token_forward"], z = plan_token_forward(h, logits, G, L, top_k, orthogonalize,
+                                                          normalize, eps)
+    launches["expand"], y = plan_matmul(
+        z, B, L, Operands(kind, upcast, "Bk", **C.a_operand_flags(kind, C.EXPAND_Z)),
+        Epilogue(x.dtype, scaling, add=base_out), target)
+    return launches, (y[0], h, logits)
+
+
 def forward_impl(x, A, B, router_weight, router_input, base_out, scaling, top_k,
                  orthogonalize, normalize, eps):
     """(y, h, logits): the op `omoe_triton::forward`. Three launches: shrink (+ G),
     per-token, expand; the weights are read in place (no padded or float64 copies)."""
     check_forward_args(FAMILY, x, A, B, router_weight, router_input, base_out, scaling, top_k, eps)
-    E, r, _ = A.shape
-    L = layout(E, r)
     if x.shape[0] == 0:   # no tokens: nothing to launch
+        L = layout(A.shape[0], A.shape[1])
         acc = accumulate_dtype(x.dtype)
         return (x.new_empty((0, B.shape[1])), _empty((0, L.ERP), x.device, acc),
-                _empty((0, E), x.device, acc))
-    kind = dot_kind(x.dtype, x.device.type)
-    upcast = _upcast(x.dtype)
+                _empty((0, L.num_experts), x.device, acc))
+    launches, outputs = plan_forward(x, A, B, router_weight, router_input, base_out, scaling,
+                                     top_k, orthogonalize, normalize, eps, Target.of(x.device),
+                                     fuse_token_in_shrink())
+    for launch in launches.values():
+        launch.run()
+    return outputs
+
+
+def plan_backward(grad_y, x, A, B, router_weight, router_input, h, logits, scaling, top_k,
+                  orthogonalize, normalize, eps, target: Target):
+    """The launches of the backward op, by name in launch order (dZ + G, token_backward,
+    gram_grad, dB, weight_grad, finalize, dX), and (grad x, grad A, grad B, grad
+    router_weight, grad router_input or an empty tensor). h and logits: contiguous."""
+    L = layout(A.shape[0], A.shape[1])
+    dtype = x.dtype
+    kind = dot_kind(dtype, x.device.type)
+    upcast = _upcast(dtype)
+    acc = accumulate_dtype(dtype)
     G = _empty((L.ERP, L.ERP), x.device, torch.float64) if orthogonalize else None
-    if fuse_token_in_shrink() and L.ERP <= 256:
-        if G is not None:
-            G = gram_only(B, L)
-        token = dict(G=G, top_k=top_k, orthogonalize=orthogonalize, normalize=normalize, eps=eps)
-        h, logits, z = shrink(x, router_input, A, router_weight, L, kind, upcast, token=token)
-    else:
-        gram = (B, G) if G is not None else None
-        h, logits, _ = shrink(x, router_input, A, router_weight, L, kind, upcast, gram=gram)
-        z = token_forward(h, logits, G, L, top_k, orthogonalize, normalize, eps)
-    y = matmul(z, B, L, Operands(kind, upcast, "Bk", **C.a_operand_flags(kind, C.EXPAND_Z)),
-               Epilogue(x.dtype, scaling, add=base_out))
-    return y, h, logits
+    launches = {}
+    # dZ = s dY B_cat (grad_y is read in its own dtype: the kernels convert per tile)
+    launches["dZ"], dz = plan_matmul(grad_y, B, L, Operands(kind, upcast, "Bn"),
+                                     Epilogue(acc, scaling, gram=(B, G) if G is not None else None),
+                                     target)
+    launches["token_backward"], (z, dhl, ds) = plan_token_backward(
+        h, logits, G, dz[0], L, top_k, orthogonalize, normalize, eps)
+    dG_partials = None   # [splits, ERP, ERP]
+    if orthogonalize:
+        launches["gram_grad"], dG_partials = plan_gram_grad(h, ds, L, target)
+    # dB_cat = s dYᵀ Z (+ B_cat (dG + dGᵀ), added by finalize_grads)
+    launches["dB"], dB_partials = plan_matmul(
+        grad_y.t(), z, L, Operands(kind, upcast, split_b=C.b_operand_split(kind, C.SPLIT_DB)),
+        Epilogue(acc, scaling, long_k=True), target)
+    launches["weight_grad"], dAW_partials = plan_weight_grad(
+        x, router_input, dhl, L, kind, upcast, C.b_operand_split(kind, C.SPLIT_DAW), target)
+    launches["finalize"], (grad_A, grad_B, grad_W) = plan_finalize_grads(
+        dB_partials, dAW_partials, dG_partials, A, B, L, dtype)
+    # dX = dH A_cat + dL W (+ a separate router input's own gradient dL W)
+    grad_R = _empty(router_input.shape, x.device, dtype) if router_input is not None else None
+    launches["dX"], grad_x = plan_matmul(
+        dhl[:, :L.ERP], A, L, Operands(kind, upcast, "Ak", **C.a_operand_flags(kind, C.DX_DH)),
+        Epilogue(dtype, router=(dhl[:, L.ERP:], router_weight, grad_R)), target)
+    grad_R = grad_R if grad_R is not None else x.new_empty((0,))
+    return launches, (grad_x[0], grad_A, grad_B, grad_W, grad_R)
 
 
 def backward_impl(grad_y, x, A, B, router_weight, router_input, h, logits, scaling, top_k,
@@ -508,30 +569,12 @@ def backward_impl(grad_y, x, A, B, router_weight, router_input, h, logits, scali
         return (x.new_empty(x.shape), torch.zeros_like(A), torch.zeros_like(B),
                 torch.zeros_like(router_weight), grad_R)
     h, logits = h.contiguous(), logits.contiguous()   # the per-token kernels read unit columns
-    L = layout(A.shape[0], A.shape[1])
-    dtype = x.dtype
-    kind = dot_kind(dtype, x.device.type)
-    upcast = _upcast(dtype)
-    acc = accumulate_dtype(dtype)
-    G = _empty((L.ERP, L.ERP), x.device, torch.float64) if orthogonalize else None
-    # dZ = s dY B_cat (grad_y is read in its own dtype: the kernels convert per tile)
-    dz = matmul(grad_y, B, L, Operands(kind, upcast, "Bn"),
-                Epilogue(acc, scaling, gram=(B, G) if G is not None else None))
-    z, dhl, ds = token_backward(h, logits, G, dz, L, top_k, orthogonalize, normalize, eps)
-    dG_partials = gram_grad(h, ds, L) if orthogonalize else None   # [splits, ERP, ERP]
-    # dB_cat = s dYᵀ Z (+ B_cat (dG + dGᵀ), added by finalize_grads)
-    dB_partials = matmul(grad_y.t(), z, L,
-                         Operands(kind, upcast, split_b=C.b_operand_split(kind, C.SPLIT_DB)),
-                         Epilogue(acc, scaling, long_k=True))
-    dAW_partials = weight_grad(x, router_input, dhl, L, kind, upcast,
-                               split=C.b_operand_split(kind, C.SPLIT_DAW))
-    grad_A, grad_B, grad_W = finalize_grads(dB_partials, dAW_partials, dG_partials, A, B, L, dtype)
-    # dX = dH A_cat + dL W (+ a separate router input's own gradient dL W)
-    grad_R = _empty(router_input.shape, x.device, dtype) if router_input is not None else None
-    grad_x = matmul(dhl[:, :L.ERP], A, L,
-                    Operands(kind, upcast, "Ak", **C.a_operand_flags(kind, C.DX_DH)),
-                    Epilogue(dtype, router=(dhl[:, L.ERP:], router_weight, grad_R)))
-    return grad_x, grad_A, grad_B, grad_W, grad_R if grad_R is not None else x.new_empty((0,))
+    launches, grads = plan_backward(grad_y, x, A, B, router_weight, router_input, h, logits,
+                                    scaling, top_k, orthogonalize, normalize, eps,
+                                    Target.of(x.device))
+    for launch in launches.values():
+        launch.run()
+    return grads
 
 
 # ----------------------------------------------------------------------------------------
