@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A subset, so that the test's compile time stays bounded (the full report is a CLI run,
 # `python -m omoe_kernels.tools.kernel_report`): every kernel at the `wide` shape, the dense
-# llama7b per-token backward (the register-hungry one: 224 registers), the gram gradient,
+# llama7b per-token backward (the register-hungry one), the gram gradient,
 # and the fp16 GEMMs (their power-of-2 scaling is register-hungry too). From a cold Triton
 # cache that takes about 2–2.5 minutes on a loaded 2-core machine.
 SUBSET = ["wide]", "token_backward[llama7b]", "gram_grad", "fp16"]
@@ -112,9 +112,10 @@ def test_sass_counts():
 
 
 def test_gemm_work_counts_padding_split_and_bytes():
+    from omoe_kernels.ops.triton.configs import GemmConfig
     from omoe_kernels.tools import kernel_model as M
 
-    cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)
+    cfg = GemmConfig(64, 64, 64)
     # [100, 80] @ [80, 64]: M pads to 128, K to 128; useful is the problem, K = 72 real.
     w = M.gemm_work(100, 64, 80, (100, 64, 72), cfg, "bf16 MMA", 2, 2, 4)
     assert w.flops_issued == 2 * 128 * 64 * 128
@@ -180,26 +181,66 @@ def test_report_compiles_the_launchers_configs():
 
     specs = {s.name: s for s in kernel_specs()}
     expand = specs["matmul[bf16, llama7b] expand base+s·Z·Bᵀ"]
-    cfg = C.matmul_default_config(C.DOT_BF16, 4096, fp16_a=expand.args["FP16_A"])
+    cfg = C.GemmConfig.matmul(C.DOT_BF16, 4096, fp16_a=expand.args["FP16_A"])
     assert expand.args["FP16_A"] == C.a_operand_flags(C.DOT_BF16, C.EXPAND_Z)["fp16_a"]
-    assert (expand.num_warps, expand.num_stages) == (cfg["num_warps"], cfg["num_stages"])
-    assert all(expand.args[k] == cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"))
+    assert (expand.num_warps, expand.num_stages) == (cfg.num_warps, cfg.num_stages)
+    assert all(expand.args[k] == v for k, v in cfg.meta().items())
     L = triton_ops.layout(16, 8)
-    flags = C.token_flags(L, 2, True, True, backward=True)
+    token = C.TokenConfig.of(L, 2, True, True)
     backward = specs["token_backward[wide]"]
-    assert backward.num_warps == flags["num_warps"] and backward.args["BT"] == flags["BT"]
+    assert backward.num_warps == token.num_warps and backward.args["BT"] == token.block_t
     assert backward.num_stages == C.TOKEN_STAGES
     assert specs["gram_grad[wide]"].args["BLOCK_T"] == C.gram_grad_block(L, top_k_routing=True)
     dz = specs["matmul[bf16, wide] dZ = s·dY·B + G"]
-    assert dz.args["BLOCK_N"] == C.matmul_default_config(C.DOT_BF16, L.ERP)["BLOCK_N"]
+    assert dz.args["BLOCK_N"] == C.GemmConfig.matmul(C.DOT_BF16, L.ERP).block_n
     assert dz.args["GB"] == C.GRAM_TILE and dz.args["PACKED_BN"]
     weight_grad = specs["weight_grad[bf16, wide] [dA;dW]ᵀ = Xᵀ·[dH|dL] (split-K)"]
-    wcfg = C.weight_grad_config(C.DOT_BF16, L.ERP)
-    assert all(weight_grad.args[k] == wcfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    wcfg = C.GemmConfig.weight_grad(C.DOT_BF16, L.ERP)
+    assert all(weight_grad.args[k] == v for k, v in wcfg.meta().items())
     assert weight_grad.args["BLOCK_E"] == L.EPL
     finalize = specs["finalize[bf16, wide] grad_B, grad_A, grad_W"]
-    assert all(finalize.args[k] == C.FINALIZE[k] for k in ("BLOCK_R", "BLOCK_C", "BLOCK_G"))
-    assert finalize.num_warps == C.FINALIZE["num_warps"]
+    assert all(finalize.args[k] == v for k, v in C.FINALIZE.meta().items())
+    assert finalize.num_warps == C.FINALIZE.num_warps
+
+
+def test_report_signatures_come_from_the_launchers():
+    """A spec's signature is the launcher's own arguments specialised as Triton does at a
+    launch: every kernel parameter present, pointer dtypes of the tensors passed, ints
+    divisible by 16 hinted, stride 1 folded; split counts from the launchers' rules."""
+    pytest.importorskip("triton")
+    from omoe_kernels.ops.triton import configs as C
+    from omoe_kernels.ops.triton import launch as triton_ops
+    from omoe_kernels.tools import kernel_model as M
+    from omoe_kernels.tools.kernel_report import kernel_specs
+
+    specs = {s.name: s for s in kernel_specs()}
+    for spec in specs.values():
+        assert set(spec.args) == set(spec.fn.arg_names), spec.name
+    dx = specs["matmul[bf16, wide] dX = dH·A + dL·W"].args
+    assert (dx["a_ptr"], dx["b_ptr"], dx["c_ptr"], dx["a2_ptr"]) == (
+        "*fp32:16", "*bf16:16", "*bf16:16", "*fp32:16")
+    assert dx["stride_ak"] == "i32:1" and dx["M"] == "i32:16" and dx["ROUTER"] == 1
+    L = triton_ops.layout(16, 8)
+    wcfg = C.GemmConfig.weight_grad(C.DOT_BF16, L.ERP)
+    splits = C.split_k(4096, L.ERP, 8192, wcfg, M.H200_SMS)[0]
+    assert M.split_k(4096, L.ERP, 8192, wcfg)[0] == splits
+    assert f"[dA;dW] {splits}," in specs["finalize[bf16, wide] grad_B, grad_A, grad_W"].note
+
+
+def test_configs_are_frozen_records():
+    """A launch config is read, never edited: a variant is a new record."""
+    import dataclasses
+
+    from omoe_kernels.ops.triton import configs as C
+
+    cfg = C.GemmConfig.matmul(C.DOT_BF16, 4096)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.num_warps = 4
+    assert C.GemmConfig.matmul(C.DOT_BF16, 4096) == cfg
+    assert "GROUP_M" not in C.GemmConfig.weight_grad(C.DOT_BF16, 64).meta()
+    assert C.GemmConfig.matmul(C.DOT_FP32_IEEE, 64, interpret=True).options() == {}
+    with pytest.raises(ValueError, match="bf16 operand mode"):
+        C.a_operand_flags(C.DOT_BF16, "fp8")
 
 
 def test_target_misses_flag_wasted_mma_and_per_token_shuffles():

@@ -1,9 +1,10 @@
 """The triton backend.
 
-CPU (CI): under TRITON_INTERPRET=1, in child processes (the variable must be set before
-triton is imported, and this pytest process may already have imported it), the shared
-suites' `interpreter` cases (every test parametrised over the backend registry, with
-backend="triton") and the triton-only cases of `triton_interpreted_cases.py`.
+CPU (CI): the triton backend runs under the Triton interpreter, and TRITON_INTERPRET=1
+must be set before triton is imported, which this session (conftest) already did without
+it. So two pytest sessions started with it run the `interpreter` cases: the shared
+suites' (every test parametrised over the backend registry, with backend="triton") and
+`test_triton_interpreted.py` (the triton-only cases; skipped in a session without it).
 GPU (`gpu` marker, OMOE_TEST_DEVICE=cuda): the backend at real sizes against float64,
 the autotuned path against the fixed-config path, and torch.compile.
 """
@@ -30,7 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Two children, one per core, of about equal length.
 INTERPRETED_RUNS = {
     "accuracy+properties+triton_only": ["test_accuracy.py", "test_properties.py",
-                                        "triton_interpreted_cases.py"],
+                                        "test_triton_interpreted.py"],
     "ops+layer+training": ["test_ops.py", "test_layer.py", "test_training.py"],
 }
 
@@ -41,7 +42,13 @@ def test_interpreted_suite():
     """Every `interpreter` case passes under TRITON_INTERPRET=1, and there are such cases
     in every file (a registry or marker change that drops triton would show here)."""
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMOE_TEST_DEVICE="cpu")
+    import omoe_kernels
+
+    # The children run in python_tests/: put this session's omoe_kernels first on their
+    # path, or they would test whichever copy is installed.
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(omoe_kernels.__file__)))
+    path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, TRITON_INTERPRET="1", OMOE_TEST_DEVICE="cpu", PYTHONPATH=path)
     children = {}
     for name, files in INTERPRETED_RUNS.items():
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", HERE,

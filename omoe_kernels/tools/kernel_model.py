@@ -20,11 +20,12 @@ import math
 from dataclasses import dataclass
 
 from ..ops.limits import next_pow2
+from ..ops.triton import configs as C
+from ..ops.triton.configs import GemmConfig
 
-# H200 ceilings (/work/.library/device/H200.md and KINDS.md): bf16 matrix product
-# 788 TFLOP/s and device copy 4.3 TB/s were measured on an H200 here; the FMA rates are
-# the vendor datasheet's (fp32 67 TFLOP/s, fp64 vector 34 TFLOP/s; fp64 tensor-core DMMA
-# 67, which cuBLAS DGEMM uses).
+# H200 ceilings: the bf16 matrix-product and device-copy rates are measured ones
+# (bench/README.md, "Cost model and floors"); the FMA rates are the vendor datasheet's
+# (fp64 tensor-core DMMA is the rate cuBLAS DGEMM uses).
 COPY_BYTES_PER_S = 4.3e12
 PEAK_FLOPS = {
     "bf16 MMA": 790e12,
@@ -84,16 +85,13 @@ def _round_up(a: int, b: int) -> int:
     return _cdiv(a, b) * b
 
 
-def split_k(M: int, N: int, K: int, cfg: dict) -> tuple[int, int]:
-    """(splits, k_per_split) of a long-K (weight-gradient) GEMM on an H200; mirrors the
-    rule in triton_omoe._splits."""
-    tiles = _cdiv(M, cfg["BLOCK_M"]) * _cdiv(N, cfg["BLOCK_N"])
-    splits = max(1, min(2 * H200_SMS // tiles, _cdiv(K, 512)))
-    k_per_split = max(64, _round_up(_cdiv(K, splits), 64))
-    return _cdiv(K, k_per_split), k_per_split
+def split_k(M: int, N: int, K: int, cfg: GemmConfig) -> tuple[int, int]:
+    """(splits, k_per_split) of a long-K (weight-gradient) GEMM on an H200: the launchers'
+    rule (configs.split_k)."""
+    return C.split_k(M, N, K, cfg, H200_SMS)
 
 
-def gemm_work(M: int, N: int, K: int, useful: tuple[int, int, int], cfg: dict, unit: str,
+def gemm_work(M: int, N: int, K: int, useful: tuple[int, int, int], cfg: GemmConfig, unit: str,
               a_bytes: int, b_bytes: int, c_bytes: int, add_bytes: int = 0,
               hi_lo: bool = False, long_k: bool = False, router_k: int = 0,
               router_n: int = 0, extra: "Work | None" = None) -> Work:
@@ -104,14 +102,14 @@ def gemm_work(M: int, N: int, K: int, useful: tuple[int, int, int], cfg: dict, u
     width beside the first n-tile (the router columns of [dA; dW]ᵀ); extra: programs
     appended to the launch (G), whose bytes and time are added."""
     splits, k_per_split = split_k(M, N, K, cfg) if long_k else (1, K)
-    k_issued = splits * _round_up(k_per_split, cfg["BLOCK_K"])
-    rows = _round_up(M, cfg["BLOCK_M"])
-    issued = 2 * rows * _round_up(N, cfg["BLOCK_N"]) * (k_issued + router_k)
+    k_issued = splits * _round_up(k_per_split, cfg.block_k)
+    rows = _round_up(M, cfg.block_m)
+    issued = 2 * rows * _round_up(N, cfg.block_n) * (k_issued + router_k)
     issued += 2 * rows * router_n * k_issued
     issued *= 2 if hi_lo else 1
     out_bytes = splits * M * N * 4 if long_k else M * N * c_bytes
     moved = M * K * a_bytes + K * N * b_bytes + out_bytes + M * N * add_bytes
-    grid = (_cdiv(M, cfg["BLOCK_M"]) * _cdiv(N, cfg["BLOCK_N"]), splits)
+    grid = (cfg.tiles(M, N), splits)
     work = Work(issued, 2 * math.prod(useful), moved, unit, grid)
     if extra is not None:
         work = Work(work.flops_issued, work.flops_useful, work.bytes + extra.bytes, unit, grid,
@@ -131,13 +129,13 @@ def gram_work(d_out: int, L, el: int, tile: int = 16) -> Work:
     return Work(issued, d_out * R * (R + 1), moved, "fp64 FMA", (nt * nt,))
 
 
-def shrink_work(T: int, D: int, L, cfg: dict, unit: str, el: int,
+def shrink_work(T: int, D: int, L, cfg: GemmConfig, unit: str, el: int,
                 extra: "Work | None" = None) -> Work:
     """shrink_kernel: H = X A_catᵀ (ERP columns) and logits = X Wᵀ (BLOCK_E columns,
     computed by every n-tile, stored by the first), plus its gram programs (`extra`)."""
-    n_tiles = _cdiv(L.ERP, cfg["BLOCK_N"])
-    rows = _round_up(T, cfg["BLOCK_M"])
-    issued = 2 * rows * _round_up(D, cfg["BLOCK_K"]) * n_tiles * (cfg["BLOCK_N"] + L.EPL)
+    n_tiles = _cdiv(L.ERP, cfg.block_n)
+    rows = _round_up(T, cfg.block_m)
+    issued = 2 * rows * _round_up(D, cfg.block_k) * n_tiles * (cfg.block_n + L.EPL)
     useful = 2 * T * D * (L.num_experts * L.rank + L.num_experts)
     moved = (n_tiles * T * D * el + (L.ERP + L.EPL) * D * el
              + T * L.ERP * 4 + T * L.num_experts * 4)
@@ -145,7 +143,7 @@ def shrink_work(T: int, D: int, L, cfg: dict, unit: str, el: int,
     if extra is not None:
         moved += extra.bytes
         extra_s = extra.estimate_s
-    return Work(issued, useful, moved, unit, (_cdiv(T, cfg["BLOCK_M"]) * n_tiles,), extra_s)
+    return Work(issued, useful, moved, unit, (_cdiv(T, cfg.block_m) * n_tiles,), extra_s)
 
 
 def finalize_work(d_out: int, d_in: int, L, b_splits: int, a_splits: int, g_splits: int,
@@ -194,11 +192,8 @@ def token_backward_work(T: int, L, top_k: int, block_t: int) -> Work:
 
 
 def gram_grad_splits(T: int, L, block_t: int) -> int:
-    """Token splits of gram_grad on an H200; mirrors triton_omoe.gram_grad."""
-    E = L.num_experts
-    wanted = min(_cdiv(T, 256), 2 * H200_SMS // (E * E) + 1)
-    per_split = max(1, _cdiv(_cdiv(T, max(1, wanted)), block_t)) * block_t
-    return max(1, _cdiv(T, per_split))
+    """Token splits of gram_grad on an H200: the launcher's rule (configs.gram_grad_splits)."""
+    return C.gram_grad_splits(T, L.num_experts, block_t, H200_SMS)[0]
 
 
 def active_pair_blocks(T: int, E: int, top_k: int, block_t: int) -> float:

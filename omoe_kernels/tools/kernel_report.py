@@ -5,7 +5,9 @@
 Compiles every Triton kernel of the `triton` backend in the launch configs it uses by
 default (ops/triton/configs.py): the bf16 path at each GPU shape of docs/contract.md §6
 (`llama7b`, `llama7b-top2`, `wide`), the fp16 and fp32 GEMMs at llama7b, and the opt-in
-fused shrink. For each it reports registers and spills (`ptxas -v` on the PTX), the
+fused shrink. Each kernel's arguments, constexprs and options come from the launcher's
+own plan (ops/triton/launch.py, `plan_*`), built on meta tensors at the shape and
+specialised as Triton specialises a launch. For each it reports registers and spills (`ptxas -v` on the PTX), the
 shared memory Triton allocates, static counts of MMA (HGMMA/HMMA/DMMA), SHFL and BAR
 instructions in the SASS (`cuobjdump`), and from kernel_model.py the FLOPs it issues vs
 those the problem needs, the bytes it must move, and a roofline ESTIMATE of its H200 time;
@@ -19,6 +21,7 @@ are FMA by design and only checked for spills.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import re
@@ -76,8 +79,6 @@ def _triton_bin(tool: str) -> str:
 
 
 def _ast_source(spec: KernelSpec):
-    import inspect
-
     import triton
 
     fn = spec.fn
@@ -164,178 +165,162 @@ def problems(result: KernelResult, capability: int) -> list[str]:
 GPU_SHAPES = ("llama7b", "llama7b-top2", "wide")     # docs/contract.md §6
 
 
-def _gemm_specs(shape, dtype_name: str, kind: int, step: bool) -> list[KernelSpec]:
-    """The GEMM-side launches of a step at `shape` in the launchers' configs, each with its
-    Work (kernel_model.py): shrink (+ G), expand, dZ (+ G), dB, [dA; dW], finalize, dX.
-    step: they are the default GPU path at this shape (bf16), so they count in the step's
-    estimate."""
-    from ..ops.triton import configs as C
-    from ..ops.triton import gemm_kernels as K
+def launch_signature(launch) -> dict:
+    """The compile signature of a launcher's `Launch`, as KernelSpec.args: each runtime
+    argument specialised by Triton's own rule (pointer/int/float type, divisibility by 16,
+    ints equal to 1 as constants) and each constexpr from the launch or the kernel's
+    default. The launchers' plans are built from meta tensors, so no GPU is needed."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    kernel = launch.kernel
+    runtime = [p.name for p in kernel.params if not p.is_constexpr]
+    if len(runtime) != len(launch.args):
+        raise ValueError(f"{kernel.__name__}: {len(launch.args)} arguments for "
+                         f"{len(runtime)} runtime parameters")
+    args = {}
+    for name, value in zip(runtime, launch.args):
+        ty, key = native_specialize_impl(BaseBackend, value, False, True, True)[:2]
+        if ty == "constexpr":   # Triton folds an int equal to 1 (or None) into the kernel
+            args[name] = "i32:1" if value == 1 else value
+        else:
+            args[name] = ty + (":16" if key == "D" else "")
+    for p in kernel.params:
+        if p.is_constexpr:
+            if p.name not in launch.meta and p.default is inspect.Parameter.empty:
+                raise ValueError(f"{kernel.__name__}: the launch gives no {p.name}")
+            args[p.name] = launch.meta.get(p.name, p.default)
+    return args
+
+
+def _spec(name: str, launch, needs_wgmma: bool, note: str, shape: str, step: str,
+          work: Optional[Work]) -> KernelSpec:
+    return KernelSpec(name, launch.kernel, launch_signature(launch), launch.options["num_warps"],
+                      launch.options["num_stages"], needs_wgmma, note, shape, step, work)
+
+
+def _h200():
+    from ..ops.triton.launch import Target
+
+    return Target(M.H200_SMS)
+
+
+def _meta(*shape: int, dtype):
+    """An unallocated tensor: the plans read only shapes, strides and dtypes."""
+    import torch
+
+    return torch.empty(shape, device="meta", dtype=dtype)
+
+
+def _step_launches(shape, dtype, fuse_token: bool = False) -> dict:
+    """The launches of one training step at `shape` by name (forward: shrink + G,
+    token_forward, expand; backward: dZ + G, token_backward, gram_grad, dB, weight_grad,
+    finalize, dX): the ops' own plans (launch.plan_forward / plan_backward) on meta
+    tensors, orthogonalized and normalized, sized for an H200 (fp32 on a meta device:
+    IEEE, torch's default)."""
     from ..ops.triton import launch as ops
 
     T, d, E, r = shape.num_tokens, shape.d_model, shape.num_experts, shape.rank
-    L = ops.layout(E, r)
+    top_k = shape.top_k or E
+    x, base, grad_y = (_meta(T, d, dtype=dtype) for _ in range(3))
+    A, B, W = _meta(E, r, d, dtype=dtype), _meta(E, d, r, dtype=dtype), _meta(E, d, dtype=dtype)
+    options = (2.0, top_k, True, True, 1e-6)
+    forward, (_, h, logits) = ops.plan_forward(x, A, B, W, None, base, *options, _h200(),
+                                               fuse_token=fuse_token)
+    if fuse_token:
+        return forward
+    backward, _ = ops.plan_backward(grad_y, x, A, B, W, None, h, logits, *options, _h200())
+    return {**forward, **backward}
+
+
+def _gemm_specs(shape, dtype_name: str, launches: dict, step: bool) -> list[KernelSpec]:
+    """The GEMM-side launches of a step at `shape`, each with its Work (kernel_model.py):
+    shrink (+ G), expand, dZ (+ G), dB, [dA; dW], finalize, dX.
+    step: they are the default GPU path at this shape (bf16), so they count in the step's
+    estimate."""
+    T, d, E, r = shape.num_tokens, shape.d_model, shape.num_experts, shape.rank
+    shrink = launches["shrink"]
+    L = _layout(shape)
     R = E * r
-    ptr = f"*{dtype_name}:16"
-    f32 = "*fp32:16"
-    sixteen = kind in C.SIXTEEN_BIT_KINDS
+    sixteen = dtype_name != "fp32"
     el = 4 if dtype_name == "fp32" else 2
     unit = f"{dtype_name} MMA" if sixteen else "fp32 FMA"
     note = "" if sixteen else "IEEE fp32: FMA by design"
     tag = f"{dtype_name}, {shape.name}"
-    split = lambda bf16_flag: C.b_operand_split(kind, bf16_flag)  # noqa: E731
-    a_operand = lambda mode: {k.upper(): v for k, v in C.a_operand_flags(kind, mode).items()}  # noqa: E731
-    gram = M.gram_work(d, L, el, C.GRAM_TILE)
-    i32, i16, one = "i32", "i32:16", "i32:1"
+    phase = lambda p: p if step else ""  # noqa: E731
+    gram = M.gram_work(d, L, el, shrink.meta["GB"])
+    specs = [_spec(f"shrink[{tag}] x·[A;W]ᵀ + G", shrink, sixteen, note, shape.name,
+                   phase("forward"), M.shrink_work(T, d, L, shrink.config, unit, el, extra=gram))]
 
-    def hint(v: int) -> str:   # what the launcher specializes a stride of value v to
-        return one if v == 1 else (i16 if v % 16 == 0 else i32)
-
-    s_dr, s_r, s_d = hint(d * r), hint(r), hint(d)   # strides of A [E, r, d] and B [E, d, r]
-    cfg = C.shrink_default_config(kind, L.ERP)
-    specs = [KernelSpec(
-        f"shrink[{tag}] x·[A;W]ᵀ + G", K.shrink_kernel,
-        dict(x_ptr=ptr, r_ptr=ptr, a_ptr=ptr, w_ptr=ptr, h_ptr=f32, l_ptr=f32, b_ptr=ptr,
-             gram_ptr="*fp64:16", T=i16, D=i16, N=i16, E=i32, rank=i32, d_out=i16, num_gram=i32,
-             t_bucket=i32, stride_xt=i16, stride_xd=one, stride_rt=i16, stride_rd=one,
-             stride_ae=s_dr, stride_ar=s_d, stride_ad=one, stride_we=i16, stride_wd=one,
-             stride_ht=i16, stride_lt=hint(E), stride_be=s_dr, stride_bd=s_r, stride_br=one,
-             g_ptr=f32, z_ptr=f32, top_k=i32, eps="fp32", stride_zt=i32,
-             SEPARATE_ROUTER=False, DOT_KIND=kind, UPCAST=False, BLOCK_M=cfg["BLOCK_M"],
-             BLOCK_N=cfg["BLOCK_N"], BLOCK_E=L.EPL, BLOCK_K=cfg["BLOCK_K"], GB=C.GRAM_TILE,
-             RP=L.RP, ERP=L.ERP),
-        cfg["num_warps"], cfg["num_stages"], sixteen, note, shape.name,
-        "forward" if step else "", M.shrink_work(T, d, L, cfg, unit, el, extra=gram))]
-
-    def gemm(label, a_ptr, b_ptr, c_ptr, a_strides, b_strides, dims, useful, flags, sizes,
-             phase, long_k=False, router_k=0, extra=None, a2_ptr=f32, b2_ptr=ptr):
-        Mdim, Ndim, Kdim = dims
-        cfg = C.matmul_default_config(kind, Ndim, flags.get("FP16_A", False))
-        hi_lo = flags.get("SPLIT_A", False) or flags.get("SPLIT_B", False)
-        work = M.gemm_work(Mdim, Ndim, Kdim, useful, cfg, unit, *sizes, hi_lo=hi_lo and sixteen,
+    def gemm(label, key, dims, useful, sizes, when, long_k=False, router_k=0, extra=None):
+        launch = launches[key]
+        hi_lo = sixteen and (launch.meta["SPLIT_A"] or launch.meta["SPLIT_B"])
+        work = M.gemm_work(*dims, useful, launch.config, unit, *sizes, hi_lo=hi_lo,
                            long_k=long_k, router_k=router_k, extra=extra)
-        args = dict(a_ptr=a_ptr, b_ptr=b_ptr, c_ptr=c_ptr, add_ptr=ptr, a2_ptr=a2_ptr,
-                    b2_ptr=b2_ptr, c2_ptr=ptr, gram_ptr="*fp64:16", M=i16, N=i16, K=i16,
-                    k_per_split=i16, E=i32, rank=i32, d_out=i16, num_gram=i32, m_bucket=i32,
-                    n_bucket=i32, k_bucket=i32, stride_am=a_strides[0], stride_ak=a_strides[1],
-                    stride_bk=b_strides[0], stride_bn=b_strides[1], stride_b_expert=b_strides[2],
-                    stride_cs=i16, stride_cm=i16, stride_cn=one, stride_addm=i16, stride_addn=one,
-                    stride_a2m=i16, stride_a2k=one, stride_b2k=i16, stride_b2n=one,
-                    stride_c2m=i16, stride_c2n=one, stride_ge=s_dr, stride_gd=s_r, stride_gr=one,
-                    scale="fp32", HAS_ADD=False, SPLIT_A=False, SPLIT_B=False, FP16_A=False, DOT_KIND=kind,
-                    UPCAST=False, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                    BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"], BLOCK_E=L.EPL, RP=L.RP,
-                    ERP=L.ERP, GB=C.GRAM_TILE)
-        args.update(flags)
-        specs.append(KernelSpec(f"matmul[{tag}] {label}", K.matmul_kernel, args,
-                                cfg["num_warps"], cfg["num_stages"], sixteen, note, shape.name,
-                                phase if step else "", work))
+        specs.append(_spec(f"matmul[{tag}] {label}", launch, sixteen, note, shape.name,
+                           phase(when), work))
 
-    row, col = (i16, one), (one, i16)
     # (element sizes: a, b, c, add). B_cat and A_cat are read in place from [E, d, r] / [E, r, d].
-    gemm("expand base+s·Z·Bᵀ", f32, ptr, ptr, row, (one, s_r, s_dr), (T, d, L.ERP), (T, d, R),
-         dict(HAS_ADD=True, **a_operand(C.EXPAND_Z), PACKED_BK=True), (4, el, el, el),
-         "forward")
-    gemm("dZ = s·dY·B + G", ptr, ptr, f32, row, (s_r, one, s_dr), (T, L.ERP, d), (T, R, d),
-         dict(PACKED_BN=True, WITH_GRAM=True), (el, el, 4), "backward", extra=gram)
-    gemm("dB = s·dYᵀ·Z (split-K)", ptr, f32, f32, col, (i16, one, i32), (d, L.ERP, T), (d, R, T),
-         dict(SPLIT_B=split(C.SPLIT_DB)), (el, 4, 4), "backward", long_k=True)
-    gemm("dX = dH·A + dL·W", f32, ptr, ptr, row, (s_d, one, s_dr), (T, d, L.ERP), (T, d, R + E),
-         dict(**a_operand(C.DX_DH), PACKED_BK=True, ROUTER=1), (4, el, el), "backward",
+    gemm("expand base+s·Z·Bᵀ", "expand", (T, d, L.ERP), (T, d, R), (4, el, el, el), "forward")
+    gemm("dZ = s·dY·B + G", "dZ", (T, L.ERP, d), (T, R, d), (el, el, 4), "backward", extra=gram)
+    gemm("dB = s·dYᵀ·Z (split-K)", "dB", (d, L.ERP, T), (d, R, T), (el, 4, 4), "backward",
+         long_k=True)
+    gemm("dX = dH·A + dL·W", "dX", (T, d, L.ERP), (T, d, R + E), (4, el, el), "backward",
          router_k=L.EPL)
-    wcfg = C.weight_grad_config(kind, L.ERP)
-    wsplit = split(C.SPLIT_DAW)
-    specs.append(KernelSpec(
-        f"weight_grad[{tag}] [dA;dW]ᵀ = Xᵀ·[dH|dL] (split-K)", K.weight_grad_kernel,
-        dict(x_ptr=ptr, r_ptr=ptr, dh_ptr=f32, dl_ptr=f32, out_ptr=f32, T=i16, D=i16, N=i16,
-             E=i32, k_per_split=i16, t_bucket=i32, stride_xt=i16, stride_xd=one, stride_rt=i16,
-             stride_rd=one, stride_dht=i16, stride_dlt=i16, stride_os=i16, stride_od=i16,
-             SEPARATE_ROUTER=False, SPLIT_B=wsplit, DOT_KIND=kind, UPCAST=False,
-             BLOCK_M=wcfg["BLOCK_M"], BLOCK_N=wcfg["BLOCK_N"], BLOCK_E=L.EPL, BLOCK_K=wcfg["BLOCK_K"]),
-        wcfg["num_warps"], wcfg["num_stages"], sixteen, note, shape.name, "backward" if step else "",
-        M.gemm_work(d, L.ERP, T, (d, R + E, T), wcfg, unit, el, 4, 4, hi_lo=wsplit and sixteen,
-                    long_k=True, router_n=L.EPL)))
-    b_splits = M.split_k(d, L.ERP, T, C.matmul_default_config(kind, L.ERP))[0]
-    a_splits = M.split_k(d, L.ERP, T, wcfg)[0]
-    g_splits = M.gram_grad_splits(T, L, C.gram_grad_block(L, (shape.top_k or E) < E))
-    fin = C.FINALIZE
-    specs.append(KernelSpec(
-        f"finalize[{tag}] grad_B, grad_A, grad_W", K.finalize_grads_kernel,
-        dict(pb_ptr=f32, pa_ptr=f32, pg_ptr="*fp64:16", b_ptr=ptr, grad_b_ptr=ptr, grad_a_ptr=ptr,
-             grad_w_ptr=ptr, b_splits=i32, a_splits=i32, g_splits=i32, d_out=i16, d_in=i16,
-             E=i32, rank=i32, b_programs=i32, stride_be=s_dr, stride_bd=s_r, stride_br=one,
-             stride_gbe=s_dr, stride_gbd=s_r, stride_gbr=one, stride_gae=s_dr, stride_gar=s_d,
-             stride_gad=one, stride_gwe=i16, stride_gwd=one, ORTHOGONALIZE=True, RP=L.RP,
-             ERP=L.ERP, NW=L.NW, BLOCK_R=fin["BLOCK_R"], BLOCK_C=fin["BLOCK_C"],
-             BLOCK_G=fin["BLOCK_G"]),
-        fin["num_warps"], C.TOKEN_STAGES, False, f"splits dB {b_splits}, [dA;dW] {a_splits}, dG {g_splits}",
-        shape.name, "backward" if step else "",
-        M.finalize_work(d, d, L, b_splits, a_splits, g_splits, el)))
+    wg = launches["weight_grad"]
+    specs.append(_spec(
+        f"weight_grad[{tag}] [dA;dW]ᵀ = Xᵀ·[dH|dL] (split-K)", wg, sixteen, note, shape.name,
+        phase("backward"),
+        M.gemm_work(d, L.ERP, T, (d, R + E, T), wg.config, unit, el, 4, 4,
+                    hi_lo=sixteen and wg.meta["SPLIT_B"], long_k=True, router_n=L.EPL)))
+    fin = launches["finalize"]
+    b_splits, a_splits, g_splits = (fin.arg(k) for k in ("b_splits", "a_splits", "g_splits"))
+    specs.append(_spec(
+        f"finalize[{tag}] grad_B, grad_A, grad_W", fin, False,
+        f"splits dB {b_splits}, [dA;dW] {a_splits}, dG {g_splits}", shape.name,
+        phase("backward"), M.finalize_work(d, d, L, b_splits, a_splits, g_splits, el)))
     return specs
 
 
-def _token_specs(shape) -> list[KernelSpec]:
-    """The per-token kernels and gram_grad at `shape` (float64 algebra, no MMA)."""
-    from ..ops.triton import configs as C
-    from ..ops.triton import gemm_kernels as K
+def _layout(shape):
     from ..ops.triton import launch as ops
 
+    return ops.layout(shape.num_experts, shape.rank)
+
+
+def _token_specs(shape, launches: dict) -> list[KernelSpec]:
+    """The per-token kernels and gram_grad at `shape` (float64 algebra, no MMA)."""
     T, E, r = shape.num_tokens, shape.num_experts, shape.rank
     top_k = shape.top_k or E
-    L = ops.layout(E, r)
-    flags = C.token_flags(L, top_k, True, True)
-    num_warps = flags.pop("num_warps")
-    bwd_flags = C.token_flags(L, top_k, True, True, backward=True)
-    bwd_warps = bwd_flags.pop("num_warps")
+    L = _layout(shape)
     label = shape.name
-    block_t = C.gram_grad_block(L, flags["TOP_K_ROUTING"])
+    fwd, bwd, gg = launches["token_forward"], launches["token_backward"], launches["gram_grad"]
+    note = f"E={E} r={r} top{top_k}, BT={fwd.config.block_t}"
+    block_t = gg.meta["BLOCK_T"]
     return [
-        KernelSpec(
-            f"token_forward[{label}]", K.token_forward_kernel,
-            dict(h_ptr="*fp32:16", l_ptr="*fp32:16", g_ptr="*fp64:16", z_ptr="*fp32:16", T="i32",
-                 E="i32", top_k="i32", eps="fp32", stride_ht="i32:16", stride_lt="i32", stride_zt="i32:16", **flags),
-            num_warps, C.TOKEN_STAGES, False, f"E={E} r={r} top{top_k}, BT={flags['BT']}", label,
-            "forward", M.token_forward_work(T, L, top_k, flags["BT"])),
-        KernelSpec(
-            f"token_backward[{label}]", K.token_backward_kernel,
-            dict(h_ptr="*fp32:16", l_ptr="*fp32:16", g_ptr="*fp64:16", dz_ptr="*fp32:16",
-                 z_ptr="*fp32:16", dhl_ptr="*fp32:16", ds_ptr="*fp64:16", slots_ptr="*i32:16",
-                 T="i32", E="i32", top_k="i32", eps="fp32",
-                 stride_ht="i32:16", stride_lt="i32", stride_dzt="i32:16", stride_zt="i32:16",
-                 stride_dhlt="i32:16", EPL=L.EPL, **bwd_flags),
-            bwd_warps, C.TOKEN_STAGES, False, f"E={E} r={r} top{top_k}, BT={bwd_flags['BT']}", label,
-            "backward", M.token_backward_work(T, L, top_k, bwd_flags["BT"])),
-        KernelSpec(
-            f"gram_grad[{label}]", K.gram_grad_kernel,
-            dict(h_ptr="*fp32:16", ds_ptr="*fp64:16", slots_ptr="*i32:16", out_ptr="*fp64:16",
-                 T="i32", E="i32", tokens_per_split="i32:16", stride_ht="i32:16",
-                 TOP_K_ROUTING=flags["TOP_K_ROUTING"], KP=flags["KP"], RP=L.RP, ERP=L.ERP,
-                 BLOCK_T=block_t),
-            C.GRAM_GRAD_WARPS, C.TOKEN_STAGES, False, "float64 FMA", label, "backward",
-            M.gram_grad_work(T, L, top_k, block_t)),
+        _spec(f"token_forward[{label}]", fwd, False, note, label, "forward",
+              M.token_forward_work(T, L, top_k, fwd.config.block_t)),
+        _spec(f"token_backward[{label}]", bwd, False, note, label, "backward",
+              M.token_backward_work(T, L, top_k, bwd.config.block_t)),
+        _spec(f"gram_grad[{label}]", gg, False, "float64 FMA", label, "backward",
+              M.gram_grad_work(T, L, top_k, block_t)),
     ]
 
 
-def _fused_shrink_specs(base: KernelSpec) -> list[KernelSpec]:
+def _fused_shrink_specs() -> list[KernelSpec]:
     """The opt-in shrink with the per-token algebra in its epilogue
     (OMOE_TRITON_FUSE_TOKEN=1), at llama7b and wide; not in the step's estimate."""
-    from ..ops.triton import configs as C
-    from ..ops.triton import launch as ops
+    import torch
+
+    from ..testing.shapes import SHAPES
 
     specs = []
-    for E, r, top_k, label in ((4, 16, 4, "llama7b"), (16, 8, 2, "wide")):
-        L = ops.layout(E, r)
-        cfg = C.shrink_default_config(C.DOT_BF16, L.ERP, fuse_token=True)
-        flags = C.token_flags(L, top_k, True, True)
-        flags.pop("num_warps")
-        specs.append(KernelSpec(
-            f"shrink+token[bf16, {label}]", base.fn,
-            dict(base.args, g_ptr="*fp64:16", z_ptr="*fp32:16", stride_zt="i32:16",
-                 N="i32:16", BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                 BLOCK_E=L.EPL, BLOCK_K=cfg["BLOCK_K"], FUSE_TOKEN=True,
-                 **{**flags, "RP": L.RP, "ERP": L.ERP}),
-            cfg["num_warps"], cfg["num_stages"], True, f"opt-in OMOE_TRITON_FUSE_TOKEN=1, E={E} r={r}",
-            label))
+    for label in ("llama7b", "wide"):
+        shape = SHAPES[label]
+        launch = _step_launches(shape, torch.bfloat16, fuse_token=True)["shrink"]
+        specs.append(_spec(f"shrink+token[bf16, {label}]", launch, True,
+                           f"opt-in OMOE_TRITON_FUSE_TOKEN=1, E={shape.num_experts} r={shape.rank}",
+                           label, "", None))
     return specs
 
 
@@ -344,17 +329,20 @@ def kernel_specs() -> list[KernelSpec]:
     (ops/triton/configs.py, which the launchers read too): the bf16 path at each GPU
     shape of docs/contract.md §6, the fp16 and fp32 GEMMs at llama7b, and the opt-in
     fused shrink."""
-    from ..ops.triton import configs as C
+    import torch
+
     from ..testing.shapes import SHAPES
 
     specs = []
     for name in GPU_SHAPES:
         shape = SHAPES[name]
-        specs += _gemm_specs(shape, "bf16", C.DOT_BF16, step=True)
-        specs += _token_specs(shape)
-    for dtype_name, kind in (("fp16", C.DOT_FP16), ("fp32", C.DOT_FP32_IEEE)):
-        specs += _gemm_specs(SHAPES["llama7b"], dtype_name, kind, step=False)
-    specs += _fused_shrink_specs(specs[0])
+        launches = _step_launches(shape, torch.bfloat16)
+        specs += _gemm_specs(shape, "bf16", launches, step=True)
+        specs += _token_specs(shape, launches)
+    for dtype_name, dtype in (("fp16", torch.float16), ("fp32", torch.float32)):
+        shape = SHAPES["llama7b"]
+        specs += _gemm_specs(shape, dtype_name, _step_launches(shape, dtype), step=False)
+    specs += _fused_shrink_specs()
     return specs
 
 

@@ -67,9 +67,9 @@ def _to_compute(v, DOT_KIND: tl.constexpr, UPCAST: tl.constexpr):
 def _pow2_scales(amax):
     """(2^(127-e), 2^(e-127)) with e the fp32 exponent field of amax, kept in [1, 253]:
     amax · scale < 2 (< 4 for amax ≥ 2^127). Built from exponent bits, so both are exact
-    powers of 2 and scale · unscale = 1. At e = 254 the scale's bits would be 0.0, and a
-    row past 2^127 came out as zeros; Inf/NaN keep finite scales and propagate through
-    the values themselves."""
+    powers of 2 and scale · unscale = 1. The clamp keeps rows past 2^127 (at e = 254 the
+    scale's bits would be 0.0 and zero the row); Inf/NaN keep finite scales and propagate
+    through the values themselves."""
     exponent = tl.minimum(tl.maximum((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF, 1), 253)
     scale = ((254 - exponent) << 23).to(tl.float32, bitcast=True)
     unscale = (exponent << 23).to(tl.float32, bitcast=True)

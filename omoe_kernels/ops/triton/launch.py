@@ -25,7 +25,7 @@ a few configs, keyed on sizes rounded up to powers of 2.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -43,6 +43,7 @@ from ..registration import (
     register_family,
 )
 from . import configs as C
+from .params import Epilogue, Operands, SlotGrads
 
 try:
     import triton
@@ -99,14 +100,14 @@ def layout(num_experts: int, rank: int) -> Layout:
 
 def dot_kind(dtype: torch.dtype, device_type: str) -> int:
     if dtype == torch.float64:
-        return K.DOT_FP64
+        return C.DOT_FP64
     if dtype == torch.float16:
-        return K.DOT_FP16
+        return C.DOT_FP16
     if dtype == torch.bfloat16:
-        return K.DOT_BF16
+        return C.DOT_BF16
     if device_type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
-        return K.DOT_FP32_TF32
-    return K.DOT_FP32_IEEE
+        return C.DOT_FP32_TF32
+    return C.DOT_FP32_IEEE
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -134,138 +135,204 @@ def _gram_args(B: Optional[torch.Tensor], G: Optional[torch.Tensor], L: Layout, 
 
 
 # ----------------------------------------------------------------------------------------
-# Launch configurations.
+# Launch plans: each launcher builds a `Launch` (kernel, arguments, constexprs, options,
+# grid) for its tensors, then runs it. tools/kernel_report builds the same plans from
+# meta tensors at the contract's shapes and compiles them: one source for both.
 
-_SMS = None
+_SMS: dict = {}
 
 
 def _num_sms(device: torch.device) -> int:
-    global _SMS
     if device.type != "cuda":
         return 4
-    if _SMS is None:
-        _SMS = torch.cuda.get_device_properties(device).multi_processor_count
-    return _SMS
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SMS:
+        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SMS[index]
 
 
-# The configs themselves are in triton/configs.py (kernel_report compiles the same ones).
+@dataclass(frozen=True)
+class Target:
+    """What a launch is sized for: the GPU's SM count (split-K and token splits), the
+    interpreter (small fixed tiles) and whether the GEMMs may autotune."""
+
+    num_sms: int
+    interpret: bool = False
+    tune: bool = False
+
+    @classmethod
+    def of(cls, device: torch.device) -> "Target":
+        return cls(_num_sms(device), interpreting(),
+                   device.type == "cuda" and not fixed_config())
+
+    def autotunes(self, kind: int) -> bool:
+        return self.tune and kind in C.SIXTEEN_BIT_KINDS + (C.DOT_FP32_TF32,)
+
 
 _AUTOTUNED = {}
 
 
 def _autotuned(name: str):
     """Autotuned wrappers of the GEMM kernels (GPU only), built on first use."""
-    if name in _AUTOTUNED:
-        return _AUTOTUNED[name]
-    if name == "matmul":
-        fn = triton.autotune(C.autotuned_configs("matmul"), key=C.MATMUL_AUTOTUNE_KEY)(K.matmul_kernel)
-    else:
-        fn = triton.autotune(C.autotuned_configs("shrink"), key=C.SHRINK_AUTOTUNE_KEY)(K.shrink_kernel)
-    _AUTOTUNED[name] = fn
-    return fn
+    if name not in _AUTOTUNED:
+        kernel = {"matmul": K.matmul_kernel, "shrink": K.shrink_kernel}[name]
+        key = C.MATMUL_AUTOTUNE_KEY if name == "matmul" else C.SHRINK_AUTOTUNE_KEY
+        _AUTOTUNED[name] = triton.autotune(C.autotuned_configs(name), key=key)(kernel)
+    return _AUTOTUNED[name]
 
 
-def _use_autotune(kind: int, device: torch.device) -> bool:
-    return device.type == "cuda" and not fixed_config() and kind in C.SIXTEEN_BIT_KINDS + (C.DOT_FP32_TF32,)
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: `kernel[grid](*args, **meta, **options)`. args are the runtime
+    arguments in the kernel's order, meta its constexprs; grid a tuple, or a function of
+    the constexprs (needed where the autotuner picks BLOCK_M). tuned: the name of the autotuned wrapper to launch instead, which picks the tile
+    constexprs and options itself (meta then holds only the flags). config: the
+    configs.py record the launch was sized from."""
+
+    kernel: object
+    args: tuple
+    meta: dict
+    options: dict
+    grid: object
+    config: object = None
+    tuned: Optional[str] = None
+
+    def run(self) -> None:
+        fn = _autotuned(self.tuned) if self.tuned else self.kernel
+        fn[self.grid](*self.args, **self.meta, **self.options)
+
+    def arg(self, name: str):
+        """The value of the kernel's runtime argument `name`."""
+        names = [p.name for p in self.kernel.params if not p.is_constexpr]
+        return self.args[names.index(name)]
 
 
-def _splits(M: int, N: int, Kdim: int, cfg: dict, device: torch.device) -> tuple[int, int]:
-    """(splits, k_per_split) of a long-K (token-summed) GEMM: K split over several programs
-    into partials so that the few output tiles still fill the GPU."""
-    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
-    if interpreting():
-        splits = min(3, triton.cdiv(Kdim, 32))
-    else:
-        splits = min(2 * _num_sms(device) // tiles, triton.cdiv(Kdim, 512))
-    splits = max(1, splits)
-    k_per_split = max(64, triton.cdiv(triton.cdiv(Kdim, splits), 64) * 64)
-    return triton.cdiv(max(Kdim, 1), k_per_split), k_per_split
-
-
-# ----------------------------------------------------------------------------------------
-# Launchers.
-
-
-def matmul(a: torch.Tensor, b: torch.Tensor, L: Layout, *, out_dtype: torch.dtype, kind: int,
-           upcast: bool, scale: float = 1.0, add: Optional[torch.Tensor] = None,
-           packed: Optional[str] = None, split_a: bool = False, split_b: bool = False,
-           fp16_a: bool = False, long_k: bool = False, router: Optional[tuple] = None,
-           gram: Optional[tuple] = None) -> torch.Tensor:
-    """scale · a @ b (+ add) for a [M, K] of any strides, in one launch.
-
-    b: a [K, N] tensor of any strides, or (packed) a weight read in place in the padded
-    expert layout: packed="Bk" (B [E, d_out, r] as B_catᵀ, K = ERP), "Bn" (B as B_cat,
-    N = ERP), "Ak" (A [E, r, d_in] as A_cat, K = ERP).
-    long_k: K is the token dimension (weight gradients): returns the partials
-    [splits, M, N] in the accumulator dtype, for finalize_grads.
-    router = (a2 [M, ≥E], W [E, N], out or None): adds a2[:, :E] · W to the result, or
-    writes it to `out` (the gradient of a separate router input).
-    gram = (B, G): the launch also builds G = B_catᵀB_cat ([ERP, ERP] float64) into G.
-    """
-    M, Kdim = a.shape
+def _packed_b(b: torch.Tensor, packed: Optional[str], L: Layout, Kdim: int):
+    """(N, K, stride_bk, stride_bn, stride_b_expert) of matmul's b operand."""
     if packed == "Bk":
-        N, Kdim = b.shape[1], L.ERP
-        stride_bk, stride_bn, stride_be = b.stride(2), b.stride(1), b.stride(0)
-    elif packed == "Bn":
-        N = L.ERP
-        stride_bk, stride_bn, stride_be = b.stride(1), b.stride(2), b.stride(0)
-    elif packed == "Ak":
-        N, Kdim = b.shape[2], L.ERP
-        stride_bk, stride_bn, stride_be = b.stride(1), b.stride(2), b.stride(0)
-    else:
-        N = b.shape[1]
-        stride_bk, stride_bn, stride_be = b.stride(0), b.stride(1), 0
-    device = a.device
-    default = C.INTERPRET_MATMUL if interpreting() else C.matmul_default_config(kind, N, fp16_a)
-    acc_dtype = torch.float64 if kind == K.DOT_FP64 else torch.float32
-    if long_k:
-        splits, k_per_split = _splits(M, N, Kdim, default, device)
-        out = _empty((splits, M, N), device, acc_dtype)
+        return b.shape[1], L.ERP, b.stride(2), b.stride(1), b.stride(0)
+    if packed == "Bn":
+        return L.ERP, Kdim, b.stride(1), b.stride(2), b.stride(0)
+    if packed == "Ak":
+        return b.shape[2], L.ERP, b.stride(1), b.stride(2), b.stride(0)
+    return b.shape[1], Kdim, b.stride(0), b.stride(1), 0
+
+
+def plan_matmul(a: torch.Tensor, b: torch.Tensor, L: Layout, ops: Operands, epi: Epilogue,
+                target: Target) -> tuple[Launch, torch.Tensor]:
+    """The launch of matmul_kernel for `matmul`, and its output buffer."""
+    M, Kdim = a.shape
+    N, Kdim, stride_bk, stride_bn, stride_be = _packed_b(b, ops.packed, L, Kdim)
+    device, kind = a.device, ops.kind
+    cfg = C.GemmConfig.matmul(kind, N, ops.fp16_a, target.interpret)
+    if epi.long_k:
+        splits, k_per_split = C.split_k(M, N, Kdim, cfg, target.num_sms, target.interpret)
+        out = _empty((splits, M, N), device, torch.float64 if kind == C.DOT_FP64 else torch.float32)
     else:
         splits, k_per_split = 1, max(Kdim, 1)
-        out = _empty((1, M, N), device, out_dtype)
-    add_t = add if add is not None else out
-    a2, b2, c2 = router if router is not None else (out, out, None)
+        out = _empty((1, M, N), device, epi.out_dtype)
+    add_t = epi.add if epi.add is not None else out
+    a2, b2, c2 = epi.router if epi.router is not None else (out, out, None)
     c2_t = c2 if c2 is not None else out
-    gram_b, gram_g, num_gram, d_out, gram_strides = _gram_args(*(gram or (None, None)), L, out)
-    assert num_gram == 0 or splits == 1
+    if epi.gram is not None and epi.gram[0] is not b:
+        raise ValueError("the gram programs read B as the b operand")
+    _, gram_g, num_gram, d_out, gram_strides = _gram_args(*(epi.gram or (None, None)), L, out)
+    if num_gram and splits != 1:
+        raise ValueError("the gram programs need a launch without split-K")
     args = (a, b, out, add_t, a2, b2, c2_t, gram_g, M, N, Kdim, k_per_split, L.num_experts,
             L.rank, d_out, num_gram, _pow2_bucket(M), _pow2_bucket(N), _pow2_bucket(Kdim),
             a.stride(0), a.stride(1), stride_bk, stride_bn, stride_be,
             out.stride(0), out.stride(1), out.stride(2), add_t.stride(-2), add_t.stride(-1),
             a2.stride(-2), a2.stride(-1), b2.stride(-2), b2.stride(-1), c2_t.stride(-2),
-            c2_t.stride(-1), *gram_strides, float(scale))
-    assert not fp16_a or kind == K.DOT_BF16, "fp16_a takes an fp32 a and a bf16 b"
-    flags = dict(HAS_ADD=add is not None, SPLIT_A=split_a, SPLIT_B=split_b, FP16_A=fp16_a,
-                 DOT_KIND=kind, UPCAST=upcast, PACKED_BK=packed in ("Bk", "Ak"),
-                 PACKED_BN=packed == "Bn", ROUTER=0 if router is None else (1 if c2 is None else 2),
-                 BLOCK_E=L.EPL, RP=L.RP, ERP=L.ERP, WITH_GRAM=num_gram > 0, GB=C.GRAM_TILE)
-    assert gram is None or gram[0] is b, "the gram programs read B as the b operand"
-    if _use_autotune(kind, device):
-        fn = _autotuned("matmul")
-        grid = lambda meta: (num_gram + triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),
-                             splits)
-        fn[grid](*args, **flags)
-    else:
-        grid = (num_gram + triton.cdiv(M, default["BLOCK_M"]) * triton.cdiv(N, default["BLOCK_N"]), splits)
-        K.matmul_kernel[grid](*args, **flags, **default)
-    return out if long_k else out[0]
+            c2_t.stride(-1), *gram_strides, float(epi.scale))
+    router = 0 if epi.router is None else (1 if c2 is None else 2)
+    meta = dict(HAS_ADD=epi.add is not None, SPLIT_A=ops.split_a, SPLIT_B=ops.split_b,
+                FP16_A=ops.fp16_a, DOT_KIND=kind, UPCAST=ops.upcast,
+                PACKED_BK=ops.packed in ("Bk", "Ak"), PACKED_BN=ops.packed == "Bn",
+                ROUTER=router, BLOCK_E=L.EPL, RP=L.RP, ERP=L.ERP, WITH_GRAM=num_gram > 0,
+                GB=C.GRAM_TILE)
+    tuned = target.autotunes(kind)
+    grid = lambda m: (num_gram + triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),  # noqa: E731
+                      splits)
+    if tuned:
+        return Launch(K.matmul_kernel, args, meta, {}, grid, cfg, "matmul"), out
+    return Launch(K.matmul_kernel, args, {**meta, **cfg.meta()}, cfg.options(), grid, cfg), out
+
+
+def _run(planned):
+    """Runs a plan's launch and returns its outputs."""
+    launch, outputs = planned
+    launch.run()
+    return outputs
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, L: Layout, ops: Operands,
+           epi: Epilogue) -> torch.Tensor:
+    """scale · a @ b (+ add, + router term) for a [M, K] of any strides, in one launch
+    (`Operands` and `Epilogue` say how); [M, N], or the partials [splits, M, N] (long_k)."""
+    out = _run(plan_matmul(a, b, L, ops, epi, Target.of(a.device)))
+    return out if epi.long_k else out[0]
+
+
+def plan_gram_only(B: torch.Tensor, L: Layout, target: Target):
+    """The launch of `gram_only` (matmul_kernel with no GEMM tiles), and G."""
+    G = _empty((L.ERP, L.ERP), B.device, torch.float64)
+    launch, _ = plan_matmul(B.new_empty((0, B.shape[1])), B, L, Operands(C.DOT_FP32_IEEE, packed="Bn"),
+                            Epilogue(torch.float32, gram=(B, G)), target)
+    return launch, G
 
 
 def gram_only(B: torch.Tensor, L: Layout) -> torch.Tensor:
     """G = B_catᵀB_cat ([ERP, ERP] float64) in a launch of its own (the fused-token shrink
-    needs G complete before its epilogue): matmul_kernel with no GEMM tiles."""
-    G = _empty((L.ERP, L.ERP), B.device, torch.float64)
-    empty = B.new_empty((0, B.shape[1]))
-    matmul(empty, B, L, out_dtype=torch.float32, kind=K.DOT_FP32_IEEE, upcast=False,
-           packed="Bn", gram=(B, G))
-    return G
+    needs G complete before its epilogue)."""
+    return _run(plan_gram_only(B, L, Target.of(B.device)))
 
 
 def fuse_token_in_shrink() -> bool:
     """OMOE_TRITON_FUSE_TOKEN=1: run the per-token algebra in the shrink's epilogue
     (bench/NOTES.md, Triton section, says why the separate kernel is the default)."""
     return os.environ.get("OMOE_TRITON_FUSE_TOKEN", "0") not in ("", "0")
+
+
+def plan_shrink(x: torch.Tensor, router_input: Optional[torch.Tensor], A: torch.Tensor,
+                W: torch.Tensor, L: Layout, kind: int, upcast: bool, target: Target,
+                gram: Optional[tuple] = None, token: Optional[dict] = None):
+    """The launch of shrink_kernel for `shrink`, and its outputs (h, logits, z or None)."""
+    T, D = x.shape
+    acc = accumulate_dtype(x.dtype)
+    h = _empty((T, L.ERP), x.device, acc)
+    logits = _empty((T, L.num_experts), x.device, acc)
+    r = router_input if router_input is not None else x
+    cfg = C.GemmConfig.shrink(kind, L.ERP, fuse_token=token is not None, interpret=target.interpret)
+    z = None
+    token_args, token_meta = (h, h, 0, 0.0, 0), {}
+    if token is not None:
+        z = _empty((T, L.ERP), x.device, acc)
+        G = token["G"]
+        token_args = (G if G is not None else h, z, token["top_k"], float(token["eps"]), z.stride(0))
+        tcfg = C.TokenConfig.of(L, token["top_k"], token["orthogonalize"], token["normalize"])
+        # The epilogue must stay inside the program's own rows (another program's H rows
+        # may not be written yet).
+        tcfg = replace(tcfg, block_t=min(tcfg.block_t, cfg.block_m))
+        token_meta = dict(tcfg.meta(), FUSE_TOKEN=True)
+    gram_b, gram_g, num_gram, d_out, gram_strides = _gram_args(*(gram or (None, None)), L, h)
+    args = (x, r, A, W, h, logits, gram_b, gram_g, T, D, L.ERP, L.num_experts, L.rank, d_out,
+            num_gram, _pow2_bucket(T),
+            x.stride(0), x.stride(1), r.stride(0), r.stride(1),
+            A.stride(0), A.stride(1), A.stride(2), W.stride(0), W.stride(1),
+            h.stride(0), logits.stride(0), *gram_strides) + token_args
+    meta = dict(SEPARATE_ROUTER=router_input is not None, DOT_KIND=kind, UPCAST=upcast,
+                BLOCK_E=L.EPL, GB=C.GRAM_TILE, RP=L.RP, ERP=L.ERP)
+    meta.update(token_meta)
+    n_tiles = triton.cdiv(L.ERP, cfg.block_n)
+    if token is not None and (n_tiles != 1 or num_gram != 0):
+        raise ValueError("the fused per-token epilogue needs one n-tile and G built beforehand")
+    grid = lambda m: (num_gram + triton.cdiv(T, m["BLOCK_M"]) * n_tiles,)  # noqa: E731
+    outputs = (h, logits, z)
+    if token is None and target.autotunes(kind):
+        launch = Launch(K.shrink_kernel, args, dict(meta, BLOCK_N=cfg.block_n), {}, grid, cfg, "shrink")
+        return launch, outputs
+    return Launch(K.shrink_kernel, args, {**meta, **cfg.meta()}, cfg.options(), grid, cfg), outputs
 
 
 def shrink(x: torch.Tensor, router_input: Optional[torch.Tensor], A: torch.Tensor,
@@ -278,72 +345,38 @@ def shrink(x: torch.Tensor, router_input: Optional[torch.Tensor], A: torch.Tenso
     kernel into the epilogue (fixed config, one n-tile; G complete beforehand).
     Returns (h, logits, z or None).
     """
+    return _run(plan_shrink(x, router_input, A, W, L, kind, upcast, Target.of(x.device),
+                            gram=gram, token=token))
+
+
+def plan_weight_grad(x: torch.Tensor, router_input: Optional[torch.Tensor], dhl: torch.Tensor,
+                     L: Layout, kind: int, upcast: bool, split: bool, target: Target):
+    """The launch of weight_grad_kernel for `weight_grad`, and its partials buffer."""
     T, D = x.shape
-    acc = accumulate_dtype(x.dtype)
-    h = _empty((T, L.ERP), x.device, acc)
-    logits = _empty((T, L.num_experts), x.device, acc)
     r = router_input if router_input is not None else x
-    if interpreting():
-        cfg = C.interpret_shrink_config(L.ERP, fuse_token=token is not None)
-    else:
-        cfg = C.shrink_default_config(kind, L.ERP, fuse_token=token is not None)
-    z = None
-    token_args, token_flags = (h, h, 0, 0.0, 0), {}
-    if token is not None:
-        z = _empty((T, L.ERP), x.device, acc)
-        G = token["G"]
-        token_args = (G if G is not None else h, z, token["top_k"], float(token["eps"]), z.stride(0))
-        token_flags = C.token_flags(L, token["top_k"], token["orthogonalize"], token["normalize"])
-        token_flags.pop("num_warps")
-        # The epilogue must stay inside the program's own rows (another program's H rows
-        # may not be written yet).
-        token_flags["BT"] = min(token_flags["BT"], cfg["BLOCK_M"])
-        token_flags["FUSE_TOKEN"] = True
-    gram_b, gram_g, num_gram, d_out, gram_strides = _gram_args(*(gram or (None, None)), L, h)
-    args = (x, r, A, W, h, logits, gram_b, gram_g, T, D, L.ERP, L.num_experts, L.rank, d_out,
-            num_gram, _pow2_bucket(T),
-            x.stride(0), x.stride(1), r.stride(0), r.stride(1),
-            A.stride(0), A.stride(1), A.stride(2), W.stride(0), W.stride(1),
-            h.stride(0), logits.stride(0), *gram_strides) + token_args
-    flags = dict(SEPARATE_ROUTER=router_input is not None, DOT_KIND=kind, UPCAST=upcast,
-                 BLOCK_E=L.EPL, GB=C.GRAM_TILE, RP=L.RP, ERP=L.ERP)
-    flags.update(token_flags)
-    if token is None and _use_autotune(kind, x.device):
-        fn = _autotuned("shrink")
-        grid = lambda meta: (num_gram + triton.cdiv(T, meta["BLOCK_M"]) * triton.cdiv(L.ERP, cfg["BLOCK_N"]),)
-        fn[grid](*args, **flags, BLOCK_N=cfg["BLOCK_N"])
-    else:
-        n_tiles = triton.cdiv(L.ERP, cfg["BLOCK_N"])
-        assert token is None or (n_tiles == 1 and num_gram == 0)
-        grid = (num_gram + triton.cdiv(T, cfg["BLOCK_M"]) * n_tiles,)
-        K.shrink_kernel[grid](*args, **flags, **cfg)
-    return h, logits, z
+    cfg = C.GemmConfig.weight_grad(kind, L.ERP, interpret=target.interpret)
+    splits, k_per_split = C.split_k(D, L.ERP, T, cfg, target.num_sms, target.interpret)
+    acc = torch.float64 if kind == C.DOT_FP64 else torch.float32
+    out = _empty((splits, D, L.NW), x.device, acc)
+    dl = dhl[:, L.ERP:]
+    args = (x, r, dhl, dl, out, T, D, L.ERP, L.num_experts, k_per_split, _pow2_bucket(T),
+            x.stride(0), x.stride(1), r.stride(0), r.stride(1), dhl.stride(0), dl.stride(0),
+            out.stride(0), out.stride(1))
+    meta = dict(SEPARATE_ROUTER=router_input is not None, SPLIT_B=split, DOT_KIND=kind,
+                UPCAST=upcast, BLOCK_E=L.EPL, **cfg.meta())
+    grid = (cfg.tiles(D, L.ERP), splits)
+    return Launch(K.weight_grad_kernel, args, meta, cfg.options(), grid, cfg), out
 
 
 def weight_grad(x: torch.Tensor, router_input: Optional[torch.Tensor], dhl: torch.Tensor,
                 L: Layout, kind: int, upcast: bool, split: bool) -> torch.Tensor:
     """Split-K partials [splits, d_in, NW] of [dA_cat; dW]ᵀ = [Xᵀ dH | Rᵀ dL] (one launch)."""
-    T, D = x.shape
-    r = router_input if router_input is not None else x
-    cfg = C.INTERPRET_MATMUL if interpreting() else C.weight_grad_config(kind, L.ERP)
-    splits, k_per_split = _splits(D, L.ERP, T, cfg, x.device)
-    acc = torch.float64 if kind == K.DOT_FP64 else torch.float32
-    out = _empty((splits, D, L.NW), x.device, acc)
-    dl = dhl[:, L.ERP:]
-    grid = (triton.cdiv(D, cfg["BLOCK_M"]) * triton.cdiv(L.ERP, cfg["BLOCK_N"]), splits)
-    K.weight_grad_kernel[grid](x, r, dhl, dl, out, T, D, L.ERP, L.num_experts, k_per_split,
-                               _pow2_bucket(T), x.stride(0), x.stride(1), r.stride(0), r.stride(1),
-                               dhl.stride(0), dl.stride(0), out.stride(0), out.stride(1),
-                               SEPARATE_ROUTER=router_input is not None, SPLIT_B=split,
-                               DOT_KIND=kind, UPCAST=upcast, BLOCK_E=L.EPL,
-                               **{k: v for k, v in cfg.items() if k != "GROUP_M"})
-    return out
+    return _run(plan_weight_grad(x, router_input, dhl, L, kind, upcast, split, Target.of(x.device)))
 
 
-def finalize_grads(pb: torch.Tensor, pa: torch.Tensor, pg: Optional[torch.Tensor],
-                   A: torch.Tensor, B: torch.Tensor, L: Layout, dtype: torch.dtype):
-    """(grad_A, grad_B, grad_W) in their final layout and dtype from the partials of the
-    dB GEMM (pb), the [dA; dW] GEMM (pa) and gram_grad (pg, or None), in one launch."""
+def plan_finalize_grads(pb: torch.Tensor, pa: torch.Tensor, pg: Optional[torch.Tensor],
+                        A: torch.Tensor, B: torch.Tensor, L: Layout, dtype: torch.dtype):
+    """The launch of finalize_grads_kernel for `finalize_grads`, and (grad_A, grad_B, grad_W)."""
     E, r, d_in = A.shape
     d_out = B.shape[1]
     device = A.device
@@ -351,85 +384,120 @@ def finalize_grads(pb: torch.Tensor, pa: torch.Tensor, pg: Optional[torch.Tensor
     grad_B = _empty((E, d_out, r), device, dtype)
     grad_W = _empty((E, d_in), device, dtype)
     cfg = C.FINALIZE
-    b_programs = triton.cdiv(d_out, cfg["BLOCK_R"]) * triton.cdiv(L.ERP, cfg["BLOCK_C"])
-    a_programs = triton.cdiv(d_in, cfg["BLOCK_R"]) * triton.cdiv(L.NW, cfg["BLOCK_C"])
-    K.finalize_grads_kernel[(b_programs + a_programs,)](
-        pb, pa, pg if pg is not None else pb, B, grad_B, grad_A, grad_W,
-        pb.shape[0], pa.shape[0], pg.shape[0] if pg is not None else 0, d_out, d_in, E, r,
-        b_programs, *B.stride(), *grad_B.stride(), *grad_A.stride(), *grad_W.stride(),
-        ORTHOGONALIZE=pg is not None, RP=L.RP, ERP=L.ERP, NW=L.NW, **cfg)
-    return grad_A, grad_B, grad_W
+    b_programs = triton.cdiv(d_out, cfg.block_r) * triton.cdiv(L.ERP, cfg.block_c)
+    a_programs = triton.cdiv(d_in, cfg.block_r) * triton.cdiv(L.NW, cfg.block_c)
+    args = (pb, pa, pg if pg is not None else pb, B, grad_B, grad_A, grad_W,
+            pb.shape[0], pa.shape[0], pg.shape[0] if pg is not None else 0, d_out, d_in, E, r,
+            b_programs, *B.stride(), *grad_B.stride(), *grad_A.stride(), *grad_W.stride())
+    meta = dict(ORTHOGONALIZE=pg is not None, RP=L.RP, ERP=L.ERP, NW=L.NW, **cfg.meta())
+    # num_stages: Triton's CUDA default, explicit so that the report compiles the same.
+    options = dict(cfg.options(), num_stages=C.TOKEN_STAGES)
+    launch = Launch(K.finalize_grads_kernel, args, meta, options, (b_programs + a_programs,), cfg)
+    return launch, (grad_A, grad_B, grad_W)
+
+
+def finalize_grads(pb: torch.Tensor, pa: torch.Tensor, pg: Optional[torch.Tensor],
+                   A: torch.Tensor, B: torch.Tensor, L: Layout, dtype: torch.dtype):
+    """(grad_A, grad_B, grad_W) in their final layout and dtype from the partials of the
+    dB GEMM (pb), the [dA; dW] GEMM (pa) and gram_grad (pg, or None), in one launch."""
+    return _run(plan_finalize_grads(pb, pa, pg, A, B, L, dtype))
+
+
+def plan_token_forward(h, logits, G, L: Layout, top_k, orthogonalize, normalize, eps):
+    """The launch of token_forward_kernel for `token_forward`, and z."""
+    T = h.shape[0]
+    z = _empty(h.shape, h.device, h.dtype)
+    cfg = C.TokenConfig.of(L, top_k, orthogonalize, normalize)
+    args = (h, logits, G if G is not None else h, z, T, L.num_experts, top_k, float(eps),
+            h.stride(0), logits.stride(0), z.stride(0))
+    grid = (triton.cdiv(T, cfg.block_t),)
+    return Launch(K.token_forward_kernel, args, cfg.meta(), cfg.options(), grid, cfg), z
 
 
 def token_forward(h, logits, G, L: Layout, top_k, orthogonalize, normalize, eps):
+    return _run(plan_token_forward(h, logits, G, L, top_k, orthogonalize, normalize, eps))
+
+
+def plan_token_backward(h, logits, G, dz, L: Layout, top_k, orthogonalize, normalize, eps):
+    """The launch of token_backward_kernel for `token_backward`, and (z, dhl, ds)."""
     T = h.shape[0]
     z = _empty(h.shape, h.device, h.dtype)
-    flags = C.token_flags(L, top_k, orthogonalize, normalize)
-    grid = (triton.cdiv(T, flags["BT"]),)
-    K.token_forward_kernel[grid](h, logits, G if G is not None else h, z, T, L.num_experts, top_k, float(eps),
-                                 h.stride(0), logits.stride(0), z.stride(0),
-                                 num_stages=C.TOKEN_STAGES, **flags)
-    return z
-
-
-@dataclass(frozen=True)
-class SlotGrads:
-    """What the per-token reverse hands to gram_grad: (dS + dSᵀ)/2 of each token over its
-    active slots (`values`, [T, KP·KP] float64, zeros in padding slots) and, under top-k,
-    the expert of each slot (`experts`, [T, KP] int32, -1 in padding slots; None when
-    dense, where slot s is expert s)."""
-
-    values: torch.Tensor
-    experts: Optional[torch.Tensor]
-    slots: int   # KP
+    dhl = _empty((T, L.NW), h.device, h.dtype)
+    cfg = C.TokenConfig.of(L, top_k, orthogonalize, normalize)
+    ds = None
+    if orthogonalize:
+        experts = _empty((T, cfg.KP), h.device, torch.int32) if cfg.top_k_routing else None
+        ds = SlotGrads(_empty((T, cfg.KP * cfg.KP), h.device, torch.float64), experts, cfg.KP)
+    args = (h, logits, G if G is not None else h, dz, z, dhl,
+            ds.values if ds is not None else h,
+            ds.experts if ds is not None and ds.experts is not None else h,
+            T, L.num_experts, top_k, float(eps),
+            h.stride(0), logits.stride(0), dz.stride(0), z.stride(0), dhl.stride(0))
+    grid = (triton.cdiv(T, cfg.block_t),)
+    launch = Launch(K.token_backward_kernel, args, dict(cfg.meta(), EPL=L.EPL), cfg.options(),
+                    grid, cfg)
+    return launch, (z, dhl, ds)
 
 
 def token_backward(h, logits, G, dz, L: Layout, top_k, orthogonalize, normalize, eps):
     """Z, dHL = [dH | dlogits | 0] ([T, NW]) and the SlotGrads of dS (or None):
     gram_grad turns them into (dG + dGᵀ)/2, and dG only enters as dG + dGᵀ."""
+    return _run(plan_token_backward(h, logits, G, dz, L, top_k, orthogonalize, normalize, eps))
+
+
+def plan_gram_grad(h, ds: SlotGrads, L: Layout, target: Target):
+    """The launch of gram_grad_kernel for `gram_grad`, and its partials buffer."""
     T = h.shape[0]
-    z = _empty(h.shape, h.device, h.dtype)
-    dhl = _empty((T, L.NW), h.device, h.dtype)
-    flags = C.token_flags(L, top_k, orthogonalize, normalize, backward=True)
-    KP = flags["KP"]
-    ds = None
-    if orthogonalize:
-        experts = _empty((T, KP), h.device, torch.int32) if flags["TOP_K_ROUTING"] else None
-        ds = SlotGrads(_empty((T, KP * KP), h.device, torch.float64), experts, KP)
-    grid = (triton.cdiv(T, flags["BT"]),)
-    K.token_backward_kernel[grid](h, logits, G if G is not None else h, dz, z, dhl,
-                                  ds.values if ds is not None else h,
-                                  ds.experts if ds is not None and ds.experts is not None else h,
-                                  T, L.num_experts, top_k, float(eps),
-                                  h.stride(0), logits.stride(0), dz.stride(0), z.stride(0),
-                                  dhl.stride(0), EPL=L.EPL, num_stages=C.TOKEN_STAGES, **flags)
-    return z, dhl, ds
+    top_k_routing = ds.experts is not None
+    block_t = C.gram_grad_block(L, top_k_routing)
+    splits, per_split = C.gram_grad_splits(T, L.num_experts, block_t, target.num_sms,
+                                           target.interpret)
+    partial = _empty((splits, L.ERP, L.ERP), h.device, torch.float64)
+    args = (h, ds.values, ds.experts if top_k_routing else ds.values, partial, T,
+            L.num_experts, per_split, h.stride(0))
+    meta = dict(TOP_K_ROUTING=top_k_routing, KP=ds.slots, RP=L.RP, ERP=L.ERP, BLOCK_T=block_t)
+    options = dict(num_warps=C.GRAM_GRAD_WARPS, num_stages=C.TOKEN_STAGES)
+    return Launch(K.gram_grad_kernel, args, meta, options, (L.EP, L.EP, splits)), partial
 
 
 def gram_grad(h, ds: SlotGrads, L: Layout) -> torch.Tensor:
     """Partial sums of dG over token splits, [splits, ERP, ERP] float64: every element is
     written by the one launch (the caller sums over splits). Under top-k, a token block
     in which an expert pair is not active costs that pair's program nothing."""
-    T = h.shape[0]
-    E = L.num_experts
-    top_k_routing = ds.experts is not None
-    block_t = C.gram_grad_block(L, top_k_routing)
-    if interpreting():
-        wanted = min(2, triton.cdiv(T, block_t))
-    else:
-        wanted = min(triton.cdiv(T, 256), 2 * _num_sms(h.device) // (E * E) + 1)
-    per_split = max(1, triton.cdiv(triton.cdiv(T, max(1, wanted)), block_t)) * block_t
-    splits = max(1, triton.cdiv(T, per_split))
-    partial = _empty((splits, L.ERP, L.ERP), h.device, torch.float64)
-    K.gram_grad_kernel[(L.EP, L.EP, splits)](
-        h, ds.values, ds.experts if top_k_routing else ds.values, partial, T, E, per_split,
-        h.stride(0), TOP_K_ROUTING=top_k_routing, KP=ds.slots, RP=L.RP, ERP=L.ERP,
-        BLOCK_T=block_t, num_warps=C.GRAM_GRAD_WARPS, num_stages=C.TOKEN_STAGES)
-    return partial
+    return _run(plan_gram_grad(h, ds, L, Target.of(h.device)))
 
 
 # ----------------------------------------------------------------------------------------
 # Forward and backward of the op.
+
+
+def plan_forward(x, A, B, router_weight, router_input, base_out, scaling, top_k,
+                 orthogonalize, normalize, eps, target: Target, fuse_token: bool = False):
+    """The launches of the forward op, by name in launch order (shrink + G, token_forward,
+    expand; with fuse_token: gram, shrink with the per-token epilogue, expand), and
+    (y, h, logits). tools/kernel_report compiles these same launches."""
+    E, r, _ = A.shape
+    L = layout(E, r)
+    kind = dot_kind(x.dtype, x.device.type)
+    upcast = _upcast(x.dtype)
+    launches, G = {}, None
+    if fuse_token and L.ERP <= 256:
+        if orthogonalize:
+            launches["gram"], G = plan_gram_only(B, L, target)
+        token = dict(G=G, top_k=top_k, orthogonalize=orthogonalize, normalize=normalize, eps=eps)
+        launches["shrink"], (h, logits, z) = plan_shrink(x, router_input, A, router_weight, L, kind,
+                                                         upcast, target, token=token)
+    else:
+        G = _empty((L.ERP, L.ERP), x.device, torch.float64) if orthogonalize else None
+        gram = (B, G) if G is not None else None
+        launches["shrink"], (h, logits, _) = plan_shrink(x, router_input, A, router_weight, L, kind,
+                                                         upcast, target, gram=gram)
+        launches["token_forward"], z = plan_token_forward(h, logits, G, L, top_k, orthogonalize,
+                                                          normalize, eps)
+    launches["expand"], y = plan_matmul(
+        z, B, L, Operands(kind, upcast, "Bk", **C.a_operand_flags(kind, C.EXPAND_Z)),
+        Epilogue(x.dtype, scaling, add=base_out), target)
+    return launches, (y[0], h, logits)
 
 
 def forward_impl(x, A, B, router_weight, router_input, base_out, scaling, top_k,
@@ -437,27 +505,55 @@ def forward_impl(x, A, B, router_weight, router_input, base_out, scaling, top_k,
     """(y, h, logits): the op `omoe_triton::forward`. Three launches: shrink (+ G),
     per-token, expand; the weights are read in place (no padded or float64 copies)."""
     check_forward_args(FAMILY, x, A, B, router_weight, router_input, base_out, scaling, top_k, eps)
-    E, r, _ = A.shape
-    L = layout(E, r)
     if x.shape[0] == 0:   # no tokens: nothing to launch
+        L = layout(A.shape[0], A.shape[1])
         acc = accumulate_dtype(x.dtype)
         return (x.new_empty((0, B.shape[1])), _empty((0, L.ERP), x.device, acc),
-                _empty((0, E), x.device, acc))
-    kind = dot_kind(x.dtype, x.device.type)
-    upcast = _upcast(x.dtype)
+                _empty((0, L.num_experts), x.device, acc))
+    launches, outputs = plan_forward(x, A, B, router_weight, router_input, base_out, scaling,
+                                     top_k, orthogonalize, normalize, eps, Target.of(x.device),
+                                     fuse_token_in_shrink())
+    for launch in launches.values():
+        launch.run()
+    return outputs
+
+
+def plan_backward(grad_y, x, A, B, router_weight, router_input, h, logits, scaling, top_k,
+                  orthogonalize, normalize, eps, target: Target):
+    """The launches of the backward op, by name in launch order (dZ + G, token_backward,
+    gram_grad, dB, weight_grad, finalize, dX), and (grad x, grad A, grad B, grad
+    router_weight, grad router_input or an empty tensor). h and logits: contiguous."""
+    L = layout(A.shape[0], A.shape[1])
+    dtype = x.dtype
+    kind = dot_kind(dtype, x.device.type)
+    upcast = _upcast(dtype)
+    acc = accumulate_dtype(dtype)
     G = _empty((L.ERP, L.ERP), x.device, torch.float64) if orthogonalize else None
-    if fuse_token_in_shrink() and L.ERP <= 256:
-        if G is not None:
-            G = gram_only(B, L)
-        token = dict(G=G, top_k=top_k, orthogonalize=orthogonalize, normalize=normalize, eps=eps)
-        h, logits, z = shrink(x, router_input, A, router_weight, L, kind, upcast, token=token)
-    else:
-        gram = (B, G) if G is not None else None
-        h, logits, _ = shrink(x, router_input, A, router_weight, L, kind, upcast, gram=gram)
-        z = token_forward(h, logits, G, L, top_k, orthogonalize, normalize, eps)
-    y = matmul(z, B, L, out_dtype=x.dtype, kind=kind, upcast=upcast, scale=scaling,
-               add=base_out, packed="Bk", **C.a_operand_flags(kind, C.EXPAND_Z))
-    return y, h, logits
+    launches = {}
+    # dZ = s dY B_cat (grad_y is read in its own dtype: the kernels convert per tile)
+    launches["dZ"], dz = plan_matmul(grad_y, B, L, Operands(kind, upcast, "Bn"),
+                                     Epilogue(acc, scaling, gram=(B, G) if G is not None else None),
+                                     target)
+    launches["token_backward"], (z, dhl, ds) = plan_token_backward(
+        h, logits, G, dz[0], L, top_k, orthogonalize, normalize, eps)
+    dG_partials = None   # [splits, ERP, ERP]
+    if orthogonalize:
+        launches["gram_grad"], dG_partials = plan_gram_grad(h, ds, L, target)
+    # dB_cat = s dYᵀ Z (+ B_cat (dG + dGᵀ), added by finalize_grads)
+    launches["dB"], dB_partials = plan_matmul(
+        grad_y.t(), z, L, Operands(kind, upcast, split_b=C.b_operand_split(kind, C.SPLIT_DB)),
+        Epilogue(acc, scaling, long_k=True), target)
+    launches["weight_grad"], dAW_partials = plan_weight_grad(
+        x, router_input, dhl, L, kind, upcast, C.b_operand_split(kind, C.SPLIT_DAW), target)
+    launches["finalize"], (grad_A, grad_B, grad_W) = plan_finalize_grads(
+        dB_partials, dAW_partials, dG_partials, A, B, L, dtype)
+    # dX = dH A_cat + dL W (+ a separate router input's own gradient dL W)
+    grad_R = _empty(router_input.shape, x.device, dtype) if router_input is not None else None
+    launches["dX"], grad_x = plan_matmul(
+        dhl[:, :L.ERP], A, L, Operands(kind, upcast, "Ak", **C.a_operand_flags(kind, C.DX_DH)),
+        Epilogue(dtype, router=(dhl[:, L.ERP:], router_weight, grad_R)), target)
+    grad_R = grad_R if grad_R is not None else x.new_empty((0,))
+    return launches, (grad_x[0], grad_A, grad_B, grad_W, grad_R)
 
 
 def backward_impl(grad_y, x, A, B, router_weight, router_input, h, logits, scaling, top_k,
@@ -473,29 +569,12 @@ def backward_impl(grad_y, x, A, B, router_weight, router_input, h, logits, scali
         return (x.new_empty(x.shape), torch.zeros_like(A), torch.zeros_like(B),
                 torch.zeros_like(router_weight), grad_R)
     h, logits = h.contiguous(), logits.contiguous()   # the per-token kernels read unit columns
-    L = layout(A.shape[0], A.shape[1])
-    dtype = x.dtype
-    kind = dot_kind(dtype, x.device.type)
-    upcast = _upcast(dtype)
-    acc = accumulate_dtype(dtype)
-    G = _empty((L.ERP, L.ERP), x.device, torch.float64) if orthogonalize else None
-    # dZ = s dY B_cat (grad_y is read in its own dtype: the kernels convert per tile)
-    dz = matmul(grad_y, B, L, out_dtype=acc, kind=kind, upcast=upcast, scale=scaling,
-                packed="Bn", gram=(B, G) if G is not None else None)
-    z, dhl, ds = token_backward(h, logits, G, dz, L, top_k, orthogonalize, normalize, eps)
-    dG_partials = gram_grad(h, ds, L) if orthogonalize else None   # [splits, ERP, ERP]
-    # dB_cat = s dYᵀ Z (+ B_cat (dG + dGᵀ), added by finalize_grads)
-    dB_partials = matmul(grad_y.t(), z, L, out_dtype=acc, kind=kind, upcast=upcast,
-                         scale=scaling, split_b=C.b_operand_split(kind, C.SPLIT_DB), long_k=True)
-    dAW_partials = weight_grad(x, router_input, dhl, L, kind, upcast,
-                               split=C.b_operand_split(kind, C.SPLIT_DAW))
-    grad_A, grad_B, grad_W = finalize_grads(dB_partials, dAW_partials, dG_partials, A, B, L, dtype)
-    # dX = dH A_cat + dL W (+ a separate router input's own gradient dL W)
-    grad_R = _empty(router_input.shape, x.device, dtype) if router_input is not None else None
-    grad_x = matmul(dhl[:, :L.ERP], A, L, out_dtype=dtype, kind=kind, upcast=upcast,
-                    packed="Ak", **C.a_operand_flags(kind, C.DX_DH),
-                    router=(dhl[:, L.ERP:], router_weight, grad_R))
-    return grad_x, grad_A, grad_B, grad_W, grad_R if grad_R is not None else x.new_empty((0,))
+    launches, grads = plan_backward(grad_y, x, A, B, router_weight, router_input, h, logits,
+                                    scaling, top_k, orthogonalize, normalize, eps,
+                                    Target.of(x.device))
+    for launch in launches.values():
+        launch.run()
+    return grads
 
 
 # ----------------------------------------------------------------------------------------

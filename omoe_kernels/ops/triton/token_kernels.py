@@ -3,7 +3,7 @@
 gradient `dG` over the active expert pairs (Backward step 4).
 
 Layout: tokens on the fastest axis. Every per-token tensor is `[..., BT]` with
-`BT = 32 · num_warps` (triton_configs.token_flags), so Triton's default blocked layout
+`BT = 32 · num_warps` (configs.TokenConfig), so Triton's default blocked layout
 gives each thread one token and keeps every other axis in that thread's registers:
 reductions over experts, slots and ranks are register adds (no SHFL, no BAR). Every
 global load and store of the per-token kernels is a `[BT]` vector (one per column): for a
@@ -238,8 +238,8 @@ def _token_setup(h_ptr, l_ptr, g_ptr, start, T, E, top_k, eps, stride_ht, stride
                  NORMALIZE: tl.constexpr, BT: tl.constexpr, EP: tl.constexpr, KP: tl.constexpr,
                  RP: tl.constexpr, ERP: tl.constexpr):
     """Load, route, Gram and MGS of BT tokens; coeff[s] = a of slot s ([KP, BT])."""
-    # int64 tokens (int32 would do: row bases widen in _rows) because with int32 ptxas
-    # spilled 8 bytes in token_forward at llama7b-top2.
+    # int64 tokens (int32 would do: row bases widen in _rows): with int32, ptxas spills
+    # token_forward at llama7b-top2 (kernel_report shows it).
     offs_t = start.to(tl.int64) + tl.arange(0, BT)
     tok = offs_t < T
     e2 = tl.arange(0, EP)[:, None]
