@@ -16,7 +16,8 @@ import sys
 
 import pytest
 import torch
-from conftest import (
+
+from helpers import (
     DEVICE,
     ON_GPU,
     assert_matches_oracle,

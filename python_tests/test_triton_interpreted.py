@@ -25,7 +25,9 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from conftest import (  # noqa: E402
+
+import omoe_kernels  # noqa: E402
+from helpers import (  # noqa: E402
     ACCURACY_ROWS,
     ACCURACY_SHAPE,
     assert_matches_oracle,
@@ -35,8 +37,6 @@ from conftest import (  # noqa: E402
     random_grad,
     run_backend,
 )
-
-import omoe_kernels  # noqa: E402
 from omoe_kernels.ops.triton import configs as triton_configs  # noqa: E402
 from omoe_kernels.ops.triton import launch as triton_ops  # noqa: E402
 from omoe_kernels.ops.triton import token_kernels  # noqa: E402
@@ -256,7 +256,7 @@ def test_autotune_keys_follow_no_exact_token_count():
     assert {"m_bucket", "k_bucket"} <= set(triton_configs.MATMUL_AUTOTUNE_KEY)
 
 
-# ---- reliability (test_reliability_ops.py's Triton share) --------------------------------
+# ---- reliability (the Triton share of test_fake_kernels.py and test_non_finite_values.py) --------------------------------
 
 @pytest.mark.parametrize("experts,top_k", [(1, None), (3, 1)], ids=["E1-dense", "top1"])
 def test_nan_in_the_routed_experts_B_poisons_its_tokens(experts, top_k):
