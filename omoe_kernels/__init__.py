@@ -12,6 +12,7 @@ from .adapters import (
     adapter_names,
     adapter_state_dict,
     adapters_enabled,
+    disable_adapter,
     disable_adapters,
     enable_adapters,
     from_pretrained,
@@ -37,7 +38,7 @@ from .router_stats import RouterStats
 __version__ = "0.1.0"
 __all__ = ["BACKENDS", "OMoEConfig", "OMoELinear", "RouterStats", "active_adapter",
            "adapter_names", "adapter_state_dict", "adapters", "adapters_enabled",
-           "available_backends", "disable_adapters", "enable_adapters", "from_pretrained",
+           "available_backends", "disable_adapter", "disable_adapters", "enable_adapters", "from_pretrained",
            "inject", "load_adapter", "load_balancing_loss", "mark_trainable", "omoe_layers",
            "omoe_lora", "print_trainable_parameters", "read_adapter_config", "remove",
            "router_stats", "save_adapter", "save_pretrained", "set_adapter",

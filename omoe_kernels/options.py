@@ -190,6 +190,22 @@ def options_from_keywords(caller: str, num_experts, rank, keywords: dict) -> OMo
     return OMoEOptions(num_experts, rank, **keywords)
 
 
+# peft's LoraConfig names, accepted by `OMoEConfig` (docs/integration.md has the full map).
+PEFT_ALIASES = {"r": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout"}
+
+
+def resolve_aliases(caller: str, keywords: dict) -> dict:
+    """`keywords` with each alias of PEFT_ALIASES renamed to its field; TypeError when a
+    call gives both an alias and its field."""
+    out = dict(keywords)
+    for alias, name in PEFT_ALIASES.items():
+        if alias in out:
+            if name in out:
+                raise TypeError(f"{caller} got both `{name}` and its alias `{alias}`: give one")
+            out[name] = out.pop(alias)
+    return out
+
+
 def option_parameters() -> list[inspect.Parameter]:
     """The options after num_experts and rank as keyword-only parameters, with their
     defaults (for the signature of a callable that takes them as **keywords)."""

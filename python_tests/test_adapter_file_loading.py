@@ -87,7 +87,7 @@ def test_directory_or_missing_path_is_named(tmp_path, injected):
     before = model_snapshot(injected)
     with pytest.raises(ValueError, match=rf"{tmp_path}.* is a directory"):
         ok.load_adapter(injected, tmp_path)
-    with pytest.raises(ValueError, match="no such adapter file"):
+    with pytest.raises(FileNotFoundError, match="no such adapter file"):
         ok.load_adapter(injected, tmp_path / "absent.safetensors")
     assert_model_unchanged(injected, before)
 

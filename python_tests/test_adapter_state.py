@@ -180,7 +180,7 @@ def test_save_and_load_keep_the_active_adapter_and_disabled_adapters(tmp_path):
     ok.set_adapter(model, "b")
     with ok.disable_adapters(model):
         ok.save_pretrained(model, tmp_path / "b")  # the active adapter, "b"
-    restored = ok.from_pretrained(net(), tmp_path / "b")
+    restored = ok.from_pretrained(net(), tmp_path / "b", is_trainable=True)
     assert ok.adapter_names(restored) == ["b"]
     assert_state(restored, "b", False)  # computes what the saved model computed
     assert torch.equal(outputs(restored), base)
@@ -188,7 +188,7 @@ def test_save_and_load_keep_the_active_adapter_and_disabled_adapters(tmp_path):
     assert_state(restored, "b", True)
     assert torch.equal(outputs(restored), only_b)
     # Loading into a model that holds adapters adds one inactive and keeps the model's state.
-    ok.from_pretrained(restored, tmp_path / "b", adapter_name="b2")
+    ok.from_pretrained(restored, tmp_path / "b", adapter_name="b2", is_trainable=True)
     assert ok.adapter_names(restored) == ["b", "b2"]
     assert_state(restored, "b", True)
 
@@ -206,7 +206,7 @@ def test_directory_without_the_state_loads_active_and_enabled(tmp_path):
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     del metadata["enabled"]
     save_file(tensors, weights, metadata={"omoe_config": json.dumps(metadata)})
-    restored = ok.from_pretrained(net(), tmp_path / "a")
+    restored = ok.from_pretrained(net(), tmp_path / "a", is_trainable=True)
     assert_state(restored, "a", True)
     assert torch.equal(outputs(restored), only_a)
     metadata["enabled"] = "no"
@@ -259,7 +259,8 @@ def test_hf_checkpoint_keeps_the_active_adapter_and_the_enabled_flag(llama, tmp_
     model.save_pretrained(tmp_path / "checkpoint")  # what the Trainer does
     saved = json.loads((tmp_path / "checkpoint" / "config.json").read_text())["omoe"]
     assert saved["active"] == "b" and saved["enabled"] is enabled
-    restored = ok.from_pretrained(Llama.from_pretrained(base_path), tmp_path / "checkpoint")
+    restored = ok.from_pretrained(Llama.from_pretrained(base_path), tmp_path / "checkpoint",
+                                  is_trainable=True)
     assert_state(restored, "b", enabled)
     assert torch.equal(logits(restored), expected)
     # The state is followed as it changes: the next checkpoint records it.
@@ -280,6 +281,7 @@ def test_hf_checkpoint_without_the_enabled_key_loads_enabled(llama, tmp_path):
     config = json.loads(config_path.read_text())
     del config["omoe"]["enabled"]
     config_path.write_text(json.dumps(config))
-    restored = ok.from_pretrained(Llama.from_pretrained(base_path), tmp_path / "checkpoint")
+    restored = ok.from_pretrained(Llama.from_pretrained(base_path), tmp_path / "checkpoint",
+                                  is_trainable=True)
     assert_state(restored, "b", True)
     assert torch.equal(logits(restored), expected)

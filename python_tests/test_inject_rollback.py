@@ -87,7 +87,7 @@ def test_pickled_injected_model_loads_back():
     loaded = torch.load(buffer, weights_only=False)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
-    assert "trainable params" in repr(loaded).splitlines()[1]
+    assert ok.active_adapter(loaded) == "default"
     ok.remove(loaded)  # the inject state travelled with the model
     assert type(loaded.blocks[0].q_proj) is nn.Linear
 

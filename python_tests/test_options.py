@@ -33,6 +33,7 @@ def test_layer_config_and_config_keys_are_the_options_fields():
     assert layer_options == option_defaults()
     config_fields = dict(inspect.signature(ok.OMoEConfig).parameters)
     assert config_fields.pop("target_modules").default is inspect.Parameter.empty
+    assert config_fields.pop("modules_to_save").default is None
     assert {n: p.default for n, p in config_fields.items()} == option_defaults()
     config = ok.OMoEConfig(TARGETS, 2, 2)
     assert list(config.layer_options()) == list(OPTION_NAMES)

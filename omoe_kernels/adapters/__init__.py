@@ -16,7 +16,8 @@ from .model import (
                     adapter_layers,
                     adapter_names,
                     adapters_enabled,
-                    disable_adapters,
+                    disable_adapter,
+    disable_adapters,
                     enable_adapters,
                     inject,
                     load_balancing_loss,
@@ -33,7 +34,7 @@ from .model import (
 
 __all__ = ["ADAPTER_FORMAT", "ADAPTER_FORMAT_VERSION", "OMoEConfig", "active_adapter",
            "adapter_layers", "adapter_names", "adapter_state_dict", "adapters_enabled",
-           "disable_adapters", "enable_adapters", "from_pretrained", "inject", "load_adapter",
+           "disable_adapter", "disable_adapters", "enable_adapters", "from_pretrained", "inject", "load_adapter",
            "load_balancing_loss", "mark_trainable", "omoe_layers", "print_trainable_parameters",
            "read_adapter_config", "remove", "router_stats", "save_adapter", "save_pretrained",
            "set_adapter", "track_router_stats", "trainable_parameters",

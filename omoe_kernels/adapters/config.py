@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
 from dataclasses import dataclass
 
-from ..options import OMoEOptions
+from ..options import PEFT_ALIASES, OMoEOptions, resolve_aliases
 
 CONFIG_FORMAT = "omoe_kernels.config"
 CONFIG_FORMAT_VERSION = 1
@@ -19,13 +20,27 @@ class _Targets:
 
 
 @dataclass(frozen=True)
-class OMoEConfig(OMoEOptions, _Targets):
+class _Extras:
+    modules_to_save: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class OMoEConfig(_Extras, OMoEOptions, _Targets):
     """What `ok.inject(model, config, adapter_name=...)` builds (docs/integration.md):
     `target_modules` and the layer's options, `OMoEOptions`'s fields (options.py), checked
     at construction.
 
     `target_modules`: module-name suffixes (a name matches when it equals a suffix or ends
-    with "." + suffix), or one regex string that must match the whole name.
+    with "." + suffix); "all-linear", peft's meaning: every linear layer except the output
+    head; or any other string, a regex that must match the whole name (`re.fullmatch`).
+
+    `modules_to_save`: None or module-name suffixes (as targets) of modules trained in full
+    with the adapter (a new head): trainable while the adapter is active, and saved and
+    restored with it. Unlike peft, the module is not copied: `disable_adapters` leaves it
+    as trained.
+
+    peft's `r`, `lora_alpha` and `lora_dropout` are accepted as keywords for `rank`,
+    `alpha` and `dropout` (PEFT_ALIASES, options.py); giving both names is a TypeError.
     """
 
     def __post_init__(self) -> None:
@@ -41,6 +56,13 @@ class OMoEConfig(OMoEOptions, _Targets):
         else:
             raise TypeError("`target_modules` must be a non-empty list of module-name suffixes "
                             f"or one regex string, got {targets!r}")
+        saved = self.modules_to_save
+        if saved is not None:
+            if isinstance(saved, str) or not isinstance(saved, (list, tuple, set, frozenset)) or not all(
+                    isinstance(s, str) and s for s in saved):
+                raise TypeError("`modules_to_save` must be None or a list of module-name suffixes, "
+                                f"got {saved!r}")
+            object.__setattr__(self, "modules_to_save", list(saved) or None)
         super().__post_init__()
 
     def layer_options(self) -> dict:
@@ -50,6 +72,8 @@ class OMoEConfig(OMoEOptions, _Targets):
     def to_dict(self) -> dict:
         """A JSON-ready dict with the format name and version."""
         options = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        if options["modules_to_save"] is None:  # files without it stay readable by older readers
+            del options["modules_to_save"]
         return {"format": CONFIG_FORMAT, "version": CONFIG_FORMAT_VERSION, **options}
 
     @classmethod
@@ -93,12 +117,25 @@ class OMoEConfig(OMoEOptions, _Targets):
         return cls.from_json_string(read_text(path), repr(os.fspath(path)))
 
 
+def _init_with_aliases(init):
+    @functools.wraps(init)
+    def __init__(self, *args, **keywords):
+        init(self, *args, **resolve_aliases("OMoEConfig()", keywords))
+    return __init__
+
+
+# After the dataclass made __init__: wrapping it keeps the fields spelled once.
+OMoEConfig.__init__ = _init_with_aliases(OMoEConfig.__init__)
+assert set(PEFT_ALIASES.values()) <= {f.name for f in dataclasses.fields(OMoEConfig)}
+
+
 def read_text(path: str | os.PathLike) -> str:
     """A small JSON file's text, with one clear error for a directory or a missing file."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{path!r} is a directory, not a file")
     if not os.path.isfile(path):
-        raise ValueError(f"{path!r} is not a file" + (" (it is a directory)"
-                                                      if os.path.isdir(path) else ""))
+        raise FileNotFoundError(f"{path!r}: no such file")
     with open(path, encoding="utf-8") as f:
         return f.read()
 

@@ -21,11 +21,13 @@ from .model import (
     _Rollback,
     _set_enabled,
     adapter_layers,
+    adapter_names,
     inject,
     remove,
     resolve_adapter_name,
     set_adapter,
 )
+from .targets import saved_module_names
 
 ADAPTER_FORMAT = "omoe_kernels.adapter"
 ADAPTER_FORMAT_VERSION = 1
@@ -45,6 +47,27 @@ def adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dic
             for tensor in ADAPTER_TENSORS}
 
 
+SAVED_PREFIX = "modules_to_save."  # key prefix of a modules_to_save tensor in an adapter file
+
+
+def _saved_modules(root: nn.Module, name: str) -> list[str]:
+    """The modules_to_save of adapter `name` (none for layers built by hand)."""
+    state = getattr(root, STATE_ATTR, None)
+    if state is None:
+        return []
+    return saved_module_names(root, OMoEConfig.from_dict(state["adapters"][name]))
+
+
+def _saved_tensors(root: nn.Module, modules: list[str]) -> dict[str, torch.Tensor]:
+    """Module name + "." + tensor name -> the parameters and buffers of `modules`."""
+    out = {}
+    for module in modules:
+        m = root.get_submodule(module)
+        for key, tensor in [*m.named_parameters(), *m.named_buffers()]:
+            out[f"{module}.{key}"] = tensor
+    return out
+
+
 def _layer_record(layer: OMoELinear) -> dict:
     return {**layer.config(), "in_features": layer.in_features, "out_features": layer.out_features}
 
@@ -59,6 +82,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     name = resolve_adapter_name(root, adapter_name)
     layers = adapter_layers(root, name)
     tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(root, name).items()}
+    tensors.update({SAVED_PREFIX + k: v.detach().contiguous().cpu()
+                    for k, v in _saved_tensors(root, _saved_modules(root, name)).items()})
     config = {"format": ADAPTER_FORMAT, "version": ADAPTER_FORMAT_VERSION, "adapter_name": name,
               "layers": {target: _layer_record(layer) for target, layer in layers.items()}}
     state = getattr(root, STATE_ATTR, None)
@@ -76,7 +101,7 @@ def _check_file(path, what: str = "adapter file") -> str:
         raise ValueError(f"{path!r} is a directory, not an {what}; for an adapter directory "
                          "use omoe_kernels.from_pretrained")
     if not os.path.isfile(path):
-        raise ValueError(f"{path!r}: no such {what}")
+        raise FileNotFoundError(f"{path!r}: no such {what}")
     return path
 
 
@@ -134,13 +159,17 @@ def load_adapter(model: nn.Module, path: str | os.PathLike,
     root = _check_model(model)
     saved = read_adapter_config(path)["layers"]
     path = os.fspath(path)
-    layers = adapter_layers(root, adapter_name)
+    adapter = resolve_adapter_name(root, adapter_name)
+    layers = adapter_layers(root, adapter)
     missing = sorted(set(saved) - set(layers))
     extra = sorted(set(layers) - set(saved))
     if missing or extra:
-        raise ValueError(f"adapter {path!r} does not fit the model: layers in the file "
-                         f"but not injected in the model: {missing}; injected in the model but "
-                         f"not in the file: {extra}")
+        parts = ([f"layers in the file but not injected in the model: {missing}"] if missing else []) + (
+            [f"injected in the model but not in the file: {extra}"] if extra else [])
+        raise ValueError(f"adapter {path!r} does not fit adapter {adapter!r} of the model "
+                         f"(adapters: {adapter_names(root)}): " + "; ".join(parts)
+                         + f". The file's layers: {_short(sorted(saved))}; the model's: "
+                         f"{_short(sorted(layers))}")
     mismatches = []
     for name, layer in layers.items():
         ours = _layer_record(layer)
@@ -153,15 +182,40 @@ def load_adapter(model: nn.Module, path: str | os.PathLike,
                          + "\n  ".join(mismatches))
     with safe_open(path, framework="pt") as f:
         tensors = {key: f.get_tensor(key) for key in f.keys()}
+    extras = {k.removeprefix(SAVED_PREFIX): v for k, v in tensors.items()
+              if k.startswith(SAVED_PREFIX)}
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(SAVED_PREFIX)}
+    plan = _saved_plan(_saved_tensors(root, _saved_modules(root, adapter)), extras, repr(path))
     _copy_adapter_tensors(layers, tensors, {f"{t}.{n}": f"{t}.{n}" for t in layers
-                                            for n in ADAPTER_TENSORS}, repr(path))
+                                            for n in ADAPTER_TENSORS}, repr(path), plan=plan)
     return model
 
 
+def _short(names: list[str], n: int = 8) -> str:
+    return f"{names[:n]}{' ...' if len(names) > n else ''}"
+
+
+def _saved_plan(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor],
+                source: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(model tensor, file tensor) pairs for the modules_to_save, checked: ValueError for
+    a missing or misshapen one."""
+    lacking = sorted(set(ours) - set(theirs))
+    if lacking:
+        raise ValueError(f"{source} lacks the modules_to_save tensors {_short(lacking, 6)}")
+    plan = []
+    for key, tensor in ours.items():
+        if theirs[key].shape != tensor.shape:
+            raise ValueError(f"{source}: modules_to_save tensor {key!r} has shape "
+                             f"{tuple(theirs[key].shape)}; the model's is {tuple(tensor.shape)}")
+        plan.append((tensor, theirs[key]))
+    return plan
+
+
 def _copy_adapter_tensors(layers: dict[str, OMoELinear], tensors: dict[str, torch.Tensor],
-                          keys: dict[str, str], source: str, exact: bool = True) -> None:
-    """Copies tensors[keys[f"{target}.{name}"]] into each layer; checks everything first.
-    `exact`: the file must hold no other tensors."""
+                          keys: dict[str, str], source: str, exact: bool = True,
+                          plan: list | None = None) -> None:
+    """Copies tensors[keys[f"{target}.{name}"]] into each layer, and each (ours, theirs)
+    pair of `plan`; checks everything first. `exact`: the file must hold no other tensors."""
     wanted = set(keys.values())
     lacking = sorted(wanted - set(tensors))
     if lacking:
@@ -171,7 +225,7 @@ def _copy_adapter_tensors(layers: dict[str, OMoELinear], tensors: dict[str, torc
     if surplus:
         raise ValueError(f"{source} holds tensors that are no adapter tensor of the model: "
                          f"{surplus[:6]}{' ...' if len(surplus) > 6 else ''}")
-    plan = []
+    plan = list(plan or [])
     for target, layer in layers.items():
         for name in ADAPTER_TENSORS:
             key = keys[f"{target}.{name}"]
@@ -206,7 +260,7 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike,
 
 
 def from_pretrained(model: nn.Module, directory: str | os.PathLike,
-                    adapter_name: str | None = None) -> nn.Module:
+                    adapter_name: str | None = None, *, is_trainable: bool = False) -> nn.Module:
     """Injects the adapter(s) a directory describes into `model` (the base model) and loads
     their tensors, in one call; returns `model`. `directory` is one written by
     `save_pretrained`, or a Hugging Face Trainer checkpoint of an injected model (its
@@ -218,11 +272,21 @@ def from_pretrained(model: nn.Module, directory: str | os.PathLike,
     checkpoint, `adapter_name` or else the one active when it was saved) and whether
     adapters were enabled. A directory saved before that state was recorded loads with
     its (first) adapter active and enabled. Into a model that already holds adapters the
-    loaded ones join inactive, as `inject` makes them, and the model's state stays."""
+    loaded ones join inactive, as `inject` makes them, and the model's state stays.
+
+    `is_trainable` (peft's keyword and default): False loads for inference: the loaded
+    adapters' parameters (and modules_to_save) are frozen and the model is put in eval
+    mode; `ok.mark_trainable(model)` or `set_adapter` makes the active one trainable
+    again. True: trainable, as `inject` makes them. A missing `directory` raises
+    FileNotFoundError."""
     root = _check_model(model)
     if not isinstance(directory, (str, os.PathLike)):
         raise TypeError(f"`directory` must be a str or os.PathLike, got {type(directory).__name__}")
+    if not isinstance(is_trainable, bool):
+        raise TypeError(f"`is_trainable` must be a bool, got {type(is_trainable).__name__}")
     directory = os.fspath(directory)
+    if not os.path.exists(directory):
+        raise FileNotFoundError(f"{directory!r}: no such adapter directory or checkpoint")
     if not os.path.isdir(directory):
         raise ValueError(f"{directory!r} is not a directory")
     rollback = _Rollback(root)
@@ -241,6 +305,14 @@ def from_pretrained(model: nn.Module, directory: str | os.PathLike,
                 _set_enabled(root, getattr(root, STATE_ATTR), saved.get("enabled", True))
         else:
             _load_trainer_checkpoint(root, directory, adapter_name, injected, fresh)
+        if not is_trainable:
+            for name in injected:
+                for layer in adapter_layers(root, name).values():
+                    for tensor in ADAPTER_TENSORS:
+                        getattr(layer, tensor).requires_grad_(False)
+                for module in _saved_modules(root, name):
+                    root.get_submodule(module).requires_grad_(False)
+            root.eval()
     except BaseException:
         for name in reversed(injected):
             remove(root, name)
@@ -270,20 +342,31 @@ def _load_trainer_checkpoint(root: nn.Module, directory: str, adapter_name: str 
     if not isinstance(enabled, bool):
         raise ValueError(f"{source}: '{HF_CONFIG_ATTR}.enabled' must be true or false, "
                          f"got {enabled!r}")
-    tensors = _read_checkpoint_tensors(directory, {f".{HF_CONFIG_ATTR}.{n}." for n in names})
     for name, config in configs.items():
         inject(root, config, adapter_name=name)
         injected.append(name)
+    saved = {n: _saved_tensors(root, _saved_modules(root, n)) for n in names}
+    wanted = {k for ours in saved.values() for k in ours}
+    tensors = _read_checkpoint_tensors(directory, {f".{HF_CONFIG_ATTR}.{n}." for n in names}, wanted)
+    if not any(f".{HF_CONFIG_ATTR}." in k for k in tensors):
+        raise ValueError(f"{source} records OMoE adapters {names}, but the checkpoint holds none "
+                         "of their tensors: it was saved from a model without them (a model "
+                         "loaded with the plain Hugging Face from_pretrained keeps config.omoe); "
+                         "load a checkpoint saved from the injected model")
+    for name in names:
         layers = adapter_layers(root, name)
         keys = {f"{t}.{n}": f"{t}.{HF_CONFIG_ATTR}.{name}.{n}" for t in layers for n in ADAPTER_TENSORS}
-        _copy_adapter_tensors(layers, tensors, keys, repr(directory), exact=False)
+        plan = _saved_plan(saved[name], tensors, repr(directory))
+        _copy_adapter_tensors(layers, tensors, keys, repr(directory), exact=False, plan=plan)
     if fresh:
         set_adapter(root, active if active in names else names[0])
         _set_enabled(root, getattr(root, STATE_ATTR), enabled)
 
 
-def _read_checkpoint_tensors(directory: str, markers: set[str]) -> dict[str, torch.Tensor]:
-    """The tensors whose key holds one of `markers`, from model.safetensors or its shards."""
+def _read_checkpoint_tensors(directory: str, markers: set[str],
+                             keys: set[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """The tensors whose key holds one of `markers` or is in `keys`, from model.safetensors
+    or its shards."""
     from safetensors import safe_open
 
     index = os.path.join(directory, "model.safetensors.index.json")
@@ -303,6 +386,6 @@ def _read_checkpoint_tensors(directory: str, markers: set[str]) -> dict[str, tor
         _check_file(path, "checkpoint shard")
         with safe_open(path, framework="pt") as f:
             for key in f.keys():
-                if any(m in key for m in markers):
+                if key in keys or any(m in key for m in markers):
                     tensors[key] = f.get_tensor(key)
     return tensors

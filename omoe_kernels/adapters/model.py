@@ -11,17 +11,18 @@ active adapter's parameters are the trainable ones, enabled or not.
 from __future__ import annotations
 
 import contextlib
-import functools
-import re
+import copy
 import warnings
 from typing import Iterator
 
 import torch
 from torch import nn
 
-from ..layer import ADAPTER_TENSORS, OMoELinear, base_factory
+from ..layer import ADAPTER_TENSORS, OMoELinear
+from ..options import resolve_aliases
 from ..router_stats import RouterStats, clear_router_stats
 from .config import OMoEConfig
+from .targets import cannot_wrap, check_backend_device, is_peft_module, saved_module_names, target_names
 
 STATE_ATTR = "_omoe_inject_state"  # on the root module: adapters, active one, flags to restore
 HF_CONFIG_ATTR = "omoe"  # on a Hugging Face model's config: saved into config.json
@@ -34,14 +35,10 @@ def unwrap(model: nn.Module) -> nn.Module:
         if type(model).__name__ == "OptimizedModule" and isinstance(
                 getattr(model, "_orig_mod", None), nn.Module):
             model = model._orig_mod
-        elif _is_peft_module(model) and hasattr(model, "get_base_model"):
+        elif is_peft_module(model) and hasattr(model, "get_base_model"):
             model = model.get_base_model()
         else:
             return model
-
-
-def _is_peft_module(module: nn.Module) -> bool:
-    return type(module).__module__.split(".")[0] == "peft"
 
 
 def _check_model(model) -> nn.Module:
@@ -117,6 +114,13 @@ def _apply_state(root: nn.Module, state: dict, flags: bool) -> None:
             if flags:
                 for tensor in ADAPTER_TENSORS:
                     getattr(layer, tensor).requires_grad_(active)
+    if flags and "adapters" in state:  # modules_to_save: the active adapter's are trainable
+        saved = {n: saved_module_names(root, OMoEConfig.from_dict(c))
+                 for n, c in state["adapters"].items()}
+        for name in {m for n, names in saved.items() if n != state["active"] for m in names}:
+            root.get_submodule(name).requires_grad_(False)
+        for name in saved.get(state["active"], ()):
+            root.get_submodule(name).requires_grad_(True)
 
 
 def _set_enabled(root: nn.Module, state: dict, enabled: bool) -> None:
@@ -146,19 +150,13 @@ def resolve_adapter_name(root: nn.Module, adapter_name: str | None) -> str:
 
 # --------------------------------------------------------------------------- inject
 
-def _matcher(target_modules):
-    if isinstance(target_modules, str):
-        pattern = re.compile(target_modules)
-        return lambda name: pattern.fullmatch(name) is not None
-    return lambda name: any(name == s or name.endswith("." + s) for s in target_modules)
-
-
 def _as_config(target_modules_or_config, options: dict) -> OMoEConfig:
     if isinstance(target_modules_or_config, OMoEConfig):
         if options:
             raise TypeError(f"pass the options in the OMoEConfig, not as keywords too: "
                             f"{sorted(options)}")
         return target_modules_or_config
+    options = resolve_aliases("inject()", options)
     missing = [n for n in ("num_experts", "rank") if n not in options]
     if missing:
         raise TypeError(f"inject() needs {missing} (or an OMoEConfig as its second argument)")
@@ -170,27 +168,6 @@ def _as_config(target_modules_or_config, options: dict) -> OMoEConfig:
         raise
 
 
-def _cannot_wrap(root: nn.Module, name: str, module: nn.Module, peft_layers: list[str]) -> str | None:
-    """Why `module` (at `name`) cannot get an adapter, or None."""
-    owner = next((p for p in peft_layers if name == p or name.startswith(p + ".")), None)
-    if owner is not None:
-        kind = type(root.get_submodule(owner))
-        what = "is" if owner == name else f"is inside {owner!r}, which is"
-        return (f"{type(module).__name__} {what} a peft adapter layer "
-                f"({kind.__module__}.{kind.__qualname__}); OMoE does not wrap "
-                "another library's adapter layers: target other modules, or merge/unload "
-                "the peft adapter first")
-    parent = root.get_submodule(name.rpartition(".")[0])
-    if isinstance(parent, nn.MultiheadAttention):
-        return ("nn.MultiheadAttention reads `out_proj.weight` directly and never calls its "
-                "forward, so an adapter there would be skipped; target the modules around it")
-    try:
-        base_factory(module)
-    except TypeError as exc:
-        return f"{type(module).__name__}: {exc}"
-    return None
-
-
 class _Rollback:
     """Records what inject/remove change, and puts it back if they fail part way."""
 
@@ -199,10 +176,11 @@ class _Rollback:
         self.flags = [(p, p.requires_grad) for p in root.parameters()]
         self.enabled = [(m, m.adapter_enabled) for m in root.modules() if isinstance(m, OMoELinear)]
         self.swaps: list[tuple[nn.Module, str, nn.Module]] = []
-        self.attrs = {k: vars(root).get(k, _MISSING) for k in (STATE_ATTR, "extra_repr")}
+        self.attrs = {k: vars(root).get(k, _MISSING) for k in (STATE_ATTR,)}
         config = getattr(root, "config", None)
         self.hf_config = config if _is_hf_config(config) else None
         self.hf_value = getattr(self.hf_config, HF_CONFIG_ATTR, _MISSING) if self.hf_config else None
+        self.config_refs = [(m, vars(m)["config"]) for m in root.modules() if "config" in vars(m)]
 
     def setattr(self, parent: nn.Module, child: str, module: nn.Module) -> None:
         self.swaps.append((parent, child, getattr(parent, child)))
@@ -219,6 +197,8 @@ class _Rollback:
             vars(self.root).pop(key, None)
             if value is not _MISSING:
                 vars(self.root)[key] = value
+        for module, config in self.config_refs:
+            vars(module)["config"] = config
         if self.hf_config is not None:
             _set_hf_config(self.hf_config, self.hf_value)
 
@@ -238,14 +218,34 @@ def _set_hf_config(config, value) -> None:
         setattr(config, HF_CONFIG_ATTR, value)
 
 
+def _own_hf_config(root: nn.Module, state: dict):
+    """`root.config`, replaced by a copy the first time inject records into it, so that a
+    config object shared with other models (two models built from one config) never
+    changes. The modules of `root` that held the shared object get the copy."""
+    config = getattr(root, "config", None)
+    if not _is_hf_config(config) or state.get("hf_config") is config:
+        return config
+    own = copy.deepcopy(config)
+    for module in root.modules():
+        if vars(module).get("config") is config:
+            vars(module)["config"] = own
+    state["hf_config"] = own
+    return own
+
+
 def _sync_hf_config(root: nn.Module, state: dict | None) -> None:
     """Mirrors the adapters' configs into `model.config.omoe`, so a Trainer checkpoint's
-    config.json says how to rebuild the adapters (`ok.from_pretrained` reads it)."""
+    config.json says how to rebuild the adapters (`ok.from_pretrained` reads it). Writes
+    only into the model's own copy of its config (`_own_hf_config`)."""
     config = getattr(root, "config", None)
+    if state is None:
+        if _is_hf_config(config):
+            _set_hf_config(config, _MISSING)
+        return
+    config = _own_hf_config(root, state)
     if _is_hf_config(config):
-        _set_hf_config(config, _MISSING if state is None else
-                       {"adapters": dict(state["adapters"]), "active": state["active"],
-                        "enabled": state.get("enabled", True)})
+        _set_hf_config(config, {"adapters": dict(state["adapters"]), "active": state["active"],
+                                "enabled": state.get("enabled", True)})
 
 
 def inject(model: nn.Module, target_modules: OMoEConfig | list[str] | str, *,
@@ -273,22 +273,17 @@ def inject(model: nn.Module, target_modules: OMoEConfig | list[str] | str, *,
                          f"{' ...' if len(existing) > 8 else ''}): pass another `adapter_name`"
                          f", or call omoe_kernels.remove(model, {adapter_name!r}) first")
 
-    matches = _matcher(config.target_modules)
     tops = _stack_tops(root, remove_duplicate=False)
-    # remove_duplicate=False: a module registered under two names (tied) matches under both.
-    names = [n for n, _ in root.named_modules(remove_duplicate=False) if n and matches(n)
-             and not any(n.startswith(t + ".") for t in tops)]  # not OMoE's own parts
-    if not names:
-        sample = [n for n, m in root.named_modules() if isinstance(m, nn.Linear)][:8]
-        raise ValueError(f"`target_modules`={config.target_modules!r} matches no module of the "
-                         f"model (some nn.Linear names: {sample})")
-    peft_layers = [n for n, m in root.named_modules() if _is_peft_module(m)
+    saved = saved_module_names(root, config)
+    names = target_names(root, config.target_modules, tops, saved)
+    peft_layers = [n for n, m in root.named_modules() if is_peft_module(m)
                    and hasattr(m, "get_base_layer")]
     problems = [f"{n} ({reason})" for n in names if not isinstance(root.get_submodule(n), OMoELinear)
-                and (reason := _cannot_wrap(root, n, root.get_submodule(n), peft_layers))]
+                and (reason := cannot_wrap(root, n, root.get_submodule(n), peft_layers))]
     if problems:
         raise ValueError("`target_modules` matches modules that OMoE cannot wrap (it wraps "
                          "nn.Linear and linear-like modules): " + "; ".join(problems))
+    check_backend_device(root, config, names)
 
     first = state is None
     active = first or state["active"] is None
@@ -296,8 +291,7 @@ def inject(model: nn.Module, target_modules: OMoEConfig | list[str] | str, *,
     try:
         if first:
             state = {"requires_grad": {n: p.requires_grad for n, p in root.named_parameters()},
-                     "had_extra_repr": "extra_repr" in vars(root), "adapters": {}, "active": None,
-                     "enabled": True}
+                     "adapters": {}, "active": None, "enabled": True}
         else:  # a new dict: the rollback keeps the old one as it was
             state = {**state, "adapters": dict(state["adapters"])}
         targets = [(n, root.get_submodule(n)) for n in names]
@@ -325,22 +319,14 @@ def inject(model: nn.Module, target_modules: OMoEConfig | list[str] | str, *,
         state["adapters"][adapter_name] = config.to_dict()
         if active:
             state["active"] = adapter_name
+            for name in saved:
+                root.get_submodule(name).requires_grad_(True)
         vars(root)[STATE_ATTR] = state
-        if not state["had_extra_repr"]:
-            # print(model) then ends its first line with the trainable-parameter summary.
-            # A partial of a module-level function, not a bound method: the model pickles.
-            vars(root)["extra_repr"] = functools.partial(_extra_repr_with_summary, root)
         _sync_hf_config(root, state)
     except BaseException:
         rollback.undo()
         raise
     return model
-
-
-def _extra_repr_with_summary(model: nn.Module) -> str:
-    own = type(model).extra_repr(model)
-    summary = "omoe: " + trainable_parameters_summary(model)
-    return f"{own}, {summary}" if own else summary
 
 
 # --------------------------------------------------------------------------- switching
@@ -359,6 +345,13 @@ def set_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     _apply_state(root, state, flags=True)
     _sync_hf_config(root, state)
     return model
+
+
+@contextlib.contextmanager
+def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
+    """peft's name (`PeftModel.disable_adapter()`) for `disable_adapters`."""
+    with disable_adapters(model) as inner:
+        yield inner
 
 
 @contextlib.contextmanager
@@ -479,8 +472,6 @@ def remove(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
             for pname, p in root.named_parameters():
                 if pname in flags:
                     p.requires_grad_(flags[pname])
-            if not state["had_extra_repr"]:
-                vars(root).pop("extra_repr", None)
             vars(root).pop(STATE_ATTR)
             _sync_hf_config(root, None)
     except BaseException:
