@@ -3,7 +3,12 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-export CUDA_HOME ?= /usr/local/cuda
+# The CUDA toolkit for the extension build, exported only where that directory exists (a
+# CPU-only machine builds without it, and torch then prints no CUDA_HOME notice).
+CUDA_TOOLKIT ?= /usr/local/cuda
+ifneq ($(wildcard $(CUDA_TOOLKIT)),)
+export CUDA_HOME ?= $(CUDA_TOOLKIT)
+endif
 # The Hugging Face stack the tests passed with (transformers 5.24.0, peft 0.21.2, the newest
 # of each range when pinned; bitsandbytes for the quantized-base tests, which run on the CPU). transformers 5.24's own `model.add_adapter` wants peft >= 0.22,
 # which is not released yet: use peft's get_peft_model (docs/integration.md).
