@@ -124,6 +124,11 @@ def test_all_linear_wraps_what_peft_wraps(transformers):
     model = ok.inject(transformers.LlamaForCausalLM(config), "all-linear", num_experts=2, rank=2)
     assert set(ok.omoe_layers(model)) == peft_targets
     assert "lm_head" not in ok.omoe_layers(model)
+    # Beside a peft LoRA, "all-linear" leaves peft's layers alone, as peft does.
+    lora_q = peft.get_peft_model(transformers.LlamaForCausalLM(config),
+                                 peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    ok.inject(lora_q, "ALL-LINEAR", num_experts=2, rank=2)
+    assert set(ok.omoe_layers(lora_q)) == peft_targets - {"model.layers.0.self_attn.q_proj"}
 
 
 def test_disable_adapter_is_an_alias(transformers):

@@ -49,9 +49,12 @@ def target_names(root: nn.Module, target_modules, tops: dict[str, OMoELinear],
     # remove_duplicate=False: a module registered under two names (tied) matches under both.
     modules = [(n, m) for n, m in root.named_modules(remove_duplicate=False) if n]
     linear = [n for n, m in modules if isinstance(m, nn.Linear) and free(n)]
-    if target_modules == ALL_LINEAR:
+    if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
         head = _output_head(root)
-        names = [n for n, m in modules if free(n) and m is not head and (
+        # As peft: not the layers of another library's adapters (OMoE refuses to wrap them).
+        peft = [n for n, m in modules if is_peft_module(m) and hasattr(m, "get_base_layer")]
+        names = [n for n, m in modules if free(n) and m is not head and not any(
+            n == p or n.startswith(p + ".") for p in peft) and (
             isinstance(m, nn.Linear) or (n in tops and isinstance(_innermost(m), nn.Linear)))]
         if not names:
             raise ValueError(f"`target_modules`={ALL_LINEAR!r} matches no module: the model "
