@@ -72,7 +72,8 @@ def target_names(root: nn.Module, target_modules, tops: dict[str, OMoELinear],
         return names
     hits = {s: [n for n, _ in modules if free(n) and (n == s or n.endswith("." + s))]
             for s in target_modules}
-    names = list(dict.fromkeys(n for found in hits.values() for n in found))
+    matched = {n for found in hits.values() for n in found}
+    names = [n for n, _ in modules if n in matched]  # in module order
     unmatched = [s for s, found in hits.items() if not found]
     if not names:
         raise ValueError(f"`target_modules`={list(target_modules)!r} matches no module of the "
@@ -82,7 +83,7 @@ def target_names(root: nn.Module, target_modules, tops: dict[str, OMoELinear],
         warnings.warn(f"`target_modules` entries {unmatched} match no module of the model; "
                       f"the others wrap {len(names)} modules (some nn.Linear names: "
                       f"{linear[:8]})", stacklevel=3)
-    return [n for n, _ in modules if n in set(names)]
+    return names
 
 
 def cannot_wrap(root: nn.Module, name: str, module: nn.Module, peft_layers: list[str]) -> str | None:
