@@ -43,6 +43,7 @@ BAD_ARGUMENTS = [
     ("bench.decode", ["--rounds", "x"]),
     ("bench.decode", ["--experts", "0"]),
     ("bench.run", ["--tiny", "--publish"]),
+    ("bench.criteria", ["/nonexistent/cpu.json"]),
     ("examples/train_llama_omoe", ["--steps", "x"]),
     ("examples/train_llama_omoe", ["--experts", "0"]),
     ("examples/train_minilm_omoe", ["--steps", "x"]),
