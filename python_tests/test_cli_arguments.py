@@ -35,6 +35,7 @@ BAD_ARGUMENTS = [
     ("omoe_kernels.tools.profile", ["--tokens", "-5"]),
     ("omoe_kernels.tools.profile", ["--experts", "4", "--top-k", "9"]),
     ("omoe_kernels.tools.profile", ["--iters", "x"]),
+    ("omoe_kernels.tools.profile", ["--trace", "/nonexistent/trace.json"]),
     ("bench.bench_omoe", ["--budget", "x"]),
     ("bench.bench_omoe", ["--shapes", "nope"]),
     ("bench.bench_omoe", ["--replot", "/nonexistent/cpu.json"]),

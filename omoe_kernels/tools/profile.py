@@ -193,6 +193,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.top_k is not None and args.top_k > args.experts:
         parser.error(f"--top-k {args.top_k} is more than --experts {args.experts}")
+    if args.trace and not os.path.isdir(os.path.dirname(os.path.abspath(args.trace))):
+        parser.error(f"--trace {args.trace}: its folder does not exist")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here (use --device cpu)")
     try:
