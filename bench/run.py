@@ -16,10 +16,12 @@ from __future__ import annotations
 import importlib.util
 import time
 
+import torch
+
 from omoe_kernels.tools.cli import ArgumentParser
 
 from . import bench_omoe, decode, sweep
-from .machine import RESULTS_DIR, output_dir
+from .machine import RESULTS_DIR, LoadWatch, load_line, output_dir
 
 # Idle figures of bench/results/ (AMD EPYC, 2 vCPUs, 2026-11-29): the steps' own run
 # times from their result files, plus imports and model building.
@@ -84,6 +86,7 @@ def main(argv=None) -> int:
           f"{out}{'' if out == RESULTS_DIR else ' (git-ignored; --publish: bench/results/)'}",
           flush=True)
     started = time.perf_counter()
+    watch = LoadWatch()
     failed = []
     for n, (what, seconds, step, step_args) in enumerate(steps, 1):
         print(f"\n== [{n}/{len(steps)}] {what}: about {_duration(seconds)} idle", flush=True)
@@ -98,8 +101,9 @@ def main(argv=None) -> int:
         if isinstance(status, int) and status:
             failed.append(what)
         print(f"== [{n}/{len(steps)}] done in {_duration(time.perf_counter() - t0)}", flush=True)
+    load = watch.finish(torch.get_num_threads())
     print(f"\nbench: {len(steps)} steps in {_duration(time.perf_counter() - started)}; "
-          f"results in {out}")
+          f"results in {out}\n{load_line(load)}")
     return 1 if failed else 0
 
 

@@ -40,6 +40,7 @@ def test_quick_benchmark_leaves_git_status_unchanged():
                           env=os.environ | {"PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert all(path.is_file() for path in outputs), "the run wrote its results elsewhere"
+    assert "other processes kept" in done.stdout.strip().splitlines()[-1]  # the job's load
     assert _git_status() == before
 
 
