@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -32,16 +31,11 @@ from torch import nn
 import omoe_kernels as ok
 from omoe_kernels.tools.cli import ArgumentParser, names, positive_float, positive_int, positive_ints
 
-from .machine import RESULTS_DIR, LoadWatch, cpu_model, load_line, output_dir
+from .machine import LoadWatch, cpu_model, load_line, output_dir
 
-RESULTS = RESULTS_DIR
 FULL = dict(T=(1, 8, 64, 512, 4096), E=(2, 4, 8, 16), r=(4, 16, 64), routing=("dense", "top2"))
 QUICK = dict(T=(1, 8, 512), E=(4, 16), r=(16,), routing=("dense", "top2"))
 CAP = 4.0  # the plots' ratio axis ends here
-
-
-def load_average() -> float:
-    return round(os.getloadavg()[0], 2)
 
 
 class PlainLoRA(nn.Module):
@@ -298,7 +292,7 @@ def main(argv=None) -> list[dict]:
     (out / f"sweep-{tag}.md").write_text(markdown(rows, meta))
     plot(rows, out / f"sweep-{tag}.png", plot_title(meta))
     ratios = [w["ratio"] for w in rows]
-    print(f"sweep: {len(rows)} points in {meta['seconds']:.0f} s, OMoE ÷ LoRA from "
+    print(f"sweep: {len(rows)} ratios (point, level, mode) in {meta['seconds']:.0f} s, OMoE ÷ LoRA from "
           f"{min(ratios):.2f} to {max(ratios):.2f} (median {statistics.median(ratios):.2f}); "
           f"{load_line(meta)}")
     print(f"wrote {out}/sweep-{tag}.{{json,md,png}}")
