@@ -29,7 +29,7 @@ venv: $(VENV)/.deps
 # The extension is built against the venv's torch, so no build isolation.
 install: venv
 	@echo "setup: building the C++ extension (pip install -e .); pip prints nothing while it"
-	@echo "       compiles: about 4 min on 2 idle cores, seconds when nothing changed"
+	@echo "       compiles: about 4 min on a 2-core machine from scratch, less when build/ is reused"
 	$(PIP) install --quiet --no-build-isolation -e .
 
 test: install
@@ -37,7 +37,7 @@ test: install
 
 # bench/README.md, "Running them". Every job writes to bench/out/ (git-ignored);
 # bench-publish rewrites the published bench/results/.
-BENCH_PLAN := setup (about 6.5 min from nothing, 4 of them the extension build; seconds once built), then
+BENCH_PLAN := setup (about 6.5 min from nothing, 4 of them the extension build; less once built), then
 
 bench:
 	@echo "make bench: $(BENCH_PLAN)"
