@@ -16,11 +16,12 @@ HF_PINS := "transformers>=5.24,<5.25" "peft>=0.21.2,<0.22" "accelerate>=1.15,<2"
 # Linters pinned exactly: a new release may change what `make lint` accepts.
 LINT_TOOLS := "ruff==0.17.6" "clang-format==23.1.5"
 
-.PHONY: all install venv build test bench lint format clean
+.PHONY: all install venv build test bench bench-full bench-publish lint format clean
 
 all: install
 
 $(VENV)/.deps: pyproject.toml
+	@echo "setup: installing the dependencies into $(VENV) (minutes; seconds once done)"
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip setuptools wheel
 	$(PIP) install --quiet torch numpy ninja pytest pytest-benchmark pytest-timeout hypothesis \
@@ -32,19 +33,35 @@ venv: $(VENV)/.deps
 
 # The extension is built against the venv's torch, so no build isolation.
 install: venv
+	@echo "setup: building the C++ extension (pip install -e .); pip prints nothing while it"
+	@echo "       compiles: about 4 min on a 2-core machine from scratch, less when build/ is reused"
 	$(PIP) install --quiet --no-build-isolation -e .
 
 test: install
 	$(PY) -m pytest -q python_tests
 
-# The §6 shapes, then the cost-growth sweep and greedy decoding (bench/README.md); each
-# writes its results under bench/results/.
-bench: install
-	$(PY) -m bench.bench_omoe
-	$(PY) -m bench.sweep --threads 1
-	$(PY) -m bench.sweep --threads 2
-	$(PY) -m bench.decode --threads 1
-	$(PY) -m bench.decode --threads 2
+# bench/README.md, "Running them". Every job writes to bench/out/ (git-ignored);
+# bench-publish rewrites the published bench/results/.
+BENCH_PLAN := setup (about 6.5 min from nothing, 4 of them the extension build; less once built), then
+
+bench:
+	@echo "make bench: $(BENCH_PLAN)"
+	@echo "  the quick benchmark: the cpu shape, a reduced cost-growth sweep and one decoding run"
+	@echo "  (about 1.5 min on an idle 2-core machine, several times that on a busy one)"
+	@$(MAKE) --no-print-directory install
+	$(PY) -m bench.run
+
+bench-full:
+	@echo "make bench-full: $(BENCH_PLAN)"
+	@echo "  the cpu shape at 2 and 1 threads, the whole sweep at 1 and 2 threads, decoding at"
+	@echo "  both (about 15 min on an idle 2-core machine, up to an hour on a busy one)"
+	@$(MAKE) --no-print-directory install
+	$(PY) -m bench.run --full
+
+bench-publish:
+	@echo "make bench-publish: make bench-full, writing the published bench/results/"
+	@$(MAKE) --no-print-directory install
+	$(PY) -m bench.run --full --publish
 
 CXX_SOURCES := $(shell git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.cuh' 2>/dev/null)
 

@@ -7,7 +7,8 @@ peak memory.
     python -m bench.bench_omoe --shapes wide --providers triton,lora
 
 CPU: the `cpu` shape; CUDA: `llama7b`, `llama7b-top2`, `wide`. Writes
-bench/results/<device>.md, .json and .png (see bench/NOTES.md for the method and floors);
+bench/out/<device>.md, .json and .png (`--publish`: bench/results/, the published files;
+bench/README.md has the method and floors);
 `python -m bench.criteria` judges a result file against the targets.
 
 The work is in modules beside this one: providers.py (inputs and what is compared),
@@ -17,6 +18,7 @@ ceilings) and report.py (tables, chart, files).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import asdict
@@ -25,14 +27,19 @@ from typing import Callable
 
 import torch
 
+from omoe_kernels.tools.cli import ArgumentParser, positive_float, positive_int
+
 from . import criteria
 from .checks import check_providers
 from .machine import (
+    BUSY_BANNER,
     _cpu_jiffies,
     _load_average,
     _others_cores,
     device_identity,
+    machine_was_busy,
     measure_ceilings,
+    output_dir,
     run_metadata,
 )
 from .memory import _release, peak_extra_mib
@@ -40,11 +47,19 @@ from .memory import _release, peak_extra_mib
 # Inputs (unused here) and _free_grads stay importable from this module for scripts
 # written against the single-file benchmark.
 from .providers import SCALING, Inputs, Provider, make_inputs, providers_for  # noqa: F401
-from .report import Progress, Record, Run, _short_error, markdown, payload, write_results
+from .report import (
+    Progress,
+    Record,
+    Run,
+    _short_error,
+    chart,
+    markdown,
+    payload,
+    run_from_payload,
+    write_results,
+)
 from .shapes import DEFAULT_SHAPES, DTYPES, QUICK_SHAPES, SHAPES, Shape, cost
 from .timing import TimerOptions, _free_grads, median_ms_cpu_interleaved, median_ms_cuda
-
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def run_shape(run: Run, shape: Shape, dtype: torch.dtype, providers: list[Provider],
@@ -146,8 +161,7 @@ def run_shape(run: Run, shape: Shape, dtype: torch.dtype, providers: list[Provid
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m bench.bench_omoe", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(prog="python -m bench.bench_omoe", description=__doc__)
     ap.add_argument("--shapes", help=f"comma-separated, from {list(SHAPES)} (default: the device's shapes)")
     ap.add_argument("--providers", help="comma-separated: backends (cpu, triton, cuda), reference, "
                                         "ref-compile, lora (default: all available)")
@@ -156,20 +170,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="small smoke run (the `small` shape, short timing)")
     ap.add_argument("--no-check", action="store_true", help="skip the float64 correctness check")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
-    ap.add_argument("--budget", type=float, help="CPU: seconds of timed calls per (provider, pass)")
-    ap.add_argument("--rep-ms", type=int, help="GPU: do_bench rep (ms) per (provider, pass)")
-    ap.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
-    ap.add_argument("--out", help="output path without suffix (default: bench/results/<device>[-quick])")
+    ap.add_argument("--budget", type=positive_float, help="CPU: seconds of timed calls per (provider, pass)")
+    ap.add_argument("--rep-ms", type=positive_int, help="GPU: do_bench rep (ms) per (provider, pass)")
+    ap.add_argument("--threads", type=positive_int, help="torch.set_num_threads (CPU)")
+    ap.add_argument("--out", help="output path without suffix (default: bench/out/<device>[-quick])")
+    ap.add_argument("--publish", action="store_true",
+                    help="write to bench/results/ (the published files) instead of bench/out/")
+    ap.add_argument("--replot", metavar="FILE.json",
+                    help="only redraw the chart beside a result file's JSON, measuring nothing")
     ap.add_argument("--ceilings", action="store_true",
                     help="only measure and print this machine's matmul FLOP/s and copy GB/s")
     ap.add_argument("--strict", action="store_true",
                     help="exit 1 when a check fails, a provider errors, or a target of "
                          "bench/criteria.py is missed")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device here")
+    if args.replot and not Path(args.replot).is_file():
+        ap.error(f"--replot {args.replot}: no such file")
+    if args.shapes:
+        unknown = [s for s in args.shapes.split(",") if s.strip() and s.strip() not in SHAPES]
+        if unknown:
+            ap.error(f"unknown shape(s) {', '.join(unknown)}; known: {', '.join(SHAPES)}")
+    if args.out and args.publish:
+        ap.error("--out and --publish name two places; give one")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.replot:
+        png = Path(args.replot).with_suffix(".png")
+        chart(run_from_payload(json.loads(Path(args.replot).read_text())), png)
+        print(f"wrote {png}")
+        return 0
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
@@ -224,10 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     meta["seconds"] = round(time.perf_counter() - started, 1)
     meta["load_average_end"] = _load_average()
     meta["other_processes_cores"] = _others_cores(jiffies_start, _cpu_jiffies())
+    meta["busy"] = device.type == "cpu" and machine_was_busy(
+        meta["other_processes_cores"], meta["cores"], meta["threads"])
 
     print()
     print(markdown(run))
-    out = Path(args.out) if args.out else RESULTS_DIR / (slug + ("-quick" if args.quick else ""))
+    out = Path(args.out) if args.out else output_dir(args.publish) / (slug + ("-quick" if args.quick else ""))
     written = write_results(run, out)
     print(f"wrote {', '.join(written)} ({meta['seconds']} s)")
 
@@ -238,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     bad = [r for r in run.records if r.error or r.check_ok is False]
     for r in bad:
         print(f"problem: {r.shape}/{r.provider}: " + (r.error or "beyond the §2 tolerance"))
+    if meta["busy"]:
+        print(f"\nother processes kept {meta['other_processes_cores']} of {meta['cores']} cores busy: "
+              + BUSY_BANNER)
     return 1 if args.strict and (bad or criteria.missed_on_medians(verdicts)) else 0
 
 

@@ -9,10 +9,11 @@ where the run recorded them, its minimums (which a busy machine disturbs less).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
+
+from omoe_kernels.tools.cli import ArgumentParser
 
 MIN_SPEEDUP_VS_REFERENCE = 5.0
 MAX_RATIO_VS_LORA = 1.5
@@ -57,13 +58,19 @@ def missed_on_medians(verdicts: list[tuple[str, float | None, bool | None]]) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.criteria", description=__doc__.splitlines()[0])
-    ap.add_argument("result", nargs="+", help="result JSON files (bench/results/*.json)")
+    ap = ArgumentParser(prog="python -m bench.criteria", description=__doc__.splitlines()[0])
+    ap.add_argument("result", nargs="+", help="result JSON files (bench/results/*.json, bench/out/*.json)")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a target on the medians is missed")
     args = ap.parse_args(argv)
-    missed = False
+    payloads = {}
     for path in args.result:
-        verdicts = evaluate(json.loads(Path(path).read_text()))
+        try:
+            payloads[path] = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            ap.error(f"{path}: not a readable result file ({type(exc).__name__}: {exc})")
+    missed = False
+    for path, data in payloads.items():
+        verdicts = evaluate(data)
         print(f"{path}:")
         print("\n".join(lines(verdicts)) if verdicts else "- no cpu shape in this run")
         missed |= missed_on_medians(verdicts)

@@ -12,12 +12,11 @@
 Both adapters get random non-zero B (a trained-looking adapter; B = 0 is a special case).
 Per-token decode time = (time of `generate` for N new tokens − time for 1 new token) /
 (N − 1), so the prefill is left out. The three models run interleaved, one generate call
-each per round, order rotating; medians. Results: `bench/results/decode-<tag>.json` and
-`.md` with the machine and its load.
+each per round, order rotating; medians. Results: `bench/out/decode-<tag>.json` and `.md`
+(`--publish`: `bench/results/`) with the machine and its load.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import statistics
@@ -26,9 +25,9 @@ import time
 import torch
 
 import omoe_kernels as ok
+from omoe_kernels.tools.cli import ArgumentParser, positive_int
 
-from .machine import cpu_model
-from .sweep import RESULTS, load_average
+from .machine import LoadWatch, cpu_model, load_line, output_dir
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -91,19 +90,29 @@ def measure(models: dict, prompt: torch.Tensor, new_tokens: int, rounds: int) ->
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=2048)
-    parser.add_argument("--experts", type=int, default=4)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--prompt", type=int, default=16, help="prompt tokens")
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--tag", default=None)
+    parser = ArgumentParser(prog="python -m bench.decode", description=__doc__)
+    parser.add_argument("--hidden", type=positive_int, default=256, help="hidden size of the tiny LLaMA")
+    parser.add_argument("--layers", type=positive_int, default=4, help="decoder layers")
+    parser.add_argument("--vocab", type=positive_int, default=2048, help="vocabulary size")
+    parser.add_argument("--experts", type=positive_int, default=4, help="OMoE experts E")
+    parser.add_argument("--rank", type=positive_int, default=8, help="rank r of each expert")
+    parser.add_argument("--top-k", type=positive_int, default=None, help="None: dense routing")
+    parser.add_argument("--prompt", type=positive_int, default=16, help="prompt tokens")
+    parser.add_argument("--new-tokens", type=positive_int, default=32,
+                        help="tokens generated per timed call (at least 2)")
+    parser.add_argument("--rounds", type=positive_int, default=5, help="interleaved rounds")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--tag", default=None, help="file name decode-<tag>.* (default: cpu-<threads>thread)")
+    parser.add_argument("--publish", action="store_true",
+                        help="write to bench/results/ (the published files) instead of bench/out/")
     args = parser.parse_args(argv)
+    if args.new_tokens < 2:
+        parser.error("--new-tokens must be at least 2 (the time of 1 token is subtracted)")
+    if args.top_k is not None and args.top_k > args.experts:
+        parser.error(f"--top-k {args.top_k} is more than --experts {args.experts}")
+    if args.hidden % 64 and args.hidden > 64:
+        parser.error(f"--hidden {args.hidden}: use a multiple of 64 (64-wide attention heads)")
     if args.threads:
         torch.set_num_threads(args.threads)
     base = tiny_llama(args.hidden, args.layers, args.vocab)
@@ -113,29 +122,30 @@ def main(argv=None) -> dict:
     prompt = torch.randint(1, args.vocab, (1, args.prompt), generator=torch.Generator().manual_seed(1))
     # The same greedy tokens from OMoE on its own backends is a cheap end-to-end check.
     meta = dict(cpu=cpu_model(), threads=torch.get_num_threads(), torch=torch.__version__,
-                load_start=load_average(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                config=vars(args))
+                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), config=vars(args))
+    watch = LoadWatch()
     t0 = time.perf_counter()
     ms = measure(models, prompt, args.new_tokens, args.rounds)
-    meta.update(load_end=load_average(), seconds=time.perf_counter() - t0)
+    meta.update(watch.finish(meta["threads"]), seconds=time.perf_counter() - t0)
     result = dict(meta=meta, ms_per_token=ms,
                   omoe_over_lora=ms["omoe"] / ms["lora"], omoe_over_base=ms["omoe"] / ms["base"],
                   lora_over_base=ms["lora"] / ms["base"])
     tag = args.tag or f"cpu-{meta['threads']}thread"
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"decode-{tag}.json").write_text(json.dumps(result, indent=1))
+    out = output_dir(args.publish)
+    (out / f"decode-{tag}.json").write_text(json.dumps(result, indent=1))
     lines = [f"# Greedy decoding, tiny LLaMA (hidden {args.hidden}, {args.layers} layers), "
              f"ms per new token (prefill excluded), medians of {args.rounds} interleaved rounds", "",
-             f"Machine: {meta['cpu']}, {meta['threads']} thread(s), torch {meta['torch']}; load "
-             f"average {meta['load_start']} → {meta['load_end']}; {meta['date']}.", "",
+             f"Machine: {meta['cpu']}, {meta['threads']} thread(s), torch {meta['torch']}; "
+             f"{meta['date']}; {meta['seconds']:.0f} s.", "", f"Load: {load_line(meta)}.", "",
              f"OMoE: E={args.experts}, r={args.rank}, "
              f"{'dense' if args.top_k is None else f'top-{args.top_k}'}, all 7 projections; "
              f"peft LoRA rank {args.experts * args.rank}.", "",
              "| model | ms / token | ÷ base | ÷ peft LoRA |", "|---|---|---|---|"]
     for n in ("base", "lora", "omoe"):
         lines.append(f"| {n} | {ms[n]:.3f} | {ms[n] / ms['base']:.2f} | {ms[n] / ms['lora']:.2f} |")
-    (RESULTS / f"decode-{tag}.md").write_text("\n".join(lines) + "\n")
+    (out / f"decode-{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    print(f"wrote {out}/decode-{tag}.{{json,md}}")
     return result
 
 

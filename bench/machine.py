@@ -136,3 +136,47 @@ def run_metadata(device: torch.device, opt: TimerOptions, argv: list[str] | None
             "timing": timing, "memory": memory, "scaling": scaling,
             "providers": provider_names, "cores": os.cpu_count(),
             "load_average_start": _load_average()}
+
+
+BUSY_BANNER = "**the machine was busy: times are inflated and noisy**"
+
+
+def machine_was_busy(others_cores: float | None, cores: int | None, threads: int) -> bool:
+    """Whether other processes took CPU this run's threads could have used."""
+    return (others_cores or 0) > max(0.25, (cores or 1) - threads)
+
+
+class LoadWatch:
+    """The load during a run: load averages at start and end and the cores other processes
+    kept busy (/proc/stat minus this process), as the meta fields of every results file."""
+
+    def __init__(self):
+        self.load_start = _load_average()
+        self._jiffies = _cpu_jiffies()
+
+    def finish(self, threads: int) -> dict:
+        others = _others_cores(self._jiffies, _cpu_jiffies())
+        cores = os.cpu_count()
+        return dict(load_start=self.load_start, load_end=_load_average(),
+                    other_processes_cores=others, cores=cores,
+                    busy=machine_was_busy(others, cores, threads))
+
+
+def load_line(meta: dict) -> str:
+    """One sentence on the load, ending with the busy banner when the machine was busy."""
+    text = (f"other processes kept {meta.get('other_processes_cores')} of {meta.get('cores')} "
+            f"cores busy on average; load average {meta['load_start']} at the start, "
+            f"{meta['load_end']} at the end")
+    return text + (f" — {BUSY_BANNER}" if meta.get("busy") else "")
+
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"  # published: the files the READMEs quote (tracked)
+OUT_DIR = BENCH_DIR / "out"          # every other run (git-ignored)
+
+
+def output_dir(publish: bool) -> Path:
+    """bench/results/ with --publish, else bench/out/ (git-ignored), created."""
+    path = RESULTS_DIR if publish else OUT_DIR
+    path.mkdir(parents=True, exist_ok=True)
+    return path

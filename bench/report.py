@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .machine import Ceilings
+from .machine import BUSY_BANNER, Ceilings
 
 
 @dataclass
@@ -102,9 +102,7 @@ def markdown(run: Run) -> str:
             f"- other processes kept {m['other_processes_cores']} of {m['cores']} cores busy on "
             f"average during the run (/proc/stat minus this process); load average (1 min) "
             f"{m['load_average_start']} at the start, {m['load_average_end']} at the end"
-            + (" — **the machine was busy: times are inflated and noisy**"
-               if m["device_type"] == "cpu" and (m["other_processes_cores"] or 0)
-               > max(0.25, (m["cores"] or 1) - m["threads"]) else ""),
+            + (f" — {BUSY_BANNER}" if m.get("busy") else ""),
             f"- timing: {m['timing']}",
             f"- peak memory: {m['memory']}",
             "- rel err: relative Frobenius error of this provider's output / worst gradient "
@@ -124,8 +122,20 @@ def markdown(run: Run) -> str:
     return "\n".join(out) + "\n"
 
 
+def display_name(provider: str) -> str:
+    """What a reader calls a provider: the chart's bar labels."""
+    fixed = {"reference": "OMoE reference\n(eager PyTorch)",
+             "ref-compile": "OMoE reference\nunder torch.compile",
+             "lora": "plain LoRA\nof rank E·r"}
+    return fixed.get(provider, f"OMoE,\n{provider} backend")
+
+
+def _ms_label(v: float) -> str:
+    return f"{v:,.0f} ms" if v >= 100 else f"{v:.1f} ms" if v >= 1 else f"{v:.3f} ms"
+
+
 def chart(run: Run, path: Path) -> str | None:
-    """Grouped bars per shape (forward, forward+backward), log scale. None if matplotlib is missing."""
+    """Bars per shape (forward, training step), each labelled in ms. None if matplotlib is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -133,31 +143,48 @@ def chart(run: Run, path: Path) -> str | None:
     except ImportError as exc:
         return f"no chart: {exc}"
     names = list(run.shapes)
-    fig, axes = plt.subplots(1, len(names), figsize=(max(6.0, 5.5 * len(names)), 4.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(max(7.0, 6.5 * len(names)), 5.0), squeeze=False)
     for ax, name in zip(axes[0], names):
         recs = [r for r in run.records if r.shape == name]
         xs = range(len(recs))
         width = 0.38
-        for offset, attr, label in ((-width / 2, "forward_ms", "forward"), (width / 2, "train_ms", "fwd+bwd")):
+        for offset, attr, label in ((-width / 2, "forward_ms", "forward"),
+                                    (width / 2, "train_ms", "training step (forward + backward)")):
             vals = [getattr(r, attr) or float("nan") for r in recs]
             bars = ax.bar([x + offset for x in xs], vals, width, label=label)
             for bar, v in zip(bars, vals):
                 if math.isfinite(v):
-                    ax.annotate(f"{v:.3g}", (bar.get_x() + bar.get_width() / 2, v), ha="center",
+                    ax.annotate(_ms_label(v), (bar.get_x() + bar.get_width() / 2, v), ha="center",
                                 va="bottom", fontsize=7)
         floor = run.shapes[name]["floor_ms"]["train"]
-        ax.axhline(floor, color="gray", linestyle=":", linewidth=1, label="fwd+bwd floor")
-        ax.set_yscale("log")
+        ax.axhline(floor, color="gray", linestyle=":", linewidth=1,
+                   label=f"training step floor ({_ms_label(floor)}, this machine's peak)")
         ax.set_xticks(list(xs))
-        ax.set_xticklabels([r.provider for r in recs], rotation=20)
-        ax.set_ylabel("median ms (log)")
-        ax.set_title(f"{name}: {run.shapes[name]['describe']}", fontsize=8)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"omoe_kernels on {run.device_name}", fontsize=10)
+        ax.set_xticklabels([display_name(r.provider) for r in recs], fontsize=8)
+        ax.set_ylabel("median time per call (ms, lower is better)")
+        ax.set_title(f"{name} shape: {run.shapes[name]['describe']}", fontsize=8)
+        ax.legend(fontsize=7, loc="upper right")
+        ax.margins(y=0.12)
+    m = run.meta
+    where = run.device_name + (f", {m['threads']} thread{'s' if m['threads'] != 1 else ''}"
+                               if m.get("device_type") == "cpu" else "")
+    busy = "\nthe machine was busy: times inflated and noisy" if m.get("busy") else ""
+    fig.suptitle(f"omoe_kernels on {where}, {m.get('date', '')}{busy}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return None
+
+
+def run_from_payload(data: dict) -> Run:
+    """A Run back from its JSON form (payload()), to redraw its chart without measuring."""
+    meta = data["meta"]
+    device = torch.device(meta["device_type"])
+    run = Run(device, meta["device_name"], "", meta)
+    run.ceilings = {k: Ceilings(**v) for k, v in data.get("ceilings", {}).items()}
+    run.shapes = data["shapes"]
+    run.records = [Record(**r) for r in data["results"]]
+    return run
 
 
 class Progress:

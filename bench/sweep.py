@@ -12,16 +12,15 @@ Each in two modes: `train` (forward + backward into x and the adapter weights, t
 SGD update of those weights, so that whatever the weights determine, such as the CPU's
 cached `G = B_catᵀB_cat`, is formed again every step, as in training) and `infer`
 (forward under `torch.no_grad()`, the weights unchanged between calls, as in decoding). Providers are timed interleaved, one call each per round, order rotating, so
-a busy neighbour slows both alike; medians. Results: `bench/results/sweep-<tag>.json`
-and `.md`, plus a PNG of OMoE ÷ LoRA against T and against E. Standalone: it imports
-only omoe_kernels, torch and (for the PNG) matplotlib.
+a busy neighbour slows both alike; medians. Results: `bench/out/sweep-<tag>.json` and
+`.md` (`--publish`: `bench/results/`), plus a PNG of OMoE ÷ LoRA against T, one panel
+per (routing, mode), one line per E. `--replot FILE.json` redraws a PNG from its JSON.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -30,16 +29,13 @@ import torch
 from torch import nn
 
 import omoe_kernels as ok
+from omoe_kernels.tools.cli import ArgumentParser, names, positive_float, positive_int, positive_ints
 
-from .machine import cpu_model
+from .machine import LoadWatch, cpu_model, load_line, output_dir
 
-RESULTS = Path(__file__).resolve().parent / "results"
 FULL = dict(T=(1, 8, 64, 512, 4096), E=(2, 4, 8, 16), r=(4, 16, 64), routing=("dense", "top2"))
 QUICK = dict(T=(1, 8, 512), E=(4, 16), r=(16,), routing=("dense", "top2"))
-
-
-def load_average() -> float:
-    return round(os.getloadavg()[0], 2)
+CAP = 4.0  # the plots' ratio axis ends here
 
 
 class PlainLoRA(nn.Module):
@@ -150,8 +146,8 @@ def sweep(grid: dict, levels, modes, d: int, budget_s: float, log=print) -> list
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"# OMoE ÷ plain LoRA of rank E·r (d = {meta['d']}, fp32, medians, interleaved)", "",
              f"Machine: {meta['cpu']}, {meta['threads']} thread(s), torch {meta['torch']}; "
-             f"load average {meta['load_start']} at the start, {meta['load_end']} at the end; "
              f"{meta['date']}; {meta['seconds']:.0f} s.", "",
+             f"Load: {load_line(meta)}.", "",
              "| T | E | r | routing | level | mode | OMoE ms | LoRA ms | ÷ LoRA |",
              "|---|---|---|---|---|---|---|---|---|"]
     for w in rows:
@@ -161,92 +157,145 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> bool:
+    """OMoE ÷ LoRA against T: one panel per (routing, mode), one line per E, at the layer
+    level and the middle r of the grid. False when matplotlib is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     level = "layer" if any(w["level"] == "layer" for w in rows) else rows[0]["level"]
-    mid_r = sorted({w["r"] for w in rows})[len({w["r"] for w in rows}) // 2]
+    ranks = sorted({w["r"] for w in rows})
+    mid_r = ranks[len(ranks) // 2]
+    rows = [w for w in rows if w["level"] == level and w["r"] == mid_r]
+    panels = [(routing, mode) for routing in ("dense", "top2") for mode in ("train", "infer")
+              if any(w["routing"] == routing and w["mode"] == mode for w in rows)]
     experts = sorted({w["E"] for w in rows})
-    colors = {E: plt.cm.viridis(n / max(1, len(experts) - 1) * 0.9) for n, E in enumerate(experts)}
-    for (routing, mode), style in zip(itertools.product(("dense", "top2"), ("train", "infer")),
-                                      ("-o", "--o", "-s", "--s")):
-        sel = [w for w in rows if w["level"] == level and w["routing"] == routing
-               and w["mode"] == mode and w["r"] == mid_r]
-        for E in sorted({w["E"] for w in sel}):
-            pts = sorted((w["T"], w["ratio"]) for w in sel if w["E"] == E)
+    tokens = sorted({w["T"] for w in rows})
+    colors = {E: plt.cm.tab10(n) for n, E in enumerate(experts)}
+    # A busy machine throws single points far off; past CAP they sit on the top edge, labelled.
+    top = min(max([w["ratio"] for w in rows] + [1.0]), CAP) * 1.08
+    ncols = 2 if len(panels) > 1 else 1
+    nrows = (len(panels) + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6 * ncols, 3.6 * nrows), squeeze=False,
+                             sharex=True, sharey=True)
+    labels = {"dense": "dense routing", "top2": "top-2 routing",
+             "train": "training step (fwd+bwd+update)", "infer": "no-grad forward"}
+    for ax, (routing, mode) in zip(axes.flat, panels):
+        for E in experts:
+            pts = sorted((w["T"], w["ratio"]) for w in rows
+                         if w["E"] == E and w["routing"] == routing and w["mode"] == mode)
             if pts:
-                axes[0].plot(*zip(*pts), style, color=colors[E], markersize=3,
-                             label=f"E={E} {routing} {mode}")
-        big_T = max((w["T"] for w in sel), default=None)
-        pts = sorted((w["E"], w["ratio"]) for w in sel if w["T"] == big_T)
-        if pts:
-            axes[1].plot(*zip(*pts), style, label=f"T={big_T} {routing} {mode}")
-    axes[0].set_xscale("log", base=2)
-    axes[0].set_yscale("log", base=2)
-    axes[0].set_xlabel("tokens T")
-    axes[1].set_xlabel("experts E")
-    for ax in axes:
-        ax.axhline(1.0, color="gray", lw=0.8)
-        ax.set_ylabel(f"OMoE ÷ LoRA ({level} level, r={mid_r})")
-        ax.legend(fontsize=6)
+                ax.plot([t for t, _ in pts], [min(v, top) for _, v in pts], "-o", color=colors[E],
+                        markersize=4, label=f"E = {E}")
+                for t, v in pts:
+                    if v > top:
+                        ax.plot([t], [top], "^", color=colors[E], markersize=8, clip_on=False)
+                        last = t == tokens[-1]
+                        ax.annotate(f"{v:.3g}×", (t, top), xytext=(-6 if last else 6, -10),
+                                    textcoords="offset points", ha="right" if last else "left",
+                                    fontsize=8, color=colors[E])
+        ax.axhline(1.0, color="black", lw=1, ls="--")
+        ax.set_xscale("log")
+        ax.set_xticks(tokens, [str(t) for t in tokens])
+        ax.minorticks_off()
+        ax.set_ylim(0, top)
+        ax.set_title(f"{labels[routing]}, {labels[mode]}", fontsize=10)
         ax.grid(alpha=0.3)
-    fig.suptitle(title, fontsize=9)
+        ax.legend(fontsize=8, loc="best")
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("tokens T (log scale)")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("OMoE ÷ LoRA time (1 = same)")
+    fig.suptitle(f"OMoE ÷ plain LoRA of rank E·r, {level} level, r = {mid_r}, {title}",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
 
 
-def replot(tag: str) -> None:
-    """Redraws bench/results/sweep-<tag>.png from its JSON."""
-    data = json.loads((RESULTS / f"sweep-{tag}.json").read_text())
-    meta = data["meta"]
-    plot(data["rows"], RESULTS / f"sweep-{tag}.png",
-         f"{meta['cpu']}, {meta['threads']} thread(s), load {meta['load_start']}–"
-         f"{meta['load_end']}, {meta['date']}")
+def plot_title(meta: dict) -> str:
+    busy = meta.get("busy")
+    if busy is None:  # files written before the /proc/stat check: judge by the load average
+        busy = min(meta["load_start"], meta["load_end"]) > 2 * meta["threads"]
+    busy = " — MACHINE BUSY, times inflated and noisy" if busy else ""
+    return (f"d = {meta['d']}\n{meta['cpu']}, {meta['threads']} thread(s), {meta['date']}, load "
+            f"{meta['load_start']}–{meta['load_end']}{busy}")
+
+
+def replot(json_path: Path) -> Path:
+    """Redraws sweep-<tag>.png beside its JSON, without measuring anything."""
+    data = json.loads(Path(json_path).read_text())
+    png = Path(json_path).with_suffix(".png")
+    plot(data["rows"], png, plot_title(data["meta"]))
+    return png
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = ArgumentParser(prog="python -m bench.sweep", description=__doc__)
+    parser.add_argument("--quick", action="store_true",
+                        help="the quick grid: T in {1, 8, 512}, E in {4, 16}, r = 16")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--d", type=positive_int, default=1024, help="d_in = d_out")
+    parser.add_argument("--levels", type=names(("layer", "adapter")), default="layer,adapter",
+                        help="comma-separated: layer, adapter")
+    parser.add_argument("--modes", type=names(("train", "infer")), default="train,infer",
+                        help="comma-separated: train, infer")
+    parser.add_argument("--budget", type=positive_float, default=None,
+                        help="seconds per point and mode (default: 0.2 quick, 0.4 full)")
+    parser.add_argument("--T", type=positive_ints, default=None,
+                        help="comma-separated token counts (default: the grid's)")
+    parser.add_argument("--E", type=positive_ints, default=None, help="comma-separated expert counts")
+    parser.add_argument("--r", type=positive_ints, default=None, help="comma-separated ranks")
+    parser.add_argument("--routing", type=names(("dense", "top2")), default=None,
+                        help="comma-separated: dense, top2")
+    parser.add_argument("--tag", default=None,
+                        help="file name sweep-<tag>.* (default: [quick-]cpu-<threads>thread)")
+    parser.add_argument("--publish", action="store_true",
+                        help="write to bench/results/ (the published files) instead of bench/out/")
+    parser.add_argument("--replot", type=Path, default=None, metavar="FILE.json",
+                        help="only redraw the PNG beside a sweep's JSON file, measuring nothing")
+    args = parser.parse_args(argv)
+    if args.replot is not None and not args.replot.is_file():
+        parser.error(f"--replot {args.replot}: no such file")
+    return args
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a small subset (about a minute)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    parser.add_argument("--d", type=int, default=1024, help="d_in = d_out")
-    parser.add_argument("--levels", default="layer,adapter")
-    parser.add_argument("--modes", default="train,infer")
-    parser.add_argument("--budget", type=float, default=None, help="seconds per point and mode")
-    parser.add_argument("--T", default=None, help="comma-separated token counts (override)")
-    parser.add_argument("--E", default=None)
-    parser.add_argument("--r", default=None)
-    parser.add_argument("--routing", default=None)
-    parser.add_argument("--tag", default=None, help="results file name: sweep-<tag>.*")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
+    if args.replot is not None:
+        print(f"wrote {replot(args.replot)}")
+        return []
     if args.threads:
         torch.set_num_threads(args.threads)
     grid = dict(QUICK if args.quick else FULL)
-    for key in ("T", "E", "r"):
+    for key in ("T", "E", "r", "routing"):
         if getattr(args, key):
-            grid[key] = tuple(int(v) for v in getattr(args, key).split(","))
-    if args.routing:
-        grid["routing"] = tuple(args.routing.split(","))
+            grid[key] = getattr(args, key)
+    levels = args.levels if isinstance(args.levels, tuple) else tuple(args.levels.split(","))
+    modes = args.modes if isinstance(args.modes, tuple) else tuple(args.modes.split(","))
     budget = args.budget if args.budget is not None else (0.2 if args.quick else 0.4)
     meta = dict(cpu=cpu_model(), threads=torch.get_num_threads(), torch=torch.__version__,
-                d=args.d, load_start=load_average(),
-                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+                d=args.d, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    watch = LoadWatch()
     t0 = time.perf_counter()
-    rows = sweep(grid, args.levels.split(","), args.modes.split(","), args.d, budget)
-    meta.update(load_end=load_average(), seconds=time.perf_counter() - t0)
+    rows = sweep(grid, levels, modes, args.d, budget)
+    meta.update(watch.finish(meta["threads"]), seconds=time.perf_counter() - t0)
     tag = args.tag or (f"{'quick-' if args.quick else ''}cpu-{meta['threads']}thread")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"sweep-{tag}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    (RESULTS / f"sweep-{tag}.md").write_text(markdown(rows, meta))
-    title = (f"{meta['cpu']}, {meta['threads']} thread(s), load {meta['load_start']}–"
-             f"{meta['load_end']}, {meta['date']}")
-    plot(rows, RESULTS / f"sweep-{tag}.png", title)
-    print(f"wrote {RESULTS}/sweep-{tag}.{{json,md,png}}")
+    out = output_dir(args.publish)
+    (out / f"sweep-{tag}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    (out / f"sweep-{tag}.md").write_text(markdown(rows, meta))
+    plot(rows, out / f"sweep-{tag}.png", plot_title(meta))
+    ratios = [w["ratio"] for w in rows]
+    print(f"sweep: {len(rows)} ratios (point, level, mode) in {meta['seconds']:.0f} s, OMoE ÷ LoRA from "
+          f"{min(ratios):.2f} to {max(ratios):.2f} (median {statistics.median(ratios):.2f}); "
+          f"{load_line(meta)}")
+    print(f"wrote {out}/sweep-{tag}.{{json,md,png}}")
     return rows
 
 

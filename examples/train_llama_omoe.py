@@ -11,12 +11,14 @@ once to stand in for a pretrained checkpoint), OMoE adapters on all seven projec
   4. under `ok.disable_adapters` the model gives exactly the base model's logits (the
      reference logits DPO-style methods need).
 
-    python examples/train_llama_omoe.py              # ~20 s on a 2-core CPU
+    python examples/train_llama_omoe.py              # about 20 s on an idle 2-core CPU (AMD EPYC)
     python examples/train_llama_omoe.py --steps 2    # a smoke run (the test suite's)
+
+The time is an idle-machine figure: with other processes on the same cores it has taken
+over 6 minutes.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 from pathlib import Path
@@ -27,6 +29,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 
 import omoe_kernels as ok  # noqa: E402
+from omoe_kernels.tools.cli import ArgumentParser, positive_float, positive_int  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VOCAB, SEQ_LEN = 64, 24
@@ -55,17 +58,19 @@ def mean_loss(model, data: Counting) -> float:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--steps", type=int, default=150, help="Trainer steps")
-    parser.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate")
-    parser.add_argument("--experts", type=int, default=4, help="experts per layer")
-    parser.add_argument("--rank", type=int, default=4, help="rank of each expert")
-    parser.add_argument("--top-k", type=int, default=None, help="None: dense routing")
+    parser = ArgumentParser(prog="python examples/train_llama_omoe.py", description=__doc__)
+    parser.add_argument("--steps", type=positive_int, default=150, help="Trainer steps")
+    parser.add_argument("--lr", type=positive_float, default=1e-2, help="AdamW learning rate")
+    parser.add_argument("--experts", type=positive_int, default=4, help="experts per layer")
+    parser.add_argument("--rank", type=positive_int, default=4, help="rank of each expert")
+    parser.add_argument("--top-k", type=positive_int, default=None,
+                        help="experts per token; None: dense routing")
     parser.add_argument("--out-dir", type=Path, default=None,
-                        help="where the base checkpoint, Trainer output and adapter go "
-                             "(default: a temporary directory)")
+                        help="where the base checkpoint, Trainer output and adapter go; "
+                             "None: a new temporary directory")
     args = parser.parse_args(argv)
+    if args.top_k is not None and args.top_k > args.experts:
+        parser.error(f"--top-k {args.top_k} is more than --experts {args.experts}")
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
     out = args.out_dir or Path(tempfile.mkdtemp(prefix="omoe_llama_"))

@@ -13,14 +13,17 @@ Expert diversity: mean |cos| between the raw expert outputs e_i = B_i A_i x of o
 tokens, over expert pairs, tokens and layers. The OMoE paper's claim is that a plain
 mixture's experts collapse onto the same direction and orthogonalization prevents it.
 
-    .venv/bin/python examples/train_minilm_omoe.py            # ~1.5 min on an idle 2-core CPU
+    .venv/bin/python examples/train_minilm_omoe.py            # 82 s on an idle 2-core CPU (AMD EPYC)
     .venv/bin/python examples/train_minilm_omoe.py --smoke    # 2 steps on tiny data, for tests
 
-Writes <out-dir>/minilm_omoe_curves.png and <out-dir>/minilm_omoe_results.md.
+The time is an idle-machine figure; other processes on the same cores stretch it several
+times. Writes minilm_omoe_curves.png (loss, accuracy and expert diversity),
+minilm_omoe_results.md and minilm_omoe_history.json to --out-dir, by default
+examples/out/ (git-ignored); --publish writes the committed examples/results/.
+`--replot DIR` redraws DIR/minilm_omoe_curves.png from DIR/minilm_omoe_history.json.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -35,6 +38,10 @@ from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import omoe_kernels as ok  # noqa: E402
+from omoe_kernels.tools.cli import ArgumentParser, names, nonnegative_int, positive_float, positive_int  # noqa: E402
+
+EXAMPLES = Path(__file__).resolve().parent
+KINDS = ("omoe", "mixture", "lora")
 
 # The attention (query/key/value/attention.output.dense) and MLP (intermediate.dense,
 # output.dense) linears of every layer; "dense" alone would also catch the unused pooler.
@@ -304,30 +311,58 @@ def train(kind: str, args, data) -> dict:
             "diversity": diversity}
 
 
+LABELS = {"omoe": "OMoE (orthogonalized)", "mixture": "plain mixture", "lora": "LoRA"}
+
+
 def plot(results, path: Path) -> None:
+    """Loss, test accuracy and expert diversity side by side; `results` needs "kind",
+    "history" and "diversity" per adapter."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_loss, ax_acc, ax_div) = plt.subplots(1, 3, figsize=(15, 4.2),
+                                                  gridspec_kw={"width_ratios": [1, 1, 0.7]})
+    colors = {kind: plt.cm.tab10(n) for n, kind in enumerate(KINDS)}
     for r in results:
         h = r["history"]
         window = max(1, len(h["loss"]) // 25)
         smooth = [sum(h["loss"][max(0, i - window + 1):i + 1]) / len(h["loss"][max(0, i - window + 1):i + 1])
                   for i in range(len(h["loss"]))]
-        ax_loss.plot(h["step"], smooth, label=r["kind"])
-        ax_acc.plot(h["eval_step"], h["accuracy"], marker="o", ms=3, label=r["kind"])
+        label, color = LABELS.get(r["kind"], r["kind"]), colors.get(r["kind"])
+        ax_loss.plot(h["step"], smooth, label=label, color=color)
+        ax_acc.plot(h["eval_step"], h["accuracy"], marker="o", ms=3, label=label, color=color)
     ax_loss.set(title="training loss (moving average)", xlabel="step", ylabel="cross-entropy")
-    ax_acc.set(title="test accuracy", xlabel="step", ylabel="accuracy", ylim=(0, 1))
+    ax_acc.set(title="test accuracy", xlabel="step", ylabel="accuracy", ylim=(0, 1.02))
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"all-MiniLM-L6-v2 + adapters: OMoE (E={NUM_EXPERTS}, r={EXPERT_RANK}) vs plain "
-                 f"mixture vs LoRA (r={LORA_RANK}), same parameter count")
+    mixtures = [r for r in results if r.get("diversity") is not None]
+    bars = ax_div.bar([LABELS.get(r["kind"], r["kind"]) for r in mixtures],
+                      [r["diversity"] for r in mixtures],
+                      color=[colors.get(r["kind"]) for r in mixtures], width=0.5)
+    for bar, r in zip(bars, mixtures):
+        ax_div.annotate(f"{r['diversity']:.2f}", (bar.get_x() + bar.get_width() / 2, r["diversity"]),
+                        ha="center", va="bottom")
+    ax_div.set(title="expert diversity after training: lower = more diverse\n(LoRA has one expert)",
+               ylabel="mean |cos| between experts' outputs\n(0 = orthogonal, 1 = collapsed)",
+               ylim=(0, 1))
+    ax_div.grid(alpha=0.3, axis="y")
+    fig.suptitle(f"all-MiniLM-L6-v2 + adapters of the same parameter count: OMoE (E={NUM_EXPERTS}, "
+                 f"r={EXPERT_RANK}) vs plain mixture vs LoRA (r={LORA_RANK})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def replot(out_dir: Path) -> Path:
+    """Redraws the figure from minilm_omoe_history.json, without training."""
+    data = json.loads((out_dir / "minilm_omoe_history.json").read_text())
+    results = [{"kind": kind, "history": h, "diversity": h.get("diversity")} for kind, h in data.items()]
+    path = out_dir / "minilm_omoe_curves.png"
+    plot(results, path)
+    return path
 
 
 def write_report(results, args, path: Path) -> None:
@@ -376,24 +411,46 @@ def write_report(results, args, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--train-size", type=int, default=2000)
-    parser.add_argument("--test-size", type=int, default=192)
-    parser.add_argument("--eval-every", type=int, default=25)
-    parser.add_argument("--backend", default="auto")
-    parser.add_argument("--alpha", type=float, default=EXPERT_RANK,
+def parse_args(argv=None):
+    parser = ArgumentParser(prog="python examples/train_minilm_omoe.py", description=__doc__)
+    parser.add_argument("--steps", type=positive_int, default=200, help="training steps per adapter")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="sentences per step")
+    parser.add_argument("--lr", type=positive_float, default=2e-3, help="AdamW learning rate")
+    parser.add_argument("--train-size", type=positive_int, default=2000, help="training sentences")
+    parser.add_argument("--test-size", type=positive_int, default=192, help="test sentences")
+    parser.add_argument("--eval-every", type=positive_int, default=25,
+                        help="steps between test-accuracy evaluations")
+    parser.add_argument("--backend", default="auto", help="omoe_lora backend of the mixtures")
+    parser.add_argument("--alpha", type=positive_float, default=EXPERT_RANK,
                         help="the mixtures' alpha (scaling = alpha / rank); LoRA keeps alpha = rank")
-    parser.add_argument("--kinds", default="omoe,mixture,lora")
-    parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--kinds", type=names(KINDS), default=",".join(KINDS),
+                        help="comma-separated adapters to train: " + ", ".join(KINDS))
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="where the figure, report and history go; None: examples/out/ "
+                             "(git-ignored)")
+    parser.add_argument("--publish", action="store_true",
+                        help="write to examples/results/, the committed files, instead of --out-dir")
     parser.add_argument("--smoke", action="store_true", help="2 steps, tiny data (for tests)")
-    parser.add_argument("--measure-q", type=int, default=0, metavar="STEPS",
+    parser.add_argument("--measure-q", type=nonnegative_int, default=0, metavar="STEPS",
                         help="instead of the comparison: train OMoE for STEPS steps (with the "
-                        "--steps schedule) and record how far the q_i are from orthonormal")
+                        "--steps schedule) and record how far the q_i are from orthonormal; 0: off")
+    parser.add_argument("--replot", type=Path, default=None, metavar="DIR",
+                        help="only redraw DIR/minilm_omoe_curves.png from its history JSON")
     args = parser.parse_args(argv)
+    if args.replot is not None and not (args.replot / "minilm_omoe_history.json").is_file():
+        parser.error(f"--replot {args.replot}: no minilm_omoe_history.json there")
+    if args.publish and args.out_dir is not None:
+        parser.error("--out-dir and --publish name two places; give one")
+    if args.out_dir is None:
+        args.out_dir = EXAMPLES / ("results" if args.publish else "out")
+    return args
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    if args.replot is not None:
+        print(f"wrote {replot(args.replot)}")
+        return []
     if args.smoke:
         args.steps, args.train_size, args.test_size, args.eval_every = 2, 32, 16, 2
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -412,10 +469,10 @@ def main(argv=None) -> list[dict]:
         measure_q(args, data)
         return []
 
-    results = [train(kind, args, data) for kind in args.kinds.split(",")]
+    results = [train(kind, args, data) for kind in args.kinds]
     plot(results, args.out_dir / "minilm_omoe_curves.png")
     (args.out_dir / "minilm_omoe_history.json").write_text(json.dumps(
-        {r["kind"]: r["history"] for r in results}))
+        {r["kind"]: r["history"] | {"diversity": r["diversity"]} for r in results}))
     write_report(results, args, args.out_dir / "minilm_omoe_results.md")
     for r in results:
         div = "n/a" if r["diversity"] is None else f"{r['diversity']:.3f}"

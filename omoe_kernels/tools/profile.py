@@ -46,6 +46,7 @@ from ..functional import omoe_lora
 from ..layer import OMoELinear
 from ..reference import route
 from ..testing.oracle import gram_matrix, mgs_coefficients, mixture_coefficients
+from .cli import ArgumentParser, positive_int
 
 STAGES = ("shrink", "route", "orthogonalize.gram", "orthogonalize.mgs", "expand")
 # RECORD_FUNCTION ranges inside the compiled ops (csrc/omoe_ops.cpp), in execution order.
@@ -168,32 +169,39 @@ def check_staged(layer: OMoELinear, x: torch.Tensor) -> tuple[float, float]:
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # as bench's
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help keeps the module docstring's layout and shows every option's default."""
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m omoe_kernels.tools.profile", formatter_class=_HelpFormatter,
+    parser = ArgumentParser(
+        prog="python -m omoe_kernels.tools.profile",
         description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n", 1)[1],
         epilog="Example: python -m omoe_kernels.tools.profile --tokens 8192 --d-in 4096 --d-out 4096 "
                "--experts 8 --rank 16 --top-k 2 --dtype bf16 --trace trace.json")
-    parser.add_argument("--tokens", type=int, default=4096, help="T, tokens per call")
-    parser.add_argument("--d-in", type=int, default=1024, help="input features of the base linear")
-    parser.add_argument("--d-out", type=int, default=1024, help="output features of the base linear")
-    parser.add_argument("--experts", type=int, default=4, help="E, number of experts")
-    parser.add_argument("--rank", type=int, default=16, help="r, rank of each expert")
-    parser.add_argument("--top-k", type=int, default=None,
+    parser.add_argument("--tokens", type=positive_int, default=4096, help="T, tokens per call")
+    parser.add_argument("--d-in", type=positive_int, default=1024, help="input features of the base linear")
+    parser.add_argument("--d-out", type=positive_int, default=1024, help="output features of the base linear")
+    parser.add_argument("--experts", type=positive_int, default=4, help="E, number of experts")
+    parser.add_argument("--rank", type=positive_int, default=16, help="r, rank of each expert")
+    parser.add_argument("--top-k", type=positive_int, default=None,
                         help="experts per token; None: dense routing (all E)")
     parser.add_argument("--dtype", default="fp32", choices=tuple(DTYPES),
                         help="dtype of the base layer, the adapter and the input (bench's names)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         choices=("cpu", "cuda"), help="where to run (cuda when available)")
     parser.add_argument("--backend", default="auto", help="omoe_lora backend of the fused path")
-    parser.add_argument("--iters", type=int, default=5, help="profiled iterations (mean reported)")
+    parser.add_argument("--iters", type=positive_int, default=5, help="profiled iterations (mean reported)")
     parser.add_argument("--trace", default=None, metavar="PATH",
                         help="also write a Chrome trace (chrome://tracing, ui.perfetto.dev) to PATH")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.top_k is not None and args.top_k > args.experts:
+        parser.error(f"--top-k {args.top_k} is more than --experts {args.experts}")
+    if args.trace and not os.path.isdir(os.path.dirname(os.path.abspath(args.trace))):
+        parser.error(f"--trace {args.trace}: its folder does not exist")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here (use --device cpu)")
+    try:
+        resolve_backend(args.backend, torch.device(args.device))
+    except (ValueError, RuntimeError) as exc:
+        parser.error(f"--backend {args.backend}: {str(exc).splitlines()[0]}")
+    return args
 
 
 def main(argv=None) -> dict:
