@@ -85,7 +85,7 @@ def step_trace() -> dict:
     pytest.importorskip("triton")
     proc = _child(["-c", STEP_TRACE], 300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
     return json.loads(line[len("RESULT"):])
 
 
