@@ -1,7 +1,7 @@
 """Stage 1 of the GPU check (bench/gpu_check.sh): the most evidence in at most 6 minutes.
 
     python -m bench.gpu_stage1 --out bench/results            # on the GPU machine
-    python -m bench.gpu_stage1 --dry-run --out /tmp/stage1     # on a CPU: interpreter, tiny shapes
+    python -m bench.gpu_stage1 --dry-run --out "$(mktemp -d)"  # on a CPU: interpreter, tiny shapes
 
 No build of the extension, no test suite, no autotuning (fixed launch configs). In order,
 each part under the time left of `--budget-s` (a part that would start past it is skipped

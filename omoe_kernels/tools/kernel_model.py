@@ -262,8 +262,7 @@ def plain_lora_works(T: int, d: int, R: int, el: int = 2) -> dict[str, list[tupl
 # ---- the latency model -------------------------------------------------------------------
 # One calibration table. Each entry is (low, high): the optimistic and the pessimistic end
 # of the step's range. Sources: the copy and bf16 rates were measured on this workplace's
-# H100 and H200 machines (/work/.library-style device notes quoted in bench/README.md,
-# "The GPU step model"); latencies are public microbenchmarks (Chips and Cheese, "Nvidia's
+# H100 and H200 machines (bench/README.md, "The GPU step model", Calibration); latencies are public microbenchmarks (Chips and Cheese, "Nvidia's
 # H100: Funny L2, and Tons of Bandwidth", 2023: L2 hits about 200–300 cycles, DRAM about
 # 500–800; Jia et al., arXiv:1804.06826: a dependent DFMA about 8 cycles on Volta);
 # the efficiencies and the launch gap are assumptions that stage 1 of bench/gpu_check.sh
