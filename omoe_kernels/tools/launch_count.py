@@ -181,8 +181,8 @@ def step_launches(backend: str = "triton", top_k: int | None = None, num_tokens:
 @contextlib.contextmanager
 def stubbed_launches(num_sms: int = 132) -> Iterator[None]:
     """The host path of the `triton` backend on CPU tensors, with the device launches
-    stubbed out: a Triton kernel call returns at once (after the launcher code and
-    Triton's own binding up to the driver call: JITFunction.run is the stub), the
+    stubbed out: a Triton kernel call returns at once (JITFunction.run is the stub, so
+    Triton's own argument binding, specialisation and driver call are not in it), the
     autotuner's benchmark ranks configs by their order instead of timing them (its key
     and cache run as on a GPU), the backend counts as available on CPU, and every launch
     is sized for a `num_sms` GPU that autotunes (as on a GPU without
@@ -222,7 +222,8 @@ def _median_us(fn: Callable[[], object], repeats: int) -> float:
 
 def host_step_us(shape_name: str, repeats: int = 100, dtype=torch.bfloat16) -> dict:
     """Host µs of one training step of the `triton` backend at a docs/contract.md §6
-    shape (validation, custom op, autograd and launcher code; stubbed_launches), and of
+    shape (validation, custom op, autograd and launcher code up to Triton's
+    JITFunction.run; stubbed_launches), and of
     its forward and backward alone: medians of `repeats` steps after a warm-up. Leaves
     are given no gradient between steps (an optimizer's zero_grad(set_to_none=True)), so
     no gradient accumulation enters the time."""
