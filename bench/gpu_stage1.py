@@ -246,11 +246,12 @@ def kernel_profile(stage: Stage, name: str) -> dict:
             torch.cuda.synchronize()
     kernels = {}
     for e in prof.key_averages():
-        device_us = getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0.0))
         if stage.device.type == "cuda":
-            if device_us > 0 and e.self_device_time_total > 0:
-                kernels[e.key] = dict(us=round(e.self_device_time_total / max(e.count, 1), 2),
-                                      calls=e.count)
+            # Kernels only (device-side events), not the CPU ops that launched them.
+            on_device = str(getattr(e, "device_type", "")).endswith("CUDA")
+            self_us = getattr(e, "self_device_time_total", 0.0)
+            if on_device and self_us > 0:
+                kernels[e.key] = dict(us=round(self_us / max(e.count, 1), 2), calls=e.count)
         elif e.key.startswith("omoe_triton::"):
             kernels[e.key] = dict(us=round(e.cpu_time_total / max(e.count, 1), 2), calls=e.count)
     return kernels
