@@ -44,7 +44,7 @@ from ..registration import (
 )
 from . import configs as C
 from .params import Epilogue, Operands, SlotGrads
-from .tuned import run_tuned
+from .tuned import run_launch
 
 try:
     import triton
@@ -59,6 +59,7 @@ except Exception as exc:  # triton missing or broken: the backend is just unavai
 
 
 interpreting = triton_interpreting  # the one reading of TRITON_INTERPRET (ops/limits.py)
+
 
 def fixed_config() -> bool:
     return interpreting() or os.environ.get("OMOE_TRITON_FIXED_CONFIG", "0") not in ("", "0")
@@ -198,9 +199,7 @@ class Launch:
     tuned: Optional[str] = None
 
     def run(self) -> None:
-        if self.tuned:   # the config chosen once per signature (tuned.py)
-            return run_tuned(self, _autotuned)
-        self.kernel[self.grid](*self.args, **self.meta, **self.options)
+        run_launch(self, _autotuned)   # autotuned: the config chosen once per signature
 
     def arg(self, name: str):
         """The value of the kernel's runtime argument `name`."""
@@ -261,6 +260,7 @@ def plan_matmul(a: torch.Tensor, b: torch.Tensor, L: Layout, ops: Operands, epi:
 
 
 def _run(planned):
+    """Runs a plan's launch and returns its outputs."""
     launch, outputs = planned
     launch.run()
     return outputs

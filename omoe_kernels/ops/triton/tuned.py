@@ -20,9 +20,12 @@ def _signature(launch) -> tuple:
     return (launch.tuned, ints, dtypes, tuple(launch.meta.items()))
 
 
-def run_tuned(launch, autotuned) -> None:
-    """Runs `launch` (one with a `tuned` wrapper name) with the config chosen for its
-    signature, choosing it through `autotuned(name)` the first time."""
+def run_launch(launch, autotuned) -> None:
+    """Runs `launch`: with its own config, or (a launch with a `tuned` wrapper name) with
+    the config chosen for its signature, through `autotuned(name)` the first time."""
+    if not launch.tuned:
+        launch.kernel[launch.grid](*launch.args, **launch.meta, **launch.options)
+        return
     key = _signature(launch)
     config = _CHOSEN.get(key)
     if config is None:
