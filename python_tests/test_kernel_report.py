@@ -47,6 +47,10 @@ def test_kernel_report_sm90a_passes(tmp_path):
             # Tokens on lanes: every reduction over experts and ranks stays in a thread.
             assert k["shfl"] == 0 and k["bar"] == 0, k
         if k["step"]:                 # a kernel of the default step carries its model
+            assert k["programs"] >= 1 and k["ctas_per_sm"] >= 1 and k["waves"] > 0, k
+            assert k["serial_trips"] >= 1 and k["bound"] in ("flops", "bytes", "latency", "appended")
+            low, high = k["est_us"]
+            assert 0 < low <= high, k
             w = k["work"]
             assert w["flops_issued"] >= w["flops_useful"] > 0 and w["bytes"] > 0, k
             assert w["estimate_us"] > 0 and w["bound"] in ("bytes", "flops")
@@ -57,6 +61,12 @@ def test_kernel_report_sm90a_passes(tmp_path):
     assert wide["fwd+bwd"]["omoe_us"] == pytest.approx(
         wide["forward"]["omoe_us"] + wide["backward"]["omoe_us"])
     assert wide["fwd+bwd"]["ratio"] > 0 and "llama7b" not in report["steps"]
+    for card in ("h200", "h100"):         # the latency model's range, against a plain LoRA
+        low, high = wide[card]["omoe_us"]
+        assert 0 < low <= high and wide[card]["ratio"][0] <= wide[card]["ratio"][1]
+        assert low > wide["fwd+bwd"]["omoe_us"]      # latency and launch gaps only add
+    assert "calibration" in report and "launch_gap_us" in report["calibration"]
+    assert "compiling" in proc.stderr             # a progress line per kernel
     table = proc.stdout.splitlines()
     assert any(line.startswith("| kernel ") and "SHFL" in line and "est µs" in line for line in table)
     assert any("ESTIMATE" in line for line in table)
@@ -131,6 +141,7 @@ def test_gemm_work_counts_padding_split_and_bytes():
 
 
 def test_step_estimate_compares_with_plain_lora():
+    """The roofline sums (the lower bound) and the latency model's range per card."""
     from omoe_kernels.tools import kernel_model as M
     from omoe_kernels.tools.kernel_report import KernelResult, kernel_specs, step_estimates
 
@@ -143,6 +154,11 @@ def test_step_estimate_compares_with_plain_lora():
     assert steps["llama7b"]["fwd+bwd"]["lora_us"] == pytest.approx(expected)
     omoe = sum(s.work.estimate_s for s in specs) * 1e6
     assert steps["llama7b"]["fwd+bwd"]["ratio"] == pytest.approx(omoe / expected)
+    h200 = steps["llama7b"]["h200"]
+    lora_low = sum(M.plain_lora_timing(8192, 4096, 64, 0).values()) * 1e6
+    assert h200["lora_us"][0] == pytest.approx(lora_low)
+    assert h200["ratio"][0] == pytest.approx(h200["omoe_us"][0] / lora_low)
+    assert h200["omoe_us"][0] <= h200["omoe_us"][1]
     assert step_estimates([KernelResult(s) for s in specs[1:]]) == {}
 
 
@@ -293,3 +309,52 @@ def test_gram_grad_model_counts_active_pair_blocks():
     counted = (routed[:, :, :, None] & routed[:, :, None, :]).any(dim=1).sum().item()
     assert M.active_pair_blocks(T, E, k, block_t) == pytest.approx(counted, rel=0.03)
     assert M.active_pair_blocks(T, E, E, block_t) == E * E * T // block_t
+
+
+def test_ctas_per_sm_from_registers_shared_memory_and_warps():
+    from omoe_kernels.tools.kernel_model import ctas_per_sm
+
+    assert ctas_per_sm(212, 88 * 1024, 8) == 1        # 216 regs × 256 threads: one CTA
+    assert ctas_per_sm(128, 0, 4) == 4                 # 65536 / (128 · 128)
+    assert ctas_per_sm(40, 1024, 4) == 12              # 40 regs: 12 CTAs of 4 warps
+    assert ctas_per_sm(32, 0, 1) == 32                 # the CTA slots bind
+    assert ctas_per_sm(64, 120 * 1024, 4) == 1         # shared memory binds
+    assert ctas_per_sm(-1, 0, 4) == 1                  # not compiled: assume one
+
+
+def test_latency_bound_counts_waves_and_serial_trips():
+    """Half the SMs busy with a long serial loop: the latency bound wins over the
+    roofline, the time grows with the trips and with the waves, and the range is ordered."""
+    from omoe_kernels.tools import kernel_model as M
+
+    loop = M.Loop(256, "d_out", "round trip")
+    w = M.Work(1e6, 1e6, 1e6, "fp64 FMA", programs=64, loop=loop)
+    lo, hi = M.time_range(w, ctas=1)
+    assert lo.bound == hi.bound == "latency" and lo.waves == pytest.approx(64 / 132)
+    c = M.CALIBRATION
+    assert lo.latency_s == pytest.approx((c["program_ns"][0] + 256 * c["round_trip_ns"][0]) * 1e-9)
+    assert lo.total_s == pytest.approx(lo.latency_s + c["launch_gap_us"][0] * 1e-6)
+    assert lo.total_s < hi.total_s
+    two_waves = M.timing(M.Work(1e6, 1e6, 1e6, "fp64 FMA", programs=264, loop=loop), 1, 0)
+    assert two_waves.latency_s == pytest.approx(2 * lo.latency_s)
+    # A grid that fills a quarter of the SMs gets a quarter of the bandwidth.
+    small = M.timing(M.Work(0, 0, 1e9, "bf16 MMA", programs=33), 1, 0)
+    full = M.timing(M.Work(0, 0, 1e9, "bf16 MMA", programs=132), 1, 0)
+    assert small.bytes_s == pytest.approx(4 * full.bytes_s)
+
+
+def test_model_sees_the_serial_gram_loop_and_the_per_token_grid():
+    """At the GPU shapes the model reads the launchers' grids: the G programs' loop over
+    d_out (trips = d_out / rows per trip) and the per-token programs (T / BT)."""
+    from omoe_kernels.ops.triton import configs as C
+    from omoe_kernels.tools.kernel_report import KernelResult, kernel_specs
+
+    specs = {s.name: s for s in kernel_specs()}
+    dz = KernelResult(specs["matmul[bf16, llama7b] dZ = s·dY·B + G"])
+    trips, over = dz.serial_loop()
+    rows = dz.spec.args.get("GD", 16)
+    assert over == "d_out" and trips == -(-4096 // rows)
+    token = specs["token_forward[llama7b]"].work
+    assert token.programs == -(-8192 // C.TokenConfig.of(
+        __import__("omoe_kernels.ops.triton.launch", fromlist=["layout"]).layout(4, 16),
+        4, True, True).block_t)

@@ -1,6 +1,9 @@
 """Ahead-of-time resource report of the Triton kernels (no GPU needed).
 
-    python -m omoe_kernels.tools.kernel_report --arch sm_90a [--only NAME ...] [--launches] [--json out.json]
+    python -m omoe_kernels.tools.kernel_report [--arch sm_90a] [--card h200|h100]
+        [--only NAME ...] [--launches] [--json out.json]
+
+(--arch defaults to sm_90a, --card to h200.)
 
 Compiles every Triton kernel of the `triton` backend in the launch configs it uses by
 default (ops/triton/configs.py): the bf16 path at each GPU shape of docs/contract.md §6
@@ -10,8 +13,11 @@ own plan (ops/triton/launch.py, `plan_*`), built on meta tensors at the shape an
 specialised as Triton specialises a launch. For each it reports registers and spills (`ptxas -v` on the PTX), the
 shared memory Triton allocates, static counts of MMA (HGMMA/HMMA/DMMA), SHFL and BAR
 instructions in the SASS (`cuobjdump`), and from kernel_model.py the FLOPs it issues vs
-those the problem needs, the bytes it must move, and a roofline ESTIMATE of its H200 time;
-then the summed estimate of a step per shape against a plain bf16 LoRA of rank E·r.
+those the problem needs, the bytes it must move, and its latency model: programs, CTAs
+per SM (registers, shared memory, warps), waves over the SMs, the longest serial loop,
+and an estimated time as a (low, high) range naming its bound; then the step's range per
+shape against a plain bf16 LoRA of rank E·r modelled the same way. One line per kernel
+goes to stderr as it compiles.
 `--launches` adds the launch count of one step (launch_count.py, on CPU).
 
 Exits non-zero when a kernel spills or a bf16/fp16 GEMM kernel has no wgmma (`HGMMA`).
@@ -34,7 +40,9 @@ from typing import Optional
 
 from ..backends import triton_interpreting
 from . import kernel_model as M
+from . import kernel_steps as S
 from .kernel_model import Work
+from .kernel_steps import format_steps, latency_dict, with_launch  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -67,6 +75,33 @@ class KernelResult:
     compile_s: float = 0.0
     error: str = ""
     problems: list = field(default_factory=list)
+
+    def timing(self, card: str = "h200") -> Optional[tuple]:
+        """(low, high) kernel_model.Timing of this kernel at its shape, from the CTAs per
+        SM its registers, shared memory and warps allow; None without a Work."""
+        if self.spec.work is None:
+            return None
+        ctas = M.ctas_per_sm(self.registers, self.shared, self.spec.num_warps)
+        return M.time_range(self.spec.work, ctas, M.CARDS[card])
+
+    def grid(self, card: str = "h200") -> tuple[int, float]:
+        """(programs in the launch grid, appended gram programs included; waves of them
+        over the card's SMs at this kernel's CTAs per SM)."""
+        w = self.spec.work
+        programs = w.programs + (w.appended.programs if w.appended else 0)
+        ctas = max(1, M.ctas_per_sm(self.registers, self.shared, self.spec.num_warps))
+        return programs, programs / (ctas * M.CARDS[card].sms)
+
+    def serial_loop(self) -> tuple[int, str]:
+        """(trips, what it walks) of the longest serial loop of one program, the appended
+        gram programs' included."""
+        w = self.spec.work
+        loops = [lp for lp in (w.loop if w else None,
+                               w.appended.loop if w and w.appended else None) if lp]
+        if not loops:
+            return 0, ""
+        longest = max(loops, key=lambda lp: lp.trips)
+        return longest.trips, longest.over
 
 
 def _triton_bin(tool: str) -> str:
@@ -196,7 +231,8 @@ def launch_signature(launch) -> dict:
 def _spec(name: str, launch, needs_wgmma: bool, note: str, shape: str, step: str,
           work: Optional[Work]) -> KernelSpec:
     return KernelSpec(name, launch.kernel, launch_signature(launch), launch.options["num_warps"],
-                      launch.options["num_stages"], needs_wgmma, note, shape, step, work)
+                      launch.options["num_stages"], needs_wgmma, note, shape, step,
+                      with_launch(launch, work))
 
 
 def _h200():
@@ -375,24 +411,30 @@ def run_report(arch: str, names: list[str] | None = None) -> list[KernelResult]:
     compiled: dict[tuple, KernelResult] = {}
     results = []
     with tempfile.TemporaryDirectory() as workdir:
-        for spec in specs:
+        for index, spec in enumerate(specs, 1):
             key = _compile_key(spec)
             if key not in compiled:
+                print(f"kernel_report: [{index}/{len(specs)}] compiling {spec.name}",
+                      file=sys.stderr, flush=True)
                 compiled[key] = compile_spec(spec, capability, workdir)
+            else:
+                print(f"kernel_report: [{index}/{len(specs)}] {spec.name}: same as compiled",
+                      file=sys.stderr, flush=True)
             results.append(replace(compiled[key], spec=spec, problems=list(compiled[key].problems)))
     return results
 
 
-def _fmt_work(w: Optional[Work]) -> tuple[str, str, str]:
+def _fmt_work(w: Optional[Work]) -> tuple[str, str]:
     if w is None:
-        return "-", "-", "-"
+        return "-", "-"
     ratio = f"{w.flops_issued / 1e9:.2f}/{w.flops_useful / 1e9:.2f} ({w.issued_per_useful:.1f}×)"
-    return ratio, f"{w.bytes / 1e6:.1f}", f"{w.estimate_s * 1e6:.1f} ({w.bound[0]})"
+    return ratio, f"{w.bytes / 1e6:.1f}"
 
 
-def format_table(results: list[KernelResult], arch: str) -> str:
+def format_table(results: list[KernelResult], arch: str, card: str = "h200") -> str:
     head = ["kernel", "warps", "regs", "spill st/ld", "smem KiB", "MMA", "SHFL", "BAR",
-            "GFLOP issued/useful", "MB", "est µs", "status", "note"]
+            "GFLOP issued/useful", "MB", "programs", "CTAs/SM", "waves", "serial loop",
+            "est µs (bound)", "status", "note"]
     rows = []
     for r in results:
         s = r.spec
@@ -402,58 +444,16 @@ def format_table(results: list[KernelResult], arch: str) -> str:
         mma = r.hgmma + r.hmma + r.dmma
         rows.append([s.name, str(s.num_warps), str(r.registers), f"{r.spill_stores}/{r.spill_loads}",
                      f"{r.shared / 1024:.1f}" if r.shared >= 0 else "-", str(mma), str(r.shfl),
-                     str(r.bar), *_fmt_work(s.work), status, s.note])
+                     str(r.bar), *_fmt_work(s.work), *S.fmt_latency(r, card), status, s.note])
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
     out = [f"Triton kernels, ahead-of-time for {arch} (triton {__import__('triton').__version__}); "
-           "MMA/SHFL/BAR: static SASS instruction counts; GFLOP, MB and est µs: H200 roofline "
-           "ESTIMATE at the kernel's shape (kernel_model.py; (b)/(f): bound by bytes/FLOPs)",
+           "MMA/SHFL/BAR: static SASS instruction counts; GFLOP, MB, programs, waves and est µs: "
+           f"ESTIMATE on an {M.CARDS[card].name} at the kernel's shape (kernel_model.py; est µs = "
+           "low–high of max(FLOPs, bytes, latency) + launch gap, bound at the high end)",
            line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out += [line(row) for row in rows]
     return "\n".join(out)
-
-
-def step_estimates(results: list[KernelResult]) -> dict:
-    """Per GPU shape: the summed roofline estimate of the kernels of a default bf16 step
-    (forward, backward) against a plain bf16 LoRA of rank E·r modelled the same way.
-    Only shapes whose step kernels were all selected are summed."""
-    from ..testing.shapes import SHAPES
-
-    out = {}
-    all_specs = kernel_specs()
-    for name in GPU_SHAPES:
-        in_step = [r for r in results if r.spec.shape == name and r.spec.step and r.spec.work]
-        if len(in_step) != sum(1 for s in all_specs if s.shape == name and s.step):
-            continue
-        shape = SHAPES[name]
-        lora = M.plain_lora_works(shape.num_tokens, shape.d_model, shape.num_experts * shape.rank)
-        entry = {}
-        for phase in ("forward", "backward"):
-            works = [r.spec.work for r in in_step if r.spec.step == phase]
-            entry[phase] = dict(omoe_us=sum(w.estimate_s for w in works) * 1e6,
-                                omoe_mb=sum(w.bytes for w in works) / 1e6,
-                                lora_us=sum(w.estimate_s for _, w in lora[phase]) * 1e6,
-                                lora_mb=sum(w.bytes for _, w in lora[phase]) / 1e6,
-                                kernels=len(works))
-        total = lambda key: entry["forward"][key] + entry["backward"][key]
-        entry["fwd+bwd"] = dict(omoe_us=total("omoe_us"), lora_us=total("lora_us"),
-                                ratio=total("omoe_us") / total("lora_us"))
-        out[name] = entry
-    return out
-
-
-def format_steps(steps: dict) -> str:
-    if not steps:
-        return ""
-    lines = ["Step ESTIMATE on an H200 (roofline sums of the step's Triton kernels; torch glue, "
-             "launch gaps and host time left out) vs a plain bf16 LoRA of rank E·r, same model:",
-             "| shape | fwd µs OMoE / LoRA | bwd µs OMoE / LoRA | fwd+bwd µs OMoE / LoRA | ratio |",
-             "|---|---|---|---|---|"]
-    for name, e in steps.items():
-        f, b, t = e["forward"], e["backward"], e["fwd+bwd"]
-        lines.append(f"| {name} | {f['omoe_us']:.1f} / {f['lora_us']:.1f} | {b['omoe_us']:.1f} / "
-                     f"{b['lora_us']:.1f} | {t['omoe_us']:.1f} / {t['lora_us']:.1f} | {t['ratio']:.2f}× |")
-    return "\n".join(lines)
 
 
 # The static targets (docs/contract.md §5, bench/NOTES.md): no tensor-core work wasted, no shuffles in the per-token algebra.
@@ -475,8 +475,14 @@ def target_misses(results: list[KernelResult]) -> dict[str, list[str]]:
     return dict(mma_issued_over_useful=gemms, per_token_shfl=shuffles)
 
 
-def result_dict(r: KernelResult) -> dict:
-    return dict(name=r.spec.name, shape=r.spec.shape, step=r.spec.step, num_warps=r.spec.num_warps,
+def step_estimates(results: list[KernelResult], cards=("h200", "h100")) -> dict:
+    """kernel_steps.step_estimates over every kernel of the report."""
+    return S.step_estimates(results, kernel_specs(), cards)
+
+
+def result_dict(r: KernelResult, card: str = "h200") -> dict:
+    return dict(**latency_dict(r, card),
+                name=r.spec.name, shape=r.spec.shape, step=r.spec.step, num_warps=r.spec.num_warps,
                 num_stages=r.spec.num_stages, registers=r.registers, spill_stores=r.spill_stores,
                 spill_loads=r.spill_loads, stack=r.stack, shared=r.shared, hgmma=r.hgmma, hmma=r.hmma,
                 dmma=r.dmma, shfl=r.shfl, bar=r.bar, compile_s=round(r.compile_s, 2),
@@ -495,8 +501,12 @@ def count_launches_json() -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="sm_90a", help="target, e.g. sm_90a (Hopper) or sm_80")
+    parser = argparse.ArgumentParser(prog="python -m omoe_kernels.tools.kernel_report",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="sm_90a",
+                        help="target, e.g. sm_90a (Hopper) or sm_80 (default: %(default)s)")
+    parser.add_argument("--card", default="h200", choices=sorted(M.CARDS),
+                        help="the card of the per-kernel estimates (default: %(default)s)")
     parser.add_argument("--only", nargs="*", help="substrings of kernel names to compile")
     parser.add_argument("--launches", action="store_true",
                         help="also count one step's launches on CPU (omoe_kernels.tools.launch_count)")
@@ -507,7 +517,7 @@ def main(argv=None) -> int:
         return 2
     results = run_report(args.arch, args.only)
     steps = step_estimates(results)
-    print(format_table(results, args.arch))
+    print(format_table(results, args.arch, args.card))
     if steps:
         print("\n" + format_steps(steps))
     misses = target_misses(results)
@@ -527,9 +537,11 @@ def main(argv=None) -> int:
                 for phase in ("forward", "backward", "no_grad_forward")))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(arch=args.arch, kernels=[result_dict(r) for r in results],
+            json.dump(dict(arch=args.arch, card=args.card,
+                           kernels=[result_dict(r, args.card) for r in results],
                            steps=steps, target_misses=misses, launches=launches,
-                           ceilings=dict(copy_bytes_per_s=M.COPY_BYTES_PER_S, peak_flops=M.PEAK_FLOPS)),
+                           ceilings=dict(copy_bytes_per_s=M.COPY_BYTES_PER_S, peak_flops=M.PEAK_FLOPS),
+                           calibration=dict(M.CALIBRATION, cards={k: vars(v) for k, v in M.CARDS.items()})),
                       f, indent=1)
     bad = [r for r in results if r.problems]
     if bad:

@@ -19,6 +19,10 @@ ops and are not in the count.
 
 `step_launches` counts a training forward, its backward, and a no-grad forward
 (decoding, weights unchanged), each after one warm-up call of the same kind.
+
+`--host` (`host_step_us`) times instead the host side of a training step at the GPU
+shapes on CPU tensors, with the device launches stubbed out (`stubbed_launches`): what a
+GPU step costs the CPU before any kernel runs. It prints `host µs per step: X` per shape.
 """
 from __future__ import annotations
 
@@ -174,6 +178,97 @@ def step_launches(backend: str = "triton", top_k: int | None = None, num_tokens:
     return StepLaunches(backend, top_k, fwd, bwd, count_launches(no_grad_forward))
 
 
+@contextlib.contextmanager
+def stubbed_launches(num_sms: int = 132) -> Iterator[None]:
+    """The host path of the `triton` backend on CPU tensors, with the device launches
+    stubbed out: a Triton kernel call returns at once (JITFunction.run is the stub, so
+    Triton's own argument binding, specialisation and driver call are not in it), the
+    autotuner's benchmark ranks configs by their order instead of timing them (its key
+    and cache run as on a GPU), the backend counts as available on CPU, and every launch
+    is sized for a `num_sms` GPU that autotunes (as on a GPU without
+    OMOE_TRITON_FIXED_CONFIG)."""
+    import dataclasses
+
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    from .. import backends
+    from ..ops.triton import launch
+
+    saved = (JITFunction.run, Autotuner._bench, backends.REGISTRY["triton"], launch.Target.of)
+    JITFunction.run = lambda self, *args, **kwargs: None
+    Autotuner._bench = lambda self, *args, config, **kwargs: [float(self.configs.index(config))]
+    backends.REGISTRY["triton"] = dataclasses.replace(saved[2], available=lambda device_type: True)
+    launch.Target.of = classmethod(lambda cls, device: cls(num_sms, False, not launch.fixed_config()))
+    try:
+        yield
+    finally:
+        (JITFunction.run, Autotuner._bench, backends.REGISTRY["triton"], launch.Target.of) = saved
+
+
+def _median_us(fn: Callable[[], object], repeats: int) -> float:
+    import statistics
+    import time
+
+    # This thread's CPU time, not wall time: a busy neighbour on a shared machine
+    # (bench/notes/busy-machine.md) then stretches the figure less.
+    times = []
+    for _ in range(repeats):
+        start = time.thread_time_ns()
+        fn()
+        times.append(time.thread_time_ns() - start)
+    return statistics.median(times) / 1e3
+
+
+def host_step_us(shape_name: str, repeats: int = 100, dtype=torch.bfloat16) -> dict:
+    """Host µs of one training step of the `triton` backend at a docs/contract.md §6
+    shape (validation, custom op, autograd and launcher code up to Triton's
+    JITFunction.run; stubbed_launches), and of
+    its forward and backward alone: medians of `repeats` steps after a warm-up. Leaves
+    are given no gradient between steps (an optimizer's zero_grad(set_to_none=True)), so
+    no gradient accumulation enters the time."""
+    from ..functional import omoe_lora
+    from ..testing.shapes import SHAPES
+
+    shape = SHAPES[shape_name]
+    T, d, E, r = shape.num_tokens, shape.d_model, shape.num_experts, shape.rank
+    leaves = [torch.empty(T, d, dtype=dtype), torch.empty(E, r, d, dtype=dtype),
+              torch.empty(E, d, r, dtype=dtype), torch.empty(E, d, dtype=dtype)]
+    for t in leaves:
+        t.requires_grad_()
+    x, A, B, W = leaves
+    base, grad_y = torch.empty(T, d, dtype=dtype), torch.empty(T, d, dtype=dtype)
+
+    def forward():
+        return omoe_lora(x, A, B, W, scaling=2.0, top_k=shape.top_k, base_out=base,
+                         backend="triton")
+
+    def backward(y, retain=False):
+        y.backward(grad_y, retain_graph=retain)
+        for t in leaves:
+            t.grad = None
+
+    def step():
+        backward(forward())
+
+    with stubbed_launches():
+        for _ in range(10):
+            step()
+        step_us = _median_us(step, repeats)
+        forward_us = _median_us(forward, repeats)
+        y = forward()
+        backward_us = _median_us(lambda: backward(y, retain=True), repeats)
+    return dict(shape=shape_name, step_us=step_us, forward_us=forward_us,
+                backward_us=backward_us, repeats=repeats)
+
+
+# glibc returns a freed block of 32 MiB or more to the OS and maps it again at the next
+# allocation; a GPU's caching allocator does neither. These keep freed blocks for reuse,
+# so that the host time has no mmap in it.
+HOST_MALLOC_ENV = dict(MALLOC_MMAP_THRESHOLD_=str(1 << 34), MALLOC_TRIM_THRESHOLD_=str(1 << 34))
+HOST_CHILD = "OMOE_HOST_TIME_CHILD"
+
+
 def format_launches(steps: list[StepLaunches], num_tokens: int) -> str:
     lines = [f"Launches of one step, counted on CPU (T={num_tokens}; Triton interpreted, "
              "plus the ATen ops that would launch on a GPU)"]
@@ -196,7 +291,12 @@ def main(argv=None) -> int:
     parser.add_argument("--d-model", type=int, default=64)
     parser.add_argument("--top-k", type=int, default=2, help="the top-k case (E = 4); dense always runs")
     parser.add_argument("--json", help="write the counts here ('-': stdout, instead of the table)")
+    parser.add_argument("--host", action="store_true",
+                        help="instead: host µs per training step at each GPU shape, launches stubbed")
+    parser.add_argument("--repeats", type=int, default=100, help="--host: steps timed per shape")
     args = parser.parse_args(argv)
+    if args.host:
+        return _host_main(args, argv)
     if "triton" in args.backends.split(",") and not triton_interpreting():
         # The variable must be set before triton is imported: rerun in a child process.
         import subprocess
@@ -216,6 +316,35 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump(dict(num_tokens=args.tokens, d_model=args.d_model,
                            steps=[s.as_dict() for s in steps]), f, indent=1)
+    return 0
+
+
+def _host_main(args, argv) -> int:
+    import json
+    import subprocess
+    import sys
+
+    if os.environ.get(HOST_CHILD) != "1":
+        # A child with the compiled Triton path (no interpreter) and the allocator settings.
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env.update(HOST_MALLOC_ENV, **{HOST_CHILD: "1"})
+        rest = sys.argv[1:] if argv is None else list(argv)
+        return subprocess.run([sys.executable, "-m", "omoe_kernels.tools.launch_count", *rest],
+                              env=env).returncode
+    torch.set_num_threads(1)
+    results = [host_step_us(name, args.repeats) for name in ("llama7b", "llama7b-top2", "wide")]
+    print("Host time of one triton training step (bf16, launches stubbed: validation, custom op, "
+          "autograd and launcher code; medians of %d steps, CPU time of the thread, 1 thread)" % args.repeats)
+    for r in results:
+        print(f"  {r['shape']:13s} host µs per step: {r['step_us']:.1f} "
+              f"(forward {r['forward_us']:.1f}, backward {r['backward_us']:.1f})")
+    if args.json:
+        text = json.dumps(dict(host=results), indent=1)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w") as f:
+                f.write(text)
     return 0
 
 

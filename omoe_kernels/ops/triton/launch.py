@@ -44,6 +44,7 @@ from ..registration import (
 )
 from . import configs as C
 from .params import Epilogue, Operands, SlotGrads
+from .tuned import run_launch
 
 try:
     import triton
@@ -198,8 +199,7 @@ class Launch:
     tuned: Optional[str] = None
 
     def run(self) -> None:
-        fn = _autotuned(self.tuned) if self.tuned else self.kernel
-        fn[self.grid](*self.args, **self.meta, **self.options)
+        run_launch(self, _autotuned)   # autotuned: the config chosen once per signature
 
     def arg(self, name: str):
         """The value of the kernel's runtime argument `name`."""
