@@ -40,6 +40,10 @@ bench: install
 	$(PY) -m bench.sweep --threads 2
 	$(PY) -m bench.decode --threads 1
 	$(PY) -m bench.decode --threads 2
+	$(PY) -m bench.decode --threads 1 --hidden 1024 --tag cpu-1thread-h1024
+	$(PY) -m bench.decode --threads 2 --hidden 1024 --tag cpu-2thread-h1024
+	$(PY) -m bench.call_cost --threads 1 --tag cpu-1thread
+	$(PY) -m bench.call_cost --threads 2 --tag cpu-2thread
 
 CXX_SOURCES := $(shell git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.cuh' 2>/dev/null)
 
