@@ -150,7 +150,8 @@ def check_inputs(x, A, B, router_weight, *, scaling, top_k, orthogonalize, norma
     problem = Problem(math.prod(lead), d_in, d_out, E, r, k, scaling,
                       check_flag("orthogonalize", orthogonalize),
                       check_flag("normalize", normalize), eps)
-    if not torch.compiler.is_compiling():
+    # scaling ±0 compare equal but differ in the sign of a zero output: not kept.
+    if scaling != 0 and not torch.compiler.is_compiling():
         if len(_PROBLEMS) >= _MAX_PROBLEMS:
             _PROBLEMS.clear()
         _PROBLEMS[key] = problem

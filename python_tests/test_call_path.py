@@ -112,3 +112,12 @@ def test_an_inference_call_of_the_layer_makes_few_python_calls():
     x = torch.randn(1, D_IN, device=DEVICE)
     with torch.no_grad():
         assert _python_calls(lambda: layer(x)) <= 45
+
+
+def test_an_eps_kept_for_float64_is_checked_again_for_float32():
+    x, A, B, W, base_out = _inputs()
+    wide = [t.double() for t in (x, A, B, W, base_out)]
+    for _ in range(2):
+        omoe_lora(*wide[:4], base_out=wide[4], eps=1e-300, backend="reference")
+    with pytest.raises(ValueError, match="eps"):
+        omoe_lora(x, A, B, W, base_out=base_out, eps=1e-300, backend="reference")
