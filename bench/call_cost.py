@@ -9,7 +9,7 @@ SGD update), interleaved, medians.
 
 Timings on a shared machine are noisy; for a before/after comparison count instructions:
 
-    valgrind --tool=callgrind --collect-atstart=no --callgrind-out-file=/tmp/cg.out \\
+    valgrind --tool=callgrind --collect-atstart=no --callgrind-out-file=callgrind.out \\
         python -m bench.call_cost --count omoe --level layer --mode infer --calls 200
 
 collects only the timed calls (torch's own callgrind toggle around them); the summary's
