@@ -87,7 +87,9 @@ def omoe_lora_compiled(x, A, B, router_weight, router_input, base_out, p: Proble
         # Traced graphs and torch.func transforms take the op with its registered autograd.
         return call_forward(FAMILY, x, A, B, router_weight, router_input, base_out, p)
     tensors = (x, A, B, router_weight, router_input, base_out)
-    if torch.autograd.forward_ad._current_level >= 0:  # the rest of check_autograd_mode ran above
+    # check_autograd_mode's other refusals are for transforms, sent to call_forward above;
+    # forward-mode AD needs a dual level open.
+    if torch.autograd.forward_ad._current_level >= 0:
         check_autograd_mode(FAMILY, tensors)
     options = (p.scaling, p.top_k, p.orthogonalize, p.normalize, p.eps)
     if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad
