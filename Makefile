@@ -53,8 +53,8 @@ bench:
 
 bench-full:
 	@echo "make bench-full: $(BENCH_PLAN)"
-	@echo "  the cpu shape at 2 and 1 threads, the whole sweep at 1 and 2 threads, decoding at"
-	@echo "  both (about 15 min on an idle 2-core machine, up to an hour on a busy one)"
+	@echo "  the cpu shape at 2 and 1 threads, the whole sweep at 1 and 2 threads, decoding and the"
+	@echo "  call cost at both (about 20 min on an idle 2-core machine, up to an hour on a busy one)"
 	@$(MAKE) --no-print-directory install
 	$(PY) -m bench.run --full
 

@@ -20,7 +20,7 @@ import torch
 
 from omoe_kernels.tools.cli import ArgumentParser
 
-from . import bench_omoe, decode, sweep
+from . import bench_omoe, call_cost, decode, sweep
 from .machine import RESULTS_DIR, LoadWatch, load_line, output_dir
 
 # Idle figures of bench/results/ (AMD EPYC, 2 vCPUs, 2026-11-29): the steps' own run
@@ -42,6 +42,13 @@ def full_steps(out: str) -> list:
         ("cost growth, whole grid, 2 threads", 330, sweep.main, ["--threads", "2"]),
         ("greedy decoding, 1 thread (bench.decode)", 15, decode.main, ["--threads", "1"]),
         ("greedy decoding, 2 threads", 15, decode.main, ["--threads", "2"]),
+        ("greedy decoding at hidden 1024, 1 thread", 60, decode.main,
+         ["--threads", "1", "--hidden", "1024", "--tag", "cpu-1thread-h1024"]),
+        ("greedy decoding at hidden 1024, 2 threads", 60, decode.main,
+         ["--threads", "2", "--hidden", "1024", "--tag", "cpu-2thread-h1024"]),
+        ("the fixed cost of a call at T = 1, 1 thread (bench.call_cost)", 40, call_cost.main,
+         ["--threads", "1"]),
+        ("the fixed cost of a call, 2 threads", 40, call_cost.main, ["--threads", "2"]),
     ]
 
 
@@ -55,6 +62,8 @@ TINY = [
     ("greedy decoding, one layer (bench.decode)", 10, decode.main,
      ["--hidden", "64", "--layers", "1", "--vocab", "128", "--prompt", "4", "--new-tokens", "3",
       "--rounds", "1", "--tag", "tiny"]),
+    ("the fixed cost of a call (bench.call_cost)", 5, call_cost.main,
+     ["--d", "64", "--budget", "0.02", "--tag", "tiny"]),
 ]
 
 

@@ -2,7 +2,7 @@
 
 docs/contract.md §6: the ratio OMoE ÷ plain LoRA should stay near 1 at every point, with
 top-k costing like k·r. This sweeps T ∈ {1, 8, 64, 512, 4096}, E ∈ {2, 4, 8, 16},
-r ∈ {4, 16, 64}, dense and top-2, at two levels:
+r ∈ {4, 16, 64}, dense and top-2, and E = 32 top-2 at r ∈ {4, 16}, at two levels:
 
 - `layer`: a whole layer, frozen base GEMM included — `OMoELinear` against
   `base(x) + s·(x A_catᵀ) B_catᵀ` with the same base;
@@ -36,6 +36,9 @@ from .machine import LoadWatch, cpu_model, load_line, output_dir
 FULL = dict(T=(1, 8, 64, 512, 4096), E=(2, 4, 8, 16), r=(4, 16, 64), routing=("dense", "top2"))
 QUICK = dict(T=(1, 8, 512), E=(4, 16), r=(16,), routing=("dense", "top2"))
 CAP = 4.0  # the plots' ratio axis ends here
+# Points outside the grid's product (T, E, r, routing), swept after it when their values
+# are chosen: many experts with top-2 routing (dense E = 32 would be R = 32·r columns).
+EXTRA = tuple((T, 32, r, "top2") for T in FULL["T"] for r in (4, 16))
 
 
 class PlainLoRA(nn.Module):
@@ -128,6 +131,7 @@ def time_interleaved(calls: dict, budget_s: float, min_rounds: int = 5,
 def sweep(grid: dict, levels, modes, d: int, budget_s: float, log=print) -> list[dict]:
     rows = []
     points = list(itertools.product(grid["T"], grid["E"], grid["r"], grid["routing"]))
+    points += [p for p in grid.get("extra", ()) if p not in points]
     for n, (T, E, r, routing) in enumerate(points):
         omoe, lora, x, base_out, top_k = make_point(T, E, r, routing, d)
         for level, mode in itertools.product(levels, modes):
@@ -273,10 +277,13 @@ def main(argv=None) -> list[dict]:
         return []
     if args.threads:
         torch.set_num_threads(args.threads)
-    grid = dict(QUICK if args.quick else FULL)
+    grid = dict(QUICK if args.quick else FULL, extra=() if args.quick else EXTRA)
     for key in ("T", "E", "r", "routing"):
         if getattr(args, key):
             grid[key] = getattr(args, key)
+    grid["extra"] = tuple(p for p in grid["extra"] if all(
+        getattr(args, key) is None or value in getattr(args, key)
+        for key, value in zip(("T", "E", "r", "routing"), p)))
     levels = args.levels if isinstance(args.levels, tuple) else tuple(args.levels.split(","))
     modes = args.modes if isinstance(args.modes, tuple) else tuple(args.modes.split(","))
     budget = args.budget if args.budget is not None else (0.2 if args.quick else 0.4)

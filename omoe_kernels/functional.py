@@ -1,12 +1,34 @@
 """The functional entry point, `omoe_lora` (docs/contract.md §3)."""
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 
 from ._validate import check_inputs
-from .backends import backend_function, resolve_backend
+from .backends import REGISTRY, backend_function, resolve_backend
+
+# (backend, device type, k, the variables resolve_backend reads, the registry's entries,
+# the loader) -> (name, function): the registry answers the same for the same key.
+_RESOLVED: dict[tuple, tuple] = {}
+
+
+def _backend(backend: str, device: torch.device, active_experts: int):
+    """(name, function) of the backend a call runs on (resolve_backend's answer, kept)."""
+    if torch.compiler.is_compiling():  # dynamo traces the lookup; nothing to keep
+        name = resolve_backend(backend, device, active_experts)
+        return name, backend_function(name)
+    environ = os.environ
+    key = (backend, device.type, active_experts, environ.get("OMOE_BACKEND"),
+           environ.get("TRITON_INTERPRET"), tuple(map(id, REGISTRY.values())), backend_function)
+    found = _RESOLVED.get(key)
+    if found is None:
+        name = resolve_backend(backend, device, active_experts)
+        found = _RESOLVED[key] = (name, backend_function(name))
+        if len(_RESOLVED) > 256:
+            _RESOLVED.clear()
+    return found
 
 
 def omoe_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, router_weight: torch.Tensor, *,
@@ -22,14 +44,17 @@ def omoe_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, router_weight: 
     problem = check_inputs(x, A, B, router_weight, scaling=scaling, top_k=top_k,
                            orthogonalize=orthogonalize, normalize=normalize, eps=eps,
                            base_out=base_out, router_input=router_input)
-    name = resolve_backend(backend, x.device, problem.top_k)
-    lead = tuple(x.shape[:-1])
-    out_shape = lead + (problem.d_out,)
-    if problem.num_tokens == 0:
+    T, d_in = problem.num_tokens, problem.d_in
+    if T == 0:
         # No kernel launch for an empty batch, but keep the graph (zero gradients), as nn.Linear does.
-        name = "reference"
-    x2d = x.reshape(problem.num_tokens, problem.d_in)
-    router2d = None if router_input is None else router_input.reshape(problem.num_tokens, problem.d_in)
-    base2d = None if base_out is None else base_out.reshape(problem.num_tokens, problem.d_out)
-    y = backend_function(name)(x2d, A, B, router_weight, router2d, base2d, problem)
-    return y.reshape(out_shape)
+        resolve_backend(backend, x.device, problem.top_k)  # still refuses a backend that cannot run
+        function = backend_function("reference")
+    else:
+        function = _backend(backend, x.device, problem.top_k)[1]
+    if x.dim() == 2:  # already [T, d_in]: no reshapes
+        return function(x, A, B, router_weight, router_input, base_out, problem)
+    x2d = x.reshape(T, d_in)
+    router2d = None if router_input is None else router_input.reshape(T, d_in)
+    base2d = None if base_out is None else base_out.reshape(T, problem.d_out)
+    y = function(x2d, A, B, router_weight, router2d, base2d, problem)
+    return y.reshape(tuple(x.shape[:-1]) + (problem.d_out,))

@@ -18,6 +18,7 @@ from .options import FUNCTION_OPTIONS, check_adapter_name, option_parameters, op
 from .router_stats import RouterStats, record_router_logits, recorded_router_stats
 
 ADAPTER_TENSORS = ("lora_A", "lora_B", "router_weight")
+_NO_CONTEXT = contextlib.nullcontext()  # reusable: it holds no state
 
 
 def innermost_base(module: nn.Module) -> nn.Module:
@@ -99,10 +100,12 @@ class OMoELinear(nn.Module):
         base_out = base_forward(self.base, x)
         if not self.adapter_enabled:
             return base_out
-        device_type, params = x.device.type, (self.lora_A, self.lora_B, self.router_weight)
-        dtype = compute_dtype(self.lora_A.dtype, device_type)
-        # Casting the parameters is differentiable: gradients reach the fp32 masters.
-        A, B, router_weight = (p if p.dtype == dtype else p.to(dtype) for p in params)
+        A, B, router_weight = self.lora_A, self.lora_B, self.router_weight
+        param_dtype = A.dtype
+        autocasting = torch.is_autocast_enabled(x.device.type)
+        dtype = compute_dtype(param_dtype, x.device.type) if autocasting else param_dtype
+        if dtype != param_dtype:  # differentiable casts: gradients reach the fp32 masters
+            A, B, router_weight = A.to(dtype), B.to(dtype), router_weight.to(dtype)
         x_c = x if x.dtype == dtype else x.to(dtype)
         out_dtype = base_out.dtype
         dropping = self.dropout_p > 0 and self.training
@@ -110,14 +113,13 @@ class OMoELinear(nn.Module):
             record_router_logits(self, x_c, router_weight)
         # Autocast off inside: every backend gets one consistent dtype (the compiled ops
         # have no autocast rule, the reference would otherwise mix dtypes).
-        autocasting = torch.is_autocast_enabled(device_type)
-        with torch.autocast(device_type, enabled=False) if autocasting else contextlib.nullcontext():
+        with torch.autocast(x.device.type, enabled=False) if autocasting else _NO_CONTEXT:
             y = omoe_lora(self.dropout(x_c) if dropping else x_c, A, B, router_weight,
                           scaling=self.scaling, top_k=self.top_k, orthogonalize=self.orthogonalize,
                           normalize=self.normalize, eps=self.eps,
                           base_out=base_out if out_dtype == dtype else base_out.to(dtype),
                           router_input=x_c if dropping else None, backend=self.backend)
-        return y if dtype != self.lora_A.dtype or y.dtype == out_dtype else y.to(out_dtype)
+        return y if dtype != param_dtype or y.dtype == out_dtype else y.to(out_dtype)
 
     def __getstate__(self):
         # The recorded logits belong to one forward pass (and carry its graph, which

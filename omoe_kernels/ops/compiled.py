@@ -60,6 +60,7 @@ FAMILY = OpFamily(namespace="omoe", backends="'cpu'/'cuda'", hidden_width=lambda
 
 if LOADED:
     register_family(FAMILY)
+    _FORWARD = FAMILY.op("forward")  # looked up once: torch.ops attribute lookups cost µs
 
 
 class _CompiledOp(torch.autograd.Function):
@@ -71,8 +72,7 @@ class _CompiledOp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, A, B, router_weight, router_input, base_out, options):
         with torch._C._AutoDispatchBelowAutograd():
-            y, h, logits = FAMILY.op("forward")(x, A, B, router_weight, router_input, base_out,
-                                                *options)
+            y, h, logits = _FORWARD(x, A, B, router_weight, router_input, base_out, *options)
         save_context(ctx, (x, A, B, router_weight, router_input, base_out), options, h, logits)
         return y
 
@@ -86,10 +86,16 @@ def omoe_lora_compiled(x, A, B, router_weight, router_input, base_out, p: Proble
     if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
         # Traced graphs and torch.func transforms take the op with its registered autograd.
         return call_forward(FAMILY, x, A, B, router_weight, router_input, base_out, p)
-    check_autograd_mode(FAMILY, (x, A, B, router_weight, router_input, base_out))
-    options = (p.scaling, p.top_k, p.orthogonalize, p.normalize, p.eps)
     tensors = (x, A, B, router_weight, router_input, base_out)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    # check_autograd_mode's other refusals are for transforms, sent to call_forward above;
+    # forward-mode AD needs a dual level open.
+    if torch.autograd.forward_ad._current_level >= 0:
+        check_autograd_mode(FAMILY, tensors)
+    options = (p.scaling, p.top_k, p.orthogonalize, p.normalize, p.eps)
+    if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad
+                                    or router_weight.requires_grad
+                                    or (router_input is not None and router_input.requires_grad)
+                                    or (base_out is not None and base_out.requires_grad)):
         return _CompiledOp.apply(*tensors, options)
     with torch._C._AutoDispatchBelowAutograd():  # nothing to differentiate: no graph
-        return FAMILY.op("forward")(*tensors, *options)[0]
+        return _FORWARD(*tensors, *options)[0]

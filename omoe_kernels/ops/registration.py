@@ -52,7 +52,14 @@ class OpFamily:
     kernels: str = "compiled"           # how messages name the kernels ("compiled", "Triton")
 
     def op(self, name: str) -> torch._ops.OpOverload:
-        return getattr(getattr(torch.ops, self.namespace), name).default
+        key = (self.namespace, name)
+        found = _OPS.get(key)
+        if found is None:  # torch.ops attribute lookups cost microseconds: once per op
+            found = _OPS[key] = getattr(getattr(torch.ops, self.namespace), name).default
+        return found
+
+
+_OPS: dict[tuple[str, str], torch._ops.OpOverload] = {}
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
