@@ -5,7 +5,9 @@ gradient `dG` over the active expert pairs (Backward step 4).
 Layout: tokens on the fastest axis. Every per-token tensor is `[..., BT]` with
 `BT = 32 · num_warps` (configs.TokenConfig), so Triton's default blocked layout
 gives each thread one token and keeps every other axis in that thread's registers:
-reductions over experts, slots and ranks are register adds (no SHFL, no BAR). Every
+reductions over experts, slots and ranks are register adds (no SHFL, no BAR). A program
+takes `per_program` <= BT tokens (configs.tokens_per_program: enough programs for two
+waves over the SMs); the lanes past them idle. Every
 global load and store of the per-token kernels is a `[BT]` vector (one per column): for a
 multi-dimensional one Triton's coalescing pass picks the layout itself, and triton 3.6 put
 the other axis over lanes (python_tests/test_kernel_report.py checks the IR for this).
