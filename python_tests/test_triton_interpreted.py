@@ -38,8 +38,8 @@ from helpers import (  # noqa: E402
     run_backend,
 )
 from omoe_kernels.ops.triton import configs as triton_configs  # noqa: E402
+from omoe_kernels.ops.triton import gemm_kernels, token_kernels  # noqa: E402
 from omoe_kernels.ops.triton import launch as triton_ops  # noqa: E402
-from omoe_kernels.ops.triton import token_kernels  # noqa: E402
 from omoe_kernels.ops.triton.launch import Epilogue, Operands  # noqa: E402
 
 pytestmark = pytest.mark.interpreter
@@ -64,13 +64,29 @@ def test_half_precision_odd_shape(dtype, options):
 
 @pytest.mark.parametrize("top_k", [None, 2], ids=["dense", "top2"])
 def test_per_token_kernels_over_several_token_blocks(top_k):
-    """T past two per-token blocks (one token per thread, TOKEN_BLOCK tokens a program),
-    with a partial last block: the block offsets and the tail mask of the per-token
-    kernels, which the other shapes (T <= 64) do not reach."""
+    """T past two per-token blocks (one token per lane, at most TOKEN_BLOCK tokens a
+    program), with a partial last block: the block offsets and the tail mask of the
+    per-token kernels."""
     T = 2 * triton_configs.TOKEN_BLOCK + 37
     _, collapse, fwd_tol, grad_tol = ACCURACY_ROWS["fp32-collapse0.99"]
     problem = make_problem(T, 12, 10, 3, 2, dtype=torch.float32, collapse=collapse, seed=51)
     assert_matches_oracle(problem, BACKEND, fwd_tol, grad_tol, top_k=top_k)
+
+
+@pytest.mark.parametrize("top_k", [None, 2], ids=["dense", "top2"])
+def test_per_token_programs_with_idle_lanes(top_k, monkeypatch):
+    """Fewer tokens a program than lanes, as on a GPU (configs.tokens_per_program: 31 of
+    32 at T = 8192 on 132 SMs): 7 tokens a program, the lanes past them idle, the last
+    program partial. Every token is written once (outputs are poisoned)."""
+    monkeypatch.setattr(triton_configs, "tokens_per_program", lambda T, num_sms, **_: 7)
+    _, collapse, fwd_tol, grad_tol = ACCURACY_ROWS["fp32-collapse0.99"]
+    problem = make_problem(40, 12, 10, 3, 2, dtype=torch.float32, collapse=collapse, seed=52)
+    assert_matches_oracle(problem, BACKEND, fwd_tol, grad_tol, top_k=top_k)
+    L = triton_ops.layout(3, 2)
+    h = torch.zeros(40, L.ERP)
+    launch, _ = triton_ops.plan_token_forward(h, torch.zeros(40, 3), None, L, 2, False, True,
+                                              1e-6, triton_ops.Target.of(h.device))
+    assert launch.grid == (6,)   # 7 tokens a program
 
 
 @pytest.mark.parametrize("case", [
@@ -166,6 +182,41 @@ def test_layout_pads_for_tl_dot():
             L = triton_ops.layout(E, r)
             assert L.EP >= E and L.RP >= r and L.ERP == L.EP * L.RP and L.ERP >= 16
             assert L.EPL >= 16 and L.EPL >= E
+
+
+@triton.jit
+def _triangle_kernel(out_ptr, NT: tl.constexpr):
+    p = tl.program_id(0)
+    i, j = gemm_kernels._triangle(p, NT)
+    tl.store(out_ptr + 2 * p, i)
+    tl.store(out_ptr + 2 * p + 1, j)
+
+
+@pytest.mark.parametrize("NT", [1, 2, 3, 8, 37, 64])
+def test_gram_programs_cover_the_upper_triangle_once(NT):
+    """Program p of the gram programs builds the p-th tile (i <= j) of the upper
+    triangle, row by row: every tile exactly once."""
+    count = NT * (NT + 1) // 2
+    out = torch.empty(count, 2, dtype=torch.int32)
+    _triangle_kernel[(count,)](out, NT=NT)
+    expected = [(i, j) for i in range(NT) for j in range(i, NT)]
+    assert [tuple(t) for t in out.tolist()] == expected
+
+
+def test_gram_programs_over_several_trips():
+    """d_out past one trip of a gram program (several row vectors a trip, a partial last
+    one): G still exact and symmetric."""
+    E, d_out, r = 2, 3000, 3
+    rows = triton_configs.gram_rows(d_out, None)
+    assert rows["GR"] > 1 and triton_configs.gram_trips(d_out, None) > 1
+    B = torch.randn(E, d_out, r, dtype=torch.float32)
+    L = triton_ops.layout(E, r)
+    G = triton_ops.gram_only(B, L)
+    B_cat = torch.zeros(d_out, L.EP, L.RP, dtype=torch.float64)
+    B_cat[:, :E, :r] = B.permute(1, 0, 2).double()
+    B_cat = B_cat.reshape(d_out, L.ERP)
+    torch.testing.assert_close(G, B_cat.t() @ B_cat, rtol=1e-13, atol=1e-12)
+    assert torch.equal(G, G.t())
 
 
 def test_gram_programs_build_the_exact_symmetric_gram_matrix():

@@ -151,8 +151,31 @@ def b_operand_split(kind: int, bf16_split: bool) -> bool:
 
 
 # G = B_catᵀB_cat is built by GRAM_TILE × GRAM_TILE float64 tiles appended to a GEMM
-# launch (a power of 2 >= 16 for tl.dot; ERP is a multiple).
-GRAM_TILE = 16
+# launch, one program per tile of the upper triangle (ERP is a multiple). Each thread
+# holds GRAM_TILE² float64 sums: 4 keeps that below the GEMM side's registers.
+GRAM_TILE = 4
+# Trips of a gram program's loop over d_out, at most (d_out rows on lanes; a trip reads
+# GR vectors of 32 · num_warps rows).
+GRAM_TRIPS = 16
+
+
+def gram_programs(ERP: int) -> int:
+    """Programs that build G when appended to a GEMM launch (one per upper-triangle tile)."""
+    tiles = ERP // GRAM_TILE
+    return tiles * (tiles + 1) // 2
+
+
+def gram_rows(d_out: int, num_warps: Optional[int]) -> dict:
+    """_gram_tile's constexprs: GB (tile), GD (rows a vector: one per thread) and GR
+    (vectors a trip), so that the loop over d_out runs at most GRAM_TRIPS trips."""
+    lanes = 32 * (num_warps or 4)
+    return dict(GB=GRAM_TILE, GD=lanes, GR=max(1, _cdiv(_cdiv(d_out, GRAM_TRIPS), lanes)))
+
+
+def gram_trips(d_out: int, num_warps: Optional[int]) -> int:
+    """Trips of a gram program's loop over d_out."""
+    rows = gram_rows(d_out, num_warps)
+    return _cdiv(d_out, rows["GD"] * rows["GR"])
 
 
 @dataclass(frozen=True)
@@ -206,9 +229,10 @@ def autotuned_configs(kernel: str) -> list:
 # ---- per-token kernels -----------------------------------------------------------------
 
 # Warps of the per-token kernels: each thread holds one token (tokens on lanes), so that
-# reductions over experts and ranks stay in one thread's registers and a program covers
-# TOKEN_BLOCK = 32 · TOKEN_WARPS tokens (triton/token_kernels.py).
-TOKEN_WARPS = 4
+# reductions over experts and ranks stay in one thread's registers; a program's tensors
+# span TOKEN_BLOCK = 32 · TOKEN_WARPS lanes (BT, triton/token_kernels.py). One warp, so
+# that the programs are many: a lane holds at most one token (tokens_per_program).
+TOKEN_WARPS = 1
 TOKEN_BLOCK = 32 * TOKEN_WARPS
 
 # num_stages of the per-token kernels and gram_grad: Triton's CUDA default, passed
@@ -216,18 +240,33 @@ TOKEN_BLOCK = 32 * TOKEN_WARPS
 # sm_90a code is identical at 1 and 3 stages).
 TOKEN_STAGES = 3
 
+# Waves of per-token programs over the SMs that tokens_per_program aims for.
+TOKEN_WAVES = 2
+
+
+def tokens_per_program(T: int, num_sms: int, lanes: int = TOKEN_BLOCK,
+                       interpret: bool = False) -> int:
+    """Tokens of one per-token program (at most one per lane): few enough that the grid
+    makes TOKEN_WAVES waves over `num_sms` (T = 8192 on 132 SMs: 31 tokens, 265
+    programs). The lanes past the count idle: the float64 work of a token stays in one
+    thread. Interpreter: two programs (the program loop is slow there)."""
+    if interpret:
+        return max(1, min(lanes, _cdiv(T, 2)))
+    return max(1, min(lanes, T // (TOKEN_WAVES * num_sms)))
+
 
 @dataclass(frozen=True)
 class TokenConfig:
     """Compile-time flags of token_forward_kernel / token_backward_kernel (the same for
-    both) and of the per-token epilogue of the fused shrink. K = top_k slots, KP its power
-    of 2: a kernel is compiled per (E, top_k), which a model fixes."""
+    both) and of the per-token epilogue of the fused shrink, and the tokens a program
+    takes (`block_t`, a run-time argument: a new T does not recompile). K = top_k slots,
+    KP its power of 2: a kernel is compiled per (E, top_k), which a model fixes."""
 
     top_k: int
     top_k_routing: bool
     orthogonalize: bool
     normalize: bool
-    block_t: int     # tokens per program (BT)
+    block_t: int     # tokens per program (<= lanes)
     EP: int
     RP: int
     ERP: int
@@ -235,17 +274,23 @@ class TokenConfig:
     num_stages: int = TOKEN_STAGES
 
     @classmethod
-    def of(cls, L, top_k: int, orthogonalize: bool, normalize: bool) -> "TokenConfig":
-        return cls(top_k, top_k < L.num_experts, orthogonalize, normalize, TOKEN_BLOCK,
+    def of(cls, L, top_k: int, orthogonalize: bool, normalize: bool,
+           block_t: int = TOKEN_BLOCK) -> "TokenConfig":
+        return cls(top_k, top_k < L.num_experts, orthogonalize, normalize, block_t,
                    L.EP, L.RP, L.ERP)
 
     @property
     def KP(self) -> int:
         return next_pow2(self.top_k)
 
+    @property
+    def lanes(self) -> int:
+        """BT: the token axis of the kernels' tensors, one lane per token."""
+        return 32 * self.num_warps
+
     def meta(self) -> dict:
         return dict(K=self.top_k, TOP_K_ROUTING=self.top_k_routing,
-                    ORTHOGONALIZE=self.orthogonalize, NORMALIZE=self.normalize, BT=self.block_t,
+                    ORTHOGONALIZE=self.orthogonalize, NORMALIZE=self.normalize, BT=self.lanes,
                     EP=self.EP, KP=self.KP, RP=self.RP, ERP=self.ERP)
 
     def options(self) -> dict:

@@ -188,36 +188,68 @@ def _offsets(idx, stride, stride_expert, limit, E, rank, RP: tl.constexpr, PACKE
 
 
 @triton.jit
+def _triangle(p, NT: tl.constexpr):
+    """(i, j) with i <= j < NT of the p-th tile of an NT × NT upper triangle, row by row
+    (row i starts at i·NT − i(i−1)/2): a float64 root, then a correction of ±1."""
+    n2 = 2.0 * NT + 1.0
+    i = ((n2 - tl.sqrt(n2 * n2 - 8.0 * p.to(tl.float64))) * 0.5).to(tl.int32)
+    i = tl.minimum(tl.maximum(i, 0), NT - 1)
+    i = tl.where(p < i * NT - (i * (i - 1)) // 2, i - 1, i)
+    i = tl.where(p >= (i + 1) * NT - ((i + 1) * i) // 2, i + 1, i)
+    return i, i + p - (i * NT - (i * (i - 1)) // 2)
+
+
+@triton.jit
+def _gram_cols(b_ptr, rows, row_ok, first, E, rank, stride_be, stride_bd, stride_br,
+               RP: tl.constexpr, GB: tl.constexpr, GD: tl.constexpr):
+    """B_cat[rows, first + c] for c < GB as [GB, GD] float64 (padding columns: 0), one
+    [GD] load per column: rows on lanes, the GB columns in each thread's registers."""
+    out = tl.zeros((GB, GD), dtype=tl.float64)
+    c_idx = tl.arange(0, GB)[:, None]
+    row_ptrs = b_ptr + rows * stride_bd
+    for c in tl.static_range(GB):
+        expert = (first + c) // RP
+        k = (first + c) % RP
+        ok = row_ok & (expert < E) & (k < rank)
+        col = tl.load(row_ptrs + expert * stride_be + k * stride_br, mask=ok, other=0.0)
+        out = tl.where(c_idx == c, col.to(tl.float64)[None, :], out)
+    return out
+
+
+@triton.jit
 def _gram_tile(b_ptr, g_ptr, tile, E, rank, d_out, stride_be, stride_bd, stride_br,
-               RP: tl.constexpr, ERP: tl.constexpr, GB: tl.constexpr, GD: tl.constexpr):
+               RP: tl.constexpr, ERP: tl.constexpr, GB: tl.constexpr, GD: tl.constexpr,
+               GR: tl.constexpr):
     """One GB × GB tile of G = B_catᵀ B_cat ([ERP, ERP] float64), read straight from
     B [E, d_out, r] (products of 16-bit or fp32 values are exact in float64).
 
-    Tile (i, j) of the (ERP/GB)² grid: i < j also writes its transpose (so G is exactly
-    symmetric), i == j writes itself, i > j does nothing. A "gram program" appended to the
-    grid of a GEMM launch (shrink, dZ), so G costs no launch of its own.
+    Tile `tile` of the upper triangle of the (ERP/GB)² tiles (_triangle) writes itself and,
+    off the diagonal, its transpose (G is exactly symmetric). A "gram program" appended to
+    the grid of a GEMM launch (shrink, dZ), so G costs no launch of its own.
+
+    Rows of B on lanes (GD = 32 · num_warps a vector, GR vectors a trip, configs.gram_rows
+    keeps the trips over d_out few): every thread accumulates its rows' GB² products in
+    float64 registers, and the rows are summed across threads once, after the loop.
     """
     NT: tl.constexpr = ERP // GB
-    ti = tile // NT
-    tj = tile % NT
-    if ti <= tj:
-        cols_i = ti * GB + tl.arange(0, GB)
-        cols_j = tj * GB + tl.arange(0, GB)
-        off_i, ok_i = _offsets(cols_i, stride_br, stride_be, ERP, E, rank, RP, True)
-        off_j, ok_j = _offsets(cols_j, stride_br, stride_be, ERP, E, rank, RP, True)
-        offs_d = tl.arange(0, GD).to(tl.int64)
-        acc = tl.zeros((GB, GB), dtype=tl.float64)
-        for d0 in range(0, d_out, GD):
-            d_ok = (d0 + offs_d) < d_out
-            rows = b_ptr + (d0 + offs_d)[:, None] * stride_bd
-            b_i = tl.load(rows + off_i[None, :], mask=d_ok[:, None] & ok_i[None, :], other=0.0)
-            b_j = tl.load(rows + off_j[None, :], mask=d_ok[:, None] & ok_j[None, :], other=0.0)
-            # Float64 FMAs, not tl.dot: Triton 3.8 cannot lower a float64 dot whose operands
-            # were loaded as 16-bit values (an MMAv2 layout assertion on sm_90).
-            acc += tl.sum(b_i.to(tl.float64)[:, :, None] * b_j.to(tl.float64)[:, None, :], axis=0)
-        tl.store(g_ptr + cols_i[:, None] * ERP + cols_j[None, :], acc)
-        if ti < tj:
-            tl.store(g_ptr + cols_j[:, None] * ERP + cols_i[None, :], tl.trans(acc))
+    ti, tj = _triangle(tile, NT)
+    offs_d = tl.arange(0, GD).to(tl.int64)
+    acc = tl.zeros((GB, GB, GD), dtype=tl.float64)
+    for d0 in range(0, d_out, GD * GR):
+        for rr in tl.static_range(GR):
+            rows = d0 + rr * GD + offs_d
+            row_ok = rows < d_out
+            b_i = _gram_cols(b_ptr, rows, row_ok, ti * GB, E, rank, stride_be, stride_bd,
+                             stride_br, RP, GB, GD)
+            b_j = _gram_cols(b_ptr, rows, row_ok, tj * GB, E, rank, stride_be, stride_bd,
+                             stride_br, RP, GB, GD)
+            acc += b_i[:, None, :] * b_j[None, :, :]
+    g = tl.sum(acc, axis=2)
+    cols_i = ti * GB + tl.arange(0, GB)
+    cols_j = tj * GB + tl.arange(0, GB)
+    tl.store(g_ptr + cols_i[:, None] * ERP + cols_j[None, :], g)
+    if ti < tj:
+        tl.store(g_ptr + cols_j[:, None] * ERP + cols_i[None, :], tl.trans(g))
 
 
 @triton.jit
@@ -263,7 +295,8 @@ def shrink_kernel(x_ptr, r_ptr, a_ptr, w_ptr, h_ptr, l_ptr, b_ptr, gram_ptr,
                   g_ptr, z_ptr, top_k, eps, stride_zt,
                   SEPARATE_ROUTER: tl.constexpr, DOT_KIND: tl.constexpr, UPCAST: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
-                  BLOCK_K: tl.constexpr, GB: tl.constexpr = 16, GD: tl.constexpr = 16,
+                  BLOCK_K: tl.constexpr, GB: tl.constexpr = 4, GD: tl.constexpr = 128,
+                  GR: tl.constexpr = 1,
                   FUSE_TOKEN: tl.constexpr = False, TOP_K_ROUTING: tl.constexpr = False,
                   ORTHOGONALIZE: tl.constexpr = True, NORMALIZE: tl.constexpr = True,
                   K: tl.constexpr = 1, BT: tl.constexpr = 1, EP: tl.constexpr = 1,
@@ -287,7 +320,7 @@ def shrink_kernel(x_ptr, r_ptr, a_ptr, w_ptr, h_ptr, l_ptr, b_ptr, gram_ptr,
         is_gram = pid < num_gram
     if is_gram:
         _gram_tile(b_ptr, gram_ptr, pid, E, rank, d_out, stride_be, stride_bd, stride_br,
-                   RP, ERP, GB, GD)
+                   RP, ERP, GB, GD, GR)
     else:
         tile = pid - num_gram
         n_tiles = tl.cdiv(N, BLOCK_N)
@@ -311,7 +344,7 @@ def shrink_kernel(x_ptr, r_ptr, a_ptr, w_ptr, h_ptr, l_ptr, b_ptr, gram_ptr,
         if FUSE_TOKEN:
             tl.debug_barrier()   # this program's H and logits stores are visible to all its threads
             for sub in range(0, BLOCK_M, BT):
-                _token_forward_block(h_ptr, l_ptr, g_ptr, z_ptr, pid_m * BLOCK_M + sub, T, E,
+                _token_forward_block(h_ptr, l_ptr, g_ptr, z_ptr, pid_m * BLOCK_M + sub, BT, T, E,
                                      top_k, eps, stride_ht, stride_lt, stride_zt, K,
                                      TOP_K_ROUTING, ORTHOGONALIZE, NORMALIZE, BT, EP, KP, RP, ERP)
 
@@ -363,8 +396,8 @@ def matmul_kernel(a_ptr, b_ptr, c_ptr, add_ptr, a2_ptr, b2_ptr, c2_ptr, gram_ptr
                   GROUP_M: tl.constexpr, PACKED_BK: tl.constexpr = False,
                   PACKED_BN: tl.constexpr = False, ROUTER: tl.constexpr = 0,
                   BLOCK_E: tl.constexpr = 16, RP: tl.constexpr = 1, ERP: tl.constexpr = 16,
-                  WITH_GRAM: tl.constexpr = False, GB: tl.constexpr = 16,
-                  GD: tl.constexpr = 16):
+                  WITH_GRAM: tl.constexpr = False, GB: tl.constexpr = 4,
+                  GD: tl.constexpr = 128, GR: tl.constexpr = 1):
     """C[s] = scale · A[:, K-slice s] B[K-slice s, :] (+ ADD), grid (gram + tiles, splits).
 
     With one split, C is the output (any dtype); with several, C is a partial buffer
@@ -384,7 +417,7 @@ def matmul_kernel(a_ptr, b_ptr, c_ptr, add_ptr, a2_ptr, b2_ptr, c2_ptr, gram_ptr
         is_gram = pid < num_gram
     if is_gram:
         _gram_tile(b_ptr, gram_ptr, pid, E, rank, d_out, stride_ge, stride_gd, stride_gr,
-                   RP, ERP, GB, GD)
+                   RP, ERP, GB, GD, GR)
     else:
         tile = pid - num_gram
         num_pid_m = tl.cdiv(M, BLOCK_M)

@@ -121,18 +121,12 @@ def _pow2_bucket(n: int) -> int:
     return next_pow2(max(1, n))
 
 
-def _gram_programs(L: Layout) -> int:
-    """Programs that build G = B_catᵀB_cat when appended to a GEMM launch (_gram_tile)."""
-    tiles = L.ERP // C.GRAM_TILE
-    return tiles * tiles
-
-
 def _gram_args(B: Optional[torch.Tensor], G: Optional[torch.Tensor], L: Layout, dummy):
     """(B, G, num_gram, d_out, B's strides) for the gram programs of a launch (none
     when G is None)."""
     if G is None:
         return dummy, dummy, 0, 0, (0, 0, 0)
-    return B, G, _gram_programs(L), B.shape[1], tuple(B.stride())
+    return B, G, C.gram_programs(L.ERP), B.shape[1], tuple(B.stride())
 
 
 # ----------------------------------------------------------------------------------------
@@ -250,7 +244,7 @@ def plan_matmul(a: torch.Tensor, b: torch.Tensor, L: Layout, ops: Operands, epi:
                 FP16_A=ops.fp16_a, DOT_KIND=kind, UPCAST=ops.upcast,
                 PACKED_BK=ops.packed in ("Bk", "Ak"), PACKED_BN=ops.packed == "Bn",
                 ROUTER=router, BLOCK_E=L.EPL, RP=L.RP, ERP=L.ERP, WITH_GRAM=num_gram > 0,
-                GB=C.GRAM_TILE)
+                **C.gram_rows(d_out, cfg.num_warps))
     tuned = target.autotunes(kind)
     grid = lambda m: (num_gram + triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),  # noqa: E731
                       splits)
@@ -310,10 +304,10 @@ def plan_shrink(x: torch.Tensor, router_input: Optional[torch.Tensor], A: torch.
         z = _empty((T, L.ERP), x.device, acc)
         G = token["G"]
         token_args = (G if G is not None else h, z, token["top_k"], float(token["eps"]), z.stride(0))
+        # A token per thread, blocks of the program's own rows (others' may be unwritten).
+        lanes = min(32 * (cfg.num_warps or 4), cfg.block_m)
         tcfg = C.TokenConfig.of(L, token["top_k"], token["orthogonalize"], token["normalize"])
-        # The epilogue must stay inside the program's own rows (another program's H rows
-        # may not be written yet).
-        tcfg = replace(tcfg, block_t=min(tcfg.block_t, cfg.block_m))
+        tcfg = replace(tcfg, block_t=lanes, num_warps=lanes // 32)
         token_meta = dict(tcfg.meta(), FUSE_TOKEN=True)
     gram_b, gram_g, num_gram, d_out, gram_strides = _gram_args(*(gram or (None, None)), L, h)
     args = (x, r, A, W, h, logits, gram_b, gram_g, T, D, L.ERP, L.num_experts, L.rank, d_out,
@@ -322,7 +316,7 @@ def plan_shrink(x: torch.Tensor, router_input: Optional[torch.Tensor], A: torch.
             A.stride(0), A.stride(1), A.stride(2), W.stride(0), W.stride(1),
             h.stride(0), logits.stride(0), *gram_strides) + token_args
     meta = dict(SEPARATE_ROUTER=router_input is not None, DOT_KIND=kind, UPCAST=upcast,
-                BLOCK_E=L.EPL, GB=C.GRAM_TILE, RP=L.RP, ERP=L.ERP)
+                BLOCK_E=L.EPL, RP=L.RP, ERP=L.ERP, **C.gram_rows(d_out, cfg.num_warps))
     meta.update(token_meta)
     n_tiles = triton.cdiv(L.ERP, cfg.block_n)
     if token is not None and (n_tiles != 1 or num_gram != 0):
@@ -403,27 +397,32 @@ def finalize_grads(pb: torch.Tensor, pa: torch.Tensor, pg: Optional[torch.Tensor
     return _run(plan_finalize_grads(pb, pa, pg, A, B, L, dtype))
 
 
-def plan_token_forward(h, logits, G, L: Layout, top_k, orthogonalize, normalize, eps):
+def plan_token_forward(h, logits, G, L: Layout, top_k, orthogonalize, normalize, eps,
+                       target: "Target"):
     """The launch of token_forward_kernel for `token_forward`, and z."""
     T = h.shape[0]
     z = _empty(h.shape, h.device, h.dtype)
-    cfg = C.TokenConfig.of(L, top_k, orthogonalize, normalize)
-    args = (h, logits, G if G is not None else h, z, T, L.num_experts, top_k, float(eps),
-            h.stride(0), logits.stride(0), z.stride(0))
+    cfg = C.TokenConfig.of(L, top_k, orthogonalize, normalize,
+                           C.tokens_per_program(T, target.num_sms, interpret=target.interpret))
+    args = (h, logits, G if G is not None else h, z, T, cfg.block_t, L.num_experts, top_k,
+            float(eps), h.stride(0), logits.stride(0), z.stride(0))
     grid = (triton.cdiv(T, cfg.block_t),)
     return Launch(K.token_forward_kernel, args, cfg.meta(), cfg.options(), grid, cfg), z
 
 
 def token_forward(h, logits, G, L: Layout, top_k, orthogonalize, normalize, eps):
-    return _run(plan_token_forward(h, logits, G, L, top_k, orthogonalize, normalize, eps))
+    return _run(plan_token_forward(h, logits, G, L, top_k, orthogonalize, normalize, eps,
+                                   Target.of(h.device)))
 
 
-def plan_token_backward(h, logits, G, dz, L: Layout, top_k, orthogonalize, normalize, eps):
+def plan_token_backward(h, logits, G, dz, L: Layout, top_k, orthogonalize, normalize, eps,
+                        target: "Target"):
     """The launch of token_backward_kernel for `token_backward`, and (z, dhl, ds)."""
     T = h.shape[0]
     z = _empty(h.shape, h.device, h.dtype)
     dhl = _empty((T, L.NW), h.device, h.dtype)
-    cfg = C.TokenConfig.of(L, top_k, orthogonalize, normalize)
+    cfg = C.TokenConfig.of(L, top_k, orthogonalize, normalize,
+                           C.tokens_per_program(T, target.num_sms, interpret=target.interpret))
     ds = None
     if orthogonalize:
         experts = _empty((T, cfg.KP), h.device, torch.int32) if cfg.top_k_routing else None
@@ -431,7 +430,7 @@ def plan_token_backward(h, logits, G, dz, L: Layout, top_k, orthogonalize, norma
     args = (h, logits, G if G is not None else h, dz, z, dhl,
             ds.values if ds is not None else h,
             ds.experts if ds is not None and ds.experts is not None else h,
-            T, L.num_experts, top_k, float(eps),
+            T, cfg.block_t, L.num_experts, top_k, float(eps),
             h.stride(0), logits.stride(0), dz.stride(0), z.stride(0), dhl.stride(0))
     grid = (triton.cdiv(T, cfg.block_t),)
     launch = Launch(K.token_backward_kernel, args, dict(cfg.meta(), EPL=L.EPL), cfg.options(),
@@ -442,7 +441,8 @@ def plan_token_backward(h, logits, G, dz, L: Layout, top_k, orthogonalize, norma
 def token_backward(h, logits, G, dz, L: Layout, top_k, orthogonalize, normalize, eps):
     """Z, dHL = [dH | dlogits | 0] ([T, NW]) and the SlotGrads of dS (or None):
     gram_grad turns them into (dG + dGᵀ)/2, and dG only enters as dG + dGᵀ."""
-    return _run(plan_token_backward(h, logits, G, dz, L, top_k, orthogonalize, normalize, eps))
+    return _run(plan_token_backward(h, logits, G, dz, L, top_k, orthogonalize, normalize, eps,
+                                    Target.of(h.device)))
 
 
 def plan_gram_grad(h, ds: SlotGrads, L: Layout, target: Target):
@@ -493,7 +493,7 @@ def plan_forward(x, A, B, router_weight, router_input, base_out, scaling, top_k,
         launches["shrink"], (h, logits, _) = plan_shrink(x, router_input, A, router_weight, L, kind,
                                                          upcast, target, gram=gram)
         launches["token_forward"], z = plan_token_forward(h, logits, G, L, top_k, orthogonalize,
-                                                          normalize, eps)
+                                                          normalize, eps, target)
     launches["expand"], y = plan_matmul(
         z, B, L, Operands(kind, upcast, "Bk", **C.a_operand_flags(kind, C.EXPAND_Z)),
         Epilogue(x.dtype, scaling, add=base_out), target)
@@ -535,7 +535,7 @@ def plan_backward(grad_y, x, A, B, router_weight, router_input, h, logits, scali
                                      Epilogue(acc, scaling, gram=(B, G) if G is not None else None),
                                      target)
     launches["token_backward"], (z, dhl, ds) = plan_token_backward(
-        h, logits, G, dz[0], L, top_k, orthogonalize, normalize, eps)
+        h, logits, G, dz[0], L, top_k, orthogonalize, normalize, eps, target)
     dG_partials = None   # [splits, ERP, ERP]
     if orthogonalize:
         launches["gram_grad"], dG_partials = plan_gram_grad(h, ds, L, target)

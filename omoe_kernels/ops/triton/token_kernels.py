@@ -5,7 +5,9 @@ gradient `dG` over the active expert pairs (Backward step 4).
 Layout: tokens on the fastest axis. Every per-token tensor is `[..., BT]` with
 `BT = 32 · num_warps` (configs.TokenConfig), so Triton's default blocked layout
 gives each thread one token and keeps every other axis in that thread's registers:
-reductions over experts, slots and ranks are register adds (no SHFL, no BAR). Every
+reductions over experts, slots and ranks are register adds (no SHFL, no BAR). A program
+takes `per_program` <= BT tokens (configs.tokens_per_program: enough programs for two
+waves over the SMs); the lanes past them idle. Every
 global load and store of the per-token kernels is a `[BT]` vector (one per column): for a
 multi-dimensional one Triton's coalescing pass picks the layout itself, and triton 3.6 put
 the other axis over lanes (python_tests/test_kernel_report.py checks the IR for this).
@@ -233,15 +235,18 @@ def _mgs_slots(S, eps, K: tl.constexpr, NORMALIZE: tl.constexpr, BT: tl.constexp
 
 
 @triton.jit
-def _token_setup(h_ptr, l_ptr, g_ptr, start, T, E, top_k, eps, stride_ht, stride_lt,
+def _token_setup(h_ptr, l_ptr, g_ptr, start, count, T, E, top_k, eps, stride_ht, stride_lt,
                  K: tl.constexpr, TOP_K_ROUTING: tl.constexpr, ORTHOGONALIZE: tl.constexpr,
                  NORMALIZE: tl.constexpr, BT: tl.constexpr, EP: tl.constexpr, KP: tl.constexpr,
                  RP: tl.constexpr, ERP: tl.constexpr):
-    """Load, route, Gram and MGS of BT tokens; coeff[s] = a of slot s ([KP, BT])."""
+    """Load, route, Gram and MGS of the `count` <= BT tokens from `start` (lane l holds
+    token start + l; lanes past count idle, as lanes past T); coeff[s] = a of slot s
+    ([KP, BT])."""
     # int64 tokens (int32 would do: row bases widen in _rows): with int32, ptxas spills
     # token_forward at llama7b-top2 (kernel_report shows it).
-    offs_t = start.to(tl.int64) + tl.arange(0, BT)
-    tok = offs_t < T
+    lane = tl.arange(0, BT)
+    offs_t = start.to(tl.int64) + lane
+    tok = (lane < count) & (offs_t < T)
     e2 = tl.arange(0, EP)[:, None]
     logits = _load_cols(_rows(l_ptr, offs_t, stride_lt), 0, tok, E, EP, BT)
     logits = tl.where(e2 < E, logits, float("-inf"))   # padding tokens keep finite logits
@@ -284,28 +289,30 @@ def _store_z(z_rows, rows, tok, active, idx, coeff, K: tl.constexpr,
 
 
 @triton.jit
-def _token_forward_block(h_ptr, l_ptr, g_ptr, z_ptr, start, T, E, top_k, eps,
+def _token_forward_block(h_ptr, l_ptr, g_ptr, z_ptr, start, count, T, E, top_k, eps,
                          stride_ht, stride_lt, stride_zt,
                          K: tl.constexpr, TOP_K_ROUTING: tl.constexpr,
                          ORTHOGONALIZE: tl.constexpr, NORMALIZE: tl.constexpr,
                          BT: tl.constexpr, EP: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr,
                          ERP: tl.constexpr):
     offs_t, tok, rows, active, idx, gates, coeff, C, SC, P, nsq = _token_setup(
-        h_ptr, l_ptr, g_ptr, start, T, E, top_k, eps, stride_ht, stride_lt, K, TOP_K_ROUTING,
-        ORTHOGONALIZE, NORMALIZE, BT, EP, KP, RP, ERP)
+        h_ptr, l_ptr, g_ptr, start, count, T, E, top_k, eps, stride_ht, stride_lt, K,
+        TOP_K_ROUTING, ORTHOGONALIZE, NORMALIZE, BT, EP, KP, RP, ERP)
     _store_z(_rows(z_ptr, offs_t, stride_zt), rows, tok, active, idx, coeff, K, TOP_K_ROUTING,
              BT, EP, KP, RP)
 
 
 @triton.jit
-def token_forward_kernel(h_ptr, l_ptr, g_ptr, z_ptr, T, E, top_k, eps,
+def token_forward_kernel(h_ptr, l_ptr, g_ptr, z_ptr, T, per_program, E, top_k, eps,
                          stride_ht, stride_lt, stride_zt,
                          K: tl.constexpr, TOP_K_ROUTING: tl.constexpr,
                          ORTHOGONALIZE: tl.constexpr, NORMALIZE: tl.constexpr,
                          BT: tl.constexpr, EP: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr,
                          ERP: tl.constexpr):
-    """Z[t] = a ⊙ h for a block of BT tokens (fp32 out, float64 inside)."""
-    _token_forward_block(h_ptr, l_ptr, g_ptr, z_ptr, tl.program_id(0) * BT, T, E, top_k, eps,
+    """Z[t] = a ⊙ h for the `per_program` (<= BT) tokens of this program (fp32 out,
+    float64 inside)."""
+    _token_forward_block(h_ptr, l_ptr, g_ptr, z_ptr, tl.program_id(0) * per_program,
+                         per_program, T, E, top_k, eps,
                          stride_ht, stride_lt, stride_zt, K, TOP_K_ROUTING, ORTHOGONALIZE,
                          NORMALIZE, BT, EP, KP, RP, ERP)
 
@@ -373,20 +380,20 @@ def _reverse_mgs(C, SC, P, nsq, dC, eps, K: tl.constexpr, NORMALIZE: tl.constexp
 
 @triton.jit
 def token_backward_kernel(h_ptr, l_ptr, g_ptr, dz_ptr, z_ptr, dhl_ptr, ds_ptr, slots_ptr,
-                          T, E, top_k, eps,
+                          T, per_program, E, top_k, eps,
                           stride_ht, stride_lt, stride_dzt, stride_zt, stride_dhlt,
                           K: tl.constexpr, TOP_K_ROUTING: tl.constexpr,
                           ORTHOGONALIZE: tl.constexpr, NORMALIZE: tl.constexpr,
                           BT: tl.constexpr, EP: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr,
                           ERP: tl.constexpr, EPL: tl.constexpr):
-    """Per-token reverse. Writes Z (recomputed), dH into dHL[:, :ERP], dlogits into
+    """Per-token reverse of the `per_program` (<= BT) tokens of this program. Writes Z (recomputed), dH into dHL[:, :ERP], dlogits into
     dHL[:, ERP:ERP+E] (zeros up to ERP+EPL), and, when orthogonalizing, the symmetric
     part (dS + dSᵀ)/2 of dS per slot pair into ds [T, KP, KP] (float64; zeros in padding
     slots; dG only enters as dG + dGᵀ, which is the same from either) and, under top-k,
     the expert of each slot into slots [T, KP] (int32, -1 in padding slots)."""
     offs_t, tok, rows, active, idx, gates, coeff, C, SC, P, nsq = _token_setup(
-        h_ptr, l_ptr, g_ptr, tl.program_id(0) * BT, T, E, top_k, eps, stride_ht, stride_lt, K,
-        TOP_K_ROUTING, ORTHOGONALIZE, NORMALIZE, BT, EP, KP, RP, ERP)
+        h_ptr, l_ptr, g_ptr, tl.program_id(0) * per_program, per_program, T, E, top_k, eps,
+        stride_ht, stride_lt, K, TOP_K_ROUTING, ORTHOGONALIZE, NORMALIZE, BT, EP, KP, RP, ERP)
     _store_z(_rows(z_ptr, offs_t, stride_zt), rows, tok, active, idx, coeff, K, TOP_K_ROUTING,
              BT, EP, KP, RP)
     sk = tl.arange(0, KP)[:, None]

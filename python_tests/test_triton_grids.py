@@ -1,0 +1,82 @@
+"""The Triton step's launch grids at the GPU shapes of docs/contract.md §6, from the
+launchers' own plans on meta tensors sized for an H200 (132 SMs; no GPU, no interpreter):
+the per-token kernels fill the GPU and the programs that build G = B_catᵀB_cat loop over
+d_out in a few trips."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+
+pytest.importorskip("triton")
+
+from omoe_kernels.ops.triton import configs as C  # noqa: E402
+from omoe_kernels.testing.shapes import SHAPES  # noqa: E402
+from omoe_kernels.tools import kernel_model as M  # noqa: E402
+
+GPU_SHAPES = ("llama7b", "llama7b-top2", "wide")
+
+
+def _launches(name: str, num_tokens: int | None = None) -> dict:
+    import torch
+
+    from omoe_kernels.tools.kernel_report import _step_launches
+
+    shape = SHAPES[name]
+    if num_tokens is not None:
+        shape = dataclasses.replace(shape, num_tokens=num_tokens)
+    return _step_launches(shape, torch.bfloat16)
+
+
+def _programs(launch) -> int:
+    grid = launch.grid(dict(launch.meta, **launch.config.meta())) if callable(launch.grid) \
+        else launch.grid
+    return math.prod(grid)
+
+
+@pytest.mark.parametrize("name", GPU_SHAPES)
+@pytest.mark.parametrize("num_tokens, waves", [(8192, 2), (2048, 1)])
+def test_per_token_kernels_fill_the_gpu(name, num_tokens, waves):
+    """At least two waves of programs over 132 SMs at T = 8192, one at T = 2048, each
+    program at most one token per lane."""
+    launches = _launches(name, num_tokens)
+    for kernel in ("token_forward", "token_backward"):
+        launch = launches[kernel]
+        per_program = launch.arg("per_program")
+        assert 1 <= per_program <= launch.meta["BT"] == 32 * launch.options["num_warps"]
+        assert _programs(launch) == math.ceil(num_tokens / per_program)
+        assert _programs(launch) >= waves * M.H200_SMS, (kernel, _programs(launch))
+
+
+@pytest.mark.parametrize("name", GPU_SHAPES)
+def test_gram_programs_loop_over_d_out_in_few_trips(name):
+    """The programs appended to the shrink and dZ launches build one tile of the upper
+    triangle of G each, and walk d_out in at most 32 trips."""
+    launches = _launches(name)
+    d_out = SHAPES[name].d_model
+    for kernel in ("shrink", "dZ"):
+        launch = launches[kernel]
+        meta, erp = launch.meta, launch.meta["ERP"]
+        tiles = erp // meta["GB"]
+        assert launch.arg("num_gram") == tiles * (tiles + 1) // 2 == C.gram_programs(erp)
+        assert meta["GD"] == 32 * launch.config.num_warps   # one row per thread
+        trips = math.ceil(d_out / (meta["GD"] * meta["GR"]))
+        assert trips <= 32 and trips == C.gram_trips(d_out, launch.config.num_warps), (kernel, trips)
+
+
+@pytest.mark.parametrize("d_out", [1, 37, 4096, 11008, 65536])
+@pytest.mark.parametrize("num_warps", [None, 4, 8])
+def test_gram_rows_bound_the_trips(d_out, num_warps):
+    rows = C.gram_rows(d_out, num_warps)
+    assert rows["GD"] == 32 * (num_warps or 4) and rows["GR"] >= 1
+    assert C.gram_trips(d_out, num_warps) <= C.GRAM_TRIPS
+
+
+def test_tokens_per_program():
+    assert C.tokens_per_program(8192, 132) == 31
+    assert C.tokens_per_program(2048, 132) == 7
+    assert C.tokens_per_program(10 ** 6, 132) == C.TOKEN_BLOCK
+    assert C.tokens_per_program(5, 132) == 1
+    assert C.tokens_per_program(101, 4, interpret=True) == 32
+    assert C.tokens_per_program(33, 4, interpret=True) == 17
