@@ -51,8 +51,8 @@ def omoe_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, router_weight: 
         function = backend_function("reference")
     else:
         function = _backend(backend, x.device, problem.top_k)[1]
-    if x.dim() == 2:  # already [T, d_in]: no reshapes
-        return function(x, A, B, router_weight, router_input, base_out, problem)
+    # Reshaped even when already 2-D: the view gives autograd's gradient accumulation a
+    # tensor of its own to take, where the op's output alone would be copied into x.grad.
     x2d = x.reshape(T, d_in)
     router2d = None if router_input is None else router_input.reshape(T, d_in)
     base2d = None if base_out is None else base_out.reshape(T, problem.d_out)
