@@ -283,8 +283,9 @@ def dz_with_and_without_g(stage: Stage, name: str) -> dict:
 
 
 def token_program_sizes(stage: Stage, name: str) -> dict:
-    """token_forward and token_backward at their default tokens per program (BT) and at
-    half of it (half the warps): the launcher's own plan, with BT and the grid changed."""
+    """token_forward and token_backward at their default tokens per program
+    (configs.tokens_per_program, a run-time argument) and at half of it (twice the
+    programs): the launcher's own plan, with that argument and the grid changed."""
     import triton
 
     from omoe_kernels.ops.triton import launch as L
@@ -304,17 +305,17 @@ def token_program_sizes(stage: Stage, name: str) -> dict:
         for j in range(E):
             block = (B_cat[:, i * r:(i + 1) * r].double().t() @ B_cat[:, j * r:(j + 1) * r].double())
             G[i * lay.RP:i * lay.RP + r, j * lay.RP:j * lay.RP + r] = block
-    args = (lay, top_k, True, True, 1e-6)
+    args = (lay, top_k, True, True, 1e-6, L.Target.of(h.device))
     plans = dict(forward=L.plan_token_forward(h, logits, G, *args)[0],
                  backward=L.plan_token_backward(h, logits, G, dz, *args)[0])
     out = {}
     for which, launch in plans.items():
-        bt = launch.meta["BT"]
-        for size in (bt, bt // 2):
-            warps = max(1, size // 32)
-            variant = replace(launch, meta=dict(launch.meta, BT=size),
-                              options=dict(launch.options, num_warps=warps),
+        block_t = launch.config.block_t
+        for size in sorted({block_t, max(1, block_t // 2)}, reverse=True):
+            at = launch.kernel.arg_names.index("per_program")  # the run-time tokens per program
+            variant = replace(launch, args=launch.args[:at] + (size,) + launch.args[at + 1:],
                               grid=(triton.cdiv(T, size),))
+            warps = launch.options["num_warps"]
             if not stage.dry_run:
                 variant.run()
             out[f"{which}_bt{size}"] = dict(us=median_us(variant.run, stage.device),

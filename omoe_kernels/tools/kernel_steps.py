@@ -50,7 +50,7 @@ def with_launch(launch, work: Optional[Work]) -> Optional[Work]:
         loop = M.gemm_loop(k, p("BLOCK_M"), p("BLOCK_N"), p("BLOCK_K"))
         num_gram = p("num_gram") or 0
         if num_gram and appended is not None:
-            rows = p("GD") or 16
+            rows = (p("GD") or 16) * (p("GR") or 1)  # rows of B one trip covers
             appended = replace(appended, programs=num_gram,
                                loop=M.gram_loop(p("d_out"), rows, p("GB") or 16, threads))
             programs -= num_gram
