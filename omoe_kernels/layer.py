@@ -14,6 +14,7 @@ from torch import nn
 
 from .bases import base_forward, check_base, dispatch
 from .functional import omoe_lora
+from .mixed import omoe_lora_mixed
 from .options import FUNCTION_OPTIONS, check_adapter_name, option_parameters, options_from_keywords
 from .router_stats import RouterStats, record_router_logits, recorded_router_stats
 
@@ -74,6 +75,9 @@ class OMoELinear(nn.Module):
         # Named adapters (docs/integration.md): a second adapter on the same layer wraps
         # this one; `adapter_enabled` False makes the layer compute exactly `base(x)`.
         self.adapter_name, self.adapter_enabled = check_adapter_name(adapter_name), True
+        # A batch of several adapters (adapters/mixed.py sets it on a stack's outermost
+        # layer): (the stack's adapters in the batch, each sample's index into them).
+        self.sample_adapters: tuple | None = None
         E, r = num_experts, rank
         self.lora_A = nn.Parameter(torch.empty(E, r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(E, self.out_features, r, **factory))
@@ -97,6 +101,8 @@ class OMoELinear(nn.Module):
         return {name: getattr(self, name) for name in FUNCTION_OPTIONS}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sample_adapters is not None:
+            return mixed_forward(self, x)
         base_out = base_forward(self.base, x)
         if not self.adapter_enabled:
             return base_out
@@ -125,7 +131,7 @@ class OMoELinear(nn.Module):
         # The recorded logits belong to one forward pass (and carry its graph, which
         # deepcopy and pickle refuse): copies start without them.
         state = super().__getstate__()
-        state["_router_logits"] = None
+        state["_router_logits"] = state["sample_adapters"] = None
         return state
 
     @property
@@ -141,6 +147,35 @@ class OMoELinear(nn.Module):
                 f"routing={routing}, orthogonalize={self.orthogonalize}, "
                 f"normalize={self.normalize}, backend={self.backend!r}, "
                 f"trainable={sum(p.numel() for p in self.parameters() if p.requires_grad):,}")
+
+
+def mixed_forward(layer: OMoELinear, x: torch.Tensor) -> torch.Tensor:
+    """The stack under `layer` with each sample of x ([batch, ..., d_in]) running its own
+    adapter (`layer.sample_adapters`, set by adapters/mixed.py's `adapter_batch`)."""
+    layers, sample_index = layer.sample_adapters
+    base_out = base_forward(innermost_base(layer), x)
+    if not layers:
+        return base_out
+    if x.dim() < 2 or x.shape[0] != sample_index.shape[0]:
+        raise ValueError(f"a batch of {sample_index.shape[0]} adapter names reached a layer "
+                         f"whose input has shape {tuple(x.shape)}: give one adapter name per "
+                         "sample (dim 0 of the input), with num_beams and "
+                         "num_return_sequences 1 under generate")
+    first = layers[0]
+    param_dtype = first.lora_A.dtype
+    autocasting = torch.is_autocast_enabled(x.device.type)
+    dtype = compute_dtype(param_dtype, x.device.type) if autocasting else param_dtype
+    A, B, W = ([getattr(m, t).to(dtype) for m in layers] for t in ADAPTER_TENSORS)
+    x_c = x if x.dtype == dtype else x.to(dtype)
+    out_dtype = base_out.dtype
+    with torch.autocast(x.device.type, enabled=False) if autocasting else _NO_CONTEXT:
+        y = omoe_lora_mixed(x_c, A, B, W, sample_index.to(x.device),
+                            scaling=[m.scaling for m in layers], top_k=first.top_k,
+                            orthogonalize=first.orthogonalize, normalize=first.normalize,
+                            eps=first.eps,
+                            base_out=base_out if out_dtype == dtype else base_out.to(dtype),
+                            backend=first.backend)
+    return y if dtype != param_dtype or y.dtype == out_dtype else y.to(out_dtype)
 
 
 # `OMoELinear(base, num_experts, rank, *, alpha=None, ...)`: the options with their

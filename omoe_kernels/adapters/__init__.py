@@ -1,5 +1,5 @@
 """Adapters in a user's model, peft-style: `OMoEConfig`, `inject`, named adapters,
-adapter files and directories (docs/integration.md)."""
+batches of several adapters, adapter files and directories (docs/integration.md)."""
 from .config import OMoEConfig
 from .files import (
                     ADAPTER_FORMAT,
@@ -13,6 +13,7 @@ from .files import (
 )
 from .model import (
                     active_adapter,
+                    adapter_batch,
                     adapter_layers,
                     adapter_names,
                     adapters_enabled,
@@ -33,7 +34,7 @@ from .model import (
 )
 
 __all__ = ["ADAPTER_FORMAT", "ADAPTER_FORMAT_VERSION", "OMoEConfig", "active_adapter",
-           "adapter_layers", "adapter_names", "adapter_state_dict", "adapters_enabled",
+           "adapter_batch", "adapter_layers", "adapter_names", "adapter_state_dict", "adapters_enabled",
            "disable_adapter", "disable_adapters", "enable_adapters", "from_pretrained", "inject", "load_adapter",
            "load_balancing_loss", "mark_trainable", "omoe_layers", "print_trainable_parameters",
            "read_adapter_config", "remove", "router_stats", "save_adapter", "save_pretrained",

@@ -22,9 +22,9 @@ from ..layer import ADAPTER_TENSORS, OMoELinear
 from ..options import resolve_aliases
 from ..router_stats import RouterStats, clear_router_stats
 from .config import OMoEConfig
+from .mixed import STATE_ATTR, batch_context, install_batch_hooks, remove_batch_hooks
 from .targets import cannot_wrap, check_backend_device, is_peft_module, saved_module_names, target_names
 
-STATE_ATTR = "_omoe_inject_state"  # on the root module: adapters, active one, flags to restore
 HF_CONFIG_ATTR = "omoe"  # on a Hugging Face model's config: saved into config.json
 
 
@@ -323,8 +323,11 @@ def inject(model: nn.Module, target_modules: OMoEConfig | list[str] | str, *,
                 root.get_submodule(name).requires_grad_(True)
         vars(root)[STATE_ATTR] = state
         _sync_hf_config(root, state)
+        install_batch_hooks(root)
     except BaseException:
         rollback.undo()
+        if first:
+            remove_batch_hooks(root)
         raise
     return model
 
@@ -474,10 +477,22 @@ def remove(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
                     p.requires_grad_(flags[pname])
             vars(root).pop(STATE_ATTR)
             _sync_hf_config(root, None)
+            remove_batch_hooks(root)
     except BaseException:
         rollback.undo()
         raise
     return model
+
+
+@contextlib.contextmanager
+def adapter_batch(model: nn.Module, adapter_names) -> Iterator[nn.Module]:
+    """`with ok.adapter_batch(model, ["a", "b", "__base__"]): model(input_ids)` runs sample
+    i with adapter `adapter_names[i]` ("__base__": no adapter), all in one batch, as
+    `model(input_ids, adapter_names=...)` does. Inference only (eval mode); the adapters
+    on a layer must share num_experts, rank and routing. Runs on the `cpu` and
+    `reference` backends (omoe_kernels/mixed.py)."""
+    with batch_context(_check_model(model), adapter_names):
+        yield model
 
 
 # --------------------------------------------------------------------------- counting, stats

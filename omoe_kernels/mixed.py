@@ -1,0 +1,189 @@
+"""Several OMoE adapters in one batch: `omoe_lora_mixed` (docs/integration.md, "Serving
+several adapters").
+
+Every token carries an adapter index into stacked adapters (A [N, E, r, d_in], B [N, E,
+d_out, r], router_weight [N, E, d_in]); -1 means "no adapter" (the token gets `base_out`,
+or 0). The adapters share E, r and the routing options; each has its own scaling.
+
+Backends:
+- `reference`: the plain loop over adapters (the oracle, every dtype and autograd mode);
+- `cpu`: grouped. One stable sort by adapter makes each adapter's tokens a contiguous
+  segment; each non-empty segment runs the compiled single-adapter op (its own G per
+  token, as in the single-adapter path), and one gather puts the rows back in order.
+  The calls grow with the adapters present in the batch, not with the tokens.
+- `triton`, `cuda`: no grouped kernels; a mixed call raises an error that names the
+  backends that take it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence, Union
+
+import torch
+
+from ._validate import check_inputs
+from .backends import backend_function, resolve_backend
+from .ops.problem import Problem
+from .reference import omoe_lora_reference
+
+NO_ADAPTER = -1
+MIXED_BACKENDS = ("cpu", "reference")
+
+TensorOrStack = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+def _unstack(name: str, t: TensorOrStack, ndim: int) -> tuple[torch.Tensor, ...]:
+    """A stacked [N, ...] tensor or a sequence of N tensors -> N tensors (views, no copy)."""
+    if isinstance(t, torch.Tensor):
+        if t.dim() != ndim + 1:
+            raise ValueError(f"`{name}` must be {ndim + 1}-D (N adapters stacked on dim 0), "
+                             f"got shape {tuple(t.shape)}")
+        parts = tuple(t.unbind(0))
+    elif isinstance(t, (list, tuple)) and all(isinstance(p, torch.Tensor) for p in t):
+        parts = tuple(t)
+    else:
+        raise TypeError(f"`{name}` must be a tensor with the adapters stacked on dim 0, or a "
+                        f"list of tensors, got {type(t).__name__}")
+    if not parts:
+        raise ValueError(f"`{name}` must hold at least one adapter")
+    return parts
+
+
+def _scalings(scaling, count: int) -> tuple:
+    if isinstance(scaling, (list, tuple)):
+        if len(scaling) != count:
+            raise ValueError(f"`scaling` must be one number or one per adapter ({count}), "
+                             f"got {len(scaling)}")
+        return tuple(scaling)
+    return (scaling,) * count
+
+
+def check_adapter_index(adapter_index, lead: tuple, count: int) -> torch.Tensor:
+    """adapter_index: integers in [-1, count), shaped like x's leading dims or [x.shape[0]]
+    (one per sample); returns it flattened to [T] as int64."""
+    if not isinstance(adapter_index, torch.Tensor) or adapter_index.is_floating_point() \
+            or adapter_index.dtype in (torch.bool, torch.complex64, torch.complex128):
+        raise TypeError("`adapter_index` must be an integer tensor (-1 = no adapter), got "
+                        f"{type(adapter_index).__name__} "
+                        f"{getattr(adapter_index, 'dtype', '')}".rstrip())
+    shape = tuple(adapter_index.shape)
+    if shape != lead:
+        if len(shape) == 1 and lead and shape[0] == lead[0]:
+            view = adapter_index.reshape(shape + (1,) * (len(lead) - 1))
+            adapter_index = view.expand(lead)
+        else:
+            raise ValueError(f"`adapter_index` must have shape {lead} (x's leading dims) or "
+                             f"({lead[0] if lead else 1},) (one per sample), got {shape}")
+    flat = adapter_index.reshape(-1).to(torch.int64)
+    if flat.numel() and (int(flat.min()) < NO_ADAPTER or int(flat.max()) >= count):
+        raise ValueError(f"`adapter_index` must hold values in [-1, {count}) (-1 = no "
+                         f"adapter; {count} adapters), got values in [{int(flat.min())}, "
+                         f"{int(flat.max())}]")
+    return flat
+
+
+def omoe_lora_mixed(x: torch.Tensor, A: TensorOrStack, B: TensorOrStack,
+                    router_weight: TensorOrStack, adapter_index: torch.Tensor, *,
+                    scaling: Union[float, Sequence[float]] = 1.0, top_k: Optional[int] = None,
+                    orthogonalize: bool = True, normalize: bool = True, eps: float = 1e-6,
+                    base_out: Optional[torch.Tensor] = None,
+                    router_input: Optional[torch.Tensor] = None,
+                    backend: str = "auto") -> torch.Tensor:
+    """`omoe_lora` with N adapters in one batch, each token running its own.
+
+    x: [..., d_in]; A: [N, E, r, d_in]; B: [N, E, d_out, r]; router_weight: [N, E, d_in]
+    (stacked, or lists of N per-adapter tensors); adapter_index: x's leading dims or one
+    per sample ([x.shape[0]]), values in [-1, N), -1 = no adapter; scaling: one number or
+    one per adapter. Token t gets `omoe_lora` of adapter adapter_index[t] alone; a token
+    with no adapter gets base_out (or 0).
+    """
+    As, Bs, Ws = _unstack("A", A, 3), _unstack("B", B, 3), _unstack("router_weight", router_weight, 2)
+    count = len(As)
+    if len(Bs) != count or len(Ws) != count:
+        raise ValueError(f"`A`, `B` and `router_weight` must hold the same number of adapters, "
+                         f"got {count}, {len(Bs)} and {len(Ws)}")
+    scalings = _scalings(scaling, count)
+    problems = [check_inputs(x, As[n], Bs[n], Ws[n], scaling=scalings[n], top_k=top_k,
+                             orthogonalize=orthogonalize, normalize=normalize, eps=eps,
+                             base_out=base_out, router_input=router_input)
+                for n in range(count)]
+    first = problems[0]
+    for n, p in enumerate(problems[1:], 1):
+        if (p.num_experts, p.rank, p.d_out) != (first.num_experts, first.rank, first.d_out):
+            raise ValueError(f"adapter {n} has (E, r, d_out) = {(p.num_experts, p.rank, p.d_out)}"
+                             f" but adapter 0 has {(first.num_experts, first.rank, first.d_out)}:"
+                             " a mixed batch needs adapters of the same shape")
+    lead = tuple(x.shape[:-1])
+    index = check_adapter_index(adapter_index, lead, count)
+    name = resolve_mixed_backend(backend, x.device, first.top_k)
+    T, d_in, d_out = first.num_tokens, first.d_in, first.d_out
+    x2d = x.reshape(T, d_in)
+    router2d = None if router_input is None else router_input.reshape(T, d_in)
+    base2d = None if base_out is None else base_out.reshape(T, d_out)
+    run = mixed_reference if name == "reference" or T == 0 else mixed_grouped
+    y = run(x2d, As, Bs, Ws, router2d, base2d, index, problems)
+    return y.reshape(lead + (d_out,))
+
+
+def resolve_mixed_backend(backend: str, device: torch.device, active_experts: int) -> str:
+    """The backend of a mixed call: `cpu` or `reference`; ValueError for one without
+    grouped kernels (no silent per-adapter loop on a GPU backend)."""
+    name = resolve_backend(backend, device, active_experts)
+    if name not in MIXED_BACKENDS:
+        raise ValueError(f"backend {name!r} has no kernels for a batch of several adapters; "
+                         f"mixed batches run on {list(MIXED_BACKENDS)} (`cpu` for CPU tensors, "
+                         "`reference` anywhere): pass backend='reference' or run on the CPU")
+    return name
+
+
+def _segment_problem(p: Problem, tokens: int) -> Problem:
+    return dataclasses.replace(p, num_tokens=tokens)
+
+
+def mixed_reference(x, As, Bs, Ws, router_input, base_out, index, problems) -> torch.Tensor:
+    """The oracle: each adapter's tokens through the reference backend, one adapter at a time."""
+    T, d_out = x.shape[0], problems[0].d_out
+    y = base_out if base_out is not None else x.new_zeros((T, d_out))
+    for n, p in enumerate(problems):
+        rows = (index == n).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        part = omoe_lora_reference(
+            x.index_select(0, rows), As[n], Bs[n], Ws[n],
+            None if router_input is None else router_input.index_select(0, rows),
+            None if base_out is None else base_out.index_select(0, rows),
+            _segment_problem(p, rows.numel()))
+        y = y.index_copy(0, rows, part)
+    return y
+
+
+def mixed_grouped(x, As, Bs, Ws, router_input, base_out, index, problems) -> torch.Tensor:
+    """Sort by adapter, one compiled call per non-empty adapter segment, gather back."""
+    function = backend_function("cpu")
+    T, d_out, count = x.shape[0], problems[0].d_out, len(problems)
+    sizes = torch.bincount(index + 1, minlength=count + 1).tolist()  # [no adapter, 0, 1, ...]
+    present = [n for n in range(count) if sizes[n + 1]]
+    if len(present) == 1 and sizes[present[0] + 1] == T:  # one adapter: no permutation
+        n = present[0]
+        return function(x, As[n], Bs[n], Ws[n], router_input, base_out, problems[n])
+    order = torch.argsort(index, stable=True)
+    xs = x.index_select(0, order)
+    rs = None if router_input is None else router_input.index_select(0, order)
+    bs = None if base_out is None else base_out.index_select(0, order)
+    pieces, start = [], 0
+    for n in range(NO_ADAPTER, count):
+        size = sizes[n + 1]
+        if size == 0:
+            continue
+        end = start + size
+        base_seg = None if bs is None else bs[start:end]
+        if n == NO_ADAPTER:
+            pieces.append(base_seg if base_seg is not None else x.new_zeros((size, d_out)))
+        else:
+            pieces.append(function(xs[start:end], As[n], Bs[n], Ws[n],
+                                   None if rs is None else rs[start:end], base_seg,
+                                   _segment_problem(problems[n], size)))
+        start = end
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(T, device=order.device)
+    return torch.cat(pieces).index_select(0, inverse)
