@@ -75,9 +75,6 @@ class OMoELinear(nn.Module):
         # Named adapters (docs/integration.md): a second adapter on the same layer wraps
         # this one; `adapter_enabled` False makes the layer compute exactly `base(x)`.
         self.adapter_name, self.adapter_enabled = check_adapter_name(adapter_name), True
-        # A batch of several adapters (adapters/mixed.py sets it on a stack's outermost
-        # layer): (the stack's adapters in the batch, each sample's index into them).
-        self.sample_adapters: tuple | None = None
         E, r = num_experts, rank
         self.lora_A = nn.Parameter(torch.empty(E, r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(E, self.out_features, r, **factory))
@@ -147,6 +144,11 @@ class OMoELinear(nn.Module):
                 f"routing={routing}, orthogonalize={self.orthogonalize}, "
                 f"normalize={self.normalize}, backend={self.backend!r}, "
                 f"trainable={sum(p.numel() for p in self.parameters() if p.requires_grad):,}")
+
+
+# A batch of several adapters, set on a stack's outermost layer by adapters/mixed.py: (the
+# stack's adapters in the batch, each sample's index into them), or None.
+OMoELinear.sample_adapters = None
 
 
 def mixed_forward(layer: OMoELinear, x: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from ._validate import check_inputs
-from .backends import backend_function, resolve_backend
+from .backends import REGISTRY, backend_function, resolve_backend
 from .ops.problem import Problem
 from .reference import omoe_lora_reference
 
@@ -128,12 +128,12 @@ def omoe_lora_mixed(x: torch.Tensor, A: TensorOrStack, B: TensorOrStack,
 def resolve_mixed_backend(backend: str, device: torch.device, active_experts: int) -> str:
     """The backend of a mixed call: `cpu` or `reference`; ValueError for one without
     grouped kernels (no silent per-adapter loop on a GPU backend)."""
-    name = resolve_backend(backend, device, active_experts)
+    name = backend if backend in REGISTRY else resolve_backend(backend, device, active_experts)
     if name not in MIXED_BACKENDS:
         raise ValueError(f"backend {name!r} has no kernels for a batch of several adapters; "
                          f"mixed batches run on {list(MIXED_BACKENDS)} (`cpu` for CPU tensors, "
                          "`reference` anywhere): pass backend='reference' or run on the CPU")
-    return name
+    return resolve_backend(name, device, active_experts)
 
 
 def _segment_problem(p: Problem, tokens: int) -> Problem:

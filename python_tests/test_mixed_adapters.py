@@ -1,0 +1,254 @@
+"""Several adapters in one batch (docs/integration.md, "Serving several adapters").
+
+- `ok.omoe_lora_mixed` on every backend that takes it (`cpu`, `reference`): each
+  sample's output and every gradient equal the float64 runs of that sample alone with its
+  adapter (docs/contract.md §2's rows), with "no adapter" samples and an adapter that
+  no sample uses; the backends without grouped kernels raise an error naming those that
+  take it.
+- A model with several injected adapters: `model(ids, adapter_names=...)` equals the
+  per-adapter runs, `model.generate(..., adapter_names=...)` equals per-adapter generation
+  token for token, and bad input raises.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import omoe_kernels as ok
+from helpers import ACCURACY_ROWS, BACKENDS, DEVICE, assert_rel_close, make_problem, random_grad
+
+MIXED = ("cpu", "reference")
+SAMPLES, TOKENS, D_IN, D_OUT, E, R = 4, 6, 20, 18, 4, 3
+# Adapter 1 of 3 is in no sample; sample 1 takes no adapter.
+INDEX = [2, -1, 0, 2]
+VARIANTS = {"dense": (dict(top_k=None), False), "topk": (dict(top_k=2), True)}
+
+
+def _stacked(dtype, with_router_input):
+    problems = [make_problem(lead_shape=(SAMPLES, TOKENS), d_in=D_IN, d_out=D_OUT,
+                             num_experts=E, rank=R, dtype=dtype, seed=40 + n,
+                             with_router_input=with_router_input) for n in range(3)]
+    first = problems[0]
+    stack = {name: torch.stack([getattr(p, name) for p in problems])
+             for name in ("A", "B", "router_weight")}
+    return dict(x=first.x, base_out=first.base_out, router_input=first.router_input, **stack)
+
+
+def _leaves(inputs, dtype=None):
+    return {n: None if t is None else t.detach().to(dtype or t.dtype).requires_grad_(True)
+            for n, t in inputs.items()}
+
+
+def _mixed(inputs, backend, grad_y, scaling, **options):
+    t = _leaves(inputs)
+    y = ok.omoe_lora_mixed(t["x"], t["A"], t["B"], t["router_weight"],
+                           torch.tensor(INDEX, device=DEVICE), scaling=scaling,
+                           base_out=t["base_out"], router_input=t["router_input"],
+                           backend=backend, **options)
+    y.backward(grad_y)
+    return y.detach(), {n: v.grad for n, v in t.items() if v is not None}
+
+
+def _per_sample_oracle(inputs, grad_y, scaling, **options):
+    """Each sample alone, in float64, with its adapter through `omoe_lora` (or base_out)."""
+    t = _leaves(inputs, torch.float64)
+    rows = []
+    for i, n in enumerate(INDEX):
+        if n < 0:
+            rows.append(t["base_out"][i])
+            continue
+        router = None if t["router_input"] is None else t["router_input"][i]
+        rows.append(ok.omoe_lora(t["x"][i], t["A"][n], t["B"][n], t["router_weight"][n],
+                                 scaling=scaling[n], base_out=t["base_out"][i],
+                                 router_input=router, backend="reference", **options))
+    y = torch.stack(rows)
+    y.backward(grad_y.to(torch.float64))
+    return y.detach(), {n: v.grad for n, v in t.items() if v is not None}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("row", [r for r in ACCURACY_ROWS if "collapse" not in r])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_batch_matches_each_sample_alone(backend, row, variant):
+    dtype, _, fwd_tol, grad_tol = ACCURACY_ROWS[row]
+    options, with_router_input = VARIANTS[variant]
+    inputs = _stacked(dtype, with_router_input)
+    scaling = [0.75, 2.0, 1.5]
+    grad_y = random_grad((SAMPLES, TOKENS, D_OUT), dtype)
+    if backend not in MIXED:
+        with pytest.raises(ValueError, match=r"mixed batches run on \['cpu', 'reference'\]"):
+            _mixed(inputs, backend, grad_y, scaling, **options)
+        return
+    y, grads = _mixed(inputs, backend, grad_y, scaling, **options)
+    y_ref, grads_ref = _per_sample_oracle(inputs, grad_y, scaling, **options)
+    assert y.dtype == dtype and y.shape == y_ref.shape
+    assert_rel_close(y, y_ref, fwd_tol, f"{backend} forward")
+    assert torch.equal(y[1], inputs["base_out"][1]), "a sample with no adapter gets base_out"
+    assert set(grads) == set(grads_ref)
+    for name, g in grads.items():
+        assert g.dtype == dtype
+        if grad_tol is not None:
+            assert_rel_close(g, grads_ref[name], grad_tol, f"{backend} grad {name}")
+    assert not grads["A"][1].any() and not grads["B"][1].any(), "unused adapter: zero grads"
+    assert not grads["x"][1].any(), "no adapter: no gradient into x"
+
+
+@pytest.mark.parametrize("backend", MIXED)
+def test_float64_matches_per_sample_runs_of_the_same_backend(backend):
+    """Tight: the grouped permutation and segments change nothing beyond rounding."""
+    inputs = _stacked(torch.float64, False)
+    grad_y = random_grad((SAMPLES, TOKENS, D_OUT), torch.float64)
+    y, grads = _mixed(inputs, backend, grad_y, [1.0, 1.0, 1.0], top_k=2)
+    y_ref, grads_ref = _per_sample_oracle(inputs, grad_y, [1.0, 1.0, 1.0], top_k=2)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-10, atol=1e-12)
+
+
+def test_per_token_index_and_list_inputs():
+    """adapter_index per token ([..]) and per-adapter lists give the per-sample answer."""
+    inputs = _stacked(torch.float64, False)
+    per_token = torch.tensor(INDEX).repeat_interleave(TOKENS).reshape(SAMPLES, TOKENS)
+    per_token[0, :2] = 0  # mixes adapters inside one sample
+    want = torch.empty(SAMPLES, TOKENS, D_OUT, dtype=torch.float64)
+    for i in range(SAMPLES):
+        for j in range(TOKENS):
+            n = int(per_token[i, j])
+            want[i, j] = inputs["base_out"][i, j] if n < 0 else ok.omoe_lora(
+                inputs["x"][i, j:j + 1], inputs["A"][n], inputs["B"][n],
+                inputs["router_weight"][n], base_out=inputs["base_out"][i, j:j + 1],
+                backend="reference")[0]
+    for backend in MIXED:
+        got = ok.omoe_lora_mixed(inputs["x"], list(inputs["A"]), list(inputs["B"]),
+                                 list(inputs["router_weight"]), per_token,
+                                 base_out=inputs["base_out"], backend=backend)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_backends_without_grouped_kernels_name_those_with(backend):
+    inputs = _stacked(torch.float32, False)
+    with pytest.raises(ValueError, match=rf"backend '{backend}' has no kernels for a batch of "
+                                         r"several adapters; mixed batches run on \['cpu', "
+                                         r"'reference'\]"):
+        ok.omoe_lora_mixed(inputs["x"], inputs["A"], inputs["B"], inputs["router_weight"],
+                           torch.tensor(INDEX), backend=backend)
+
+
+def test_functional_bad_input_raises():
+    inputs = _stacked(torch.float32, False)
+    x, A, B, W = inputs["x"], inputs["A"], inputs["B"], inputs["router_weight"]
+    index = torch.tensor(INDEX)
+    with pytest.raises(ValueError, match=r"values in \[-1, 3\)"):
+        ok.omoe_lora_mixed(x, A, B, W, torch.tensor([0, 1, 3, 0]))
+    with pytest.raises(ValueError, match="adapter_index` must have shape"):
+        ok.omoe_lora_mixed(x, A, B, W, torch.tensor([0, 1]))
+    with pytest.raises(TypeError, match="integer tensor"):
+        ok.omoe_lora_mixed(x, A, B, W, index.float())
+    with pytest.raises(ValueError, match="same number of adapters"):
+        ok.omoe_lora_mixed(x, A, B[:2], W, index)
+    with pytest.raises(ValueError, match="one per adapter"):
+        ok.omoe_lora_mixed(x, A, B, W, index, scaling=[1.0, 2.0])
+    with pytest.raises(ValueError, match="same shape"):
+        ok.omoe_lora_mixed(x, [A[0], A[1, :, :2]], [B[0], B[1, :, :, :2]], [W[0], W[1]],
+                           torch.tensor([0, 1, 0, 1]))
+
+
+# ---- models with several injected adapters ----------------------------------------------
+
+ADAPTERS = ("a", "b", "c", "d")
+
+
+def _llama(adapters=ADAPTERS, **options):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, pad_token_id=0)
+    model = transformers.LlamaForCausalLM(config).to(DEVICE).eval()
+    for name in adapters:
+        ok.inject(model, ["q_proj", "v_proj"], num_experts=4, rank=2, top_k=2,
+                  adapter_name=name, **options)
+    with torch.no_grad():  # B = 0 at init: make each adapter change the output
+        for layer in ok.omoe_layers(model).values():
+            layer.lora_B.normal_(0, 0.5)
+    return model
+
+
+def _ids():
+    return torch.randint(1, 64, (4, 5), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+
+
+def _per_adapter(model, name, fn):
+    """fn() with only `name` active ("__base__": adapters disabled)."""
+    if name == "__base__":
+        with ok.disable_adapters(model):
+            return fn()
+    ok.set_adapter(model, name)
+    return fn()
+
+
+# "b" runs twice, "d" in no sample, one sample without an adapter.
+NAMES = ["b", "__base__", "a", "b"]
+
+
+def test_model_forward_with_adapter_names_matches_per_adapter_runs():
+    model = _llama()
+    ids = _ids()
+    with torch.no_grad():
+        mixed = model(ids, adapter_names=NAMES).logits
+        for i, name in enumerate(NAMES):
+            alone = _per_adapter(model, name, lambda: model(ids).logits)
+            torch.testing.assert_close(mixed[i], alone[i], rtol=1e-5, atol=1e-5)
+        with ok.adapter_batch(model, NAMES):
+            torch.testing.assert_close(model(ids).logits, mixed, rtol=0, atol=0)
+    assert all(m.sample_adapters is None for m in ok.omoe_layers(model).values())
+    assert not torch.equal(mixed[0], mixed[2]), "the adapters differ"
+
+
+def test_generate_with_adapter_names_matches_per_adapter_generation():
+    model = _llama()
+    ids = _ids()
+    kwargs = dict(max_new_tokens=4, do_sample=False, attention_mask=torch.ones_like(ids))
+    with torch.no_grad():
+        mixed = model.generate(ids, adapter_names=NAMES, **kwargs)
+        for i, name in enumerate(NAMES):
+            alone = _per_adapter(model, name, lambda: model.generate(ids, **kwargs))
+            assert mixed[i].tolist() == alone[i].tolist(), f"sample {i} ({name})"
+        # A deep copy serves mixed batches by itself.
+        twin = copy.deepcopy(model)
+        assert twin.generate(ids, adapter_names=NAMES, **kwargs).tolist() == mixed.tolist()
+    ok.remove(model)
+    assert "generate" not in vars(model) and not model._forward_pre_hooks
+
+
+def test_model_bad_input_raises():
+    model = _llama(adapters=("a", "b"))
+    ids = _ids()
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"\['zz'\], which the model does not have"):
+            model(ids, adapter_names=["a", "zz", "b", "a"])
+        with pytest.raises(ValueError, match="3 names for a batch of 4"):
+            model(ids, adapter_names=["a", "b", "a"])
+        with pytest.raises(ValueError, match="3 names for a batch of 4"):
+            model.generate(ids, adapter_names=["a", "b", "a"], max_new_tokens=2)
+        with pytest.raises(TypeError, match="list of adapter names"):
+            model(ids, adapter_names="a")
+        with ok.disable_adapters(model), pytest.raises(ValueError, match="disabled"):
+            model(ids, adapter_names=["a"] * 4)
+        model.train()
+        with pytest.raises(ValueError, match="model.eval"):
+            model(ids, adapter_names=["a"] * 4)
+        model.eval()
+        # After each refusal the model runs as before, with no batch left behind.
+        assert all(m.sample_adapters is None for m in ok.omoe_layers(model).values())
+        model(ids)
+    for option, value in (("rank", 4), ("top_k", None), ("num_experts", 2)):
+        other = _llama(adapters=("a",))
+        settings = dict(num_experts=4, rank=2, top_k=2)
+        settings[option] = value
+        ok.inject(other, ["q_proj", "v_proj"], adapter_name="odd", **settings)
+        with torch.no_grad(), pytest.raises(ValueError, match=f"different {option}"):
+            other(ids, adapter_names=["a", "odd", "a", "a"])
