@@ -2,10 +2,12 @@
 `python -m bench.run [--full] [--publish]`.
 
 - quick (the default, `make bench`): the §6 shape of this machine (`bench.bench_omoe`),
-  the quick cost-growth grid (`bench.sweep --quick`) and one greedy-decoding run
-  (`bench.decode`), at the machine's default thread count;
+  the quick cost-growth grid (`bench.sweep --quick`), one greedy-decoding run
+  (`bench.decode`) and several adapters in one batch on a small grid
+  (`bench.mixed_adapters`), at the machine's default thread count;
 - `--full` (`make bench-full`): the §6 shape at 2 threads and 1 thread, the whole
-  cost-growth grid at 1 and 2 threads, decoding at 1 and 2 threads.
+  cost-growth grid at 1 and 2 threads, decoding at 1 and 2 threads, the fixed cost of a
+  call, and several adapters in one batch on the whole grid.
 
 Every file goes to bench/out/ (git-ignored) unless `--publish` (`make bench-publish`)
 asks for bench/results/, the files the READMEs quote. Each step says what it runs and
@@ -20,7 +22,7 @@ import torch
 
 from omoe_kernels.tools.cli import ArgumentParser
 
-from . import bench_omoe, call_cost, decode, sweep
+from . import bench_omoe, call_cost, decode, mixed_adapters, sweep
 from .machine import RESULTS_DIR, LoadWatch, load_line, output_dir
 
 # Idle figures of bench/results/ (AMD EPYC, 2 vCPUs, 2026-11-29): the steps' own run
@@ -29,6 +31,8 @@ QUICK = [
     ("the cpu shape, every provider (bench.bench_omoe)", 45, bench_omoe.main, []),
     ("cost growth, quick grid (bench.sweep --quick)", 15, sweep.main, ["--quick"]),
     ("greedy decoding of a tiny LLaMA (bench.decode)", 15, decode.main, []),
+    ("several adapters in one batch, quick grid (bench.mixed_adapters)", 40,
+     mixed_adapters.main, ["--rounds", "3"]),
 ]
 
 
@@ -49,6 +53,8 @@ def full_steps(out: str) -> list:
         ("the fixed cost of a call at T = 1, 1 thread (bench.call_cost)", 40, call_cost.main,
          ["--threads", "1"]),
         ("the fixed cost of a call, 2 threads", 40, call_cost.main, ["--threads", "2"]),
+        ("several adapters in one batch, N in 1,2,4,8 and T in 64,512,4096, 2 threads "
+         "(bench.mixed_adapters)", 150, mixed_adapters.main, ["--full", "--threads", "2"]),
     ]
 
 
@@ -64,6 +70,10 @@ TINY = [
       "--rounds", "1", "--tag", "tiny"]),
     ("the fixed cost of a call (bench.call_cost)", 5, call_cost.main,
      ["--d", "64", "--budget", "0.02", "--tag", "tiny"]),
+    ("several adapters in one batch, two points (bench.mixed_adapters)", 10,
+     mixed_adapters.main, ["--N", "1,2", "--T", "8", "--d", "64", "--budget", "0.01",
+                           "--hidden", "64", "--layers", "1", "--vocab", "128",
+                           "--new-tokens", "2", "--rounds", "1", "--tag", "tiny"]),
 ]
 
 
@@ -99,8 +109,8 @@ def main(argv=None) -> int:
     failed = []
     for n, (what, seconds, step, step_args) in enumerate(steps, 1):
         print(f"\n== [{n}/{len(steps)}] {what}: about {_duration(seconds)} idle", flush=True)
-        if step is decode.main and not has_hf_stack():
-            print("== skipped: decoding needs transformers and peft (pip install omoe_kernels[hf])")
+        if step in (decode.main, mixed_adapters.main) and not has_hf_stack():
+            print("== skipped: this step needs transformers and peft (pip install omoe_kernels[hf])")
             continue
         t0 = time.perf_counter()
         if step is bench_omoe.main and "--out" in step_args:

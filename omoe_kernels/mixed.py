@@ -95,7 +95,9 @@ def omoe_lora_mixed(x: torch.Tensor, A: TensorOrStack, B: TensorOrStack,
     (stacked, or lists of N per-adapter tensors); adapter_index: x's leading dims or one
     per sample ([x.shape[0]]), values in [-1, N), -1 = no adapter; scaling: one number or
     one per adapter. Token t gets `omoe_lora` of adapter adapter_index[t] alone; a token
-    with no adapter gets base_out (or 0).
+    with no adapter gets base_out (or 0). Lists of tensors that live across calls (a
+    layer's parameters) let the `cpu` backend keep each B's Gram matrix between calls;
+    the views of a stacked tensor are new at every call.
     """
     As, Bs, Ws = _unstack("A", A, 3), _unstack("B", B, 3), _unstack("router_weight", router_weight, 2)
     count = len(As)
