@@ -36,9 +36,9 @@ from omoe_kernels.tools.cli import ArgumentParser, positive_int
 
 from .decode import PROJECTIONS, tiny_llama
 from .machine import LoadWatch, cpu_model, load_line, output_dir
-from .sweep import time_interleaved
 
 QUICK_GRID = dict(N=(1, 4, 8), T=(64, 512))
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 FULL_GRID = dict(N=(1, 2, 4, 8), T=(64, 512, 4096))
 
 
@@ -108,13 +108,30 @@ def point(N: int, T: int, d: int, E: int, r: int, top_k, seed: int = 0) -> dict:
     return {name: run(fn) for name, fn in calls.items()}
 
 
-def measure_layers(grid: dict, d: int, E: int, r: int, top_k, budget_s: float,
+def time_interleaved(calls: dict, budget_s: float, clock, min_rounds: int = 5,
+                     max_rounds: int = 2000) -> dict:
+    """Median seconds per call of each provider by `clock`, one call each per round, the
+    order rotating (bench.sweep's method with a choice of clock)."""
+    names = list(calls)
+    for name in names:  # warm-up: caches, allocator, first-call dispatch, Gram matrices
+        calls[name]()
+    times = {name: [] for name in names}
+    start, rounds = time.perf_counter(), 0
+    while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start < budget_s):
+        for name in names[rounds % len(names):] + names[:rounds % len(names)]:
+            t0 = clock()
+            calls[name]()
+            times[name].append(clock() - t0)
+        rounds += 1
+    return {name: statistics.median(v) for name, v in times.items()} | {"rounds": rounds}
+
+
+def measure_layers(grid: dict, d: int, E: int, r: int, top_k, budget_s: float, clock,
                    log=print) -> list[dict]:
     rows = []
     for T in grid["T"]:
         for N in grid["N"]:
-            med = time_interleaved(point(N, T, d, E, r, top_k), budget_s, min_rounds=5,
-                                   max_rounds=2000)
+            med = time_interleaved(point(N, T, d, E, r, top_k), budget_s, clock)
             row = dict(N=N, T=T, rounds=med.pop("rounds"),
                        **{f"{k}_ms": v * 1e3 for k, v in med.items()})
             row["grouped_over_single"] = med["grouped"] / med["single"]
@@ -131,7 +148,7 @@ def measure_layers(grid: dict, d: int, E: int, r: int, top_k, budget_s: float,
 
 
 def measure_generate(hidden: int, layers: int, vocab: int, E: int, r: int, top_k,
-                     prompt_len: int, new_tokens: int, rounds: int) -> dict:
+                     prompt_len: int, new_tokens: int, rounds: int, clock) -> dict:
     """Median ms of one mixed `generate` of 4 prompts and of 4 single-prompt calls."""
     model = tiny_llama(hidden, layers, vocab)
     names = ["a", "b", "c", "d"]
@@ -161,9 +178,9 @@ def measure_generate(hidden: int, layers: int, vocab: int, E: int, r: int, top_k
         times = {"mixed": [], "separate": []}
         for k in range(rounds):
             for name in (["mixed", "separate"] if k % 2 == 0 else ["separate", "mixed"]):
-                t0 = time.perf_counter()
+                t0 = clock()
                 (mixed if name == "mixed" else separate)()
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(clock() - t0)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     return dict(mixed_ms=med["mixed"], separate_ms=med["separate"],
                 separate_over_mixed=med["separate"] / med["mixed"], same_tokens=same,
@@ -173,7 +190,7 @@ def measure_generate(hidden: int, layers: int, vocab: int, E: int, r: int, top_k
 def markdown(rows: list[dict], gen: dict | None, meta: dict) -> str:
     lines = [f"# Several adapters in one batch: layer level, d = {meta['d']}, E = {meta['E']}, "
              f"r = {meta['r']}, {meta['routing']}, fp32, inference, ms per call (medians, "
-             "interleaved)", "",
+             f"interleaved, {meta['config']['clock']} clock)", "",
              f"Machine: {meta['cpu']}, {meta['threads']} thread(s), torch {meta['torch']}, "
              f"{meta['date']}; {load_line(meta)}.", "",
              "| N | T | grouped | single | separate | masked | peft mixed | grouped ÷ single "
@@ -211,6 +228,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--rounds", type=positive_int, default=5, help="generate rounds")
     parser.add_argument("--no-generate", action="store_true")
     parser.add_argument("--threads", type=positive_int, default=None)
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="cpu: this thread's CPU time (less sensitive to other processes; "
+                             "meaningful with --threads 1)")
     parser.add_argument("--tag", default=None,
                         help="file name mixed-adapters-<tag>.* (default: cpu-<threads>thread)")
     parser.add_argument("--publish", action="store_true",
@@ -227,11 +247,12 @@ def main(argv=None) -> dict:
                 routing="dense" if args.top_k is None else f"top-{args.top_k}",
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), config=vars(args))
     watch = LoadWatch()
-    rows = measure_layers(grid, args.d, args.experts, args.rank, args.top_k, args.budget)
+    clock = CLOCKS[args.clock]
+    rows = measure_layers(grid, args.d, args.experts, args.rank, args.top_k, args.budget, clock)
     gen = None
     if not args.no_generate:
         gen = measure_generate(args.hidden, args.layers, args.vocab, args.experts, 8,
-                               args.top_k, 16, args.new_tokens, args.rounds)
+                               args.top_k, 16, args.new_tokens, args.rounds, clock)
         print(f"generate: mixed {gen['mixed_ms']:.1f} ms, 4 separate {gen['separate_ms']:.1f} "
               f"ms, separate/mixed {gen['separate_over_mixed']:.2f}, same tokens "
               f"{gen['same_tokens']}", flush=True)

@@ -14,7 +14,7 @@ from .backends import REGISTRY, backend_function, resolve_backend
 _RESOLVED: dict[tuple, tuple] = {}
 
 
-def _backend(backend: str, device: torch.device, active_experts: int):
+def resolved_backend(backend: str, device: torch.device, active_experts: int):
     """(name, function) of the backend a call runs on (resolve_backend's answer, kept)."""
     if torch.compiler.is_compiling():  # dynamo traces the lookup; nothing to keep
         name = resolve_backend(backend, device, active_experts)
@@ -50,7 +50,7 @@ def omoe_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, router_weight: 
         resolve_backend(backend, x.device, problem.top_k)  # still refuses a backend that cannot run
         function = backend_function("reference")
     else:
-        function = _backend(backend, x.device, problem.top_k)[1]
+        function = resolved_backend(backend, x.device, problem.top_k)[1]
     # Reshaped even when already 2-D: the view gives autograd's gradient accumulation a
     # tensor of its own to take, where the op's output alone would be copied into x.grad.
     x2d = x.reshape(T, d_in)

@@ -147,19 +147,20 @@ class OMoELinear(nn.Module):
 
 
 # A batch of several adapters, set on a stack's outermost layer by adapters/mixed.py: (the
-# stack's adapters in the batch, each sample's index into them), or None.
+# stack's adapters in the batch, the `Grouping` of each sample's index into them), or None.
 OMoELinear.sample_adapters = None
 
 
 def mixed_forward(layer: OMoELinear, x: torch.Tensor) -> torch.Tensor:
     """The stack under `layer` with each sample of x ([batch, ..., d_in]) running its own
     adapter (`layer.sample_adapters`, set by adapters/mixed.py's `adapter_batch`)."""
-    layers, sample_index = layer.sample_adapters
+    layers, grouping = layer.sample_adapters
     base_out = base_forward(innermost_base(layer), x)
     if not layers:
         return base_out
-    if x.dim() < 2 or x.shape[0] != sample_index.shape[0]:
-        raise ValueError(f"a batch of {sample_index.shape[0]} adapter names reached a layer "
+    samples = grouping.index.numel()
+    if x.dim() < 2 or x.shape[0] != samples:
+        raise ValueError(f"a batch of {samples} adapter names reached a layer "
                          f"whose input has shape {tuple(x.shape)}: give one adapter name per "
                          "sample (dim 0 of the input), with num_beams and "
                          "num_return_sequences 1 under generate")
@@ -171,7 +172,7 @@ def mixed_forward(layer: OMoELinear, x: torch.Tensor) -> torch.Tensor:
     x_c = x if x.dtype == dtype else x.to(dtype)
     out_dtype = base_out.dtype
     with torch.autocast(x.device.type, enabled=False) if autocasting else _NO_CONTEXT:
-        y = omoe_lora_mixed(x_c, A, B, W, sample_index.to(x.device),
+        y = omoe_lora_mixed(x_c, A, B, W, grouping,
                             scaling=[m.scaling for m in layers], top_k=first.top_k,
                             orthogonalize=first.orthogonalize, normalize=first.normalize,
                             eps=first.eps,

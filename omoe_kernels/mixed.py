@@ -17,12 +17,15 @@ Backends:
 from __future__ import annotations
 
 import dataclasses
+import math
+from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
 
 from ._validate import check_inputs
-from .backends import REGISTRY, backend_function, resolve_backend
+from .backends import REGISTRY, backend_function
+from .functional import resolved_backend
 from .ops.problem import Problem
 from .reference import omoe_lora_reference
 
@@ -58,32 +61,55 @@ def _scalings(scaling, count: int) -> tuple:
     return (scaling,) * count
 
 
-def check_adapter_index(adapter_index, lead: tuple, count: int) -> torch.Tensor:
+def check_adapter_index(adapter_index, lead: tuple, count: int) -> tuple[torch.Tensor, int]:
     """adapter_index: integers in [-1, count), shaped like x's leading dims or [x.shape[0]]
-    (one per sample); returns it flattened to [T] as int64."""
+    (one per sample). Returns (the index flattened to int64, the tokens each entry covers:
+    1 per token, or the tokens of a sample)."""
     if not isinstance(adapter_index, torch.Tensor) or adapter_index.is_floating_point() \
             or adapter_index.dtype in (torch.bool, torch.complex64, torch.complex128):
         raise TypeError("`adapter_index` must be an integer tensor (-1 = no adapter), got "
                         f"{type(adapter_index).__name__} "
                         f"{getattr(adapter_index, 'dtype', '')}".rstrip())
     shape = tuple(adapter_index.shape)
+    span = 1
     if shape != lead:
-        if len(shape) == 1 and lead and shape[0] == lead[0]:
-            view = adapter_index.reshape(shape + (1,) * (len(lead) - 1))
-            adapter_index = view.expand(lead)
-        else:
+        if not (len(shape) == 1 and lead and shape[0] == lead[0]):
             raise ValueError(f"`adapter_index` must have shape {lead} (x's leading dims) or "
                              f"({lead[0] if lead else 1},) (one per sample), got {shape}")
+        span = math.prod(lead[1:])
     flat = adapter_index.reshape(-1).to(torch.int64)
-    if flat.numel() and (int(flat.min()) < NO_ADAPTER or int(flat.max()) >= count):
-        raise ValueError(f"`adapter_index` must hold values in [-1, {count}) (-1 = no "
-                         f"adapter; {count} adapters), got values in [{int(flat.min())}, "
-                         f"{int(flat.max())}]")
-    return flat
+    if flat.numel():
+        low, high = (int(v) for v in torch.aminmax(flat))
+        if low < NO_ADAPTER or high >= count:
+            raise ValueError(f"`adapter_index` must hold values in [-1, {count}) (-1 = no "
+                             f"adapter; {count} adapters), got values in [{low}, {high}]")
+    return flat, span
+
+
+@dataclass(frozen=True)
+class Grouping:
+    """An adapter index sorted once: `omoe_lora_mixed` makes it per call, a batch of
+    `adapter_names` once per batch (for every layer)."""
+
+    index: torch.Tensor           # [S] int64 in [-1, N)
+    sizes: tuple[int, ...]        # entries of [no adapter, adapter 0, ..., adapter N-1]
+    order: Optional[torch.Tensor]    # stable sort by adapter; None: all in one group
+    inverse: Optional[torch.Tensor]  # order's inverse permutation
+
+
+def group(index: torch.Tensor, count: int) -> Grouping:
+    """The Grouping of a checked int64 index (values in [-1, count))."""
+    sizes = tuple(torch.bincount(index + 1, minlength=count + 1).tolist())
+    if max(sizes) == index.numel():
+        return Grouping(index, sizes, None, None)
+    order = torch.argsort(index, stable=True)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return Grouping(index, sizes, order, inverse)
 
 
 def omoe_lora_mixed(x: torch.Tensor, A: TensorOrStack, B: TensorOrStack,
-                    router_weight: TensorOrStack, adapter_index: torch.Tensor, *,
+                    router_weight: TensorOrStack, adapter_index, *,
                     scaling: Union[float, Sequence[float]] = 1.0, top_k: Optional[int] = None,
                     orthogonalize: bool = True, normalize: bool = True, eps: float = 1e-6,
                     base_out: Optional[torch.Tensor] = None,
@@ -93,11 +119,12 @@ def omoe_lora_mixed(x: torch.Tensor, A: TensorOrStack, B: TensorOrStack,
 
     x: [..., d_in]; A: [N, E, r, d_in]; B: [N, E, d_out, r]; router_weight: [N, E, d_in]
     (stacked, or lists of N per-adapter tensors); adapter_index: x's leading dims or one
-    per sample ([x.shape[0]]), values in [-1, N), -1 = no adapter; scaling: one number or
-    one per adapter. Token t gets `omoe_lora` of adapter adapter_index[t] alone; a token
-    with no adapter gets base_out (or 0). Lists of tensors that live across calls (a
-    layer's parameters) let the `cpu` backend keep each B's Gram matrix between calls;
-    the views of a stacked tensor are new at every call.
+    per sample ([x.shape[0]]), values in [-1, N), -1 = no adapter (or a `Grouping` of a
+    per-sample index); scaling: one number or one per adapter. Token t gets `omoe_lora`
+    of adapter adapter_index[t] alone; a token with no adapter gets base_out (or 0).
+    Lists of tensors that live across calls (a layer's parameters) let the `cpu` backend
+    keep each B's Gram matrix between calls; the views of a stacked tensor are new at
+    every call.
     """
     As, Bs, Ws = _unstack("A", A, 3), _unstack("B", B, 3), _unstack("router_weight", router_weight, 2)
     count = len(As)
@@ -116,26 +143,38 @@ def omoe_lora_mixed(x: torch.Tensor, A: TensorOrStack, B: TensorOrStack,
                              f" but adapter 0 has {(first.num_experts, first.rank, first.d_out)}:"
                              " a mixed batch needs adapters of the same shape")
     lead = tuple(x.shape[:-1])
-    index = check_adapter_index(adapter_index, lead, count)
+    if isinstance(adapter_index, Grouping):
+        grouping = adapter_index
+        if len(grouping.sizes) != count + 1 or not lead or grouping.index.numel() != lead[0]:
+            raise ValueError(f"the Grouping covers {grouping.index.numel()} samples of "
+                             f"{len(grouping.sizes) - 1} adapters; x has leading dims {lead} "
+                             f"and there are {count} adapters")
+        span = math.prod(lead[1:])
+    else:
+        index, span = check_adapter_index(adapter_index, lead, count)
+        grouping = group(index, count)
     name = resolve_mixed_backend(backend, x.device, first.top_k)
     T, d_in, d_out = first.num_tokens, first.d_in, first.d_out
     x2d = x.reshape(T, d_in)
     router2d = None if router_input is None else router_input.reshape(T, d_in)
     base2d = None if base_out is None else base_out.reshape(T, d_out)
-    run = mixed_reference if name == "reference" or T == 0 else mixed_grouped
-    y = run(x2d, As, Bs, Ws, router2d, base2d, index, problems)
+    if name == "reference" or T == 0:
+        y = mixed_reference(x2d, As, Bs, Ws, router2d, base2d,
+                            grouping.index.repeat_interleave(span), problems)
+    else:
+        y = mixed_grouped(x2d, As, Bs, Ws, router2d, base2d, grouping, span, problems)
     return y.reshape(lead + (d_out,))
 
 
 def resolve_mixed_backend(backend: str, device: torch.device, active_experts: int) -> str:
     """The backend of a mixed call: `cpu` or `reference`; ValueError for one without
     grouped kernels (no silent per-adapter loop on a GPU backend)."""
-    name = backend if backend in REGISTRY else resolve_backend(backend, device, active_experts)
+    name = backend if backend in REGISTRY else resolved_backend(backend, device, active_experts)[0]
     if name not in MIXED_BACKENDS:
         raise ValueError(f"backend {name!r} has no kernels for a batch of several adapters; "
                          f"mixed batches run on {list(MIXED_BACKENDS)} (`cpu` for CPU tensors, "
                          "`reference` anywhere): pass backend='reference' or run on the CPU")
-    return resolve_backend(name, device, active_experts)
+    return resolved_backend(name, device, active_experts)[0]
 
 
 def _segment_problem(p: Problem, tokens: int) -> Problem:
@@ -159,22 +198,30 @@ def mixed_reference(x, As, Bs, Ws, router_input, base_out, index, problems) -> t
     return y
 
 
-def mixed_grouped(x, As, Bs, Ws, router_input, base_out, index, problems) -> torch.Tensor:
-    """Sort by adapter, one compiled call per non-empty adapter segment, gather back."""
+def mixed_grouped(x, As, Bs, Ws, router_input, base_out, grouping: Grouping, span: int,
+                  problems) -> torch.Tensor:
+    """One compiled call per non-empty adapter segment of the sorted rows, gathered back.
+    Entry i of the index covers tokens [i·span, (i+1)·span): a per-sample index moves
+    whole samples."""
     function = backend_function("cpu")
     T, d_out, count = x.shape[0], problems[0].d_out, len(problems)
-    sizes = torch.bincount(index + 1, minlength=count + 1).tolist()  # [no adapter, 0, 1, ...]
-    present = [n for n in range(count) if sizes[n + 1]]
-    if len(present) == 1 and sizes[present[0] + 1] == T:  # one adapter: no permutation
-        n = present[0]
+    sizes, order = grouping.sizes, grouping.order
+    if order is None:  # one group: no permutation
+        n = next(i for i, size in enumerate(sizes) if size) - 1
+        if n == NO_ADAPTER:
+            return base_out if base_out is not None else x.new_zeros((T, d_out))
         return function(x, As[n], Bs[n], Ws[n], router_input, base_out, problems[n])
-    order = torch.argsort(index, stable=True)
-    xs = x.index_select(0, order)
-    rs = None if router_input is None else router_input.index_select(0, order)
-    bs = None if base_out is None else base_out.index_select(0, order)
+    rows = order.numel()
+
+    def gather(t, index):  # rows of `span` tokens each
+        return t.reshape(rows, -1).index_select(0, index).reshape(T, -1)
+
+    xs = gather(x, order)
+    rs = None if router_input is None else gather(router_input, order)
+    bs = None if base_out is None else gather(base_out, order)
     pieces, start = [], 0
     for n in range(NO_ADAPTER, count):
-        size = sizes[n + 1]
+        size = sizes[n + 1] * span
         if size == 0:
             continue
         end = start + size
@@ -186,6 +233,4 @@ def mixed_grouped(x, As, Bs, Ws, router_input, base_out, index, problems) -> tor
                                    None if rs is None else rs[start:end], base_seg,
                                    _segment_problem(problems[n], size)))
         start = end
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(T, device=order.device)
-    return torch.cat(pieces).index_select(0, inverse)
+    return gather(torch.cat(pieces), grouping.inverse)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..layer import OMoELinear
+from ..mixed import group
 
 STATE_ATTR = "_omoe_inject_state"  # on the root module: adapters, active one, flags to restore
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in `adapter_names`
@@ -67,7 +68,8 @@ def check_adapter_names(root: nn.Module, adapter_names) -> list[str]:
 
 
 def _plan(top: OMoELinear, used: list[str], names: list[str]) -> tuple:
-    """(the stack's layers the batch uses, each sample's index into them or -1)."""
+    """(the stack's layers the batch uses, the Grouping of each sample's index into them
+    or -1), made once per batch for every call of the layer."""
     by_name = {m.adapter_name: m for m in _stack(top)}
     layers = [by_name[n] for n in used if n in by_name]
     if top.track_router_stats or any(m.track_router_stats for m in layers):
@@ -88,7 +90,7 @@ def _plan(top: OMoELinear, used: list[str], names: list[str]) -> tuple:
     position = {m.adapter_name: i for i, m in enumerate(layers)}
     device = layers[0].lora_A.device if layers else torch.device("cpu")
     index = torch.tensor([position.get(n, -1) for n in names], dtype=torch.int64, device=device)
-    return tuple(layers), index
+    return tuple(layers), group(index, len(layers))
 
 
 def open_batch(root: nn.Module, adapter_names) -> list[tuple[OMoELinear, tuple | None]]:
