@@ -177,8 +177,17 @@ def resolve_mixed_backend(backend: str, device: torch.device, active_experts: in
     return resolved_backend(name, device, active_experts)[0]
 
 
+_SEGMENTS: dict[tuple[Problem, int], Problem] = {}
+
+
 def _segment_problem(p: Problem, tokens: int) -> Problem:
-    return dataclasses.replace(p, num_tokens=tokens)
+    """p for `tokens` tokens (kept: a layer asks for the same few every call)."""
+    found = _SEGMENTS.get((p, tokens))
+    if found is None:
+        if len(_SEGMENTS) > 4096:
+            _SEGMENTS.clear()
+        found = _SEGMENTS[p, tokens] = dataclasses.replace(p, num_tokens=tokens)
+    return found
 
 
 def mixed_reference(x, As, Bs, Ws, router_input, base_out, index, problems) -> torch.Tensor:
@@ -218,6 +227,24 @@ def mixed_grouped(x, As, Bs, Ws, router_input, base_out, grouping: Grouping, spa
 
     xs = gather(x, order)
     rs = None if router_input is None else gather(router_input, order)
+    if not (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad
+            for t in (x, router_input, base_out, *As, *Bs, *Ws))):
+        # Nothing to differentiate: each segment's adapter output is added in place at
+        # its rows, with no sorted copy of base_out and no gather of the output.
+        y = base_out.clone() if base_out is not None else x.new_zeros((T, d_out))
+        y_rows = y.view(rows, -1)
+        start = sizes[0]
+        for n in range(count):
+            if sizes[n + 1] == 0:
+                continue
+            end = start + sizes[n + 1]
+            delta = function(xs[start * span:end * span], As[n], Bs[n], Ws[n],
+                             None if rs is None else rs[start * span:end * span], None,
+                             _segment_problem(problems[n], (end - start) * span))
+            y_rows.index_add_(0, order[start:end], delta.view(end - start, -1))
+            start = end
+        return y
     bs = None if base_out is None else gather(base_out, order)
     pieces, start = [], 0
     for n in range(NO_ADAPTER, count):

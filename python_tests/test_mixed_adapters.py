@@ -125,6 +125,10 @@ def test_per_token_index_and_list_inputs():
                                  list(inputs["router_weight"]), per_token,
                                  base_out=inputs["base_out"], backend=backend)
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        no_base = ok.omoe_lora_mixed(inputs["x"], inputs["A"], inputs["B"],
+                                     inputs["router_weight"], per_token, backend=backend)
+        torch.testing.assert_close(no_base, want - inputs["base_out"], rtol=1e-10, atol=1e-12)
+        assert not no_base[1].any(), "no adapter and no base_out: 0"
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
