@@ -72,10 +72,13 @@ def policy(base, seed: int = 1):
 
 
 def preferences():
-    return datasets.Dataset.from_dict({
+    """A fixed fingerprint, as a dataset loaded from files has: TRL caches the precomputed
+    reference log-probs under it."""
+    data = datasets.Dataset.from_dict({
         "prompt": ["1 2", "3 4", "5 6", "7 8"],
         "chosen": [" 3 4", " 5 6 7", " 7 8", " 9 0"],
         "rejected": [" a b", " c", " e f g", " h i"]})
+    return data.map(lambda row: row, new_fingerprint="test-trl-preferences")
 
 
 def common(out, **extra):
@@ -149,6 +152,20 @@ def test_dpo_reference_is_the_base_model_with_no_copy(setup, tmp_path):
     assert_round_trips(base, model, tmp_path / "checkpoint-2", tmp_path)
 
 
+def test_dpo_initial_reference_is_the_policy_as_built(setup, tmp_path):
+    """reference="initial" (DPO after an SFT of the same adapters): the adapters stay on.
+    The same model and data with reference="base" come first: the cache must tell them apart."""
+    tokenizer, base = setup
+    model = policy(base)
+    OMoEDPOTrainer(model, args=dpo_args(tmp_path), train_dataset=preferences(), processing_class=tokenizer)
+    trainer = OMoEDPOTrainer(model, args=dpo_args(tmp_path), train_dataset=preferences(),
+                             processing_class=tokenizer, reference="initial")
+    row = trainer.train_dataset[1]
+    expected = completion_logps(model, row["prompt_ids"], row["chosen_ids"])
+    assert row["ref_chosen_logps"] == pytest.approx(expected, rel=1e-5, abs=1e-5)
+    assert trainer.ref_model is None
+
+
 def one_batch_loss_and_grads(trainer):
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
     model = trainer.model
@@ -210,17 +227,23 @@ def test_grpo_kl_reference_is_the_base_model_with_no_copy(setup, tmp_path):
     ("no_adapters", "call omoe_kernels.inject first"),
     ("sync_ref_model", "sync_ref_model=False"),
     ("grpo_no_adapters", "call omoe_kernels.inject first"),
+    ("grpo_trainable_base", "outside the OMoE adapters are trainable"),
+    ("reference", "`reference` must be one of"),
 ])
 def test_a_setup_that_needs_a_reference_copy_is_refused(setup, tmp_path, case, message):
     tokenizer, base = setup
     model = copy.deepcopy(base) if "no_adapters" in case else policy(base)
     kwargs = dict(train_dataset=preferences(), processing_class=tokenizer)
     with pytest.raises(ValueError, match=message):
-        if case == "grpo_no_adapters":
+        if case == "grpo_trainable_base":
+            model.lm_head.requires_grad_(True)
+        if case.startswith("grpo"):
             OMoEGRPOTrainer(model, lambda completions, **kw: [0.0] * len(completions),
                             args=trl.GRPOConfig(**common(tmp_path, beta=0.1, num_generations=2)), **kwargs)
         elif case == "ref_model":
             OMoEDPOTrainer(model, copy.deepcopy(base), args=dpo_args(tmp_path), **kwargs)
+        elif case == "reference":
+            OMoEDPOTrainer(model, args=dpo_args(tmp_path), reference="sft", **kwargs)
         else:
             extra = {"per_step_reference": dict(precompute_ref_log_probs=False),
                      "sync_ref_model": dict(sync_ref_model=True)}.get(case, {})

@@ -10,7 +10,9 @@ extra parameter exist.
 
 - DPO: the reference log-probs are precomputed once, before training, through TRL's
   `precompute_ref_log_probs=True` path, with `compute_ref_log_probs` run inside
-  `disable_adapters`. TRL's per-step reference path (`precompute_ref_log_probs=False`)
+  `disable_adapters` (`reference="base"`), or with the adapters as they are when the
+  trainer is built (`reference="initial"`: DPO after an SFT of the same adapters, the SFT
+  policy as the reference, as TRL's peft path does with its "ref" adapter copy). TRL's per-step reference path (`precompute_ref_log_probs=False`)
   calls a separate reference model and so cannot run without a copy: it is refused.
 - GRPO: with `beta > 0` the reference log-probs of each generated batch are computed inside
   `disable_adapters`; `trainer.ref_model` is a marker holding no parameters.
@@ -25,6 +27,8 @@ import trl
 from torch import nn
 
 from ..adapters import disable_adapters, omoe_layers
+
+REFERENCES = ("base", "initial")
 
 __all__ = ["BaseModelReference", "OMoEDPOTrainer", "OMoEGRPOTrainer", "check_policy"]
 
@@ -63,10 +67,15 @@ class OMoEDPOTrainer(trl.DPOTrainer):
     Needs `DPOConfig(precompute_ref_log_probs=True)` (the default when `args` is None): the
     reference log-probs of the train and eval sets are computed once, before training, with
     the adapters disabled. An eval set passed to `evaluate()` after training has started
-    must have been given at construction (TRL's rule for a precomputed reference)."""
+    must have been given at construction (TRL's rule for a precomputed reference).
+    `reference`: "base" (the model with its OMoE adapters disabled) or "initial" (the
+    model as it is at construction, adapters on)."""
 
-    def __init__(self, model, ref_model=None, args=None, *pos, **kwargs):
+    def __init__(self, model, ref_model=None, args=None, *pos, reference: str = "base", **kwargs):
         name = type(self).__name__
+        if reference not in REFERENCES:
+            raise ValueError(f"{name}: `reference` must be one of {REFERENCES}, got {reference!r}")
+        self.omoe_reference = reference
         check_policy(model, name)
         _refuse_copy_options(name, ref_model, kwargs, args)
         if args is None:
@@ -81,7 +90,18 @@ class OMoEDPOTrainer(trl.DPOTrainer):
         super().__init__(model, None, args, *pos, **kwargs)
         assert self.ref_model is None, "TRL built a reference model; check the pinned TRL version"
 
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        # TRL caches the reference log-probs under (dataset, model hash); the model hash is
+        # the same for either reference, and for TRL's own precompute of the policy, so
+        # the key also names the reference.
+        tag = f"-omoe-reference-{self.omoe_reference}"
+        if not str(self._precompute_model_hash).endswith(tag):
+            self._precompute_model_hash = f"{self._precompute_model_hash}{tag}"
+        return super()._precompute_ref_logps(dataset, name, batch_size)
+
     def compute_ref_log_probs(self, model, inputs):
+        if self.omoe_reference == "initial":
+            return super().compute_ref_log_probs(model, inputs)
         with disable_adapters(self.accelerator.unwrap_model(self.model)):
             return super().compute_ref_log_probs(model, inputs)
 
@@ -101,6 +121,14 @@ class OMoEGRPOTrainer(trl.GRPOTrainer):
     def __init__(self, model, reward_funcs, args=None, *pos, **kwargs):
         name = type(self).__name__
         check_policy(model, name)
+        adapter = {id(getattr(layer, t)) for layer in omoe_layers(model).values()
+                   for t in ("lora_A", "lora_B", "router_weight")}
+        others = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in adapter]
+        if others:
+            raise ValueError(
+                f"{name}: parameters outside the OMoE adapters are trainable ({others[:3]}...), "
+                "and disable_adapters does not undo their training, so the base would drift from "
+                "the reference: freeze them (`requires_grad_(False)`) or drop modules_to_save.")
         _refuse_copy_options(name, kwargs.pop("ref_model", None), kwargs, args)
         if args is None:
             args = trl.GRPOConfig(output_dir=f"{type(model).__name__}-GRPO")
