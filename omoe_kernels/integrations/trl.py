@@ -88,7 +88,9 @@ class OMoEDPOTrainer(trl.DPOTrainer):
                 "second copy of the model. With precompute the reference log-probs are "
                 "computed once with the OMoE adapters disabled, and no copy exists.")
         super().__init__(model, None, args, *pos, **kwargs)
-        assert self.ref_model is None, "TRL built a reference model; check the pinned TRL version"
+        if self.ref_model is not None:
+            raise RuntimeError(f"{name}: TRL built a reference model; this TRL version is outside "
+                               "the supported range (the Makefile's pin)")
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
         # TRL caches the reference log-probs under (dataset, model hash); the model hash is
