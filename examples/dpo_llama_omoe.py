@@ -20,8 +20,11 @@ beta > 0, the base as the KL reference through ok.disable_adapters) with a rule-
 reward, and the peak memory of one SFT step, one no-copy DPO step and one DPO step with
 TRL's default reference copy, each in a fresh process (peak RSS, Linux).
 
-    .venv/bin/python examples/dpo_llama_omoe.py            # a few minutes on a 2-core CPU
-    .venv/bin/python examples/dpo_llama_omoe.py --smoke    # 2 steps, one seed (for tests)
+    .venv/bin/python examples/dpo_llama_omoe.py            # 3 seeds x 3 adapters, GRPO, memory
+    .venv/bin/python examples/dpo_llama_omoe.py --smoke    # 2 steps, one seed, no memory runs
+
+The defaults take about 6.6 CPU-minutes; the wall-clock time of the committed run, on a
+2-core machine shared with other jobs, is in its results file.
 
 Writes dpo_llama_omoe_results.md, dpo_llama_omoe_curves.png and dpo_llama_omoe_history.json
 to --out-dir, by default examples/out/ (git-ignored); --publish writes examples/results/.
