@@ -408,11 +408,15 @@ def write_report(runs, grpo, memory, args, meta: dict, path: Path) -> None:
         "16 sequences; SFT: 8 sequences a step, and sft-16: 16 sequences, the DPO step's count. "
         "Peak RSS (VmHWM, reset once the libraries are imported) while loading the model, building "
         "the trainer and training, minus the RSS then: it counts the model, the trainer (DPO's "
-        "reference precompute included) and the steps. × SFT is against sft-16.", "",
-        "| path | reference | peak above imports (MiB) | × SFT | model parameters (MiB) |", "|---|---|---|---|---|",
+        "reference precompute included) and the steps.", "",
+        "| path | reference | peak above imports (MiB), median (runs) | × sft-16 (same sequences) | × sft "
+        "(same prompts) | model parameters (MiB) |", "|---|---|---|---|---|---|",
     ]
-    sft_peak = [m["peak_mib"] for m in memory if m["path"] == "sft-16"]
-    sft_median = statistics.median(sft_peak) if sft_peak else float("nan")
+
+    def median_of(name: str) -> float:
+        peaks = [m["peak_mib"] for m in memory if m["path"] == name]
+        return statistics.median(peaks) if peaks else float("nan")
+
     what = {"sft": "none", "sft-16": "none", "dpo-no-copy": "OMoEDPOTrainer: base through ok.disable_adapters, precomputed",
             "dpo-trl-copy": "trl.DPOTrainer default: a second model loaded from the checkpoint"}
     for name in MEMORY_PATHS:
@@ -421,8 +425,8 @@ def write_report(runs, grpo, memory, args, meta: dict, path: Path) -> None:
             continue
         median = statistics.median(peaks)
         model_mib = next(m["model_mib"] for m in memory if m["path"] == name)
-        lines.append(f"| {name} | {what[name]} | {median:.0f} (runs: {', '.join(f'{p:.0f}' for p in peaks)}) | "
-                     f"{median / sft_median:.2f} | {model_mib:.0f} |")
+        lines.append(f"| {name} | {what[name]} | {median:.0f} ({', '.join(f'{p:.0f}' for p in peaks)}) | "
+                     f"{median / median_of('sft-16'):.2f} | {median / median_of('sft'):.2f} | {model_mib:.0f} |")
     lines += [
         "", "## GRPO smoke run", "",
         f"OMoEGRPOTrainer, {grpo['steps']} steps, beta 0.04, 4 generations per prompt; reward: the "
