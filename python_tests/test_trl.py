@@ -248,3 +248,17 @@ def test_a_setup_that_needs_a_reference_copy_is_refused(setup, tmp_path, case, m
             extra = {"per_step_reference": dict(precompute_ref_log_probs=False),
                      "sync_ref_model": dict(sync_ref_model=True)}.get(case, {})
             OMoEDPOTrainer(model, args=dpo_args(tmp_path, **extra), **kwargs)
+
+
+def test_dpo_example_smoke(tmp_path):
+    """examples/dpo_llama_omoe.py end to end at 2 steps (OMoE only; LoRA is peft's own path)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dpo_llama_omoe", ROOT / "examples" / "dpo_llama_omoe.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    result = example.main(["--smoke", "--kinds", "omoe", "--out-dir", str(tmp_path)])
+    (run,) = result["runs"]
+    assert len(run["dpo_loss"]) == 2 and run["after"]["diversity"] is not None
+    assert result["grpo"]["extra_parameters"] == 0 and len(result["grpo"]["kl"]) == 2
+    assert "OMoE (E=4" in (tmp_path / "dpo_llama_omoe_results.md").read_text()
