@@ -9,10 +9,10 @@ CUDA_TOOLKIT ?= /usr/local/cuda
 ifneq ($(wildcard $(CUDA_TOOLKIT)),)
 export CUDA_HOME ?= $(CUDA_TOOLKIT)
 endif
-# The Hugging Face stack the tests passed with (transformers 5.24.0, peft 0.21.2, the newest
+# The Hugging Face stack the tests passed with (transformers 5.24.0, peft 0.21.2, trl 1.16.0, the newest
 # of each range when pinned; bitsandbytes for the quantized-base tests, which run on the CPU). transformers 5.24's own `model.add_adapter` wants peft >= 0.22,
 # which is not released yet: use peft's get_peft_model (docs/integration.md).
-HF_PINS := "transformers>=5.24,<5.25" "peft>=0.21.2,<0.22" "accelerate>=1.15,<2" "bitsandbytes==0.50.2"
+HF_PINS := "transformers>=5.24,<5.25" "peft>=0.21.2,<0.22" "trl>=1.16,<1.17" "accelerate>=1.15,<2" "bitsandbytes==0.50.2"
 # Linters pinned exactly: a new release may change what `make lint` accepts.
 LINT_TOOLS := "ruff==0.17.6" "clang-format==23.1.5"
 

@@ -405,7 +405,7 @@ def test_installed_hugging_face_versions_are_the_pinned_ones():
     makefile = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "Makefile")
     pins = dict(re.findall(r'"([a-z]+)([<>=!~][^"]*)"', open(makefile).read().split("HF_PINS :=")[1]
                            .splitlines()[0]))
-    assert set(pins) == {"transformers", "peft", "accelerate", "bitsandbytes"}
+    assert set(pins) == {"transformers", "peft", "trl", "accelerate", "bitsandbytes"}
     for package, spec in pins.items():
         assert version(package) in SpecifierSet(spec), (package, version(package), spec)
 
