@@ -131,7 +131,8 @@ def omoe_lora_mixed(x: torch.Tensor, A: TensorOrStack, B: TensorOrStack,
     of adapter adapter_index[t] alone; a token with no adapter gets base_out (or 0).
     Lists of tensors that live across calls (a layer's parameters) let the `cpu` backend
     keep each B's Gram matrix between calls; the views of a stacked tensor are new at
-    every call.
+    every call. The `triton` backend reads stacked tensors in place and stacks lists once
+    (kept while the tensors and their versions stay the same).
     """
     As, Bs, Ws = _unstack("A", A, 3), _unstack("B", B, 3), _unstack("router_weight", router_weight, 2)
     count = len(As)

@@ -267,3 +267,19 @@ def test_model_bad_input_raises():
         ok.inject(other, ["q_proj", "v_proj"], adapter_name="odd", **settings)
         with torch.no_grad(), pytest.raises(ValueError, match=f"different {option}"):
             other(ids, adapter_names=["a", "odd", "a", "a"])
+
+
+def test_triton_stacks_lists_once_and_restacks_an_updated_tensor():
+    """The triton path's stack of per-adapter lists is kept across calls and made again
+    when a tensor changes in place (an optimizer step, a load)."""
+    from omoe_kernels.mixed import _stacked
+
+    parts = [torch.randn(2, 3), torch.randn(2, 3)]
+    first = _stacked(parts)
+    assert torch.equal(first, torch.stack(parts)) and _stacked(list(parts)) is first
+    with torch.no_grad():
+        parts[1].add_(1.0)
+    again = _stacked(parts)
+    assert again is not first and torch.equal(again, torch.stack(parts))
+    stacked = torch.stack(parts)
+    assert _stacked(stacked) is stacked, "a stacked tensor is read in place"
