@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -131,8 +132,8 @@ def omoe_lora_mixed(x: torch.Tensor, A: TensorOrStack, B: TensorOrStack,
     of adapter adapter_index[t] alone; a token with no adapter gets base_out (or 0).
     Lists of tensors that live across calls (a layer's parameters) let the `cpu` backend
     keep each B's Gram matrix between calls; the views of a stacked tensor are new at
-    every call. The `triton` backend reads stacked tensors in place and stacks lists once
-    (kept while the tensors and their versions stay the same).
+    every call. The `triton` backend reads stacked tensors in place and stacks lists of
+    parameters once (kept while they and their versions stay the same).
     """
     As, Bs, Ws = _unstack("A", A, 3), _unstack("B", B, 3), _unstack("router_weight", router_weight, 2)
     count = len(As)
@@ -206,19 +207,23 @@ _SCALES: dict = {}
 
 
 def _stacked(t: TensorOrStack) -> torch.Tensor:
-    """A stacked [N, ...] weight as it is, or a list of per-adapter tensors stacked once
-    and kept while those tensors (by identity and version) stay the same."""
+    """A stacked [N, ...] weight as it is, or a list of per-adapter tensors stacked: once
+    for parameters (kept while they stay the same objects at the same version), at every
+    call for other tensors (a cast made per call would only fill the cache)."""
     if isinstance(t, torch.Tensor):
         return t
     parts = tuple(t)
+    if not all(isinstance(p, torch.nn.Parameter) for p in parts):
+        with torch.no_grad():
+            return torch.stack(parts)
     key = tuple(map(id, parts))
     versions = tuple(p._version for p in parts)
     found = _STACKS.get(key)
-    if found is None or found[1] != versions or any(a is not b for a, b in zip(found[0], parts)):
+    if found is None or found[1] != versions or any(r() is not p for r, p in zip(found[0], parts)):
         if len(_STACKS) > 256:
             _STACKS.clear()
-        with torch.no_grad():
-            found = _STACKS[key] = (parts, versions, torch.stack(parts))
+        with torch.no_grad():   # weak references: a removed adapter's parameters are freed
+            found = _STACKS[key] = (tuple(map(weakref.ref, parts)), versions, torch.stack(parts))
     return found[2]
 
 

@@ -270,11 +270,11 @@ def test_model_bad_input_raises():
 
 
 def test_triton_stacks_lists_once_and_restacks_an_updated_tensor():
-    """The triton path's stack of per-adapter lists is kept across calls and made again
-    when a tensor changes in place (an optimizer step, a load)."""
+    """The triton path's stack of per-adapter parameters is kept across calls and made
+    again when one changes in place (an optimizer step, a load)."""
     from omoe_kernels.mixed import _stacked
 
-    parts = [torch.randn(2, 3), torch.randn(2, 3)]
+    parts = [torch.nn.Parameter(torch.randn(2, 3)), torch.nn.Parameter(torch.randn(2, 3))]
     first = _stacked(parts)
     assert torch.equal(first, torch.stack(parts)) and _stacked(list(parts)) is first
     with torch.no_grad():
@@ -283,3 +283,5 @@ def test_triton_stacks_lists_once_and_restacks_an_updated_tensor():
     assert again is not first and torch.equal(again, torch.stack(parts))
     stacked = torch.stack(parts)
     assert _stacked(stacked) is stacked, "a stacked tensor is read in place"
+    casts = [p.detach().to(torch.float64) for p in parts]     # new tensors at every call
+    assert _stacked(casts) is not _stacked(casts), "only parameters are kept"

@@ -102,8 +102,37 @@ def test_per_token_index_without_base_and_a_reused_grouping():
 
 def test_backward_through_the_triton_mixed_forward_raises():
     t = _stacked(torch.float32, False)
-    x = t["x"].requires_grad_()
-    y = ok.omoe_lora_mixed(x, t["A"], t["B"], t["router_weight"], torch.tensor(INDEX),
-                           base_out=t["base_out"], backend="triton")
+    x = t["x"][:2].clone().requires_grad_()
+    y = ok.omoe_lora_mixed(x, t["A"], t["B"], t["router_weight"], torch.tensor(INDEX[:2]),
+                           base_out=t["base_out"][:2], backend="triton")
     with pytest.raises(RuntimeError, match="forward only.*backend='cpu' or 'reference'"):
         y.sum().backward()
+
+
+def test_model_with_adapter_names_on_triton_matches_per_adapter_runs():
+    """A model with several injected adapters serves a mixed batch on triton (each layer
+    one grouped forward) as the per-adapter runs on triton do."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=2, pad_token_id=0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    for name in ("a", "b", "c"):
+        ok.inject(model, ["q_proj", "v_proj"], num_experts=4, rank=2, top_k=2,
+                  adapter_name=name, backend="triton")
+    with torch.no_grad():  # B = 0 at init: make each adapter change the output
+        for layer in ok.omoe_layers(model).values():
+            layer.lora_B.normal_(0, 0.5)
+    ids = torch.randint(1, 64, (3, 4), generator=torch.Generator().manual_seed(1))
+    names = ["b", "__base__", "a"]   # "c" in no sample
+    with torch.no_grad():
+        mixed = model(ids, adapter_names=names).logits
+        for i, name in enumerate(names):
+            if name == "__base__":
+                with ok.disable_adapters(model):
+                    alone = model(ids[i:i + 1]).logits
+            else:
+                ok.set_adapter(model, name)
+                alone = model(ids[i:i + 1]).logits
+            torch.testing.assert_close(mixed[i], alone[0], rtol=1e-5, atol=1e-5)
