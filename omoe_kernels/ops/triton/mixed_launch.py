@@ -88,9 +88,12 @@ def plan_mixed_forward(x, A, B, W, router_input, base_out, scales: torch.Tensor,
     acc = accumulate_dtype(x.dtype)
     P, device = seg.padded, x.device
     scfg = C.GemmConfig.shrink(kind, L.ERP, interpret=target.interpret)
-    if seg.seg % scfg.block_m:
-        raise ValueError(f"segments of {seg.seg} rows do not split into the shrink's "
-                         f"{scfg.block_m}-row tiles")
+    flags = C.a_operand_flags(kind, C.EXPAND_Z)
+    mcfg = C.GemmConfig.matmul(kind, d_out, flags["fp16_a"], target.interpret)
+    mcfg = replace(mcfg, block_m=min(mcfg.block_m, scfg.block_m), group_m=None)
+    if seg.seg % scfg.block_m or seg.seg % mcfg.block_m:
+        raise ValueError(f"segments of {seg.seg} rows do not split into the GEMMs' "
+                         f"{scfg.block_m}- and {mcfg.block_m}-row tiles")
     h = _empty((P, L.ERP), device, acc)
     logits = _empty((P, E), device, acc)
     G = _empty((N, L.ERP, L.ERP), device, torch.float64) if orthogonalize else None
@@ -116,9 +119,6 @@ def plan_mixed_forward(x, A, B, W, router_input, base_out, scales: torch.Tensor,
     launches["token_forward"] = Launch(MK.mixed_token_forward_kernel, args, tcfg.meta(),
                                        tcfg.options(), (triton.cdiv(P, tcfg.block_t),), tcfg)
 
-    flags = C.a_operand_flags(kind, C.EXPAND_Z)
-    mcfg = C.GemmConfig.matmul(kind, d_out, flags["fp16_a"], target.interpret)
-    mcfg = replace(mcfg, block_m=min(mcfg.block_m, scfg.block_m), group_m=None)
     y = _empty((x.shape[0], d_out), device, x.dtype)
     add = base_out if base_out is not None else y
     args = (z, B, y, add, scales, seg.rows, seg.tiles, d_out, L.ERP, E, r, seg.seg,
