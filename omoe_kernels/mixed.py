@@ -11,13 +11,19 @@ Backends:
   segment; each non-empty segment runs the compiled single-adapter op (its own G per
   token, as in the single-adapter path), and one gather puts the rows back in order.
   The calls grow with the adapters present in the batch, not with the tokens.
-- `triton`, `cuda`: no grouped kernels; a mixed call raises an error that names the
-  backends that take it.
+- `triton` (forward only): three grouped launches per call, as the single-adapter
+  forward, whatever N is (ops/triton/mixed_kernels.py). The tokens are sorted into
+  segments once per Grouping, each adapter's segment padded to whole GEMM tiles; each
+  tile reads its adapter's slice of the stacked weights, each token its adapter's G.
+  A backward through it raises (train on `cpu` or `reference`).
+- `cuda`: no grouped kernels; a mixed call raises an error that names the backends that
+  take it.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -30,7 +36,7 @@ from .ops.problem import Problem
 from .reference import omoe_lora_reference
 
 NO_ADAPTER = -1
-MIXED_BACKENDS = ("cpu", "reference")
+MIXED_BACKENDS = ("cpu", "reference", "triton")
 
 TensorOrStack = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -95,6 +101,8 @@ class Grouping:
     sizes: tuple[int, ...]        # entries of [no adapter, adapter 0, ..., adapter N-1]
     order: Optional[torch.Tensor]    # stable sort by adapter; None: all in one group
     inverse: Optional[torch.Tensor]  # order's inverse permutation
+    # the triton backend's segment rows, by (span, segment length): made once per batch
+    segments: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
 
 def group(index: torch.Tensor, count: int) -> Grouping:
@@ -124,7 +132,8 @@ def omoe_lora_mixed(x: torch.Tensor, A: TensorOrStack, B: TensorOrStack,
     of adapter adapter_index[t] alone; a token with no adapter gets base_out (or 0).
     Lists of tensors that live across calls (a layer's parameters) let the `cpu` backend
     keep each B's Gram matrix between calls; the views of a stacked tensor are new at
-    every call.
+    every call. The `triton` backend reads stacked tensors in place and stacks lists of
+    parameters once (kept while they and their versions stay the same).
     """
     As, Bs, Ws = _unstack("A", A, 3), _unstack("B", B, 3), _unstack("router_weight", router_weight, 2)
     count = len(As)
@@ -158,7 +167,10 @@ def omoe_lora_mixed(x: torch.Tensor, A: TensorOrStack, B: TensorOrStack,
     x2d = x.reshape(T, d_in)
     router2d = None if router_input is None else router_input.reshape(T, d_in)
     base2d = None if base_out is None else base_out.reshape(T, d_out)
-    if name == "reference" or T == 0:
+    if name == "triton" and T:
+        y = mixed_triton(x2d, A, B, router_weight, router2d, base2d, grouping, span,
+                         scalings, problems)
+    elif name == "reference" or T == 0:
         y = mixed_reference(x2d, As, Bs, Ws, router2d, base2d,
                             grouping.index.repeat_interleave(span), problems)
     else:
@@ -167,13 +179,13 @@ def omoe_lora_mixed(x: torch.Tensor, A: TensorOrStack, B: TensorOrStack,
 
 
 def resolve_mixed_backend(backend: str, device: torch.device, active_experts: int) -> str:
-    """The backend of a mixed call: `cpu` or `reference`; ValueError for one without
+    """The backend of a mixed call: one of MIXED_BACKENDS; ValueError for one without
     grouped kernels (no silent per-adapter loop on a GPU backend)."""
     name = backend if backend in REGISTRY else resolved_backend(backend, device, active_experts)[0]
     if name not in MIXED_BACKENDS:
         raise ValueError(f"backend {name!r} has no kernels for a batch of several adapters; "
                          f"mixed batches run on {list(MIXED_BACKENDS)} (`cpu` for CPU tensors, "
-                         "`reference` anywhere): pass backend='reference' or run on the CPU")
+                         "`triton` for CUDA ones, `reference` anywhere): pass one of those")
     return resolved_backend(name, device, active_experts)[0]
 
 
@@ -188,6 +200,83 @@ def _segment_problem(p: Problem, tokens: int) -> Problem:
             _SEGMENTS.clear()
         found = _SEGMENTS[p, tokens] = dataclasses.replace(p, num_tokens=tokens)
     return found
+
+
+_STACKS: dict = {}
+_SCALES: dict = {}
+
+
+def _stacked(t: TensorOrStack) -> torch.Tensor:
+    """A stacked [N, ...] weight as it is, or a list of per-adapter tensors stacked: once
+    for parameters (kept while they stay the same objects at the same version), at every
+    call for other tensors (a cast made per call would only fill the cache)."""
+    if isinstance(t, torch.Tensor):
+        return t
+    parts = tuple(t)
+    if not all(isinstance(p, torch.nn.Parameter) for p in parts):
+        with torch.no_grad():
+            return torch.stack(parts)
+    key = tuple(map(id, parts))
+    versions = tuple(p._version for p in parts)
+    found = _STACKS.get(key)
+    if found is None or found[1] != versions or any(r() is not p for r, p in zip(found[0], parts)):
+        if len(_STACKS) > 256:
+            _STACKS.clear()
+        with torch.no_grad():   # weak references: a removed adapter's parameters are freed
+            found = _STACKS[key] = (tuple(map(weakref.ref, parts)), versions, torch.stack(parts))
+    return found[2]
+
+
+def _scale_tensor(scalings: tuple, device: torch.device) -> torch.Tensor:
+    """The adapters' scalings as a float32 tensor on `device` (kept: a layer's are fixed)."""
+    key = (tuple(float(s) for s in scalings), device)
+    found = _SCALES.get(key)
+    if found is None:
+        if len(_SCALES) > 256:
+            _SCALES.clear()
+        found = _SCALES[key] = torch.tensor(key[0], dtype=torch.float32, device=device)
+    return found
+
+
+class _ForwardOnly(torch.autograd.Function):
+    """The triton mixed forward where autograd records: a backward raises."""
+
+    @staticmethod
+    def forward(ctx, run, *tensors):
+        return run()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("the triton backend runs mixed batches forward only (inference); "
+                           "for gradients of a mixed batch use backend='cpu' or 'reference'")
+
+
+def mixed_triton(x, A, B, W, router_input, base_out, grouping: Grouping, span: int, scalings,
+                 problems) -> torch.Tensor:
+    """The grouped Triton forward (ops/triton/mixed_launch.py): three launches."""
+    from .ops.triton import launch as triton_launch
+    from .ops.triton import mixed_launch
+
+    A, B, W = _stacked(A), _stacked(B), _stacked(W)
+    p = problems[0]
+    L = triton_launch.layout(p.num_experts, p.rank)
+    target = triton_launch.Target.of(x.device)
+    seg = mixed_launch.segment_length(triton_launch.dot_kind(x.dtype, x.device.type), L.ERP,
+                                      target)
+    segments = grouping.segments.get((span, seg))
+    if segments is None:
+        segments = grouping.segments[span, seg] = mixed_launch.segment_rows(
+            grouping.sizes, grouping.order, span, seg, x.device)
+    scales = _scale_tensor(scalings, x.device)
+
+    def run():
+        return mixed_launch.mixed_forward(x, A, B, W, router_input, base_out, scales, segments,
+                                          p.top_k, p.orthogonalize, p.normalize, p.eps)
+
+    tensors = [t for t in (x, A, B, W, router_input, base_out) if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return _ForwardOnly.apply(run, *tensors)
+    return run()
 
 
 def mixed_reference(x, As, Bs, Ws, router_input, base_out, index, problems) -> torch.Tensor:

@@ -35,7 +35,8 @@ def test_kernel_report_sm90a_passes(tmp_path):
     kernels = report["kernels"]
     names = [k["name"] for k in kernels]
     for kernel in ("shrink", "matmul", "weight_grad", "finalize", "token_forward",
-                   "token_backward", "gram_grad"):
+                   "token_backward", "gram_grad", "mixed_shrink", "mixed_token_forward",
+                   "mixed_expand"):
         assert any(n.startswith(kernel) for n in names), f"{kernel} missing from the report"
     for k in kernels:
         assert k["problems"] == [] and k["spill_stores"] == 0 and k["spill_loads"] == 0, k
@@ -43,7 +44,7 @@ def test_kernel_report_sm90a_passes(tmp_path):
             assert k["hgmma"] > 0, f"{k['name']}: no HGMMA in its SASS"
         for count in ("shfl", "bar", "hgmma", "hmma", "dmma"):
             assert isinstance(k[count], int) and k[count] >= 0
-        if k["name"].startswith(("token_forward", "token_backward")):
+        if k["name"].startswith(("token_forward", "token_backward", "mixed_token_forward")):
             # Tokens on lanes: every reduction over experts and ranks stays in a thread.
             assert k["shfl"] == 0 and k["bar"] == 0, k
         if k["step"]:                 # a kernel of the default step carries its model
@@ -278,17 +279,19 @@ def test_target_misses_flag_wasted_mma_and_per_token_shuffles():
 
 
 def test_every_triton_kernel_is_in_the_report():
-    """A kernel added to triton/gemm_kernels.py must get a spec (and its Work, when it runs in
+    """A kernel added to triton/gemm_kernels.py or mixed_kernels.py must get a spec (and its Work, when it runs in
     the default step): the report and the model cover what the backend launches."""
     pytest.importorskip("triton")
     import triton
 
     from omoe_kernels.ops.triton import gemm_kernels as K
+    from omoe_kernels.ops.triton import mixed_kernels as MK
     from omoe_kernels.tools.kernel_report import kernel_specs
 
-    kernels = {name for name, obj in vars(K).items()
+    kernels = {name for module in (K, MK) for name, obj in vars(module).items()
                if isinstance(obj, triton.runtime.KernelInterface) and name.endswith("_kernel")}
     assert kernels, "no kernels found in triton/gemm_kernels.py"
+    assert {"mixed_shrink_kernel", "mixed_expand_kernel"} <= kernels
     specs = kernel_specs()
     reported = {s.fn.__name__ for s in specs}
     assert kernels <= reported, f"not in kernel_report's kernel_specs(): {sorted(kernels - reported)}"

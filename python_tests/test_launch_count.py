@@ -68,7 +68,7 @@ TRITON_STEP_MAX = dict(forward=3, backward=7, no_grad_forward=3)
 def test_triton_step_launches_meet_the_targets():
     pytest.importorskip("triton")
     out = _run(["-m", "omoe_kernels.tools.launch_count", "--backends", "triton", "--d-model", "32",
-                "--json", "-"], 300)
+                "--adapters", "2", "--json", "-"], 300)
     report = json.loads(out[out.index("{"):])
     assert [s["routing"] for s in report["steps"]] == ["dense", "top-2"]
     for step in report["steps"]:
@@ -78,6 +78,13 @@ def test_triton_step_launches_meet_the_targets():
             assert counted["total"] <= limit, (
                 f"{step['routing']} {phase}: {counted['total']} launches > {limit} "
                 f"({counted['triton_kernels']}, {counted['aten_ops']})")
+    # A mixed batch (issue 23): a layer's no-grad forward launches as many kernels as the
+    # single-adapter one, whatever the number of adapters.
+    assert [m["routing"] for m in report["mixed"]] == ["dense", "top-2"]
+    for step, mixed in zip(report["steps"], report["mixed"]):
+        single, counted = step["no_grad_forward"], mixed["no_grad_forward"]
+        assert counted["triton"] == single["triton"] and counted["total"] == single["total"], (
+            mixed["routing"], counted, single)
 
 
 def test_counts_the_compiled_cpu_backends_aten_ops():

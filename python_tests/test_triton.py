@@ -33,7 +33,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 INTERPRETED_RUNS = {
     "accuracy+properties+triton_only": ["test_accuracy.py", "test_properties.py",
                                         "test_triton_interpreted.py"],
-    "ops+layer+training": ["test_ops.py", "test_layer.py", "test_training.py"],
+    "ops+layer+training+mixed": ["test_ops.py", "test_layer.py", "test_training.py",
+                                 "test_triton_mixed.py"],
 }
 
 

@@ -7,8 +7,9 @@
 
 Compiles every Triton kernel of the `triton` backend in the launch configs it uses by
 default (ops/triton/configs.py): the bf16 path at each GPU shape of docs/contract.md §6
-(`llama7b`, `llama7b-top2`, `wide`), the fp16 and fp32 GEMMs at llama7b, and the opt-in
-fused shrink. Each kernel's arguments, constexprs and options come from the launcher's
+(`llama7b`, `llama7b-top2`, `wide`), the fp16 and fp32 GEMMs at llama7b, the opt-in
+fused shrink, and the grouped forward of a mixed batch of several adapters (bf16, each
+shape; registers, spills and MMA only: the GPU model does not cover it yet). Each kernel's arguments, constexprs and options come from the launcher's
 own plan (ops/triton/launch.py, `plan_*`), built on meta tensors at the shape and
 specialised as Triton specialises a launch. For each it reports registers and spills (`ptxas -v` on the PTX), the
 shared memory Triton allocates, static counts of MMA (HGMMA/HMMA/DMMA), SHFL and BAR
@@ -360,6 +361,44 @@ def _fused_shrink_specs() -> list[KernelSpec]:
     return specs
 
 
+MIXED_ADAPTERS = 4
+
+
+def _mixed_specs() -> list[KernelSpec]:
+    """The grouped forward of a mixed batch (omoe_kernels/mixed.py, triton backend) at
+    each GPU shape, bf16: the shape's T split evenly over MIXED_ADAPTERS adapters, each
+    segment padded to the segment length; not in the step's estimate (no GPU model)."""
+    import torch
+
+    from ..ops.triton import mixed_launch as MX
+    from ..testing.shapes import SHAPES
+
+    specs, N, target = [], MIXED_ADAPTERS, _h200()
+    for label in GPU_SHAPES:
+        shape = SHAPES[label]
+        T, d, E, r = shape.num_tokens, shape.d_model, shape.num_experts, shape.rank
+        L = _layout(shape)
+        dtype = torch.bfloat16
+        seg = MX.segment_length(_bf16_kind(), L.ERP, target)
+        P = N * -(-T // (N * seg)) * seg
+        rows = MX.SegmentRows(_meta(P, dtype=torch.int64), _meta(P // seg, dtype=torch.int32), seg)
+        launches, _ = MX.plan_mixed_forward(
+            _meta(T, d, dtype=dtype), _meta(N, E, r, d, dtype=dtype), _meta(N, E, d, r, dtype=dtype),
+            _meta(N, E, d, dtype=dtype), None, _meta(T, d, dtype=dtype),
+            _meta(N, dtype=torch.float32), rows, shape.top_k or E, True, True, 1e-6, target)
+        note = f"{N} adapters, E={E} r={r} top{shape.top_k or E}, SEG={seg}"
+        for key, wgmma in (("shrink", True), ("token_forward", False), ("expand", True)):
+            specs.append(_spec(f"mixed_{key}[bf16, {label}]", launches[key], wgmma, note,
+                               label, "", None))
+    return specs
+
+
+def _bf16_kind() -> int:
+    from ..ops.triton import configs
+
+    return configs.DOT_BF16
+
+
 def kernel_specs() -> list[KernelSpec]:
     """Every kernel in the launch config the `triton` backend uses on a GPU by default
     (ops/triton/configs.py, which the launchers read too): the bf16 path at each GPU
@@ -379,6 +418,7 @@ def kernel_specs() -> list[KernelSpec]:
         shape = SHAPES["llama7b"]
         specs += _gemm_specs(shape, dtype_name, _step_launches(shape, dtype), step=False)
     specs += _fused_shrink_specs()
+    specs += _mixed_specs()
     return specs
 
 

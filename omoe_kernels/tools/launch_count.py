@@ -19,6 +19,8 @@ ops and are not in the count.
 
 `step_launches` counts a training forward, its backward, and a no-grad forward
 (decoding, weights unchanged), each after one warm-up call of the same kind.
+`mixed_launches` counts a no-grad `omoe_lora_mixed` call of several adapters (a layer
+of a mixed decoding batch), to set beside the single-adapter no-grad forward.
 
 `--host` (`host_step_us`) times instead the host side of a training step at the GPU
 shapes on CPU tensors, with the device launches stubbed out (`stubbed_launches`): what a
@@ -178,6 +180,39 @@ def step_launches(backend: str = "triton", top_k: int | None = None, num_tokens:
     return StepLaunches(backend, top_k, fwd, bwd, count_launches(no_grad_forward))
 
 
+def mixed_launches(backend: str = "triton", top_k: int | None = None, num_tokens: int = 64,
+                   d_model: int = 64, num_adapters: int = 4, num_experts: int = 4,
+                   rank: int = 4) -> Launches:
+    """Launches of one no-grad `omoe_lora_mixed` call (a layer of a mixed decoding batch):
+    2·(N + 1) samples cycling over "no adapter" and the N adapters, the batch's Grouping
+    made once and reused as every layer of a model reuses it, after one warm-up call.
+    Rank 4 by default: the launches do not depend on the shape, and every adapter's G
+    costs the interpreter time that grows with (E·r)²."""
+    from ..mixed import group, omoe_lora_mixed
+
+    if backend == "triton" and not triton_interpreting():
+        raise RuntimeError("mixed_launches(backend='triton') counts interpreted launches: "
+                           "set TRITON_INTERPRET=1 before importing triton")
+    gen = torch.Generator().manual_seed(0)
+    N, d, E, r = num_adapters, d_model, num_experts, rank
+    samples = 2 * (N + 1)
+    per_sample = max(1, num_tokens // samples)
+    x = torch.randn(samples, per_sample, d, generator=gen)
+    A = torch.randn(N, E, r, d, generator=gen) / d ** 0.5
+    B = torch.randn(N, E, d, r, generator=gen) / r ** 0.5
+    W = torch.randn(N, E, d, generator=gen) / d ** 0.5
+    base = torch.randn(samples, per_sample, d, generator=gen)
+    grouping = group(torch.arange(samples) % (N + 1) - 1, N)
+
+    def forward():
+        with torch.no_grad():
+            omoe_lora_mixed(x, A, B, W, grouping, scaling=[2.0] * N, top_k=top_k,
+                            base_out=base, backend=backend)
+
+    forward()
+    return count_launches(forward)
+
+
 @contextlib.contextmanager
 def stubbed_launches(num_sms: int = 132) -> Iterator[None]:
     """The host path of the `triton` backend on CPU tensors, with the device launches
@@ -290,6 +325,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--d-model", type=int, default=64)
     parser.add_argument("--top-k", type=int, default=2, help="the top-k case (E = 4); dense always runs")
+    parser.add_argument("--adapters", type=int, default=4,
+                        help="also count a no-grad mixed batch of this many adapters (0: skip)")
     parser.add_argument("--json", help="write the counts here ('-': stdout, instead of the table)")
     parser.add_argument("--host", action="store_true",
                         help="instead: host µs per training step at each GPU shape, launches stubbed")
@@ -307,15 +344,23 @@ def main(argv=None) -> int:
                               env=env).returncode
     steps = [step_launches(b, k, args.tokens, args.d_model)
              for b in args.backends.split(",") for k in (None, args.top_k)]
+    mixed = [(b, k, mixed_launches(b, k, args.tokens, args.d_model, args.adapters))
+             for b in args.backends.split(",") for k in (None, args.top_k) if args.adapters]
+    data = dict(num_tokens=args.tokens, d_model=args.d_model,
+                steps=[s.as_dict() for s in steps],
+                mixed=[dict(backend=b, routing="dense" if k is None else f"top-{k}",
+                            adapters=args.adapters, no_grad_forward=m.as_dict())
+                       for b, k, m in mixed])
     if args.json == "-":
-        print(json.dumps(dict(num_tokens=args.tokens, d_model=args.d_model,
-                              steps=[s.as_dict() for s in steps]), indent=1))
+        print(json.dumps(data, indent=1))
         return 0
     print(format_launches(steps, args.tokens))
+    for b, k, m in mixed:
+        routing = "dense" if k is None else f"top-{k}"
+        print(f"  {b:7s} {routing:6s} {f'mixed N={args.adapters}':16s} {m.summary()}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(num_tokens=args.tokens, d_model=args.d_model,
-                           steps=[s.as_dict() for s in steps]), f, indent=1)
+            json.dump(data, f, indent=1)
     return 0
 
 
