@@ -151,6 +151,21 @@ def make_problem(num_tokens=32, d_in=24, d_out=20, num_experts=4, rank=3, *,
                       router_input if with_router_input else None)
     return problem.to(dtype=dtype, device=device)
 
+def make_mixed_problem(samples: int, tokens: int, dtype, with_router_input: bool, *,
+                       adapters: int = 3, d_in: int = 20, d_out: int = 18, num_experts: int = 4,
+                       rank: int = 3) -> dict:
+    """Inputs of one mixed-adapter call: x and base_out [samples, tokens, ...] with A, B and
+    router_weight of `adapters` adapters stacked on dim 0 (each adapter drawn from its own
+    seed)."""
+    problems = [make_problem(lead_shape=(samples, tokens), d_in=d_in, d_out=d_out,
+                             num_experts=num_experts, rank=rank, dtype=dtype, seed=40 + n,
+                             with_router_input=with_router_input) for n in range(adapters)]
+    first = problems[0]
+    stack = {name: torch.stack([getattr(p, name) for p in problems])
+             for name in ("A", "B", "router_weight")}
+    return dict(x=first.x, base_out=first.base_out, router_input=first.router_input, **stack)
+
+
 
 def condition_numbers(problem: CallInputs) -> torch.Tensor:
     """κ of every token's d_out × E matrix [e_1 … e_E] (float64; inf when singular)."""

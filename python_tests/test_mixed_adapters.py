@@ -18,24 +18,23 @@ import pytest
 import torch
 
 import omoe_kernels as ok
-from helpers import ACCURACY_ROWS, BACKENDS, DEVICE, assert_rel_close, make_problem, random_grad
+from helpers import (
+    ACCURACY_ROWS,
+    BACKENDS,
+    DEVICE,
+    assert_rel_close,
+    make_mixed_problem,
+    random_grad,
+)
 
 MIXED = ("cpu", "reference")   # forward and backward
 FORWARD_ONLY = ("triton",)
-SAMPLES, TOKENS, D_IN, D_OUT, E, R = 4, 6, 20, 18, 4, 3
+SAMPLES, TOKENS, D_OUT = 4, 6, 18   # make_mixed_problem: d_in 20, d_out 18, E 4, r 3
 # Adapter 1 of 3 is in no sample; sample 1 takes no adapter.
 INDEX = [2, -1, 0, 2]
 VARIANTS = {"dense": (dict(top_k=None), False), "topk": (dict(top_k=2), True)}
 
 
-def _stacked(dtype, with_router_input):
-    problems = [make_problem(lead_shape=(SAMPLES, TOKENS), d_in=D_IN, d_out=D_OUT,
-                             num_experts=E, rank=R, dtype=dtype, seed=40 + n,
-                             with_router_input=with_router_input) for n in range(3)]
-    first = problems[0]
-    stack = {name: torch.stack([getattr(p, name) for p in problems])
-             for name in ("A", "B", "router_weight")}
-    return dict(x=first.x, base_out=first.base_out, router_input=first.router_input, **stack)
 
 
 def _leaves(inputs, dtype=None):
@@ -78,7 +77,7 @@ def _per_sample_oracle(inputs, grad_y, scaling, **options):
 def test_mixed_batch_matches_each_sample_alone(backend, row, variant):
     dtype, _, fwd_tol, grad_tol = ACCURACY_ROWS[row]
     options, with_router_input = VARIANTS[variant]
-    inputs = _stacked(dtype, with_router_input)
+    inputs = make_mixed_problem(SAMPLES, TOKENS, dtype, with_router_input)
     scaling = [0.75, 2.0, 1.5]
     grad_y = random_grad((SAMPLES, TOKENS, D_OUT), dtype)
     y_ref, grads_ref = _per_sample_oracle(inputs, grad_y, scaling, **options)
@@ -109,7 +108,7 @@ def test_mixed_batch_matches_each_sample_alone(backend, row, variant):
 @pytest.mark.parametrize("backend", MIXED)
 def test_float64_matches_per_sample_runs_of_the_same_backend(backend):
     """Tight: the grouped permutation and segments change nothing beyond rounding."""
-    inputs = _stacked(torch.float64, False)
+    inputs = make_mixed_problem(SAMPLES, TOKENS, torch.float64, False)
     grad_y = random_grad((SAMPLES, TOKENS, D_OUT), torch.float64)
     y, grads = _mixed(inputs, backend, grad_y, [1.0, 1.0, 1.0], top_k=2)
     y_ref, grads_ref = _per_sample_oracle(inputs, grad_y, [1.0, 1.0, 1.0], top_k=2)
@@ -120,7 +119,7 @@ def test_float64_matches_per_sample_runs_of_the_same_backend(backend):
 
 def test_per_token_index_and_list_inputs():
     """adapter_index per token ([..]) and per-adapter lists give the per-sample answer."""
-    inputs = _stacked(torch.float64, False)
+    inputs = make_mixed_problem(SAMPLES, TOKENS, torch.float64, False)
     per_token = torch.tensor(INDEX).repeat_interleave(TOKENS).reshape(SAMPLES, TOKENS)
     per_token[0, :2] = 0  # mixes adapters inside one sample
     want = torch.empty(SAMPLES, TOKENS, D_OUT, dtype=torch.float64)
@@ -144,7 +143,7 @@ def test_per_token_index_and_list_inputs():
 
 @pytest.mark.parametrize("backend", ["cuda"])
 def test_backends_without_grouped_kernels_name_those_with(backend):
-    inputs = _stacked(torch.float32, False)
+    inputs = make_mixed_problem(SAMPLES, TOKENS, torch.float32, False)
     with pytest.raises(ValueError, match=rf"backend '{backend}' has no kernels for a batch of "
                                          r"several adapters; mixed batches run on \['cpu', "
                                          r"'reference', 'triton'\]"):
@@ -153,7 +152,7 @@ def test_backends_without_grouped_kernels_name_those_with(backend):
 
 
 def test_functional_bad_input_raises():
-    inputs = _stacked(torch.float32, False)
+    inputs = make_mixed_problem(SAMPLES, TOKENS, torch.float32, False)
     x, A, B, W = inputs["x"], inputs["A"], inputs["B"], inputs["router_weight"]
     index = torch.tensor(INDEX)
     with pytest.raises(ValueError, match=r"values in \[-1, 3\)"):

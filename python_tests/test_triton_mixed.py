@@ -24,26 +24,18 @@ if os.environ.get("TRITON_INTERPRET") != "1":
                 allow_module_level=True)
 
 import omoe_kernels as ok  # noqa: E402
-from helpers import ACCURACY_ROWS, assert_rel_close, make_problem  # noqa: E402
+from helpers import ACCURACY_ROWS, assert_rel_close, make_mixed_problem  # noqa: E402
 from omoe_kernels.mixed import group  # noqa: E402
 
 pytestmark = pytest.mark.interpreter
 
-SAMPLES, TOKENS, D_IN, D_OUT, E, R = 4, 5, 20, 18, 4, 3
+SAMPLES, TOKENS, D_OUT = 4, 5, 18   # make_mixed_problem: d_in 20, d_out 18, E 4, r 3
 # Adapter 1 of 3 is in no sample; sample 1 takes no adapter; adapter 2 has two samples.
 INDEX = [2, -1, 0, 2]
 SCALING = [0.75, 2.0, 1.5]
 VARIANTS = {"dense": (dict(top_k=None), False), "topk": (dict(top_k=2), True)}
 
 
-def _stacked(dtype, with_router_input):
-    problems = [make_problem(lead_shape=(SAMPLES, TOKENS), d_in=D_IN, d_out=D_OUT,
-                             num_experts=E, rank=R, dtype=dtype, seed=40 + n,
-                             with_router_input=with_router_input) for n in range(3)]
-    first = problems[0]
-    stack = {name: torch.stack([getattr(p, name) for p in problems])
-             for name in ("A", "B", "router_weight")}
-    return dict(x=first.x, base_out=first.base_out, router_input=first.router_input, **stack)
 
 
 def _sample(t, name, i):
@@ -55,7 +47,7 @@ def _sample(t, name, i):
 def test_mixed_forward_matches_each_sample_alone(row, variant):
     dtype, _, fwd_tol, _ = ACCURACY_ROWS[row]
     options, with_router_input = VARIANTS[variant]
-    t = _stacked(dtype, with_router_input)
+    t = make_mixed_problem(SAMPLES, TOKENS, dtype, with_router_input)
     with torch.no_grad():
         y = ok.omoe_lora_mixed(t["x"], t["A"], t["B"], t["router_weight"], torch.tensor(INDEX),
                                scaling=SCALING, base_out=t["base_out"],
@@ -80,7 +72,7 @@ def test_mixed_forward_matches_each_sample_alone(row, variant):
 def test_per_token_index_without_base_and_a_reused_grouping():
     """Adapters mixed inside a sample, no base_out (no-adapter tokens get 0), float64,
     and a Grouping reused across calls (as every layer of a batch reuses it)."""
-    t = _stacked(torch.float64, False)
+    t = make_mixed_problem(SAMPLES, TOKENS, torch.float64, False)
     per_token = torch.tensor(INDEX).repeat_interleave(TOKENS).reshape(SAMPLES, TOKENS)
     per_token[0, :2] = 0
     per_token[3, 4] = -1
@@ -101,7 +93,7 @@ def test_per_token_index_without_base_and_a_reused_grouping():
 
 
 def test_backward_through_the_triton_mixed_forward_raises():
-    t = _stacked(torch.float32, False)
+    t = make_mixed_problem(SAMPLES, TOKENS, torch.float32, False)
     x = t["x"][:2].clone().requires_grad_()
     y = ok.omoe_lora_mixed(x, t["A"], t["B"], t["router_weight"], torch.tensor(INDEX[:2]),
                            base_out=t["base_out"][:2], backend="triton")
