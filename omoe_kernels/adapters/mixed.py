@@ -19,26 +19,13 @@ from torch import nn
 
 from ..layer import OMoELinear
 from ..mixed import group
+from .stacks import adapter_stack, stack_tops
 
 STATE_ATTR = "_omoe_inject_state"  # on the root module: adapters, active one, flags to restore
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in `adapter_names`
 _OPEN = "_omoe_adapter_batches"  # on the root: the batches the pre-hook opened, innermost last
 # The options a batch's adapters on one layer must share (scaling and dropout may differ).
 _SHARED = ("num_experts", "rank", "top_k", "orthogonalize", "normalize", "eps")
-
-
-def _stack_tops(root: nn.Module) -> list[OMoELinear]:
-    layers = [m for m in root.modules() if isinstance(m, OMoELinear)]
-    inner = {id(m.base) for m in layers}
-    return [m for m in layers if id(m) not in inner]
-
-
-def _stack(layer: nn.Module) -> list[OMoELinear]:
-    out = []
-    while isinstance(layer, OMoELinear):
-        out.append(layer)
-        layer = layer.base
-    return out
 
 
 def check_adapter_names(root: nn.Module, adapter_names) -> list[str]:
@@ -70,7 +57,7 @@ def check_adapter_names(root: nn.Module, adapter_names) -> list[str]:
 def _plan(top: OMoELinear, used: list[str], names: list[str]) -> tuple:
     """(the stack's layers the batch uses, the Grouping of each sample's index into them
     or -1), made once per batch for every call of the layer."""
-    by_name = {m.adapter_name: m for m in _stack(top)}
+    by_name = {m.adapter_name: m for m in adapter_stack(top)}
     layers = [by_name[n] for n in used if n in by_name]
     if top.track_router_stats or any(m.track_router_stats for m in layers):
         raise ValueError("router statistics are not recorded for a batch of several adapters: "
@@ -97,7 +84,7 @@ def open_batch(root: nn.Module, adapter_names) -> list[tuple[OMoELinear, tuple |
     """Sets the batch's plan on every stack; returns what to restore (`close_batch`)."""
     names = check_adapter_names(root, adapter_names)
     used = list(dict.fromkeys(n for n in names if n != BASE_ADAPTER))
-    tops = _stack_tops(root)
+    tops = list(stack_tops(root).values())
     plans = [(top, _plan(top, used, names)) for top in tops]  # every check before any change
     saved = [(top, top.sample_adapters) for top in tops]
     for top, plan in plans:

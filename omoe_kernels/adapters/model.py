@@ -23,6 +23,7 @@ from ..options import resolve_aliases
 from ..router_stats import RouterStats, clear_router_stats
 from .config import OMoEConfig
 from .mixed import STATE_ATTR, batch_context, install_batch_hooks, remove_batch_hooks
+from .stacks import adapter_stack, stack_tops
 from .targets import cannot_wrap, check_backend_device, is_peft_module, saved_module_names, target_names
 
 HF_CONFIG_ATTR = "omoe"  # on a Hugging Face model's config: saved into config.json
@@ -54,34 +55,13 @@ def omoe_layers(model: nn.Module) -> dict[str, OMoELinear]:
             if isinstance(m, OMoELinear)}
 
 
-def _stack(module: nn.Module) -> list[OMoELinear]:
-    """The adapters stacked on one base layer, outermost first."""
-    stack = []
-    while isinstance(module, OMoELinear):
-        stack.append(module)
-        module = module.base
-    return stack
-
-
-def _stack_tops(root: nn.Module, remove_duplicate: bool = True) -> dict[str, OMoELinear]:
-    """Module name -> outermost OMoELinear of each stack (the name the target had)."""
-    modules = dict(root.named_modules(remove_duplicate=remove_duplicate))
-    tops = {}
-    for name, module in modules.items():
-        parent_name = name.rpartition(".")[0]
-        parent = root.get_submodule(parent_name) if name else None
-        if name and isinstance(module, OMoELinear) and not isinstance(parent, OMoELinear):
-            tops[name] = module
-    return tops
-
-
 def adapter_layers(model: nn.Module, adapter_name: str | None = None) -> dict[str, OMoELinear]:
     """Target module name -> the `OMoELinear` of one adapter (None: the active adapter,
     or the only one)."""
     root = _check_model(model)
     name = resolve_adapter_name(root, adapter_name)
-    return {target: layer for target, top in _stack_tops(root).items()
-            for layer in _stack(top) if layer.adapter_name == name}
+    return {target: layer for target, top in stack_tops(root).items()
+            for layer in adapter_stack(top) if layer.adapter_name == name}
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -267,13 +247,13 @@ def inject(model: nn.Module, target_modules: OMoEConfig | list[str] | str, *,
                          f"got {adapter_name!r}")
     state = getattr(root, STATE_ATTR, None)
     if state is not None and adapter_name in state["adapters"]:
-        existing = sorted(t for t, layer in _stack_tops(root).items()
-                          if any(m.adapter_name == adapter_name for m in _stack(layer)))
+        existing = sorted(t for t, layer in stack_tops(root).items()
+                          if any(m.adapter_name == adapter_name for m in adapter_stack(layer)))
         raise ValueError(f"adapter {adapter_name!r} is already injected (on {existing[:8]}"
                          f"{' ...' if len(existing) > 8 else ''}): pass another `adapter_name`"
                          f", or call omoe_kernels.remove(model, {adapter_name!r}) first")
 
-    tops = _stack_tops(root, remove_duplicate=False)
+    tops = stack_tops(root, remove_duplicate=False)
     saved = saved_module_names(root, config)
     names = target_names(root, config.target_modules, tops, saved)
     peft_layers = [n for n, m in root.named_modules() if is_peft_module(m)
@@ -438,7 +418,7 @@ def remove(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
     last one goes, the original modules are back with the `requires_grad` flags they had
     before the first `inject`. Returns `model`."""
     root = _check_model(model)
-    tops = _stack_tops(root, remove_duplicate=False)
+    tops = stack_tops(root, remove_duplicate=False)
     if not tops:
         raise ValueError("`model` holds no OMoELinear layer: nothing to remove")
     state = getattr(root, STATE_ATTR, None)
