@@ -50,15 +50,17 @@ BENCH_PLAN := setup (about 6.5 min from nothing, 4 of them the extension build; 
 
 bench:
 	@echo "make bench: $(BENCH_PLAN)"
-	@echo "  the quick benchmark: the cpu shape, a reduced cost-growth sweep and one decoding run"
-	@echo "  (about 1.5 min on an idle 2-core machine, several times that on a busy one)"
+	@echo "  the quick benchmark: the cpu shape, a reduced cost-growth sweep, one decoding run and"
+	@echo "  a small mixed-adapter grid (about 2 min on an idle 2-core machine, several times that"
+	@echo "  on a busy one)"
 	@$(MAKE) --no-print-directory install
 	$(PY) -m bench.run
 
 bench-full:
 	@echo "make bench-full: $(BENCH_PLAN)"
 	@echo "  the cpu shape at 2 and 1 threads, the whole sweep at 1 and 2 threads, decoding and the"
-	@echo "  call cost at both (about 20 min on an idle 2-core machine, up to an hour on a busy one)"
+	@echo "  call cost at both, the whole mixed-adapter grid (about 22 min on an idle 2-core machine,"
+	@echo "  up to an hour on a busy one)"
 	@$(MAKE) --no-print-directory install
 	$(PY) -m bench.run --full
 
