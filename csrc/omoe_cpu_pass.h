@@ -367,7 +367,12 @@ struct LaneTape {
 template <int MAX_K>
 struct LaneTapeStore {
   static constexpr int kSquare = MAX_K * MAX_K * kLanes;
-  double S[kSquare], C[kSquare], SC[kSquare], proj[kSquare], norm_sq[MAX_K * kLanes];
+  // Read as lane_t (below), which is 64-byte aligned.
+  alignas(64) double S[kSquare];
+  alignas(64) double C[kSquare];
+  alignas(64) double SC[kSquare];
+  alignas(64) double proj[kSquare];
+  alignas(64) double norm_sq[MAX_K * kLanes];
   LaneTape view() { return LaneTape{S, C, SC, proj, norm_sq}; }
 };
 
@@ -385,58 +390,58 @@ template <int MAX_K>
 struct DenseBackwardState {
   static constexpr int kSquare = LaneTapeStore<MAX_K>::kSquare;
   DenseForwardState<MAX_K> fwd;
-  double dC[kSquare], dS[kSquare], U[kSquare];
+  alignas(64) double dC[kSquare];
+  alignas(64) double dS[kSquare];
+  alignas(64) double U[kSquare];
   double dcoeff[MAX_K * kLanes], dgate[MAX_K * kLanes];
   double dS_token[MAX_K][MAX_K];
 };
 
-// mgs_forward for kLanes tokens (t.S set).
+// kLanes doubles as one value (GCC/Clang vector extension: two AVX2 registers in the
+// x86-64-v3 clone, four SSE registers in the baseline); GCC does not vectorize the plain
+// loops over the lanes on its own.
+typedef double lane_t __attribute__((vector_size(kLanes * sizeof(double))));
+typedef int64_t lane_mask_t __attribute__((vector_size(kLanes * sizeof(int64_t))));
+
+// mgs_forward for kLanes tokens (t.S set). Arrays hold k rows of k lane values.
 __attribute__((always_inline)) inline void lane_mgs_forward_body(const LaneTape& t, int k,
                                                                  bool normalize, double eps) {
-  constexpr int L = kLanes;
-  const int64_t row = int64_t(k) * L;
-  const double* __restrict S = t.S;
-  double* __restrict C = t.C;
-  double* __restrict SC = t.SC;
-  double* __restrict proj = t.proj;
-  double* __restrict norm_sq = t.norm_sq;
+  const lane_t* S = reinterpret_cast<const lane_t*>(t.S);
+  lane_t* C = reinterpret_cast<lane_t*>(t.C);
+  lane_t* SC = reinterpret_cast<lane_t*>(t.SC);
+  lane_t* proj = reinterpret_cast<lane_t*>(t.proj);
+  lane_t* norm_sq = reinterpret_cast<lane_t*>(t.norm_sq);
+  const lane_t zero = {}, one = zero + 1.0;
   for (int m = 0; m < k; ++m) {
-    double* __restrict c = C + m * row;
-    double* __restrict sc = SC + m * row;
-    for (int l = 0; l < k; ++l)
-      for (int n = 0; n < L; ++n) {
-        c[l * L + n] = (l == m) ? 1.0 : 0.0;
-        sc[l * L + n] = S[(l * k + m) * L + n];
-      }
-    for (int j = 0; j < m; ++j) {
-      const double* __restrict cj = C + j * row;
-      const double* __restrict scj = SC + j * row;
-      double coef[L] = {};
-      for (int l = 0; l < k; ++l)
-        for (int n = 0; n < L; ++n) coef[n] += c[l * L + n] * scj[l * L + n];
-      if (!normalize)
-        for (int n = 0; n < L; ++n) coef[n] /= norm_sq[j * L + n] + eps;
-      for (int n = 0; n < L; ++n) proj[(m * k + j) * L + n] = coef[n];
-      for (int l = 0; l < k; ++l)
-        for (int n = 0; n < L; ++n) {
-          c[l * L + n] -= coef[n] * cj[l * L + n];
-          sc[l * L + n] -= coef[n] * scj[l * L + n];
-        }
+    lane_t* c = C + m * k;
+    lane_t* sc = SC + m * k;
+    for (int l = 0; l < k; ++l) {
+      c[l] = (l == m) ? one : zero;
+      sc[l] = S[l * k + m];
     }
-    double raw[L] = {};
-    for (int l = 0; l < k; ++l)
-      for (int n = 0; n < L; ++n) raw[n] += c[l * L + n] * sc[l * L + n];
+    for (int j = 0; j < m; ++j) {
+      const lane_t* cj = C + j * k;
+      const lane_t* scj = SC + j * k;
+      lane_t coef = zero;
+      for (int l = 0; l < k; ++l) coef += c[l] * scj[l];
+      if (!normalize) coef /= norm_sq[j] + eps;
+      proj[m * k + j] = coef;
+      for (int l = 0; l < k; ++l) {
+        c[l] -= coef * cj[l];
+        sc[l] -= coef * scj[l];
+      }
+    }
+    lane_t raw = zero;
+    for (int l = 0; l < k; ++l) raw += c[l] * sc[l];
     // As mgs_forward: clamp at 0, keep a NaN.
-    for (int n = 0; n < L; ++n)
-      norm_sq[m * L + n] = (raw[n] > 0.0 || raw[n] != raw[n]) ? raw[n] : 0.0;
+    norm_sq[m] = ((raw > 0.0) | (raw != raw)) ? raw : zero;
     if (normalize) {
-      double inv[L];
-      for (int n = 0; n < L; ++n) inv[n] = 1.0 / std::sqrt(norm_sq[m * L + n] + eps);
-      for (int l = 0; l < k; ++l)
-        for (int n = 0; n < L; ++n) {
-          c[l * L + n] *= inv[n];
-          sc[l * L + n] *= inv[n];
-        }
+      lane_t inv;
+      for (int n = 0; n < kLanes; ++n) inv[n] = 1.0 / std::sqrt(norm_sq[m][n] + eps);
+      for (int l = 0; l < k; ++l) {
+        c[l] *= inv;
+        sc[l] *= inv;
+      }
     }
   }
 }
@@ -445,102 +450,87 @@ __attribute__((always_inline)) inline void lane_mgs_forward_body(const LaneTape&
 // (not symmetrized); U is scratch.
 __attribute__((always_inline)) inline void lane_mgs_backward_body(const LaneTape& t, int k,
                                                                   bool normalize, double eps,
-                                                                  double* __restrict dC,
-                                                                  double* __restrict dS,
-                                                                  double* __restrict U) {
-  constexpr int L = kLanes;
-  const int64_t row = int64_t(k) * L;
-  const double* __restrict C = t.C;
-  const double* __restrict SC = t.SC;
-  const double* __restrict proj = t.proj;
-  const double* __restrict norm_sq = t.norm_sq;
-  for (int64_t q = 0; q < k * row; ++q) {
-    U[q] = 0.0;
-    dS[q] = 0.0;
+                                                                  double* dC_, double* dS_,
+                                                                  double* U_) {
+  const lane_t* C = reinterpret_cast<const lane_t*>(t.C);
+  const lane_t* SC = reinterpret_cast<const lane_t*>(t.SC);
+  const lane_t* proj = reinterpret_cast<const lane_t*>(t.proj);
+  const lane_t* norm_sq = reinterpret_cast<const lane_t*>(t.norm_sq);
+  lane_t* dC = reinterpret_cast<lane_t*>(dC_);
+  lane_t* dS = reinterpret_cast<lane_t*>(dS_);
+  lane_t* U = reinterpret_cast<lane_t*>(U_);
+  const lane_t zero = {};
+  for (int q = 0; q < k * k; ++q) {
+    U[q] = zero;
+    dS[q] = zero;
   }
-  double c[kMaxExperts * L], sc[kMaxExperts * L], dc[kMaxExperts * L];
+  lane_t c[kMaxExperts], sc[kMaxExperts], dc[kMaxExperts];
   for (int m = k - 1; m >= 0; --m) {
-    const double* __restrict cm = C + m * row;
-    const double* __restrict scm = SC + m * row;
-    double* __restrict dcm = dC + m * row;
+    const lane_t* cm = C + m * k;
+    const lane_t* scm = SC + m * k;
+    const lane_t* dcm = dC + m * k;
     if (normalize) {
-      double inv[L], root[L], dnu[L];
-      for (int n = 0; n < L; ++n) {
-        const double nu = norm_sq[m * L + n] + eps;
+      lane_t inv, root;
+      for (int n = 0; n < kLanes; ++n) {
+        const double nu = norm_sq[m][n] + eps;
         inv[n] = 1.0 / std::sqrt(nu);
         root[n] = std::sqrt(nu);
       }
-      for (int l = 0; l < k; ++l)  // the vector before normalizing
-        for (int n = 0; n < L; ++n) {
-          c[l * L + n] = cm[l * L + n] * root[n];
-          sc[l * L + n] = scm[l * L + n] * root[n];
-        }
-      double d[L] = {};
-      for (int l = 0; l < k; ++l)
-        for (int n = 0; n < L; ++n) d[n] += dcm[l * L + n] * c[l * L + n];
+      for (int l = 0; l < k; ++l) {  // the vector before normalizing
+        c[l] = cm[l] * root;
+        sc[l] = scm[l] * root;
+      }
+      lane_t d = zero;
+      for (int l = 0; l < k; ++l) d += dcm[l] * c[l];
       // No gradient through the clamp (norm_sq 0); a NaN flows on.
-      for (int n = 0; n < L; ++n)
-        dnu[n] = norm_sq[m * L + n] != 0.0 ? -0.5 * inv[n] * inv[n] * inv[n] * d[n] : 0.0;
-      for (int l = 0; l < k; ++l)
-        for (int n = 0; n < L; ++n)
-          dc[l * L + n] = inv[n] * dcm[l * L + n] + 2.0 * dnu[n] * sc[l * L + n];
-      for (int a = 0; a < k; ++a)
-        for (int b = 0; b < k; ++b)
-          for (int n = 0; n < L; ++n)
-            dS[(a * k + b) * L + n] += dnu[n] * c[a * L + n] * c[b * L + n];
+      const lane_t dnu = (norm_sq[m] != 0.0) ? -0.5 * inv * inv * inv * d : zero;
+      for (int l = 0; l < k; ++l) dc[l] = inv * dcm[l] + 2.0 * dnu * sc[l];
+      for (int a = 0; a < k; ++a) {
+        const lane_t dnu_ca = dnu * c[a];
+        for (int b = 0; b < k; ++b) dS[a * k + b] += dnu_ca * c[b];
+      }
     } else {
-      for (int64_t q = 0; q < row; ++q) {
-        c[q] = cm[q];
-        sc[q] = scm[q];
-        dc[q] = dcm[q];
+      for (int l = 0; l < k; ++l) {
+        c[l] = cm[l];
+        sc[l] = scm[l];
+        dc[l] = dcm[l];
       }
     }
     for (int j = m - 1; j >= 0; --j) {
-      const double* __restrict cj = C + j * row;
-      const double* __restrict scj = SC + j * row;
-      double* __restrict dcj = dC + j * row;
-      double* __restrict uj = U + j * row;
-      const double* __restrict coef = proj + (m * k + j) * L;
-      double nrm[L], dot_cj[L] = {}, dp[L];
-      for (int n = 0; n < L; ++n) nrm[n] = normalize ? 1.0 : norm_sq[j * L + n] + eps;
-      for (int l = 0; l < k; ++l)  // the running vector before this step
-        for (int n = 0; n < L; ++n) {
-          c[l * L + n] += coef[n] * cj[l * L + n];
-          sc[l * L + n] += coef[n] * scj[l * L + n];
-        }
-      for (int l = 0; l < k; ++l)
-        for (int n = 0; n < L; ++n) dot_cj[n] += dc[l * L + n] * cj[l * L + n];
-      for (int n = 0; n < L; ++n) dp[n] = -dot_cj[n] / nrm[n];
-      for (int l = 0; l < k; ++l)
-        for (int n = 0; n < L; ++n) {
-          dcj[l * L + n] += -coef[n] * dc[l * L + n] + dp[n] * sc[l * L + n];
-          uj[l * L + n] += dp[n] * c[l * L + n];
-        }
+      const lane_t* cj = C + j * k;
+      const lane_t* scj = SC + j * k;
+      lane_t* dcj = dC + j * k;
+      lane_t* uj = U + j * k;
+      const lane_t coef = proj[m * k + j];
+      const lane_t nrm = normalize ? zero + 1.0 : norm_sq[j] + eps;
+      for (int l = 0; l < k; ++l) {  // the running vector before this step
+        c[l] += coef * cj[l];
+        sc[l] += coef * scj[l];
+      }
+      lane_t dot_cj = zero;
+      for (int l = 0; l < k; ++l) dot_cj += dc[l] * cj[l];
+      const lane_t dp = -dot_cj / nrm;
+      for (int l = 0; l < k; ++l) {
+        dcj[l] += -coef * dc[l] + dp * sc[l];
+        uj[l] += dp * c[l];
+      }
       if (!normalize) {
         // Clamped (norm_sq 0): no gradient; a NaN flows on.
-        double dn[L];
-        bool live[L];
-        for (int n = 0; n < L; ++n) {
-          dn[n] = dot_cj[n] * coef[n] / nrm[n];
-          live[n] = norm_sq[j * L + n] != 0.0;
+        const lane_t dn = dot_cj * coef / nrm;
+        const lane_mask_t live = norm_sq[j] != 0.0;
+        for (int l = 0; l < k; ++l) {
+          dcj[l] = live ? dcj[l] + 2.0 * dn * scj[l] : dcj[l];
+          uj[l] = live ? uj[l] + dn * cj[l] : uj[l];
         }
-        for (int l = 0; l < k; ++l)
-          for (int n = 0; n < L; ++n) {
-            const double g = dcj[l * L + n] + 2.0 * dn[n] * scj[l * L + n];
-            const double u = uj[l * L + n] + dn[n] * cj[l * L + n];
-            dcj[l * L + n] = live[n] ? g : dcj[l * L + n];
-            uj[l * L + n] = live[n] ? u : uj[l * L + n];
-          }
       }
-      for (int l = 0; l < k; ++l)
-        for (int n = 0; n < L; ++n) dc[l * L + n] += dp[n] * scj[l * L + n];
+      for (int l = 0; l < k; ++l) dc[l] += dp * scj[l];
     }
   }
   for (int j = 0; j < k; ++j)
-    for (int a = 0; a < k; ++a)
-      for (int b = 0; b < k; ++b)
-        for (int n = 0; n < L; ++n)
-          dS[(a * k + b) * L + n] += U[(j * k + a) * L + n] * C[(j * k + b) * L + n];
+    for (int a = 0; a < k; ++a) {
+      const lane_t u = U[j * k + a];
+      for (int b = 0; b < k; ++b) dS[a * k + b] += u * C[j * k + b];
+    }
 }
 OMOE_VECTOR_CLONES static void lane_mgs_forward(const LaneTape& t, int k, bool normalize,
                                                 double eps) {
