@@ -353,7 +353,7 @@ struct DirectGram {
 // count; a row a is k·kLanes values. Each token follows mgs_forward / mgs_backward
 // (omoe_token.h) step for step, its branches as per-token selects, so a token's result
 // does not depend on its neighbours (the unused lanes of a short block hold a copy).
-constexpr int kLanes = 8;
+constexpr int kLanes = 4;
 
 // The per-block MGS state (as MgsTape), token-minor.
 struct LaneTape {
@@ -397,9 +397,9 @@ struct DenseBackwardState {
   double dS_token[MAX_K][MAX_K];
 };
 
-// kLanes doubles as one value (GCC/Clang vector extension: two AVX2 registers in the
-// x86-64-v3 clone, four SSE registers in the baseline); GCC does not vectorize the plain
-// loops over the lanes on its own.
+// kLanes doubles as one value (GCC/Clang vector extension: one AVX2 register in the
+// x86-64-v3 clone, two SSE registers in the baseline); GCC does not vectorize the plain
+// loops over the lanes on its own, and lowers wider vector values than the ISA's poorly.
 typedef double lane_t __attribute__((vector_size(kLanes * sizeof(double))));
 typedef int64_t lane_mask_t __attribute__((vector_size(kLanes * sizeof(int64_t))));
 
