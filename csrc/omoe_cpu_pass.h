@@ -32,8 +32,11 @@
 namespace omoe {
 namespace cpu {
 
-// Tokens per task of a pass (for_token_blocks); blocks start at multiples of it.
+// Tokens per task of a pass (for_token_blocks): at most kTokensPerTask, halved down to
+// kMinTokensPerTask until every thread has a task; blocks start at multiples of the size,
+// which divides kTokensPerTask.
 constexpr int64_t kTokensPerTask = 64;
+constexpr int64_t kMinTokensPerTask = 16;
 
 // The CPU keeps the per-token state on the heap, so it takes more active experts than a
 // CUDA thread: k = min(top_k, E) up to kMaxActive (beyond that `auto` uses the reference).
@@ -144,6 +147,29 @@ OMOE_VECTOR_CLONES static void dense_gram(const double* G, int E, int rank, cons
   dense_gram_body(G, E, rank, h, n, S);
 }
 
+// W[i][(j, b)] = c[i·E + j] h_jb for every pair (dense routing), rows w_stride apart.
+template <typename h_t>
+__attribute__((always_inline)) inline void dense_w_rows_body(const double* __restrict c,
+                                                             const h_t* __restrict h, int E,
+                                                             int rank, int64_t w_stride,
+                                                             double* __restrict w) {
+  for (int i = 0; i < E; ++i)
+    for (int j = 0; j < E; ++j) {
+      const double cij = c[i * E + j];
+      double* __restrict block = w + i * w_stride + j * rank;
+      const h_t* __restrict hj = h + j * rank;
+      for (int b = 0; b < rank; ++b) block[b] = cij * static_cast<double>(hj[b]);
+    }
+}
+OMOE_VECTOR_CLONES static void dense_w_rows(const double* c, const float* h, int E, int rank,
+                                            int64_t w_stride, double* w) {
+  dense_w_rows_body(c, h, E, rank, w_stride, w);
+}
+OMOE_VECTOR_CLONES static void dense_w_rows(const double* c, const double* h, int E, int rank,
+                                            int64_t w_stride, double* w) {
+  dense_w_rows_body(c, h, E, rank, w_stride, w);
+}
+
 // S from G = B_catᵀ B_cat ([R, R] float64, R = E·r) for the active pairs only. h is this
 // token's h. The backward hands dS back in one of two ways (omoe_ops.cpp picks by cost):
 // - dG set ("pairs"): grad_h adds Σ_l (dS_ml + dS_lm) G_ij h_j itself and dS_ml h_ia h_jᵀ
@@ -203,6 +229,13 @@ struct PairGram {
   template <int MAX_K>
   void end_backward(const int* active, int k, const double (*dS)[MAX_K]) const {
     if (w == nullptr) return;
+    if (k == num_experts) {  // dense: every block of W
+      double c[MAX_K * MAX_K];
+      for (int m = 0; m < k; ++m)
+        for (int l = 0; l < k; ++l) c[m * k + l] = dS[m][l] + dS[l][m];
+      dense_w_rows(c, h, k, rank, w_stride, w);
+      return;
+    }
     for (int i = 0, m = 0; i < num_experts; ++i) {
       double* row = w + i * w_stride;
       const bool i_active = m < k && active[m] == i;
@@ -312,6 +345,342 @@ struct DirectGram {
   }
 };
 
+// ---- dense routing: MGS for kLanes tokens at once ---------------------------------------
+//
+// Under dense routing every token has the same active set (all E experts), so the MGS of
+// kLanes tokens runs as one loop nest whose innermost loop walks the tokens. Every array
+// below is token-minor: entry (a, b) of token n at [(a·k + b)·kLanes + n], k the active
+// count; a row a is k·kLanes values. Each token follows mgs_forward / mgs_backward
+// (omoe_token.h) step for step, its branches as per-token selects, so a token's result
+// does not depend on its neighbours (the unused lanes of a short block hold a copy).
+constexpr int kLanes = 4;
+
+// The per-block MGS state (as MgsTape), token-minor.
+struct LaneTape {
+  double* S;
+  double* C;
+  double* SC;
+  double* proj;
+  double* norm_sq;  // [k][kLanes]
+};
+
+template <int MAX_K>
+struct LaneTapeStore {
+  static constexpr int kSquare = MAX_K * MAX_K * kLanes;
+  // Read as lane_t (below), which is 64-byte aligned.
+  alignas(64) double S[kSquare];
+  alignas(64) double C[kSquare];
+  alignas(64) double SC[kSquare];
+  alignas(64) double proj[kSquare];
+  alignas(64) double norm_sq[MAX_K * kLanes];
+  LaneTape view() { return LaneTape{S, C, SC, proj, norm_sq}; }
+};
+
+// What a dense forward pass keeps per thread: the block's tape, one token's S as the Gram
+// sources write it, and the gates and coefficients by token.
+template <int MAX_K>
+struct DenseForwardState {
+  LaneTapeStore<MAX_K> lanes;
+  double S_token[MAX_K][MAX_K];
+  double gates[MAX_K * kLanes], coeff[MAX_K * kLanes];
+};
+// And a backward pass: dL/dC, dL/dS and the accumulator U of mgs_backward, token-minor;
+// dcoeff and dgate by token; a token's dS in the layout the Gram sources read.
+template <int MAX_K>
+struct DenseBackwardState {
+  static constexpr int kSquare = LaneTapeStore<MAX_K>::kSquare;
+  DenseForwardState<MAX_K> fwd;
+  alignas(64) double dC[kSquare];
+  alignas(64) double dS[kSquare];
+  alignas(64) double U[kSquare];
+  double dcoeff[MAX_K * kLanes], dgate[MAX_K * kLanes];
+  double dS_token[MAX_K][MAX_K];
+};
+
+// kLanes doubles as one value (GCC/Clang vector extension: one AVX2 register in the
+// x86-64-v3 clone, two SSE registers in the baseline); GCC does not vectorize the plain
+// loops over the lanes on its own, and lowers wider vector values than the ISA's poorly.
+typedef double lane_t __attribute__((vector_size(kLanes * sizeof(double))));
+typedef int64_t lane_mask_t __attribute__((vector_size(kLanes * sizeof(int64_t))));
+
+// mgs_forward for kLanes tokens (t.S set). Arrays hold k rows of k lane values.
+__attribute__((always_inline)) inline void lane_mgs_forward_body(const LaneTape& t, int k,
+                                                                 bool normalize, double eps) {
+  const lane_t* S = reinterpret_cast<const lane_t*>(t.S);
+  lane_t* C = reinterpret_cast<lane_t*>(t.C);
+  lane_t* SC = reinterpret_cast<lane_t*>(t.SC);
+  lane_t* proj = reinterpret_cast<lane_t*>(t.proj);
+  lane_t* norm_sq = reinterpret_cast<lane_t*>(t.norm_sq);
+  const lane_t zero = {}, one = zero + 1.0;
+  for (int m = 0; m < k; ++m) {
+    lane_t* c = C + m * k;
+    lane_t* sc = SC + m * k;
+    for (int l = 0; l < k; ++l) {
+      c[l] = (l == m) ? one : zero;
+      sc[l] = S[l * k + m];
+    }
+    for (int j = 0; j < m; ++j) {
+      const lane_t* cj = C + j * k;
+      const lane_t* scj = SC + j * k;
+      lane_t coef = zero;
+      for (int l = 0; l < k; ++l) coef += c[l] * scj[l];
+      if (!normalize) coef /= norm_sq[j] + eps;
+      proj[m * k + j] = coef;
+      for (int l = 0; l < k; ++l) {
+        c[l] -= coef * cj[l];
+        sc[l] -= coef * scj[l];
+      }
+    }
+    lane_t raw = zero;
+    for (int l = 0; l < k; ++l) raw += c[l] * sc[l];
+    // As mgs_forward: clamp at 0, keep a NaN.
+    norm_sq[m] = ((raw > 0.0) | (raw != raw)) ? raw : zero;
+    if (normalize) {
+      lane_t inv;
+      for (int n = 0; n < kLanes; ++n) inv[n] = 1.0 / std::sqrt(norm_sq[m][n] + eps);
+      for (int l = 0; l < k; ++l) {
+        c[l] *= inv;
+        sc[l] *= inv;
+      }
+    }
+  }
+}
+
+// mgs_backward for kLanes tokens: dC holds dL/dC on entry (overwritten); dS receives dL/dS
+// (not symmetrized); U is scratch.
+__attribute__((always_inline)) inline void lane_mgs_backward_body(const LaneTape& t, int k,
+                                                                  bool normalize, double eps,
+                                                                  double* dC_, double* dS_,
+                                                                  double* U_) {
+  const lane_t* C = reinterpret_cast<const lane_t*>(t.C);
+  const lane_t* SC = reinterpret_cast<const lane_t*>(t.SC);
+  const lane_t* proj = reinterpret_cast<const lane_t*>(t.proj);
+  const lane_t* norm_sq = reinterpret_cast<const lane_t*>(t.norm_sq);
+  lane_t* dC = reinterpret_cast<lane_t*>(dC_);
+  lane_t* dS = reinterpret_cast<lane_t*>(dS_);
+  lane_t* U = reinterpret_cast<lane_t*>(U_);
+  const lane_t zero = {};
+  for (int q = 0; q < k * k; ++q) {
+    U[q] = zero;
+    dS[q] = zero;
+  }
+  lane_t c[kMaxExperts], sc[kMaxExperts], dc[kMaxExperts];
+  for (int m = k - 1; m >= 0; --m) {
+    const lane_t* cm = C + m * k;
+    const lane_t* scm = SC + m * k;
+    const lane_t* dcm = dC + m * k;
+    if (normalize) {
+      lane_t inv, root;
+      for (int n = 0; n < kLanes; ++n) {
+        const double nu = norm_sq[m][n] + eps;
+        inv[n] = 1.0 / std::sqrt(nu);
+        root[n] = std::sqrt(nu);
+      }
+      for (int l = 0; l < k; ++l) {  // the vector before normalizing
+        c[l] = cm[l] * root;
+        sc[l] = scm[l] * root;
+      }
+      lane_t d = zero;
+      for (int l = 0; l < k; ++l) d += dcm[l] * c[l];
+      // No gradient through the clamp (norm_sq 0); a NaN flows on.
+      const lane_t dnu = (norm_sq[m] != 0.0) ? -0.5 * inv * inv * inv * d : zero;
+      for (int l = 0; l < k; ++l) dc[l] = inv * dcm[l] + 2.0 * dnu * sc[l];
+      for (int a = 0; a < k; ++a) {
+        const lane_t dnu_ca = dnu * c[a];
+        for (int b = 0; b < k; ++b) dS[a * k + b] += dnu_ca * c[b];
+      }
+    } else {
+      for (int l = 0; l < k; ++l) {
+        c[l] = cm[l];
+        sc[l] = scm[l];
+        dc[l] = dcm[l];
+      }
+    }
+    for (int j = m - 1; j >= 0; --j) {
+      const lane_t* cj = C + j * k;
+      const lane_t* scj = SC + j * k;
+      lane_t* dcj = dC + j * k;
+      lane_t* uj = U + j * k;
+      const lane_t coef = proj[m * k + j];
+      const lane_t nrm = normalize ? zero + 1.0 : norm_sq[j] + eps;
+      for (int l = 0; l < k; ++l) {  // the running vector before this step
+        c[l] += coef * cj[l];
+        sc[l] += coef * scj[l];
+      }
+      lane_t dot_cj = zero;
+      for (int l = 0; l < k; ++l) dot_cj += dc[l] * cj[l];
+      const lane_t dp = -dot_cj / nrm;
+      for (int l = 0; l < k; ++l) {
+        dcj[l] += -coef * dc[l] + dp * sc[l];
+        uj[l] += dp * c[l];
+      }
+      if (!normalize) {
+        // Clamped (norm_sq 0): no gradient; a NaN flows on.
+        const lane_t dn = dot_cj * coef / nrm;
+        const lane_mask_t live = norm_sq[j] != 0.0;
+        for (int l = 0; l < k; ++l) {
+          dcj[l] = live ? dcj[l] + 2.0 * dn * scj[l] : dcj[l];
+          uj[l] = live ? uj[l] + dn * cj[l] : uj[l];
+        }
+      }
+      for (int l = 0; l < k; ++l) dc[l] += dp * scj[l];
+    }
+  }
+  for (int j = 0; j < k; ++j)
+    for (int a = 0; a < k; ++a) {
+      const lane_t u = U[j * k + a];
+      for (int b = 0; b < k; ++b) dS[a * k + b] += u * C[j * k + b];
+    }
+}
+OMOE_VECTOR_CLONES static void lane_mgs_forward(const LaneTape& t, int k, bool normalize,
+                                                double eps) {
+  lane_mgs_forward_body(t, k, normalize, eps);
+}
+OMOE_VECTOR_CLONES static void lane_mgs_backward(const LaneTape& t, int k, bool normalize,
+                                                 double eps, double* dC, double* dS,
+                                                 double* U) {
+  lane_mgs_backward_body(t, k, normalize, eps, dC, dS, U);
+}
+
+// Routing and S of token n of a block into the lane arrays: gates and S by token (the
+// Gram source writes S as one token's matrix first).
+template <int MAX_K, typename scalar_t, typename Gram>
+void dense_lane_inputs(const scalar_t* h, const scalar_t* logits, const Gram& gram, int E,
+                       DenseForwardState<MAX_K>& st, int n) {
+  int active[MAX_K];
+  double gates[MAX_K];
+  const int k = route_token(logits, E, E, active, gates);
+  gram.template gram<MAX_K>(h, active, k, st.S_token);
+  for (int a = 0; a < k; ++a) {
+    st.gates[a * kLanes + n] = gates[a];
+    for (int b = 0; b < k; ++b) st.lanes.S[(a * k + b) * kLanes + n] = st.S_token[a][b];
+  }
+}
+// Lanes [count, kLanes) copy lane count − 1 (k rows of a token-minor array of `rows` rows).
+inline void fill_spare_lanes(double* a, int64_t rows, int count) {
+  for (int64_t q = 0; q < rows; ++q)
+    for (int n = count; n < kLanes; ++n) a[q * kLanes + n] = a[q * kLanes + count - 1];
+}
+// coeff[l] = Σ_{m >= l} g_m C[m][l], by token (as token_coefficients).
+template <int MAX_K>
+void dense_lane_coefficients(DenseForwardState<MAX_K>& st, int k) {
+  constexpr int L = kLanes;
+  for (int l = 0; l < k; ++l) {
+    double acc[L] = {};
+    for (int m = l; m < k; ++m)
+      for (int n = 0; n < L; ++n)
+        acc[n] += st.gates[m * L + n] * st.lanes.C[(m * k + l) * L + n];
+    for (int n = 0; n < L; ++n) st.coeff[l * L + n] = acc[n];
+  }
+}
+
+// token_forward for the tokens [begin, end) under dense routing, kLanes at a time.
+template <int MAX_K, typename scalar_t, typename Route>
+void dense_forward_tokens(const scalar_t* h, const scalar_t* logits, const Route& route,
+                          int64_t begin, int64_t end, int thread, int E, int r, bool normalize,
+                          double eps, DenseForwardState<MAX_K>& st, scalar_t* z) {
+  const int64_t er = int64_t(E) * r;
+  const int k = E;
+  for (int64_t t0 = begin; t0 < end; t0 += kLanes) {
+    const int count = int(std::min<int64_t>(kLanes, end - t0));
+    for (int n = 0; n < count; ++n)
+      dense_lane_inputs(h + (t0 + n) * er, logits + (t0 + n) * E, route.at(t0 + n, thread), E,
+                        st, n);
+    fill_spare_lanes(st.lanes.S, int64_t(k) * k, count);
+    fill_spare_lanes(st.gates, k, count);
+    lane_mgs_forward(st.lanes.view(), k, normalize, eps);
+    dense_lane_coefficients(st, k);
+    for (int n = 0; n < count; ++n) {
+      const scalar_t* ht = h + (t0 + n) * er;
+      scalar_t* zt = z + (t0 + n) * er;
+      for (int i = 0; i < k; ++i) {
+        const double a = st.coeff[i * kLanes + n];
+        for (int q = i * r; q < (i + 1) * r; ++q)
+          zt[q] = static_cast<scalar_t>(a * static_cast<double>(ht[q]));
+      }
+    }
+  }
+}
+
+// token_backward for the tokens [begin, end) under dense routing, kLanes at a time.
+template <int MAX_K, typename scalar_t, typename Route>
+void dense_backward_tokens(const scalar_t* h, const scalar_t* logits, const Route& route,
+                           const scalar_t* dz, int64_t begin, int64_t end, int thread, int E,
+                           int r, bool normalize, double eps, DenseBackwardState<MAX_K>& st,
+                           scalar_t* z, scalar_t* dh, scalar_t* dlogits) {
+  constexpr int L = kLanes;
+  const int64_t er = int64_t(E) * r;
+  const int k = E;
+  DenseForwardState<MAX_K>& f = st.fwd;
+  int active[MAX_K];
+  for (int i = 0; i < k; ++i) active[i] = i;
+  for (int64_t t0 = begin; t0 < end; t0 += L) {
+    const int count = int(std::min<int64_t>(L, end - t0));
+    for (int n = 0; n < count; ++n)
+      dense_lane_inputs(h + (t0 + n) * er, logits + (t0 + n) * E, route.at(t0 + n, thread), E,
+                        f, n);
+    fill_spare_lanes(f.lanes.S, int64_t(k) * k, count);
+    fill_spare_lanes(f.gates, k, count);
+    lane_mgs_forward(f.lanes.view(), k, normalize, eps);
+    dense_lane_coefficients(f, k);
+    // z = a ⊙ h: da_l = <dz_l, h_l>; the direct part of dh_l is a_l dz_l (added below).
+    for (int n = 0; n < count; ++n) {
+      const scalar_t* ht = h + (t0 + n) * er;
+      const scalar_t* dzt = dz + (t0 + n) * er;
+      scalar_t* zt = z + (t0 + n) * er;
+      for (int i = 0; i < k; ++i) {
+        const double a = f.coeff[i * L + n];
+        double s = 0.0;
+        for (int q = i * r; q < (i + 1) * r; ++q) {
+          const double hv = static_cast<double>(ht[q]);
+          zt[q] = static_cast<scalar_t>(a * hv);
+          s += static_cast<double>(dzt[q]) * hv;
+        }
+        st.dcoeff[i * L + n] = s;
+      }
+    }
+    fill_spare_lanes(st.dcoeff, k, count);
+    // dgate_m = <C_m, dcoeff>, dC_m = g_m dcoeff.
+    for (int m = 0; m < k; ++m) {
+      double acc[L] = {};
+      for (int l = 0; l < k; ++l)
+        for (int n = 0; n < L; ++n)
+          acc[n] += f.lanes.C[(m * k + l) * L + n] * st.dcoeff[l * L + n];
+      for (int n = 0; n < L; ++n) st.dgate[m * L + n] = acc[n];
+      for (int l = 0; l < k; ++l)
+        for (int n = 0; n < L; ++n)
+          st.dC[(m * k + l) * L + n] = f.gates[m * L + n] * st.dcoeff[l * L + n];
+    }
+    lane_mgs_backward(f.lanes.view(), k, normalize, eps, st.dC, st.dS, st.U);
+    for (int n = 0; n < count; ++n) {
+      const int64_t t = t0 + n;
+      const auto gram = route.at(t, thread);
+      for (int a = 0; a < k; ++a)
+        for (int b = 0; b < k; ++b) st.dS_token[a][b] = st.dS[(a * k + b) * L + n];
+      const scalar_t* ht = h + t * er;
+      const scalar_t* dzt = dz + t * er;
+      scalar_t* dht = dh + t * er;
+      gram.begin_backward();
+      for (int m = 0; m < k; ++m) {
+        const double a = f.coeff[m * L + n];
+        for (int q = 0; q < r; ++q) {
+          // Through S: dh_i += Σ_j (dS_ij + dS_ji) G_ij h_j (the source's share).
+          const double acc = a * static_cast<double>(dzt[m * r + q]) +
+                             gram.template grad_h<MAX_K>(ht, active, k, st.dS_token, m, q);
+          dht[m * r + q] = static_cast<scalar_t>(acc);
+        }
+      }
+      gram.template end_backward<MAX_K>(active, k, st.dS_token);
+      // Softmax: dlogit_i = g_i (dg_i − Σ_j g_j dg_j).
+      double mean = 0.0;
+      for (int m = 0; m < k; ++m) mean += f.gates[m * L + n] * st.dgate[m * L + n];
+      for (int m = 0; m < k; ++m)
+        dlogits[t * E + m] =
+            static_cast<scalar_t>(f.gates[m * L + n] * (st.dgate[m * L + n] - mean));
+    }
+  }
+}
+
 // The Gram source of token t (of a chunk) for each route.
 struct GhRoute {
   const double* gh;  // [E, Tc, R]
@@ -337,7 +706,9 @@ struct PairRoute {
   double* S_blocks = nullptr;
 
   void begin_block(int64_t begin, int64_t end, int thread) const {
-    if (S_blocks) dense_gram(G, E, r, h + begin * R, end - begin, block_S(thread));
+    if (S_blocks)
+      dense_gram(G, E, r, h + begin * R, end - begin,
+                 block_S(thread) + (begin % kTokensPerTask) * E * E);
   }
   PairGram<scalar_t> at(int64_t t, int thread) const {
     return PairGram<scalar_t>{
@@ -370,14 +741,21 @@ struct DirectRoute {
   }
 };
 
-// Runs body(begin, end, thread, state) over the tokens [0, T) in blocks of kTokensPerTask,
-// handed out one at a time; state is the thread's own State (made once per thread). A
+// Runs body(begin, end, thread, state) over the tokens [0, T) in blocks of
+// tokens_per_task(T) tokens, handed out one at a time; state is the thread's own State
+// (made once per thread). A
 // static split (at::parallel_for) waits for its slowest half: with a busy neighbour on 2
 // cores, that is a whole scheduler slice per pass. Here the thread that runs keeps taking
 // blocks, so a descheduled one holds up at most one block.
+inline int64_t tokens_per_task(int64_t T, int threads) {
+  int64_t n = kTokensPerTask;
+  while (n > kMinTokensPerTask && (T + n - 1) / n < threads) n /= 2;
+  return n;
+}
 template <typename State, typename Body>
 void for_token_blocks(int64_t T, Body&& body) {
-  const int64_t blocks = (T + kTokensPerTask - 1) / kTokensPerTask;
+  const int64_t task = tokens_per_task(T, at::get_num_threads());
+  const int64_t blocks = (T + task - 1) / task;
   const int threads = int(std::min<int64_t>(at::get_num_threads(), blocks));
 #ifdef _OPENMP
   if (threads > 1 && !at::in_parallel_region()) {
@@ -385,18 +763,16 @@ void for_token_blocks(int64_t T, Body&& body) {
 #pragma omp parallel num_threads(threads)
     {
       const int thread = omp_get_thread_num();
-      states[thread] = std::make_unique<State>();
+      states[thread] = std::unique_ptr<State>(new State);  // not zeroed: written before read
 #pragma omp for schedule(dynamic, 1)
       for (int64_t b = 0; b < blocks; ++b)
-        body(b * kTokensPerTask, std::min(T, (b + 1) * kTokensPerTask), thread,
-             *states[thread]);
+        body(b * task, std::min(T, (b + 1) * task), thread, *states[thread]);
     }
     return;
   }
 #endif
-  auto state = std::make_unique<State>();
-  for (int64_t b = 0; b < blocks; ++b)
-    body(b * kTokensPerTask, std::min(T, (b + 1) * kTokensPerTask), 0, *state);
+  const std::unique_ptr<State> state(new State);
+  for (int64_t b = 0; b < blocks; ++b) body(b * task, std::min(T, (b + 1) * task), 0, *state);
 }
 
 // How many per-thread accumulators a pass may index (for PairRoute's dG).
@@ -413,6 +789,18 @@ void token_forward_pass(const at::Tensor& h, const at::Tensor& logits, const Rou
     const scalar_t* h_ptr = h.data_ptr<scalar_t>();
     const scalar_t* l_ptr = logits.data_ptr<scalar_t>();
     scalar_t* z_ptr = z.data_ptr<scalar_t>();
+    if (orthogonalize && top_k >= E && E <= kMaxExperts) {
+      dispatch_max_active(E, [&](auto max_k) {
+        constexpr int MAX_K = decltype(max_k)::value;
+        for_token_blocks<DenseForwardState<MAX_K>>(
+            T, [&](int64_t begin, int64_t end, int thread, DenseForwardState<MAX_K>& st) {
+              route.begin_block(begin, end, thread);
+              dense_forward_tokens<MAX_K>(h_ptr, l_ptr, route, begin, end, thread, int(E),
+                                          int(r), normalize, eps, st, z_ptr);
+            });
+      });
+      return;
+    }
     dispatch_max_active(std::min(top_k, E), [&](auto max_k) {
       constexpr int MAX_K = decltype(max_k)::value;
       for_token_blocks<MgsTape<MAX_K>>(
@@ -440,6 +828,19 @@ void token_backward_pass(const at::Tensor& h, const at::Tensor& logits, const Ro
     scalar_t* z_ptr = z.data_ptr<scalar_t>();
     scalar_t* dh_ptr = dh.data_ptr<scalar_t>();
     scalar_t* dl_ptr = dlogits.data_ptr<scalar_t>();
+    if (orthogonalize && top_k >= E && E <= kMaxExperts) {
+      dispatch_max_active(E, [&](auto max_k) {
+        constexpr int MAX_K = decltype(max_k)::value;
+        for_token_blocks<DenseBackwardState<MAX_K>>(
+            T, [&](int64_t begin, int64_t end, int thread, DenseBackwardState<MAX_K>& st) {
+              route.begin_block(begin, end, thread);
+              dense_backward_tokens<MAX_K>(h_ptr, l_ptr, route, dz_ptr, begin, end, thread,
+                                           int(E), int(r), normalize, eps, st, z_ptr, dh_ptr,
+                                           dl_ptr);
+            });
+      });
+      return;
+    }
     dispatch_max_active(std::min(top_k, E), [&](auto max_k) {
       constexpr int MAX_K = decltype(max_k)::value;
       for_token_blocks<BackwardScratch<MAX_K>>(T, [&](int64_t begin, int64_t end, int thread,

@@ -54,6 +54,10 @@ template <typename scalar_t>
 OMOE_HD int route_token(const scalar_t* logits, int E, int top_k, int* active, double* gates) {
   int k = 0;
   for (int i = 0; i < E; ++i) {
+    if (top_k >= E) {  // dense: every expert ranks below top_k
+      active[k++] = i;
+      continue;
+    }
     int rank = 0;
     const double li = static_cast<double>(logits[i]);
     for (int j = 0; j < E; ++j)
