@@ -436,7 +436,7 @@ __attribute__((always_inline)) inline void lane_mgs_forward_body(const LaneTape&
     // As mgs_forward: clamp at 0, keep a NaN.
     norm_sq[m] = ((raw > 0.0) | (raw != raw)) ? raw : zero;
     if (normalize) {
-      lane_t inv;
+      lane_t inv = {};
       for (int n = 0; n < kLanes; ++n) inv[n] = 1.0 / std::sqrt(norm_sq[m][n] + eps);
       for (int l = 0; l < k; ++l) {
         c[l] *= inv;
@@ -470,7 +470,7 @@ __attribute__((always_inline)) inline void lane_mgs_backward_body(const LaneTape
     const lane_t* scm = SC + m * k;
     const lane_t* dcm = dC + m * k;
     if (normalize) {
-      lane_t inv, root;
+      lane_t inv = {}, root = {};
       for (int n = 0; n < kLanes; ++n) {
         const double nu = norm_sq[m][n] + eps;
         inv[n] = 1.0 / std::sqrt(nu);
