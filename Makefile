@@ -46,13 +46,13 @@ test: install
 
 # bench/README.md, "Running them". Every job writes to bench/out/ (git-ignored);
 # bench-publish rewrites the published bench/results/.
-BENCH_PLAN := setup (about 6.5 min from nothing, 4 of them the extension build; less once built), then
+BENCH_PLAN := setup (about 4.5 min from nothing on an idle 2-core machine, most of it the extension build; less once built), then
 
 bench:
 	@echo "make bench: $(BENCH_PLAN)"
 	@echo "  the quick benchmark: the cpu shape, a reduced cost-growth sweep, one decoding run and"
-	@echo "  a small mixed-adapter grid (about 2 min on an idle 2-core machine, several times that"
-	@echo "  on a busy one)"
+	@echo "  a small mixed-adapter grid (about 1.5 min on an idle 2-core machine, several times"
+	@echo "  that on a busy one)"
 	@$(MAKE) --no-print-directory install
 	$(PY) -m bench.run
 

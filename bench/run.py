@@ -25,13 +25,14 @@ from omoe_kernels.tools.cli import ArgumentParser
 from . import bench_omoe, call_cost, decode, mixed_adapters, sweep
 from .machine import RESULTS_DIR, LoadWatch, load_line, output_dir
 
-# Idle figures of bench/results/ (AMD EPYC, 2 vCPUs, 2026-11-29): the steps' own run
-# times from their result files, plus imports and model building.
+# Idle figures: the steps' own run times from bench/results/ (AMD EPYC, 2 vCPUs,
+# 2026-11-29) plus imports and model building; the mixed-adapter step as `make bench`
+# timed it (Intel Xeon, 2 vCPUs, 2026-12-06).
 QUICK = [
     ("the cpu shape, every provider (bench.bench_omoe)", 45, bench_omoe.main, []),
     ("cost growth, quick grid (bench.sweep --quick)", 15, sweep.main, ["--quick"]),
     ("greedy decoding of a tiny LLaMA (bench.decode)", 15, decode.main, []),
-    ("several adapters in one batch, quick grid (bench.mixed_adapters)", 40,
+    ("several adapters in one batch, quick grid (bench.mixed_adapters)", 15,
      mixed_adapters.main, ["--rounds", "3"]),
 ]
 
