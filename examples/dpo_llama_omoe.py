@@ -23,8 +23,8 @@ TRL's default reference copy, each in a fresh process (peak RSS, Linux).
     .venv/bin/python examples/dpo_llama_omoe.py            # 3 seeds x 3 adapters, GRPO, memory
     .venv/bin/python examples/dpo_llama_omoe.py --smoke    # 2 steps, one seed, no memory runs
 
-The defaults take about 6.6 CPU-minutes; the wall-clock time of the committed run, on a
-2-core machine shared with other jobs, is in its results file.
+The defaults took 1.7 min on an idle 2-core Intel Xeon; the committed results file gives
+its run's time and the machine's load.
 
 Writes dpo_llama_omoe_results.md, dpo_llama_omoe_curves.png and dpo_llama_omoe_history.json
 to --out-dir, by default examples/out/ (git-ignored); --publish writes examples/results/.
@@ -327,8 +327,9 @@ NAMES = {"omoe": f"OMoE (E={NUM_EXPERTS}, r={EXPERT_RANK}, dense)",
          "lora": "LoRA (peft, r={rank})"}
 
 
-def run_meta(args, seconds: float) -> dict:
-    return {"machine": machine(), "load_avg_1min_at_end": round(os.getloadavg()[0], 1),
+def run_meta(args, seconds: float, load_at_start: float) -> dict:
+    return {"machine": machine(), "load_avg_1min_at_start": round(load_at_start, 1),
+            "load_avg_1min_at_end": round(os.getloadavg()[0], 1),
             "date": time.strftime("%Y-%m-%d", time.gmtime()), "torch": torch.__version__,
             "minutes": round(seconds / 60, 1),
             "command": f"python examples/dpo_llama_omoe.py --seeds {','.join(map(str, args.seeds))} "
@@ -372,9 +373,10 @@ def write_report(runs, grpo, memory, args, meta: dict, path: Path) -> None:
     seeds = ", ".join(map(str, args.seeds))
     lines = [
         "# SFT then DPO with OMoE adapters on a small random LLaMA: results", "",
-        f"Machine: {meta['machine']}, shared with other jobs (1-min load average at the end: "
-        f"{meta['load_avg_1min_at_end']}). Date: {meta['date']}. torch {meta['torch']}, CPU, float32. "
-        f"Whole run: {meta['minutes']} min (wall clock, shared machine).", "",
+        f"Machine: {meta['machine']} (1-min load average {meta.get('load_avg_1min_at_start', '?')} "
+        f"at the start, {meta['load_avg_1min_at_end']} at the end: near 0 is idle, near or above "
+        f"the core count is busy). Date: {meta['date']}. torch {meta['torch']}, CPU, float32. "
+        f"Whole run: {meta['minutes']} min (wall clock).", "",
         f"Command: `{meta['command']}`.", "",
         "Model: LLaMA, 2 layers, hidden 64, random init (seed = the run's seed); adapters on all "
         "seven projections. Task: prompts of 3 random digits; the preferred completion counts up "
@@ -509,7 +511,7 @@ def main(argv=None) -> dict | None:
     if args.report_only:
         return report(args)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    started, load_at_start = time.perf_counter(), os.getloadavg()[0]
     data = make_data()
     runs = []
     with tempfile.TemporaryDirectory() as scratch:
@@ -522,7 +524,7 @@ def main(argv=None) -> dict | None:
                       flush=True)
         grpo = grpo_smoke(args, Path(scratch))
     memory = measure_memory(steps=2, repeats=args.memory_repeats) if args.memory_repeats else []
-    meta = run_meta(args, time.perf_counter() - started)
+    meta = run_meta(args, time.perf_counter() - started, load_at_start)
     (args.out_dir / "dpo_llama_omoe_history.json").write_text(json.dumps(
         {"meta": meta, "runs": runs, "grpo": grpo, "memory": memory}, indent=1))
     report(args)
