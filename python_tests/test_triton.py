@@ -2,7 +2,7 @@
 
 CPU (CI): the triton backend runs under the Triton interpreter, and TRITON_INTERPRET=1
 must be set before triton is imported, which this session (conftest) already did without
-it. So two pytest sessions started with it run the `interpreter` cases: the shared
+it. So pytest sessions started with it, one per file, run the `interpreter` cases: the shared
 suites' (every test parametrised over the backend registry, with backend="triton") and
 `test_triton_interpreted.py` (the triton-only cases; skipped in a session without it).
 GPU (`gpu` marker, OMOE_TEST_DEVICE=cuda): the backend at real sizes against float64,
@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -29,13 +30,11 @@ from helpers import (
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# Two children, one per core, of about equal length.
-INTERPRETED_RUNS = {
-    "accuracy+properties+triton_only": ["test_accuracy.py", "test_properties.py",
-                                        "test_triton_interpreted.py"],
-    "ops+layer+training+mixed": ["test_ops.py", "test_layer.py", "test_training.py",
-                                 "test_triton_mixed.py"],
-}
+# The files with interpreter cases, longest first: a child session per file, two at a
+# time (one per core), each next file starting as soon as a child ends.
+INTERPRETED_FILES = ["test_accuracy.py", "test_training.py", "test_ops.py", "test_properties.py",
+                     "test_layer.py", "test_triton_interpreted.py", "test_triton_mixed.py"]
+INTERPRETED_CHILDREN = 2
 
 
 @pytest.mark.skipif(ON_GPU, reason="the interpreter suite runs on CPU tensors (CI)")
@@ -51,19 +50,21 @@ def test_interpreted_suite():
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(omoe_kernels.__file__)))
     path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
     env = dict(os.environ, TRITON_INTERPRET="1", OMOE_TEST_DEVICE="cpu", PYTHONPATH=path)
-    children = {}
-    for name, files in INTERPRETED_RUNS.items():
+
+    def run(file):
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", HERE,
-               "-o", "addopts=", "-m", "interpreter", "-rA", *files]
-        children[name] = subprocess.Popen(cmd, cwd=HERE, env=env, stdout=subprocess.PIPE,
-                                          stderr=subprocess.STDOUT, text=True)
-    for name, child in children.items():
-        out, _ = child.communicate(timeout=1400)
+               "-o", "addopts=", "-m", "interpreter", "-rA", file]
+        return subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True,
+                              timeout=1400)
+
+    with ThreadPoolExecutor(INTERPRETED_CHILDREN) as pool:
+        done = dict(zip(INTERPRETED_FILES, pool.map(run, INTERPRETED_FILES)))
+    for file, child in done.items():
+        out = child.stdout + child.stderr
         tail = out[-6000:]
-        assert child.returncode == 0, f"interpreted triton cases ({name}) failed:\n{tail}"
+        assert child.returncode == 0, f"interpreted triton cases of {file} failed:\n{tail}"
         assert " passed" in out and "FAILED" not in out, tail
-        for file in INTERPRETED_RUNS[name]:
-            assert f"PASSED {file}::" in out, f"no interpreter case of {file} ran:\n{tail}"
+        assert f"PASSED {file}::" in out, f"no interpreter case of {file} ran:\n{tail}"
 
 
 # ---------------------------------------------------------------------------- GPU
