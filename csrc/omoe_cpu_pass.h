@@ -574,6 +574,23 @@ void dense_lane_coefficients(DenseForwardState<MAX_K>& st, int k) {
   }
 }
 
+// The forward state of the dense tokens [t0, t0 + count) (count <= kLanes): their S and
+// gates in the lanes, the spare lanes filled, MGS run and the coefficients formed.
+template <int MAX_K, typename scalar_t, typename Route>
+void dense_lane_forward(const scalar_t* h, const scalar_t* logits, const Route& route,
+                        int64_t t0, int count, int thread, int E, int r, bool normalize,
+                        double eps, DenseForwardState<MAX_K>& st) {
+  const int64_t er = int64_t(E) * r;
+  const int k = E;
+  for (int n = 0; n < count; ++n)
+    dense_lane_inputs(h + (t0 + n) * er, logits + (t0 + n) * E, route.at(t0 + n, thread), E, st,
+                      n);
+  fill_spare_lanes(st.lanes.S, int64_t(k) * k, count);
+  fill_spare_lanes(st.gates, k, count);
+  lane_mgs_forward(st.lanes.view(), k, normalize, eps);
+  dense_lane_coefficients(st, k);
+}
+
 // token_forward for the tokens [begin, end) under dense routing, kLanes at a time.
 template <int MAX_K, typename scalar_t, typename Route>
 void dense_forward_tokens(const scalar_t* h, const scalar_t* logits, const Route& route,
@@ -583,13 +600,7 @@ void dense_forward_tokens(const scalar_t* h, const scalar_t* logits, const Route
   const int k = E;
   for (int64_t t0 = begin; t0 < end; t0 += kLanes) {
     const int count = int(std::min<int64_t>(kLanes, end - t0));
-    for (int n = 0; n < count; ++n)
-      dense_lane_inputs(h + (t0 + n) * er, logits + (t0 + n) * E, route.at(t0 + n, thread), E,
-                        st, n);
-    fill_spare_lanes(st.lanes.S, int64_t(k) * k, count);
-    fill_spare_lanes(st.gates, k, count);
-    lane_mgs_forward(st.lanes.view(), k, normalize, eps);
-    dense_lane_coefficients(st, k);
+    dense_lane_forward(h, logits, route, t0, count, thread, E, r, normalize, eps, st);
     for (int n = 0; n < count; ++n) {
       const scalar_t* ht = h + (t0 + n) * er;
       scalar_t* zt = z + (t0 + n) * er;
@@ -616,13 +627,7 @@ void dense_backward_tokens(const scalar_t* h, const scalar_t* logits, const Rout
   for (int i = 0; i < k; ++i) active[i] = i;
   for (int64_t t0 = begin; t0 < end; t0 += L) {
     const int count = int(std::min<int64_t>(L, end - t0));
-    for (int n = 0; n < count; ++n)
-      dense_lane_inputs(h + (t0 + n) * er, logits + (t0 + n) * E, route.at(t0 + n, thread), E,
-                        f, n);
-    fill_spare_lanes(f.lanes.S, int64_t(k) * k, count);
-    fill_spare_lanes(f.gates, k, count);
-    lane_mgs_forward(f.lanes.view(), k, normalize, eps);
-    dense_lane_coefficients(f, k);
+    dense_lane_forward(h, logits, route, t0, count, thread, E, r, normalize, eps, f);
     // z = a ⊙ h: da_l = <dz_l, h_l>; the direct part of dh_l is a_l dz_l (added below).
     for (int n = 0; n < count; ++n) {
       const scalar_t* ht = h + (t0 + n) * er;
