@@ -1,5 +1,5 @@
-"""The call path from `omoe_lora` / `OMoELinear.forward` to the op (issue 21, "a lean call
-path"): a repeated call skips the checks and the backend lookup it has passed, a changed
+"""The call path from `omoe_lora` / `OMoELinear.forward` to the op: a lean call
+path. A repeated call skips the checks and the backend lookup it has passed, a changed
 call is checked in full, and the Python frames of a call stay few. The cost per call in
 µs is bench/call_cost.py's (timings live in the benchmark, not here)."""
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """What a new user meets first: no leak through a config shared by two models, peft's
-names, errors at the first mistake, and the packaging (issue 20)."""
+names, errors at the first mistake, and the packaging."""
 from __future__ import annotations
 
 import json

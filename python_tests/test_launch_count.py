@@ -78,7 +78,7 @@ def test_triton_step_launches_meet_the_targets():
             assert counted["total"] <= limit, (
                 f"{step['routing']} {phase}: {counted['total']} launches > {limit} "
                 f"({counted['triton_kernels']}, {counted['aten_ops']})")
-    # A mixed batch (issue 23): a layer's no-grad forward launches as many kernels as the
+    # A mixed batch: a layer's no-grad forward launches as many kernels as the
     # single-adapter one, whatever the number of adapters.
     assert [m["routing"] for m in report["mixed"]] == ["dense", "top-2"]
     for step, mixed in zip(report["steps"], report["mixed"]):
