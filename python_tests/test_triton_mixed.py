@@ -43,7 +43,7 @@ def _sample(t, name, i):
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("row", ["fp32-random", "bf16-random"])
+@pytest.mark.parametrize("row", ["fp32-random", "bf16-random", "fp16-random"])
 def test_mixed_forward_matches_each_sample_alone(row, variant):
     dtype, _, fwd_tol, _ = ACCURACY_ROWS[row]
     options, with_router_input = VARIANTS[variant]
