@@ -110,7 +110,7 @@ def check_adapter_name(adapter_name) -> str:
     return adapter_name
 
 
-def _defines_function(default=dataclasses.MISSING):
+def defines_function(default=dataclasses.MISSING):
     """A field that changes the layer's function: `OMoELinear.config()` holds it, and an
     adapter file records it per layer."""
     return field(default=default, metadata={"defines_function": True})
@@ -131,14 +131,14 @@ class OMoEOptions:
     - `backend`: "auto" or a name of the backend registry (backends.py).
     """
 
-    num_experts: int = _defines_function()
-    rank: int = _defines_function()
-    alpha: float | None = _defines_function(None)
-    top_k: int | None = _defines_function(None)
+    num_experts: int = defines_function()
+    rank: int = defines_function()
+    alpha: float | None = defines_function(None)
+    top_k: int | None = defines_function(None)
     dropout: float = 0.0
-    orthogonalize: bool = _defines_function(True)
-    normalize: bool = _defines_function(True)
-    eps: float = _defines_function(1e-6)
+    orthogonalize: bool = defines_function(True)
+    normalize: bool = defines_function(True)
+    eps: float = defines_function(1e-6)
     adapter_dtype: str | torch.dtype | None = None  # stored as a name of DTYPES
     backend: str = "auto"
 

@@ -114,6 +114,47 @@ def test_peft_aliases_of_rank_alpha_dropout():
     assert "rank" in ok.OMoEConfig(TARGETS, 2, r=4).to_dict()
 
 
+def test_a_config_with_peft_names_alone_is_complete(transformers, tmp_path):
+    """`OMoEConfig(r=4, lora_alpha=8)` works as peft's `LoraConfig(r=4, lora_alpha=8)`:
+    the model type picks the targets, and the file records the names chosen."""
+    assert ok.OMoEConfig(r=4, lora_alpha=8) == ok.OMoEConfig(rank=4, alpha=8)
+    config = ok.OMoEConfig(r=4, lora_alpha=8)
+    assert (config.target_modules, config.num_experts, config.rank) == (None, 4, 4)
+    assert (ok.OMoEConfig().num_experts, ok.OMoEConfig().rank) == (4, 8)
+    model = ok.inject(transformers.LlamaForCausalLM(llama_config(transformers)), config)
+    assert sorted(n.rpartition(".")[2] for n in ok.omoe_layers(model)) == TARGETS
+    perturb_b(model, 0)
+    ok.save_pretrained(model, tmp_path)
+    saved = json.loads((tmp_path / "omoe_config.json").read_text())
+    assert saved["target_modules"] == TARGETS and saved["num_experts"] == 4
+    loaded = ok.from_pretrained(transformers.LlamaForCausalLM(llama_config(transformers)), tmp_path)
+    for (ka, va), (kb, vb) in zip(ok.adapter_state_dict(model).items(),
+                                  ok.adapter_state_dict(loaded).items()):
+        assert ka == kb and torch.equal(va, vb)
+    # Without a model type to look up, the error says what to pass, and nothing changes.
+    plain = tiny_model()
+    snapshot = model_snapshot(plain)
+    with pytest.raises(ValueError, match="no default targets.*pass `target_modules`"):
+        ok.inject(plain, ok.OMoEConfig())
+    assert_model_unchanged(plain, snapshot)
+
+
+def test_default_targets_are_peft_defaults():
+    constants = pytest.importorskip("peft.utils.constants")
+    from omoe_kernels.adapters.targets import DEFAULT_TARGETS
+    peft_defaults = constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    assert {t: peft_defaults.get(t) for t in DEFAULT_TARGETS} == DEFAULT_TARGETS
+
+
+def test_a_config_file_names_its_model_shape():
+    """The defaults are for construction: a file without num_experts, rank or targets was
+    not written by OMoEConfig, and reading it would guess."""
+    data = ok.OMoEConfig(TARGETS, 2, 2).to_dict()
+    for key in ("target_modules", "num_experts", "rank"):
+        with pytest.raises(ValueError, match=f"lacks.*{key}"):
+            ok.OMoEConfig.from_dict({k: v for k, v in data.items() if k != key})
+
+
 def test_all_linear_wraps_what_peft_wraps(transformers):
     peft = pytest.importorskip("peft")
     config = llama_config(transformers)

@@ -8,15 +8,22 @@ import os
 import re
 from dataclasses import dataclass
 
-from ..options import PEFT_ALIASES, OMoEOptions, resolve_aliases
+from ..options import PEFT_ALIASES, OMoEOptions, defines_function, resolve_aliases
 
 CONFIG_FORMAT = "omoe_kernels.config"
 CONFIG_FORMAT_VERSION = 1
+# A config's defaults, as peft's LoraConfig(): r = 8 (with alpha = rank, a scaling of 1,
+# as peft's lora_alpha = 8), and the query and value projections of the model's type.
+DEFAULT_NUM_EXPERTS = 4
+DEFAULT_RANK = 8
+# Keys every config file has: their defaults are for constructing a config, and reading a
+# file without one would guess at the model it was saved from.
+REQUIRED_KEYS = ("target_modules", "num_experts", "rank")
 
 
 @dataclass(frozen=True)
 class _Targets:
-    target_modules: list[str] | str
+    target_modules: list[str] | str | None = None
 
 
 @dataclass(frozen=True)
@@ -32,7 +39,13 @@ class OMoEConfig(_Extras, OMoEOptions, _Targets):
 
     `target_modules`: module-name suffixes (a name matches when it equals a suffix or ends
     with "." + suffix); "all-linear", peft's meaning: every linear layer except the output
-    head; or any other string, a regex that must match the whole name (`re.fullmatch`).
+    head; any other string, a regex that must match the whole name (`re.fullmatch`); or
+    None (the default), the attention projections peft targets for the model's type
+    (`model.config.model_type`, DEFAULT_TARGETS in targets.py), chosen by `inject`,
+    which records the names it chose.
+
+    `num_experts` and `rank` default to 4 and 8, so `OMoEConfig()` is complete, as
+    peft's `LoraConfig()` is.
 
     `modules_to_save`: None or module-name suffixes (as targets) of modules trained in full
     with the adapter (a new head): trainable while the adapter is active, and saved and
@@ -43,9 +56,14 @@ class OMoEConfig(_Extras, OMoEOptions, _Targets):
     `alpha` and `dropout` (PEFT_ALIASES, options.py); giving both names is a TypeError.
     """
 
+    num_experts: int = defines_function(DEFAULT_NUM_EXPERTS)
+    rank: int = defines_function(DEFAULT_RANK)
+
     def __post_init__(self) -> None:
         targets = self.target_modules
-        if isinstance(targets, str):
+        if targets is None:
+            pass
+        elif isinstance(targets, str):
             try:
                 re.compile(targets)
             except re.error as exc:
@@ -54,8 +72,9 @@ class OMoEConfig(_Extras, OMoEOptions, _Targets):
                 isinstance(s, str) and s for s in targets):
             object.__setattr__(self, "target_modules", list(targets))
         else:
-            raise TypeError("`target_modules` must be a non-empty list of module-name suffixes "
-                            f"or one regex string, got {targets!r}")
+            raise TypeError("`target_modules` must be None (the model type's defaults), a "
+                            "non-empty list of module-name suffixes or one regex string, "
+                            f"got {targets!r}")
         saved = self.modules_to_save
         if saved is not None:
             if isinstance(saved, str) or not isinstance(saved, (list, tuple, set, frozenset)) or not all(
@@ -92,8 +111,7 @@ class OMoEConfig(_Extras, OMoEOptions, _Targets):
         unknown = sorted(set(options) - names)
         if unknown:
             raise ValueError(f"{source}: unknown config keys {unknown}")
-        missing = sorted(f.name for f in dataclasses.fields(cls) if f.name not in options
-                         and f.default is dataclasses.MISSING)
+        missing = [name for name in REQUIRED_KEYS if name not in options]
         if missing:
             raise ValueError(f"{source}: the config lacks {missing}")
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import warnings
 from typing import Iterator
 
@@ -24,7 +25,14 @@ from ..router_stats import RouterStats, clear_router_stats
 from .config import OMoEConfig
 from .mixed import STATE_ATTR, batch_context, install_batch_hooks, remove_batch_hooks
 from .stacks import adapter_stack, stack_tops
-from .targets import cannot_wrap, check_backend_device, is_peft_module, saved_module_names, target_names
+from .targets import (
+    cannot_wrap,
+    check_backend_device,
+    default_targets,
+    is_peft_module,
+    saved_module_names,
+    target_names,
+)
 
 HF_CONFIG_ATTR = "omoe"  # on a Hugging Face model's config: saved into config.json
 
@@ -253,6 +261,8 @@ def inject(model: nn.Module, target_modules: OMoEConfig | list[str] | str, *,
                          f"{' ...' if len(existing) > 8 else ''}): pass another `adapter_name`"
                          f", or call omoe_kernels.remove(model, {adapter_name!r}) first")
 
+    if config.target_modules is None:  # recorded as chosen, so a reload needs no model type
+        config = dataclasses.replace(config, target_modules=default_targets(root))
     tops = stack_tops(root, remove_duplicate=False)
     saved = saved_module_names(root, config)
     names = target_names(root, config.target_modules, tops, saved)

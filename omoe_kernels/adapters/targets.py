@@ -25,6 +25,32 @@ def is_peft_module(module: nn.Module) -> bool:
 
 ALL_LINEAR = "all-linear"
 
+# The targets of `target_modules=None`, by Hugging Face model type: the attention's query
+# and value projections, the modules peft's LoRA targets by default for the same types.
+_QUERY_VALUE = ["q_proj", "v_proj"]
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    **dict.fromkeys(["llama", "llama4", "mistral", "mixtral", "qwen2", "qwen3", "gemma",
+                     "gemma2", "gemma3_text", "opt", "gptj"], _QUERY_VALUE),
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    **dict.fromkeys(["bert", "roberta"], ["query", "value"]),
+    **dict.fromkeys(["bloom", "gpt_neox", "falcon"], ["query_key_value"]),
+    "gpt2": ["c_attn"],
+    "t5": ["q", "v"],
+}
+
+
+def default_targets(root: nn.Module) -> list[str]:
+    """The targets of `target_modules=None` for `root`'s model type; ValueError naming
+    the type when the table has none."""
+    model_type = getattr(getattr(root, "config", None), "model_type", None)
+    if model_type in DEFAULT_TARGETS:
+        return list(DEFAULT_TARGETS[model_type])
+    what = (f"model type {model_type!r}" if model_type else
+            f"a {type(root).__name__} with no Hugging Face `config.model_type`")
+    raise ValueError(f"`target_modules` is None, and {what} has no default targets (those "
+                     f"of {sorted(DEFAULT_TARGETS)} do): pass `target_modules`, e.g. "
+                     "['q_proj', 'v_proj'] or 'all-linear'")
+
 
 def _output_head(root: nn.Module) -> nn.Module | None:
     """A Hugging Face model's output layer (lm_head), which "all-linear" leaves out as peft does."""
