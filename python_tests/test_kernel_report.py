@@ -66,6 +66,8 @@ def test_kernel_report_sm90a_passes(tmp_path):
         low, high = wide[card]["omoe_us"]
         assert 0 < low <= high and wide[card]["ratio"][0] <= wide[card]["ratio"][1]
         assert low > wide["fwd+bwd"]["omoe_us"]      # latency and launch gaps only add
+    for card in ("h200", "h100"):         # the mixed-batch forward of SUBSET's "wide]" kernels
+        assert min(wide["mixed"][card]["ratio"]) > 1.0
     assert "calibration" in report and "launch_gap_us" in report["calibration"]
     assert "compiling" in proc.stderr             # a progress line per kernel
     table = proc.stdout.splitlines()
@@ -146,8 +148,8 @@ def test_step_estimate_compares_with_plain_lora():
     from omoe_kernels.tools import kernel_model as M
     from omoe_kernels.tools.kernel_report import KernelResult, kernel_specs, step_estimates
 
-    specs = [s for s in kernel_specs() if s.shape == "llama7b" and s.step]
-    assert {s.step for s in specs} == {"forward", "backward"}
+    specs = [s for s in kernel_specs() if s.shape == "llama7b" and s.step in ("forward", "backward")]
+    assert len(specs) == 10
     steps = step_estimates([KernelResult(s) for s in specs])
     assert list(steps) == ["llama7b"]       # the other shapes' kernels were not given
     lora = M.plain_lora_works(8192, 4096, 64)
@@ -161,6 +163,35 @@ def test_step_estimate_compares_with_plain_lora():
     assert h200["ratio"][0] == pytest.approx(h200["omoe_us"][0] / lora_low)
     assert h200["omoe_us"][0] <= h200["omoe_us"][1]
     assert step_estimates([KernelResult(s) for s in specs[1:]]) == {}
+
+
+def test_mixed_batch_estimate_sets_the_grouped_forward_beside_one_adapters():
+    """The grouped forward's three kernels carry Work: one adapter's forward on the padded
+    rows plus every adapter's G and weights; "mixed" sums their range per card."""
+    from omoe_kernels.tools import kernel_model as M
+    from omoe_kernels.tools.kernel_report import MIXED_ADAPTERS, KernelResult, kernel_specs, step_estimates
+
+    specs = [s for s in kernel_specs() if s.shape == "llama7b"]
+    mixed = {s.name.split("[")[0]: s for s in specs if s.step == "mixed"}
+    assert set(mixed) == {"mixed_shrink", "mixed_token_forward", "mixed_expand"}
+    single = {s.name.split("[")[0]: s for s in specs if s.step == "forward"}
+    shrink, one = mixed["mixed_shrink"].work, single["shrink"].work
+    # N G's appended, each as many programs as the single-adapter shrink's.
+    assert shrink.appended.programs == MIXED_ADAPTERS * one.appended.programs
+    assert shrink.appended.bytes == pytest.approx(MIXED_ADAPTERS * one.appended.bytes)
+    assert shrink.flops_useful == pytest.approx(one.flops_useful)    # the same T tokens
+    assert shrink.flops_issued >= one.flops_issued                      # padded segments
+    # Every adapter's B read: more bytes than the one adapter's expand (single["matmul"]).
+    assert mixed["mixed_expand"].work.bytes > single["matmul"].work.bytes
+    steps = step_estimates([KernelResult(s) for s in specs])["llama7b"]
+    for card in ("h200", "h100"):
+        m = steps["mixed"][card]
+        assert m["single_forward_us"] == steps[card]["forward_us"]
+        assert 1.0 < m["ratio"][0] and m["ratio"][0] == pytest.approx(
+            m["forward_us"][0] / m["single_forward_us"][0])
+    without = [KernelResult(s) for s in specs if s.name != mixed["mixed_expand"].name]
+    assert "mixed" not in step_estimates(without)["llama7b"]
+    assert M.repeated(M.Work(1.0, 1.0, 2.0, "fp64 FMA", (3,), programs=3), 4).programs == 12
 
 
 def test_problems_flags_spills_and_missing_wgmma():

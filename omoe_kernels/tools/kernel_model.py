@@ -147,6 +147,36 @@ def gram_work(d_out: int, L, el: int, tile: int = 16) -> Work:
     return Work(issued, d_out * R * (R + 1), moved, "fp64 FMA", (nt * nt,))
 
 
+def repeated(work: Work, n: int) -> Work:
+    """`n` copies of `work` in one launch (a mixed batch's G, one per adapter): n× the
+    FLOPs, bytes and programs."""
+    grid = (math.prod(work.grid) * n,) if work.grid else ()
+    return replace(work, flops_issued=n * work.flops_issued, flops_useful=n * work.flops_useful,
+                   bytes=n * work.bytes, grid=grid, programs=n * work.programs)
+
+
+def mixed_forward_works(T: int, P: int, d: int, L, N: int, top_k: int, shrink_cfg: GemmConfig,
+                        expand_cfg: GemmConfig, block_t: int, el: int,
+                        gram_tile: int) -> dict[str, Work]:
+    """The grouped forward of a mixed batch (ops/triton/mixed_launch.py): T tokens of N
+    adapters in P padded segment rows. The single-adapter forward's work on P rows (the
+    useful FLOPs on T), plus what N adapters add: N G's in the shrink's appended programs,
+    every adapter's A, W and B read (once each: a segment's tiles share them in L2) and
+    N G's read by the per-token kernel."""
+    unit, R = "bf16 MMA" if el == 2 else "fp32 FMA", L.num_experts * L.rank
+    useful = T / P
+    shrink = shrink_work(P, d, L, shrink_cfg, unit, el,
+                         extra=repeated(gram_work(d, L, el, gram_tile), N))
+    shrink = replace(shrink, flops_useful=shrink.flops_useful * useful,
+                     bytes=shrink.bytes + (N - 1) * (L.ERP + L.EPL) * d * el)
+    token = token_forward_work(P, L, top_k, block_t)
+    token = replace(token, flops_useful=token.flops_useful * useful,
+                    bytes=token.bytes + (N - 1) * L.ERP * L.ERP * 8)
+    expand = gemm_work(P, d, L.ERP, (T, d, R), expand_cfg, unit, 4, el, el, el)
+    expand = replace(expand, bytes=expand.bytes + (N - 1) * L.ERP * d * el)
+    return dict(shrink=shrink, token_forward=token, expand=expand)
+
+
 def shrink_work(T: int, D: int, L, cfg: GemmConfig, unit: str, el: int,
                 extra: "Work | None" = None) -> Work:
     """shrink_kernel: H = X A_catᵀ (ERP columns) and logits = X Wᵀ (BLOCK_E columns,

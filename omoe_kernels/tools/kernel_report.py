@@ -56,7 +56,8 @@ class KernelSpec:
     needs_wgmma: bool  # a bf16/fp16 GEMM: must use HGMMA on sm_90a
     note: str = ""
     shape: str = ""    # the docs/contract.md §6 shape it is launched at
-    step: str = ""     # "forward"/"backward": in that pass of the default step at `shape`
+    step: str = ""     # "forward"/"backward": in that pass of the default step at `shape`;
+                       # "mixed": the grouped forward of a mixed batch of adapters there
     work: Optional[Work] = None   # FLOPs, bytes, roofline estimate at `shape`
 
 
@@ -367,7 +368,8 @@ MIXED_ADAPTERS = 4
 def _mixed_specs() -> list[KernelSpec]:
     """The grouped forward of a mixed batch (omoe_kernels/mixed.py, triton backend) at
     each GPU shape, bf16: the shape's T split evenly over MIXED_ADAPTERS adapters, each
-    segment padded to the segment length; not in the step's estimate (no GPU model)."""
+    segment padded to the segment length. Their Work (kernel_model.mixed_forward_works)
+    makes the "mixed" estimate of step_estimates, set beside the single-adapter forward."""
     import torch
 
     from ..ops.triton import mixed_launch as MX
@@ -387,9 +389,13 @@ def _mixed_specs() -> list[KernelSpec]:
             _meta(N, E, d, dtype=dtype), None, _meta(T, d, dtype=dtype),
             _meta(N, dtype=torch.float32), rows, shape.top_k or E, True, True, 1e-6, target)
         note = f"{N} adapters, E={E} r={r} top{shape.top_k or E}, SEG={seg}"
+        works = M.mixed_forward_works(
+            T, P, d, L, N, shape.top_k or E, launches["shrink"].config,
+            launches["expand"].config, launches["token_forward"].config.block_t, 2,
+            launches["shrink"].meta["GB"])
         for key, wgmma in (("shrink", True), ("token_forward", False), ("expand", True)):
             specs.append(_spec(f"mixed_{key}[bf16, {label}]", launches[key], wgmma, note,
-                               label, "", None))
+                               label, S.MIXED, works[key]))
     return specs
 
 

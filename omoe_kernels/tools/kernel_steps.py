@@ -12,6 +12,8 @@ from . import kernel_model as M
 from .kernel_model import Work
 
 GPU_SHAPES = ("llama7b", "llama7b-top2", "wide")     # docs/contract.md §6
+STEP_PHASES = ("forward", "backward")   # a KernelSpec's `step` in the default training step
+MIXED = "mixed"                         # ... in the grouped forward of a mixed batch
 
 
 def launch_programs(launch) -> int:
@@ -45,10 +47,11 @@ def with_launch(launch, work: Optional[Work]) -> Optional[Work]:
     threads = 32 * launch.options.get("num_warps", 4)
     p = lambda key: _param(launch, key)  # noqa: E731
     loop, appended = work.loop, work.appended
-    if name in ("matmul_kernel", "shrink_kernel", "weight_grad_kernel"):
-        k = p("k_per_split") if p("k_per_split") is not None else p("D")
+    if name in ("matmul_kernel", "shrink_kernel", "weight_grad_kernel", "mixed_shrink_kernel",
+                "mixed_expand_kernel"):
+        k = next(v for v in (p("k_per_split"), p("D"), p("K")) if v is not None)
         loop = M.gemm_loop(k, p("BLOCK_M"), p("BLOCK_N"), p("BLOCK_K"))
-        num_gram = p("num_gram") or 0
+        num_gram = (p("num_gram") or 0) * (p("num_adapters") or 1)
         if num_gram and appended is not None:
             rows = (p("GD") or 16) * (p("GR") or 1)  # rows of B one trip covers
             appended = replace(appended, programs=num_gram,
@@ -80,13 +83,16 @@ def step_estimates(results: list, all_specs: list, cards=("h200", "h100")) -> di
     """Per GPU shape and card: the step's modelled time as a (low, high) range, summed over
     the kernels of a default bf16 step (launch gaps included, host time not), against a
     plain bf16 LoRA of rank E·r modelled the same way; and the roofline sums (the lower
-    bound that ignores latency). Only shapes whose step kernels were all selected count."""
+    bound that ignores latency). Only shapes whose step kernels were all selected count.
+    With the mixed-batch kernels selected too, "mixed" gives their forward's range per card
+    and its ratio to the single-adapter forward at the same T."""
     from ..testing.shapes import SHAPES
 
     out = {}
     for name in GPU_SHAPES:
-        in_step = [r for r in results if r.spec.shape == name and r.spec.step and r.spec.work]
-        if len(in_step) != sum(1 for s in all_specs if s.shape == name and s.step):
+        in_step = [r for r in results if r.spec.shape == name and r.spec.step in STEP_PHASES
+                   and r.spec.work]
+        if len(in_step) != sum(1 for s in all_specs if s.shape == name and s.step in STEP_PHASES):
             continue
         shape = SHAPES[name]
         T, d, R = shape.num_tokens, shape.d_model, shape.num_experts * shape.rank
@@ -115,6 +121,15 @@ def step_estimates(results: list, all_specs: list, cards=("h200", "h100")) -> di
                                omoe_us=omoe, lora_us=lora_t,
                                ratio=[omoe[0] / lora_t[0], omoe[1] / lora_t[1]],
                                largest=biggest.spec.name)
+        mixed = [r for r in results if r.spec.shape == name and r.spec.step == MIXED]
+        if mixed and len(mixed) == sum(1 for s in all_specs if s.shape == name and s.step == MIXED):
+            entry[MIXED] = {}
+            for card in cards:
+                times = [r.timing(card) for r in mixed]
+                us = [sum(t[end].total_s for t in times) * 1e6 for end in (0, 1)]
+                single = entry[card]["forward_us"]
+                entry[MIXED][card] = dict(forward_us=us, single_forward_us=single,
+                                          ratio=[us[0] / single[0], us[1] / single[1]])
         out[name] = entry
     return out
 
@@ -137,6 +152,17 @@ def format_steps(steps: dict) -> str:
             lines.append(f"| {name} | {card} | {r(c['forward_us'])} | {r(c['backward_us'])} | "
                          f"{r(c['omoe_us'])} | {r(c['lora_us'])} | {c['ratio'][0]:.2f}–"
                          f"{c['ratio'][1]:.2f}× | {e['fwd+bwd']['ratio']:.2f}× | {c['largest']} |")
+    mixed = [(name, e[MIXED]) for name, e in steps.items() if MIXED in e]
+    if mixed:
+        lines += ["", "Mixed batch ESTIMATE, same model: the grouped forward (3 launches) of the "
+                  "shape's T tokens spread over several adapters, vs one adapter's forward:",
+                  "| shape | card | mixed fwd µs | one adapter's fwd µs | mixed ÷ one |",
+                  "|---|---|---|---|---|"]
+        for name, m in mixed:
+            for card, c in m.items():
+                low, high = sorted(c["ratio"])  # the low ends' ratio may be the larger
+                lines.append(f"| {name} | {card} | {r(c['forward_us'])} | "
+                             f"{r(c['single_forward_us'])} | {low:.2f}–{high:.2f}× |")
     return "\n".join(lines)
 
 
