@@ -391,3 +391,21 @@ def test_model_sees_the_serial_gram_loop_and_the_per_token_grid():
     assert gram_loop.trips == C.gram_trips(4096, dz.num_warps) <= 32
     token = specs["token_forward[llama7b]"].work
     assert token.programs == -(-8192 // C.tokens_per_program(8192, 132)) >= 2 * 132
+
+
+def test_gram_grad_walk_is_capped_and_fills_the_machine():
+    """gram_grad's token splits at the GPU shapes: no program walks more than
+    GRAM_GRAD_MAX_BLOCKS token blocks, and the expert-pair programs cover the 132 SMs."""
+    from omoe_kernels.ops.triton import configs as C
+    from omoe_kernels.ops.triton import launch as ops
+    from omoe_kernels.testing.shapes import SHAPES
+    from omoe_kernels.tools.kernel_steps import GPU_SHAPES
+
+    for name in GPU_SHAPES:
+        shape = SHAPES[name]
+        L = ops.layout(shape.num_experts, shape.rank)
+        block_t = C.gram_grad_block(L, shape.top_k is not None)
+        splits, per_split = C.gram_grad_splits(shape.num_tokens, shape.num_experts, block_t, 132)
+        assert splits * per_split >= shape.num_tokens > (splits - 1) * per_split, name
+        assert per_split % block_t == 0 and per_split // block_t <= C.GRAM_GRAD_MAX_BLOCKS, name
+        assert L.EP * L.EP * splits >= 132, name
