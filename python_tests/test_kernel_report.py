@@ -249,6 +249,8 @@ def test_report_compiles_the_launchers_configs():
     finalize = specs["finalize[bf16, wide] grad_B, grad_A, grad_W"]
     assert all(finalize.args[k] == v for k, v in C.FINALIZE.meta().items())
     assert finalize.num_warps == C.FINALIZE.num_warps
+    fp32 = specs["finalize[fp32, llama7b] grad_B, grad_A, grad_W"]
+    assert fp32.num_warps == C.finalize_config(4).num_warps == 8
 
 
 def test_report_signatures_come_from_the_launchers():

@@ -196,6 +196,15 @@ class FinalizeConfig:
 
 
 FINALIZE = FinalizeConfig()
+# fp32 weights: the B·(dG + dGᵀ) term is a float64 dot with float64 operands (a 16-bit B
+# goes through an fp32 dot), twice the registers per element; 8 warps keep it from
+# spilling under triton 3.6 (bench/notes/triton-3.6.md).
+FINALIZE_FP32 = FinalizeConfig(num_warps=8)
+
+
+def finalize_config(weight_bytes: int) -> FinalizeConfig:
+    """The finalize's config for weights of `weight_bytes` per element."""
+    return FINALIZE_FP32 if weight_bytes == 4 else FINALIZE
 
 
 # Autotune candidates (GPU, 16-bit and TF32 kinds): (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)

@@ -377,7 +377,7 @@ def plan_finalize_grads(pb: torch.Tensor, pa: torch.Tensor, pg: Optional[torch.T
     grad_A = _empty((E, r, d_in), device, dtype)
     grad_B = _empty((E, d_out, r), device, dtype)
     grad_W = _empty((E, d_in), device, dtype)
-    cfg = C.FINALIZE
+    cfg = C.finalize_config(B.element_size())
     b_programs = triton.cdiv(d_out, cfg.block_r) * triton.cdiv(L.ERP, cfg.block_c)
     a_programs = triton.cdiv(d_in, cfg.block_r) * triton.cdiv(L.NW, cfg.block_c)
     args = (pb, pa, pg if pg is not None else pb, B, grad_B, grad_A, grad_W,
