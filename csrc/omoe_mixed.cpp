@@ -1,0 +1,141 @@
+// omoe::mixed_forward: several adapters in one batch, one op call (inference).
+//
+//   mixed_forward(x, A[], B[], router_weight[], router_input?, base_out?, rows, offsets,
+//                 scaling[], top_k, orthogonalize, normalize, eps) -> y
+//
+// x is [T, d_in]; A, B and router_weight hold one tensor per adapter, as the single-adapter
+// op takes them (A[n] [E, r, d_in], B[n] [E, d_out, r], router_weight[n] [E, d_in]); every
+// adapter has the same E, r and d_out. rows (int64) lists x's rows adapter by adapter:
+// adapter n runs on rows[offsets[n] : offsets[n + 1]], with scaling[n]. A row listed
+// nowhere takes no adapter: y there is base_out (or 0). Each adapter's segment runs the
+// CPU kernel of omoe::forward (omoe_ops.cpp: its GEMMs, its per-token pass, and B's cached
+// B_cat and G, omoe_weight_cache.h), so a token's output is the one a call of that adapter
+// alone gives. The loop over segments stays in C++: no Python between segments.
+// No autograd: omoe_kernels/mixed.py calls it only when nothing needs a gradient.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/record_function.h>
+#include <torch/library.h>
+
+#include "omoe_ops.h"
+
+#include <cmath>
+#include <vector>
+
+// The schema after the op name (omoe_kernels/ops/mixed_compiled.py registers its fake).
+#define OMOE_MIXED_FORWARD_SIGNATURE                                                  \
+  "(Tensor x, Tensor[] A, Tensor[] B, Tensor[] router_weight, Tensor? router_input, " \
+  "Tensor? base_out, Tensor rows, int[] offsets, float[] scaling, int top_k, "        \
+  "bool orthogonalize, bool normalize, float eps) -> Tensor"
+
+namespace omoe {
+namespace {
+
+using ForwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double, int64_t, bool,
+    bool, double);
+
+// omoe::forward's CPU kernel, reached below autograd (the op's autograd is Python's).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_segment(
+    const at::Tensor& x, const at::Tensor& A, const at::Tensor& B, const at::Tensor& W,
+    const std::optional<at::Tensor>& router_input, const std::optional<at::Tensor>& base_out,
+    double scaling, int64_t top_k, bool orthogonalize, bool normalize, double eps) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("omoe::forward", "")
+                             .typed<ForwardSignature>();
+  return op.redispatch(c10::DispatchKeySet(c10::DispatchKey::CPU), x, A, B, W, router_input,
+                       base_out, scaling, top_k, orthogonalize, normalize, eps);
+}
+
+// The checks of the mixed call itself; each segment's call makes the single-adapter op's
+// checks (check_forward) on its adapter's tensors.
+void check_mixed(const at::Tensor& x, at::TensorList A, at::TensorList B,
+                 at::TensorList router_weight, const std::optional<at::Tensor>& router_input,
+                 const std::optional<at::Tensor>& base_out, const at::Tensor& rows,
+                 at::IntArrayRef offsets, at::ArrayRef<double> scaling, int64_t top_k,
+                 double eps) {
+  const int64_t N = int64_t(A.size());
+  TORCH_CHECK(N >= 1, "omoe: mixed_forward needs at least one adapter, got none");
+  TORCH_CHECK(int64_t(B.size()) == N && int64_t(router_weight.size()) == N &&
+                  int64_t(scaling.size()) == N,
+              "omoe: A, B, router_weight and scaling must hold one entry per adapter, got ", N,
+              ", ", B.size(), ", ", router_weight.size(), " and ", scaling.size());
+  // Adapter 0's shapes and dtypes are checked against x by the single-adapter checks; the
+  // others must match adapter 0, which also covers adapters that run on no row.
+  const Sizes s = check_forward(x, A[0], B[0], router_weight[0], router_input, base_out,
+                                scaling[0], top_k, eps);
+  for (int64_t n = 1; n < N; ++n) {
+    TORCH_CHECK(A[n].sizes() == A[0].sizes() && B[n].sizes() == B[0].sizes() &&
+                    router_weight[n].sizes() == router_weight[0].sizes(),
+                "omoe: adapter ", n, " has A ", A[n].sizes(), ", B ", B[n].sizes(),
+                ", router_weight ", router_weight[n].sizes(), " but adapter 0 has A ",
+                A[0].sizes(), ", B ", B[0].sizes(), ", router_weight ",
+                router_weight[0].sizes(), ": a mixed batch needs adapters of the same E, r, ",
+                "d_in and d_out");
+    for (const at::Tensor* t : {&A[n], &B[n], &router_weight[n]})
+      TORCH_CHECK(t->scalar_type() == x.scalar_type() && t->device() == x.device(),
+                  "omoe: adapter ", n, "'s weights must match x's dtype (", x.scalar_type(),
+                  ") and device (", x.device(), "), got ", t->scalar_type(), " on ",
+                  t->device());
+    TORCH_CHECK(std::isfinite(scaling[n]), "omoe: scaling of adapter ", n,
+                " must be finite, got ", scaling[n]);
+  }
+  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == at::kLong && rows.device() == x.device(),
+              "omoe: rows must be a 1-D int64 tensor on x's device, got ", rows.sizes(), " ",
+              rows.scalar_type(), " on ", rows.device());
+  const int64_t M = rows.size(0);
+  TORCH_CHECK(int64_t(offsets.size()) == N + 1, "omoe: offsets must hold N + 1 = ", N + 1,
+              " entries (where each adapter's rows start, then the end), got ", offsets.size());
+  TORCH_CHECK(offsets[0] == 0 && offsets[N] == M, "omoe: offsets must start at 0 and end at ",
+              "rows' length ", M, ", got ", offsets);
+  for (int64_t n = 0; n < N; ++n)
+    TORCH_CHECK(offsets[n] <= offsets[n + 1], "omoe: offsets must not decrease, got ", offsets);
+  TORCH_CHECK(M <= s.T, "omoe: rows lists ", M, " rows but x has ", s.T);
+  // Each row at most once and inside x: a repeated row would be overwritten silently.
+  std::vector<char> seen(size_t(s.T), 0);
+  const at::Tensor rc = rows.contiguous();
+  const int64_t* r = rc.data_ptr<int64_t>();
+  for (int64_t i = 0; i < M; ++i) {
+    TORCH_CHECK(r[i] >= 0 && r[i] < s.T, "omoe: rows must hold row indices of x in [0, ", s.T,
+                "), got ", r[i], " at position ", i);
+    TORCH_CHECK(!seen[size_t(r[i])], "omoe: rows lists row ", r[i],
+                " twice: each row takes at most one adapter");
+    seen[size_t(r[i])] = 1;
+  }
+}
+
+at::Tensor mixed_forward_cpu(const at::Tensor& x, at::TensorList A, at::TensorList B,
+                             at::TensorList router_weight,
+                             const std::optional<at::Tensor>& router_input,
+                             const std::optional<at::Tensor>& base_out, const at::Tensor& rows,
+                             at::IntArrayRef offsets, at::ArrayRef<double> scaling,
+                             int64_t top_k, bool orthogonalize, bool normalize, double eps) {
+  check_mixed(x, A, B, router_weight, router_input, base_out, rows, offsets, scaling, top_k,
+              eps);
+  const int64_t N = int64_t(A.size()), T = x.size(0), d_out = B[0].size(1);
+  // Rows of no adapter keep base_out (or 0); every other row is written once below.
+  at::Tensor y = base_out.has_value() ? base_out->contiguous().clone()
+                                      : at::zeros({T, d_out}, x.options());
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t start = offsets[n], size = offsets[n + 1] - offsets[n];
+    if (size == 0) continue;
+    RECORD_FUNCTION("omoe::mixed_segment", std::vector<c10::IValue>());
+    const at::Tensor seg = rows.narrow(0, start, size);
+    std::optional<at::Tensor> seg_router, seg_base;
+    if (router_input.has_value()) seg_router = router_input->index_select(0, seg);
+    if (base_out.has_value()) seg_base = base_out->index_select(0, seg);
+    const at::Tensor y_seg = std::get<0>(
+        forward_segment(x.index_select(0, seg), A[n], B[n], router_weight[n], seg_router,
+                        seg_base, scaling[n], top_k, orthogonalize, normalize, eps));
+    y.index_copy_(0, seg, y_seg);
+  }
+  return y;
+}
+
+}  // namespace
+}  // namespace omoe
+
+TORCH_LIBRARY_FRAGMENT(omoe, m) { m.def("mixed_forward" OMOE_MIXED_FORWARD_SIGNATURE); }
+
+TORCH_LIBRARY_IMPL(omoe, CPU, m) { m.impl("mixed_forward", &omoe::mixed_forward_cpu); }
