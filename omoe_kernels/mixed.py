@@ -38,6 +38,7 @@ from .backends import REGISTRY, backend_function
 from .functional import resolved_backend
 from .ops import mixed_compiled
 from .ops.problem import Problem
+from .options import check_finite
 from .reference import omoe_lora_reference
 
 NO_ADAPTER = -1
@@ -146,10 +147,17 @@ def omoe_lora_mixed(x: torch.Tensor, A: TensorOrStack, B: TensorOrStack,
         raise ValueError(f"`A`, `B` and `router_weight` must hold the same number of adapters, "
                          f"got {count}, {len(Bs)} and {len(Ws)}")
     scalings = _scalings(scaling, count)
-    problems = [check_inputs(x, As[n], Bs[n], Ws[n], scaling=scalings[n], top_k=top_k,
+    problems = [check_inputs(x, As[0], Bs[0], Ws[0], scaling=scalings[0], top_k=top_k,
                              orthogonalize=orthogonalize, normalize=normalize, eps=eps,
-                             base_out=base_out, router_input=router_input)
-                for n in range(count)]
+                             base_out=base_out, router_input=router_input)]
+    for n in range(1, count):
+        if _like_first(x, As, Bs, Ws, n):  # adapter 0's checks hold: only scaling differs
+            problems.append(_with_scaling(problems[0], scalings[n]))
+        else:
+            problems.append(check_inputs(x, As[n], Bs[n], Ws[n], scaling=scalings[n],
+                                         top_k=top_k, orthogonalize=orthogonalize,
+                                         normalize=normalize, eps=eps, base_out=base_out,
+                                         router_input=router_input))
     first = problems[0]
     for n, p in enumerate(problems[1:], 1):
         if (p.num_experts, p.rank, p.d_out) != (first.num_experts, first.rank, first.d_out):
@@ -181,6 +189,33 @@ def omoe_lora_mixed(x: torch.Tensor, A: TensorOrStack, B: TensorOrStack,
     else:
         y = mixed_grouped(x2d, As, Bs, Ws, router2d, base2d, grouping, span, problems)
     return y.reshape(lead + (d_out,))
+
+
+def _like_first(x, As, Bs, Ws, n: int) -> bool:
+    """Whether adapter n's tensors have adapter 0's shapes, x's dtype and x's device."""
+    a, b, w = As[n], Bs[n], Ws[n]
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+            and isinstance(w, torch.Tensor) and a.shape == As[0].shape
+            and b.shape == Bs[0].shape and w.shape == Ws[0].shape
+            and a.dtype == b.dtype == w.dtype == x.dtype
+            and a.device == b.device == w.device == x.device)
+
+
+_SCALED: dict = {}
+
+
+def _with_scaling(p: Problem, scaling) -> Problem:
+    """p with another adapter's scaling, checked as `check_inputs` checks it (kept: a
+    layer's scalings are fixed; ±0 are not kept, they compare equal)."""
+    key = (p, type(scaling), scaling)
+    found = _SCALED.get(key) if not torch.compiler.is_compiling() else None
+    if found is None:
+        found = dataclasses.replace(p, scaling=check_finite("scaling", scaling))
+        if found.scaling != 0 and not torch.compiler.is_compiling():
+            if len(_SCALED) > 4096:
+                _SCALED.clear()
+            _SCALED[key] = found
+    return found
 
 
 def resolve_mixed_backend(backend: str, device: torch.device, active_experts: int) -> str:
@@ -341,9 +376,12 @@ def mixed_grouped(x, As, Bs, Ws, router_input, base_out, grouping: Grouping, spa
             and torch.autograd.forward_ad._current_level < 0:
         token_rows, offsets = _token_rows(grouping, span)
         p = problems[0]
-        return mixed_compiled.MIXED_FORWARD(
-            x, As, Bs, Ws, router_input, base_out, token_rows, offsets,
-            [q.scaling for q in problems], p.top_k, p.orthogonalize, p.normalize, p.eps)
+        args = (x, As, Bs, Ws, router_input, base_out, token_rows, offsets,
+                [q.scaling for q in problems], p.top_k, p.orthogonalize, p.normalize, p.eps)
+        if torch.compiler.is_compiling():
+            return mixed_compiled.MIXED_FORWARD(*args)
+        with torch._C._AutoDispatchBelowAutograd():  # nothing to differentiate: no graph
+            return mixed_compiled.MIXED_FORWARD(*args)
     rows = order.numel()
 
     def gather(t, index):  # rows of `span` tokens each
