@@ -7,19 +7,28 @@
 // op takes them (A[n] [E, r, d_in], B[n] [E, d_out, r], router_weight[n] [E, d_in]); every
 // adapter has the same E, r and d_out. rows (int64) lists x's rows adapter by adapter:
 // adapter n runs on rows[offsets[n] : offsets[n + 1]], with scaling[n]. A row listed
-// nowhere takes no adapter: y there is base_out (or 0). Each adapter's segment runs the
-// CPU kernel of omoe::forward (omoe_ops.cpp: its GEMMs, its per-token pass, and B's cached
-// B_cat and G, omoe_weight_cache.h), so a token's output is the one a call of that adapter
-// alone gives. The loop over segments stays in C++: no Python between segments.
+// nowhere takes no adapter: y there is base_out (or 0). The loop over segments stays in
+// C++: no Python between segments.
+//
+// A segment whose B the weight cache (omoe_weight_cache.h) has seen runs the single-adapter
+// forward's pairs route (omoe_ops.cpp, forward_impl) on its slices of buffers shared by
+// all segments: the shrink GEMMs, the per-token pass with that adapter's G, the expand
+// GEMM. Any other segment (B new to the cache, the direct route cheaper, OMOE_ROUTE set,
+// orthogonalize off) runs omoe::forward's CPU kernel itself. Either way a token gets the
+// output a call of its adapter alone gives, to the GEMMs' rounding.
 // No autograd: omoe_kernels/mixed.py calls it only when nothing needs a gradient.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/record_function.h>
 #include <torch/library.h>
 
+#include "omoe_cpu_pass.h"
 #include "omoe_ops.h"
+#include "omoe_weight_cache.h"
 
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 // The schema after the op name (omoe_kernels/ops/mixed_compiled.py registers its fake).
@@ -105,31 +114,119 @@ void check_mixed(const at::Tensor& x, at::TensorList A, at::TensorList B,
   }
 }
 
+// Whether OMOE_ROUTE forces a route (tests run every route): the segments then go through
+// omoe::forward's kernel, which reads it.
+bool route_forced() {
+  const char* env = std::getenv("OMOE_ROUTE");
+  return env != nullptr && *env != '\0' && std::strcmp(env, "auto") != 0;
+}
+
+// What the pairs route of omoe_ops.cpp's forward needs of one adapter: B_cat and G from the
+// weight cache (G formed and kept if only B_cat is there). Undefined B_cat: the segment
+// goes through omoe::forward's kernel, which picks its own route (B not seen before, G too
+// large, or the direct route cheaper: the cost comparison of choose_route in omoe_ops.cpp,
+// forward, G free).
+struct AdapterGram {
+  at::Tensor B_cat, G;
+};
+
+AdapterGram adapter_gram(const at::Tensor& B, const Sizes& s, int64_t k, int64_t tokens) {
+  const double R = double(s.E * s.r), d = double(s.d_out), r = double(s.r);
+  const double kk = double(k) * double(k), T = double(tokens);
+  constexpr double kMaxGramBytes = 512.0 * (1 << 20), kScalarCost = 4.0,
+                   kBatchedCallCost = 50000.0;
+  const double pairs = T * 0.5 * kk * r * r;
+  const double direct = T * R * d + kScalarCost * T * kk * d + R * d + kBatchedCallCost;
+  if (R * R * 8.0 > kMaxGramBytes || direct < pairs) return {};
+  const weight_cache::Found found = weight_cache::instance().find(B);
+  if (!found.seen) return {};
+  if (found.G.defined()) return {found.B_cat, found.G};
+  const at::Tensor B64 = found.B_cat.to(at::kDouble);
+  at::Tensor G = at::mm(B64.t(), B64);
+  weight_cache::instance().remember(B, found.B_cat, G);
+  return {found.B_cat, G};
+}
+
 at::Tensor mixed_forward_cpu(const at::Tensor& x, at::TensorList A, at::TensorList B,
                              at::TensorList router_weight,
                              const std::optional<at::Tensor>& router_input,
                              const std::optional<at::Tensor>& base_out, const at::Tensor& rows,
                              at::IntArrayRef offsets, at::ArrayRef<double> scaling,
                              int64_t top_k, bool orthogonalize, bool normalize, double eps) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_mixed(x, A, B, router_weight, router_input, base_out, rows, offsets, scaling, top_k,
               eps);
-  const int64_t N = int64_t(A.size()), T = x.size(0), d_out = B[0].size(1);
-  // Rows of no adapter keep base_out (or 0); every other row is written once below.
+  const int64_t N = int64_t(A.size()), T = x.size(0), M = rows.size(0);
+  const Sizes s{T, x.size(1), B[0].size(1), A[0].size(0), A[0].size(1)};
+  const int64_t er = s.E * s.r, k = std::min(top_k, s.E);
+  const auto acc = accumulate_dtype(x);
+  // Rows of no adapter keep base_out (or 0); every listed row is written once below.
   at::Tensor y = base_out.has_value() ? base_out->contiguous().clone()
-                                      : at::zeros({T, d_out}, x.options());
+                                      : at::zeros({T, s.d_out}, x.options());
+  if (M == 0) return y;
+  // The listed rows in segment order, once for all segments.
+  const at::Tensor xs = x.index_select(0, rows).to(acc).contiguous();
+  const at::Tensor rs =
+      router_input.has_value() ? router_input->index_select(0, rows).to(acc) : at::Tensor();
+  const at::Tensor bs =
+      base_out.has_value() ? base_out->index_select(0, rows).to(acc) : at::Tensor();
+  const at::Tensor h = at::empty({M, er}, xs.options()),
+                   logits = at::empty({M, s.E}, xs.options());
+  at::Tensor z = at::empty_like(h), ys = at::empty({M, s.d_out}, xs.options());
+  at::Tensor S_blocks;  // the pairs route's per-thread S of dense routing, shared by segments
+  const bool lean = orthogonalize && !route_forced();
   for (int64_t n = 0; n < N; ++n) {
     const int64_t start = offsets[n], size = offsets[n + 1] - offsets[n];
     if (size == 0) continue;
     RECORD_FUNCTION("omoe::mixed_segment", std::vector<c10::IValue>());
-    const at::Tensor seg = rows.narrow(0, start, size);
-    std::optional<at::Tensor> seg_router, seg_base;
-    if (router_input.has_value()) seg_router = router_input->index_select(0, seg);
-    if (base_out.has_value()) seg_base = base_out->index_select(0, seg);
-    const at::Tensor y_seg = std::get<0>(
-        forward_segment(x.index_select(0, seg), A[n], B[n], router_weight[n], seg_router,
-                        seg_base, scaling[n], top_k, orthogonalize, normalize, eps));
-    y.index_copy_(0, seg, y_seg);
+    at::Tensor y_seg = ys.narrow(0, start, size);
+    const AdapterGram gram = lean ? adapter_gram(B[n], s, k, size) : AdapterGram{};
+    if (!gram.B_cat.defined()) {
+      // omoe::forward's kernel, on this segment alone.
+      const at::Tensor seg = rows.narrow(0, start, size);
+      std::optional<at::Tensor> seg_router, seg_base;
+      if (router_input.has_value()) seg_router = router_input->index_select(0, seg);
+      if (base_out.has_value()) seg_base = base_out->index_select(0, seg);
+      y_seg.copy_(std::get<0>(
+          forward_segment(x.index_select(0, seg), A[n], B[n], router_weight[n], seg_router,
+                          seg_base, scaling[n], top_k, orthogonalize, normalize, eps)));
+      continue;
+    }
+    // The single-adapter forward's pairs route (omoe_ops.cpp, forward_impl), on the
+    // segment's slices of h, logits, z and y: no per-segment allocation but S_blocks.
+    const at::Tensor x_seg = xs.narrow(0, start, size);
+    at::Tensor h_seg = h.narrow(0, start, size), l_seg = logits.narrow(0, start, size),
+               z_seg = z.narrow(0, start, size);
+    at::mm_out(h_seg, x_seg, A[n].reshape({er, s.d_in}).to(acc).t());
+    at::mm_out(l_seg, rs.defined() ? rs.narrow(0, start, size) : x_seg,
+               router_weight[n].to(acc).t());
+    AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "omoe_mixed_pairs", [&] {
+      cpu::PairRoute<scalar_t> route{gram.G.data_ptr<double>(),
+                                     h_seg.data_ptr<scalar_t>(),
+                                     nullptr,
+                                     nullptr,
+                                     size,
+                                     er,
+                                     int(s.E),
+                                     int(s.r)};
+      if (k == s.E && s.E <= kMaxExperts) {
+        if (!S_blocks.defined())
+          S_blocks =
+              at::empty({cpu::pass_threads(), cpu::kTokensPerTask, s.E, s.E}, gram.G.options());
+        route.S_blocks = S_blocks.data_ptr<double>();
+      }
+      cpu::token_forward_pass(h_seg, l_seg, route, s.E, s.r, top_k, true, normalize, eps,
+                              z_seg);
+    });
+    // As forward_impl: addmm skips the product when alpha is 0, which would hide a NaN.
+    if (bs.defined() && scaling[n] != 0.0) {
+      at::addmm_out(y_seg, bs.narrow(0, start, size), z_seg, gram.B_cat.t(), 1, scaling[n]);
+    } else {
+      at::mm_out(y_seg, z_seg, gram.B_cat.t()).mul_(scaling[n]);
+      if (bs.defined()) y_seg.add_(bs.narrow(0, start, size));
+    }
   }
+  y.index_copy_(0, rows, ys.to(x.scalar_type()));
   return y;
 }
 

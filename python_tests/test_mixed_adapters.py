@@ -314,13 +314,22 @@ def test_cpu_inference_is_one_op_call_and_matches_each_sample_alone(row, variant
     scaling = [0.75, 2.0, 1.5]
     y_ref, _ = _per_sample_oracle(inputs, random_grad((SAMPLES, TOKENS, D_OUT), dtype),
                                   scaling, **options)
-    poison_allocator("cpu", dtype)
-    with torch.no_grad(), _OpLog() as log:
-        y, _ = _mixed(inputs, "cpu", None, scaling, **options)
-    assert log.ops.count("omoe.mixed_forward") == 1 and "omoe.forward" not in log.ops, log.ops
-    assert y.dtype == dtype and torch.isfinite(y).all()
-    assert_rel_close(y, y_ref, fwd_tol, "cpu inference")
-    assert torch.equal(y[1], inputs["base_out"][1]), "a sample with no adapter gets base_out"
+    # Weights that live across calls, as a layer's: the first call sees each B for the
+    # first time, the second forms G, the third finds it (the op's own pairs route).
+    weights = {n: list(inputs[n]) for n in ("A", "B", "router_weight")}
+    hits = torch.ops.omoe_cache.stats()[0]
+    for call in range(3):
+        poison_allocator("cpu", dtype)
+        with torch.no_grad(), _OpLog() as log:
+            y = ok.omoe_lora_mixed(inputs["x"], *weights.values(), torch.tensor(INDEX),
+                                   scaling=scaling, base_out=inputs["base_out"],
+                                   router_input=inputs["router_input"], backend="cpu",
+                                   **options)
+        assert log.ops.count("omoe.mixed_forward") == 1 and "omoe.forward" not in log.ops
+        assert y.dtype == dtype and torch.isfinite(y).all()
+        assert_rel_close(y, y_ref, fwd_tol, f"cpu inference, call {call}")
+        assert torch.equal(y[1], inputs["base_out"][1]), "a sample with no adapter: base_out"
+    assert torch.ops.omoe_cache.stats()[0] >= hits + 2, "the last call found both Gs"
     # As the per-segment calls that autograd runs, to rounding.
     y_calls, _ = _mixed(inputs, "cpu", random_grad((SAMPLES, TOKENS, D_OUT), dtype), scaling,
                         **options)
@@ -365,7 +374,12 @@ def test_mixed_op_rows_offsets_and_unlisted_rows():
     from omoe_kernels.ops import mixed_compiled
 
     args = _op_args(torch.float64)
-    y = mixed_compiled.MIXED_FORWARD(**args)
+    for _ in range(3):  # B new to the weight cache, then its G formed, then found
+        y = mixed_compiled.MIXED_FORWARD(**args)
+        _check_rows(args, y)
+
+
+def _check_rows(args, y):
     for n, (start, end) in enumerate(zip(args["offsets"], args["offsets"][1:])):
         for row in args["rows"][start:end].tolist():
             want = ok.omoe_lora(args["x"][row:row + 1], args["A"][n], args["B"][n],
