@@ -348,8 +348,10 @@ def test_cpu_inference_propagates_nan_as_eager():
     inputs["B"][0, 1, 3, 0] = float("nan")   # adapter 0 (sample 2)
     inputs["B"][1] = float("nan")            # adapter 1: in no sample
     with torch.no_grad():
-        y, _ = _mixed(inputs, "cpu", None, [1.0, 1.0, 1.0], top_k=2)
+        with _OpLog() as log:
+            y, _ = _mixed(inputs, "cpu", None, [1.0, 1.0, 1.0], top_k=2)
         y_ref, _ = _mixed(inputs, "reference", None, [1.0, 1.0, 1.0], top_k=2)
+    assert log.ops.count("omoe.mixed_forward") == 1, "through the inference op"
     y_calls, _ = _mixed(inputs, "cpu", torch.ones(SAMPLES, TOKENS, D_OUT), [1.0, 1.0, 1.0],
                         top_k=2)
     assert torch.isnan(y_ref[0]).any() and torch.isnan(y_ref[2]).any()
