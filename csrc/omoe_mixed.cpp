@@ -230,9 +230,27 @@ at::Tensor mixed_forward_cpu(const at::Tensor& x, at::TensorList A, at::TensorLi
   return y;
 }
 
+#ifdef OMOE_WITH_CUDA
+// No CUDA kernel: every omoe op has one registered (a clear error rather than the
+// dispatcher's), and CUDA tensors take the triton backend's grouped kernels.
+at::Tensor mixed_forward_cuda(const at::Tensor&, at::TensorList, at::TensorList, at::TensorList,
+                              const std::optional<at::Tensor>&,
+                              const std::optional<at::Tensor>&, const at::Tensor&,
+                              at::IntArrayRef, at::ArrayRef<double>, int64_t, bool, bool,
+                              double) {
+  TORCH_CHECK(false,
+              "omoe: mixed_forward runs on the CPU only; for CUDA tensors call "
+              "omoe_kernels.omoe_lora_mixed with backend='triton' (or 'reference')");
+}
+#endif
+
 }  // namespace
 }  // namespace omoe
 
 TORCH_LIBRARY_FRAGMENT(omoe, m) { m.def("mixed_forward" OMOE_MIXED_FORWARD_SIGNATURE); }
 
 TORCH_LIBRARY_IMPL(omoe, CPU, m) { m.impl("mixed_forward", &omoe::mixed_forward_cpu); }
+
+#ifdef OMOE_WITH_CUDA
+TORCH_LIBRARY_IMPL(omoe, CUDA, m) { m.impl("mixed_forward", &omoe::mixed_forward_cuda); }
+#endif
