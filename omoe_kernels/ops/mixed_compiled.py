@@ -8,6 +8,7 @@ data and are checked by the real kernel only).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -43,7 +44,7 @@ def check_mixed_args(x: Tensor, A: Sequence[Tensor], B: Sequence[Tensor],
             _require(t.dtype == x.dtype and t.device == x.device, _NS, "adapter ", n,
                      "'s weights must match x's dtype (", x.dtype, ") and device (",
                      x.device, "), got ", t.dtype, " on ", t.device)
-        _require(torch.isfinite(torch.tensor(scaling[n])).item(), _NS, "scaling of adapter ",
+        _require(math.isfinite(scaling[n]), _NS, "scaling of adapter ",
                  n, " must be finite, got ", float(scaling[n]))
     _require(rows.dim() == 1 and rows.dtype == torch.int64 and rows.device == x.device, _NS,
              "rows must be a 1-D int64 tensor on x's device, got ", rows, " ", rows.dtype,
