@@ -5,7 +5,7 @@ tokens in samples of min(64, T/N) tokens, the samples spread evenly over N adapt
 shuffled order. Providers, interleaved, medians:
 
 - `grouped`: `base(x)` + `ok.omoe_lora_mixed` on the `cpu` backend (one sort by adapter,
-  one compiled call per adapter segment);
+  then one `omoe::mixed_forward` call that runs every adapter segment in C++);
 - `single`: `base(x)` + `ok.omoe_lora` of one adapter on all T tokens (what one adapter's
   batch of the same T costs);
 - `separate`: N separate calls, `base(x_n)` + `ok.omoe_lora` on each adapter's own samples

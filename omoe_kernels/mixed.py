@@ -7,10 +7,14 @@ or 0). The adapters share E, r and the routing options; each has its own scaling
 
 Backends:
 - `reference`: the plain loop over adapters (the oracle, every dtype and autograd mode);
-- `cpu`: grouped. One stable sort by adapter makes each adapter's tokens a contiguous
-  segment; each non-empty segment runs the compiled single-adapter op (its own G per
-  token, as in the single-adapter path), and one gather puts the rows back in order.
-  The calls grow with the adapters present in the batch, not with the tokens.
+- `cpu`: grouped. One stable sort by adapter makes each adapter's tokens a segment
+  (kept on the Grouping: once per batch of `adapter_names`). Inference (nothing to
+  differentiate) is one compiled call, `omoe::mixed_forward` (csrc/omoe_mixed.cpp): in
+  C++ it runs each non-empty segment through the single-adapter op's CPU kernel (its
+  GEMMs, its per-token pass, each adapter's cached G) and writes the segment's rows of y;
+  rows of no adapter keep base_out. With autograd recording, each non-empty segment is
+  one compiled single-adapter call with its own backward, and one gather puts the rows
+  back in order.
 - `triton` (forward only): three grouped launches per call, as the single-adapter
   forward, whatever N is (ops/triton/mixed_kernels.py). The tokens are sorted into
   segments once per Grouping, each adapter's segment padded to whole GEMM tiles; each
@@ -32,7 +36,9 @@ import torch
 from ._validate import check_inputs
 from .backends import REGISTRY, backend_function
 from .functional import resolved_backend
+from .ops import mixed_compiled
 from .ops.problem import Problem
+from .options import check_finite
 from .reference import omoe_lora_reference
 
 NO_ADAPTER = -1
@@ -141,10 +147,17 @@ def omoe_lora_mixed(x: torch.Tensor, A: TensorOrStack, B: TensorOrStack,
         raise ValueError(f"`A`, `B` and `router_weight` must hold the same number of adapters, "
                          f"got {count}, {len(Bs)} and {len(Ws)}")
     scalings = _scalings(scaling, count)
-    problems = [check_inputs(x, As[n], Bs[n], Ws[n], scaling=scalings[n], top_k=top_k,
+    problems = [check_inputs(x, As[0], Bs[0], Ws[0], scaling=scalings[0], top_k=top_k,
                              orthogonalize=orthogonalize, normalize=normalize, eps=eps,
-                             base_out=base_out, router_input=router_input)
-                for n in range(count)]
+                             base_out=base_out, router_input=router_input)]
+    for n in range(1, count):
+        if _like_first(x, As, Bs, Ws, n):  # adapter 0's checks hold: only scaling differs
+            problems.append(_with_scaling(problems[0], scalings[n]))
+        else:
+            problems.append(check_inputs(x, As[n], Bs[n], Ws[n], scaling=scalings[n],
+                                         top_k=top_k, orthogonalize=orthogonalize,
+                                         normalize=normalize, eps=eps, base_out=base_out,
+                                         router_input=router_input))
     first = problems[0]
     for n, p in enumerate(problems[1:], 1):
         if (p.num_experts, p.rank, p.d_out) != (first.num_experts, first.rank, first.d_out):
@@ -176,6 +189,33 @@ def omoe_lora_mixed(x: torch.Tensor, A: TensorOrStack, B: TensorOrStack,
     else:
         y = mixed_grouped(x2d, As, Bs, Ws, router2d, base2d, grouping, span, problems)
     return y.reshape(lead + (d_out,))
+
+
+def _like_first(x, As, Bs, Ws, n: int) -> bool:
+    """Whether adapter n's tensors have adapter 0's shapes, x's dtype and x's device."""
+    a, b, w = As[n], Bs[n], Ws[n]
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+            and isinstance(w, torch.Tensor) and a.shape == As[0].shape
+            and b.shape == Bs[0].shape and w.shape == Ws[0].shape
+            and a.dtype == b.dtype == w.dtype == x.dtype
+            and a.device == b.device == w.device == x.device)
+
+
+_SCALED: dict = {}
+
+
+def _with_scaling(p: Problem, scaling) -> Problem:
+    """p with another adapter's scaling, checked as `check_inputs` checks it (kept: a
+    layer's scalings are fixed; ±0 are not kept, they compare equal)."""
+    key = (p, type(scaling), scaling)
+    found = _SCALED.get(key) if not torch.compiler.is_compiling() else None
+    if found is None:
+        found = dataclasses.replace(p, scaling=check_finite("scaling", scaling))
+        if found.scaling != 0 and not torch.compiler.is_compiling():
+            if len(_SCALED) > 4096:
+                _SCALED.clear()
+            _SCALED[key] = found
+    return found
 
 
 def resolve_mixed_backend(backend: str, device: torch.device, active_experts: int) -> str:
@@ -296,11 +336,33 @@ def mixed_reference(x, As, Bs, Ws, router_input, base_out, index, problems) -> t
     return y
 
 
+def _needs_grad(x, router_input, base_out, As, Bs, Ws) -> bool:
+    return torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, router_input, base_out, *As, *Bs, *Ws))
+
+
+def _token_rows(grouping: Grouping, span: int) -> tuple[torch.Tensor, list[int]]:
+    """The token rows of x adapter by adapter (the "no adapter" entries left out) and
+    where each adapter's rows start, then the end: omoe::mixed_forward's rows and offsets
+    (kept on the Grouping, made once per batch)."""
+    found = grouping.segments.get(("cpu", span))
+    if found is None:
+        order = grouping.order[grouping.sizes[0]:]
+        rows = (order.unsqueeze(1) * span
+                + torch.arange(span, device=order.device)).reshape(-1)
+        offsets = [0]
+        for size in grouping.sizes[1:]:
+            offsets.append(offsets[-1] + size * span)
+        found = grouping.segments["cpu", span] = (rows, offsets)
+    return found
+
+
 def mixed_grouped(x, As, Bs, Ws, router_input, base_out, grouping: Grouping, span: int,
                   problems) -> torch.Tensor:
-    """One compiled call per non-empty adapter segment of the sorted rows, gathered back.
-    Entry i of the index covers tokens [i·span, (i+1)·span): a per-sample index moves
-    whole samples."""
+    """Entry i of the index covers tokens [i·span, (i+1)·span): a per-sample index moves
+    whole samples. With nothing to differentiate, one `omoe::mixed_forward` call serves
+    every adapter segment; with autograd recording, one compiled single-adapter call per
+    non-empty segment of the sorted rows, gathered back (each with its own backward)."""
     function = backend_function("cpu")
     T, d_out, count = x.shape[0], problems[0].d_out, len(problems)
     sizes, order = grouping.sizes, grouping.order
@@ -309,6 +371,17 @@ def mixed_grouped(x, As, Bs, Ws, router_input, base_out, grouping: Grouping, spa
         if n == NO_ADAPTER:
             return base_out if base_out is not None else x.new_zeros((T, d_out))
         return function(x, As[n], Bs[n], Ws[n], router_input, base_out, problems[n])
+    if not _needs_grad(x, router_input, base_out, As, Bs, Ws) and mixed_compiled.LOADED \
+            and torch._C._functorch.peek_interpreter_stack() is None \
+            and torch.autograd.forward_ad._current_level < 0:
+        token_rows, offsets = _token_rows(grouping, span)
+        p = problems[0]
+        args = (x, As, Bs, Ws, router_input, base_out, token_rows, offsets,
+                [q.scaling for q in problems], p.top_k, p.orthogonalize, p.normalize, p.eps)
+        if torch.compiler.is_compiling():
+            return mixed_compiled.MIXED_FORWARD(*args)
+        with torch._C._AutoDispatchBelowAutograd():  # nothing to differentiate: no graph
+            return mixed_compiled.MIXED_FORWARD(*args)
     rows = order.numel()
 
     def gather(t, index):  # rows of `span` tokens each
@@ -316,24 +389,6 @@ def mixed_grouped(x, As, Bs, Ws, router_input, base_out, grouping: Grouping, spa
 
     xs = gather(x, order)
     rs = None if router_input is None else gather(router_input, order)
-    if not (torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad
-            for t in (x, router_input, base_out, *As, *Bs, *Ws))):
-        # Nothing to differentiate: each segment's adapter output is added in place at
-        # its rows, with no sorted copy of base_out and no gather of the output.
-        y = base_out.clone() if base_out is not None else x.new_zeros((T, d_out))
-        y_rows = y.view(rows, -1)
-        start = sizes[0]
-        for n in range(count):
-            if sizes[n + 1] == 0:
-                continue
-            end = start + sizes[n + 1]
-            delta = function(xs[start * span:end * span], As[n], Bs[n], Ws[n],
-                             None if rs is None else rs[start * span:end * span], None,
-                             _segment_problem(problems[n], (end - start) * span))
-            y_rows.index_add_(0, order[start:end], delta.view(end - start, -1))
-            start = end
-        return y
     bs = None if base_out is None else gather(base_out, order)
     pieces, start = [], 0
     for n in range(NO_ADAPTER, count):

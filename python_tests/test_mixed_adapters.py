@@ -284,3 +284,178 @@ def test_triton_stacks_lists_once_and_restacks_an_updated_tensor():
     assert _stacked(stacked) is stacked, "a stacked tensor is read in place"
     casts = [p.detach().to(torch.float64) for p in parts]     # new tensors at every call
     assert _stacked(casts) is not _stacked(casts), "only parameters are kept"
+
+
+# ---- the cpu backend's inference op (omoe::mixed_forward) ---------------------------------
+
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """The ops called from Python (an op's own inner calls are not seen)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("row", [r for r in ACCURACY_ROWS if "collapse" not in r
+                                 and ACCURACY_ROWS[r][0] in (torch.float32, torch.bfloat16)])
+def test_cpu_inference_is_one_op_call_and_matches_each_sample_alone(row, variant):
+    """With nothing to differentiate, one omoe::mixed_forward call serves every adapter
+    (no single-adapter call from Python), into freshly allocated memory poisoned with NaN."""
+    from helpers import poison_allocator
+
+    dtype, _, fwd_tol, _ = ACCURACY_ROWS[row]
+    options, with_router_input = VARIANTS[variant]
+    inputs = make_mixed_problem(SAMPLES, TOKENS, dtype, with_router_input)
+    scaling = [0.75, 2.0, 1.5]
+    y_ref, _ = _per_sample_oracle(inputs, random_grad((SAMPLES, TOKENS, D_OUT), dtype),
+                                  scaling, **options)
+    # Weights that live across calls, as a layer's: the first call sees each B for the
+    # first time, the second forms G, the third finds it (the op's own pairs route).
+    weights = {n: list(inputs[n]) for n in ("A", "B", "router_weight")}
+    hits = torch.ops.omoe_cache.stats()[0]
+    for call in range(3):
+        poison_allocator("cpu", dtype)
+        with torch.no_grad(), _OpLog() as log:
+            y = ok.omoe_lora_mixed(inputs["x"], *weights.values(), torch.tensor(INDEX),
+                                   scaling=scaling, base_out=inputs["base_out"],
+                                   router_input=inputs["router_input"], backend="cpu",
+                                   **options)
+        assert log.ops.count("omoe.mixed_forward") == 1 and "omoe.forward" not in log.ops
+        assert y.dtype == dtype and torch.isfinite(y).all()
+        assert_rel_close(y, y_ref, fwd_tol, f"cpu inference, call {call}")
+        assert torch.equal(y[1], inputs["base_out"][1]), "a sample with no adapter: base_out"
+    assert torch.ops.omoe_cache.stats()[0] >= hits + 2, "the last call found both Gs"
+    # As the per-segment calls that autograd runs, to rounding.
+    y_calls, _ = _mixed(inputs, "cpu", random_grad((SAMPLES, TOKENS, D_OUT), dtype), scaling,
+                        **options)
+    torch.testing.assert_close(y, y_calls, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+                               atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+def test_cpu_inference_propagates_nan_as_eager():
+    """A NaN in a sample's x, in a used adapter's B and in the unused adapter's B:
+    non-finite wherever the eager reference loop is (the Gram route may spread a NaN of B
+    over more of a token's outputs, as the single-adapter op does), with the same entries
+    as the per-segment calls, and finite in the samples eager keeps finite."""
+    inputs = make_mixed_problem(SAMPLES, TOKENS, torch.float32, False)
+    inputs["x"][0, 2, 5] = float("nan")
+    inputs["x"][1, 0, 0] = float("nan")      # sample 1 takes no adapter: base_out there
+    inputs["B"][0, 1, 3, 0] = float("nan")   # adapter 0 (sample 2)
+    inputs["B"][1] = float("nan")            # adapter 1: in no sample
+    with torch.no_grad():
+        with _OpLog() as log:
+            y, _ = _mixed(inputs, "cpu", None, [1.0, 1.0, 1.0], top_k=2)
+        y_ref, _ = _mixed(inputs, "reference", None, [1.0, 1.0, 1.0], top_k=2)
+    assert log.ops.count("omoe.mixed_forward") == 1, "through the inference op"
+    y_calls, _ = _mixed(inputs, "cpu", torch.ones(SAMPLES, TOKENS, D_OUT), [1.0, 1.0, 1.0],
+                        top_k=2)
+    assert torch.isnan(y_ref[0]).any() and torch.isnan(y_ref[2]).any()
+    assert not (torch.isfinite(y) & ~torch.isfinite(y_ref)).any()
+    assert torch.equal(torch.isnan(y), torch.isnan(y_calls))
+    assert torch.isfinite(y[1]).all() and torch.isfinite(y[3]).all()
+
+
+def _op_args(dtype=torch.float32):
+    inputs = make_mixed_problem(SAMPLES, TOKENS, dtype, False)
+    x = inputs["x"].reshape(-1, inputs["x"].shape[-1])
+    base = inputs["base_out"].reshape(-1, D_OUT)
+    rows = torch.tensor([0, 5, 6, 9, 2, 3])   # adapter 0: 3 rows, adapter 1: none, 2: 3
+    return dict(x=x, A=list(inputs["A"]), B=list(inputs["B"]),
+                router_weight=list(inputs["router_weight"]), router_input=None, base_out=base,
+                rows=rows, offsets=[0, 3, 3, 6], scaling=[1.0, 2.0, 0.5], top_k=2,
+                orthogonalize=True, normalize=True, eps=1e-6)
+
+
+def test_mixed_op_rows_offsets_and_unlisted_rows():
+    """The raw op: each listed row runs its adapter alone; a row listed nowhere is base_out."""
+    from omoe_kernels.ops import mixed_compiled
+
+    args = _op_args(torch.float64)
+    for _ in range(3):  # B new to the weight cache, then its G formed, then found
+        y = mixed_compiled.MIXED_FORWARD(**args)
+        _check_rows(args, y)
+
+
+def _check_rows(args, y):
+    for n, (start, end) in enumerate(zip(args["offsets"], args["offsets"][1:])):
+        for row in args["rows"][start:end].tolist():
+            want = ok.omoe_lora(args["x"][row:row + 1], args["A"][n], args["B"][n],
+                                args["router_weight"][n], scaling=args["scaling"][n], top_k=2,
+                                base_out=args["base_out"][row:row + 1], backend="reference")
+            torch.testing.assert_close(y[row:row + 1], want, rtol=1e-12, atol=1e-12)
+    unlisted = sorted(set(range(y.shape[0])) - set(args["rows"].tolist()))
+    assert torch.equal(y[unlisted], args["base_out"][unlisted])
+
+
+BAD_OP_CALLS = {
+    "offsets out of range": (dict(offsets=[0, 3, 3, 7]), "offsets must start at 0 and end at"),
+    "offsets decrease": (dict(offsets=[0, 4, 3, 6]), "offsets must not decrease"),
+    "offsets count": (dict(offsets=[0, 6]), r"offsets must hold N \+ 1 = 4 entries"),
+    "scaling count": (dict(scaling=[1.0, 2.0]), "one entry per adapter"),
+    "different E": (dict(A=lambda a: [a[0], a[1][:2], a[2]]), "adapter 1 has A"),
+    "different r": (dict(B=lambda b: [b[0], b[1], b[2][:, :, :2]]), "adapter 2 has A"),
+    "rows dtype": (dict(rows=lambda r: r.int()), "rows must be a 1-D int64 tensor"),
+}
+BAD_ROW_VALUES = {
+    "row out of range": (torch.tensor([0, 5, 6, 24, 2, 3]), r"rows must hold row indices of x "
+                                                            r"in \[0, 24\), got 24"),
+    "negative row": (torch.tensor([0, 5, -1, 9, 2, 3]), r"got -1 at position 2"),
+    "row twice": (torch.tensor([0, 5, 6, 9, 2, 5]), "rows lists row 5 twice"),
+}
+
+
+def _bad(case):
+    args = _op_args()
+    change, message = BAD_OP_CALLS[case]
+    for name, value in change.items():
+        args[name] = value(args[name]) if callable(value) else value
+    return args, message
+
+
+@pytest.mark.parametrize("case", list(BAD_OP_CALLS))
+def test_mixed_op_bad_input_raises_in_the_real_and_the_fake_kernel(case):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from omoe_kernels.ops import mixed_compiled
+
+    args, message = _bad(case)
+    with pytest.raises(RuntimeError, match=message):
+        mixed_compiled.MIXED_FORWARD(**args)
+    with FakeTensorMode() as mode, pytest.raises(RuntimeError, match=message):
+        fake = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor)
+                else [mode.from_tensor(t) for t in v]
+                if isinstance(v, list) and v and isinstance(v[0], torch.Tensor) else v
+                for k, v in args.items()}
+        mixed_compiled.MIXED_FORWARD(**fake)
+
+
+@pytest.mark.parametrize("case", list(BAD_ROW_VALUES))
+def test_mixed_op_bad_rows_raise(case):
+    from omoe_kernels.ops import mixed_compiled
+
+    rows, message = BAD_ROW_VALUES[case]
+    with pytest.raises(RuntimeError, match=message):
+        mixed_compiled.MIXED_FORWARD(**(_op_args() | dict(rows=rows)))
+
+
+def test_mixed_op_fake_kernel_gives_the_shape_and_backward_refuses():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from omoe_kernels.ops import mixed_compiled
+
+    args = _op_args()
+    with FakeTensorMode() as mode:
+        fake = args | dict(x=mode.from_tensor(args["x"]), base_out=mode.from_tensor(
+            args["base_out"]), rows=mode.from_tensor(args["rows"]),
+            A=[mode.from_tensor(t) for t in args["A"]], B=[mode.from_tensor(t) for t in args["B"]],
+            router_weight=[mode.from_tensor(t) for t in args["router_weight"]])
+        assert mixed_compiled.MIXED_FORWARD(**fake).shape == (SAMPLES * TOKENS, D_OUT)
+    x = args["x"].clone().requires_grad_(True)
+    y = mixed_compiled.MIXED_FORWARD(**(args | dict(x=x)))
+    with pytest.raises(RuntimeError, match="mixed_forward is forward only"):
+        y.sum().backward()
