@@ -402,24 +402,26 @@ def _switches(x: torch.Tensor) -> tuple:
 
 
 def _replayed(cache: PlanCache, key, inputs: tuple, plan, scaling: float, keep: bool = True):
-    """The outputs of `inputs`' call: its replay under `key`, or `plan()` -> (launches,
-    outputs) run and kept under `key` (keep; not for scaling ±0, which compare equal but
-    give zeros of different signs)."""
+    """(outputs of `inputs`' call, its Replay or None): the replay kept under `key`, or
+    `plan()` -> (launches, outputs) run and recorded under `key` (keep; not for scaling
+    ±0, which compare equal but give zeros of different signs)."""
     replay = cache.get(key)
     if replay is not None:
-        return replay.run(inputs, _empty if POISON_OUTPUTS else None)
+        return replay.run(inputs, _empty if POISON_OUTPUTS else None), replay
     with allocations() as buffers:
         launches, outputs = plan()
     for launch in launches.values():
         launch.run()
     if keep and scaling != 0:
-        cache.put(key, record(launches.values(), inputs, buffers, outputs, chosen))
-    return outputs
+        replay = record(launches.values(), inputs, buffers, outputs, chosen)
+        cache.put(key, replay)
+    return outputs, replay
 
 
 def _forward(x, A, B, router_weight, router_input, base_out, scaling, top_k,
              orthogonalize, normalize, eps):
-    """forward_impl's outputs, and the key its plan is kept under."""
+    """forward_impl's outputs, the key its plan is kept under and the plan's Replay (or
+    None)."""
     inputs = (x, A, B, router_weight, router_input, base_out)
     key = (*map(tensor_key, inputs), scaling, top_k, orthogonalize, normalize, eps,
            _switches(x))
@@ -436,7 +438,8 @@ def _forward(x, A, B, router_weight, router_input, base_out, scaling, top_k,
                             orthogonalize, normalize, eps, Target.of(x.device),
                             fuse_token_in_shrink())
 
-    return _replayed(_FORWARD_PLANS, key, inputs, plan, scaling), key
+    outputs, replay = _replayed(_FORWARD_PLANS, key, inputs, plan, scaling)
+    return outputs, key, replay
 
 
 def forward_impl(x, A, B, router_weight, router_input, base_out, scaling, top_k,
@@ -503,7 +506,7 @@ def _backward(key, inputs: tuple, options: tuple, keep: bool = True):
         return plan_backward(grad_y, x, A, B, router_weight, router_input, h.contiguous(),
                              logits.contiguous(), *options, Target.of(x.device))
 
-    return _replayed(_BACKWARD_PLANS, key, inputs, plan, scaling, keep)
+    return _replayed(_BACKWARD_PLANS, key, inputs, plan, scaling, keep)[0]
 
 
 def backward_impl(grad_y, x, A, B, router_weight, router_input, h, logits, scaling, top_k,
@@ -517,12 +520,15 @@ def backward_impl(grad_y, x, A, B, router_weight, router_input, h, logits, scali
     return _backward((*map(tensor_key, inputs), *options, _switches(x)), inputs, options)
 
 
-def _backward_after(forward_key, grad_y, *saved_and_options):
-    """backward_impl after a forward_impl whose plan is kept under `forward_key`, on the
-    tensors it saved: its key adds grad_y's alone (the rest it read is in forward_key).
-    A plan made under other switches than the forward's is not kept."""
+def _backward_after(forward_key, forward_replay, grad_y, *saved_and_options):
+    """backward_impl after a forward_impl call kept under `forward_key` as
+    `forward_replay`, on the tensors it saved: its key is the Replay (hashed by
+    identity) and grad_y's, the rest it reads being in forward_key. A plan made under
+    other switches than the forward's is not kept."""
     inputs, options = (grad_y, *saved_and_options[:7]), saved_and_options[7:]
-    key = (forward_key, tensor_key(grad_y))
+    if forward_replay is None:
+        return backward_impl(*inputs, *options)
+    key = (forward_replay, tensor_key(grad_y))
     keep = key in _BACKWARD_PLANS or _switches(inputs[1]) == forward_key[-1]
     return _backward(key, inputs, options, keep)
 
@@ -550,15 +556,15 @@ class _TritonOp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, A, B, router_weight, router_input, base_out, options):
-        (y, h, logits), ctx.plan_key = _forward(x, A, B, router_weight, router_input,
-                                                base_out, *options)
+        (y, h, logits), *ctx.plan = _forward(x, A, B, router_weight, router_input,
+                                             base_out, *options)
         save_context(ctx, (x, A, B, router_weight, router_input, base_out), options, h, logits)
         ctx.set_materialize_grads(False)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        backward = partial(_backward_after, ctx.plan_key)
+        backward = partial(_backward_after, *ctx.plan)
         return tensor_grads(FAMILY, ctx, grad_y, backward) + (None,)   # options
 
 

@@ -52,7 +52,7 @@ def allocated(t: torch.Tensor) -> torch.Tensor:
 _BUFFER, _VIEW, _EMPTY = 0, 1, 2
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)   # compared and hashed by identity: a key of its own
 class Replay:
     """A recorded call: `make` builds the tensor slots after the inputs, `launches` holds
     (kernel, grid, argument list with None at tensor positions, [(position, slot)],
