@@ -85,7 +85,7 @@ STEP_TRACE = textwrap.dedent("""
 # is given (tensors as sizes, strides, dtype, storage offset and which storage, in order
 # of first use), on a first call and on its replay.
 PLAN_CACHE = textwrap.dedent("""
-    import json, torch
+    import json, os, torch
     from triton.runtime.jit import JITFunction
     from omoe_kernels.functional import omoe_lora
     from omoe_kernels.ops.triton import launch
@@ -112,7 +112,9 @@ PLAN_CACHE = textwrap.dedent("""
                                       [describe(a, storages) for a in args],
                                       sorted((k, repr(v)) for k, v in kwargs.items())])
 
-    def step(T=64, dtype=torch.bfloat16, transpose=False, router=False, base=True, **options):
+    def step(T=64, dtype=torch.bfloat16, transpose=False, router=False, base=True, fuse="0",
+             **options):
+        os.environ["OMOE_TRITON_FUSE_TOKEN"] = fuse       # a switch the plans read
         gen = torch.Generator().manual_seed(0)
         d, E, r = 64, 4, 16
         kw = dict(generator=gen, dtype=dtype)
@@ -133,7 +135,7 @@ PLAN_CACHE = textwrap.dedent("""
                     scaling=dict(scaling=0.5), eps=dict(eps=1e-3),
                     orthogonalize=dict(orthogonalize=False), normalize=dict(normalize=False),
                     strides=dict(transpose=True), router_input=dict(router=True),
-                    no_base=dict(base=False))
+                    no_base=dict(base=False), fused_token=dict(fuse="1"))
     out = {}
     with stubbed_launches():
         JITFunction.run = recording
@@ -176,7 +178,7 @@ def test_a_step_plans_once_per_key():
     """A repeated call replays its recorded plans (no planning), and every launch gets
     what the planned call gave it: the same arguments, grid and options, and tensors of
     the same sizes, strides, dtypes and aliasing. A changed token count, dtype, option,
-    stride or optional tensor gets plans of its own."""
+    stride, optional tensor or switch gets plans of its own."""
     pytest.importorskip("triton")
     proc = _child(["-c", PLAN_CACHE], 300)
     assert proc.returncode == 0, proc.stderr[-4000:]
