@@ -228,16 +228,18 @@ def save_context(ctx, tensors: tuple, options: tuple, h: Tensor, logits: Tensor)
     ctx.has_base = base_out is not None
 
 
-def tensor_grads(family: OpFamily, ctx, grad_y: Optional[Tensor]) -> tuple:
+def tensor_grads(family: OpFamily, ctx, grad_y: Optional[Tensor],
+                 backward: Optional[Callable] = None) -> tuple:
     """The gradients of (x, A, B, router_weight, router_input, base_out) from grad_y, by
-    `family`'s backward op: the backward of every autograd path to the ops."""
+    `family`'s backward op (or `backward`, its impl with the same arguments): the
+    backward of every autograd path to the ops."""
     if torch.is_grad_enabled():  # the autograd engine enables grad only for create_graph=True
         raise _unsupported(family, "double backward (a backward with create_graph=True, "
                                    "e.g. a gradient penalty)")
     if grad_y is None:   # unmaterialized: nothing flowed into y
         return (None,) * 6
     x, A, B, router_weight, router_input, h, logits = ctx.saved_tensors
-    grad_x, grad_A, grad_B, grad_W, grad_router_input = family.op("backward")(
+    grad_x, grad_A, grad_B, grad_W, grad_router_input = (backward or family.op("backward"))(
         grad_y.contiguous(), x, A, B, router_weight, router_input, h, logits, *ctx.options)
     return (grad_x, grad_A, grad_B, grad_W,
             grad_router_input if router_input is not None else None,

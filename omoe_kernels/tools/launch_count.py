@@ -24,7 +24,8 @@ of a mixed decoding batch), to set beside the single-adapter no-grad forward.
 
 `--host` (`host_step_us`) times instead the host side of a training step at the GPU
 shapes on CPU tensors, with the device launches stubbed out (`stubbed_launches`): what a
-GPU step costs the CPU before any kernel runs. It prints `host µs per step: X` per shape.
+GPU step costs the CPU before any kernel runs. It prints `host µs per step: X` per shape,
+beside the floor of any eager autograd step with the same leaves (`host_floor_us`).
 """
 from __future__ import annotations
 
@@ -255,14 +256,9 @@ def _median_us(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times) / 1e3
 
 
-def host_step_us(shape_name: str, repeats: int = 100, dtype=torch.bfloat16) -> dict:
-    """Host µs of one training step of the `triton` backend at a docs/contract.md §6
-    shape (validation, custom op, autograd and launcher code up to Triton's
-    JITFunction.run; stubbed_launches), and of
-    its forward and backward alone: medians of `repeats` steps after a warm-up. Leaves
-    are given no gradient between steps (an optimizer's zero_grad(set_to_none=True)), so
-    no gradient accumulation enters the time."""
-    from ..functional import omoe_lora
+def _host_leaves(shape_name: str, dtype):
+    """(x, A, B, W) leaves that require grad, base and grad_y at a §6 shape (uninitialised:
+    nothing reads them with the launches stubbed)."""
     from ..testing.shapes import SHAPES
 
     shape = SHAPES[shape_name]
@@ -271,8 +267,50 @@ def host_step_us(shape_name: str, repeats: int = 100, dtype=torch.bfloat16) -> d
               torch.empty(E, d, r, dtype=dtype), torch.empty(E, d, dtype=dtype)]
     for t in leaves:
         t.requires_grad_()
+    return shape, leaves, torch.empty(T, d, dtype=dtype), torch.empty(T, d, dtype=dtype)
+
+
+class _Floor(torch.autograd.Function):
+    """A step's least host work: the forward allocates y, the backward the four weight
+    and input gradients; no checks, no plans, no launches."""
+
+    @staticmethod
+    def forward(ctx, x, A, B, W, base):
+        ctx.save_for_backward(x, A, B, W)
+        return torch.empty_like(base)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return tuple(torch.empty_like(t) for t in ctx.saved_tensors) + (None,)
+
+
+def host_floor_us(shape_name: str, repeats: int = 100, dtype=torch.bfloat16) -> float:
+    """Host µs of the same step through `_Floor` instead of omoe_lora: what autograd and
+    five allocations cost before any OMoE code (the median of `repeats` steps)."""
+    _, leaves, base, grad_y = _host_leaves(shape_name, dtype)
+    x = leaves[0]
+
+    def step():
+        _Floor.apply(x.reshape(x.shape), *leaves[1:], base).backward(grad_y)
+        for t in leaves:
+            t.grad = None
+
+    for _ in range(10):
+        step()
+    return _median_us(step, repeats)
+
+
+def host_step_us(shape_name: str, repeats: int = 100, dtype=torch.bfloat16) -> dict:
+    """Host µs of one training step of the `triton` backend at a docs/contract.md §6
+    shape (validation, custom op, autograd and launcher code up to Triton's
+    JITFunction.run; stubbed_launches), of its forward and backward alone, and of the
+    floor (host_floor_us): medians of `repeats` steps after a warm-up. Leaves
+    are given no gradient between steps (an optimizer's zero_grad(set_to_none=True)), so
+    no gradient accumulation enters the time."""
+    from ..functional import omoe_lora
+
+    shape, leaves, base, grad_y = _host_leaves(shape_name, dtype)
     x, A, B, W = leaves
-    base, grad_y = torch.empty(T, d, dtype=dtype), torch.empty(T, d, dtype=dtype)
 
     def forward():
         return omoe_lora(x, A, B, W, scaling=2.0, top_k=shape.top_k, base_out=base,
@@ -294,7 +332,8 @@ def host_step_us(shape_name: str, repeats: int = 100, dtype=torch.bfloat16) -> d
         y = forward()
         backward_us = _median_us(lambda: backward(y, retain=True), repeats)
     return dict(shape=shape_name, step_us=step_us, forward_us=forward_us,
-                backward_us=backward_us, repeats=repeats)
+                backward_us=backward_us, floor_us=host_floor_us(shape_name, repeats, dtype),
+                repeats=repeats)
 
 
 # glibc returns a freed block of 32 MiB or more to the OS and maps it again at the next
@@ -382,7 +421,10 @@ def _host_main(args, argv) -> int:
           "autograd and launcher code; medians of %d steps, CPU time of the thread, 1 thread)" % args.repeats)
     for r in results:
         print(f"  {r['shape']:13s} host µs per step: {r['step_us']:.1f} "
-              f"(forward {r['forward_us']:.1f}, backward {r['backward_us']:.1f})")
+              f"(forward {r['forward_us']:.1f}, backward {r['backward_us']:.1f}; "
+              f"floor {r['floor_us']:.1f})")
+    print("floor: the same step through an autograd.Function that only allocates y and "
+          "the gradients")
     if args.json:
         text = json.dumps(dict(host=results), indent=1)
         if args.json == "-":

@@ -25,12 +25,13 @@ a few configs, keyed on sizes rounded up to powers of 2.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import replace
+from functools import partial
 from typing import Optional
 
 import torch
 
-from ..limits import MAX_ACTIVE_EXPERTS, next_pow2, triton_interpreting
+from ..limits import MAX_ACTIVE_EXPERTS
 from ..problem import Problem
 from ..registration import (
     BACKWARD_SCHEMA,
@@ -38,13 +39,29 @@ from ..registration import (
     OpFamily,
     accumulate_dtype,
     call_forward,
+    check_autograd_mode,
     check_backward_args,
     check_forward_args,
     register_family,
+    save_context,
+    tensor_grads,
 )
 from . import configs as C
 from .params import Epilogue, Operands, SlotGrads
-from .tuned import run_launch
+from .replay import PlanCache, allocated, allocations, record, tensor_key
+from .sizing import (  # noqa: F401  (re-exported: launch is where callers find them)
+    Layout,
+    Target,
+    _gram_args,
+    _num_sms,
+    _pow2_bucket,
+    _upcast,
+    dot_kind,
+    fixed_config,
+    interpreting,
+    layout,
+)
+from .tuned import Launch, chosen
 
 try:
     import triton
@@ -58,13 +75,6 @@ except Exception as exc:  # triton missing or broken: the backend is just unavai
     IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 
-interpreting = triton_interpreting  # the one reading of TRITON_INTERPRET (ops/limits.py)
-
-
-def fixed_config() -> bool:
-    return interpreting() or os.environ.get("OMOE_TRITON_FIXED_CONFIG", "0") not in ("", "0")
-
-
 # Tests set this to fill every buffer a kernel writes with NaN before the launch, so that
 # an element a kernel forgets to write shows up.
 POISON_OUTPUTS = False
@@ -73,133 +83,14 @@ POISON_OUTPUTS = False
 def _empty(shape, device, dtype) -> torch.Tensor:
     if POISON_OUTPUTS:
         poison = float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min
-        return torch.full(shape, poison, device=device, dtype=dtype)
-    return torch.empty(shape, device=device, dtype=dtype)
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Padded expert layout: expert i's block is columns i·RP … i·RP + r − 1 of ERP."""
-
-    num_experts: int
-    rank: int
-    EP: int    # experts, padded to a power of 2
-    RP: int    # rank, padded to a power of 2 (and so that ERP >= 16)
-    ERP: int   # EP · RP
-    EPL: int   # router rows padded for tl.dot (power of 2, >= 16)
-
-    @property
-    def NW(self) -> int:  # columns of the [dH | dlogits] buffer
-        return self.ERP + self.EPL
-
-
-def layout(num_experts: int, rank: int) -> Layout:
-    EP = next_pow2(num_experts)
-    RP = max(next_pow2(rank), 16 // EP if EP < 16 else 1)
-    return Layout(num_experts, rank, EP, RP, EP * RP, max(16, EP))
-
-
-def dot_kind(dtype: torch.dtype, device_type: str) -> int:
-    if dtype == torch.float64:
-        return C.DOT_FP64
-    if dtype == torch.float16:
-        return C.DOT_FP16
-    if dtype == torch.bfloat16:
-        return C.DOT_BF16
-    if device_type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
-        return C.DOT_FP32_TF32
-    return C.DOT_FP32_IEEE
-
-
-def _upcast(dtype: torch.dtype) -> bool:
-    return interpreting() and dtype == torch.bfloat16
-
-
-def _pow2_bucket(n: int) -> int:
-    """n rounded up to a power of 2: the autotune key of a dimension that follows T, so a
-    new token count re-tunes only when it crosses a power of 2."""
-    return next_pow2(max(1, n))
-
-
-def _gram_args(B: Optional[torch.Tensor], G: Optional[torch.Tensor], L: Layout, dummy):
-    """(B, G, num_gram, d_out, B's strides) for the gram programs of a launch (none
-    when G is None)."""
-    if G is None:
-        return dummy, dummy, 0, 0, (0, 0, 0)
-    return B, G, C.gram_programs(L.ERP), B.shape[1], tuple(B.stride())
+        return allocated(torch.full(shape, poison, device=device, dtype=dtype))
+    return allocated(torch.empty(shape, device=device, dtype=dtype))
 
 
 # ----------------------------------------------------------------------------------------
 # Launch plans: each launcher builds a `Launch` (kernel, arguments, constexprs, options,
 # grid) for its tensors, then runs it. tools/kernel_report builds the same plans from
 # meta tensors at the contract's shapes and compiles them: one source for both.
-
-_SMS: dict = {}
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SMS:
-        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SMS[index]
-
-
-@dataclass(frozen=True)
-class Target:
-    """What a launch is sized for: the GPU's SM count (split-K and token splits), the
-    interpreter (small fixed tiles) and whether the GEMMs may autotune."""
-
-    num_sms: int
-    interpret: bool = False
-    tune: bool = False
-
-    @classmethod
-    def of(cls, device: torch.device) -> "Target":
-        return cls(_num_sms(device), interpreting(),
-                   device.type == "cuda" and not fixed_config())
-
-    def autotunes(self, kind: int) -> bool:
-        return self.tune and kind in C.SIXTEEN_BIT_KINDS + (C.DOT_FP32_TF32,)
-
-
-_AUTOTUNED = {}
-
-
-def _autotuned(name: str):
-    """Autotuned wrappers of the GEMM kernels (GPU only), built on first use."""
-    if name not in _AUTOTUNED:
-        kernel = {"matmul": K.matmul_kernel, "shrink": K.shrink_kernel}[name]
-        key = C.MATMUL_AUTOTUNE_KEY if name == "matmul" else C.SHRINK_AUTOTUNE_KEY
-        _AUTOTUNED[name] = triton.autotune(C.autotuned_configs(name), key=key)(kernel)
-    return _AUTOTUNED[name]
-
-
-@dataclass(frozen=True)
-class Launch:
-    """One kernel launch: `kernel[grid](*args, **meta, **options)`. args are the runtime
-    arguments in the kernel's order, meta its constexprs; grid a tuple, or a function of
-    the constexprs (needed where the autotuner picks BLOCK_M). tuned: the name of the autotuned wrapper to launch instead, which picks the tile
-    constexprs and options itself (meta then holds only the flags). config: the
-    configs.py record the launch was sized from."""
-
-    kernel: object
-    args: tuple
-    meta: dict
-    options: dict
-    grid: object
-    config: object = None
-    tuned: Optional[str] = None
-
-    def run(self) -> None:
-        run_launch(self, _autotuned)   # autotuned: the config chosen once per signature
-
-    def arg(self, name: str):
-        """The value of the kernel's runtime argument `name`."""
-        names = [p.name for p in self.kernel.params if not p.is_constexpr]
-        return self.args[names.index(name)]
-
 
 def _packed_b(b: torch.Tensor, packed: Optional[str], L: Layout, Kdim: int):
     """(N, K, stride_bk, stride_bn, stride_b_expert) of matmul's b operand."""
@@ -500,22 +391,64 @@ def plan_forward(x, A, B, router_weight, router_input, base_out, scaling, top_k,
     return launches, (y[0], h, logits)
 
 
+_FORWARD_PLANS, _BACKWARD_PLANS = PlanCache(), PlanCache()
+
+
+def _switches(x: torch.Tensor) -> tuple:
+    """What a plan reads besides its arguments: the Target, the fused-token switch, the
+    dot kind (the TF32 flag for fp32 on CUDA) and the sizing rules tests replace."""
+    return (Target.of(x.device), fuse_token_in_shrink(), dot_kind(x.dtype, x.device.type),
+            C.tokens_per_program, C.split_k, C.gram_grad_splits)
+
+
+def _replayed(cache: PlanCache, key, inputs: tuple, plan, scaling: float, keep: bool = True):
+    """(outputs of `inputs`' call, its Replay or None): the replay kept under `key`, or
+    `plan()` -> (launches, outputs) run and recorded under `key` (keep; not for scaling
+    ±0, which compare equal but give zeros of different signs)."""
+    replay = cache.get(key)
+    if replay is not None:
+        return replay.run(inputs, _empty if POISON_OUTPUTS else None), replay
+    with allocations() as buffers:
+        launches, outputs = plan()
+    for launch in launches.values():
+        launch.run()
+    if keep and scaling != 0:
+        replay = record(launches.values(), inputs, buffers, outputs, chosen)
+        cache.put(key, replay)
+    return outputs, replay
+
+
+def _forward(x, A, B, router_weight, router_input, base_out, scaling, top_k,
+             orthogonalize, normalize, eps):
+    """forward_impl's outputs, the key its plan is kept under and the plan's Replay (or
+    None)."""
+    inputs = (x, A, B, router_weight, router_input, base_out)
+    key = (*map(tensor_key, inputs), scaling, top_k, orthogonalize, normalize, eps,
+           _switches(x))
+
+    def plan():
+        check_forward_args(FAMILY, x, A, B, router_weight, router_input, base_out, scaling,
+                           top_k, eps)
+        if x.shape[0] == 0:   # no tokens: nothing to launch
+            L = layout(A.shape[0], A.shape[1])
+            acc = accumulate_dtype(x.dtype)
+            return {}, (x.new_empty((0, B.shape[1])), _empty((0, L.ERP), x.device, acc),
+                        _empty((0, L.num_experts), x.device, acc))
+        return plan_forward(x, A, B, router_weight, router_input, base_out, scaling, top_k,
+                            orthogonalize, normalize, eps, Target.of(x.device),
+                            fuse_token_in_shrink())
+
+    outputs, replay = _replayed(_FORWARD_PLANS, key, inputs, plan, scaling)
+    return outputs, key, replay
+
+
 def forward_impl(x, A, B, router_weight, router_input, base_out, scaling, top_k,
                  orthogonalize, normalize, eps):
     """(y, h, logits): the op `omoe_triton::forward`. Three launches: shrink (+ G),
-    per-token, expand; the weights are read in place (no padded or float64 copies)."""
-    check_forward_args(FAMILY, x, A, B, router_weight, router_input, base_out, scaling, top_k, eps)
-    if x.shape[0] == 0:   # no tokens: nothing to launch
-        L = layout(A.shape[0], A.shape[1])
-        acc = accumulate_dtype(x.dtype)
-        return (x.new_empty((0, B.shape[1])), _empty((0, L.ERP), x.device, acc),
-                _empty((0, L.num_experts), x.device, acc))
-    launches, outputs = plan_forward(x, A, B, router_weight, router_input, base_out, scaling,
-                                     top_k, orthogonalize, normalize, eps, Target.of(x.device),
-                                     fuse_token_in_shrink())
-    for launch in launches.values():
-        launch.run()
-    return outputs
+    per-token, expand; the weights are read in place (no padded or float64 copies).
+    A call with the key of a recorded one replays it (replay.py): its checks passed."""
+    return _forward(x, A, B, router_weight, router_input, base_out, scaling, top_k,
+                    orthogonalize, normalize, eps)[0]
 
 
 def plan_backward(grad_y, x, A, B, router_weight, router_input, h, logits, scaling, top_k,
@@ -556,25 +489,48 @@ def plan_backward(grad_y, x, A, B, router_weight, router_input, h, logits, scali
     return launches, (grad_x[0], grad_A, grad_B, grad_W, grad_R)
 
 
+def _backward(key, inputs: tuple, options: tuple, keep: bool = True):
+    """backward_impl on inputs = (grad_y, x, A, B, router_weight, router_input, h, logits),
+    its plan kept under `key`."""
+    grad_y, x, A, B, router_weight, router_input, h, logits = inputs
+    scaling, top_k, orthogonalize, normalize, eps = options
+
+    def plan():
+        check_backward_args(FAMILY, *inputs, scaling, top_k, eps)
+        if x.shape[0] == 0:   # no tokens: zero weight gradients, nothing to launch
+            grad_R = router_input.new_empty(router_input.shape) if router_input is not None \
+                else x.new_empty((0,))
+            return {}, (x.new_empty(x.shape), torch.zeros_like(A), torch.zeros_like(B),
+                        torch.zeros_like(router_weight), grad_R)
+        # The per-token kernels read unit columns (a copy is not recorded: no replay).
+        return plan_backward(grad_y, x, A, B, router_weight, router_input, h.contiguous(),
+                             logits.contiguous(), *options, Target.of(x.device))
+
+    return _replayed(_BACKWARD_PLANS, key, inputs, plan, scaling, keep)[0]
+
+
 def backward_impl(grad_y, x, A, B, router_weight, router_input, h, logits, scaling, top_k,
                   orthogonalize, normalize, eps):
     """(grad x, grad A, grad B, grad router_weight, grad router_input or an empty tensor):
     the op `omoe_triton::backward`. Seven launches: dZ (+ G), per-token reverse,
-    gram_grad, dB, [dA; dW], finalize, dX (docs/algorithm.md, Backward)."""
-    check_backward_args(FAMILY, grad_y, x, A, B, router_weight, router_input, h, logits,
-                        scaling, top_k, eps)
-    if x.shape[0] == 0:   # no tokens: zero weight gradients, nothing to launch
-        grad_R = router_input.new_empty(router_input.shape) if router_input is not None \
-            else x.new_empty((0,))
-        return (x.new_empty(x.shape), torch.zeros_like(A), torch.zeros_like(B),
-                torch.zeros_like(router_weight), grad_R)
-    h, logits = h.contiguous(), logits.contiguous()   # the per-token kernels read unit columns
-    launches, grads = plan_backward(grad_y, x, A, B, router_weight, router_input, h, logits,
-                                    scaling, top_k, orthogonalize, normalize, eps,
-                                    Target.of(x.device))
-    for launch in launches.values():
-        launch.run()
-    return grads
+    gram_grad, dB, [dA; dW], finalize, dX (docs/algorithm.md, Backward). Replayed as
+    forward_impl is."""
+    inputs = (grad_y, x, A, B, router_weight, router_input, h, logits)
+    options = (scaling, top_k, orthogonalize, normalize, eps)
+    return _backward((*map(tensor_key, inputs), *options, _switches(x)), inputs, options)
+
+
+def _backward_after(forward_key, forward_replay, grad_y, *saved_and_options):
+    """backward_impl after a forward_impl call kept under `forward_key` as
+    `forward_replay`, on the tensors it saved: its key is the Replay (hashed by
+    identity) and grad_y's, the rest it reads being in forward_key. A plan made under
+    other switches than the forward's is not kept."""
+    inputs, options = (grad_y, *saved_and_options[:7]), saved_and_options[7:]
+    if forward_replay is None:
+        return backward_impl(*inputs, *options)
+    key = (forward_replay, tensor_key(grad_y))
+    keep = key in _BACKWARD_PLANS or _switches(inputs[1]) == forward_key[-1]
+    return _backward(key, inputs, options, keep)
 
 
 # ----------------------------------------------------------------------------------------
@@ -593,8 +549,42 @@ if AVAILABLE:
     register_family(FAMILY)
 
 
+class _TritonOp(torch.autograd.Function):
+    """The ops' registered autograd (registration.py) for plain eager calls, with the
+    impls called directly: no dispatcher round trip, no custom-op wrapper. Same saved
+    tensors, refusals and gradients (save_context, tensor_grads)."""
+
+    @staticmethod
+    def forward(ctx, x, A, B, router_weight, router_input, base_out, options):
+        (y, h, logits), *ctx.plan = _forward(x, A, B, router_weight, router_input,
+                                             base_out, *options)
+        save_context(ctx, (x, A, B, router_weight, router_input, base_out), options, h, logits)
+        ctx.set_materialize_grads(False)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        backward = partial(_backward_after, *ctx.plan)
+        return tensor_grads(FAMILY, ctx, grad_y, backward) + (None,)   # options
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def omoe_lora_triton(x2d, A, B, router_weight, router_input2d, base2d, problem: Problem):
     """The backend function of docs/contract.md §3 (see functional.omoe_lora)."""
     if not AVAILABLE:
         raise RuntimeError(f"the triton backend is unavailable: {IMPORT_ERROR}")
-    return call_forward(FAMILY, x2d, A, B, router_weight, router_input2d, base2d, problem)
+    tensors = (x2d, A, B, router_weight, router_input2d, base2d)
+    if (torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
+            or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
+            or not all(t is None or type(t) in _PLAIN for t in tensors)):
+        # Traced graphs, torch.func, modes and tensor subclasses see the registered op.
+        return call_forward(FAMILY, *tensors, problem)
+    if torch.autograd.forward_ad._current_level >= 0:   # a dual level open: check for tangents
+        check_autograd_mode(FAMILY, tensors)
+    options = (problem.scaling, problem.top_k, problem.orthogonalize, problem.normalize,
+               problem.eps)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return _TritonOp.apply(*tensors, options)
+    return forward_impl(*tensors, *options)[0]   # nothing to differentiate: no graph
