@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "omoe_cpu_pass.h"  // OMOE_VECTOR_CLONES
@@ -32,30 +33,109 @@ template <int R>
 __attribute__((always_inline)) inline int64_t rank_of(int64_t r) {
   return R > 0 ? R : r;
 }
-template <typename Fn>
-__attribute__((always_inline)) inline void dispatch_rank(int64_t r, Fn&& fn) {
-  switch (r) {
-    case 4:
-      fn(std::integral_constant<int, 4>{});
-      break;
-    case 8:
-      fn(std::integral_constant<int, 8>{});
-      break;
-    case 16:
-      fn(std::integral_constant<int, 16>{});
-      break;
-    case 32:
-      fn(std::integral_constant<int, 32>{});
-      break;
-    case 64:
-      fn(std::integral_constant<int, 64>{});
-      break;
-    default:
-      fn(std::integral_constant<int, 0>{});
+// Calls BODY<R>(args...) for r's compile-time R, or BODY<0> (a switch, not a lambda: a
+// lambda would be a function of its own, outside the caller's x86-64-v3 clone).
+#define OMOE_DISPATCH_RANK(r, BODY, ...) \
+  switch (r) {                           \
+    case 4:                              \
+      BODY<4>(__VA_ARGS__);              \
+      break;                             \
+    case 8:                              \
+      BODY<8>(__VA_ARGS__);              \
+      break;                             \
+    case 16:                             \
+      BODY<16>(__VA_ARGS__);             \
+      break;                             \
+    case 32:                             \
+      BODY<32>(__VA_ARGS__);             \
+      break;                             \
+    case 64:                             \
+      BODY<64>(__VA_ARGS__);             \
+      break;                             \
+    default:                             \
+      BODY<0>(__VA_ARGS__);              \
   }
-}
-// An r-row of accumulators: registers for a compile-time R, else kMaxRow values at a time.
+// An r-row of accumulators (len values). For a compile-time R that is a multiple of a
+// 32-byte vector's lanes it is R/L vectors (GCC/Clang vector extension: AVX2 registers in
+// the x86-64-v3 clone, SSE pairs in the baseline); GCC does not vectorize these short rows
+// on its own. Otherwise, kMaxRow scalars at a time.
 constexpr int64_t kMaxRow = 64;
+template <int R, typename v_t, bool kVector = (R > 0 && R % (32 / sizeof(v_t)) == 0)>
+struct Row {
+  static constexpr int L = 32 / sizeof(v_t), N = R / L;
+  typedef v_t V __attribute__((vector_size(32)));
+  V v[N];
+  // Unaligned loads into x (an out-parameter: a returned 32-byte vector would be an ABI
+  // question for the baseline clone, whatever the inlining).
+  __attribute__((always_inline)) static void load_vec(V& x, const v_t* p) {
+    std::memcpy(&x, p, sizeof(V));
+  }
+  __attribute__((always_inline)) void zero() {
+    for (int k = 0; k < N; ++k) v[k] = V{};
+  }
+  __attribute__((always_inline)) void load(const v_t* p, int64_t) {
+    for (int k = 0; k < N; ++k) load_vec(v[k], p + k * L);
+  }
+  __attribute__((always_inline)) void axpy(v_t g, const v_t* x, int64_t) {  // += g·x
+    for (int k = 0; k < N; ++k) {
+      V a;
+      load_vec(a, x + k * L);
+      v[k] += g * a;
+    }
+  }
+  __attribute__((always_inline)) void mul_add(const v_t* x, const v_t* y, int64_t) {  // += x⊙y
+    for (int k = 0; k < N; ++k) {
+      V a, b;
+      load_vec(a, x + k * L);
+      load_vec(b, y + k * L);
+      v[k] += a * b;
+    }
+  }
+  __attribute__((always_inline)) v_t sum(int64_t) const {
+    V t = v[0];
+    for (int k = 1; k < N; ++k) t += v[k];
+    v_t s = 0;
+    for (int l = 0; l < L; ++l) s += t[l];
+    return s;
+  }
+  // p = (accumulate ? p : 0) + scale · row
+  __attribute__((always_inline)) void store(v_t* p, v_t scale, bool accumulate, int64_t) const {
+    for (int k = 0; k < N; ++k) {
+      V out = scale * v[k];
+      if (accumulate) {
+        V old;
+        load_vec(old, p + k * L);
+        out += old;
+      }
+      std::memcpy(p + k * L, &out, sizeof(V));
+    }
+  }
+};
+template <int R, typename v_t>
+struct Row<R, v_t, false> {
+  v_t v[R > 0 ? R : kMaxRow];
+  __attribute__((always_inline)) void zero() {
+    for (auto& x : v) x = 0;
+  }
+  __attribute__((always_inline)) void load(const v_t* p, int64_t len) {
+    for (int64_t a = 0; a < len; ++a) v[a] = p[a];
+  }
+  __attribute__((always_inline)) void axpy(v_t g, const v_t* x, int64_t len) {
+    for (int64_t a = 0; a < len; ++a) v[a] += g * x[a];
+  }
+  __attribute__((always_inline)) void mul_add(const v_t* x, const v_t* y, int64_t len) {
+    for (int64_t a = 0; a < len; ++a) v[a] += x[a] * y[a];
+  }
+  __attribute__((always_inline)) v_t sum(int64_t len) const {
+    v_t s = 0;
+    for (int64_t a = 0; a < len; ++a) s += v[a];
+    return s;
+  }
+  __attribute__((always_inline)) void store(v_t* p, v_t scale, bool accumulate,
+                                            int64_t len) const {
+    for (int64_t a = 0; a < len; ++a) p[a] = (accumulate ? p[a] : v_t(0)) + scale * v[a];
+  }
+};
 
 // y[t, o] = base[t, o] + s · Σ_i Σ_a B[i, o, a] z[t, i·r + a] for o in [o0, o1).
 // z: [T, E·r]; base, y: [T, d_out] (base may be null).
@@ -69,13 +149,11 @@ __attribute__((always_inline)) inline void expand_blocks_body(
       v_t acc = 0;
       for (int64_t a0 = 0; a0 < r; a0 += kMaxRow) {  // one pass for a compile-time R
         const int64_t len = R > 0 ? R : std::min(kMaxRow, r - a0);
-        v_t part[R > 0 ? R : kMaxRow] = {};
-        for (int64_t i = 0; i < E; ++i) {
-          const v_t* b = B + (i * d_out + o) * r + a0;
-          const v_t* zt = z + t * Rw + i * r + a0;
-          for (int64_t a = 0; a < len; ++a) part[a] += b[a] * zt[a];
-        }
-        for (int64_t a = 0; a < len; ++a) acc += part[a];
+        Row<R, v_t> part;
+        part.zero();
+        for (int64_t i = 0; i < E; ++i)
+          part.mul_add(B + (i * d_out + o) * r + a0, z + t * Rw + i * r + a0, len);
+        acc += part.sum(len);
       }
       const v_t sum = static_cast<v_t>(scaling) * acc;
       y[t * d_out + o] = base ? base[t * d_out + o] + sum : sum;
@@ -95,15 +173,11 @@ __attribute__((always_inline)) inline void rows_times_blocks_body(
     for (int64_t t = 0; t < T; ++t)
       for (int64_t a0 = 0; a0 < r; a0 += kMaxRow) {
         const int64_t len = R > 0 ? R : std::min(kMaxRow, r - a0);
-        v_t acc[R > 0 ? R : kMaxRow] = {};
+        Row<R, v_t> acc;
+        acc.zero();
         const v_t* gt = g + i * g_expert + t * d_out;
-        for (int64_t o = 0; o < d_out; ++o) {
-          const v_t* b = B + (i * d_out + o) * r + a0;
-          const v_t gv = gt[o];
-          for (int64_t a = 0; a < len; ++a) acc[a] += gv * b[a];
-        }
-        v_t* ot = out + t * out_stride + i * r + a0;
-        for (int64_t a = 0; a < len; ++a) ot[a] = (accumulate ? ot[a] : v_t(0)) + s * acc[a];
+        for (int64_t o = 0; o < d_out; ++o) acc.axpy(gt[o], B + (i * d_out + o) * r + a0, len);
+        acc.store(out + t * out_stride + i * r + a0, s, accumulate, len);
       }
 }
 
@@ -123,27 +197,29 @@ template <int R, typename v_t>
 __attribute__((always_inline)) inline void outer_blocks_body(
     v_t* dB, bool accumulate, const OuterTerm<v_t>& first, const OuterTerm<v_t>& second,
     int64_t T, int64_t d_out, int64_t r_, int64_t q0, int64_t q1) {
+  // The terms' fields in locals: the row stores (memcpy) may alias any memory, so fields
+  // read through a reference would be reloaded after every row.
   const int64_t r = rank_of<R>(r_);
-  const OuterTerm<v_t>* terms[2] = {&first, &second};
-  const int n_terms = second.g ? 2 : 1;
+  const v_t *g1 = first.g, *v1 = first.v, *g2 = second.g, *v2 = second.v;
+  const int64_t ge1 = first.g_expert, vs1 = first.v_stride, ge2 = second.g_expert,
+                vs2 = second.v_stride;
+  const v_t s1 = static_cast<v_t>(first.scaling), s2 = static_cast<v_t>(second.scaling);
+  int64_t i = q0 / d_out, o = q0 - i * d_out;
   for (int64_t q = q0; q < q1; ++q) {
-    const int64_t i = q / d_out, o = q - i * d_out;
     for (int64_t a0 = 0; a0 < r; a0 += kMaxRow) {
       const int64_t len = R > 0 ? R : std::min(kMaxRow, r - a0);
       v_t* row = dB + q * r + a0;
-      v_t acc[R > 0 ? R : kMaxRow];
-      for (int64_t a = 0; a < len; ++a) acc[a] = accumulate ? row[a] : v_t(0);
-      for (int n = 0; n < n_terms; ++n) {
-        const OuterTerm<v_t>& term = *terms[n];
-        const v_t s = static_cast<v_t>(term.scaling);
-        for (int64_t t = 0; t < T; ++t) {
-          const v_t gv = s * term.g[i * term.g_expert + t * d_out + o];
-          const v_t* vt = term.v + t * term.v_stride + i * r + a0;
-          for (int64_t a = 0; a < len; ++a) acc[a] += gv * vt[a];
-        }
-      }
-      for (int64_t a = 0; a < len; ++a) row[a] = acc[a];
+      Row<R, v_t> acc;
+      if (accumulate) acc.load(row, len);
+      else acc.zero();
+      for (int64_t t = 0; t < T; ++t)
+        acc.axpy(s1 * g1[i * ge1 + t * d_out + o], v1 + t * vs1 + i * r + a0, len);
+      if (g2 != nullptr)
+        for (int64_t t = 0; t < T; ++t)
+          acc.axpy(s2 * g2[i * ge2 + t * d_out + o], v2 + t * vs2 + i * r + a0, len);
+      acc.store(row, v_t(1), false, len);
     }
+    if (++o == d_out) o = 0, ++i;
   }
 }
 
@@ -152,29 +228,24 @@ __attribute__((always_inline)) inline void outer_blocks_body(
   OMOE_VECTOR_CLONES static void expand_blocks_range(                                          \
       const v_t* z, const v_t* B, const v_t* base, v_t* y, int64_t T, int64_t E,               \
       int64_t d_out, int64_t r, double scaling, int64_t o0, int64_t o1) {                      \
-    dispatch_rank(r, [&](auto R) {                                                             \
-      expand_blocks_body<decltype(R)::value>(z, B, base, y, T, E, d_out, r, scaling, o0, o1);  \
-    });                                                                                        \
+    OMOE_DISPATCH_RANK(r, expand_blocks_body, z, B, base, y, T, E, d_out, r, scaling, o0, o1); \
   }                                                                                            \
   OMOE_VECTOR_CLONES static void rows_times_blocks_range(                                      \
       const v_t* g, int64_t g_expert, const v_t* B, v_t* out, int64_t out_stride, int64_t T,   \
       int64_t d_out, int64_t r, double scaling, bool accumulate, int64_t i0, int64_t i1) {     \
-    dispatch_rank(r, [&](auto R) {                                                             \
-      rows_times_blocks_body<decltype(R)::value>(g, g_expert, B, out, out_stride, T, d_out, r, \
-                                                 scaling, accumulate, i0, i1);                 \
-    });                                                                                        \
+    OMOE_DISPATCH_RANK(r, rows_times_blocks_body, g, g_expert, B, out, out_stride, T, d_out,   \
+                       r, scaling, accumulate, i0, i1);                                        \
   }                                                                                            \
   OMOE_VECTOR_CLONES static void outer_blocks_range(                                           \
       v_t* dB, bool accumulate, const OuterTerm<v_t>& first, const OuterTerm<v_t>& second,     \
       int64_t T, int64_t d_out, int64_t r, int64_t q0, int64_t q1) {                           \
-    dispatch_rank(r, [&](auto R) {                                                             \
-      outer_blocks_body<decltype(R)::value>(dB, accumulate, first, second, T, d_out, r, q0,    \
-                                            q1);                                               \
-    });                                                                                        \
+    OMOE_DISPATCH_RANK(r, outer_blocks_body, dB, accumulate, first, second, T, d_out, r, q0,   \
+                       q1);                                                                    \
   }
 OMOE_EXPAND_CLONES(float)
 OMOE_EXPAND_CLONES(double)
 #undef OMOE_EXPAND_CLONES
+#undef OMOE_DISPATCH_RANK
 
 // ---- tensor entry points: every tensor contiguous, in the accumulate dtype --------------
 
