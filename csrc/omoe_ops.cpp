@@ -151,7 +151,9 @@ at::Tensor packed_expand(const at::Tensor& B, at::ScalarType acc) {
 // Few tokens on the CPU run the expand and its gradients on B's own blocks
 // (omoe_cpu_expand.h) unless B_cat is cached: a fresh B_cat is a strided copy of all of B
 // (and dB_cat one back), which at a few tokens costs more than the GEMMs that read it.
-constexpr int64_t kBlockExpandTokens = 16;
+// The loops cost more per token than the GEMMs, so the bound is where the two meet
+// (instruction counts in bench/notes/call-cost.md).
+constexpr int64_t kBlockExpandTokens = 4;
 bool expand_on_blocks(const Sizes& s, const at::Tensor& x, const weight_cache::Found& found) {
   return x.is_cpu() && s.T <= kBlockExpandTokens && !found.B_cat.defined();
 }

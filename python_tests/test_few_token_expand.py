@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif("cpu" not in COMPILED_BACKENDS,
                                 reason="the compiled CPU op is not built")
 
 FP32_FWD, FP32_GRAD = ACCURACY_ROWS["fp32-random"].forward, ACCURACY_ROWS["fp32-random"].gradient
-FEW_TOKENS = 16  # kBlockExpandTokens in csrc/omoe_ops.cpp
+FEW_TOKENS = 4  # kBlockExpandTokens in csrc/omoe_ops.cpp
 
 
 def _cache_bytes() -> int:
@@ -64,7 +64,7 @@ def test_a_few_token_step_makes_no_packed_copy(tokens, rank, top_k, monkeypatch)
 def test_a_few_token_step_through_g_on_blocks(route, monkeypatch):
     # The routes through G form B_cat for G; the gradient B_cat (dG + dGᵀ) is unpacked onto
     # dB's blocks. Forced here: at a few tokens the cost rule takes the direct route.
-    problem = make_problem(5, d_in=24, d_out=20, num_experts=4, rank=4, seed=4,
+    problem = make_problem(3, d_in=24, d_out=20, num_experts=4, rank=4, seed=4,
                            with_router_input=True)
     _direct_step(problem, monkeypatch)
     assert _cache_bytes() == problem.B.nbytes
@@ -74,9 +74,10 @@ def test_a_few_token_step_through_g_on_blocks(route, monkeypatch):
 
 
 def test_a_few_token_step_in_chunks(monkeypatch):
-    # E·d_out large enough that the direct backward splits 16 tokens into chunks
-    # (chunk_tokens: 4 MiB of float64 per chunk), each adding its Σ de_iᵀ h_i to dB.
-    problem = make_problem(FEW_TOKENS, d_in=8, d_out=4200, num_experts=4, rank=4, seed=5)
+    # E·d_out large enough that the direct backward splits 4 tokens into chunks
+    # (chunk_tokens: 4 MiB of float64 per chunk, 3 tokens here), each adding its
+    # Σ de_iᵀ h_i to dB.
+    problem = make_problem(FEW_TOKENS, d_in=8, d_out=20000, num_experts=4, rank=4, seed=5)
     _direct_step(problem, monkeypatch)
     assert _cache_bytes() == problem.B.nbytes
     torch.ops.omoe_cache.clear()
