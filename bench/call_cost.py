@@ -1,4 +1,4 @@
-"""The fixed cost of one call at T = 1: `python -m bench.call_cost`.
+"""The fixed cost of one call at T = 1 (or `--tokens T`): `python -m bench.call_cost`.
 
 At one token the work is about a million multiply-adds (microseconds); what a call costs
 beyond that is Python, argument checks and ATen dispatch. This times, in µs per call, the
@@ -10,9 +10,9 @@ SGD update), interleaved, medians.
 Timings on a shared machine are noisy; for a before/after comparison count instructions:
 
     valgrind --tool=callgrind --collect-atstart=no --callgrind-out-file=callgrind.out \\
-        python -m bench.call_cost --count omoe --level layer --mode infer --calls 200
+        python -m bench.call_cost --threads 1 --count omoe --level layer --mode infer --calls 200
 
-collects only the timed calls (torch's own callgrind toggle around them); the summary's
+(`--threads 1`: with more, callgrind also counts OpenMP workers spinning) collects only the timed calls (torch's own callgrind toggle around them); the summary's
 `Ir` ÷ calls is the instruction count per call.
 """
 from __future__ import annotations
@@ -48,14 +48,14 @@ def calls_for(level: str, mode: str, E: int, r: int, routing: str, d: int, T: in
     return calls
 
 
-def measure(points, levels, modes, d: int, budget_s: float, log=print) -> list[dict]:
+def measure(points, levels, modes, d: int, budget_s: float, log=print, T: int = 1) -> list[dict]:
     rows = []
     for E, r, routing in points:
         for level in levels:
             for mode in modes:
-                med = time_interleaved(calls_for(level, mode, E, r, routing, d), budget_s,
+                med = time_interleaved(calls_for(level, mode, E, r, routing, d, T), budget_s,
                                        min_rounds=50, max_rounds=5000)
-                row = dict(T=1, E=E, r=r, routing=routing, level=level, mode=mode,
+                row = dict(T=T, E=E, r=r, routing=routing, level=level, mode=mode,
                            omoe_us=med["omoe"] * 1e6, lora_us=med["lora"] * 1e6,
                            base_us=med["base"] * 1e6 if "base" in med else None,
                            ratio=med["omoe"] / med["lora"], rounds=med["rounds"])
@@ -68,20 +68,20 @@ def measure(points, levels, modes, d: int, budget_s: float, log=print) -> list[d
 
 
 def count(provider: str, level: str, mode: str, E: int, r: int, routing: str, d: int,
-          n: int) -> None:
+          n: int, T: int = 1) -> None:
     """Runs `n` calls of one provider with callgrind collecting only them."""
-    call = calls_for(level, mode, E, r, routing, d)[provider]
+    call = calls_for(level, mode, E, r, routing, d, T)[provider]
     for _ in range(20):  # warm-up: first-call dispatch, caches, allocator
         call()
     torch._C._valgrind_toggle()
     for _ in range(n):
         call()
     torch._C._valgrind_toggle()
-    print(f"{n} calls of {provider} ({level}, {mode}, E={E} r={r} {routing}, T=1, d={d})")
+    print(f"{n} calls of {provider} ({level}, {mode}, E={E} r={r} {routing}, T={T}, d={d})")
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    lines = [f"# The fixed cost of a call: T = 1, d = {meta['d']}, fp32, µs per call "
+    lines = [f"# The fixed cost of a call: T = {meta.get('T', 1)}, d = {meta['d']}, fp32, µs per call "
              "(medians, interleaved)", "",
              f"Machine: {meta['cpu']}, {meta['threads']} thread(s), torch {meta['torch']}, "
              f"{meta['date']}; {load_line(meta)}.", "",
@@ -98,6 +98,7 @@ def main(argv=None) -> list[dict] | None:
     parser = ArgumentParser(prog="python -m bench.call_cost", description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--d", type=int, default=1024, help="d_in = d_out")
+    parser.add_argument("--tokens", type=int, default=1, help="T, the tokens of a call")
     parser.add_argument("--levels", default="layer,adapter")
     parser.add_argument("--modes", default="infer,train")
     parser.add_argument("--budget", type=float, default=2.0, help="seconds per point and mode")
@@ -116,14 +117,17 @@ def main(argv=None) -> list[dict] | None:
         torch.set_num_threads(args.threads)
     if args.count:
         E, r, routing = args.point.split(",")
-        count(args.count, args.level, args.mode, int(E), int(r), routing, args.d, args.calls)
+        count(args.count, args.level, args.mode, int(E), int(r), routing, args.d, args.calls,
+              args.tokens)
         return None
     meta = dict(cpu=cpu_model(), threads=torch.get_num_threads(), torch=torch.__version__,
-                d=args.d, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+                d=args.d, T=args.tokens, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     watch = LoadWatch()
-    rows = measure(POINTS, args.levels.split(","), args.modes.split(","), args.d, args.budget)
+    rows = measure(POINTS, args.levels.split(","), args.modes.split(","), args.d, args.budget,
+                   T=args.tokens)
     meta.update(watch.finish(meta["threads"]))
-    tag = args.tag or f"cpu-{meta['threads']}thread"
+    tag = args.tag or (f"cpu-{meta['threads']}thread"
+                       + (f"-T{args.tokens}" if args.tokens != 1 else ""))
     out = output_dir(args.publish)
     (out / f"call-cost-{tag}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     (out / f"call-cost-{tag}.md").write_text(markdown(rows, meta))

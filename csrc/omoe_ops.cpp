@@ -16,6 +16,7 @@
 #include <ATen/record_function.h>
 #include <torch/library.h>
 
+#include "omoe_cpu_expand.h"
 #include "omoe_cpu_pass.h"
 #include "omoe_ops.h"
 #include "omoe_token.h"
@@ -147,11 +148,27 @@ at::Tensor packed_expand(const at::Tensor& B, at::ScalarType acc) {
   return B.permute({1, 0, 2}).reshape({B.size(1), B.size(0) * B.size(2)}).to(acc).contiguous();
 }
 
+// Few tokens on the CPU run the expand and its gradients on B's own blocks
+// (omoe_cpu_expand.h) unless B_cat is cached: a fresh B_cat is a strided copy of all of B
+// (and dB_cat one back), which at a few tokens costs more than the GEMMs that read it.
+// The loops cost more per token than the GEMMs, so the bound is where the two meet
+// (instruction counts in bench/notes/call-cost.md).
+constexpr int64_t kBlockExpandTokens = 4;
+bool expand_on_blocks(const Sizes& s, const at::Tensor& x, const weight_cache::Found& found) {
+  return x.is_cpu() && s.T <= kBlockExpandTokens && !found.B_cat.defined();
+}
+
+// t itself when it already is contiguous in dtype `acc` (no dispatch), else a copy.
+at::Tensor contiguous_as(const at::Tensor& t, at::ScalarType acc) {
+  return t.scalar_type() == acc && t.is_contiguous() ? t : t.to(acc).contiguous();
+}
+
 // G = B_catᵀ B_cat in float64, [E·r, E·r]: the cached one when B is unchanged
-// (omoe_weight_cache.h), else formed and kept.
-at::Tensor gram_matrix(const at::Tensor& B, const at::Tensor& B_cat,
+// (omoe_weight_cache.h), else formed and kept. B_cat is made here when undefined.
+at::Tensor gram_matrix(const at::Tensor& B, at::Tensor& B_cat,
                        const weight_cache::Found& found) {
   if (found.G.defined()) return found.G;
+  if (!B_cat.defined()) B_cat = packed_expand(B, accumulate_dtype(B));  // B has x's dtype
   const at::Tensor B64 = B_cat.to(at::kDouble);
   at::Tensor G = at::mm(B64.t(), B64);
   weight_cache::instance().remember(B, B_cat, G);
@@ -236,6 +253,11 @@ int64_t chunk_tokens(int64_t T, double bytes_per_token, double budget) {
 // CPU: chunks that stay in cache; other devices: only what memory needs.
 double chunk_budget(const at::Tensor& x) {
   return x.is_cpu() ? 4.0 * (1 << 20) : 1024.0 * (1 << 20);
+}
+
+// t.narrow(dim, start, n), or t itself when that is all of it (one chunk: no dispatch).
+at::Tensor part(const at::Tensor& t, int64_t dim, int64_t start, int64_t n) {
+  return start == 0 && n == t.size(dim) ? t : t.narrow(dim, start, n);
 }
 
 // h ([T, E·r], contiguous) as expert blocks, [E, T, r] (a transposed view), for the
@@ -327,7 +349,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
   // decoding): B_cat and G are then kept, and G is worth forming even when this one call
   // would not pay for it. (Grad mode cannot tell: autograd runs forwards with it off.)
   const weight_cache::Found found = weight_cache::instance().find(B);
-  const at::Tensor B_cat = found.seen ? found.B_cat : packed_expand(B, acc);
+  const bool on_blocks = expand_on_blocks(s, x, found);
+  at::Tensor B_cat = found.B_cat.defined() || on_blocks ? found.B_cat : packed_expand(B, acc);
   at::Tensor z = at::empty_like(h);
   bool gram_formed = false;  // gram_matrix then remembered B with its G
   if (s.T > 0 && !orthogonalize) {
@@ -341,11 +364,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
       const int64_t tc = chunk_tokens(s.T, 8.0 * s.E * s.d_out, chunk_budget(x));
       for (int64_t t0 = 0; t0 < s.T; t0 += tc) {
         const int64_t n = std::min(tc, s.T - t0);
-        const at::Tensor e = at::bmm(expert_blocks(h, s.E, s.r).narrow(1, t0, n), Bt);
-        at::Tensor zc = z.narrow(0, t0, n);
+        const at::Tensor e = at::bmm(part(expert_blocks(h, s.E, s.r), 1, t0, n), Bt);
+        at::Tensor zc = part(z, 0, t0, n);
         AT_DISPATCH_FLOATING_TYPES(e.scalar_type(), "omoe_direct", [&] {
           cpu::token_forward_pass(
-              h.narrow(0, t0, n), logits.narrow(0, t0, n),
+              part(h, 0, t0, n), part(logits, 0, t0, n),
               cpu::DirectRoute<scalar_t>{e.data_ptr<scalar_t>(), nullptr, n, s.d_out, int(s.E)},
               s.E, s.r, top_k, true, normalize, eps, zc);
         });
@@ -381,8 +404,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
       }
     }
   }
-  if (!found.seen && !gram_formed) weight_cache::instance().remember(B, B_cat);
+  // Remember B (with B_cat when made here) unless gram_matrix did.
+  if (!gram_formed && (!found.seen || (B_cat.defined() && !found.B_cat.defined())))
+    weight_cache::instance().remember(B, B_cat);
   RECORD_FUNCTION("omoe::expand", std::vector<c10::IValue>());
+  if (!B_cat.defined()) {
+    at::Tensor y = at::empty({s.T, s.d_out}, h.options());
+    cpu::expand_blocks(z, contiguous_as(B, acc),
+                       base_out.has_value() ? contiguous_as(*base_out, acc) : at::Tensor(),
+                       scaling, y);
+    return {y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type()), h, logits};
+  }
   // addmm skips the product when alpha is 0, which would hide a NaN in z or B_cat.
   at::Tensor y = base_out.has_value() && scaling != 0.0
                      ? at::addmm(base_out->to(acc), z, B_cat.t(), /*beta=*/1, /*alpha=*/scaling)
@@ -404,19 +436,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
 
   const at::Tensor xc = x.to(acc).contiguous();
   const weight_cache::Found found = weight_cache::instance().find(B);
-  const at::Tensor B_cat = found.seen ? found.B_cat : packed_expand(B, acc);
-  const at::Tensor dY = grad_y.to(acc).contiguous();
+  // on_blocks: B_cat stays undefined unless a route through G needs it (gram_matrix), and
+  // dB is formed in B's layout as dB_direct.
+  const bool on_blocks = expand_on_blocks(s, x, found);
+  at::Tensor B_cat = found.B_cat.defined() || on_blocks ? found.B_cat : packed_expand(B, acc);
+  const at::Tensor Bb = on_blocks ? contiguous_as(B, acc) : at::Tensor();
+  const at::Tensor dY = contiguous_as(grad_y, acc);
   const at::Tensor hc = h.contiguous(), lc = logits.contiguous();
 
   at::Tensor dz;
   {
     RECORD_FUNCTION("omoe::expand_backward_input", std::vector<c10::IValue>());
-    dz = at::mm(dY, B_cat).mul_(scaling);
+    if (on_blocks) {
+      dz = at::empty({s.T, er}, hc.options());
+      cpu::rows_times_blocks(dY, 0, Bb, dz, s.T, scaling, /*accumulate=*/false);
+    } else {
+      dz = at::mm(dY, B_cat).mul_(scaling);
+    }
   }
   at::Tensor z = at::empty_like(hc), dh = at::empty_like(hc), dlogits = at::empty_like(lc);
   // What the Gram part adds to dB_cat once dB_cat = s·dYᵀZ exists: B_cat (dG + dGᵀ) for the
   // routes through G; for the direct route Σ_t de_i h_iᵀ, kept in B's layout [E, d_out, r].
   at::Tensor dG_sym, dB_cat, dB_direct;
+  cpu::OuterArgs de_term;  // on_blocks, one chunk: Σ_t de_i h_iᵀ, summed with s·dYᵀz_i
   if (s.T > 0 && !orthogonalize) {
     RECORD_FUNCTION("omoe::orthogonalize_backward", std::vector<c10::IValue>());
     at::Tensor none;
@@ -426,27 +468,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     const Route route = choose_route(s, k, /*backward=*/true, found.G.defined(), x.is_cpu());
     if (route == Route::kDirect) {
       RECORD_FUNCTION("omoe::direct_backward", std::vector<c10::IValue>());
-      const at::Tensor Ba = B.to(acc);  // [E, d_out, r], no copy for fp32
+      const at::Tensor Ba = on_blocks ? Bb : B.to(acc);  // [E, d_out, r], no copy for fp32
       const int64_t tc = chunk_tokens(s.T, 16.0 * s.E * s.d_out, chunk_budget(x));
       for (int64_t t0 = 0; t0 < s.T; t0 += tc) {
         const int64_t n = std::min(tc, s.T - t0);
-        const at::Tensor hb = expert_blocks(hc, s.E, s.r).narrow(1, t0, n);  // [E, n, r]
-        const at::Tensor e = at::bmm(hb, Ba.transpose(1, 2));                // [E, n, d_out]
+        const at::Tensor hb = part(expert_blocks(hc, s.E, s.r), 1, t0, n);  // [E, n, r]
+        const at::Tensor e = at::bmm(hb, Ba.transpose(1, 2));               // [E, n, d_out]
         const at::Tensor de = at::empty_like(e);
-        at::Tensor zc = z.narrow(0, t0, n), dhc = dh.narrow(0, t0, n),
-                   dlc = dlogits.narrow(0, t0, n);
+        at::Tensor zc = part(z, 0, t0, n), dhc = part(dh, 0, t0, n),
+                   dlc = part(dlogits, 0, t0, n);
         AT_DISPATCH_FLOATING_TYPES(e.scalar_type(), "omoe_direct_backward", [&] {
           cpu::token_backward_pass(
-              hc.narrow(0, t0, n), lc.narrow(0, t0, n),
+              part(hc, 0, t0, n), part(lc, 0, t0, n),
               cpu::DirectRoute<scalar_t>{e.data_ptr<scalar_t>(), de.data_ptr<scalar_t>(), n,
                                          s.d_out, int(s.E)},
-              dz.narrow(0, t0, n), s.E, s.r, top_k, true, normalize, eps, zc, dhc, dlc);
+              part(dz, 0, t0, n), s.E, s.r, top_k, true, normalize, eps, zc, dhc, dlc);
         });
         // dh_i += B_iᵀ de_i; Σ_t de_i h_iᵀ straight into B's layout (no per-expert GEMMs,
         // no permuted copy of dB at the end).
-        dhc.view({n, s.E, s.r}).add_(at::bmm(de, Ba).transpose(0, 1));
-        if (!dB_direct.defined()) dB_direct = at::bmm(de.transpose(1, 2), hb);
-        else dB_direct.baddbmm_(de.transpose(1, 2), hb);
+        if (on_blocks) {
+          cpu::rows_times_blocks(de, n * s.d_out, Ba, dhc, n, 1.0, /*accumulate=*/true);
+          const cpu::OuterArgs term{de, part(hc, 0, t0, n), n * s.d_out, 1.0};
+          if (n == s.T) {
+            de_term = term;
+          } else {
+            if (!dB_direct.defined()) dB_direct = at::empty_like(Ba);
+            cpu::outer_blocks(dB_direct, /*accumulate=*/t0 > 0, n, term);
+          }
+        } else {
+          dhc.view({n, s.E, s.r}).add_(at::bmm(de, Ba).transpose(0, 1));
+          if (!dB_direct.defined()) dB_direct = at::bmm(de.transpose(1, 2), hb);
+          else dB_direct.baddbmm_(de.transpose(1, 2), hb);
+        }
       }
     } else {
       at::Tensor G;
@@ -524,11 +577,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
       }
     }
   }
-  if (!dB_cat.defined()) {
+  if (on_blocks) {
+    RECORD_FUNCTION("omoe::expand_backward_weight", std::vector<c10::IValue>());
+    const bool accumulate = dB_direct.defined();
+    if (!accumulate) dB_direct = at::empty({s.E, s.d_out, s.r}, hc.options());
+    cpu::outer_blocks(dB_direct, accumulate, s.T, cpu::OuterArgs{dY, z, 0, scaling}, de_term);
+    if (dG_sym.defined()) {  // a route through G: B_cat (dG + dGᵀ), unpacked to B's layout
+      RECORD_FUNCTION("omoe::gram_backward", std::vector<c10::IValue>());
+      dB_direct.add_(at::mm(B_cat.to(at::kDouble), dG_sym)
+                         .to(acc)
+                         .view({s.d_out, s.E, s.r})
+                         .permute({1, 0, 2}));
+    }
+  } else if (!dB_cat.defined()) {
     RECORD_FUNCTION("omoe::expand_backward_weight", std::vector<c10::IValue>());
     dB_cat = at::mm(dY.t(), z).mul_(scaling);
   }
-  if (dG_sym.defined()) {
+  if (dG_sym.defined() && !on_blocks) {
     RECORD_FUNCTION("omoe::gram_backward", std::vector<c10::IValue>());
     dB_cat.add_(at::mm(B_cat.to(at::kDouble), dG_sym).to(acc));
   }
@@ -557,8 +622,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     grad_x = at::mm(dh_dl, AW);
     grad_router_input = at::empty({0}, x.options());
   }
-  const at::Tensor dB_blocks = dB_cat.view({s.d_out, s.E, s.r}).permute({1, 0, 2});
-  at::Tensor grad_B = dB_direct.defined() ? dB_direct.add_(dB_blocks) : dB_blocks.contiguous();
+  at::Tensor grad_B = dB_direct;
+  if (!on_blocks) {
+    const at::Tensor dB_blocks = dB_cat.view({s.d_out, s.E, s.r}).permute({1, 0, 2});
+    grad_B = dB_direct.defined() ? dB_direct.add_(dB_blocks) : dB_blocks.contiguous();
+  }
   const auto dt = x.scalar_type();
   return {grad_x.to(dt), grad_A.reshape({s.E, s.r, s.d_in}).to(dt), grad_B.to(dt),
           grad_W.to(dt), grad_router_input};

@@ -28,7 +28,8 @@ struct Stats {
 };
 
 // What the cache holds for B: whether B was used before with exactly these contents,
-// its B_cat, and G if it was formed since (undefined otherwise).
+// its B_cat if one was made (few-token calls on the CPU make none), and G if it was formed
+// since (undefined otherwise).
 struct Found {
   bool seen = false;
   at::Tensor B_cat, G;
@@ -57,8 +58,8 @@ class GramCache {
     return {true, it->second.B_cat, it->second.G};
   }
 
-  // Remembers B's contents (so a later call knows B is being reused) with its B_cat, and
-  // G if given.
+  // Remembers B's contents (so a later call knows B is being reused) with its B_cat and G
+  // when given.
   void remember(const at::Tensor& B, const at::Tensor& B_cat,
                 const at::Tensor& G = at::Tensor()) {
     if (!cacheable(B)) return;
@@ -69,7 +70,8 @@ class GramCache {
         G,
         0,
         0};
-    entry.bytes = int64_t(entry.copy.nbytes()) + int64_t(B_cat.nbytes()) +
+    entry.bytes = int64_t(entry.copy.nbytes()) +
+                  (B_cat.defined() ? int64_t(B_cat.nbytes()) : 0) +
                   (G.defined() ? int64_t(G.nbytes()) : 0);
     std::lock_guard<std::mutex> lock(mutex_);
     erase_if([](const Entry& e) { return e.impl.expired(); });  // weights freed since

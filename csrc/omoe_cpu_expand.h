@@ -1,0 +1,315 @@
+// The expand and its gradients on B's own layout [E, d_out, r], for few tokens on the CPU.
+//
+// The GEMM route packs B as B_cat ([d_out, E·r], a strided copy of all of B) and unpacks
+// dB_cat the same way. A call whose B changed since the last (every training step) pays
+// both copies, each costing about as much as the expand itself at one token. These loops
+// read and write B's blocks B_i ([d_out, r], contiguous) in place instead:
+//   expand:          y = base + s · Σ_i z_i B_iᵀ
+//   rows × blocks:   out_i (+)= s · g_i B_i          (dz = s dY B_i; dh_i += de_i B_i)
+//   outer products:  dB_i (+)= Σ_terms s · g_iᵀ v_i  (s dYᵀ z_i; de_iᵀ h_i)
+// Every loop over a runs along contiguous memory (an r-row of B or of z) and vectorizes;
+// B is read once per call whatever the number of tokens (they share each B row).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "omoe_cpu_pass.h"  // OMOE_VECTOR_CLONES
+
+namespace omoe {
+namespace cpu {
+
+// Multiply-adds per parallel task: below this a second thread costs more than it saves.
+constexpr int64_t kExpandGrain = 1 << 16;
+
+// The loops below take the rank as a compile-time R (4, 8, 16, 32 or 64: an r-row is then a
+// few vector registers and its loop unrolls) or, with R = 0, as the runtime r.
+template <int R>
+__attribute__((always_inline)) inline int64_t rank_of(int64_t r) {
+  return R > 0 ? R : r;
+}
+// Calls BODY<R>(args...) for r's compile-time R, or BODY<0> (a switch, not a lambda: a
+// lambda would be a function of its own, outside the caller's x86-64-v3 clone).
+#define OMOE_DISPATCH_RANK(r, BODY, ...) \
+  switch (r) {                           \
+    case 4:                              \
+      BODY<4>(__VA_ARGS__);              \
+      break;                             \
+    case 8:                              \
+      BODY<8>(__VA_ARGS__);              \
+      break;                             \
+    case 16:                             \
+      BODY<16>(__VA_ARGS__);             \
+      break;                             \
+    case 32:                             \
+      BODY<32>(__VA_ARGS__);             \
+      break;                             \
+    case 64:                             \
+      BODY<64>(__VA_ARGS__);             \
+      break;                             \
+    default:                             \
+      BODY<0>(__VA_ARGS__);              \
+  }
+// An r-row of accumulators (len values). For a compile-time R that is a multiple of a
+// 32-byte vector's lanes it is R/L vectors (GCC/Clang vector extension: AVX2 registers in
+// the x86-64-v3 clone, SSE pairs in the baseline); GCC does not vectorize these short rows
+// on its own. Otherwise, kMaxRow scalars at a time.
+constexpr int64_t kMaxRow = 64;
+template <int R, typename v_t, bool kVector = (R > 0 && R % (32 / sizeof(v_t)) == 0)>
+struct Row {
+  static constexpr int L = 32 / sizeof(v_t), N = R / L;
+  typedef v_t V __attribute__((vector_size(32)));
+  V v[N];
+  // Unaligned loads into x (an out-parameter: a returned 32-byte vector would be an ABI
+  // question for the baseline clone, whatever the inlining).
+  __attribute__((always_inline)) static void load_vec(V& x, const v_t* p) {
+    std::memcpy(&x, p, sizeof(V));
+  }
+  __attribute__((always_inline)) void zero() {
+    for (int k = 0; k < N; ++k) v[k] = V{};
+  }
+  __attribute__((always_inline)) void load(const v_t* p, int64_t) {
+    for (int k = 0; k < N; ++k) load_vec(v[k], p + k * L);
+  }
+  __attribute__((always_inline)) void axpy(v_t g, const v_t* x, int64_t) {  // += g·x
+    for (int k = 0; k < N; ++k) {
+      V a;
+      load_vec(a, x + k * L);
+      v[k] += g * a;
+    }
+  }
+  __attribute__((always_inline)) void mul_add(const v_t* x, const v_t* y, int64_t) {  // += x⊙y
+    for (int k = 0; k < N; ++k) {
+      V a, b;
+      load_vec(a, x + k * L);
+      load_vec(b, y + k * L);
+      v[k] += a * b;
+    }
+  }
+  __attribute__((always_inline)) v_t sum(int64_t) const {
+    V t = v[0];
+    for (int k = 1; k < N; ++k) t += v[k];
+    v_t s = 0;
+    for (int l = 0; l < L; ++l) s += t[l];
+    return s;
+  }
+  // p = (accumulate ? p : 0) + scale · row
+  __attribute__((always_inline)) void store(v_t* p, v_t scale, bool accumulate, int64_t) const {
+    for (int k = 0; k < N; ++k) {
+      V out = scale * v[k];
+      if (accumulate) {
+        V old;
+        load_vec(old, p + k * L);
+        out += old;
+      }
+      std::memcpy(p + k * L, &out, sizeof(V));
+    }
+  }
+};
+template <int R, typename v_t>
+struct Row<R, v_t, false> {
+  v_t v[R > 0 ? R : kMaxRow];
+  __attribute__((always_inline)) void zero() {
+    for (auto& x : v) x = 0;
+  }
+  __attribute__((always_inline)) void load(const v_t* p, int64_t len) {
+    for (int64_t a = 0; a < len; ++a) v[a] = p[a];
+  }
+  __attribute__((always_inline)) void axpy(v_t g, const v_t* x, int64_t len) {
+    for (int64_t a = 0; a < len; ++a) v[a] += g * x[a];
+  }
+  __attribute__((always_inline)) void mul_add(const v_t* x, const v_t* y, int64_t len) {
+    for (int64_t a = 0; a < len; ++a) v[a] += x[a] * y[a];
+  }
+  __attribute__((always_inline)) v_t sum(int64_t len) const {
+    v_t s = 0;
+    for (int64_t a = 0; a < len; ++a) s += v[a];
+    return s;
+  }
+  __attribute__((always_inline)) void store(v_t* p, v_t scale, bool accumulate,
+                                            int64_t len) const {
+    for (int64_t a = 0; a < len; ++a) p[a] = (accumulate ? p[a] : v_t(0)) + scale * v[a];
+  }
+};
+
+// y[t, o] = base[t, o] + s · Σ_i Σ_a B[i, o, a] z[t, i·r + a] for o in [o0, o1).
+// z: [T, E·r]; base, y: [T, d_out] (base may be null).
+template <int R, typename v_t>
+__attribute__((always_inline)) inline void expand_blocks_body(
+    const v_t* z, const v_t* B, const v_t* base, v_t* y, int64_t T, int64_t E, int64_t d_out,
+    int64_t r_, double scaling, int64_t o0, int64_t o1) {
+  const int64_t r = rank_of<R>(r_), Rw = E * r;
+  for (int64_t o = o0; o < o1; ++o)
+    for (int64_t t = 0; t < T; ++t) {
+      v_t acc = 0;
+      for (int64_t a0 = 0; a0 < r; a0 += kMaxRow) {  // one pass for a compile-time R
+        const int64_t len = R > 0 ? R : std::min(kMaxRow, r - a0);
+        Row<R, v_t> part;
+        part.zero();
+        for (int64_t i = 0; i < E; ++i)
+          part.mul_add(B + (i * d_out + o) * r + a0, z + t * Rw + i * r + a0, len);
+        acc += part.sum(len);
+      }
+      const v_t sum = static_cast<v_t>(scaling) * acc;
+      y[t * d_out + o] = base ? base[t * d_out + o] + sum : sum;
+    }
+}
+
+// out[t, i·r + a] = (accumulate ? out[t, i·r + a] : 0) + s · Σ_o g[i·g_expert + t·d_out + o]
+// B[i, o, a] for the experts i in [i0, i1). g_expert = 0: every expert reads the same rows
+// (dY); g_expert = T·d_out: expert i has its own [T, d_out] rows (de).
+template <int R, typename v_t>
+__attribute__((always_inline)) inline void rows_times_blocks_body(
+    const v_t* g, int64_t g_expert, const v_t* B, v_t* out, int64_t out_stride, int64_t T,
+    int64_t d_out, int64_t r_, double scaling, bool accumulate, int64_t i0, int64_t i1) {
+  const int64_t r = rank_of<R>(r_);
+  const v_t s = static_cast<v_t>(scaling);
+  for (int64_t i = i0; i < i1; ++i)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t a0 = 0; a0 < r; a0 += kMaxRow) {
+        const int64_t len = R > 0 ? R : std::min(kMaxRow, r - a0);
+        Row<R, v_t> acc;
+        acc.zero();
+        const v_t* gt = g + i * g_expert + t * d_out;
+        for (int64_t o = 0; o < d_out; ++o) acc.axpy(gt[o], B + (i * d_out + o) * r + a0, len);
+        acc.store(out + t * out_stride + i * r + a0, s, accumulate, len);
+      }
+}
+
+// One term of outer_blocks: Σ_t (s · g[i·g_expert + t·d_out + o]) v[t·v_stride + i·r + a].
+template <typename v_t>
+struct OuterTerm {
+  const v_t* g = nullptr;  // null: no term
+  int64_t g_expert = 0;
+  const v_t* v = nullptr;
+  int64_t v_stride = 0;
+  double scaling = 1.0;
+};
+
+// dB[i, o, a] = (accumulate ? dB[i, o, a] : 0) + first + second (OuterTerm) for the rows
+// (i, o) = q in [q0, q1) of dB as [E·d_out, r].
+template <int R, typename v_t>
+__attribute__((always_inline)) inline void outer_blocks_body(
+    v_t* dB, bool accumulate, const OuterTerm<v_t>& first, const OuterTerm<v_t>& second,
+    int64_t T, int64_t d_out, int64_t r_, int64_t q0, int64_t q1) {
+  // The terms' fields in locals: the row stores (memcpy) may alias any memory, so fields
+  // read through a reference would be reloaded after every row.
+  const int64_t r = rank_of<R>(r_);
+  const v_t *g1 = first.g, *v1 = first.v, *g2 = second.g, *v2 = second.v;
+  const int64_t ge1 = first.g_expert, vs1 = first.v_stride, ge2 = second.g_expert,
+                vs2 = second.v_stride;
+  const v_t s1 = static_cast<v_t>(first.scaling), s2 = static_cast<v_t>(second.scaling);
+  int64_t i = q0 / d_out, o = q0 - i * d_out;
+  for (int64_t q = q0; q < q1; ++q) {
+    for (int64_t a0 = 0; a0 < r; a0 += kMaxRow) {
+      const int64_t len = R > 0 ? R : std::min(kMaxRow, r - a0);
+      v_t* row = dB + q * r + a0;
+      Row<R, v_t> acc;
+      if (accumulate) acc.load(row, len);
+      else acc.zero();
+      for (int64_t t = 0; t < T; ++t)
+        acc.axpy(s1 * g1[i * ge1 + t * d_out + o], v1 + t * vs1 + i * r + a0, len);
+      if (g2 != nullptr)
+        for (int64_t t = 0; t < T; ++t)
+          acc.axpy(s2 * g2[i * ge2 + t * d_out + o], v2 + t * vs2 + i * r + a0, len);
+      acc.store(row, v_t(1), false, len);
+    }
+    if (++o == d_out) o = 0, ++i;
+  }
+}
+
+// The x86-64-v3 and baseline clones of each loop, for float and double.
+#define OMOE_EXPAND_CLONES(v_t)                                                                \
+  OMOE_VECTOR_CLONES static void expand_blocks_range(                                          \
+      const v_t* z, const v_t* B, const v_t* base, v_t* y, int64_t T, int64_t E,               \
+      int64_t d_out, int64_t r, double scaling, int64_t o0, int64_t o1) {                      \
+    OMOE_DISPATCH_RANK(r, expand_blocks_body, z, B, base, y, T, E, d_out, r, scaling, o0, o1); \
+  }                                                                                            \
+  OMOE_VECTOR_CLONES static void rows_times_blocks_range(                                      \
+      const v_t* g, int64_t g_expert, const v_t* B, v_t* out, int64_t out_stride, int64_t T,   \
+      int64_t d_out, int64_t r, double scaling, bool accumulate, int64_t i0, int64_t i1) {     \
+    OMOE_DISPATCH_RANK(r, rows_times_blocks_body, g, g_expert, B, out, out_stride, T, d_out,   \
+                       r, scaling, accumulate, i0, i1);                                        \
+  }                                                                                            \
+  OMOE_VECTOR_CLONES static void outer_blocks_range(                                           \
+      v_t* dB, bool accumulate, const OuterTerm<v_t>& first, const OuterTerm<v_t>& second,     \
+      int64_t T, int64_t d_out, int64_t r, int64_t q0, int64_t q1) {                           \
+    OMOE_DISPATCH_RANK(r, outer_blocks_body, dB, accumulate, first, second, T, d_out, r, q0,   \
+                       q1);                                                                    \
+  }
+OMOE_EXPAND_CLONES(float)
+OMOE_EXPAND_CLONES(double)
+#undef OMOE_EXPAND_CLONES
+#undef OMOE_DISPATCH_RANK
+
+// ---- tensor entry points: every tensor contiguous, in the accumulate dtype --------------
+
+// y ([T, d_out]) = base + s · Σ_i z_i B_iᵀ; z: [T, E·r], B: [E, d_out, r], base: [T, d_out]
+// or undefined.
+inline void expand_blocks(const at::Tensor& z, const at::Tensor& B, const at::Tensor& base,
+                          double scaling, at::Tensor& y) {
+  const int64_t T = z.size(0), E = B.size(0), d_out = B.size(1), r = B.size(2);
+  const int64_t grain = std::max<int64_t>(1, kExpandGrain / std::max<int64_t>(1, T * E * r));
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "omoe_expand_blocks", [&] {
+    const scalar_t* base_ptr = base.defined() ? base.data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, d_out, grain, [&](int64_t o0, int64_t o1) {
+      expand_blocks_range(z.data_ptr<scalar_t>(), B.data_ptr<scalar_t>(), base_ptr,
+                          y.data_ptr<scalar_t>(), T, E, d_out, r, scaling, o0, o1);
+    });
+  });
+}
+
+// out (T rows of out_stride values, expert i at columns [i·r, i·r + r)) (+)= s · g_i B_i,
+// g: [T, d_out] shared by every expert (g_expert = 0) or [E, T, d_out] (g_expert = T·d_out).
+inline void rows_times_blocks(const at::Tensor& g, int64_t g_expert, const at::Tensor& B,
+                              at::Tensor& out, int64_t T, double scaling, bool accumulate) {
+  const int64_t E = B.size(0), d_out = B.size(1), r = B.size(2);
+  const int64_t out_stride = out.stride(0);
+  const int64_t grain =
+      std::max<int64_t>(1, kExpandGrain / std::max<int64_t>(1, T * d_out * r));
+  AT_DISPATCH_FLOATING_TYPES(B.scalar_type(), "omoe_rows_times_blocks", [&] {
+    at::parallel_for(0, E, grain, [&](int64_t i0, int64_t i1) {
+      rows_times_blocks_range(g.data_ptr<scalar_t>(), g_expert, B.data_ptr<scalar_t>(),
+                              out.data_ptr<scalar_t>(), out_stride, T, d_out, r, scaling,
+                              accumulate, i0, i1);
+    });
+  });
+}
+
+// One term Σ_t s · g_iᵀ v_i of a dB block: g as in rows_times_blocks, v: T rows of
+// v.stride(0) values (expert i at columns [i·r, i·r + r)).
+struct OuterArgs {
+  at::Tensor g, v;
+  int64_t g_expert = 0;
+  double scaling = 1.0;
+};
+
+// dB ([E, d_out, r]) = (accumulate ? dB : 0) + the terms (second.g undefined: one term).
+inline void outer_blocks(at::Tensor& dB, bool accumulate, int64_t T, const OuterArgs& first,
+                         const OuterArgs& second = OuterArgs{}) {
+  const int64_t E = dB.size(0), d_out = dB.size(1), r = dB.size(2);
+  const int64_t terms = second.g.defined() ? 2 : 1;
+  const int64_t grain =
+      std::max<int64_t>(1, kExpandGrain / std::max<int64_t>(1, terms * T * r));
+  AT_DISPATCH_FLOATING_TYPES(dB.scalar_type(), "omoe_outer_blocks", [&] {
+    auto term = [](const OuterArgs& a) {
+      OuterTerm<scalar_t> t;
+      if (a.g.defined())
+        t = {a.g.data_ptr<scalar_t>(), a.g_expert, a.v.data_ptr<scalar_t>(), a.v.stride(0),
+             a.scaling};
+      return t;
+    };
+    const OuterTerm<scalar_t> one = term(first), two = term(second);
+    at::parallel_for(0, E * d_out, grain, [&](int64_t q0, int64_t q1) {
+      outer_blocks_range(dB.data_ptr<scalar_t>(), accumulate, one, two, T, d_out, r, q0, q1);
+    });
+  });
+}
+
+}  // namespace cpu
+}  // namespace omoe

@@ -1,0 +1,100 @@
+"""Few tokens on the CPU: the expand and its gradients run on B's own blocks
+(csrc/omoe_cpu_expand.h), and no packed copy B_cat of B is made for weights that changed.
+
+The weight cache's byte count shows whether a call made B_cat: after a few-token step of
+the direct route (which needs no G) on fresh weights the cache holds B's copy only; a
+many-token call on the same weights adds B_cat. Every case also checks the results against
+the float64 oracle, with the route the cost rule picks or the one a case forces.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import ACCURACY_ROWS, COMPILED_BACKENDS, assert_matches_oracle, make_problem
+from omoe_kernels import omoe_lora
+
+pytestmark = pytest.mark.skipif("cpu" not in COMPILED_BACKENDS,
+                                reason="the compiled CPU op is not built")
+
+FP32_FWD, FP32_GRAD = ACCURACY_ROWS["fp32-random"].forward, ACCURACY_ROWS["fp32-random"].gradient
+FEW_TOKENS = 4  # kBlockExpandTokens in csrc/omoe_ops.cpp
+
+
+def _cache_bytes() -> int:
+    return torch.ops.omoe_cache.stats()[3]
+
+
+@pytest.fixture(autouse=True)
+def _empty_cache(monkeypatch):
+    monkeypatch.delenv("OMOE_ROUTE", raising=False)
+    torch.ops.omoe_cache.clear()
+    yield
+    torch.ops.omoe_cache.clear()
+
+
+def _direct_step(problem, monkeypatch, **options):
+    """One forward and backward of the cpu backend's direct route on fresh leaves of
+    `problem`."""
+    monkeypatch.setenv("OMOE_ROUTE", "direct")
+    p = {n: t.detach().requires_grad_(True) for n, t in problem.tensors().items()}
+    y = omoe_lora(p["x"], p["A"], p["B"], p["router_weight"], base_out=p.get("base_out"),
+                  router_input=p.get("router_input"), scaling=0.7, backend="cpu", **options)
+    y.backward(torch.randn_like(y))
+    monkeypatch.delenv("OMOE_ROUTE")
+
+
+# rank 3 and 70: the loops' runtime rank (70: longer than one pass of kMaxRow); 8: a
+# compile-time rank.
+@pytest.mark.parametrize("rank", [3, 8, 70])
+@pytest.mark.parametrize("tokens", [1, FEW_TOKENS])
+@pytest.mark.parametrize("top_k", [None, 2], ids=["dense", "top2"])
+def test_a_few_token_step_makes_no_packed_copy(tokens, rank, top_k, monkeypatch):
+    problem = make_problem(tokens, d_in=24, d_out=20, num_experts=4, rank=rank, seed=3)
+    _direct_step(problem, monkeypatch, top_k=top_k)
+    assert _cache_bytes() == problem.B.nbytes, "a few-token step packed B_cat"
+    _direct_step(make_problem(FEW_TOKENS + 1, d_in=24, d_out=20, num_experts=4, rank=rank,
+                              seed=3), monkeypatch, top_k=top_k)  # same B, many tokens
+    assert _cache_bytes() == 2 * problem.B.nbytes
+    torch.ops.omoe_cache.clear()
+    assert_matches_oracle(problem, "cpu", FP32_FWD, FP32_GRAD, top_k=top_k)
+
+
+@pytest.mark.parametrize("route", ["pairs", "pairs_gemm", "batched"])
+def test_a_few_token_step_through_g_on_blocks(route, monkeypatch):
+    # The routes through G form B_cat for G; the gradient B_cat (dG + dGᵀ) is unpacked onto
+    # dB's blocks. Forced here: at a few tokens the cost rule takes the direct route.
+    problem = make_problem(3, d_in=24, d_out=20, num_experts=4, rank=4, seed=4,
+                           with_router_input=True)
+    _direct_step(problem, monkeypatch)
+    assert _cache_bytes() == problem.B.nbytes
+    monkeypatch.setenv("OMOE_ROUTE", route)
+    torch.ops.omoe_cache.clear()
+    assert_matches_oracle(problem, "cpu", FP32_FWD, FP32_GRAD)
+
+
+def test_a_few_token_step_in_chunks(monkeypatch):
+    # E·d_out large enough that the direct backward splits 4 tokens into chunks
+    # (chunk_tokens: 4 MiB of float64 per chunk, 3 tokens here), each adding its
+    # Σ de_iᵀ h_i to dB.
+    problem = make_problem(FEW_TOKENS, d_in=8, d_out=20000, num_experts=4, rank=4, seed=5)
+    _direct_step(problem, monkeypatch)
+    assert _cache_bytes() == problem.B.nbytes
+    torch.ops.omoe_cache.clear()
+    assert_matches_oracle(problem, "cpu", FP32_FWD, FP32_GRAD)
+
+
+@pytest.mark.parametrize("rank", [2, 4])
+def test_gradcheck_float64_on_blocks(rank, monkeypatch):
+    problem = make_problem(3, 5, 6, 3, rank, dtype=torch.float64, seed=22)
+    _direct_step(problem, monkeypatch)
+    assert _cache_bytes() == problem.B.nbytes
+    names = list(problem.tensors())
+    inputs = tuple(t.detach().clone().requires_grad_(True) for t in problem.tensors().values())
+
+    def fn(*tensors):
+        kw = dict(zip(names, tensors))
+        return omoe_lora(kw["x"], kw["A"], kw["B"], kw["router_weight"], scaling=0.7,
+                         base_out=kw.get("base_out"), backend="cpu")
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
