@@ -123,21 +123,16 @@ bool route_forced() {
 
 // What the pairs route of omoe_ops.cpp's forward needs of one adapter: B_cat and G from the
 // weight cache (G formed and kept if only B_cat is there). Undefined B_cat: the segment
-// goes through omoe::forward's kernel, which picks its own route (B not seen before, G too
-// large, or the direct route cheaper: the cost comparison of choose_route in omoe_ops.cpp,
-// forward, G free).
+// goes through omoe::forward's kernel, which picks its own route (B not seen before, or
+// the direct route cheaper for this many tokens even with G free).
 struct AdapterGram {
   at::Tensor B_cat, G;
 };
 
 AdapterGram adapter_gram(const at::Tensor& B, const Sizes& s, int64_t k, int64_t tokens) {
-  const double R = double(s.E * s.r), d = double(s.d_out), r = double(s.r);
-  const double kk = double(k) * double(k), T = double(tokens);
-  constexpr double kMaxGramBytes = 512.0 * (1 << 20), kScalarCost = 4.0,
-                   kBatchedCallCost = 50000.0;
-  const double pairs = T * 0.5 * kk * r * r;
-  const double direct = T * R * d + kScalarCost * T * kk * d + R * d + kBatchedCallCost;
-  if (R * R * 8.0 > kMaxGramBytes || direct < pairs) return {};
+  Sizes segment = s;
+  segment.T = tokens;
+  if (!forward_prefers_gram(segment, k)) return {};
   const weight_cache::Found found = weight_cache::instance().find(B);
   if (!found.seen) return {};
   if (found.G.defined()) return {found.B_cat, found.G};

@@ -312,6 +312,11 @@ void token_backward_cpu(const at::Tensor& h, const at::Tensor& logits, const at:
 
 }  // namespace
 
+bool forward_prefers_gram(const Sizes& s, int64_t k) {
+  return choose_route(s, k, /*backward=*/false, /*gram_free=*/true, /*on_cpu=*/true) !=
+         Route::kDirect;
+}
+
 // ---- device-generic orchestration -----------------------------------------------
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(

@@ -80,4 +80,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     const at::Tensor& h, const at::Tensor& logits, double scaling, int64_t top_k,
     bool orthogonalize, bool normalize, double eps, TokenBackwardFn token_backward);
 
+// Whether the CPU forward at sizes `s` takes a route through G when G costs nothing (it is
+// cached): the route choice of the single-adapter op, which the mixed-batch op follows.
+bool forward_prefers_gram(const Sizes& s, int64_t k);
+
 }  // namespace omoe

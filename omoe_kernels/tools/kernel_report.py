@@ -366,10 +366,9 @@ MIXED_ADAPTERS = 4
 
 
 def _mixed_specs() -> list[KernelSpec]:
-    """The grouped forward of a mixed batch (omoe_kernels/mixed.py, triton backend) at
-    each GPU shape, bf16: the shape's T split evenly over MIXED_ADAPTERS adapters, each
-    segment padded to the segment length. Their Work (kernel_model.mixed_forward_works)
-    makes the "mixed" estimate of step_estimates, set beside the single-adapter forward."""
+    """The grouped forward of a mixed batch (omoe_kernels/mixed.py, triton) at each GPU
+    shape, bf16: T split evenly over MIXED_ADAPTERS adapters, each segment padded; their
+    Work (kernel_model.mixed_forward_works) makes step_estimates' "mixed" estimate."""
     import torch
 
     from ..ops.triton import mixed_launch as MX
@@ -378,21 +377,20 @@ def _mixed_specs() -> list[KernelSpec]:
     specs, N, target = [], MIXED_ADAPTERS, _h200()
     for label in GPU_SHAPES:
         shape = SHAPES[label]
-        T, d, E, r = shape.num_tokens, shape.d_model, shape.num_experts, shape.rank
-        L = _layout(shape)
-        dtype = torch.bfloat16
+        T, d, E, r, k = shape.num_tokens, shape.d_model, shape.num_experts, shape.rank, shape.top_k
+        L, dtype = _layout(shape), torch.bfloat16
         seg = MX.segment_length(_bf16_kind(), L.ERP, target)
         P = N * -(-T // (N * seg)) * seg
         rows = MX.SegmentRows(_meta(P, dtype=torch.int64), _meta(P // seg, dtype=torch.int32), seg)
         launches, _ = MX.plan_mixed_forward(
             _meta(T, d, dtype=dtype), _meta(N, E, r, d, dtype=dtype), _meta(N, E, d, r, dtype=dtype),
             _meta(N, E, d, dtype=dtype), None, _meta(T, d, dtype=dtype),
-            _meta(N, dtype=torch.float32), rows, shape.top_k or E, True, True, 1e-6, target)
-        note = f"{N} adapters, E={E} r={r} top{shape.top_k or E}, SEG={seg}"
-        works = M.mixed_forward_works(
-            T, P, d, L, N, shape.top_k or E, launches["shrink"].config,
-            launches["expand"].config, launches["token_forward"].config.block_t, 2,
-            launches["shrink"].meta["GB"])
+            _meta(N, dtype=torch.float32), rows, k or E, True, True, 1e-6, target)
+        note = f"{N} adapters, E={E} r={r} top{k or E}, SEG={seg}"
+        works = M.mixed_forward_works(T, P, d, L, N, k or E, launches["shrink"].config,
+                                      launches["expand"].config,
+                                      launches["token_forward"].config.block_t, 2,
+                                      launches["shrink"].meta["GB"])
         for key, wgmma in (("shrink", True), ("token_forward", False), ("expand", True)):
             specs.append(_spec(f"mixed_{key}[bf16, {label}]", launches[key], wgmma, note,
                                label, S.MIXED, works[key]))
