@@ -63,6 +63,16 @@ def _poisoned_triton_outputs():
     triton_ops.POISON_OUTPUTS = False
 
 
+@pytest.fixture
+def empty_weight_cache(monkeypatch):
+    """The compiled CPU op's weight cache empty before and after the test, and the route
+    chosen by cost (no OMOE_ROUTE), for tests that count what the cache holds."""
+    monkeypatch.delenv("OMOE_ROUTE", raising=False)
+    torch.ops.omoe_cache.clear()
+    yield
+    torch.ops.omoe_cache.clear()
+
+
 @pytest.fixture(autouse=True)
 def _fixed_seed():
     """Every test starts from the same global RNG state (helpers use their own seeds)."""

@@ -26,11 +26,8 @@ def _cache_bytes() -> int:
 
 
 @pytest.fixture(autouse=True)
-def _empty_cache(monkeypatch):
-    monkeypatch.delenv("OMOE_ROUTE", raising=False)
-    torch.ops.omoe_cache.clear()
+def _empty_cache(empty_weight_cache):
     yield
-    torch.ops.omoe_cache.clear()
 
 
 def _direct_step(problem, monkeypatch, **options):
