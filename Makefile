@@ -59,8 +59,8 @@ bench:
 bench-full:
 	@echo "make bench-full: $(BENCH_PLAN)"
 	@echo "  the cpu shape at 2 and 1 threads, the whole sweep at 1 and 2 threads, decoding and the"
-	@echo "  call cost at both, the whole mixed-adapter grid (about 22 min on an idle 2-core machine,"
-	@echo "  up to an hour on a busy one)"
+	@echo "  call cost at both, the whole mixed-adapter grid (about 13 min after setup on an idle"
+	@echo "  2-core machine, up to an hour on a busy one)"
 	@$(MAKE) --no-print-directory install
 	$(PY) -m bench.run --full
 

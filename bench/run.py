@@ -25,9 +25,8 @@ from omoe_kernels.tools.cli import ArgumentParser
 from . import bench_omoe, call_cost, decode, mixed_adapters, sweep
 from .machine import RESULTS_DIR, LoadWatch, load_line, output_dir
 
-# Idle figures: the steps' own run times from bench/results/ (AMD EPYC, 2 vCPUs,
-# 2026-11-29) plus imports and model building; the mixed-adapter step as `make bench`
-# timed it (Intel Xeon, 2 vCPUs, 2026-12-06).
+# Idle figures: each step as `make bench` and `make bench-publish` timed it on an idle
+# Intel Xeon with 2 vCPUs (2026-12-06), rounded up.
 QUICK = [
     ("the cpu shape, every provider (bench.bench_omoe)", 45, bench_omoe.main, []),
     ("cost growth, quick grid (bench.sweep --quick)", 15, sweep.main, ["--quick"]),
@@ -41,21 +40,21 @@ def full_steps(out: str) -> list:
     return [
         ("the cpu shape, 2 threads (bench.bench_omoe)", 45, bench_omoe.main,
          ["--threads", "2", "--out", f"{out}/cpu"]),
-        ("the cpu shape, 1 thread", 50, bench_omoe.main,
+        ("the cpu shape, 1 thread", 45, bench_omoe.main,
          ["--threads", "1", "--out", f"{out}/cpu-1thread"]),
-        ("cost growth, whole grid, 1 thread (bench.sweep)", 330, sweep.main, ["--threads", "1"]),
-        ("cost growth, whole grid, 2 threads", 330, sweep.main, ["--threads", "2"]),
-        ("greedy decoding, 1 thread (bench.decode)", 15, decode.main, ["--threads", "1"]),
-        ("greedy decoding, 2 threads", 15, decode.main, ["--threads", "2"]),
-        ("greedy decoding at hidden 1024, 1 thread", 60, decode.main,
+        ("cost growth, whole grid, 1 thread (bench.sweep)", 340, sweep.main, ["--threads", "1"]),
+        ("cost growth, whole grid, 2 threads", 260, sweep.main, ["--threads", "2"]),
+        ("greedy decoding, 1 thread (bench.decode)", 10, decode.main, ["--threads", "1"]),
+        ("greedy decoding, 2 threads", 10, decode.main, ["--threads", "2"]),
+        ("greedy decoding at hidden 1024, 1 thread", 20, decode.main,
          ["--threads", "1", "--hidden", "1024", "--tag", "cpu-1thread-h1024"]),
-        ("greedy decoding at hidden 1024, 2 threads", 60, decode.main,
+        ("greedy decoding at hidden 1024, 2 threads", 20, decode.main,
          ["--threads", "2", "--hidden", "1024", "--tag", "cpu-2thread-h1024"]),
-        ("the fixed cost of a call at T = 1, 1 thread (bench.call_cost)", 40, call_cost.main,
+        ("the fixed cost of a call at T = 1, 1 thread (bench.call_cost)", 25, call_cost.main,
          ["--threads", "1"]),
-        ("the fixed cost of a call, 2 threads", 40, call_cost.main, ["--threads", "2"]),
+        ("the fixed cost of a call, 2 threads", 25, call_cost.main, ["--threads", "2"]),
         ("several adapters in one batch, N in 1,2,4,8 and T in 64,512,4096, 2 threads "
-         "(bench.mixed_adapters)", 150, mixed_adapters.main, ["--full", "--threads", "2"]),
+         "(bench.mixed_adapters)", 30, mixed_adapters.main, ["--full", "--threads", "2"]),
     ]
 
 
