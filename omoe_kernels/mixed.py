@@ -15,11 +15,13 @@ Backends:
   rows of no adapter keep base_out. With autograd recording, each non-empty segment is
   one compiled single-adapter call with its own backward, and one gather puts the rows
   back in order.
-- `triton` (forward only): three grouped launches per call, as the single-adapter
+- `triton`: inference is three grouped launches per call, as the single-adapter
   forward, whatever N is (ops/triton/mixed_kernels.py). The tokens are sorted into
   segments once per Grouping, each adapter's segment padded to whole GEMM tiles; each
   tile reads its adapter's slice of the stacked weights, each token its adapter's G.
-  A backward through it raises (train on `cpu` or `reference`).
+  With autograd recording there are no grouped backward kernels: each non-empty segment
+  is one single-adapter triton call with its own backward, as on `cpu`, so a training
+  step's launches grow with the adapters present in the batch.
 - `cuda`: no grouped kernels; a mixed call raises an error that names the backends that
   take it.
 """
@@ -278,25 +280,16 @@ def _scale_tensor(scalings: tuple, device: torch.device) -> torch.Tensor:
     return found
 
 
-class _ForwardOnly(torch.autograd.Function):
-    """The triton mixed forward where autograd records: a backward raises."""
-
-    @staticmethod
-    def forward(ctx, run, *tensors):
-        return run()
-
-    @staticmethod
-    def backward(ctx, grad):
-        raise RuntimeError("the triton backend runs mixed batches forward only (inference); "
-                           "for gradients of a mixed batch use backend='cpu' or 'reference'")
-
-
 def mixed_triton(x, A, B, W, router_input, base_out, grouping: Grouping, span: int, scalings,
                  problems) -> torch.Tensor:
-    """The grouped Triton forward (ops/triton/mixed_launch.py): three launches."""
+    """The grouped Triton forward (ops/triton/mixed_launch.py): three launches. With
+    autograd recording, one single-adapter triton call per segment (mixed_grouped)."""
     from .ops.triton import launch as triton_launch
     from .ops.triton import mixed_launch
 
+    if _needs_grad(x, router_input, base_out, *map(_listed, (A, B, W))):
+        return mixed_grouped(x, *map(_listed, (A, B, W)), router_input, base_out, grouping,
+                             span, problems, backend="triton")
     A, B, W = _stacked(A), _stacked(B), _stacked(W)
     p = problems[0]
     L = triton_launch.layout(p.num_experts, p.rank)
@@ -313,9 +306,6 @@ def mixed_triton(x, A, B, W, router_input, base_out, grouping: Grouping, span: i
         return mixed_launch.mixed_forward(x, A, B, W, router_input, base_out, scales, segments,
                                           p.top_k, p.orthogonalize, p.normalize, p.eps)
 
-    tensors = [t for t in (x, A, B, W, router_input, base_out) if t is not None]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return _ForwardOnly.apply(run, *tensors)
     return run()
 
 
@@ -341,6 +331,11 @@ def _needs_grad(x, router_input, base_out, As, Bs, Ws) -> bool:
         t is not None and t.requires_grad for t in (x, router_input, base_out, *As, *Bs, *Ws))
 
 
+def _listed(t: TensorOrStack) -> Sequence[torch.Tensor]:
+    """A stacked [N, ...] weight as its N views (autograd flows to the stack), or the list."""
+    return t.unbind(0) if isinstance(t, torch.Tensor) else t
+
+
 def _token_rows(grouping: Grouping, span: int) -> tuple[torch.Tensor, list[int]]:
     """The token rows of x adapter by adapter (the "no adapter" entries left out) and
     where each adapter's rows start, then the end: omoe::mixed_forward's rows and offsets
@@ -358,12 +353,13 @@ def _token_rows(grouping: Grouping, span: int) -> tuple[torch.Tensor, list[int]]
 
 
 def mixed_grouped(x, As, Bs, Ws, router_input, base_out, grouping: Grouping, span: int,
-                  problems) -> torch.Tensor:
+                  problems, backend: str = "cpu") -> torch.Tensor:
     """Entry i of the index covers tokens [i·span, (i+1)·span): a per-sample index moves
-    whole samples. With nothing to differentiate, one `omoe::mixed_forward` call serves
-    every adapter segment; with autograd recording, one compiled single-adapter call per
-    non-empty segment of the sorted rows, gathered back (each with its own backward)."""
-    function = backend_function("cpu")
+    whole samples. With nothing to differentiate (`cpu`), one `omoe::mixed_forward` call
+    serves every adapter segment; with autograd recording, one single-adapter call of
+    `backend` per non-empty segment of the sorted rows, gathered back (each with its own
+    backward)."""
+    function = backend_function(backend)
     T, d_out, count = x.shape[0], problems[0].d_out, len(problems)
     sizes, order = grouping.sizes, grouping.order
     if order is None:  # one group: no permutation
@@ -371,7 +367,8 @@ def mixed_grouped(x, As, Bs, Ws, router_input, base_out, grouping: Grouping, spa
         if n == NO_ADAPTER:
             return base_out if base_out is not None else x.new_zeros((T, d_out))
         return function(x, As[n], Bs[n], Ws[n], router_input, base_out, problems[n])
-    if not _needs_grad(x, router_input, base_out, As, Bs, Ws) and mixed_compiled.LOADED \
+    if backend == "cpu" and not _needs_grad(x, router_input, base_out, As, Bs, Ws) \
+            and mixed_compiled.LOADED \
             and torch._C._functorch.peek_interpreter_stack() is None \
             and torch.autograd.forward_ad._current_level < 0:
         token_rows, offsets = _token_rows(grouping, span)
