@@ -68,7 +68,7 @@ TRITON_STEP_MAX = dict(forward=3, backward=7, no_grad_forward=3)
 def test_triton_step_launches_meet_the_targets():
     pytest.importorskip("triton")
     out = _run(["-m", "omoe_kernels.tools.launch_count", "--backends", "triton", "--d-model", "32",
-                "--adapters", "2", "--json", "-"], 300)
+                "--rank", "4", "--adapters", "2", "--json", "-"], 300)
     report = json.loads(out[out.index("{"):])
     assert [s["routing"] for s in report["steps"]] == ["dense", "top-2"]
     for step in report["steps"]:

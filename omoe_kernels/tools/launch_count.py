@@ -363,6 +363,9 @@ def main(argv=None) -> int:
     parser.add_argument("--backends", default="triton", help="comma-separated: triton, cpu")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--d-model", type=int, default=64)
+    parser.add_argument("--rank", type=int, default=16,
+                        help="rank of the single-adapter steps (E = 4; the counts do not "
+                             "depend on it, the interpreter's time grows with (E·r)²)")
     parser.add_argument("--top-k", type=int, default=2, help="the top-k case (E = 4); dense always runs")
     parser.add_argument("--adapters", type=int, default=4,
                         help="also count a no-grad mixed batch of this many adapters (0: skip)")
@@ -381,7 +384,7 @@ def main(argv=None) -> int:
         rest = sys.argv[1:] if argv is None else list(argv)
         return subprocess.run([sys.executable, "-m", "omoe_kernels.tools.launch_count", *rest],
                               env=env).returncode
-    steps = [step_launches(b, k, args.tokens, args.d_model)
+    steps = [step_launches(b, k, args.tokens, args.d_model, rank=args.rank)
              for b in args.backends.split(",") for k in (None, args.top_k)]
     mixed = [(b, k, mixed_launches(b, k, args.tokens, args.d_model, args.adapters))
              for b in args.backends.split(",") for k in (None, args.top_k) if args.adapters]
