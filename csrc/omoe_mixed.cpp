@@ -136,10 +136,13 @@ AdapterGram adapter_gram(const at::Tensor& B, const Sizes& s, int64_t k, int64_t
   const weight_cache::Found found = weight_cache::instance().find(B);
   if (!found.seen) return {};
   if (found.G.defined()) return {found.B_cat, found.G};
-  const at::Tensor B64 = found.B_cat.to(at::kDouble);
+  // A few-token call remembers B without B_cat (it expands on B's blocks).
+  const at::Tensor B_cat =
+      found.B_cat.defined() ? found.B_cat : packed_expand(B, accumulate_dtype(B));
+  const at::Tensor B64 = B_cat.to(at::kDouble);
   at::Tensor G = at::mm(B64.t(), B64);
-  weight_cache::instance().remember(B, found.B_cat, G);
-  return {found.B_cat, G};
+  weight_cache::instance().remember(B, B_cat, G);
+  return {B_cat, G};
 }
 
 at::Tensor mixed_forward_cpu(const at::Tensor& x, at::TensorList A, at::TensorList B,

@@ -133,6 +133,10 @@ Sizes check_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Te
   return s;
 }
 
+at::Tensor packed_expand(const at::Tensor& B, at::ScalarType acc) {
+  return B.permute({1, 0, 2}).reshape({B.size(1), B.size(0) * B.size(2)}).to(acc).contiguous();
+}
+
 namespace {
 
 // ---- packed weights, and G (cached across calls while B is unchanged) ----------------
@@ -141,11 +145,6 @@ namespace {
 // the router's E rows: one GEMM gives h and the logits together.
 at::Tensor packed_shrink(const at::Tensor& A, const at::Tensor& W, at::ScalarType acc) {
   return at::cat({A.reshape({A.size(0) * A.size(1), A.size(2)}).to(acc), W.to(acc)}, 0);
-}
-
-// B as [d_out, E·r] in the accumulate dtype: column i·r + a is B[i, :, a].
-at::Tensor packed_expand(const at::Tensor& B, at::ScalarType acc) {
-  return B.permute({1, 0, 2}).reshape({B.size(1), B.size(0) * B.size(2)}).to(acc).contiguous();
 }
 
 // Few tokens on the CPU run the expand and its gradients on B's own blocks

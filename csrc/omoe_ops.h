@@ -32,6 +32,9 @@ struct Sizes {
 // The dtype h and the logits are kept in: float64 for float64 inputs, else float32.
 at::ScalarType accumulate_dtype(const at::Tensor& x);
 
+// B [E, d_out, r] as B_cat [d_out, E·r] in dtype `acc`: column i·r + a is B[i, :, a].
+at::Tensor packed_expand(const at::Tensor& B, at::ScalarType acc);
+
 // The checks shared by forward and backward of every device (messages name the argument);
 // returns the sizes.
 Sizes check_common(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,

@@ -49,14 +49,6 @@ at::Tensor add_halves(bool split, const at::Tensor& t, int64_t dim, int64_t n) {
   return split ? t.narrow(dim, 0, n) + t.narrow(dim, n, n) : t;
 }
 
-// B as [d_out, E·r] in `dtype`: column i·r + a is B[i, :, a].
-at::Tensor packed_expand(const at::Tensor& B, at::ScalarType dtype) {
-  return B.permute({1, 0, 2})
-      .reshape({B.size(1), B.size(0) * B.size(2)})
-      .to(dtype)
-      .contiguous();
-}
-
 // G = B_catᵀ B_cat in float64 (symmetric), [E·r, E·r].
 at::Tensor gram_matrix(const at::Tensor& B, const Sizes& s) {
   const double R = double(s.E * s.r);
