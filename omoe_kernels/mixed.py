@@ -223,12 +223,14 @@ def _with_scaling(p: Problem, scaling) -> Problem:
 def resolve_mixed_backend(backend: str, device: torch.device, active_experts: int) -> str:
     """The backend of a mixed call: one of MIXED_BACKENDS; ValueError for one without
     grouped kernels (no silent per-adapter loop on a GPU backend)."""
-    name = backend if backend in REGISTRY else resolved_backend(backend, device, active_experts)[0]
+    named = backend in REGISTRY
+    name = backend if named else resolved_backend(backend, device, active_experts)[0]
     if name not in MIXED_BACKENDS:
         raise ValueError(f"backend {name!r} has no kernels for a batch of several adapters; "
                          f"mixed batches run on {list(MIXED_BACKENDS)} (`cpu` for CPU tensors, "
                          "`triton` for CUDA ones, `reference` anywhere): pass one of those")
-    return resolved_backend(name, device, active_experts)[0]
+    # A name resolved from "auto" can run here; a name given must still be checked.
+    return resolved_backend(name, device, active_experts)[0] if named else name
 
 
 _SEGMENTS: dict[tuple[Problem, int], Problem] = {}
@@ -359,14 +361,14 @@ def mixed_grouped(x, As, Bs, Ws, router_input, base_out, grouping: Grouping, spa
     serves every adapter segment; with autograd recording, one single-adapter call of
     `backend` per non-empty segment of the sorted rows, gathered back (each with its own
     backward)."""
-    function = backend_function(backend)
     T, d_out, count = x.shape[0], problems[0].d_out, len(problems)
     sizes, order = grouping.sizes, grouping.order
     if order is None:  # one group: no permutation
         n = next(i for i, size in enumerate(sizes) if size) - 1
         if n == NO_ADAPTER:
             return base_out if base_out is not None else x.new_zeros((T, d_out))
-        return function(x, As[n], Bs[n], Ws[n], router_input, base_out, problems[n])
+        return backend_function(backend)(x, As[n], Bs[n], Ws[n], router_input, base_out,
+                                          problems[n])
     if backend == "cpu" and not _needs_grad(x, router_input, base_out, As, Bs, Ws) \
             and mixed_compiled.LOADED \
             and torch._C._functorch.peek_interpreter_stack() is None \
@@ -380,6 +382,7 @@ def mixed_grouped(x, As, Bs, Ws, router_input, base_out, grouping: Grouping, spa
         with torch._C._AutoDispatchBelowAutograd():  # nothing to differentiate: no graph
             return mixed_compiled.MIXED_FORWARD(*args)
     rows = order.numel()
+    function = backend_function(backend)
 
     def gather(t, index):  # rows of `span` tokens each
         return t.reshape(rows, -1).index_select(0, index).reshape(T, -1)
