@@ -127,7 +127,10 @@ def run_metadata(device: torch.device, opt: TimerOptions, argv: list[str] | None
     timing += ("; forward = a training forward (inputs require grad, the graph is built and freed); "
                "fwd+bwd = forward then backward(grad_y) into x, A, B, router_weight, base_out "
                "(plain LoRA: x, A_cat, B_cat, base_out)")
-    args = argv if argv is not None else sys.argv[1:]
+    # Paths inside the repository as they read from its root: a results file never names
+    # the machine's own directories.
+    root = str(BENCH_DIR.parent) + os.sep
+    args = [a.replace(root, "") for a in (argv if argv is not None else sys.argv[1:])]
     return {"device_type": device.type, "device_name": name,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "torch": torch.__version__, "triton": triton_version(), "python": platform.python_version(),

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -103,3 +104,13 @@ def test_replot_redraws_the_published_charts_from_json(tmp_path):
     assert bench_omoe.main(["--replot", str(tmp_path / "cpu.json")]) == 0
     assert (tmp_path / "sweep-cpu-1thread.png").stat().st_size > 10_000
     assert (tmp_path / "cpu.png").stat().st_size > 10_000
+
+
+def test_results_record_paths_inside_the_repository_from_its_root():
+    """A run told to write under the repository's absolute path (as `bench.run` tells
+    `bench_omoe`) records the command with the path from the root, not the machine's."""
+    from bench.timing import TimerOptions
+
+    meta = machine.run_metadata(torch.device("cpu"), TimerOptions(), [
+        "--threads", "2", "--out", str(ROOT / "bench" / "results" / "cpu")], 1.0, ["cpu"])
+    assert meta["command"] == "python -m bench.bench_omoe --threads 2 --out bench/results/cpu"
