@@ -57,6 +57,8 @@ def test_kernel_report_sm90a_passes(tmp_path):
             assert w["estimate_us"] > 0 and w["bound"] in ("bytes", "flops")
             if w["unit"] == "bf16 MMA":   # no GEMM of the bf16 step wastes tensor-core work
                 assert w["flops_issued"] <= 1.3 * w["flops_useful"], k
+            if re.search(r"\] (expand|dX) ", k["name"]):   # one accumulator on fp16 operands
+                assert k["ctas_per_sm"] >= 2, k
     # Every kernel of the wide step was compiled, so its estimate is in the output.
     wide = report["steps"]["wide"]
     assert wide["fwd+bwd"]["omoe_us"] == pytest.approx(
@@ -229,8 +231,10 @@ def test_report_compiles_the_launchers_configs():
 
     specs = {s.name: s for s in kernel_specs()}
     expand = specs["matmul[bf16, llama7b] expand base+s·Z·Bᵀ"]
-    cfg = C.GemmConfig.matmul(C.DOT_BF16, 4096, fp16_a=expand.args["FP16_A"])
+    cfg = C.GemmConfig.matmul(C.DOT_BF16, 4096, fp16_a=expand.args["FP16_A"],
+                              scaled_a=expand.args["SCALED_A"])
     assert expand.args["FP16_A"] == C.a_operand_flags(C.DOT_BF16, C.EXPAND_Z)["fp16_a"]
+    assert expand.args["SCALED_A"] == C.scaled_operand(C.DOT_BF16, C.EXPAND_Z)
     assert (expand.num_warps, expand.num_stages) == (cfg.num_warps, cfg.num_stages)
     assert all(expand.args[k] == v for k, v in cfg.meta().items())
     L = triton_ops.layout(16, 8)

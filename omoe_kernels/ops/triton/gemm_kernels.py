@@ -13,7 +13,8 @@ Kernels:
 - `matmul_kernel`: `C = scale · A B (+ ADD)`, optional split-K into partials, optional
   router term (a BLOCK_E-wide dot) and gram programs. The expand (`Y = base + s Z B_catᵀ`),
   dZ (+ G), dB and dX. An fp32 intermediate (Z, dH) meeting a 16-bit operand enters as
-  scaled fp16, as hi + lo bf16 parts or as bf16 (`_dot_acc`, triton_configs).
+  scaled fp16, as hi + lo bf16 parts or as bf16 (`_dot_acc`, triton_configs); the expand
+  and dX of 16-bit inputs read Z / dH already in fp16 with a scale per row (SCALED_A).
 - `weight_grad_kernel`: split-K partials of `[dA_cat; dW]ᵀ = [Xᵀ dH | Rᵀ dL]`, the
   router's E columns in a narrow tile beside the E·r wide one.
 - `finalize_grads_kernel`: sums the split-K and gram partials and writes grad_B (with
@@ -432,10 +433,11 @@ def matmul_kernel(a_ptr, b_ptr, c_ptr, add_ptr, a2_ptr, b2_ptr, c2_ptr, gram_ptr
         m_ok = offs_m[:, None] < M
         n_ok = offs_n[None, :] < N
         off_bn, bn_ok = _offsets(offs_n, stride_bn, stride_b_expert, N, E, rank, RP, PACKED_BN)
-        if HAS_ADD:
-            # Before the mainloop: its latency hides behind the MMAs.
-            base = tl.load(add_ptr + offs_m[:, None] * stride_addm + offs_n[None, :] * stride_addn,
-                           mask=m_ok & n_ok, other=0.0)
+        add_ptrs = add_ptr + offs_m[:, None] * stride_addm + offs_n[None, :] * stride_addn
+        if HAS_ADD and SCALED_A:
+            # Before the mainloop, its latency behind the MMAs; the other operand paths load
+            # it after (the fp32 FMA tile has no registers to spare for it).
+            base = tl.load(add_ptrs, mask=m_ok & n_ok, other=0.0)
         if SCALED_A:
             b_max = tl.zeros((BLOCK_N, ), dtype=tl.float32)
             for k0 in range(k_begin, k_end, BLOCK_K):
@@ -482,6 +484,8 @@ def matmul_kernel(a_ptr, b_ptr, c_ptr, add_ptr, a2_ptr, b2_ptr, c2_ptr, gram_ptr
                          acc2.to(c2_ptr.dtype.element_ty), mask=m_ok & n_ok)
         acc = acc * scale
         if HAS_ADD:
+            if not SCALED_A:
+                base = tl.load(add_ptrs, mask=m_ok & n_ok, other=0.0)
             acc = acc + base.to(ACC)
         c_ptrs = c_ptr + pid_s * stride_cs + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok & n_ok)
