@@ -415,3 +415,18 @@ def test_gram_grad_walk_is_capped_and_fills_the_machine():
         assert splits * per_split >= shape.num_tokens > (splits - 1) * per_split, name
         assert per_split % block_t == 0 and per_split // block_t <= C.GRAM_GRAD_MAX_BLOCKS, name
         assert L.EP * L.EP * splits >= 132, name
+
+
+def test_scaled_operand_prologue_counts_load_only_trips():
+    """SCALED_A's prologue (the weight's per-column max over K) adds pipelined load trips
+    to the expand's and dX's loop, with no MMA in them."""
+    from dataclasses import replace
+
+    from omoe_kernels.tools import kernel_model as M
+
+    loop, card = M.gemm_loop(128, 128, 64, 32), M.CARDS["h200"]
+    scaled = replace(loop, prologue=loop.trips)
+    for end in (0, 1):
+        extra = scaled.total_s(end, 2, card) - loop.total_s(end, 2, card)
+        assert extra == pytest.approx(loop.trips * M.CALIBRATION["pipelined_trip_ns"][end] * 1e-9)
+        assert 0 < extra < loop.total_s(end, 2, card)

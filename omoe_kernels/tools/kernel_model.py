@@ -371,13 +371,20 @@ class Loop:
     """The longest serial loop of one program: `trips` steps over `over` ("K", "d_out",
     "splits", "tokens", "token chain"). A trip costs: its loads (`load`: "pipelined",
     "round trip" or "" for none), `fp64_ops` dependent float64 operations per thread, and
-    `mma_flops` of tensor-core work by the program (shared with the CTAs beside it)."""
+    `mma_flops` of tensor-core work by the program (shared with the CTAs beside it).
+    `prologue`: load-only pipelined trips before the loop (SCALED_A's weight maxima)."""
 
     trips: int
     over: str
     load: str = "pipelined"
     fp64_ops: float = 0.0
     mma_flops: float = 0.0
+    prologue: int = 0
+
+    def total_s(self, end: int, co_resident: int, card: "Card") -> float:
+        """The loop's time in one program, its prologue included."""
+        prologue = self.prologue * CALIBRATION["pipelined_trip_ns"][end] * 1e-9
+        return self.trips * self.trip_s(end, co_resident, card) + prologue
 
     def trip_s(self, end: int, co_resident: int, card: Card) -> float:
         c = CALIBRATION
@@ -431,7 +438,7 @@ def timing(work: Work, ctas: int, end: int, card: Card = CARDS["h200"],
     co_resident = min(ctas, math.ceil(programs / card.sms))
     latency_s = math.ceil(waves) * c["program_ns"][end] * 1e-9
     if work.loop is not None:
-        latency_s += math.ceil(waves) * work.loop.trips * work.loop.trip_s(end, co_resident, card)
+        latency_s += math.ceil(waves) * work.loop.total_s(end, co_resident, card)
     appended_s = 0.0
     if work.appended is not None:
         appended_s = timing(work.appended, ctas, end, card, gap=False).total_s
