@@ -271,8 +271,8 @@ def test_report_signatures_come_from_the_launchers():
     for spec in specs.values():
         assert set(spec.args) == set(spec.fn.arg_names), spec.name
     dx = specs["matmul[bf16, wide] dX = dH·A + dL·W"].args
-    assert (dx["a_ptr"], dx["b_ptr"], dx["c_ptr"], dx["a2_ptr"]) == (
-        "*fp32:16", "*bf16:16", "*bf16:16", "*fp32:16")
+    assert (dx["a_ptr"], dx["b_ptr"], dx["c_ptr"], dx["a2_ptr"], dx["as_ptr"]) == (
+        "*fp16:16", "*bf16:16", "*bf16:16", "*fp32:16", "*fp32:16")   # dH as scaled fp16
     assert dx["stride_ak"] == "i32:1" and dx["M"] == "i32:16" and dx["ROUTER"] == 1
     L = triton_ops.layout(16, 8)
     wcfg = C.GemmConfig.weight_grad(C.DOT_BF16, L.ERP)

@@ -141,7 +141,7 @@ def plan_matmul(a: torch.Tensor, b: torch.Tensor, L: Layout, ops: Operands, epi:
                 PACKED_BK=ops.packed in ("Bk", "Ak"), PACKED_BN=ops.packed == "Bn",
                 ROUTER=router, BLOCK_E=L.EPL, RP=L.RP, ERP=L.ERP, WITH_GRAM=num_gram > 0,
                 SCALED_A=scaled, **C.gram_rows(d_out, cfg.num_warps))
-    tuned = target.autotunes(kind)
+    tuned = target.autotunes(kind) and not scaled   # SCALED_TILE: sized for 2 CTAs per SM
     grid = lambda m: (num_gram + triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),  # noqa: E731
                       splits)
     if tuned:
