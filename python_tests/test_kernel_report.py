@@ -57,6 +57,8 @@ def test_kernel_report_sm90a_passes(tmp_path):
             assert w["estimate_us"] > 0 and w["bound"] in ("bytes", "flops")
             if w["unit"] == "bf16 MMA":   # no GEMM of the bf16 step wastes tensor-core work
                 assert w["flops_issued"] <= 1.3 * w["flops_useful"], k
+            if re.search(r"\] (expand|dX) ", k["name"]):   # one accumulator on fp16 operands
+                assert k["ctas_per_sm"] >= 2, k
     # Every kernel of the wide step was compiled, so its estimate is in the output.
     wide = report["steps"]["wide"]
     assert wide["fwd+bwd"]["omoe_us"] == pytest.approx(
@@ -229,8 +231,10 @@ def test_report_compiles_the_launchers_configs():
 
     specs = {s.name: s for s in kernel_specs()}
     expand = specs["matmul[bf16, llama7b] expand base+s·Z·Bᵀ"]
-    cfg = C.GemmConfig.matmul(C.DOT_BF16, 4096, fp16_a=expand.args["FP16_A"])
+    cfg = C.GemmConfig.matmul(C.DOT_BF16, 4096, fp16_a=expand.args["FP16_A"],
+                              scaled_a=expand.args["SCALED_A"])
     assert expand.args["FP16_A"] == C.a_operand_flags(C.DOT_BF16, C.EXPAND_Z)["fp16_a"]
+    assert expand.args["SCALED_A"] == C.scaled_operand(C.DOT_BF16, C.EXPAND_Z)
     assert (expand.num_warps, expand.num_stages) == (cfg.num_warps, cfg.num_stages)
     assert all(expand.args[k] == v for k, v in cfg.meta().items())
     L = triton_ops.layout(16, 8)
@@ -267,8 +271,8 @@ def test_report_signatures_come_from_the_launchers():
     for spec in specs.values():
         assert set(spec.args) == set(spec.fn.arg_names), spec.name
     dx = specs["matmul[bf16, wide] dX = dH·A + dL·W"].args
-    assert (dx["a_ptr"], dx["b_ptr"], dx["c_ptr"], dx["a2_ptr"]) == (
-        "*fp32:16", "*bf16:16", "*bf16:16", "*fp32:16")
+    assert (dx["a_ptr"], dx["b_ptr"], dx["c_ptr"], dx["a2_ptr"], dx["as_ptr"]) == (
+        "*fp16:16", "*bf16:16", "*bf16:16", "*fp32:16", "*fp32:16")   # dH as scaled fp16
     assert dx["stride_ak"] == "i32:1" and dx["M"] == "i32:16" and dx["ROUTER"] == 1
     L = triton_ops.layout(16, 8)
     wcfg = C.GemmConfig.weight_grad(C.DOT_BF16, L.ERP)
@@ -411,3 +415,18 @@ def test_gram_grad_walk_is_capped_and_fills_the_machine():
         assert splits * per_split >= shape.num_tokens > (splits - 1) * per_split, name
         assert per_split % block_t == 0 and per_split // block_t <= C.GRAM_GRAD_MAX_BLOCKS, name
         assert L.EP * L.EP * splits >= 132, name
+
+
+def test_scaled_operand_prologue_counts_load_only_trips():
+    """SCALED_A's prologue (the weight's per-column max over K) adds pipelined load trips
+    to the expand's and dX's loop, with no MMA in them."""
+    from dataclasses import replace
+
+    from omoe_kernels.tools import kernel_model as M
+
+    loop, card = M.gemm_loop(128, 128, 64, 32), M.CARDS["h200"]
+    scaled = replace(loop, prologue=loop.trips)
+    for end in (0, 1):
+        extra = scaled.total_s(end, 2, card) - loop.total_s(end, 2, card)
+        assert extra == pytest.approx(loop.trips * M.CALIBRATION["pipelined_trip_ns"][end] * 1e-9)
+        assert 0 < extra < loop.total_s(end, 2, card)

@@ -80,3 +80,19 @@ def test_tokens_per_program():
     assert C.tokens_per_program(5, 132) == 1
     assert C.tokens_per_program(101, 4, interpret=True) == 32
     assert C.tokens_per_program(33, 4, interpret=True) == 17
+
+
+@pytest.mark.parametrize("name", GPU_SHAPES)
+def test_expand_and_dx_take_the_per_token_kernels_fp16_operands(name):
+    """bf16 step: the per-token kernels write Z and dH once as fp16 with a scale per row,
+    and the expand and dX read that (SCALED_A: one fp16 MMA a chunk, no fp32 re-read per
+    n-tile), in the tile sized for two CTAs per SM."""
+    launches = _launches(name)
+    T, erp = SHAPES[name].num_tokens, launches["token_forward"].config.ERP
+    for token, gemm in (("token_forward", "expand"), ("token_backward", "dX")):
+        assert launches[token].meta["SCALED"] and launches[gemm].meta["SCALED_A"]
+        a, a_scale = launches[gemm].args[0], launches[gemm].args[8]
+        assert a.dtype.itemsize == 2 and tuple(a.shape) == (T, erp)
+        assert a_scale.dtype.itemsize == 4 and tuple(a_scale.shape) == (T,)
+        assert launches[gemm].config == C.SCALED_TILE
+    assert not launches["dB"].meta["SCALED_A"]   # dB contracts over tokens: fp32 Z

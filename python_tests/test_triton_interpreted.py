@@ -282,6 +282,71 @@ def test_scaled_fp16_operands_keep_extreme_and_non_finite_values():
     assert torch.equal(torch.isfinite(got), torch.isfinite(eager))
 
 
+def _scaled_rows(z: torch.Tensor):
+    """(fp16 z · 2^-e, 2^e) per row with e from the row's fp32 max: the format the
+    per-token kernels write for the expand and dX (token_kernels._pow2_scales)."""
+    bits = z.float().abs().amax(1).view(torch.int32)
+    e = ((bits >> 23) & 0xFF).clamp(1, 253) - 127
+    return (z.float() * torch.exp2(-e.float())[:, None]).half(), torch.exp2(e.float())
+
+
+def test_token_forward_writes_the_expands_fp16_operand():
+    """16-bit steps: token_forward writes Z once as fp16 scaled per row (the row's max in
+    [1, 2)) plus the row's power-of-2 scale: exactly the fp32 Z's values rounded to 11
+    significant bits; a NaN in h stays in its token's row."""
+    L = triton_ops.layout(3, 4)
+    h = torch.randn(40, L.ERP) * torch.logspace(-30, 30, 40)[:, None]
+    h[:, 12:] = 0.0                         # padding expert columns
+    h[5, 2] = float("nan")
+    logits = torch.randn(40, 3)
+    logits[5, 0] = 10.0                     # token 5 routes to expert 0 (its NaN column)
+    outs = {}
+    for scaled in (False, True):
+        launch, outs[scaled] = triton_ops.plan_token_forward(
+            h, logits, None, L, 2, False, True, 1e-6, triton_ops.Target.of(h.device), scaled)
+        launch.run()
+    z32 = outs[False][0]
+    z16, scale = outs[True]
+    assert z16.dtype == torch.float16 and scale.shape == (40,)
+    want16, want_scale = _scaled_rows(z32)
+    finite = torch.isfinite(z32).all(1)
+    assert torch.equal(z16[finite], want16[finite]) and torch.equal(scale[finite], want_scale[finite])
+    assert torch.equal(torch.isnan(z16), torch.isnan(z32)) and torch.isnan(z32[5]).any()
+    row_max = z16[finite].float().abs().amax(1)
+    assert ((row_max >= 1) & (row_max < 2)).all()
+
+
+def test_scaled_expand_keeps_extreme_and_non_finite_values():
+    """The expand on the per-token kernels' operand format (SCALED_A): B scaled per
+    output column over all of K, both scales factored out of one accumulator. A row of Z
+    past 2^127 keeps its values; NaN/Inf reach exactly the outputs eager's reach."""
+    L = triton_ops.layout(2, 8)
+    z = torch.randn(6, L.ERP) * torch.logspace(-20, 20, 6)[:, None]
+    z[1] = torch.randn(L.ERP)
+    z[1] *= 1.5 * 2.0 ** 127 / z[1].abs().max()
+    B = (torch.randn(2, 24, 8) * 1e-3).to(torch.bfloat16)
+    B[0, 3] *= 1e-4                         # a column of B_cat below fp16's normal range
+    B_cat = lambda B: B.permute(1, 0, 2).reshape(24, L.ERP).double()  # noqa: E731
+    flags = triton_configs.a_operand_flags(triton_configs.DOT_BF16, "fp16")
+
+    def expand(z, B):
+        z16, scale = _scaled_rows(z)
+        return triton_ops._run(triton_ops.plan_matmul(
+            z16, B, L, Operands(triton_configs.DOT_BF16, True, "Bk", **flags),
+            Epilogue(torch.float32), triton_ops.Target.of(z.device), a_scale=scale))[0]
+
+    exact = z.double() @ B_cat(B).t()
+    got = expand(z, B)
+    # Each product keeps 11 bits of z and all 8 of B: row by row within fp16's rounding.
+    assert ((got.double() - exact).norm(dim=1) <= 2e-3 * exact.norm(dim=1)).all()
+    z_bad, B_bad = z.clone(), B.clone()
+    z_bad[2, 3] = float("inf")
+    B_bad[1, 5, 2] = float("nan")
+    eager = z_bad.double() @ B_cat(B_bad).t()
+    assert not torch.isfinite(eager).all()
+    assert torch.equal(torch.isfinite(expand(z_bad, B_bad)), torch.isfinite(eager))
+
+
 @pytest.mark.parametrize("top_k", [None, 2], ids=["dense", "top2"])
 def test_bf16_collapse_keeps_the_operand_precision(top_k):
     """Near collapse `B_cat z` and `dH A_cat` cancel (κ ≈ 3e2), so the precision Z and dH

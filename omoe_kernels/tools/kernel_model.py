@@ -220,16 +220,24 @@ def _token_flops(L, top_k: int) -> tuple[float, float]:
     return issued, useful
 
 
-def token_forward_work(T: int, L, top_k: int, block_t: int) -> Work:
+def _z_row_bytes(L, scaled: bool) -> int:
+    """Bytes of one written row of Z or dH for a GEMM's a operand: fp32, or the MMA
+    operand format (fp16 and one fp32 scale: configs.scaled_operand)."""
+    return L.ERP * 2 + 4 if scaled else L.ERP * 4
+
+
+def token_forward_work(T: int, L, top_k: int, block_t: int, scaled: bool = False) -> Work:
+    """Reads h and the logits, writes Z (fp32, or `scaled`: the expand's fp16 format)."""
     issued, useful = _token_flops(L, top_k)
-    moved = T * (L.ERP * 4 * 2 + L.num_experts * 4) + L.ERP * L.ERP * 8
+    moved = T * (L.ERP * 4 + _z_row_bytes(L, scaled) + L.num_experts * 4) + L.ERP * L.ERP * 8
     return Work(T * issued, T * useful, moved, "fp64 FMA", (_cdiv(T, block_t),),
                 programs=_cdiv(T, block_t), loop=token_loop(issued))
 
 
-def token_backward_work(T: int, L, top_k: int, block_t: int) -> Work:
+def token_backward_work(T: int, L, top_k: int, block_t: int, scaled: bool = False) -> Work:
     """Recomputes the forward, then reverses it: the Gram part of dH over all K² slot pairs
-    (2·K²·RP² FLOPs) and the MGS reverse (about 20 KP² per step)."""
+    (2·K²·RP² FLOPs) and the MGS reverse (about 20 KP² per step). `scaled`: dH also in
+    dX's fp16 operand format (re-read from the fp32 row the thread just wrote, in L1/L2)."""
     issued, useful = _token_flops(L, top_k)
     K, KP = top_k, next_pow2(top_k)
     issued += 2 * K * K * L.RP * L.RP + 20 * K * KP * KP
@@ -237,7 +245,7 @@ def token_backward_work(T: int, L, top_k: int, block_t: int) -> Work:
     slots = KP if top_k < L.num_experts else 0                  # slot experts, top-k only
     moved = (T * (L.ERP * 4 * 3 + L.num_experts * 4)          # h, dz in; z out; logits in
              + T * L.NW * 4 + T * (KP * KP * 8 + slots * 4)      # dHL, dS per slot pair out
-             + L.ERP * L.ERP * 8)
+             + L.ERP * L.ERP * 8 + (T * _z_row_bytes(L, True) if scaled else 0))
     return Work(T * issued, T * useful, moved, "fp64 FMA", (_cdiv(T, block_t),),
                 programs=_cdiv(T, block_t), loop=token_loop(issued))
 
@@ -363,13 +371,20 @@ class Loop:
     """The longest serial loop of one program: `trips` steps over `over` ("K", "d_out",
     "splits", "tokens", "token chain"). A trip costs: its loads (`load`: "pipelined",
     "round trip" or "" for none), `fp64_ops` dependent float64 operations per thread, and
-    `mma_flops` of tensor-core work by the program (shared with the CTAs beside it)."""
+    `mma_flops` of tensor-core work by the program (shared with the CTAs beside it).
+    `prologue`: load-only pipelined trips before the loop (SCALED_A's weight maxima)."""
 
     trips: int
     over: str
     load: str = "pipelined"
     fp64_ops: float = 0.0
     mma_flops: float = 0.0
+    prologue: int = 0
+
+    def total_s(self, end: int, co_resident: int, card: "Card") -> float:
+        """The loop's time in one program, its prologue included."""
+        prologue = self.prologue * CALIBRATION["pipelined_trip_ns"][end] * 1e-9
+        return self.trips * self.trip_s(end, co_resident, card) + prologue
 
     def trip_s(self, end: int, co_resident: int, card: Card) -> float:
         c = CALIBRATION
@@ -423,7 +438,7 @@ def timing(work: Work, ctas: int, end: int, card: Card = CARDS["h200"],
     co_resident = min(ctas, math.ceil(programs / card.sms))
     latency_s = math.ceil(waves) * c["program_ns"][end] * 1e-9
     if work.loop is not None:
-        latency_s += math.ceil(waves) * work.loop.trips * work.loop.trip_s(end, co_resident, card)
+        latency_s += math.ceil(waves) * work.loop.total_s(end, co_resident, card)
     appended_s = 0.0
     if work.appended is not None:
         appended_s = timing(work.appended, ctas, end, card, gap=False).total_s

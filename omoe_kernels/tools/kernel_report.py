@@ -298,13 +298,13 @@ def _gemm_specs(shape, dtype_name: str, launches: dict, step: bool) -> list[Kern
         specs.append(_spec(f"matmul[{tag}] {label}", launch, sixteen, note, shape.name,
                            phase(when), work))
 
-    # (element sizes: a, b, c, add). B_cat and A_cat are read in place from [E, d, r] / [E, r, d].
-    gemm("expand base+s·Z·Bᵀ", "expand", (T, d, L.ERP), (T, d, R), (4, el, el, el), "forward")
+    # Element sizes (a, b, c, add); B_cat, A_cat read in place; Z, dH in fp16 where SCALED_A.
+    z_el = {k: 2 if launches[k].meta["SCALED_A"] else 4 for k in ("expand", "dX")}
+    gemm("expand base+s·Z·Bᵀ", "expand", (T, d, L.ERP), (T, d, R), (z_el["expand"], el, el, el), "forward")
     gemm("dZ = s·dY·B + G", "dZ", (T, L.ERP, d), (T, R, d), (el, el, 4), "backward", extra=gram)
     gemm("dB = s·dYᵀ·Z (split-K)", "dB", (d, L.ERP, T), (d, R, T), (el, 4, 4), "backward",
          long_k=True)
-    gemm("dX = dH·A + dL·W", "dX", (T, d, L.ERP), (T, d, R + E), (4, el, el), "backward",
-         router_k=L.EPL)
+    gemm("dX = dH·A + dL·W", "dX", (T, d, L.ERP), (T, d, R + E), (z_el["dX"], el, el), "backward", router_k=L.EPL)
     wg = launches["weight_grad"]
     specs.append(_spec(
         f"weight_grad[{tag}] [dA;dW]ᵀ = Xᵀ·[dH|dL] (split-K)", wg, sixteen, note, shape.name,
@@ -337,9 +337,9 @@ def _token_specs(shape, launches: dict) -> list[KernelSpec]:
     block_t = gg.meta["BLOCK_T"]
     return [
         _spec(f"token_forward[{label}]", fwd, False, note, label, "forward",
-              M.token_forward_work(T, L, top_k, fwd.config.block_t)),
+              M.token_forward_work(T, L, top_k, fwd.config.block_t, fwd.meta["SCALED"])),
         _spec(f"token_backward[{label}]", bwd, False, note, label, "backward",
-              M.token_backward_work(T, L, top_k, bwd.config.block_t)),
+              M.token_backward_work(T, L, top_k, bwd.config.block_t, bwd.meta["SCALED"])),
         _spec(f"gram_grad[{label}]", gg, False, "float64 FMA", label, "backward",
               M.gram_grad_work(T, L, top_k, block_t)),
     ]

@@ -51,6 +51,8 @@ def with_launch(launch, work: Optional[Work]) -> Optional[Work]:
                 "mixed_expand_kernel"):
         k = next(v for v in (p("k_per_split"), p("D"), p("K")) if v is not None)
         loop = M.gemm_loop(k, p("BLOCK_M"), p("BLOCK_N"), p("BLOCK_K"))
+        if p("SCALED_A"):   # the weight's per-column max: as many load-only trips first
+            loop = replace(loop, prologue=loop.trips)
         num_gram = (p("num_gram") or 0) * (p("num_adapters") or 1)
         if num_gram and appended is not None:
             rows = (p("GD") or 16) * (p("GR") or 1)  # rows of B one trip covers

@@ -61,13 +61,17 @@ class GemmConfig:
         return _cdiv(M, self.block_m) * _cdiv(N, self.block_n)
 
     @classmethod
-    def matmul(cls, kind: int, N: int, fp16_a: bool = False, interpret: bool = False) -> "GemmConfig":
+    def matmul(cls, kind: int, N: int, fp16_a: bool = False, interpret: bool = False,
+               scaled_a: bool = False) -> "GemmConfig":
         """matmul_kernel's fixed config (on a GPU also the autotuner's fallback shape).
         fp16_a (scaled fp16 operands, `_dot_fp16_scaled`): the partial product of each K
         chunk takes a second [BLOCK_M, BLOCK_N] of registers, so the tile is half as wide
-        (128 wide spills at E·r = 128)."""
+        (128 wide spills at E·r = 128). scaled_a (the expand and dX on the per-token
+        kernels' fp16 operands): one accumulator, sized by SCALED_TILE for two CTAs per SM."""
         if interpret:
             return INTERPRET_MATMUL
+        if scaled_a:
+            return SCALED_TILE
         if kind in SIXTEEN_BIT_KINDS:
             block_n = 64 if N <= 64 or fp16_a else 128
             return cls(128, block_n, 64, group_m=8, num_warps=8, num_stages=3)
@@ -102,6 +106,12 @@ class GemmConfig:
             return replace(cfg, block_m=32 * cfg.num_warps, block_n=ERP)
         return cfg
 
+
+# The expand and dX on scaled fp16 operands (SCALED_A): plain fp16 MMAs into one
+# accumulator, the base tile loaded before the mainloop; sized so that registers and shared
+# memory leave room for two CTAs per SM (tools/kernel_report prints both); not autotuned,
+# so that the tile that runs is the one the report checks.
+SCALED_TILE = GemmConfig(128, 64, 32, group_m=8, num_warps=8, num_stages=3)
 
 # Under TRITON_INTERPRET=1: small tiles, so that small test shapes still use several programs.
 INTERPRET_MATMUL = GemmConfig(32, 32, 32, group_m=2)
@@ -143,6 +153,12 @@ def a_operand_flags(kind: int, bf16_mode: str) -> dict:
         raise ValueError(f"bf16 operand mode must be one of {A_OPERAND_MODES}, got {bf16_mode!r}")
     bf16 = kind == DOT_BF16
     return dict(split_a=bf16 and bf16_mode == "hi_lo", fp16_a=bf16 and bf16_mode == "fp16")
+
+
+def scaled_operand(kind: int, bf16_mode: str) -> bool:
+    """Whether the per-token kernels write Z / dH in the MMA operand format (fp16, a
+    power-of-2 scale per row) for a GEMM of `kind`: fp16 always, bf16 in the "fp16" mode."""
+    return kind == DOT_FP16 or (kind == DOT_BF16 and bf16_mode == "fp16")
 
 
 def b_operand_split(kind: int, bf16_split: bool) -> bool:
@@ -215,7 +231,8 @@ MATMUL_AUTOTUNE = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4
 # Keys on dimensions rounded up to powers of 2 (the launchers' *_bucket arguments), not
 # on T itself: a new token count re-tunes only when it crosses a power of 2.
 MATMUL_AUTOTUNE_KEY = ["m_bucket", "n_bucket", "k_bucket", "HAS_ADD", "SPLIT_A", "SPLIT_B",
-                       "FP16_A", "DOT_KIND", "PACKED_BK", "PACKED_BN", "ROUTER", "WITH_GRAM"]
+                       "FP16_A", "DOT_KIND", "PACKED_BK", "PACKED_BN", "ROUTER", "WITH_GRAM",
+                       "SCALED_A"]
 SHRINK_AUTOTUNE = [(128, 64, 8, 3), (64, 64, 4, 4), (128, 128, 8, 2), (64, 128, 4, 3)]
 SHRINK_AUTOTUNE_KEY = ["t_bucket", "D", "N", "E", "SEPARATE_ROUTER", "DOT_KIND", "BLOCK_N",
                        "BLOCK_E"]

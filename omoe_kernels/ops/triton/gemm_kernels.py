@@ -13,7 +13,8 @@ Kernels:
 - `matmul_kernel`: `C = scale · A B (+ ADD)`, optional split-K into partials, optional
   router term (a BLOCK_E-wide dot) and gram programs. The expand (`Y = base + s Z B_catᵀ`),
   dZ (+ G), dB and dX. An fp32 intermediate (Z, dH) meeting a 16-bit operand enters as
-  scaled fp16, as hi + lo bf16 parts or as bf16 (`_dot_acc`, triton_configs).
+  scaled fp16, as hi + lo bf16 parts or as bf16 (`_dot_acc`, triton_configs); the expand
+  and dX of 16-bit inputs read Z / dH already in fp16 with a scale per row (SCALED_A).
 - `weight_grad_kernel`: split-K partials of `[dA_cat; dW]ᵀ = [Xᵀ dH | Rᵀ dL]`, the
   router's E columns in a narrow tile beside the E·r wide one.
 - `finalize_grads_kernel`: sums the split-K and gram partials and writes grad_B (with
@@ -33,6 +34,7 @@ import triton.language as tl
 # kernel_report find every kernel as K.<name>.
 from .configs import DOT_BF16, DOT_FP16, DOT_FP32_IEEE, DOT_FP32_TF32, DOT_FP64
 from .token_kernels import (  # noqa: F401
+    _pow2_scales,
     _token_forward_block,
     gram_grad_kernel,
     token_backward_kernel,
@@ -61,19 +63,6 @@ def _to_compute(v, DOT_KIND: tl.constexpr, UPCAST: tl.constexpr):
         return v.to(tl.float16)
     else:
         return v.to(tl.float32)
-
-
-@triton.jit
-def _pow2_scales(amax):
-    """(2^(127-e), 2^(e-127)) with e the fp32 exponent field of amax, kept in [1, 253]:
-    amax · scale < 2 (< 4 for amax ≥ 2^127). Built from exponent bits, so both are exact
-    powers of 2 and scale · unscale = 1. The clamp keeps rows past 2^127 (at e = 254 the
-    scale's bits would be 0.0 and zero the row); Inf/NaN keep finite scales and propagate
-    through the values themselves."""
-    exponent = tl.minimum(tl.maximum((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF, 1), 253)
-    scale = ((254 - exponent) << 23).to(tl.float32, bitcast=True)
-    unscale = (exponent << 23).to(tl.float32, bitcast=True)
-    return scale, unscale
 
 
 @triton.jit
@@ -383,7 +372,7 @@ def weight_grad_kernel(x_ptr, r_ptr, dh_ptr, dl_ptr, out_ptr,
 
 
 @triton.jit
-def matmul_kernel(a_ptr, b_ptr, c_ptr, add_ptr, a2_ptr, b2_ptr, c2_ptr, gram_ptr,
+def matmul_kernel(a_ptr, b_ptr, c_ptr, add_ptr, a2_ptr, b2_ptr, c2_ptr, gram_ptr, as_ptr,
                   M, N, K, k_per_split, E, rank, d_out, num_gram, m_bucket, n_bucket, k_bucket,
                   stride_am, stride_ak, stride_bk, stride_bn, stride_b_expert,
                   stride_cs, stride_cm, stride_cn, stride_addm, stride_addn,
@@ -397,7 +386,7 @@ def matmul_kernel(a_ptr, b_ptr, c_ptr, add_ptr, a2_ptr, b2_ptr, c2_ptr, gram_ptr
                   PACKED_BN: tl.constexpr = False, ROUTER: tl.constexpr = 0,
                   BLOCK_E: tl.constexpr = 16, RP: tl.constexpr = 1, ERP: tl.constexpr = 16,
                   WITH_GRAM: tl.constexpr = False, GB: tl.constexpr = 4,
-                  GD: tl.constexpr = 128, GR: tl.constexpr = 1):
+                  GD: tl.constexpr = 128, GR: tl.constexpr = 1, SCALED_A: tl.constexpr = False):
     """C[s] = scale · A[:, K-slice s] B[K-slice s, :] (+ ADD), grid (gram + tiles, splits).
 
     With one split, C is the output (any dtype); with several, C is a partial buffer
@@ -409,6 +398,11 @@ def matmul_kernel(a_ptr, b_ptr, c_ptr, add_ptr, a2_ptr, b2_ptr, c2_ptr, gram_ptr
     WITH_GRAM: the first `num_gram` programs of axis 0 build G = B_catᵀB_cat into
     gram_ptr from B_cat = b (_gram_tile, one split only). m/n/k_bucket (M, N, K rounded up to powers of
     2) are only autotune keys.
+    SCALED_A (the expand and dX of 16-bit inputs): a is fp16 with a power-of-2 scale per
+    row in as_ptr (the per-token kernels' operand format). b enters fp16 scaled per
+    column n to its max over all of K (a prologue over this tile's columns), so both
+    scales factor out of the sum: one fp16 MMA per chunk into one accumulator, unscaled
+    once in the epilogue.
     """
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -439,6 +433,21 @@ def matmul_kernel(a_ptr, b_ptr, c_ptr, add_ptr, a2_ptr, b2_ptr, c2_ptr, gram_ptr
         m_ok = offs_m[:, None] < M
         n_ok = offs_n[None, :] < N
         off_bn, bn_ok = _offsets(offs_n, stride_bn, stride_b_expert, N, E, rank, RP, PACKED_BN)
+        add_ptrs = add_ptr + offs_m[:, None] * stride_addm + offs_n[None, :] * stride_addn
+        if HAS_ADD and SCALED_A:
+            # Before the mainloop, its latency behind the MMAs; the other operand paths load
+            # it after (the fp32 FMA tile has no registers to spare for it).
+            base = tl.load(add_ptrs, mask=m_ok & n_ok, other=0.0)
+        if SCALED_A:
+            b_max = tl.zeros((BLOCK_N, ), dtype=tl.float32)
+            for k0 in range(k_begin, k_end, BLOCK_K):
+                off_bk, bk_ok = _offsets(k0 + offs_k, stride_bk, stride_b_expert, k_end, E, rank,
+                                         RP, PACKED_BK)
+                b = tl.load(b_ptr + off_bk[:, None] + off_bn[None, :],
+                            mask=(((k0 + offs_k) < k_end) & bk_ok)[:, None] & bn_ok[None, :],
+                            other=0.0)
+                b_max = tl.maximum(b_max, tl.max(tl.abs(b.to(tl.float32)), axis=0))
+            b_scale, b_unscale = _pow2_scales(b_max)
         for k0 in range(k_begin, k_end, BLOCK_K):
             k_ok = (k0 + offs_k) < k_end
             off_bk, bk_ok = _offsets(k0 + offs_k, stride_bk, stride_b_expert, k_end, E, rank, RP,
@@ -447,7 +456,19 @@ def matmul_kernel(a_ptr, b_ptr, c_ptr, add_ptr, a2_ptr, b2_ptr, c2_ptr, gram_ptr
                         mask=m_ok & k_ok[None, :], other=0.0)
             b = tl.load(b_ptr + off_bk[:, None] + off_bn[None, :],
                         mask=(k_ok & bk_ok)[:, None] & bn_ok[None, :], other=0.0)
-            acc = _dot_acc(a, b, acc, SPLIT_A, SPLIT_B, FP16_A, DOT_KIND, UPCAST)
+            if SCALED_A:
+                b16 = (b.to(tl.float32) * b_scale[None, :]).to(tl.float16)
+                if UPCAST:
+                    # Interpreter: fp16 products are exact in fp32, as on the tensor cores.
+                    acc = tl.dot(a.to(tl.float32), b16.to(tl.float32), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(a, b16, acc)
+            else:
+                acc = _dot_acc(a, b, acc, SPLIT_A, SPLIT_B, FP16_A, DOT_KIND, UPCAST)
+        if SCALED_A:
+            # The weight's scale first, as in _dot_fp16_scaled (a row's may be extreme).
+            a_unscale = tl.load(as_ptr + offs_m, mask=offs_m < M, other=1.0)
+            acc = acc * b_unscale[None, :] * a_unscale[:, None]
         if ROUTER != 0:
             offs_e = tl.arange(0, BLOCK_E)
             a2 = tl.load(a2_ptr + offs_m[:, None] * stride_a2m + offs_e[None, :] * stride_a2k,
@@ -463,8 +484,8 @@ def matmul_kernel(a_ptr, b_ptr, c_ptr, add_ptr, a2_ptr, b2_ptr, c2_ptr, gram_ptr
                          acc2.to(c2_ptr.dtype.element_ty), mask=m_ok & n_ok)
         acc = acc * scale
         if HAS_ADD:
-            base = tl.load(add_ptr + offs_m[:, None] * stride_addm + offs_n[None, :] * stride_addn,
-                           mask=m_ok & n_ok, other=0.0)
+            if not SCALED_A:
+                base = tl.load(add_ptrs, mask=m_ok & n_ok, other=0.0)
             acc = acc + base.to(ACC)
         c_ptrs = c_ptr + pid_s * stride_cs + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok & n_ok)

@@ -104,12 +104,17 @@ def _packed_b(b: torch.Tensor, packed: Optional[str], L: Layout, Kdim: int):
 
 
 def plan_matmul(a: torch.Tensor, b: torch.Tensor, L: Layout, ops: Operands, epi: Epilogue,
-                target: Target) -> tuple[Launch, torch.Tensor]:
-    """The launch of matmul_kernel for `matmul`, and its output buffer."""
+                target: Target, a_scale: Optional[torch.Tensor] = None
+                ) -> tuple[Launch, torch.Tensor]:
+    """The launch of matmul_kernel for `matmul`, and its output buffer. a_scale: a is the
+    per-token kernels' operand format (fp16, a power-of-2 scale per row in a_scale [M])."""
     M, Kdim = a.shape
     N, Kdim, stride_bk, stride_bn, stride_be = _packed_b(b, ops.packed, L, Kdim)
     device, kind = a.device, ops.kind
-    cfg = C.GemmConfig.matmul(kind, N, ops.fp16_a, target.interpret)
+    scaled = a_scale is not None
+    if scaled and (kind not in C.SIXTEEN_BIT_KINDS or a.dtype != torch.float16 or epi.long_k):
+        raise ValueError("a scaled operand is an fp16 a of a 16-bit GEMM without split-K")
+    cfg = C.GemmConfig.matmul(kind, N, ops.fp16_a, target.interpret, scaled_a=scaled)
     if epi.long_k:
         splits, k_per_split = C.split_k(M, N, Kdim, cfg, target.num_sms, target.interpret)
         out = _empty((splits, M, N), device, torch.float64 if kind == C.DOT_FP64 else torch.float32)
@@ -124,7 +129,7 @@ def plan_matmul(a: torch.Tensor, b: torch.Tensor, L: Layout, ops: Operands, epi:
     _, gram_g, num_gram, d_out, gram_strides = _gram_args(*(epi.gram or (None, None)), L, out)
     if num_gram and splits != 1:
         raise ValueError("the gram programs need a launch without split-K")
-    args = (a, b, out, add_t, a2, b2, c2_t, gram_g, M, N, Kdim, k_per_split, L.num_experts,
+    args = (a, b, out, add_t, a2, b2, c2_t, gram_g, a_scale if scaled else out, M, N, Kdim, k_per_split, L.num_experts,
             L.rank, d_out, num_gram, _pow2_bucket(M), _pow2_bucket(N), _pow2_bucket(Kdim),
             a.stride(0), a.stride(1), stride_bk, stride_bn, stride_be,
             out.stride(0), out.stride(1), out.stride(2), add_t.stride(-2), add_t.stride(-1),
@@ -135,8 +140,8 @@ def plan_matmul(a: torch.Tensor, b: torch.Tensor, L: Layout, ops: Operands, epi:
                 FP16_A=ops.fp16_a, DOT_KIND=kind, UPCAST=ops.upcast,
                 PACKED_BK=ops.packed in ("Bk", "Ak"), PACKED_BN=ops.packed == "Bn",
                 ROUTER=router, BLOCK_E=L.EPL, RP=L.RP, ERP=L.ERP, WITH_GRAM=num_gram > 0,
-                **C.gram_rows(d_out, cfg.num_warps))
-    tuned = target.autotunes(kind)
+                SCALED_A=scaled, **C.gram_rows(d_out, cfg.num_warps))
+    tuned = target.autotunes(kind) and not scaled   # SCALED_TILE: sized for 2 CTAs per SM
     grid = lambda m: (num_gram + triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),  # noqa: E731
                       splits)
     if tuned:
@@ -288,30 +293,37 @@ def finalize_grads(pb: torch.Tensor, pa: torch.Tensor, pg: Optional[torch.Tensor
     return _run(plan_finalize_grads(pb, pa, pg, A, B, L, dtype))
 
 
+def _scaled_rows(T: int, L: Layout, device, scaled: bool):
+    """(fp16 [T, ERP], fp32 row scales [T]) of the MMA operand format, or (None, None)."""
+    if not scaled:
+        return None, None
+    return _empty((T, L.ERP), device, torch.float16), _empty((T,), device, torch.float32)
+
+
 def plan_token_forward(h, logits, G, L: Layout, top_k, orthogonalize, normalize, eps,
-                       target: "Target"):
-    """The launch of token_forward_kernel for `token_forward`, and z."""
+                       target: "Target", scaled: bool = False):
+    """The launch of token_forward_kernel for `token_forward`, and (z, z's row scales or
+    None): z in h's dtype, or with `scaled` in the expand's operand format (fp16)."""
     T = h.shape[0]
-    z = _empty(h.shape, h.device, h.dtype)
+    z16, zs = _scaled_rows(T, L, h.device, scaled)
+    z = z16 if scaled else _empty(h.shape, h.device, h.dtype)
     cfg = C.TokenConfig.of(L, top_k, orthogonalize, normalize,
                            C.tokens_per_program(T, target.num_sms, interpret=target.interpret))
-    args = (h, logits, G if G is not None else h, z, T, cfg.block_t, L.num_experts, top_k,
-            float(eps), h.stride(0), logits.stride(0), z.stride(0))
+    args = (h, logits, G if G is not None else h, z, zs if scaled else z, T, cfg.block_t,
+            L.num_experts, top_k, float(eps), h.stride(0), logits.stride(0), z.stride(0))
     grid = (triton.cdiv(T, cfg.block_t),)
-    return Launch(K.token_forward_kernel, args, cfg.meta(), cfg.options(), grid, cfg), z
-
-
-def token_forward(h, logits, G, L: Layout, top_k, orthogonalize, normalize, eps):
-    return _run(plan_token_forward(h, logits, G, L, top_k, orthogonalize, normalize, eps,
-                                   Target.of(h.device)))
+    meta = dict(cfg.meta(), SCALED=scaled)
+    return Launch(K.token_forward_kernel, args, meta, cfg.options(), grid, cfg), (z, zs)
 
 
 def plan_token_backward(h, logits, G, dz, L: Layout, top_k, orthogonalize, normalize, eps,
-                        target: "Target"):
-    """The launch of token_backward_kernel for `token_backward`, and (z, dhl, ds)."""
+                        target: "Target", scaled: bool = False):
+    """The launch of token_backward_kernel for `token_backward`, and (z, dhl, ds,
+    (dH in dX's operand format, its row scales) or (None, None) without `scaled`)."""
     T = h.shape[0]
     z = _empty(h.shape, h.device, h.dtype)
     dhl = _empty((T, L.NW), h.device, h.dtype)
+    dh16, dhs = _scaled_rows(T, L, h.device, scaled)
     cfg = C.TokenConfig.of(L, top_k, orthogonalize, normalize,
                            C.tokens_per_program(T, target.num_sms, interpret=target.interpret))
     ds = None
@@ -321,19 +333,12 @@ def plan_token_backward(h, logits, G, dz, L: Layout, top_k, orthogonalize, norma
     args = (h, logits, G if G is not None else h, dz, z, dhl,
             ds.values if ds is not None else h,
             ds.experts if ds is not None and ds.experts is not None else h,
-            T, cfg.block_t, L.num_experts, top_k, float(eps),
+            dh16 if scaled else h, dhs if scaled else h, T, cfg.block_t, L.num_experts, top_k, float(eps),
             h.stride(0), logits.stride(0), dz.stride(0), z.stride(0), dhl.stride(0))
     grid = (triton.cdiv(T, cfg.block_t),)
-    launch = Launch(K.token_backward_kernel, args, dict(cfg.meta(), EPL=L.EPL), cfg.options(),
-                    grid, cfg)
-    return launch, (z, dhl, ds)
-
-
-def token_backward(h, logits, G, dz, L: Layout, top_k, orthogonalize, normalize, eps):
-    """Z, dHL = [dH | dlogits | 0] ([T, NW]) and the SlotGrads of dS (or None):
-    gram_grad turns them into (dG + dGᵀ)/2, and dG only enters as dG + dGᵀ."""
-    return _run(plan_token_backward(h, logits, G, dz, L, top_k, orthogonalize, normalize, eps,
-                                    Target.of(h.device)))
+    launch = Launch(K.token_backward_kernel, args, dict(cfg.meta(), EPL=L.EPL, SCALED=scaled),
+                    cfg.options(), grid, cfg)
+    return launch, (z, dhl, ds, (dh16, dhs))
 
 
 def plan_gram_grad(h, ds: SlotGrads, L: Layout, target: Target):
@@ -371,8 +376,8 @@ def plan_forward(x, A, B, router_weight, router_input, base_out, scaling, top_k,
     L = layout(E, r)
     kind = dot_kind(x.dtype, x.device.type)
     upcast = _upcast(x.dtype)
-    launches, G = {}, None
-    if fuse_token and L.ERP <= 256:
+    launches, G, z_scale = {}, None, None
+    if fuse_token and L.ERP <= 256:   # (Z in fp32: the expand scales it per chunk)
         if orthogonalize:
             launches["gram"], G = plan_gram_only(B, L, target)
         token = dict(G=G, top_k=top_k, orthogonalize=orthogonalize, normalize=normalize, eps=eps)
@@ -383,11 +388,13 @@ def plan_forward(x, A, B, router_weight, router_input, base_out, scaling, top_k,
         gram = (B, G) if G is not None else None
         launches["shrink"], (h, logits, _) = plan_shrink(x, router_input, A, router_weight, L, kind,
                                                          upcast, target, gram=gram)
-        launches["token_forward"], z = plan_token_forward(h, logits, G, L, top_k, orthogonalize,
-                                                          normalize, eps, target)
+        launches["token_forward"], (z, z_scale) = plan_token_forward(
+            h, logits, G, L, top_k, orthogonalize, normalize, eps, target,
+            scaled=C.scaled_operand(kind, C.EXPAND_Z))
+    flags = C.a_operand_flags(kind, C.EXPAND_Z)
     launches["expand"], y = plan_matmul(
-        z, B, L, Operands(kind, upcast, "Bk", **C.a_operand_flags(kind, C.EXPAND_Z)),
-        Epilogue(x.dtype, scaling, add=base_out), target)
+        z, B, L, Operands(kind, upcast, "Bk", **flags), Epilogue(x.dtype, scaling, add=base_out),
+        target, a_scale=z_scale)
     return launches, (y[0], h, logits)
 
 
@@ -467,8 +474,9 @@ def plan_backward(grad_y, x, A, B, router_weight, router_input, h, logits, scali
     launches["dZ"], dz = plan_matmul(grad_y, B, L, Operands(kind, upcast, "Bn"),
                                      Epilogue(acc, scaling, gram=(B, G) if G is not None else None),
                                      target)
-    launches["token_backward"], (z, dhl, ds) = plan_token_backward(
-        h, logits, G, dz[0], L, top_k, orthogonalize, normalize, eps, target)
+    launches["token_backward"], (z, dhl, ds, (dh16, dh_scale)) = plan_token_backward(
+        h, logits, G, dz[0], L, top_k, orthogonalize, normalize, eps, target,
+        scaled=C.scaled_operand(kind, C.DX_DH))
     dG_partials = None   # [splits, ERP, ERP]
     if orthogonalize:
         launches["gram_grad"], dG_partials = plan_gram_grad(h, ds, L, target)
@@ -483,8 +491,9 @@ def plan_backward(grad_y, x, A, B, router_weight, router_input, h, logits, scali
     # dX = dH A_cat + dL W (+ a separate router input's own gradient dL W)
     grad_R = _empty(router_input.shape, x.device, dtype) if router_input is not None else None
     launches["dX"], grad_x = plan_matmul(
-        dhl[:, :L.ERP], A, L, Operands(kind, upcast, "Ak", **C.a_operand_flags(kind, C.DX_DH)),
-        Epilogue(dtype, router=(dhl[:, L.ERP:], router_weight, grad_R)), target)
+        dh16 if dh16 is not None else dhl[:, :L.ERP], A, L,
+        Operands(kind, upcast, "Ak", **C.a_operand_flags(kind, C.DX_DH)),
+        Epilogue(dtype, router=(dhl[:, L.ERP:], router_weight, grad_R)), target, a_scale=dh_scale)
     grad_R = grad_R if grad_R is not None else x.new_empty((0,))
     return launches, (grad_x[0], grad_A, grad_B, grad_W, grad_R)
 

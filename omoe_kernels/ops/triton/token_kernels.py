@@ -52,6 +52,19 @@ def _rows(ptr, tokens, stride):
 
 
 @triton.jit
+def _pow2_scales(amax):
+    """(2^(127-e), 2^(e-127)) with e the fp32 exponent field of amax, kept in [1, 253]:
+    amax · scale < 2 (< 4 for amax ≥ 2^127). Built from exponent bits, so both are exact
+    powers of 2 and scale · unscale = 1. The clamp keeps rows past 2^127 (at e = 254 the
+    scale's bits would be 0.0 and zero the row); Inf/NaN keep finite scales and propagate
+    through the values themselves."""
+    exponent = tl.minimum(tl.maximum((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF, 1), 253)
+    scale = ((254 - exponent) << 23).to(tl.float32, bitcast=True)
+    unscale = (exponent << 23).to(tl.float32, bitcast=True)
+    return scale, unscale
+
+
+@triton.jit
 def _pick(M, axis_idx, s):
     """The slice of M at index s of axis 0 ([KP, ...] → [...]): KP selects in the thread."""
     return tl.sum(tl.where(axis_idx == s, M, 0.0), axis=0)
@@ -269,7 +282,7 @@ def _token_setup(h_ptr, l_ptr, g_ptr, start, count, T, E, top_k, eps, stride_ht,
 def _zero_inactive(rows, tok, active, BT: tl.constexpr, EP: tl.constexpr, RP: tl.constexpr):
     """Zeros in the columns of every inactive (or padding) expert of a [T, EP·RP] output."""
     ei = tl.arange(0, EP)[:, None]
-    zeros = tl.zeros((RP, BT), dtype=tl.float64)
+    zeros = tl.zeros((RP, BT), dtype=tl.float32)
     for e in range(EP):
         on = tl.sum(tl.where(ei == e, active, False).to(tl.int32), axis=0) != 0
         _store_cols(rows, e * RP, tok & ~on, zeros, RP)
@@ -289,6 +302,31 @@ def _store_z(z_rows, rows, tok, active, idx, coeff, K: tl.constexpr,
 
 
 @triton.jit
+def _store_scaled(out_rows, scale_ptr, offs_t, rows, tok, active, idx, coeff, K: tl.constexpr,
+                  TOP_K_ROUTING: tl.constexpr, BT: tl.constexpr, EP: tl.constexpr,
+                  KP: tl.constexpr, RP: tl.constexpr):
+    """The MMA operand format of a [T, EP·RP] row (16-bit inputs): out[t] = fp16(v_t ·
+    2^-e_t) and scale[t] = 2^e_t (fp32), v_t = coeff[s] ⊙ rows[t, slot s] over the active
+    slots (coeff = 1: the rows themselves), e_t from the row's fp32 max (_pow2_scales), so
+    every value enters fp16 with 11 significant bits whatever the row's magnitude. Two
+    passes over the slots: the max, then the stores (the second pass re-reads the row,
+    which its own thread wrote or read)."""
+    sk = tl.arange(0, KP)[:, None]
+    amax = tl.zeros((BT, ), dtype=tl.float32)
+    for s in range(K):
+        e = _expert_of(idx, s, TOP_K_ROUTING, BT, KP)
+        v = (_pick(coeff, sk, s)[None, :] * _load_slot(rows, e, tok, BT, RP)).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(v), axis=0))
+    scale, unscale = _pow2_scales(amax)
+    for s in range(K):
+        e = _expert_of(idx, s, TOP_K_ROUTING, BT, KP)
+        v = (_pick(coeff, sk, s)[None, :] * _load_slot(rows, e, tok, BT, RP)).to(tl.float32)
+        _store_cols(out_rows, e * RP, tok, v * scale[None, :], RP)
+    _zero_inactive(out_rows, tok, active, BT, EP, RP)
+    tl.store(scale_ptr + offs_t, unscale, mask=tok)
+
+
+@triton.jit
 def _token_forward_block(h_ptr, l_ptr, g_ptr, z_ptr, start, count, T, E, top_k, eps,
                          stride_ht, stride_lt, stride_zt,
                          K: tl.constexpr, TOP_K_ROUTING: tl.constexpr,
@@ -303,18 +341,24 @@ def _token_forward_block(h_ptr, l_ptr, g_ptr, z_ptr, start, count, T, E, top_k, 
 
 
 @triton.jit
-def token_forward_kernel(h_ptr, l_ptr, g_ptr, z_ptr, T, per_program, E, top_k, eps,
+def token_forward_kernel(h_ptr, l_ptr, g_ptr, z_ptr, zs_ptr, T, per_program, E, top_k, eps,
                          stride_ht, stride_lt, stride_zt,
                          K: tl.constexpr, TOP_K_ROUTING: tl.constexpr,
                          ORTHOGONALIZE: tl.constexpr, NORMALIZE: tl.constexpr,
                          BT: tl.constexpr, EP: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr,
-                         ERP: tl.constexpr):
-    """Z[t] = a ⊙ h for the `per_program` (<= BT) tokens of this program (fp32 out,
-    float64 inside)."""
-    _token_forward_block(h_ptr, l_ptr, g_ptr, z_ptr, tl.program_id(0) * per_program,
-                         per_program, T, E, top_k, eps,
-                         stride_ht, stride_lt, stride_zt, K, TOP_K_ROUTING, ORTHOGONALIZE,
-                         NORMALIZE, BT, EP, KP, RP, ERP)
+                         ERP: tl.constexpr, SCALED: tl.constexpr = False):
+    """Z[t] = a ⊙ h for the `per_program` (<= BT) tokens of this program (float64
+    inside): fp32, or with SCALED the expand's operand format (_store_scaled: fp16 Z
+    scaled per row, the row's scale in zs)."""
+    offs_t, tok, rows, active, idx, gates, coeff, C, SC, P, nsq = _token_setup(
+        h_ptr, l_ptr, g_ptr, tl.program_id(0) * per_program, per_program, T, E, top_k, eps,
+        stride_ht, stride_lt, K, TOP_K_ROUTING, ORTHOGONALIZE, NORMALIZE, BT, EP, KP, RP, ERP)
+    z_rows = _rows(z_ptr, offs_t, stride_zt)
+    if SCALED:
+        _store_scaled(z_rows, zs_ptr, offs_t, rows, tok, active, idx, coeff, K, TOP_K_ROUTING,
+                      BT, EP, KP, RP)
+    else:
+        _store_z(z_rows, rows, tok, active, idx, coeff, K, TOP_K_ROUTING, BT, EP, KP, RP)
 
 
 @triton.jit
@@ -380,17 +424,19 @@ def _reverse_mgs(C, SC, P, nsq, dC, eps, K: tl.constexpr, NORMALIZE: tl.constexp
 
 @triton.jit
 def token_backward_kernel(h_ptr, l_ptr, g_ptr, dz_ptr, z_ptr, dhl_ptr, ds_ptr, slots_ptr,
-                          T, per_program, E, top_k, eps,
+                          dh16_ptr, dhs_ptr, T, per_program, E, top_k, eps,
                           stride_ht, stride_lt, stride_dzt, stride_zt, stride_dhlt,
                           K: tl.constexpr, TOP_K_ROUTING: tl.constexpr,
                           ORTHOGONALIZE: tl.constexpr, NORMALIZE: tl.constexpr,
                           BT: tl.constexpr, EP: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr,
-                          ERP: tl.constexpr, EPL: tl.constexpr):
+                          ERP: tl.constexpr, EPL: tl.constexpr, SCALED: tl.constexpr = False):
     """Per-token reverse of the `per_program` (<= BT) tokens of this program. Writes Z (recomputed), dH into dHL[:, :ERP], dlogits into
     dHL[:, ERP:ERP+E] (zeros up to ERP+EPL), and, when orthogonalizing, the symmetric
     part (dS + dSᵀ)/2 of dS per slot pair into ds [T, KP, KP] (float64; zeros in padding
     slots; dG only enters as dG + dGᵀ, which is the same from either) and, under top-k,
-    the expert of each slot into slots [T, KP] (int32, -1 in padding slots)."""
+    the expert of each slot into slots [T, KP] (int32, -1 in padding slots). SCALED: dH
+    also in dX's operand format (_store_scaled: fp16 [T, ERP] into dh16, its row scales
+    into dhs); the fp32 dH stays for [dA; dW], whose contraction runs over the tokens."""
     offs_t, tok, rows, active, idx, gates, coeff, C, SC, P, nsq = _token_setup(
         h_ptr, l_ptr, g_ptr, tl.program_id(0) * per_program, per_program, T, E, top_k, eps,
         stride_ht, stride_lt, K, TOP_K_ROUTING, ORTHOGONALIZE, NORMALIZE, BT, EP, KP, RP, ERP)
@@ -428,6 +474,10 @@ def token_backward_kernel(h_ptr, l_ptr, g_ptr, dz_ptr, z_ptr, dhl_ptr, ds_ptr, s
                 dh = _add_g_h(dh, _pick(m1, sk, s2), rows, g_ptr, e1, e2, tok, BT, RP, ERP)
         _store_cols(dhl_rows, e1 * RP, tok, dh, RP)
     _zero_inactive(dhl_rows, tok, active, BT, EP, RP)
+    if SCALED:
+        # From the fp32 dH just stored (each thread re-reads its own row).
+        _store_scaled(_rows(dh16_ptr, offs_t, ERP), dhs_ptr, offs_t, dhl_rows, tok, active, idx,
+                      tl.full((KP, BT), 1.0, tl.float64), K, TOP_K_ROUTING, BT, EP, KP, RP)
     # Softmax over the active set: dlogit_i = g_i (dg_i − Σ_j g_j dg_j), widened to the
     # EPL router columns of dHL (zeros past E) so that one store writes them all.
     mean = tl.sum(gates * dgate, axis=0)
