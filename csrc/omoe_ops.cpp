@@ -419,7 +419,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
     if (route == Route::kDirect || route == Route::kDirectRows) {
       RECORD_FUNCTION("omoe::direct", std::vector<c10::IValue>());
       const at::Tensor Bt = B.to(acc).transpose(1, 2);  // [E, r, d_out], a view for fp32
-      const int64_t tc = chunk_tokens(s.T, 8.0 * k * s.d_out, chunk_budget(x));
+      const int64_t rows = route == Route::kDirectRows ? k : s.E;  // e rows per token
+      const int64_t tc = chunk_tokens(s.T, 8.0 * rows * s.d_out, chunk_budget(x));
       if (route == Route::kDirectRows && k < s.E) {  // e of the active (token, slot) pairs
         cpu::topk_direct_forward(h, logits, Bt.transpose(1, 2), top_k, normalize, eps, tc, z);
       } else {
@@ -532,7 +533,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     if (route == Route::kDirect || route == Route::kDirectRows) {
       RECORD_FUNCTION("omoe::direct_backward", std::vector<c10::IValue>());
       const at::Tensor Ba = on_blocks ? Bb : B.to(acc);  // [E, d_out, r], no copy for fp32
-      const int64_t tc = chunk_tokens(s.T, 16.0 * k * s.d_out, chunk_budget(x));
+      const int64_t rows = route == Route::kDirectRows ? k : s.E;  // e rows per token
+      const int64_t tc = chunk_tokens(s.T, 16.0 * rows * s.d_out, chunk_budget(x));
       if (route == Route::kDirectRows && k < s.E) {  // e, de of the active (token, slot) pairs
         dB_direct = cpu::topk_direct_backward(hc, lc, dz, Ba, top_k, normalize, eps, tc, z, dh,
                                               dlogits);
