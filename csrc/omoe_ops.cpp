@@ -18,6 +18,7 @@
 
 #include "omoe_cpu_expand.h"
 #include "omoe_cpu_pass.h"
+#include "omoe_cpu_topk.h"
 #include "omoe_ops.h"
 #include "omoe_token.h"
 #include "omoe_weight_cache.h"
@@ -179,7 +180,9 @@ at::Tensor gram_matrix(const at::Tensor& B, at::Tensor& B_cat,
 // On the CPU the forward takes pairs or direct; the backward takes pairs, pairs_gemm or
 // direct. batched (GH for all E² pairs, K = r GEMMs) is what the other devices take; on
 // the CPU it runs only when forced (it tests the per-token code the GPU shares).
-enum class Route { kBatched, kPairs, kPairsGemm, kDirect };
+// direct_rows is the direct route on each token's active experts only (top-k), direct on
+// all E (one batched GEMM per chunk: cheaper for a few tokens, where calls dominate).
+enum class Route { kBatched, kPairs, kPairsGemm, kDirect, kDirectRows };
 
 // G above this size is never formed: the direct route needs no G (docs/contract.md §4: no
 // (E·r)² workspace at once).
@@ -192,26 +195,79 @@ constexpr double kVectorCost = 1.0;
 // far more when another process holds a core (its threads wait for each other): a few
 // tokens are cheaper in the scalar pairs route than in any batched GEMM.
 constexpr double kBatchedCallCost = 50000.0;
+// The top-k direct route's GEMMs (one per expert, over its rows) are thin: r is their
+// inner or outer dimension. One costs about kGemmCallCost on its own, and per row and
+// output column about kGemmRowCost plus r multiply-adds at kFloat32GemmCost each in float32
+// (twice the lanes), 1 in float64 (bench/notes/cpu-topk-direct.md).
+constexpr double kGemmCallCost = 75000.0;
+constexpr double kGemmRowCost = 12.0;
+constexpr double kFloat32GemmCost = 0.5;
 
-// OMOE_ROUTE=batched|pairs|pairs_gemm|direct forces a route on the CPU (tests run every
-// route); pairs_gemm forces pairs on the forward.
+// OMOE_ROUTE=batched|pairs|pairs_gemm|direct|direct_all forces a route on the CPU (tests
+// run every route); pairs_gemm forces pairs on the forward; direct takes the active rows
+// under top-k, direct_all all E experts.
 Route forced_route(Route chosen, bool backward) {
   const char* env = std::getenv("OMOE_ROUTE");
   if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) return chosen;
   if (std::strcmp(env, "batched") == 0) return Route::kBatched;
   if (std::strcmp(env, "pairs") == 0) return Route::kPairs;
   if (std::strcmp(env, "pairs_gemm") == 0) return backward ? Route::kPairsGemm : Route::kPairs;
-  if (std::strcmp(env, "direct") == 0) return Route::kDirect;
-  TORCH_CHECK(false,
-              "omoe: OMOE_ROUTE must be auto, batched, pairs, pairs_gemm or direct, got '", env,
-              "'");
+  if (std::strcmp(env, "direct") == 0) return Route::kDirectRows;
+  if (std::strcmp(env, "direct_all") == 0) return Route::kDirect;
+  TORCH_CHECK(
+      false,
+      "omoe: OMOE_ROUTE must be auto, batched, pairs, pairs_gemm, direct or direct_all, "
+      "got '",
+      env, "'");
 }
 
-// The cheapest route for one pass, counted in float64 multiply-adds. gram_free: G costs
-// nothing here (cached, or worth caching because the weights will be reused).
-Route choose_route(const Sizes& s, int64_t k, bool backward, bool gram_free, bool on_cpu) {
+// What one pass costs by each route, counted in float64 multiply-adds. gram_free: G costs
+// nothing here (cached, or worth caching because the weights will be reused). float32: h
+// is float32, so the top-k direct route's GEMMs run in float32.
+struct PassCosts {
+  double pairs, pairs_gemm, direct, direct_rows;
+  double through_g(bool backward) const {
+    return backward ? std::min(pairs, pairs_gemm) : pairs;
+  }
+  double direct_best() const { return std::min(direct, direct_rows); }
+};
+PassCosts pass_costs(const Sizes& s, int64_t k, bool backward, bool gram_free, bool float32) {
   const double T = double(s.T), R = double(s.E * s.r), d = double(s.d_out), r = double(s.r);
   const double E = double(s.E), kk = double(k) * double(k);
+  PassCosts c;
+  // G once (unless free), and B_cat (dG + dGᵀ) in the backward.
+  const double gram_fixed = (gram_free ? 0.0 : d * R * R) + (backward ? d * R * R : 0.0);
+  // S for the k(k+1)/2 active pairs (vectorized), in the forward and again in the backward.
+  const double pair_gram = kVectorCost * T * 0.5 * kk * r * r;
+  c.pairs =
+      gram_fixed + pair_gram +
+      (backward ? kScalarCost * 2.0 * T * kk * r * r + double(at::get_num_threads()) * R * R
+                : 0.0);
+  // W (T·E·R values), then dh and dG + dGᵀ by two batched GEMMs (T·R² each) per chunk.
+  c.pairs_gemm = gram_fixed + pair_gram + T * E * R + 2.0 * T * R * R +
+                 2.0 * kBatchedCallCost * std::ceil(T * E * R * 8.0 / (4 << 20));
+  // The direct route's GEMMs: e_i = B_i h_i, and in the backward dh_i and dB_i. direct: all
+  // E experts by batched GEMMs; direct_rows (top-k): each token's k active ones, by a GEMM
+  // per expert with tokens, after routing every token ahead.
+  const double gemm_passes = backward ? 3.0 : 1.0;
+  const double rest =
+      kScalarCost * (backward ? 2.0 : 1.0) * T * kk * d + R * d /* B in float64 */;
+  c.direct = gemm_passes * (T * R * d + kBatchedCallCost) + rest;
+  c.direct_rows =
+      k < s.E ? gemm_passes * (T * double(k) * d *
+                                   (kGemmRowCost + (float32 ? kFloat32GemmCost : 1.0) * r) +
+                               std::min(E, T * double(k)) * kGemmCallCost) +
+                    T * E * double(k) + rest
+              : c.direct;
+  return c;
+}
+
+// The cheapest route for one pass. Under top-k with G not at hand the route is chosen for
+// the training step, forward and backward together: a forward that takes the direct route
+// leaves no G for the backward, so a backward through G would pay for G anyway.
+Route choose_route(const Sizes& s, int64_t k, bool backward, bool gram_free, bool on_cpu,
+                   bool float32) {
+  const double R = double(s.E * s.r);
   const bool gram_fits = R * R * 8.0 <= kMaxGramBytes;
   if (!on_cpu) {
     TORCH_CHECK(gram_fits, "omoe: G = B_catᵀB_cat would take ", R * R * 8.0 / (1 << 20),
@@ -219,26 +275,19 @@ Route choose_route(const Sizes& s, int64_t k, bool backward, bool gram_free, boo
                 kMaxGramBytes / (1 << 20), " MiB: use backend='reference' or a smaller E·r");
     return Route::kBatched;
   }
-  // G once (unless free), and B_cat (dG + dGᵀ) in the backward.
-  const double gram_fixed = (gram_free ? 0.0 : d * R * R) + (backward ? d * R * R : 0.0);
-  // S for the k(k+1)/2 active pairs (vectorized), in the forward and again in the backward.
-  const double pair_gram = kVectorCost * T * 0.5 * kk * r * r;
-  const double pairs =
-      gram_fixed + pair_gram +
-      (backward ? kScalarCost * 2.0 * T * kk * r * r + double(at::get_num_threads()) * R * R
-                : 0.0);
-  // W (T·E·R values), then dh and dG + dGᵀ by two batched GEMMs (T·R² each) per chunk.
-  const double pairs_gemm = gram_fixed + pair_gram + T * E * R + 2.0 * T * R * R +
-                            2.0 * kBatchedCallCost * std::ceil(T * E * R * 8.0 / (4 << 20));
-  const double direct = (backward ? 3.0 : 1.0) * T * R * d +
-                        kScalarCost * (backward ? 2.0 : 1.0) * T * kk * d +
-                        R * d /* B in float64 */ + (backward ? 3.0 : 1.0) * kBatchedCallCost;
-  const double through_g = backward ? std::min(pairs, pairs_gemm) : pairs;
-  Route best = !gram_fits || direct < through_g
-                   ? Route::kDirect
-                   : (backward && pairs_gemm < pairs ? Route::kPairsGemm : Route::kPairs);
+  const PassCosts c = pass_costs(s, k, backward, gram_free, float32);
+  bool direct = c.direct_best() < c.through_g(backward);
+  if (k < s.E && !gram_free) {
+    const PassCosts f = pass_costs(s, k, false, false, float32),
+                    b = pass_costs(s, k, true, true, float32);
+    direct = f.direct_best() + pass_costs(s, k, true, false, float32).direct_best() <
+             f.through_g(false) + b.through_g(true);
+  }
+  Route best = !gram_fits || direct
+                   ? (c.direct_rows < c.direct ? Route::kDirectRows : Route::kDirect)
+                   : (backward && c.pairs_gemm < c.pairs ? Route::kPairsGemm : Route::kPairs);
   best = forced_route(best, backward);
-  if (best != Route::kDirect)
+  if (best != Route::kDirect && best != Route::kDirectRows)
     TORCH_CHECK(gram_fits, "omoe: OMOE_ROUTE asks for G = B_catᵀB_cat, which would take ",
                 R * R * 8.0 / (1 << 20), " MiB (E·r = ", s.E * s.r, ")");
   return best;
@@ -311,9 +360,12 @@ void token_backward_cpu(const at::Tensor& h, const at::Tensor& logits, const at:
 
 }  // namespace
 
+// Priced as float64: a segment this sends to omoe::forward prices its own dtype there.
 bool forward_prefers_gram(const Sizes& s, int64_t k) {
-  return choose_route(s, k, /*backward=*/false, /*gram_free=*/true, /*on_cpu=*/true) !=
-         Route::kDirect;
+  const Route route =
+      choose_route(s, k, /*backward=*/false, /*gram_free=*/true, /*on_cpu=*/true,
+                   /*float32=*/false);
+  return route != Route::kDirect && route != Route::kDirectRows;
 }
 
 // ---- device-generic orchestration -----------------------------------------------
@@ -361,21 +413,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
     RECORD_FUNCTION("omoe::orthogonalize", std::vector<c10::IValue>());
     token_forward(h, logits, at::Tensor(), s.E, s.r, top_k, false, normalize, eps, z);
   } else if (s.T > 0) {
-    const Route route = choose_route(s, k, /*backward=*/false, found.seen, x.is_cpu());
-    if (route == Route::kDirect) {
+    const Route route =
+        choose_route(s, k, /*backward=*/false, found.seen, x.is_cpu(), acc == at::kFloat);
+    if (route == Route::kDirect || route == Route::kDirectRows) {
       RECORD_FUNCTION("omoe::direct", std::vector<c10::IValue>());
       const at::Tensor Bt = B.to(acc).transpose(1, 2);  // [E, r, d_out], a view for fp32
-      const int64_t tc = chunk_tokens(s.T, 8.0 * s.E * s.d_out, chunk_budget(x));
-      for (int64_t t0 = 0; t0 < s.T; t0 += tc) {
-        const int64_t n = std::min(tc, s.T - t0);
-        const at::Tensor e = at::bmm(part(expert_blocks(h, s.E, s.r), 1, t0, n), Bt);
-        at::Tensor zc = part(z, 0, t0, n);
-        AT_DISPATCH_FLOATING_TYPES(e.scalar_type(), "omoe_direct", [&] {
-          cpu::token_forward_pass(
-              part(h, 0, t0, n), part(logits, 0, t0, n),
-              cpu::DirectRoute<scalar_t>{e.data_ptr<scalar_t>(), nullptr, n, s.d_out, int(s.E)},
-              s.E, s.r, top_k, true, normalize, eps, zc);
-        });
+      const int64_t rows = route == Route::kDirectRows ? k : s.E;  // e rows per token
+      const int64_t tc = chunk_tokens(s.T, 8.0 * rows * s.d_out, chunk_budget(x));
+      if (route == Route::kDirectRows && k < s.E) {  // e of the active (token, slot) pairs
+        cpu::topk_direct_forward(h, logits, Bt.transpose(1, 2), top_k, normalize, eps, tc, z);
+      } else {
+        for (int64_t t0 = 0; t0 < s.T; t0 += tc) {
+          const int64_t n = std::min(tc, s.T - t0);
+          const at::Tensor e = at::bmm(part(expert_blocks(h, s.E, s.r), 1, t0, n), Bt);
+          at::Tensor zc = part(z, 0, t0, n);
+          AT_DISPATCH_FLOATING_TYPES(e.scalar_type(), "omoe_direct", [&] {
+            cpu::token_forward_pass(part(h, 0, t0, n), part(logits, 0, t0, n),
+                                    cpu::DirectRoute<scalar_t>{e.data_ptr<scalar_t>(), nullptr,
+                                                               n, s.d_out, int(s.E)},
+                                    s.E, s.r, top_k, true, normalize, eps, zc);
+          });
+        }
       }
     } else {
       at::Tensor G;
@@ -469,40 +527,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     token_backward(hc, lc, at::Tensor(), dz, s.E, s.r, top_k, false, normalize, eps, z, dh,
                    dlogits, none);
   } else if (s.T > 0) {
-    const Route route = choose_route(s, k, /*backward=*/true, found.G.defined(), x.is_cpu());
-    if (route == Route::kDirect) {
+    const Route route =
+        choose_route(s, k, /*backward=*/true, found.G.defined(), x.is_cpu(), acc == at::kFloat);
+    if (route == Route::kDirect || route == Route::kDirectRows) {
       RECORD_FUNCTION("omoe::direct_backward", std::vector<c10::IValue>());
       const at::Tensor Ba = on_blocks ? Bb : B.to(acc);  // [E, d_out, r], no copy for fp32
-      const int64_t tc = chunk_tokens(s.T, 16.0 * s.E * s.d_out, chunk_budget(x));
-      for (int64_t t0 = 0; t0 < s.T; t0 += tc) {
-        const int64_t n = std::min(tc, s.T - t0);
-        const at::Tensor hb = part(expert_blocks(hc, s.E, s.r), 1, t0, n);  // [E, n, r]
-        const at::Tensor e = at::bmm(hb, Ba.transpose(1, 2));               // [E, n, d_out]
-        const at::Tensor de = at::empty_like(e);
-        at::Tensor zc = part(z, 0, t0, n), dhc = part(dh, 0, t0, n),
-                   dlc = part(dlogits, 0, t0, n);
-        AT_DISPATCH_FLOATING_TYPES(e.scalar_type(), "omoe_direct_backward", [&] {
-          cpu::token_backward_pass(
-              part(hc, 0, t0, n), part(lc, 0, t0, n),
-              cpu::DirectRoute<scalar_t>{e.data_ptr<scalar_t>(), de.data_ptr<scalar_t>(), n,
-                                         s.d_out, int(s.E)},
-              part(dz, 0, t0, n), s.E, s.r, top_k, true, normalize, eps, zc, dhc, dlc);
-        });
-        // dh_i += B_iᵀ de_i; Σ_t de_i h_iᵀ straight into B's layout (no per-expert GEMMs,
-        // no permuted copy of dB at the end).
-        if (on_blocks) {
-          cpu::rows_times_blocks(de, n * s.d_out, Ba, dhc, n, 1.0, /*accumulate=*/true);
-          const cpu::OuterArgs term{de, part(hc, 0, t0, n), n * s.d_out, 1.0};
-          if (n == s.T) {
-            de_term = term;
+      const int64_t rows = route == Route::kDirectRows ? k : s.E;  // e rows per token
+      const int64_t tc = chunk_tokens(s.T, 16.0 * rows * s.d_out, chunk_budget(x));
+      if (route == Route::kDirectRows && k < s.E) {  // e, de of the active (token, slot) pairs
+        dB_direct = cpu::topk_direct_backward(hc, lc, dz, Ba, top_k, normalize, eps, tc, z, dh,
+                                              dlogits);
+      } else {
+        for (int64_t t0 = 0; t0 < s.T; t0 += tc) {
+          const int64_t n = std::min(tc, s.T - t0);
+          const at::Tensor hb = part(expert_blocks(hc, s.E, s.r), 1, t0, n);  // [E, n, r]
+          const at::Tensor e = at::bmm(hb, Ba.transpose(1, 2));               // [E, n, d_out]
+          const at::Tensor de = at::empty_like(e);
+          at::Tensor zc = part(z, 0, t0, n), dhc = part(dh, 0, t0, n),
+                     dlc = part(dlogits, 0, t0, n);
+          AT_DISPATCH_FLOATING_TYPES(e.scalar_type(), "omoe_direct_backward", [&] {
+            cpu::token_backward_pass(
+                part(hc, 0, t0, n), part(lc, 0, t0, n),
+                cpu::DirectRoute<scalar_t>{e.data_ptr<scalar_t>(), de.data_ptr<scalar_t>(), n,
+                                           s.d_out, int(s.E)},
+                part(dz, 0, t0, n), s.E, s.r, top_k, true, normalize, eps, zc, dhc, dlc);
+          });
+          // dh_i += B_iᵀ de_i; Σ_t de_i h_iᵀ straight into B's layout (no per-expert GEMMs,
+          // no permuted copy of dB at the end).
+          if (on_blocks) {
+            cpu::rows_times_blocks(de, n * s.d_out, Ba, dhc, n, 1.0, /*accumulate=*/true);
+            const cpu::OuterArgs term{de, part(hc, 0, t0, n), n * s.d_out, 1.0};
+            if (n == s.T) {
+              de_term = term;
+            } else {
+              if (!dB_direct.defined()) dB_direct = at::empty_like(Ba);
+              cpu::outer_blocks(dB_direct, /*accumulate=*/t0 > 0, n, term);
+            }
           } else {
-            if (!dB_direct.defined()) dB_direct = at::empty_like(Ba);
-            cpu::outer_blocks(dB_direct, /*accumulate=*/t0 > 0, n, term);
+            dhc.view({n, s.E, s.r}).add_(at::bmm(de, Ba).transpose(0, 1));
+            if (!dB_direct.defined()) dB_direct = at::bmm(de.transpose(1, 2), hb);
+            else dB_direct.baddbmm_(de.transpose(1, 2), hb);
           }
-        } else {
-          dhc.view({n, s.E, s.r}).add_(at::bmm(de, Ba).transpose(0, 1));
-          if (!dB_direct.defined()) dB_direct = at::bmm(de.transpose(1, 2), hb);
-          else dB_direct.baddbmm_(de.transpose(1, 2), hb);
         }
       }
     } else {

@@ -1,6 +1,7 @@
-"""The compiled CPU op's three routes to the per-token Gram matrix (docs/algorithm.md,
+"""The compiled CPU op's routes to the per-token Gram matrix (docs/algorithm.md,
 "Routes"): each one against the float64 oracle on every accuracy row of
-docs/contract.md §2, and the cost model's choice between them.
+docs/contract.md §2 (dense and top-k: under top-k the direct route forms e_i only for each
+token's active experts), and the cost model's choice between them.
 
 OMOE_ROUTE (read by the C++ op at every call) forces a route; unset, the op picks one.
 """
@@ -27,7 +28,8 @@ from helpers import (
 pytestmark = pytest.mark.skipif("cpu" not in COMPILED_BACKENDS,
                                 reason="the compiled CPU op is not built")
 
-ROUTES = ("batched", "pairs", "pairs_gemm", "direct")
+# direct: under top-k, e_i of each token's active experts only; direct_all: of all E.
+ROUTES = ("batched", "pairs", "pairs_gemm", "direct", "direct_all")
 SHAPE = (48, 40, 36, 4, 4)  # as test_accuracy: κ < 10 random, ≈3e2 / 3e3 at collapse
 
 
@@ -82,6 +84,72 @@ def test_route_vector_loops_and_their_tails(route, top_k, collapse):
     assert_matches_oracle(problem, "cpu", fwd_tol, grad_tol, top_k=top_k)
 
 
+# ---- top-k: the direct route forms e_i only for each token's active experts ------------
+
+@pytest.mark.parametrize("tokens", [0, 1, 7])
+def test_route_topk_few_and_odd_tokens(route, tokens):
+    # T = 1 and 7: an expert with no token, or with one; T = 0: no rows at all.
+    problem = make_problem(tokens, 12, 10, 5, 3, seed=17, with_router_input=True)
+    if tokens == 0:
+        y, grads = run_backend(problem, "cpu", random_grad((0, 10), torch.float32), top_k=2)
+        assert y.shape == (0, 10)
+        assert not grads["B"].any() and not grads["A"].any()
+        return
+    assert_matches_oracle(problem, "cpu", 1e-5, 1e-4, top_k=2)
+
+
+def test_route_topk_ties_and_nan_logits_route_as_the_oracle(route):
+    # Experts 1 and 2 tie in every token's logits (ties go to the lower index); token 3's
+    # logits are all NaN (NaN ranks above every number, the lowest indices win, and its
+    # output is NaN). The direct route groups tokens by the same routing as the pass.
+    problem = make_problem(9, 12, 10, 4, 3, dtype=torch.float64, seed=18)
+    W = problem.router_weight.clone()
+    W[2] = W[1]
+    problem = problem.replace(router_weight=W)
+    assert_matches_oracle(problem, "cpu", 1e-12, 1e-10, top_k=2)
+    assert_matches_oracle(problem, "cpu", 1e-12, 1e-10, top_k=3)
+    x = problem.x.clone()
+    x[3, 0] = float("nan")
+    problem = problem.replace(x=x)
+    y, _ = run_backend(problem, "cpu", top_k=2)
+    y_ref, _ = oracle(problem, top_k=2)
+    assert torch.equal(torch.isnan(y), torch.isnan(y_ref)) and torch.isnan(y[3]).all()
+    assert_rel_close(y[torch.arange(9) != 3], y_ref[torch.arange(9) != 3], 1e-12, "forward")
+
+
+def test_route_topk_nan_in_an_unrouted_expert_stays_out(route):
+    # Logits c_i·Σ(router_input) with c = (3, 2, 1, 0) and a positive router_input: every
+    # token routes to experts 0 and 1, never to 3, whose A holds a NaN (so its h_3 is NaN).
+    problem = make_problem(6, 8, 7, 4, 2, seed=19, with_router_input=True)
+    ri = problem.router_input.abs() + 0.1
+    W = torch.tensor([3.0, 2.0, 1.0, 0.0]).unsqueeze(1).expand(4, 8).contiguous()
+    clean = problem.replace(router_input=ri, router_weight=W)
+    A = clean.A.clone()
+    A[3, 1, 2] = float("nan")
+    grad_y = random_grad((6, 7), torch.float32)
+    y_clean, _ = run_backend(clean, "cpu", top_k=2)
+    y, grads = run_backend(clean.replace(A=A), "cpu", grad_y, top_k=2)
+    assert torch.equal(y, y_clean), "an unrouted expert's NaN reached the output"
+    if route == "direct":  # no GEMM reads expert 3: its dB is exactly 0, the rest finite
+        assert torch.equal(grads["B"][3], torch.zeros_like(grads["B"][3]))
+        assert torch.isfinite(grads["B"]).all() and torch.isfinite(grads["router_weight"]).all()
+
+
+def test_route_topk_direct_gradcheck_float64(monkeypatch):
+    monkeypatch.setenv("OMOE_ROUTE", "direct")
+    problem = make_problem(5, 4, 5, 4, 2, dtype=torch.float64, seed=20, with_router_input=True)
+    names = list(problem.tensors())
+    inputs = tuple(t.detach().clone().requires_grad_(True) for t in problem.tensors().values())
+
+    def fn(*tensors):
+        kw = dict(zip(names, tensors))
+        return ok.omoe_lora(kw["x"], kw["A"], kw["B"], kw["router_weight"], scaling=0.7,
+                            base_out=kw.get("base_out"), router_input=kw.get("router_input"),
+                            top_k=2, backend="cpu")
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
 def test_route_bad_name_is_refused(monkeypatch):
     monkeypatch.setenv("OMOE_ROUTE", "fastest")
     problem = make_problem(*SHAPE, seed=14)
@@ -91,8 +159,9 @@ def test_route_bad_name_is_refused(monkeypatch):
 
 # ---- the cost model's choice (unset OMOE_ROUTE) ---------------------------------------
 
-def _ranges(T, E, r, d, top_k=None, train=True, calls=1):
-    """The omoe:: profiler ranges of the last of `calls` calls with the same weights."""
+def _ranges(T, E, r, d, top_k=None, train=True, calls=1, with_ops=False):
+    """The omoe:: profiler ranges of the last of `calls` calls with the same weights (and,
+    with_ops, the names of every event too)."""
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(T, d, generator=gen, requires_grad=train)
     A = torch.randn(E, r, d, generator=gen).div_(d ** 0.5).requires_grad_(train)
@@ -103,7 +172,9 @@ def _ranges(T, E, r, d, top_k=None, train=True, calls=1):
             y = ok.omoe_lora(x, A, B, W, top_k=top_k, backend="cpu")
             if train:
                 y.sum().backward()
-    return {e.name for e in prof.events() if e.name.startswith("omoe::")}
+    names = {e.name for e in prof.events()}
+    ranges = {n for n in names if n.startswith("omoe::")}
+    return (ranges, names) if with_ops else ranges
 
 
 @pytest.fixture
@@ -131,6 +202,15 @@ def test_top1_of_many_experts_takes_the_active_pairs(auto_route):
     # k² r² per token from G, not the (E·r)² of all pairs.
     names = _ranges(T=512, E=16, r=2, d=64, top_k=1)
     assert {"omoe::pairs", "omoe::pairs_backward"} <= names
+
+
+def test_top2_of_many_experts_trains_on_the_active_rows(auto_route):
+    # A training step at E·r = 256 with B new: forming G costs d·(E·r)², the direct route
+    # T·k·r·d for the 2 active experts of each token, by a GEMM per expert (no batched GEMM
+    # over all E).
+    names, ops = _ranges(T=64, E=16, r=16, d=256, top_k=2, with_ops=True)
+    assert {"omoe::direct", "omoe::direct_backward"} <= names
+    assert "omoe::gram" not in names and "aten::bmm" not in ops
 
 
 def test_reused_weights_switch_decoding_to_the_cached_gram(auto_route):

@@ -1,0 +1,245 @@
+// The direct route under top-k routing (k < E) on the CPU: e_i = B_i h_i for each token's
+// k active experts only, T·k·r·d work instead of the dense direct route's T·E·r·d.
+//
+// A chunk's (token, slot) pairs are grouped by expert (a counting sort of the routing that
+// route_token gives, the one the token pass itself runs), so expert i's rows are contiguous:
+// hs (h_i of its tokens, [rows, r]) and e (their e_i, [rows, d_out]). One GEMM per expert
+// forms e; the backward's de uses the same rows, and dh_i += B_iᵀ de_i and
+// dB_i = Σ_t de_i h_iᵀ are one GEMM each per expert over its tokens only. An expert no
+// token routes to is never read: a NaN in its weights reaches neither S nor these GEMMs.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "omoe_cpu_pass.h"
+#include "omoe_token.h"
+
+namespace omoe {
+namespace cpu {
+
+// The expert-grouped layout of a chunk's active (token, slot) pairs.
+struct ActiveRows {
+  std::vector<int> row;         // [n·k]: the row of token t's slot m (m-th active expert)
+  std::vector<int64_t> token;   // [n·k]: the token of each row
+  std::vector<int64_t> offset;  // [E + 1]: expert i's rows are [offset[i], offset[i + 1])
+  int64_t k = 0;
+  int64_t rows(int i) const { return offset[i + 1] - offset[i]; }
+};
+
+// The top_k experts of one token in ascending order, as route_token's active list: the same
+// order (ranks_above, a strict total order: NaN first, ties to the lower index), so the same
+// set, found with E·top_k comparisons instead of route_token's E².
+template <typename scalar_t>
+void top_experts(const scalar_t* logits, int E, int top_k, int* best) {
+  int n = 0;  // best[0, n): the top experts so far, highest rank first
+  for (int i = 0; i < E; ++i) {
+    const double li = static_cast<double>(logits[i]);
+    int at = n;
+    while (at > 0 &&
+           ranks_above(li, i, static_cast<double>(logits[best[at - 1]]), best[at - 1]))
+      --at;
+    if (at >= top_k) continue;
+    for (int q = std::min(n, top_k - 1); q > at; --q) best[q] = best[q - 1];
+    best[at] = i;
+    n = std::min(n + 1, top_k);
+  }
+  std::sort(best, best + top_k);
+}
+
+// Routes the n tokens of `logits` ([n, E]) as the token pass does (top_experts: slot m is
+// the m-th of route_token's ascending active list) and groups their slots by expert, each
+// expert's rows in token order.
+template <typename scalar_t>
+ActiveRows active_rows(const scalar_t* logits, int64_t n, int E, int top_k) {
+  ActiveRows a;
+  a.k = top_k;
+  std::vector<int> expert(size_t(n * top_k));
+  at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      top_experts(logits + t * E, E, top_k, expert.data() + t * top_k);
+  });
+  a.offset.assign(size_t(E) + 1, 0);
+  for (const int i : expert) ++a.offset[size_t(i) + 1];
+  for (int i = 0; i < E; ++i) a.offset[size_t(i) + 1] += a.offset[size_t(i)];
+  std::vector<int64_t> next(a.offset.begin(), a.offset.end() - 1);
+  a.row.resize(expert.size());
+  a.token.resize(expert.size());
+  for (int64_t q = 0; q < int64_t(expert.size()); ++q) {
+    const int64_t row = next[size_t(expert[size_t(q)])]++;
+    a.row[size_t(q)] = int(row);
+    a.token[size_t(row)] = q / top_k;
+  }
+  return a;
+}
+
+// hs[row] = h_i of the row's token (h: [n, E·r]); hs: [n·k, r].
+inline at::Tensor gather_rows(const at::Tensor& h, const ActiveRows& a, int E, int64_t r) {
+  at::Tensor hs = at::empty({int64_t(a.token.size()), r}, h.options());
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "omoe_topk_gather", [&] {
+    const scalar_t* src = h.data_ptr<scalar_t>();
+    scalar_t* dst = hs.data_ptr<scalar_t>();
+    for (int i = 0; i < E; ++i)
+      for (int64_t row = a.offset[size_t(i)]; row < a.offset[size_t(i) + 1]; ++row)
+        std::memcpy(dst + row * r, src + (a.token[size_t(row)] * E + i) * r,
+                    sizeof(scalar_t) * size_t(r));
+  });
+  return hs;
+}
+
+// e[rows of i] = hs[rows of i] B_iᵀ for every expert with rows (B: [E, d_out, r]).
+inline at::Tensor expert_outputs(const at::Tensor& hs, const at::Tensor& B,
+                                 const ActiveRows& a) {
+  at::Tensor e = at::empty({hs.size(0), B.size(1)}, hs.options());
+  for (int i = 0; i < int(B.size(0)); ++i) {
+    if (a.rows(i) == 0) continue;
+    at::Tensor e_i = e.narrow(0, a.offset[size_t(i)], a.rows(i));
+    at::mm_out(e_i, hs.narrow(0, a.offset[size_t(i)], a.rows(i)), B[i].t());
+  }
+  return e;
+}
+
+// The backward's GEMMs after the pass: dh[t, block i] += de_i B_i over expert i's rows,
+// and dB[i] (+)= de_iᵀ hs_i. written[i] says whether dB[i] holds a sum yet.
+inline void expert_gradients(const at::Tensor& de, const at::Tensor& hs, const at::Tensor& B,
+                             const ActiveRows& a, at::Tensor& dh, at::Tensor& dB,
+                             std::vector<char>& written) {
+  const int E = int(B.size(0));
+  const int64_t r = B.size(2);
+  at::Tensor dhs = at::empty_like(hs);
+  for (int i = 0; i < E; ++i) {
+    const int64_t n = a.rows(i), off = a.offset[size_t(i)];
+    if (n == 0) continue;
+    const at::Tensor de_i = de.narrow(0, off, n), hs_i = hs.narrow(0, off, n);
+    at::Tensor dhs_i = dhs.narrow(0, off, n);
+    at::mm_out(dhs_i, de_i, B[i]);
+    at::Tensor dB_i = dB[i];
+    if (written[size_t(i)]) dB_i.addmm_(de_i.t(), hs_i);
+    else at::mm_out(dB_i, de_i.t(), hs_i);
+    written[size_t(i)] = 1;
+  }
+  AT_DISPATCH_FLOATING_TYPES(dh.scalar_type(), "omoe_topk_scatter", [&] {
+    const scalar_t* src = dhs.data_ptr<scalar_t>();
+    scalar_t* dst = dh.data_ptr<scalar_t>();
+    for (int i = 0; i < E; ++i)
+      for (int64_t row = a.offset[size_t(i)]; row < a.offset[size_t(i) + 1]; ++row) {
+        scalar_t* out = dst + (a.token[size_t(row)] * E + i) * r;
+        const scalar_t* in = src + row * r;
+        for (int64_t q = 0; q < r; ++q) out[q] += in[q];
+      }
+  });
+}
+
+// S from the rows of one token's active experts (rows[m]: slot m's row of e, d_out apart);
+// the backward writes de of those rows as DirectGram does.
+template <typename value_t>
+struct RowGram {
+  const value_t* e;
+  value_t* de;  // backward only
+  const int* rows;
+  int64_t d_out;
+
+  template <int MAX_K, typename scalar_t>
+  void gram(const scalar_t*, const int*, int k, double (*S)[MAX_K]) const {
+    for (int m = 0; m < k; ++m)
+      for (int l = m; l < k; ++l) {
+        const double s = dot64(e + rows[m] * d_out, e + rows[l] * d_out, d_out);
+        S[m][l] = s;
+        S[l][m] = s;
+      }
+  }
+  void begin_backward() const {}
+  template <int MAX_K, typename scalar_t>
+  double grad_h(const scalar_t*, const int*, int, const double (*)[MAX_K], int, int) const {
+    return 0.0;
+  }
+  template <int MAX_K>
+  void end_backward(const int*, int k, const double (*dS)[MAX_K]) const {
+    double c[MAX_K];
+    for (int m = 0; m < k; ++m) {
+      for (int l = 0; l < k; ++l) c[l] = dS[m][l] + dS[l][m];
+      combine64(c, rows, k, e, d_out, d_out, de + rows[m] * d_out);
+    }
+  }
+};
+template <typename value_t>
+struct RowRoute {
+  const value_t* e;  // [n·k, d_out], expert-grouped
+  value_t* de;       // the same layout, backward only
+  const int* rows;   // [n, k]
+  int64_t d_out;
+  int k;
+  void begin_block(int64_t, int64_t, int) const {}
+  RowGram<value_t> at(int64_t t, int) const {
+    return RowGram<value_t>{e, de, rows + t * k, d_out};
+  }
+};
+
+// A chunk of tokens gives each expert about this many rows at least: a GEMM of a few rows
+// costs mostly its call and its pass over B_i.
+constexpr int64_t kRowsPerExpert = 64;
+inline int64_t topk_chunk(int64_t tc, int64_t E, int64_t top_k) {
+  return std::max(tc, kRowsPerExpert * E / top_k);
+}
+
+// The forward of the top-k direct route: z for the tokens of h ([T, E·r]) and logits
+// ([T, E]), tc tokens per chunk or more (topk_chunk); B: [E, d_out, r] in h's dtype.
+inline void topk_direct_forward(const at::Tensor& h, const at::Tensor& logits,
+                                const at::Tensor& B, int64_t top_k, bool normalize, double eps,
+                                int64_t tc, at::Tensor& z) {
+  const int64_t T = h.size(0), E = B.size(0), r = B.size(2), d_out = B.size(1);
+  tc = topk_chunk(tc, E, top_k);
+  for (int64_t t0 = 0; t0 < T; t0 += tc) {
+    const int64_t n = std::min(tc, T - t0);
+    const at::Tensor hc = h.narrow(0, t0, n), lc = logits.narrow(0, t0, n);
+    at::Tensor zc = z.narrow(0, t0, n);
+    AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "omoe_direct_topk", [&] {
+      const ActiveRows a = active_rows(lc.data_ptr<scalar_t>(), n, int(E), int(top_k));
+      const at::Tensor e = expert_outputs(gather_rows(hc, a, int(E), r), B, a);
+      token_forward_pass(
+          hc, lc,
+          RowRoute<scalar_t>{e.data_ptr<scalar_t>(), nullptr, a.row.data(), d_out, int(top_k)},
+          E, r, top_k, true, normalize, eps, zc);
+    });
+  }
+}
+
+// The backward of the top-k direct route: z, dh and dlogits as token_backward_pass gives
+// them, with dh's share through S added; returns dB's share through S, Σ_t de_i h_iᵀ
+// ([E, d_out, r], zero for experts no token routes to).
+inline at::Tensor topk_direct_backward(const at::Tensor& h, const at::Tensor& logits,
+                                       const at::Tensor& dz, const at::Tensor& B, int64_t top_k,
+                                       bool normalize, double eps, int64_t tc, at::Tensor& z,
+                                       at::Tensor& dh, at::Tensor& dlogits) {
+  const int64_t T = h.size(0), E = B.size(0), r = B.size(2), d_out = B.size(1);
+  at::Tensor dB = at::empty({E, d_out, r}, h.options());
+  std::vector<char> written(size_t(E), 0);
+  tc = topk_chunk(tc, E, top_k);
+  for (int64_t t0 = 0; t0 < T; t0 += tc) {
+    const int64_t n = std::min(tc, T - t0);
+    const at::Tensor hc = h.narrow(0, t0, n), lc = logits.narrow(0, t0, n);
+    at::Tensor zc = z.narrow(0, t0, n), dhc = dh.narrow(0, t0, n),
+               dlc = dlogits.narrow(0, t0, n);
+    AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "omoe_direct_topk_backward", [&] {
+      const ActiveRows a = active_rows(lc.data_ptr<scalar_t>(), n, int(E), int(top_k));
+      const at::Tensor hs = gather_rows(hc, a, int(E), r);
+      const at::Tensor e = expert_outputs(hs, B, a);
+      at::Tensor de = at::empty_like(e);  // every row is one token's active slot: all written
+      token_backward_pass(hc, lc,
+                          RowRoute<scalar_t>{e.data_ptr<scalar_t>(), de.data_ptr<scalar_t>(),
+                                             a.row.data(), d_out, int(top_k)},
+                          dz.narrow(0, t0, n), E, r, top_k, true, normalize, eps, zc, dhc, dlc);
+      expert_gradients(de, hs, B, a, dhc, dB, written);
+    });
+  }
+  for (int64_t i = 0; i < E; ++i)
+    if (!written[size_t(i)]) dB[i].zero_();
+  return dB;
+}
+
+}  // namespace cpu
+}  // namespace omoe
