@@ -312,6 +312,29 @@ OMOE_VECTOR_CLONES static void combine64(const double* c, const int* rows, int k
 // shortcut's κ²). The backward writes de_i = Σ_j (dS_ij + dS_ji) e_j in the same layout
 // (zero for inactive experts); dh_i += B_iᵀ de_i and dB_i += de_i h_iᵀ are GEMMs after the
 // pass, so grad_h has no share here.
+// S of the k rows e + rows[m]·stride (n values each), in float64.
+template <int MAX_K, typename value_t>
+inline void gram_of_rows(const value_t* e, const int* rows, int k, int64_t stride, int64_t n,
+                         double (*S)[MAX_K]) {
+  for (int m = 0; m < k; ++m)
+    for (int l = m; l < k; ++l) {
+      const double s = dot64(e + rows[m] * stride, e + rows[l] * stride, n);
+      S[m][l] = s;
+      S[l][m] = s;
+    }
+}
+
+// de of those rows from dS: de_m = Σ_l (dS_ml + dS_lm) e_l.
+template <int MAX_K, typename value_t>
+inline void de_of_rows(const value_t* e, const int* rows, int k, int64_t stride, int64_t n,
+                       const double (*dS)[MAX_K], value_t* de) {
+  double c[MAX_K];
+  for (int m = 0; m < k; ++m) {
+    for (int l = 0; l < k; ++l) c[l] = dS[m][l] + dS[l][m];
+    combine64(c, rows, k, e, stride, n, de + rows[m] * stride);
+  }
+}
+
 template <typename value_t>
 struct DirectGram {
   const value_t* e;
@@ -321,12 +344,7 @@ struct DirectGram {
 
   template <int MAX_K, typename scalar_t>
   void gram(const scalar_t*, const int* active, int k, double (*S)[MAX_K]) const {
-    for (int m = 0; m < k; ++m)
-      for (int l = m; l < k; ++l) {
-        const double s = dot64(e + active[m] * stride, e + active[l] * stride, d_out);
-        S[m][l] = s;
-        S[l][m] = s;
-      }
+    gram_of_rows(e, active, k, stride, d_out, S);
   }
   void begin_backward() const {}
   template <int MAX_K, typename scalar_t>
@@ -339,11 +357,7 @@ struct DirectGram {
       if (m < k && active[m] == i) ++m;
       else std::fill_n(de + i * stride, d_out, value_t(0));
     }
-    double c[MAX_K];
-    for (int m = 0; m < k; ++m) {
-      for (int l = 0; l < k; ++l) c[l] = dS[m][l] + dS[l][m];
-      combine64(c, active, k, e, stride, d_out, de + active[m] * stride);
-    }
+    de_of_rows(e, active, k, stride, d_out, dS, de);
   }
 };
 

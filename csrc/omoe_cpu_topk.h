@@ -145,12 +145,7 @@ struct RowGram {
 
   template <int MAX_K, typename scalar_t>
   void gram(const scalar_t*, const int*, int k, double (*S)[MAX_K]) const {
-    for (int m = 0; m < k; ++m)
-      for (int l = m; l < k; ++l) {
-        const double s = dot64(e + rows[m] * d_out, e + rows[l] * d_out, d_out);
-        S[m][l] = s;
-        S[l][m] = s;
-      }
+    gram_of_rows(e, rows, k, d_out, d_out, S);
   }
   void begin_backward() const {}
   template <int MAX_K, typename scalar_t>
@@ -159,11 +154,7 @@ struct RowGram {
   }
   template <int MAX_K>
   void end_backward(const int*, int k, const double (*dS)[MAX_K]) const {
-    double c[MAX_K];
-    for (int m = 0; m < k; ++m) {
-      for (int l = 0; l < k; ++l) c[l] = dS[m][l] + dS[l][m];
-      combine64(c, rows, k, e, d_out, d_out, de + rows[m] * d_out);
-    }
+    de_of_rows(e, rows, k, d_out, d_out, dS, de);
   }
 };
 template <typename value_t>
