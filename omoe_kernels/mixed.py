@@ -289,9 +289,10 @@ def mixed_triton(x, A, B, W, router_input, base_out, grouping: Grouping, span: i
     from .ops.triton import launch as triton_launch
     from .ops.triton import mixed_launch
 
-    if _needs_grad(x, router_input, base_out, *map(_listed, (A, B, W))):
-        return mixed_grouped(x, *map(_listed, (A, B, W)), router_input, base_out, grouping,
-                             span, problems, backend="triton")
+    As, Bs, Ws = map(_listed, (A, B, W))
+    if _needs_grad(x, router_input, base_out, As, Bs, Ws):
+        return mixed_grouped(x, As, Bs, Ws, router_input, base_out, grouping, span, problems,
+                             backend="triton")
     A, B, W = _stacked(A), _stacked(B), _stacked(W)
     p = problems[0]
     L = triton_launch.layout(p.num_experts, p.rank)
