@@ -32,8 +32,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # The files with interpreter cases, longest first: a child session per file, two at a
 # time (one per core), each next file starting as soon as a child ends.
-INTERPRETED_FILES = ["test_accuracy.py", "test_training.py", "test_ops.py", "test_properties.py",
-                     "test_layer.py", "test_triton_interpreted.py", "test_triton_mixed.py"]
+INTERPRETED_FILES = ["test_ops.py", "test_triton_interpreted.py", "test_accuracy.py",
+                     "test_layer.py", "test_properties.py", "test_triton_mixed.py",
+                     "test_training.py"]
 INTERPRETED_CHILDREN = 2
 
 
