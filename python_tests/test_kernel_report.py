@@ -231,8 +231,7 @@ def test_report_compiles_the_launchers_configs():
 
     specs = {s.name: s for s in kernel_specs()}
     expand = specs["matmul[bf16, llama7b] expand base+s·Z·Bᵀ"]
-    cfg = C.GemmConfig.matmul(C.DOT_BF16, 4096, fp16_a=expand.args["FP16_A"],
-                              scaled_a=expand.args["SCALED_A"])
+    cfg = C.grouped_tile(8192, 4096, triton_ops.layout(4, 16).ERP, 132)   # the scaled a's tile
     assert expand.args["FP16_A"] == C.a_operand_flags(C.DOT_BF16, C.EXPAND_Z)["fp16_a"]
     assert expand.args["SCALED_A"] == C.scaled_operand(C.DOT_BF16, C.EXPAND_Z)
     assert (expand.num_warps, expand.num_stages) == (cfg.num_warps, cfg.num_stages)
@@ -430,3 +429,30 @@ def test_scaled_operand_prologue_counts_load_only_trips():
         extra = scaled.total_s(end, 2, card) - loop.total_s(end, 2, card)
         assert extra == pytest.approx(loop.trips * M.CALIBRATION["pipelined_trip_ns"][end] * 1e-9)
         assert 0 < extra < loop.total_s(end, 2, card)
+
+
+def test_grouped_expand_and_dx_model_one_a_read_per_group():
+    """The expand and dX as launched (scaled_matmul_kernel): the model counts one L2 read
+    of a program's rows of Z / dH per group of n-tiles, not one per n-tile, and walks the
+    group's n-tiles as the serial loop (one MMA over all of K each, no prologue)."""
+    pytest.importorskip("triton")
+    from dataclasses import replace
+
+    from omoe_kernels.ops.triton import configs as C
+    from omoe_kernels.tools import kernel_model as M
+    from omoe_kernels.tools.kernel_report import kernel_specs
+
+    T, d, K = 8192, 4096, 128
+    cfg = C.grouped_tile(T, d, K, M.H200_SMS)
+    b_reads = (T // 128 - 1) * K * d * 2
+    per_tile, grouped = (M.gemm_work(T, d, K, (T, d, K), c, "bf16 MMA", 2, 2, 2, 2)
+                         for c in (replace(cfg, n_group=1), cfg))
+    assert per_tile.l2_bytes - b_reads == (d // 64 - 1) * T * K * 2
+    assert grouped.l2_bytes - b_reads == (d // 64 // cfg.n_group - 1) * T * K * 2
+    assert grouped.grid == (cfg.programs(T, d), 1) == (512, 1)
+    specs = {s.name: s for s in kernel_specs()}
+    for gemm in ("expand base+s·Z·Bᵀ", "dX = dH·A + dL·W"):
+        work = specs[f"matmul[bf16, llama7b-top2] {gemm}"].work
+        assert work.programs == 512 and work.l2_bytes < per_tile.l2_bytes
+        assert (work.loop.trips, work.loop.over, work.loop.prologue) == (cfg.n_group, "n-tiles", 0)
+        assert work.loop.mma_flops == 2 * 128 * 64 * K

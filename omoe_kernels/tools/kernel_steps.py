@@ -59,6 +59,8 @@ def with_launch(launch, work: Optional[Work]) -> Optional[Work]:
             appended = replace(appended, programs=num_gram,
                                loop=M.gram_loop(p("d_out"), rows, p("GB") or 16, threads))
             programs -= num_gram
+    elif name == "scaled_matmul_kernel":
+        loop = M.grouped_loop(p("N_GROUP"), p("BLOCK_M"), p("BLOCK_N"), p("BLOCK_K"))
     elif name == "gram_grad_kernel":
         block_t, rp = p("BLOCK_T"), p("RP")
         every = 2 * block_t * rp * rp * p("E") ** 2 * -(-p("T") // block_t)
