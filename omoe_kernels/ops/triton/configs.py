@@ -115,7 +115,8 @@ class GemmConfig:
         return cfg
 
 
-# The expand and dX on scaled fp16 operands (SCALED_A): plain fp16 MMAs into one
+# The expand and dX on scaled fp16 operands where K = E·r passes GROUPED_MAX_K
+# (matmul_kernel's SCALED_A path; below it scaled_matmul_kernel): plain fp16 MMAs into one
 # accumulator, the base tile loaded before the mainloop; sized so that registers and shared
 # memory leave room for two CTAs per SM (tools/kernel_report prints both); not autotuned,
 # so that the tile that runs is the one the report checks.
