@@ -241,7 +241,7 @@ def test_report_compiles_the_launchers_configs():
     backward = specs["token_backward[wide]"]
     assert backward.num_warps == token.num_warps and backward.args["BT"] == token.block_t
     assert backward.num_stages == C.TOKEN_STAGES
-    assert specs["gram_grad[wide]"].args["BLOCK_T"] == C.gram_grad_block(L, top_k_routing=True)
+    assert specs["gram_grad[wide]"].args["BLOCK_T"] == C.gram_grad_block(L)
     dz = specs["matmul[bf16, wide] dZ = s·dY·B + G"]
     assert dz.args["BLOCK_N"] == C.GemmConfig.matmul(C.DOT_BF16, L.ERP).block_n
     assert dz.args["GB"] == C.GRAM_TILE and dz.args["PACKED_BN"]
@@ -409,7 +409,7 @@ def test_gram_grad_walk_is_capped_and_fills_the_machine():
     for name in GPU_SHAPES:
         shape = SHAPES[name]
         L = ops.layout(shape.num_experts, shape.rank)
-        block_t = C.gram_grad_block(L, shape.top_k is not None)
+        block_t = C.gram_grad_block(L)
         splits, per_split = C.gram_grad_splits(shape.num_tokens, shape.num_experts, block_t, 132)
         assert splits * per_split >= shape.num_tokens > (splits - 1) * per_split, name
         assert per_split % block_t == 0 and per_split // block_t <= C.GRAM_GRAD_MAX_BLOCKS, name

@@ -118,3 +118,12 @@ def test_expand_and_dx_read_their_fp16_operand_once_per_group(name, num_tokens):
         assert cfg.n_group == C.GROUP_MAX_N_TILES or wider.programs(num_tokens, d) < 2 * M.H200_SMS
     # Past GROUPED_MAX_K the K loop returns (matmul_kernel's SCALED_A path).
     assert C.grouped_tile(num_tokens, d, 2 * C.GROUPED_MAX_K, M.H200_SMS) is None
+
+
+def test_gram_grad_takes_the_dense_block_under_top_k():
+    """Under top-k gram_grad walks token blocks as large as the dense one at the same rank
+    (the register cap): at `wide` 64 blocks of 64 tokens per program, not 128 of 16, since
+    each block waits for its loads whether or not the pair is active in it."""
+    gg = _launches("wide")["gram_grad"]
+    assert gg.meta["TOP_K_ROUTING"] and gg.meta["BLOCK_T"] == 64 == 4096 // gg.meta["RP"] ** 2
+    assert gg.arg("tokens_per_split") // gg.meta["BLOCK_T"] <= 64

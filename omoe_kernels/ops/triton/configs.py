@@ -361,11 +361,13 @@ class TokenConfig:
         return dict(num_warps=self.num_warps, num_stages=self.num_stages)
 
 
-def gram_grad_block(L, top_k_routing: bool = False) -> int:
-    """Tokens per loop step of gram_grad_kernel (a power of 2, at most 64). Top-k: at most
-    16, because a block in which no token activates a program's expert pair is skipped,
-    and smaller blocks skip more (kernel_model.active_pair_blocks gives the share)."""
-    block_t = max(1, min(16 if top_k_routing else 64, 4096 // (L.RP * L.RP)))
+def gram_grad_block(L) -> int:
+    """Tokens per loop step of gram_grad_kernel: a power of 2, at most 64, and at most
+    4096 products of [BLOCK_T, RP, RP] float64 held by the program. Under top-k too, though
+    a smaller block skips more of the blocks in which no token activates a program's pair
+    (kernel_model.active_pair_blocks): each step waits for its loads, and the walk's
+    steps, not the float64 FLOPs they skip, bound the kernel (bench/notes/triton-gram-grad.md)."""
+    block_t = max(1, min(64, 4096 // (L.RP * L.RP)))
     return 1 << (block_t.bit_length() - 1)
 
 

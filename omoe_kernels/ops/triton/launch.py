@@ -347,7 +347,7 @@ def plan_gram_grad(h, ds: SlotGrads, L: Layout, target: Target):
     """The launch of gram_grad_kernel for `gram_grad`, and its partials buffer."""
     T = h.shape[0]
     top_k_routing = ds.experts is not None
-    block_t = C.gram_grad_block(L, top_k_routing)
+    block_t = C.gram_grad_block(L)
     splits, per_split = C.gram_grad_splits(T, L.num_experts, block_t, target.num_sms,
                                            target.interpret)
     partial = _empty((splits, L.ERP, L.ERP), h.device, torch.float64)
