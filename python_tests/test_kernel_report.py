@@ -66,7 +66,7 @@ def test_kernel_report_sm90a_passes(tmp_path):
     assert wide["fwd+bwd"]["ratio"] > 0 and "llama7b" not in report["steps"]
     for card in ("h200", "h100"):         # the latency model's range, against a plain LoRA
         low, high = wide[card]["omoe_us"]
-        assert 0 < low <= high and wide[card]["ratio"][0] <= wide[card]["ratio"][1]
+        assert 0 < low <= high and min(wide[card]["ratio"]) > 0   # either end's ratio may be larger
         assert low > wide["fwd+bwd"]["omoe_us"]      # latency and launch gaps only add
     for card in ("h200", "h100"):         # the mixed-batch forward of SUBSET's "wide]" kernels
         assert min(wide["mixed"][card]["ratio"]) > 1.0

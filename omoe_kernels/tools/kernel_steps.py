@@ -153,9 +153,10 @@ def format_steps(steps: dict) -> str:
             if card not in e:
                 continue
             c = e[card]
+            low, high = sorted(c["ratio"])   # the low ends' ratio may be the larger
             lines.append(f"| {name} | {card} | {r(c['forward_us'])} | {r(c['backward_us'])} | "
-                         f"{r(c['omoe_us'])} | {r(c['lora_us'])} | {c['ratio'][0]:.2f}–"
-                         f"{c['ratio'][1]:.2f}× | {e['fwd+bwd']['ratio']:.2f}× | {c['largest']} |")
+                         f"{r(c['omoe_us'])} | {r(c['lora_us'])} | {low:.2f}–{high:.2f}× | "
+                         f"{e['fwd+bwd']['ratio']:.2f}× | {c['largest']} |")
     mixed = [(name, e[MIXED]) for name, e in steps.items() if MIXED in e]
     if mixed:
         lines += ["", "Mixed batch ESTIMATE, same model: the grouped forward (3 launches) of the "
