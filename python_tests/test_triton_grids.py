@@ -120,10 +120,12 @@ def test_expand_and_dx_read_their_fp16_operand_once_per_group(name, num_tokens):
     assert C.grouped_tile(num_tokens, d, 2 * C.GROUPED_MAX_K, M.H200_SMS) is None
 
 
-def test_gram_grad_takes_the_dense_block_under_top_k():
-    """Under top-k gram_grad walks token blocks as large as the dense one at the same rank
-    (the register cap): at `wide` 64 blocks of 64 tokens per program, not 128 of 16, since
-    each block waits for its loads whether or not the pair is active in it."""
-    gg = _launches("wide")["gram_grad"]
-    assert gg.meta["TOP_K_ROUTING"] and gg.meta["BLOCK_T"] == 64 == 4096 // gg.meta["RP"] ** 2
-    assert gg.arg("tokens_per_split") // gg.meta["BLOCK_T"] <= 64
+@pytest.mark.parametrize("name, blocks", [("llama7b", 8), ("llama7b-top2", 26), ("wide", 64)])
+def test_gram_grad_walks_blocks_of_64_tokens(name, blocks):
+    """gram_grad walks blocks of 64 tokens at every GPU shape, dense or top-k (a float64
+    dot at RP = 16, the [BLOCK_T, RP, RP] products at RP = 8), not 16: each block waits for
+    its loads whether or not the pair is active in it."""
+    gg = _launches(name)["gram_grad"]
+    assert gg.meta["TOP_K_ROUTING"] == (SHAPES[name].top_k is not None)
+    assert gg.meta["BLOCK_T"] == 64
+    assert math.ceil(gg.arg("tokens_per_split") / 64) == blocks

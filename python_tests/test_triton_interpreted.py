@@ -547,8 +547,10 @@ def _slot_grads(T, E, r, top_k, seed):
     return h.view(T, L.ERP), ds, L
 
 
-@pytest.mark.parametrize("E, r, top_k", [(3, 2, 3), (4, 4, 2), (6, 2, 3), (5, 3, 1)],
-                         ids=["dense-padded-experts", "top2", "top3-padding-slot", "top1"])
+@pytest.mark.parametrize("E, r, top_k", [(3, 2, 3), (4, 4, 2), (6, 2, 3), (5, 3, 1), (2, 11, 2),
+                                          (3, 16, 2)],
+                         ids=["dense-padded-experts", "top2", "top3-padding-slot", "top1",
+                              "dense-rank-dot", "top2-rank-dot"])
 def test_gram_grad_partials_sum_active_pairs(E, r, top_k):
     """gram_grad writes every element of its [splits, ERP, ERP] partials (outputs start as
     NaN), they sum to dG over the active pairs, and a pair no token activates is exactly 0."""
@@ -566,10 +568,11 @@ def test_gram_grad_partials_sum_active_pairs(E, r, top_k):
         assert torch.equal(partials[:, last], torch.zeros_like(partials[:, last]))
 
 
-def test_gram_grad_keeps_a_nan_to_its_pair():
+@pytest.mark.parametrize("r", [2, 16], ids=["products", "dot"])
+def test_gram_grad_keeps_a_nan_to_its_pair(r):
     """A NaN in one token's dS of pair (i, j) reaches dG's (i, j) block only
     (the kernel selects a token's pair value; it does not multiply the others by 0)."""
-    h, ds, L = _slot_grads(40, 4, 2, 2, seed=3)
+    h, ds, L = _slot_grads(40, 4, r, 2, seed=3)
     t = 7
     i, j = (int(e) for e in ds.experts[t, :2])
     ds.values.view(40, 2, 2)[t, 0, 1] = float("nan")

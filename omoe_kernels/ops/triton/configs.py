@@ -363,12 +363,13 @@ class TokenConfig:
 
 
 def gram_grad_block(L) -> int:
-    """Tokens per loop step of gram_grad_kernel: a power of 2, at most 64, and at most
-    4096 products of [BLOCK_T, RP, RP] float64 held by the program. Under top-k too, though
-    a smaller block skips more of the blocks in which no token activates a program's pair
-    (kernel_model.active_pair_blocks): each step waits for its loads, and the walk's
-    steps, not the float64 FLOPs they skip, bound the kernel (bench/notes/triton-gram-grad.md)."""
-    block_t = max(1, min(64, 4096 // (L.RP * L.RP)))
+    """Tokens per loop step of gram_grad_kernel: a power of 2, at most 64; below RP = 16
+    (no float64 dot) at most 4096 products of [BLOCK_T, RP, RP] float64 held by the
+    program. Under top-k too, though a smaller block skips more of the blocks in which no
+    token activates a program's pair (kernel_model.active_pair_blocks): each step waits for
+    its loads, and the walk's steps, not the float64 FLOPs they skip, bound the kernel
+    (bench/notes/triton-gram-grad.md)."""
+    block_t = 64 if L.RP >= 16 else max(1, min(64, 4096 // (L.RP * L.RP)))
     return 1 << (block_t.bit_length() - 1)
 
 
