@@ -483,7 +483,9 @@ def gram_grad_loop(tokens_per_split: int, block_t: int, rp: int, threads: int,
                    active: float = 1.0) -> Loop:
     """gram_grad's walk over its split's token blocks: each trip waits for its loads (under
     top-k the block's slot experts, even when the pair is inactive there), then, in the
-    `active` share of trips, a [BLOCK_T, RP, RP] float64 product spread over the threads."""
+    `active` share of trips, a [BLOCK_T, RP, RP] float64 product spread over the threads
+    (at RP >= 16 a float64 dot, DMMA: the same multiply-adds, timed as dependent FMAs,
+    which makes its time an upper end)."""
     return Loop(_cdiv(tokens_per_split, block_t), "tokens", "round trip",
                 fp64_ops=active * block_t * rp * rp / threads)
 
