@@ -85,8 +85,8 @@ def test_tokens_per_program():
 @pytest.mark.parametrize("name", GPU_SHAPES)
 def test_expand_and_dx_take_the_per_token_kernels_fp16_operands(name):
     """bf16 step: the per-token kernels write Z and dH once as fp16 with a scale per row,
-    and the expand and dX read that (SCALED_A: one fp16 MMA a chunk, no fp32 re-read per
-    n-tile), in the tile sized for two CTAs per SM."""
+    and the expand and dX read that (scaled_matmul_kernel: the whole K in one tile, one
+    fp16 MMA per n-tile), in the tile sized for two CTAs per SM."""
     launches = _launches(name)
     T, erp = SHAPES[name].num_tokens, launches["token_forward"].config.ERP
     for token, gemm in (("token_forward", "expand"), ("token_backward", "dX")):
@@ -94,5 +94,38 @@ def test_expand_and_dx_take_the_per_token_kernels_fp16_operands(name):
         a, a_scale = launches[gemm].args[0], launches[gemm].args[8]
         assert a.dtype.itemsize == 2 and tuple(a.shape) == (T, erp)
         assert a_scale.dtype.itemsize == 4 and tuple(a_scale.shape) == (T,)
-        assert launches[gemm].config == C.SCALED_TILE
+        assert launches[gemm].config == C.grouped_tile(T, SHAPES[name].d_model, erp, M.H200_SMS)
     assert not launches["dB"].meta["SCALED_A"]   # dB contracts over tokens: fp32 Z
+
+
+@pytest.mark.parametrize("name", GPU_SHAPES)
+@pytest.mark.parametrize("num_tokens", [8192, 2048])
+def test_expand_and_dx_read_their_fp16_operand_once_per_group(name, num_tokens):
+    """The expand and dX hold a [BLOCK_M, K] tile of Z / dH per program and walk a group of
+    n-tiles (scaled_matmul_kernel): Z / dH read from L2 once per group, not once per
+    64-wide n-tile, with two programs per SM or more (one wave at two CTAs per SM)."""
+    launches = _launches(name, num_tokens)
+    d, erp = SHAPES[name].d_model, launches["token_forward"].config.ERP
+    for gemm in ("expand", "dX"):
+        launch = launches[gemm]
+        cfg = launch.config
+        assert launch.kernel.__name__ == "scaled_matmul_kernel"
+        assert cfg.block_k >= erp and cfg.n_group == launch.meta["N_GROUP"] > 1
+        n_tiles = math.ceil(d / cfg.block_n)
+        assert _programs(launch) == math.ceil(num_tokens / cfg.block_m) * math.ceil(n_tiles / cfg.n_group)
+        assert _programs(launch) >= 2 * M.H200_SMS, (gemm, _programs(launch))
+        wider = dataclasses.replace(cfg, n_group=2 * cfg.n_group)   # the most that keeps two per SM
+        assert cfg.n_group == C.GROUP_MAX_N_TILES or wider.programs(num_tokens, d) < 2 * M.H200_SMS
+    # Past GROUPED_MAX_K the K loop returns (matmul_kernel's SCALED_A path).
+    assert C.grouped_tile(num_tokens, d, 2 * C.GROUPED_MAX_K, M.H200_SMS) is None
+
+
+@pytest.mark.parametrize("name, blocks", [("llama7b", 8), ("llama7b-top2", 26), ("wide", 64)])
+def test_gram_grad_walks_blocks_of_64_tokens(name, blocks):
+    """gram_grad walks blocks of 64 tokens at every GPU shape, dense or top-k (a float64
+    dot at RP = 16, the [BLOCK_T, RP, RP] products at RP = 8), not 16: each block waits for
+    its loads whether or not the pair is active in it."""
+    gg = _launches(name)["gram_grad"]
+    assert gg.meta["TOP_K_ROUTING"] == (SHAPES[name].top_k is not None)
+    assert gg.meta["BLOCK_T"] == 64
+    assert math.ceil(gg.arg("tokens_per_split") / 64) == blocks

@@ -347,6 +347,63 @@ def test_scaled_expand_keeps_extreme_and_non_finite_values():
     assert torch.equal(torch.isfinite(expand(z_bad, B_bad)), torch.isfinite(eager))
 
 
+@pytest.mark.parametrize("case", ["expand", "dx", "dx_router_input"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_grouped_scaled_gemm_matches_float64(dtype, case, monkeypatch):
+    """scaled_matmul_kernel: each program holds its rows of the fp16 operand and walks
+    N_GROUP column tiles. M and N off the tiles (a partial last group), padded experts
+    (E·r = 9 in ERP = 16), base added (expand), the router term added (dX) or written
+    apart (a separate router input). Within fp16 rounding of float64, as matmul_kernel's
+    SCALED_A path (run here for comparison with GROUPED_MAX_K lowered)."""
+    L = triton_ops.layout(3, 3)
+    M, N, s = 37, 75, 0.75
+    kind = triton_configs.DOT_BF16 if dtype == torch.bfloat16 else triton_configs.DOT_FP16
+    flags = triton_configs.a_operand_flags(kind, "fp16")
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(M, L.ERP, generator=g) * torch.logspace(-3, 3, M)[:, None]
+    a[:, [3, 7, 11, 12, 13, 14, 15]] = 0.0           # the padding columns (rank 3 of RP 4)
+    a16, scale = _scaled_rows(a)
+    a = a16.double() * scale.double()[:, None]
+    weight = torch.randn(3, 3, N, generator=g).to(dtype)     # A [E, r, d_in] ("Ak")
+    w_cat = torch.zeros(L.ERP, N, dtype=torch.float64)
+    for e in range(3):
+        w_cat[e * L.RP:e * L.RP + 3] = weight[e].double()
+    packed = "Ak"
+    if case == "expand":                                      # B [E, d_out, r] ("Bk")
+        weight = weight.permute(0, 2, 1).contiguous()
+        packed = "Bk"
+    base = torch.randn(M, N, generator=g).to(dtype)
+    dl = torch.randn(M, L.EPL, generator=g)
+    router_w = torch.randn(3, N, generator=g).to(dtype)
+    grad_r = torch.empty(M, N, dtype=dtype) if case == "dx_router_input" else None
+    epi = (Epilogue(dtype, s, add=base) if case == "expand"
+           else Epilogue(dtype, router=(dl, router_w, grad_r)))
+    want = s * (a @ w_cat) + base.double() if case == "expand" else a @ w_cat
+    router = dl[:, :3].double() @ router_w.double()
+    if case == "dx":
+        want = want + router
+
+    def run(max_k):
+        monkeypatch.setattr(triton_configs, "GROUPED_MAX_K", max_k)
+        launch, out = triton_ops.plan_matmul(a16, weight, L, Operands(kind, dtype == torch.bfloat16, packed, **flags),
+                                             epi, triton_ops.Target.of(a16.device), a_scale=scale)
+        launch.run()
+        return launch, out[0].double(), None if grad_r is None else grad_r.double().clone()
+
+    launch, got, got_r = run(128)
+    assert launch.kernel.__name__ == "scaled_matmul_kernel" and launch.meta["N_GROUP"] == 2
+    assert launch.grid(launch.meta) == (2 * 2, 1)      # 2 m-tiles × 2 groups of 32-wide tiles
+    old, got_old, got_r_old = run(0)
+    assert old.kernel.__name__ == "matmul_kernel"
+    # The output's own rounding (the interpreter's fp32 → bf16 cast truncates: 2^-8).
+    tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    for out in (got, got_old):
+        assert ((out - want).norm(dim=1) <= tol * want.norm(dim=1)).all()
+    if got_r is not None:
+        for out in (got_r, got_r_old):
+            assert ((out - router).norm(dim=1) <= tol * router.norm(dim=1)).all()
+
+
 @pytest.mark.parametrize("top_k", [None, 2], ids=["dense", "top2"])
 def test_bf16_collapse_keeps_the_operand_precision(top_k):
     """Near collapse `B_cat z` and `dH A_cat` cancel (κ ≈ 3e2), so the precision Z and dH
@@ -490,8 +547,10 @@ def _slot_grads(T, E, r, top_k, seed):
     return h.view(T, L.ERP), ds, L
 
 
-@pytest.mark.parametrize("E, r, top_k", [(3, 2, 3), (4, 4, 2), (6, 2, 3), (5, 3, 1)],
-                         ids=["dense-padded-experts", "top2", "top3-padding-slot", "top1"])
+@pytest.mark.parametrize("E, r, top_k", [(3, 2, 3), (4, 4, 2), (6, 2, 3), (5, 3, 1), (2, 11, 2),
+                                          (3, 16, 2)],
+                         ids=["dense-padded-experts", "top2", "top3-padding-slot", "top1",
+                              "dense-rank-dot", "top2-rank-dot"])
 def test_gram_grad_partials_sum_active_pairs(E, r, top_k):
     """gram_grad writes every element of its [splits, ERP, ERP] partials (outputs start as
     NaN), they sum to dG over the active pairs, and a pair no token activates is exactly 0."""
@@ -509,10 +568,11 @@ def test_gram_grad_partials_sum_active_pairs(E, r, top_k):
         assert torch.equal(partials[:, last], torch.zeros_like(partials[:, last]))
 
 
-def test_gram_grad_keeps_a_nan_to_its_pair():
+@pytest.mark.parametrize("r", [2, 16], ids=["products", "dot"])
+def test_gram_grad_keeps_a_nan_to_its_pair(r):
     """A NaN in one token's dS of pair (i, j) reaches dG's (i, j) block only
     (the kernel selects a token's pair value; it does not multiply the others by 0)."""
-    h, ds, L = _slot_grads(40, 4, 2, 2, seed=3)
+    h, ds, L = _slot_grads(40, 4, r, 2, seed=3)
     t = 7
     i, j = (int(e) for e in ds.experts[t, :2])
     ds.values.view(40, 2, 2)[t, 0, 1] = float("nan")

@@ -124,10 +124,11 @@ def gemm_work(M: int, N: int, K: int, useful: tuple[int, int, int], cfg: GemmCon
     issued *= 2 if hi_lo else 1
     out_bytes = splits * M * N * 4 if long_k else M * N * c_bytes
     moved = M * K * a_bytes + K * N * b_bytes + out_bytes + M * N * add_bytes
-    grid = (cfg.tiles(M, N), splits)
-    # L2 re-reads: every n-tile reads its rows of a again, every m-tile its columns of b.
-    m_tiles, n_tiles = _cdiv(M, cfg.block_m), _cdiv(N, cfg.block_n)
-    l2 = (n_tiles - 1) * M * K * a_bytes + (m_tiles - 1) * K * N * b_bytes
+    grid = (cfg.programs(M, N), splits)
+    # L2 re-reads: every program reads its rows of a again (one per n-tile, or one per
+    # group of cfg.n_group n-tiles: scaled_matmul_kernel), every m-tile its columns of b.
+    m_tiles, n_reads = _cdiv(M, cfg.block_m), _cdiv(_cdiv(N, cfg.block_n), cfg.n_group or 1)
+    l2 = (n_reads - 1) * M * K * a_bytes + (m_tiles - 1) * K * N * b_bytes
     work = Work(issued, 2 * math.prod(useful), moved, unit, grid, l2_bytes=l2)
     if extra is not None:
         work = replace(work, bytes=work.bytes + extra.bytes, extra_s=extra.estimate_s,
@@ -368,7 +369,7 @@ def ctas_per_sm(registers: int, shared: int, num_warps: int) -> int:
 
 @dataclass(frozen=True)
 class Loop:
-    """The longest serial loop of one program: `trips` steps over `over` ("K", "d_out",
+    """The longest serial loop of one program: `trips` steps over `over` ("K", "n-tiles", "d_out",
     "splits", "tokens", "token chain"). A trip costs: its loads (`load`: "pipelined",
     "round trip" or "" for none), `fp64_ops` dependent float64 operations per thread, and
     `mma_flops` of tensor-core work by the program (shared with the CTAs beside it).
@@ -458,6 +459,13 @@ def gemm_loop(k_per_split: int, block_m: int, block_n: int, block_k: int) -> Loo
                 mma_flops=2 * block_m * block_n * block_k)
 
 
+def grouped_loop(n_group: int, block_m: int, block_n: int, block_k: int) -> Loop:
+    """scaled_matmul_kernel's walk over its group of n-tiles: the a tile loaded once before
+    it, then per trip pipelined loads (the weight's and base's tiles) and one MMA over all
+    of K (BLOCK_K >= K)."""
+    return Loop(n_group, "n-tiles", "pipelined", mma_flops=2 * block_m * block_n * block_k)
+
+
 def gram_loop(d_out: int, rows_per_trip: int, tile: int, threads: int) -> Loop:
     """A gram program's walk over d_out: its loads wait (no prefetch), then float64
     converts and FMAs of a tile × tile × rows product spread over the program's threads."""
@@ -475,7 +483,9 @@ def gram_grad_loop(tokens_per_split: int, block_t: int, rp: int, threads: int,
                    active: float = 1.0) -> Loop:
     """gram_grad's walk over its split's token blocks: each trip waits for its loads (under
     top-k the block's slot experts, even when the pair is inactive there), then, in the
-    `active` share of trips, a [BLOCK_T, RP, RP] float64 product spread over the threads."""
+    `active` share of trips, a [BLOCK_T, RP, RP] float64 product spread over the threads
+    (at RP >= 16 a float64 dot, DMMA: the same multiply-adds, timed as dependent FMAs,
+    which makes its time an upper end)."""
     return Loop(_cdiv(tokens_per_split, block_t), "tokens", "round trip",
                 fp64_ops=active * block_t * rp * rp / threads)
 

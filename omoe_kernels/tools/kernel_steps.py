@@ -59,6 +59,8 @@ def with_launch(launch, work: Optional[Work]) -> Optional[Work]:
             appended = replace(appended, programs=num_gram,
                                loop=M.gram_loop(p("d_out"), rows, p("GB") or 16, threads))
             programs -= num_gram
+    elif name == "scaled_matmul_kernel":
+        loop = M.grouped_loop(p("N_GROUP"), p("BLOCK_M"), p("BLOCK_N"), p("BLOCK_K"))
     elif name == "gram_grad_kernel":
         block_t, rp = p("BLOCK_T"), p("RP")
         every = 2 * block_t * rp * rp * p("E") ** 2 * -(-p("T") // block_t)
@@ -151,9 +153,10 @@ def format_steps(steps: dict) -> str:
             if card not in e:
                 continue
             c = e[card]
+            low, high = sorted(c["ratio"])   # the low ends' ratio may be the larger
             lines.append(f"| {name} | {card} | {r(c['forward_us'])} | {r(c['backward_us'])} | "
-                         f"{r(c['omoe_us'])} | {r(c['lora_us'])} | {c['ratio'][0]:.2f}–"
-                         f"{c['ratio'][1]:.2f}× | {e['fwd+bwd']['ratio']:.2f}× | {c['largest']} |")
+                         f"{r(c['omoe_us'])} | {r(c['lora_us'])} | {low:.2f}–{high:.2f}× | "
+                         f"{e['fwd+bwd']['ratio']:.2f}× | {c['largest']} |")
     mixed = [(name, e[MIXED]) for name, e in steps.items() if MIXED in e]
     if mixed:
         lines += ["", "Mixed batch ESTIMATE, same model: the grouped forward (3 launches) of the "

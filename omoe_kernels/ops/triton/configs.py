@@ -35,6 +35,7 @@ class GemmConfig:
     """Tile shape and launch options of a GEMM kernel (shrink, matmul, weight_grad).
 
     group_m: matmul_kernel's grouped tile order (None for the kernels without one);
+    n_group: scaled_matmul_kernel's column tiles per program (None for the others);
     num_warps / num_stages None: Triton's defaults (the interpreter ignores them)."""
 
     block_m: int
@@ -43,12 +44,15 @@ class GemmConfig:
     group_m: Optional[int] = None
     num_warps: Optional[int] = None
     num_stages: Optional[int] = None
+    n_group: Optional[int] = None
 
     def meta(self) -> dict:
-        """The kernel's tile constexprs (BLOCK_M, BLOCK_N, BLOCK_K[, GROUP_M])."""
+        """The kernel's tile constexprs (BLOCK_M, BLOCK_N, BLOCK_K[, GROUP_M][, N_GROUP])."""
         meta = dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k)
         if self.group_m is not None:
             meta["GROUP_M"] = self.group_m
+        if self.n_group is not None:
+            meta["N_GROUP"] = self.n_group
         return meta
 
     def options(self) -> dict:
@@ -59,6 +63,10 @@ class GemmConfig:
     def tiles(self, M: int, N: int) -> int:
         """Output tiles of an [M, N] result."""
         return _cdiv(M, self.block_m) * _cdiv(N, self.block_n)
+
+    def programs(self, M: int, N: int) -> int:
+        """Programs of a one-split launch over an [M, N] result (n_group column tiles each)."""
+        return _cdiv(M, self.block_m) * _cdiv(_cdiv(N, self.block_n), self.n_group or 1)
 
     @classmethod
     def matmul(cls, kind: int, N: int, fp16_a: bool = False, interpret: bool = False,
@@ -107,11 +115,42 @@ class GemmConfig:
         return cfg
 
 
-# The expand and dX on scaled fp16 operands (SCALED_A): plain fp16 MMAs into one
+# The expand and dX on scaled fp16 operands where K = E·r passes GROUPED_MAX_K
+# (matmul_kernel's SCALED_A path; below it scaled_matmul_kernel): plain fp16 MMAs into one
 # accumulator, the base tile loaded before the mainloop; sized so that registers and shared
 # memory leave room for two CTAs per SM (tools/kernel_report prints both); not autotuned,
 # so that the tile that runs is the one the report checks.
 SCALED_TILE = GemmConfig(128, 64, 32, group_m=8, num_warps=8, num_stages=3)
+# The most column tiles one scaled_matmul_kernel program walks: 8 × 64 columns re-read its
+# [128, K] tile of Z / dH 8× less often than one tile per program, with 512 programs at
+# T = 8192, d = 4096 (about 2 waves at 2 CTAs per SM).
+GROUP_MAX_N_TILES = 8
+
+# scaled_matmul_kernel (the expand and dX on scaled fp16 operands where K = ERP <=
+# GROUPED_MAX_K): a program holds its [128, K] tile of Z or dH and walks column tiles of
+# 64; registers and shared memory leave room for two CTAs per SM (tools/kernel_report;
+# with 3 stages triton 3.6 took dX at E·r = 64 to one).
+# BLOCK_K is set to K and n_group to the grid's rule at plan time (grouped_tile).
+GROUPED_TILE = GemmConfig(128, 64, 16, num_warps=8, num_stages=2, n_group=GROUP_MAX_N_TILES)
+GROUPED_MAX_K = 128
+
+
+def grouped_tile(M: int, N: int, K: int, num_sms: int, interpret: bool = False
+                 ) -> Optional[GemmConfig]:
+    """scaled_matmul_kernel's config for [M, K] @ [K, N], or None where K is too wide for
+    one tile (matmul_kernel's SCALED_A path then runs). Column tiles per program: the most,
+    up to GROUP_MAX_N_TILES, that still leaves two programs per SM (2 CTAs per SM at one
+    wave); under the interpreter 2, so that small test shapes walk a group."""
+    if K > GROUPED_MAX_K:
+        return None
+    if interpret:
+        return GemmConfig(32, 32, max(16, next_pow2(K)), n_group=2)
+    cfg = replace(GROUPED_TILE, block_k=max(16, next_pow2(K)))
+    n_group = GROUP_MAX_N_TILES
+    while n_group > 1 and replace(cfg, n_group=n_group).programs(M, N) < 2 * num_sms:
+        n_group //= 2
+    return replace(cfg, n_group=n_group)
+
 
 # Under TRITON_INTERPRET=1: small tiles, so that small test shapes still use several programs.
 INTERPRET_MATMUL = GemmConfig(32, 32, 32, group_m=2)
@@ -323,11 +362,14 @@ class TokenConfig:
         return dict(num_warps=self.num_warps, num_stages=self.num_stages)
 
 
-def gram_grad_block(L, top_k_routing: bool = False) -> int:
-    """Tokens per loop step of gram_grad_kernel (a power of 2, at most 64). Top-k: at most
-    16, because a block in which no token activates a program's expert pair is skipped,
-    and smaller blocks skip more (kernel_model.active_pair_blocks gives the share)."""
-    block_t = max(1, min(16 if top_k_routing else 64, 4096 // (L.RP * L.RP)))
+def gram_grad_block(L) -> int:
+    """Tokens per loop step of gram_grad_kernel: a power of 2, at most 64; below RP = 16
+    (no float64 dot) at most 4096 products of [BLOCK_T, RP, RP] float64 held by the
+    program. Under top-k too, though a smaller block skips more of the blocks in which no
+    token activates a program's pair (kernel_model.active_pair_blocks): each step waits for
+    its loads, and the walk's steps, not the float64 FLOPs they skip, bound the kernel
+    (bench/notes/triton-gram-grad.md)."""
+    block_t = 64 if L.RP >= 16 else max(1, min(64, 4096 // (L.RP * L.RP)))
     return 1 << (block_t.bit_length() - 1)
 
 

@@ -14,7 +14,8 @@ Kernels:
   router term (a BLOCK_E-wide dot) and gram programs. The expand (`Y = base + s Z B_catᵀ`),
   dZ (+ G), dB and dX. An fp32 intermediate (Z, dH) meeting a 16-bit operand enters as
   scaled fp16, as hi + lo bf16 parts or as bf16 (`_dot_acc`, triton_configs); the expand
-  and dX of 16-bit inputs read Z / dH already in fp16 with a scale per row (SCALED_A).
+  and dX of 16-bit inputs read Z / dH already in fp16 with a scale per row (SCALED_A;
+  where E·r fits one tile, `scaled_matmul_kernel` in triton/scaled_kernels.py runs them).
 - `weight_grad_kernel`: split-K partials of `[dA_cat; dW]ᵀ = [Xᵀ dH | Rᵀ dL]`, the
   router's E columns in a narrow tile beside the E·r wide one.
 - `finalize_grads_kernel`: sums the split-K and gram partials and writes grad_B (with

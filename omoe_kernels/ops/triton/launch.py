@@ -58,6 +58,7 @@ from .sizing import (  # noqa: F401  (re-exported: launch is where callers find 
     _upcast,
     dot_kind,
     fixed_config,
+    grouped_meta,
     interpreting,
     layout,
 )
@@ -67,6 +68,7 @@ try:
     import triton
 
     from . import gemm_kernels as K
+    from .scaled_kernels import scaled_matmul_kernel
 
     AVAILABLE = True
     IMPORT_ERROR: str | None = None
@@ -106,15 +108,16 @@ def _packed_b(b: torch.Tensor, packed: Optional[str], L: Layout, Kdim: int):
 def plan_matmul(a: torch.Tensor, b: torch.Tensor, L: Layout, ops: Operands, epi: Epilogue,
                 target: Target, a_scale: Optional[torch.Tensor] = None
                 ) -> tuple[Launch, torch.Tensor]:
-    """The launch of matmul_kernel for `matmul`, and its output buffer. a_scale: a is the
-    per-token kernels' operand format (fp16, a power-of-2 scale per row in a_scale [M])."""
+    """The launch of matmul_kernel for `matmul` (scaled_matmul_kernel where a_scale is given and
+    K fits one tile), and its output. a_scale: a's row scales (the per-token kernels' format)."""
     M, Kdim = a.shape
     N, Kdim, stride_bk, stride_bn, stride_be = _packed_b(b, ops.packed, L, Kdim)
     device, kind = a.device, ops.kind
     scaled = a_scale is not None
-    if scaled and (kind not in C.SIXTEEN_BIT_KINDS or a.dtype != torch.float16 or epi.long_k):
-        raise ValueError("a scaled operand is an fp16 a of a 16-bit GEMM without split-K")
-    cfg = C.GemmConfig.matmul(kind, N, ops.fp16_a, target.interpret, scaled_a=scaled)
+    if scaled and (kind not in C.SIXTEEN_BIT_KINDS or a.dtype != torch.float16 or epi.long_k or epi.gram):
+        raise ValueError("a scaled operand is an fp16 a of a 16-bit GEMM without split-K or G")
+    grouped = C.grouped_tile(M, N, Kdim, target.num_sms, target.interpret) if scaled else None
+    cfg = grouped or C.GemmConfig.matmul(kind, N, ops.fp16_a, target.interpret, scaled_a=scaled)
     if epi.long_k:
         splits, k_per_split = C.split_k(M, N, Kdim, cfg, target.num_sms, target.interpret)
         out = _empty((splits, M, N), device, torch.float64 if kind == C.DOT_FP64 else torch.float32)
@@ -142,11 +145,13 @@ def plan_matmul(a: torch.Tensor, b: torch.Tensor, L: Layout, ops: Operands, epi:
                 ROUTER=router, BLOCK_E=L.EPL, RP=L.RP, ERP=L.ERP, WITH_GRAM=num_gram > 0,
                 SCALED_A=scaled, **C.gram_rows(d_out, cfg.num_warps))
     tuned = target.autotunes(kind) and not scaled   # SCALED_TILE: sized for 2 CTAs per SM
-    grid = lambda m: (num_gram + triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),  # noqa: E731
-                      splits)
+    grid = lambda m: (num_gram + triton.cdiv(M, m["BLOCK_M"])  # noqa: E731
+                      * triton.cdiv(triton.cdiv(N, m["BLOCK_N"]), m.get("N_GROUP", 1)), splits)
     if tuned:
         return Launch(K.matmul_kernel, args, meta, {}, grid, cfg, "matmul"), out
-    return Launch(K.matmul_kernel, args, {**meta, **cfg.meta()}, cfg.options(), grid, cfg), out
+    kernel = scaled_matmul_kernel if grouped else K.matmul_kernel
+    meta.update(grouped_meta(stride_bn, L) if grouped else {})
+    return Launch(kernel, args, {**meta, **cfg.meta()}, cfg.options(), grid, cfg), out
 
 
 def _run(planned):
@@ -268,11 +273,8 @@ def plan_finalize_grads(pb: torch.Tensor, pa: torch.Tensor, pg: Optional[torch.T
                         A: torch.Tensor, B: torch.Tensor, L: Layout, dtype: torch.dtype):
     """The launch of finalize_grads_kernel for `finalize_grads`, and (grad_A, grad_B, grad_W)."""
     E, r, d_in = A.shape
-    d_out = B.shape[1]
-    device = A.device
-    grad_A = _empty((E, r, d_in), device, dtype)
-    grad_B = _empty((E, d_out, r), device, dtype)
-    grad_W = _empty((E, d_in), device, dtype)
+    d_out, device = B.shape[1], A.device
+    grad_A, grad_B, grad_W = (_empty(s, device, dtype) for s in ((E, r, d_in), (E, d_out, r), (E, d_in)))
     cfg = C.finalize_config(B.element_size())
     b_programs = triton.cdiv(d_out, cfg.block_r) * triton.cdiv(L.ERP, cfg.block_c)
     a_programs = triton.cdiv(d_in, cfg.block_r) * triton.cdiv(L.NW, cfg.block_c)
@@ -345,7 +347,7 @@ def plan_gram_grad(h, ds: SlotGrads, L: Layout, target: Target):
     """The launch of gram_grad_kernel for `gram_grad`, and its partials buffer."""
     T = h.shape[0]
     top_k_routing = ds.experts is not None
-    block_t = C.gram_grad_block(L, top_k_routing)
+    block_t = C.gram_grad_block(L)
     splits, per_split = C.gram_grad_splits(T, L.num_experts, block_t, target.num_sms,
                                            target.interpret)
     partial = _empty((splits, L.ERP, L.ERP), h.device, torch.float64)
@@ -365,7 +367,6 @@ def gram_grad(h, ds: SlotGrads, L: Layout) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------
 # Forward and backward of the op.
-
 
 def plan_forward(x, A, B, router_weight, router_input, base_out, scaling, top_k,
                  orthogonalize, normalize, eps, target: Target, fuse_token: bool = False):

@@ -3,6 +3,7 @@ the switches read from the environment and the `Target` (SM count, interpreter,
 autotuning). Plain functions of their arguments and the environment."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -39,6 +40,13 @@ def layout(num_experts: int, rank: int) -> Layout:
     EP = next_pow2(num_experts)
     RP = max(next_pow2(rank), 16 // EP if EP < 16 else 1)
     return Layout(num_experts, rank, EP, RP, EP * RP, max(16, EP))
+
+
+def grouped_meta(stride_bn: int, L: Layout) -> dict:
+    """scaled_matmul_kernel's constexprs of what the compiler cannot see, so that the weight
+    loads in vectors: a power of 2 dividing the column stride (it sees none below 16; B
+    [E, d_out, r] has stride r) and whether the rank has no padding to mask (rank = RP)."""
+    return dict(BN_ALIGN=math.gcd(stride_bn, 16), FULL_RANK=L.rank == L.RP)
 
 
 def dot_kind(dtype: torch.dtype, device_type: str) -> int:

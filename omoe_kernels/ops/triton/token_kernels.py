@@ -493,11 +493,16 @@ def token_backward_kernel(h_ptr, l_ptr, g_ptr, dz_ptr, z_ptr, dhl_ptr, ds_ptr, s
 @triton.jit
 def _pair_outer(ds_ptrs, h_rows, i, j, mask, offs_a, RP: tl.constexpr):
     """Σ_t dS_t h[t, i, :] h[t, j, :]ᵀ ([RP, RP] float64) over the tokens in `mask`, dS_t
-    read at `ds_ptrs` (one per token)."""
+    read at `ds_ptrs` (one per token). RP >= 16: a float64 dot over the block's tokens
+    (its registers do not grow with BLOCK_T); below, the [BLOCK_T, RP, RP] products summed."""
     ds = tl.load(ds_ptrs, mask=mask, other=0.0)
     h_i = tl.load(h_rows + i * RP + offs_a[None, :], mask=mask[:, None], other=0.0).to(tl.float64)
     h_j = tl.load(h_rows + j * RP + offs_a[None, :], mask=mask[:, None], other=0.0).to(tl.float64)
-    return tl.sum((ds[:, None] * h_i)[:, :, None] * h_j[:, None, :], axis=0)
+    if RP >= 16:
+        # out_dtype named: triton 3.6 defaults it to float32 (see gemm_kernels._dot_acc).
+        return tl.dot(tl.trans(ds[:, None] * h_i), h_j, out_dtype=tl.float64)
+    else:
+        return tl.sum((ds[:, None] * h_i)[:, :, None] * h_j[:, None, :], axis=0)
 
 
 @triton.jit
