@@ -185,11 +185,13 @@ def test_layout_pads_for_tl_dot():
 
 
 @triton.jit
-def _triangle_kernel(out_ptr, NT: tl.constexpr):
-    p = tl.program_id(0)
-    i, j = gemm_kernels._triangle(p, NT)
-    tl.store(out_ptr + 2 * p, i)
-    tl.store(out_ptr + 2 * p + 1, j)
+def _triangle_kernel(out_ptr, count, NT: tl.constexpr, BLOCK: tl.constexpr):
+    # BLOCK program indices at once (_triangle is elementwise): one interpreted program
+    # rather than one per tile.
+    p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    i, j = gemm_kernels._triangle(tl.minimum(p, count - 1), NT)  # no root of < 0 past the end
+    tl.store(out_ptr + 2 * p, i, mask=p < count)
+    tl.store(out_ptr + 2 * p + 1, j, mask=p < count)
 
 
 @pytest.mark.parametrize("NT", [1, 2, 3, 8, 37, 64])
@@ -198,7 +200,7 @@ def test_gram_programs_cover_the_upper_triangle_once(NT):
     triangle, row by row: every tile exactly once."""
     count = NT * (NT + 1) // 2
     out = torch.empty(count, 2, dtype=torch.int32)
-    _triangle_kernel[(count,)](out, NT=NT)
+    _triangle_kernel[(triton.cdiv(count, 1024),)](out, count, NT=NT, BLOCK=1024)
     expected = [(i, j) for i in range(NT) for j in range(i, NT)]
     assert [tuple(t) for t in out.tolist()] == expected
 
