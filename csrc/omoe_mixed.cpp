@@ -12,8 +12,9 @@
 //
 // A segment whose B the weight cache (omoe_weight_cache.h) has seen runs the single-adapter
 // forward's pairs route (omoe_ops.cpp, forward_impl) on its slices of buffers shared by
-// all segments: the shrink GEMMs, the per-token pass with that adapter's G, the expand
-// GEMM. Any other segment (B new to the cache, the direct route cheaper, OMOE_ROUTE set,
+// all segments: the shrink (dot products over the weights' rows for a segment of a few
+// rows, GEMMs otherwise), the per-token pass with that adapter's G, the expand GEMM. Any
+// other segment (B new to the cache, the direct route cheaper, OMOE_ROUTE set,
 // orthogonalize off) runs omoe::forward's CPU kernel itself. Either way a token gets the
 // output a call of its adapter alone gives, to the GEMMs' rounding.
 // No autograd: omoe_kernels/mixed.py calls it only when nothing needs a gradient.
@@ -22,6 +23,7 @@
 #include <ATen/record_function.h>
 #include <torch/library.h>
 
+#include "omoe_cpu_expand.h"
 #include "omoe_cpu_pass.h"
 #include "omoe_ops.h"
 #include "omoe_weight_cache.h"
@@ -114,6 +116,67 @@ void check_mixed(const at::Tensor& x, at::TensorList A, at::TensorList B,
   }
 }
 
+// Segments of at most this many rows (decoding: one row per sample) form h and the router
+// logits by dot products over the weights' rows: at a few rows, the ATen GEMM calls of
+// the longer segments (dispatch, views, packing) cost more than their arithmetic.
+constexpr int64_t kLoopRows = 4;
+
+// out[t, j] = Σ_c x[t, c] w[j, c] for t < T and j in [j0, j1): x is [T, k], w is [n, k] (both
+// rows contiguous); out rows are ld_out apart. Each dot product runs over 64-value chunks
+// of both rows in vector accumulators, then the tail.
+template <typename v_t>
+__attribute__((always_inline)) inline void rows_dot_rows_body(const v_t* x, int64_t T,
+                                                              int64_t k, const v_t* w,
+                                                              int64_t j0, int64_t j1, v_t* out,
+                                                              int64_t ld_out) {
+  constexpr int64_t C = cpu::kMaxRow;
+  for (int64_t j = j0; j < j1; ++j)
+    for (int64_t t = 0; t < T; ++t) {
+      const v_t *xt = x + t * k, *wj = w + j * k;
+      cpu::Row<C, v_t> full;
+      full.zero();
+      int64_t c = 0;
+      for (; c + C <= k; c += C) full.mul_add(xt + c, wj + c, C);
+      v_t acc = full.sum(C);
+      if (c < k) {
+        cpu::Row<0, v_t> tail;
+        tail.zero();
+        tail.mul_add(xt + c, wj + c, k - c);
+        acc += tail.sum(k - c);
+      }
+      out[t * ld_out + j] = acc;
+    }
+}
+OMOE_VECTOR_CLONES static void rows_dot_rows_range(const float* x, int64_t T, int64_t k,
+                                                   const float* w, int64_t j0, int64_t j1,
+                                                   float* out, int64_t ld_out) {
+  rows_dot_rows_body(x, T, k, w, j0, j1, out, ld_out);
+}
+OMOE_VECTOR_CLONES static void rows_dot_rows_range(const double* x, int64_t T, int64_t k,
+                                                   const double* w, int64_t j0, int64_t j1,
+                                                   double* out, int64_t ld_out) {
+  rows_dot_rows_body(x, T, k, w, j0, j1, out, ld_out);
+}
+
+// out ([T, n] rows of a contiguous buffer) = x wᵀ for x [T, k] and w [n, k], contiguous.
+template <typename v_t>
+void rows_dot_rows(const v_t* x, int64_t T, int64_t k, const v_t* w, int64_t n, v_t* out) {
+  const int64_t grain = std::max<int64_t>(1, cpu::kExpandGrain / std::max<int64_t>(1, T * k));
+  at::parallel_for(0, n, grain, [&](int64_t j0, int64_t j1) {
+    rows_dot_rows_range(x, T, k, w, j0, j1, out, n);
+  });
+}
+
+// Whether a segment of `size` rows of adapter n takes the loops above: few rows, and the
+// weights already in the accumulate dtype and contiguous (no copy for the loops to read).
+bool segment_in_loops(int64_t size, const at::Tensor& A, const at::Tensor& B,
+                      const at::Tensor& W, at::ScalarType acc) {
+  if (size > kLoopRows) return false;
+  for (const at::Tensor* t : {&A, &B, &W})
+    if (t->scalar_type() != acc || !t->is_contiguous()) return false;
+  return true;
+}
+
 // Whether OMOE_ROUTE forces a route (tests run every route): the segments then go through
 // omoe::forward's kernel, which reads it.
 bool route_forced() {
@@ -164,8 +227,9 @@ at::Tensor mixed_forward_cpu(const at::Tensor& x, at::TensorList A, at::TensorLi
   if (M == 0) return y;
   // The listed rows in segment order, once for all segments.
   const at::Tensor xs = x.index_select(0, rows).to(acc).contiguous();
-  const at::Tensor rs =
-      router_input.has_value() ? router_input->index_select(0, rows).to(acc) : at::Tensor();
+  const at::Tensor rs = router_input.has_value()
+                            ? router_input->index_select(0, rows).to(acc).contiguous()
+                            : at::Tensor();
   const at::Tensor bs =
       base_out.has_value() ? base_out->index_select(0, rows).to(acc) : at::Tensor();
   const at::Tensor h = at::empty({M, er}, xs.options()),
@@ -192,12 +256,24 @@ at::Tensor mixed_forward_cpu(const at::Tensor& x, at::TensorList A, at::TensorLi
     }
     // The single-adapter forward's pairs route (omoe_ops.cpp, forward_impl), on the
     // segment's slices of h, logits, z and y: no per-segment allocation but S_blocks.
-    const at::Tensor x_seg = xs.narrow(0, start, size);
     at::Tensor h_seg = h.narrow(0, start, size), l_seg = logits.narrow(0, start, size),
                z_seg = z.narrow(0, start, size);
-    at::mm_out(h_seg, x_seg, A[n].reshape({er, s.d_in}).to(acc).t());
-    at::mm_out(l_seg, rs.defined() ? rs.narrow(0, start, size) : x_seg,
-               router_weight[n].to(acc).t());
+    const bool loops = segment_in_loops(size, A[n], B[n], router_weight[n], acc);
+    if (loops) {
+      AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "omoe_mixed_shrink_rows", [&] {
+        const scalar_t* x_rows = xs.data_ptr<scalar_t>() + start * s.d_in;
+        rows_dot_rows(x_rows, size, s.d_in, A[n].data_ptr<scalar_t>(), er,
+                      h_seg.data_ptr<scalar_t>());
+        rows_dot_rows(rs.defined() ? rs.data_ptr<scalar_t>() + start * s.d_in : x_rows, size,
+                      s.d_in, router_weight[n].data_ptr<scalar_t>(), s.E,
+                      l_seg.data_ptr<scalar_t>());
+      });
+    } else {
+      const at::Tensor x_seg = xs.narrow(0, start, size);
+      at::mm_out(h_seg, x_seg, A[n].reshape({er, s.d_in}).to(acc).t());
+      at::mm_out(l_seg, rs.defined() ? rs.narrow(0, start, size) : x_seg,
+                 router_weight[n].to(acc).t());
+    }
     AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "omoe_mixed_pairs", [&] {
       cpu::PairRoute<scalar_t> route{gram.G.data_ptr<double>(),
                                      h_seg.data_ptr<scalar_t>(),

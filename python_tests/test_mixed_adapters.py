@@ -374,11 +374,31 @@ def test_mixed_op_rows_offsets_and_unlisted_rows():
         _check_rows(args, y)
 
 
+def test_few_row_segments_shrink_without_a_gemm():
+    """Segments of a few rows (one per sample when decoding) form h and the router logits
+    by dot products once each G is cached: the op's one GEMM per segment is its expand, and
+    each row is still its adapter's output alone."""
+    from torch.profiler import profile
+
+    from omoe_kernels.ops import mixed_compiled
+
+    args = _op_args(torch.float64) | dict(top_k=4)   # two segments of 3 rows, dense routing
+    for _ in range(2):  # each B new to the weight cache, then its G formed
+        mixed_compiled.MIXED_FORWARD(**args)
+    with profile() as prof:
+        y = mixed_compiled.MIXED_FORWARD(**args)
+    names = [e.name for e in prof.events()]
+    assert names.count("omoe::mixed_segment") == 2 and "omoe::forward" not in names
+    assert names.count("aten::addmm") == 2 and "aten::mm" not in names, sorted(set(names))
+    _check_rows(args, y)
+
+
 def _check_rows(args, y):
     for n, (start, end) in enumerate(zip(args["offsets"], args["offsets"][1:])):
         for row in args["rows"][start:end].tolist():
             want = ok.omoe_lora(args["x"][row:row + 1], args["A"][n], args["B"][n],
-                                args["router_weight"][n], scaling=args["scaling"][n], top_k=2,
+                                args["router_weight"][n], scaling=args["scaling"][n],
+                                top_k=args["top_k"],
                                 base_out=args["base_out"][row:row + 1], backend="reference")
             torch.testing.assert_close(y[row:row + 1], want, rtol=1e-12, atol=1e-12)
     unlisted = sorted(set(range(y.shape[0])) - set(args["rows"].tolist()))
