@@ -202,7 +202,11 @@ constexpr double kBatchedCallCost = 50000.0;
 constexpr double kGemmCallCost = 75000.0;
 constexpr double kGemmRowCost = 12.0;
 constexpr double kFloat32GemmCost = 0.5;
-// Copying a value to float64 in another layout (the dense direct route's e and de).
+// The dense direct route: its float64 GEMMs batched over tokens are small (E × E outputs
+// per token) and run below a large GEMM's speed, at about this many multiply-adds each;
+// copying a value to float64 in another layout (e and de) at kCopyCost
+// (bench/notes/cpu-dense-direct-gemm.md).
+constexpr double kSmallGemmCost = 2.0;
 constexpr double kCopyCost = 1.0;
 
 // OMOE_ROUTE=batched|pairs|pairs_gemm|direct|direct_all forces a route on the CPU (tests
@@ -257,10 +261,11 @@ PassCosts pass_costs(const Sizes& s, int64_t k, bool backward, bool gram_free, b
   // the per-token loops over the k² active pairs.
   const double gram_passes = backward ? 2.0 : 1.0;
   const double dense_chunks = std::ceil(T * E * d * 24.0 / (4 << 20));
-  const double rest = (k == s.E ? gram_passes * (T * kk * d + kCopyCost * T * E * d +
-                                                 kBatchedCallCost * dense_chunks)
-                                : kScalarCost * gram_passes * T * kk * d) +
-                      R * d /* B in float64 */;
+  const double rest =
+      (k == s.E ? gram_passes * (kSmallGemmCost * T * kk * d + kCopyCost * T * E * d +
+                                 kBatchedCallCost * dense_chunks)
+                : kScalarCost * gram_passes * T * kk * d) +
+      R * d /* B in float64 */;
   c.direct = gemm_passes * (T * R * d + kBatchedCallCost) + rest;
   c.direct_rows =
       k < s.E ? gemm_passes * (T * double(k) * d *
