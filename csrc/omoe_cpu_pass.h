@@ -11,9 +11,10 @@
 //   float64 GEMMs (many pairs, "pairs_gemm").
 // - direct (DirectGram): the expert outputs e_i = B_i h_i themselves (a batched GEMM per
 //   chunk, in the accumulate dtype), S_ml = <e_i, e_j> summed in float64; no G at all,
-//   T·(E·r·d + k²·d) work. For small T against E·r, and for E·r too large for G. Under
-//   top-k (k < E) e is formed for the active experts only, T·(k·r·d + k²·d) work
-//   (RowGram, omoe_cpu_topk.h).
+//   T·(E·r·d + k²·d) work. For small T against E·r, and for E·r too large for G. Dense
+//   routing forms S (and in the backward de) by float64 batched GEMMs over the chunk's
+//   tokens. Under top-k (k < E) e is formed for the active experts only, T·(k·r·d + k²·d)
+//   work (RowGram, omoe_cpu_topk.h).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -335,16 +336,27 @@ inline void de_of_rows(const value_t* e, const int* rows, int k, int64_t stride,
   }
 }
 
+// Dense routing (every expert active) takes S and de by batched GEMMs over the chunk's
+// tokens instead (omoe_ops.cpp): S_all is then this token's [E, E] Gram matrix, formed
+// ahead, and end_backward writes c_out = dS + dSᵀ ([E, E]), from which de = c_out·e is one
+// more GEMM after the pass.
 template <typename value_t>
 struct DirectGram {
   const value_t* e;
   int64_t stride, d_out;
   int num_experts;
-  value_t* de;  // backward only
+  value_t* de;          // backward only, per token (c_out null)
+  const double* S_all;  // dense: [E, E], or null
+  double* c_out;        // dense backward: [E, E], or null
 
   template <int MAX_K, typename scalar_t>
   void gram(const scalar_t*, const int* active, int k, double (*S)[MAX_K]) const {
-    gram_of_rows(e, active, k, stride, d_out, S);
+    if (S_all == nullptr) {
+      gram_of_rows(e, active, k, stride, d_out, S);
+      return;
+    }
+    for (int m = 0; m < k; ++m)
+      for (int l = 0; l < k; ++l) S[m][l] = S_all[active[m] * num_experts + active[l]];
   }
   void begin_backward() const {}
   template <int MAX_K, typename scalar_t>
@@ -353,6 +365,11 @@ struct DirectGram {
   }
   template <int MAX_K>
   void end_backward(const int* active, int k, const double (*dS)[MAX_K]) const {
+    if (c_out != nullptr) {  // dense: k = E, active[m] = m
+      for (int m = 0; m < k; ++m)
+        for (int l = 0; l < k; ++l) c_out[m * k + l] = dS[m][l] + dS[l][m];
+      return;
+    }
     for (int i = 0, m = 0; i < num_experts; ++i) {  // inactive experts: de_i = 0
       if (m < k && active[m] == i) ++m;
       else std::fill_n(de + i * stride, d_out, value_t(0));
@@ -752,13 +769,21 @@ struct PairRoute {
 template <typename value_t>
 struct DirectRoute {
   const value_t* e;  // [E, Tc, d_out]
-  value_t* de;       // [E, Tc, d_out], backward only
+  value_t* de;       // [E, Tc, d_out], backward only (S null)
   int64_t Tc, d_out;
   int E;
+  const double* S = nullptr;  // dense: [Tc, E, E], formed ahead by a batched GEMM
+  double* C = nullptr;        // dense backward: [Tc, E, E], dS + dSᵀ by token
   void begin_block(int64_t, int64_t, int) const {}
   DirectGram<value_t> at(int64_t t, int) const {
-    return DirectGram<value_t>{e + t * d_out, Tc * d_out, d_out, E,
-                               de ? de + t * d_out : nullptr};
+    const int64_t EE = int64_t(E) * E;
+    return DirectGram<value_t>{e + t * d_out,
+                               Tc * d_out,
+                               d_out,
+                               E,
+                               de ? de + t * d_out : nullptr,
+                               S ? S + t * EE : nullptr,
+                               C ? C + t * EE : nullptr};
   }
 };
 

@@ -202,6 +202,12 @@ constexpr double kBatchedCallCost = 50000.0;
 constexpr double kGemmCallCost = 75000.0;
 constexpr double kGemmRowCost = 12.0;
 constexpr double kFloat32GemmCost = 0.5;
+// The dense direct route: its float64 GEMMs batched over tokens are small (E × E outputs
+// per token) and run below a large GEMM's speed, at about this many multiply-adds each;
+// copying a value to float64 in another layout (e and de) at kCopyCost
+// (bench/notes/cpu-dense-direct-gemm.md).
+constexpr double kSmallGemmCost = 2.0;
+constexpr double kCopyCost = 1.0;
 
 // OMOE_ROUTE=batched|pairs|pairs_gemm|direct|direct_all forces a route on the CPU (tests
 // run every route); pairs_gemm forces pairs on the forward; direct takes the active rows
@@ -250,8 +256,16 @@ PassCosts pass_costs(const Sizes& s, int64_t k, bool backward, bool gram_free, b
   // E experts by batched GEMMs; direct_rows (top-k): each token's k active ones, by a GEMM
   // per expert with tokens, after routing every token ahead.
   const double gemm_passes = backward ? 3.0 : 1.0;
+  // S (and in the backward dS): dense routing by float64 batched GEMMs over all E² pairs,
+  // S and again S and de in the backward, after copying e to float64 (and de back); top-k by
+  // the per-token loops over the k² active pairs.
+  const double gram_passes = backward ? 2.0 : 1.0;
+  const double dense_chunks = std::ceil(T * E * d * 24.0 / (4 << 20));
   const double rest =
-      kScalarCost * (backward ? 2.0 : 1.0) * T * kk * d + R * d /* B in float64 */;
+      (k == s.E ? gram_passes * (kSmallGemmCost * T * kk * d + kCopyCost * T * E * d +
+                                 kBatchedCallCost * dense_chunks)
+                : kScalarCost * gram_passes * T * kk * d) +
+      R * d /* B in float64 */;
   c.direct = gemm_passes * (T * R * d + kBatchedCallCost) + rest;
   c.direct_rows =
       k < s.E ? gemm_passes * (T * double(k) * d *
@@ -262,8 +276,8 @@ PassCosts pass_costs(const Sizes& s, int64_t k, bool backward, bool gram_free, b
   return c;
 }
 
-// The cheapest route for one pass. Under top-k with G not at hand the route is chosen for
-// the training step, forward and backward together: a forward that takes the direct route
+// The cheapest route for one pass. With G not at hand the route is chosen for the training
+// step, forward and backward together: a forward that takes the direct route
 // leaves no G for the backward, so a backward through G would pay for G anyway.
 Route choose_route(const Sizes& s, int64_t k, bool backward, bool gram_free, bool on_cpu,
                    bool float32) {
@@ -277,7 +291,7 @@ Route choose_route(const Sizes& s, int64_t k, bool backward, bool gram_free, boo
   }
   const PassCosts c = pass_costs(s, k, backward, gram_free, float32);
   bool direct = c.direct_best() < c.through_g(backward);
-  if (k < s.E && !gram_free) {
+  if (!gram_free) {
     const PassCosts f = pass_costs(s, k, false, false, float32),
                     b = pass_costs(s, k, true, true, float32);
     direct = f.direct_best() + pass_costs(s, k, true, false, float32).direct_best() <
@@ -292,6 +306,8 @@ Route choose_route(const Sizes& s, int64_t k, bool backward, bool gram_free, boo
                 R * R * 8.0 / (1 << 20), " MiB (E·r = ", s.E * s.r, ")");
   return best;
 }
+
+double x_bytes(at::ScalarType t) { return double(c10::elementSize(t)); }
 
 // Tokens per chunk so that a chunk's float64 workspace stays near `budget` bytes.
 int64_t chunk_tokens(int64_t T, double bytes_per_token, double budget) {
@@ -316,6 +332,16 @@ at::Tensor expert_blocks(const at::Tensor& h, int64_t E, int64_t r) {
 at::Tensor expert_blocks64(const at::Tensor& h, int64_t E, int64_t r) {
   return expert_blocks(h.to(at::kDouble), E, r);
 }
+
+// The direct route under dense routing: e ([E, n, d_out], expert-major) as float64
+// [n, E, d_out], so that a token's S = e eᵀ and de = (dS + dSᵀ) e are GEMMs batched over
+// the tokens (d_out as the inner dimension of S), summed in float64 as the per-token loops.
+at::Tensor token_major64(const at::Tensor& e) {
+  at::Tensor out = at::empty({e.size(1), e.size(0), e.size(2)}, e.options().dtype(at::kDouble));
+  out.copy_(e.transpose(0, 1));
+  return out;
+}
+at::Tensor direct_gram(const at::Tensor& e64) { return at::bmm(e64, e64.transpose(1, 2)); }
 
 // The pairs route's Gram source over the tokens of h (a chunk); dG and W as in PairRoute.
 // Dense routing with few experts forms S ahead, a block of tokens per read of G.
@@ -419,19 +445,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
       RECORD_FUNCTION("omoe::direct", std::vector<c10::IValue>());
       const at::Tensor Bt = B.to(acc).transpose(1, 2);  // [E, r, d_out], a view for fp32
       const int64_t rows = route == Route::kDirectRows ? k : s.E;  // e rows per token
-      const int64_t tc = chunk_tokens(s.T, 8.0 * rows * s.d_out, chunk_budget(x));
+      // Dense: e and its float64 copy, and S.
+      const double per_token = k == s.E
+                                   ? (x_bytes(acc) + 8.0) * rows * s.d_out + 8.0 * s.E * s.E
+                                   : 8.0 * rows * s.d_out;
+      const int64_t tc = chunk_tokens(s.T, per_token, chunk_budget(x));
       if (route == Route::kDirectRows && k < s.E) {  // e of the active (token, slot) pairs
         cpu::topk_direct_forward(h, logits, Bt.transpose(1, 2), top_k, normalize, eps, tc, z);
       } else {
         for (int64_t t0 = 0; t0 < s.T; t0 += tc) {
           const int64_t n = std::min(tc, s.T - t0);
           const at::Tensor e = at::bmm(part(expert_blocks(h, s.E, s.r), 1, t0, n), Bt);
+          const at::Tensor S = k == s.E ? direct_gram(token_major64(e)) : at::Tensor();
           at::Tensor zc = part(z, 0, t0, n);
           AT_DISPATCH_FLOATING_TYPES(e.scalar_type(), "omoe_direct", [&] {
-            cpu::token_forward_pass(part(h, 0, t0, n), part(logits, 0, t0, n),
-                                    cpu::DirectRoute<scalar_t>{e.data_ptr<scalar_t>(), nullptr,
-                                                               n, s.d_out, int(s.E)},
-                                    s.E, s.r, top_k, true, normalize, eps, zc);
+            cpu::DirectRoute<scalar_t> route{e.data_ptr<scalar_t>(), nullptr, n, s.d_out,
+                                             int(s.E)};
+            if (S.defined()) route.S = S.data_ptr<double>();
+            cpu::token_forward_pass(part(h, 0, t0, n), part(logits, 0, t0, n), route, s.E, s.r,
+                                    top_k, true, normalize, eps, zc);
           });
         }
       }
@@ -533,7 +565,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
       RECORD_FUNCTION("omoe::direct_backward", std::vector<c10::IValue>());
       const at::Tensor Ba = on_blocks ? Bb : B.to(acc);  // [E, d_out, r], no copy for fp32
       const int64_t rows = route == Route::kDirectRows ? k : s.E;  // e rows per token
-      const int64_t tc = chunk_tokens(s.T, 16.0 * rows * s.d_out, chunk_budget(x));
+      // Dense: e and de, their float64 forms, S and dS + dSᵀ.
+      const double per_token =
+          k == s.E ? 2.0 * ((x_bytes(acc) + 8.0) * rows * s.d_out + 8.0 * s.E * s.E)
+                   : 16.0 * rows * s.d_out;
+      const int64_t tc = chunk_tokens(s.T, per_token, chunk_budget(x));
       if (route == Route::kDirectRows && k < s.E) {  // e, de of the active (token, slot) pairs
         dB_direct = cpu::topk_direct_backward(hc, lc, dz, Ba, top_k, normalize, eps, tc, z, dh,
                                               dlogits);
@@ -542,16 +578,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
           const int64_t n = std::min(tc, s.T - t0);
           const at::Tensor hb = part(expert_blocks(hc, s.E, s.r), 1, t0, n);  // [E, n, r]
           const at::Tensor e = at::bmm(hb, Ba.transpose(1, 2));               // [E, n, d_out]
-          const at::Tensor de = at::empty_like(e);
+          at::Tensor de = at::empty_like(e);
+          // Dense: S and then de = (dS + dSᵀ)·e by float64 batched GEMMs over the tokens.
+          const at::Tensor e64 = k == s.E ? token_major64(e) : at::Tensor();
+          const at::Tensor S = e64.defined() ? direct_gram(e64) : at::Tensor();
+          const at::Tensor C = e64.defined() ? at::empty_like(S) : at::Tensor();
           at::Tensor zc = part(z, 0, t0, n), dhc = part(dh, 0, t0, n),
                      dlc = part(dlogits, 0, t0, n);
           AT_DISPATCH_FLOATING_TYPES(e.scalar_type(), "omoe_direct_backward", [&] {
-            cpu::token_backward_pass(
-                part(hc, 0, t0, n), part(lc, 0, t0, n),
-                cpu::DirectRoute<scalar_t>{e.data_ptr<scalar_t>(), de.data_ptr<scalar_t>(), n,
-                                           s.d_out, int(s.E)},
-                part(dz, 0, t0, n), s.E, s.r, top_k, true, normalize, eps, zc, dhc, dlc);
+            cpu::DirectRoute<scalar_t> route{e.data_ptr<scalar_t>(), de.data_ptr<scalar_t>(), n,
+                                             s.d_out, int(s.E)};
+            if (e64.defined()) {
+              route.S = S.data_ptr<double>();
+              route.C = C.data_ptr<double>();
+            }
+            cpu::token_backward_pass(part(hc, 0, t0, n), part(lc, 0, t0, n), route,
+                                     part(dz, 0, t0, n), s.E, s.r, top_k, true, normalize, eps,
+                                     zc, dhc, dlc);
           });
+          if (e64.defined()) de.copy_(at::bmm(C, e64).transpose(0, 1));
           // dh_i += B_iᵀ de_i; Σ_t de_i h_iᵀ straight into B's layout (no per-expert GEMMs,
           // no permuted copy of dB at the end).
           if (on_blocks) {

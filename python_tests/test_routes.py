@@ -135,7 +135,9 @@ def test_route_topk_nan_in_an_unrouted_expert_stays_out(route):
         assert torch.isfinite(grads["B"]).all() and torch.isfinite(grads["router_weight"]).all()
 
 
-def test_route_topk_direct_gradcheck_float64(monkeypatch):
+@pytest.mark.parametrize("top_k", [2, None], ids=["top2", "dense"])
+def test_route_direct_gradcheck_float64(monkeypatch, top_k):
+    # dense: S and de by the GEMMs batched over tokens; top-2: on the active rows.
     monkeypatch.setenv("OMOE_ROUTE", "direct")
     problem = make_problem(5, 4, 5, 4, 2, dtype=torch.float64, seed=20, with_router_input=True)
     names = list(problem.tensors())
@@ -145,7 +147,7 @@ def test_route_topk_direct_gradcheck_float64(monkeypatch):
         kw = dict(zip(names, tensors))
         return ok.omoe_lora(kw["x"], kw["A"], kw["B"], kw["router_weight"], scaling=0.7,
                             base_out=kw.get("base_out"), router_input=kw.get("router_input"),
-                            top_k=2, backend="cpu")
+                            top_k=top_k, backend="cpu")
 
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
 
@@ -196,6 +198,14 @@ def test_many_tokens_of_dense_routing_hand_dS_to_the_gemms(auto_route):
     assert {"omoe::gram", "omoe::pairs", "omoe::pairs_gemm_backward",
             "omoe::gram_backward"} <= names
     assert not names & {"omoe::direct", "omoe::batched", "omoe::pairs_backward"}
+
+
+def test_dense_training_at_large_er_and_few_tokens_takes_the_direct_route(auto_route):
+    # E·r = 256, 64 tokens, B new: G and B_cat(dG + dGᵀ) cost 2·d·(E·r)²; the direct route
+    # forms S and de by float64 GEMMs batched over the tokens, T·E²·d each.
+    names = _ranges(T=64, E=16, r=16, d=256)
+    assert {"omoe::direct", "omoe::direct_backward"} <= names
+    assert "omoe::gram" not in names and "omoe::gram_recompute" not in names
 
 
 def test_top1_of_many_experts_takes_the_active_pairs(auto_route):
