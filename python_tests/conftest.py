@@ -2,8 +2,8 @@
 
 The shared functions and constants live in ``helpers.py`` (test files import them from
 there); this file only configures pytest: the markers, the GPU skip, the ``interpreter``
-marker on Triton cases under TRITON_INTERPRET=1, a private torch.compile cache per
-session, and the autouse fixtures (NaN-poisoned Triton outputs, a fixed RNG seed).
+marker on Triton cases under TRITON_INTERPRET=1, the longest files collected first, a
+private torch.compile cache per session, and the autouse fixtures (NaN-poisoned Triton outputs, a fixed RNG seed).
 """
 from __future__ import annotations
 
@@ -39,7 +39,18 @@ def pytest_report_header(config):
     return f"omoe_kernels tests: device={DEVICE}, backends={list(BACKENDS)}"
 
 
+# Files that run for minutes, collected first: with `-n 2 --dist loadfile` a file starts
+# when a worker takes it, and the interpreted suite (test_triton.py, two child sessions)
+# taken last would run on alone after everything else.
+LONG_FILES = ("test_triton.py", "test_cuda_build.py")
+
+
 def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = os.path.basename(item.nodeid.split("::")[0])
+        return LONG_FILES.index(name) if name in LONG_FILES else len(LONG_FILES)
+
+    items.sort(key=rank)  # stable: the order within and between the other files is kept
     skip = pytest.mark.skip(reason=f"needs a CUDA device; OMOE_TEST_DEVICE={DEVICE.type}")
     for item in items:
         if "gpu" in item.keywords and not ON_GPU:
