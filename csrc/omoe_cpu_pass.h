@@ -12,9 +12,9 @@
 // - direct (DirectGram): the expert outputs e_i = B_i h_i themselves (a batched GEMM per
 //   chunk, in the accumulate dtype), S_ml = <e_i, e_j> summed in float64; no G at all,
 //   T·(E·r·d + k²·d) work. For small T against E·r, and for E·r too large for G. Dense
-//   routing forms S (and in the backward de) by float64 batched GEMMs over the chunk's
-//   tokens. Under top-k (k < E) e is formed for the active experts only, T·(k·r·d + k²·d)
-//   work (RowGram, omoe_cpu_topk.h).
+//   routing with E >= r forms S (and in the backward de) by float64 batched GEMMs over the
+//   chunk's tokens. Under top-k (k < E) e is formed for the active experts only,
+//   T·(k·r·d + k²·d) work (RowGram, omoe_cpu_topk.h).
 #pragma once
 
 #include <ATen/ATen.h>

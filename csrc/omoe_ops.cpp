@@ -209,6 +209,11 @@ constexpr double kFloat32GemmCost = 0.5;
 constexpr double kSmallGemmCost = 2.0;
 constexpr double kCopyCost = 1.0;
 
+// Whether the direct route forms S and de by those batched GEMMs: under dense routing when
+// S (E² per token) is at least as large as forming e (E·r per token), i.e. E >= r. Below
+// that the float64 copy of e and the GEMM calls cost more than the per-token loops save.
+bool batched_direct_gram(const Sizes& s, int64_t k) { return k == s.E && s.E >= s.r; }
+
 // OMOE_ROUTE=batched|pairs|pairs_gemm|direct|direct_all forces a route on the CPU (tests
 // run every route); pairs_gemm forces pairs on the forward; direct takes the active rows
 // under top-k, direct_all all E experts.
@@ -262,9 +267,10 @@ PassCosts pass_costs(const Sizes& s, int64_t k, bool backward, bool gram_free, b
   const double gram_passes = backward ? 2.0 : 1.0;
   const double dense_chunks = std::ceil(T * E * d * 24.0 / (4 << 20));
   const double rest =
-      (k == s.E ? gram_passes * (kSmallGemmCost * T * kk * d + kCopyCost * T * E * d +
-                                 kBatchedCallCost * dense_chunks)
-                : kScalarCost * gram_passes * T * kk * d) +
+      (batched_direct_gram(s, k)
+           ? gram_passes * (kSmallGemmCost * T * kk * d + kCopyCost * T * E * d +
+                            kBatchedCallCost * dense_chunks)
+           : kScalarCost * gram_passes * T * kk * d) +
       R * d /* B in float64 */;
   c.direct = gemm_passes * (T * R * d + kBatchedCallCost) + rest;
   c.direct_rows =
@@ -446,7 +452,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
       const at::Tensor Bt = B.to(acc).transpose(1, 2);  // [E, r, d_out], a view for fp32
       const int64_t rows = route == Route::kDirectRows ? k : s.E;  // e rows per token
       // Dense: e and its float64 copy, and S.
-      const double per_token = k == s.E
+      const double per_token = batched_direct_gram(s, k)
                                    ? (x_bytes(acc) + 8.0) * rows * s.d_out + 8.0 * s.E * s.E
                                    : 8.0 * rows * s.d_out;
       const int64_t tc = chunk_tokens(s.T, per_token, chunk_budget(x));
@@ -456,7 +462,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
         for (int64_t t0 = 0; t0 < s.T; t0 += tc) {
           const int64_t n = std::min(tc, s.T - t0);
           const at::Tensor e = at::bmm(part(expert_blocks(h, s.E, s.r), 1, t0, n), Bt);
-          const at::Tensor S = k == s.E ? direct_gram(token_major64(e)) : at::Tensor();
+          const at::Tensor S =
+              batched_direct_gram(s, k) ? direct_gram(token_major64(e)) : at::Tensor();
           at::Tensor zc = part(z, 0, t0, n);
           AT_DISPATCH_FLOATING_TYPES(e.scalar_type(), "omoe_direct", [&] {
             cpu::DirectRoute<scalar_t> route{e.data_ptr<scalar_t>(), nullptr, n, s.d_out,
@@ -567,8 +574,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
       const int64_t rows = route == Route::kDirectRows ? k : s.E;  // e rows per token
       // Dense: e and de, their float64 forms, S and dS + dSᵀ.
       const double per_token =
-          k == s.E ? 2.0 * ((x_bytes(acc) + 8.0) * rows * s.d_out + 8.0 * s.E * s.E)
-                   : 16.0 * rows * s.d_out;
+          batched_direct_gram(s, k)
+              ? 2.0 * ((x_bytes(acc) + 8.0) * rows * s.d_out + 8.0 * s.E * s.E)
+              : 16.0 * rows * s.d_out;
       const int64_t tc = chunk_tokens(s.T, per_token, chunk_budget(x));
       if (route == Route::kDirectRows && k < s.E) {  // e, de of the active (token, slot) pairs
         dB_direct = cpu::topk_direct_backward(hc, lc, dz, Ba, top_k, normalize, eps, tc, z, dh,
@@ -580,7 +588,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
           const at::Tensor e = at::bmm(hb, Ba.transpose(1, 2));               // [E, n, d_out]
           at::Tensor de = at::empty_like(e);
           // Dense: S and then de = (dS + dSᵀ)·e by float64 batched GEMMs over the tokens.
-          const at::Tensor e64 = k == s.E ? token_major64(e) : at::Tensor();
+          const at::Tensor e64 = batched_direct_gram(s, k) ? token_major64(e) : at::Tensor();
           const at::Tensor S = e64.defined() ? direct_gram(e64) : at::Tensor();
           const at::Tensor C = e64.defined() ? at::empty_like(S) : at::Tensor();
           at::Tensor zc = part(z, 0, t0, n), dhc = part(dh, 0, t0, n),

@@ -208,6 +208,24 @@ def test_dense_training_at_large_er_and_few_tokens_takes_the_direct_route(auto_r
     assert "omoe::gram" not in names and "omoe::gram_recompute" not in names
 
 
+@pytest.mark.parametrize("E, r, batched", [(16, 4, True), (8, 64, False)])
+def test_dense_direct_route_batches_S_only_where_S_outweighs_e(monkeypatch, E, r, batched):
+    # The forced direct forward makes one batched GEMM for e = B h per chunk, and a second
+    # for every token's S = e eᵀ only when E >= r; below that the per-token loops cost less
+    # than copying e to float64 for the GEMM (bench/notes/cpu-dense-direct-gemm.md).
+    monkeypatch.setenv("OMOE_ROUTE", "direct")
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(8, 64, generator=gen)
+    A = torch.randn(E, r, 64, generator=gen).div_(8)
+    B = torch.randn(E, 64, r, generator=gen).div_(r ** 0.5)
+    W = torch.randn(E, 64, generator=gen)
+    with torch.no_grad(), profile() as prof:
+        y = ok.omoe_lora(x, A, B, W, backend="cpu")
+    assert [e.name for e in prof.events()].count("aten::bmm") == (2 if batched else 1)
+    assert_rel_close(y, ok.omoe_lora(x.double(), A.double(), B.double(), W.double(),
+                                     backend="reference").float(), 1e-5, "direct, dense")
+
+
 def test_top1_of_many_experts_takes_the_active_pairs(auto_route):
     # k² r² per token from G, not the (E·r)² of all pairs.
     names = _ranges(T=512, E=16, r=2, d=64, top_k=1)
