@@ -628,7 +628,8 @@ void dense_lane_forward(const scalar_t* h, const scalar_t* logits, const Route& 
 template <int MAX_K, typename scalar_t, typename Route>
 void dense_forward_tokens(const scalar_t* h, const scalar_t* logits, const Route& route,
                           int64_t begin, int64_t end, int thread, int E, int r, bool normalize,
-                          double eps, DenseForwardState<MAX_K>& st, scalar_t* z) {
+                          double eps, DenseForwardState<MAX_K>& st, scalar_t* z,
+                          double* coeff) {
   const int64_t er = int64_t(E) * r;
   const int k = E;
   for (int64_t t0 = begin; t0 < end; t0 += kLanes) {
@@ -639,6 +640,7 @@ void dense_forward_tokens(const scalar_t* h, const scalar_t* logits, const Route
       scalar_t* zt = z + (t0 + n) * er;
       for (int i = 0; i < k; ++i) {
         const double a = st.coeff[i * kLanes + n];
+        if (coeff) coeff[(t0 + n) * E + i] = a;
         for (int q = i * r; q < (i + 1) * r; ++q)
           zt[q] = static_cast<scalar_t>(a * static_cast<double>(ht[q]));
       }
@@ -825,11 +827,12 @@ void for_token_blocks(int64_t T, Body&& body) {
 inline int pass_threads() { return std::max(1, at::get_num_threads()); }
 
 // z for the tokens of h ([Tc, E·r]) and logits ([Tc, E]); route.at(t, thread) is the Gram
-// source of token t (ignored unless orthogonalize).
+// source of token t (ignored unless orthogonalize). coeff, when given ([Tc, E]), receives
+// each token's mixture coefficients a by expert (0 for inactive experts).
 template <typename Route>
 void token_forward_pass(const at::Tensor& h, const at::Tensor& logits, const Route& route,
                         int64_t E, int64_t r, int64_t top_k, bool orthogonalize, bool normalize,
-                        double eps, at::Tensor& z) {
+                        double eps, at::Tensor& z, double* coeff = nullptr) {
   const int64_t T = h.size(0), er = E * r;
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "omoe_token_forward_cpu", [&] {
     const scalar_t* h_ptr = h.data_ptr<scalar_t>();
@@ -842,7 +845,7 @@ void token_forward_pass(const at::Tensor& h, const at::Tensor& logits, const Rou
             T, [&](int64_t begin, int64_t end, int thread, DenseForwardState<MAX_K>& st) {
               route.begin_block(begin, end, thread);
               dense_forward_tokens<MAX_K>(h_ptr, l_ptr, route, begin, end, thread, int(E),
-                                          int(r), normalize, eps, st, z_ptr);
+                                          int(r), normalize, eps, st, z_ptr, coeff);
             });
       });
       return;
@@ -852,9 +855,11 @@ void token_forward_pass(const at::Tensor& h, const at::Tensor& logits, const Rou
       for_token_blocks<MgsTape<MAX_K>>(
           T, [&](int64_t begin, int64_t end, int thread, MgsTape<MAX_K>& tape) {
             if (orthogonalize) route.begin_block(begin, end, thread);
-            for (int64_t t = begin; t < end; ++t)
+            for (int64_t t = begin; t < end; ++t) {
               token_forward(h_ptr + t * er, l_ptr + t * E, route.at(t, thread), int(E), int(r),
-                            int(top_k), orthogonalize, normalize, eps, tape, z_ptr + t * er);
+                            int(top_k), orthogonalize, normalize, eps, tape, z_ptr + t * er,
+                            coeff ? coeff + t * E : nullptr);
+            }
           });
     });
   });

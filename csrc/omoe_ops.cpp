@@ -214,6 +214,9 @@ constexpr double kCopyCost = 1.0;
 // that the float64 copy of e and the GEMM calls cost more than the per-token loops save.
 bool batched_direct_gram(const Sizes& s, int64_t k) { return k == s.E && s.E >= s.r; }
 
+// Comparing B with the weight cache's copy reads two values per value of B.
+constexpr double kCompareCost = 2.0;
+
 // OMOE_ROUTE=batched|pairs|pairs_gemm|direct|direct_all forces a route on the CPU (tests
 // run every route); pairs_gemm forces pairs on the forward; direct takes the active rows
 // under top-k, direct_all all E experts.
@@ -314,6 +317,65 @@ Route choose_route(const Sizes& s, int64_t k, bool backward, bool gram_free, boo
 }
 
 double x_bytes(at::ScalarType t) { return double(c10::elementSize(t)); }
+
+// A forward on the CPU that forms y from the expert outputs: e_i = B_i h_i for every
+// expert, S and the MGS from e, then y = base + s·Σ_i a_i e_i. It reads A, W and B once, as
+// a LoRA does, and touches no weight cache; the cheapest route through G, even with G
+// cached, reads B against the cache's copy to know G is current, then G, then B_cat in the
+// expand. Few tokens (decoding) take it; a route forced by OMOE_ROUTE, but direct_all,
+// turns it off. S comes from the batched GEMM (batched_direct_gram) only where that costs
+// less than the per-token loops: the GEMM call alone outweighs a few tokens' S.
+struct ExpertOutputsPlan {
+  bool taken = false, batched_S = false;
+};
+ExpertOutputsPlan plan_from_expert_outputs(const Sizes& s, int64_t k) {
+  if (forced_route(Route::kDirect, /*backward=*/false) != Route::kDirect) return {};
+  const double T = double(s.T), R = double(s.E * s.r), d = double(s.d_out), E = double(s.E);
+  const double kk = double(k) * double(k), r = double(s.r);
+  const double loops = kScalarCost * T * kk * d;
+  const double batched =
+      batched_direct_gram(s, k)
+          ? kSmallGemmCost * T * kk * d + kCopyCost * T * E * d + kBatchedCallCost
+          : loops;
+  const double from_e = T * R * d + std::min(loops, batched) + T * E * d;
+  const double through_cached_g =
+      kCompareCost * d * R + R * R + kVectorCost * T * 0.5 * kk * r * r + T * R * d;
+  return {from_e < through_cached_g, batched < loops};
+}
+
+// y = base + scaling·Σ_i a_i e_i for the tokens of e ([E, T, d_out]) with coefficients a
+// ([T, E], float64, 0 for inactive experts, whose e then takes no part), summed in float64.
+at::Tensor mix_expert_outputs(const at::Tensor& e, const at::Tensor& a,
+                              const std::optional<at::Tensor>& base_out, double scaling) {
+  const int64_t E = e.size(0), T = e.size(1), d = e.size(2);
+  at::Tensor y = at::empty({T, d}, e.options());
+  const at::Tensor base =
+      base_out.has_value() ? contiguous_as(*base_out, e.scalar_type()) : at::Tensor();
+  std::vector<double> acc(size_t(std::max<int64_t>(d, 1)));
+  AT_DISPATCH_FLOATING_TYPES(e.scalar_type(), "omoe_mix_expert_outputs", [&] {
+    const scalar_t* ep = e.data_ptr<scalar_t>();
+    const double* ap = a.data_ptr<double>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    for (int64_t t = 0; t < T; ++t) {
+      std::fill(acc.begin(), acc.end(), 0.0);
+      for (int64_t i = 0; i < E; ++i) {
+        const double ai = ap[t * E + i];
+        if (ai == 0.0) continue;
+        const scalar_t* ei = ep + (i * T + t) * d;
+        for (int64_t o = 0; o < d; ++o) acc[size_t(o)] += ai * double(ei[o]);
+      }
+      scalar_t* yt = yp + t * d;
+      if (base.defined()) {
+        const scalar_t* bt = base.data_ptr<scalar_t>() + t * d;
+        for (int64_t o = 0; o < d; ++o)
+          yt[o] = scalar_t(double(bt[o]) + scaling * acc[size_t(o)]);
+      } else {
+        for (int64_t o = 0; o < d; ++o) yt[o] = scalar_t(scaling * acc[size_t(o)]);
+      }
+    }
+  });
+  return y;
+}
 
 // Tokens per chunk so that a chunk's float64 workspace stays near `budget` bytes.
 int64_t chunk_tokens(int64_t T, double bytes_per_token, double budget) {
@@ -431,6 +493,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
     } else {
       h = at::mm(xc, A.reshape({er, s.d_in}).to(acc).t());
       logits = at::mm(router_input->to(acc), router_weight.to(acc).t());
+    }
+  }
+  const ExpertOutputsPlan from_e = x.is_cpu() && s.T > 0 && orthogonalize
+                                       ? plan_from_expert_outputs(s, k)
+                                       : ExpertOutputsPlan{};
+  if (from_e.taken) {
+    const double per_token = from_e.batched_S
+                                 ? (x_bytes(acc) + 8.0) * s.E * s.d_out + 8.0 * s.E * s.E
+                                 : 8.0 * s.E * s.d_out;
+    if (chunk_tokens(s.T, per_token, chunk_budget(x)) >= s.T) {  // one chunk
+      RECORD_FUNCTION("omoe::direct", std::vector<c10::IValue>());
+      const at::Tensor e = at::bmm(expert_blocks(h, s.E, s.r), B.to(acc).transpose(1, 2));
+      const at::Tensor S = from_e.batched_S ? direct_gram(token_major64(e)) : at::Tensor();
+      at::Tensor z = at::empty_like(h);
+      const at::Tensor a = at::empty({s.T, s.E}, h.options().dtype(at::kDouble));
+      AT_DISPATCH_FLOATING_TYPES(e.scalar_type(), "omoe_direct", [&] {
+        cpu::DirectRoute<scalar_t> route{e.data_ptr<scalar_t>(), nullptr, s.T, s.d_out,
+                                         int(s.E)};
+        if (S.defined()) route.S = S.data_ptr<double>();
+        cpu::token_forward_pass(h, logits, route, s.E, s.r, top_k, true, normalize, eps, z,
+                                a.data_ptr<double>());
+      });
+      const at::Tensor y = mix_expert_outputs(e, a, base_out, scaling);
+      return {y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type()), h, logits};
     }
   }
   // B used unchanged by an earlier call means the weights are being reused (inference,

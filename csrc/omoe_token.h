@@ -279,19 +279,22 @@ OMOE_HD int token_coefficients(const scalar_t* h, const scalar_t* logits, const 
   return k;
 }
 
-// Forward of one token: z = a ⊙ h (E·r values, zero for inactive experts).
-// Needs min(top_k, E) <= MAX_K.
+// Forward of one token: z = a ⊙ h (E·r values, zero for inactive experts), and a by expert
+// into a_out ([E]) when given. Needs min(top_k, E) <= MAX_K.
 template <int MAX_K, typename scalar_t, typename Gram>
 OMOE_HD void token_forward(const scalar_t* h, const scalar_t* logits, const Gram& gram, int E,
                            int r, int top_k, bool orthogonalize, bool normalize, double eps,
-                           MgsTape<MAX_K>& t, scalar_t* z) {
+                           MgsTape<MAX_K>& t, scalar_t* z, double* a_out = nullptr) {
   int active[MAX_K];
   double gates[MAX_K], coeff[MAX_K];
   const int k = token_coefficients(h, logits, gram, E, top_k, orthogonalize, normalize, eps, t,
                                    active, gates, coeff);
   for (int q = 0; q < E * r; ++q) z[q] = scalar_t(0);
+  if (a_out)
+    for (int i = 0; i < E; ++i) a_out[i] = 0.0;
   for (int l = 0; l < k; ++l) {
     const int i = active[l];
+    if (a_out) a_out[i] = coeff[l];
     for (int a = 0; a < r; ++a)
       z[i * r + a] = static_cast<scalar_t>(coeff[l] * static_cast<double>(h[i * r + a]));
   }

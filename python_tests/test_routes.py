@@ -241,11 +241,48 @@ def test_top2_of_many_experts_trains_on_the_active_rows(auto_route):
     assert "omoe::gram" not in names and "aten::bmm" not in ops
 
 
-def test_reused_weights_switch_decoding_to_the_cached_gram(auto_route):
-    # First call with new weights: one token, direct. The same weights again: G is formed
-    # once and kept, so later tokens cost T·(E·r)², not T·E·r·d.
-    assert "omoe::direct" in _ranges(T=1, E=4, r=16, d=256, train=False, calls=1)
-    assert "omoe::gram" in _ranges(T=1, E=4, r=16, d=256, train=False, calls=2)
+def test_reused_weights_switch_to_the_cached_gram(auto_route):
+    # First call with new weights: direct. The same weights again: G is formed once and
+    # kept, so later calls cost T·(E·r)² plus the check that B is unchanged, not T·E·r·d.
+    assert "omoe::direct" in _ranges(T=16, E=4, r=16, d=256, train=False, calls=1)
+    assert "omoe::gram" in _ranges(T=16, E=4, r=16, d=256, train=False, calls=2)
+
+
+def test_decoding_reads_each_weight_once(empty_weight_cache):
+    # One token of E·r = 256: a route through the cached G reads B, the cache's copy of B,
+    # G and B_cat; y from the expert outputs reads B once and keeps nothing.
+    names = _ranges(T=1, E=4, r=64, d=1024, train=False, calls=3)
+    assert "omoe::direct" in names and not names & {"omoe::gram", "omoe::expand"}
+    assert torch.ops.omoe_cache.stats()[2] == 0, "the weight cache kept an entry"
+
+
+@pytest.mark.parametrize("top_k", [None, 2], ids=["dense", "top2"])
+@pytest.mark.parametrize("row", list(ACCURACY_ROWS))
+def test_few_tokens_form_y_from_the_expert_outputs(auto_route, row, top_k):
+    # 2 tokens against E·r = 64 at d = 36: y = base + s·Σ a_i e_i, no expand GEMM.
+    dtype, collapse, fwd_tol, grad_tol = ACCURACY_ROWS[row]
+    problem = make_problem(2, 40, 36, 4, 16, dtype=dtype, collapse=collapse, seed=21)
+    with torch.no_grad(), profile() as prof:
+        run_backend(problem, "cpu", top_k=top_k)
+    names = {e.name for e in prof.events()}
+    assert "omoe::direct" in names and "omoe::expand" not in names
+    assert_matches_oracle(problem, "cpu", fwd_tol, grad_tol, scaling=0.75, top_k=top_k)
+
+
+def test_y_from_expert_outputs_leaves_an_unrouted_experts_nan_out(auto_route):
+    # Every token routes to experts 0 and 1 (as the route test above); expert 3's B holds
+    # a NaN, so its e_3 is NaN, and its coefficient 0 must keep it out of y.
+    problem = make_problem(1, 8, 7, 4, 8, seed=22, with_router_input=True)
+    ri = problem.router_input.abs() + 0.1
+    W = torch.tensor([3.0, 2.0, 1.0, 0.0]).unsqueeze(1).expand(4, 8).contiguous()
+    clean = problem.replace(router_input=ri, router_weight=W)
+    B = clean.B.clone()
+    B[3, 1, 0] = float("nan")
+    with torch.no_grad(), profile() as prof:
+        y, _ = run_backend(clean.replace(B=B), "cpu", top_k=2)
+    assert "omoe::expand" not in {e.name for e in prof.events()}
+    y_clean, _ = run_backend(clean, "cpu", top_k=2)
+    assert torch.equal(y, y_clean), "an unrouted expert's NaN reached the output"
 
 
 def test_auto_route_matches_the_oracle_at_one_token(auto_route):
