@@ -242,9 +242,11 @@ def test_report_compiles_the_launchers_configs():
     assert backward.num_warps == token.num_warps and backward.args["BT"] == token.block_t
     assert backward.num_stages == C.TOKEN_STAGES
     assert specs["gram_grad[wide]"].args["BLOCK_T"] == C.gram_grad_block(L)
-    dz = specs["matmul[bf16, wide] dZ = s·dY·B + G"]
-    assert dz.args["BLOCK_N"] == C.GemmConfig.matmul(C.DOT_BF16, L.ERP).block_n
-    assert dz.args["GB"] == C.GRAM_TILE and dz.args["PACKED_BN"]
+    dz = specs["matmul[bf16, wide] dZ = s·dY·B"]
+    dz_cfg = C.GemmConfig.matmul(C.DOT_BF16, L.ERP, fill=(8192, 132))
+    assert all(dz.args[k] == v for k, v in dz_cfg.meta().items()) and dz.args["PACKED_BN"]
+    assert dz.num_warps == dz_cfg.num_warps and not dz.args["WITH_GRAM"] and dz.work.appended is None
+    assert specs["matmul[fp16, llama7b] dZ = s·dY·B + G"].args["GB"] == C.GRAM_TILE
     weight_grad = specs["weight_grad[bf16, wide] [dA;dW]ᵀ = Xᵀ·[dH|dL] (split-K)"]
     wcfg = C.GemmConfig.weight_grad(C.DOT_BF16, L.ERP)
     assert all(weight_grad.args[k] == v for k, v in wcfg.meta().items())
@@ -390,7 +392,7 @@ def test_model_sees_the_serial_gram_loop_and_the_per_token_grid():
     from omoe_kernels.tools.kernel_report import kernel_specs
 
     specs = {s.name: s for s in kernel_specs()}
-    dz = specs["matmul[bf16, llama7b] dZ = s·dY·B + G"]
+    dz = specs["matmul[fp16, llama7b] dZ = s·dY·B + G"]   # the backward op called without G
     gram_loop = dz.work.appended.loop
     assert gram_loop.over == "d_out"
     assert gram_loop.trips == C.gram_trips(4096, dz.num_warps) <= 32

@@ -18,7 +18,7 @@ from omoe_kernels.tools import kernel_model as M  # noqa: E402
 GPU_SHAPES = ("llama7b", "llama7b-top2", "wide")
 
 
-def _launches(name: str, num_tokens: int | None = None) -> dict:
+def _launches(name: str, num_tokens: int | None = None, saved_gram: bool = True) -> dict:
     import torch
 
     from omoe_kernels.tools.kernel_report import _step_launches
@@ -26,7 +26,7 @@ def _launches(name: str, num_tokens: int | None = None) -> dict:
     shape = SHAPES[name]
     if num_tokens is not None:
         shape = dataclasses.replace(shape, num_tokens=num_tokens)
-    return _step_launches(shape, torch.bfloat16)
+    return _step_launches(shape, torch.bfloat16, saved_gram=saved_gram)
 
 
 def _programs(launch) -> int:
@@ -51,18 +51,33 @@ def test_per_token_kernels_fill_the_gpu(name, num_tokens, waves):
 
 @pytest.mark.parametrize("name", GPU_SHAPES)
 def test_gram_programs_loop_over_d_out_in_few_trips(name):
-    """The programs appended to the shrink and dZ launches build one tile of the upper
-    triangle of G each, and walk d_out in at most 32 trips."""
+    """The programs appended to the shrink and dZ launches (dZ: a backward op called
+    without the forward's G) build one tile of the upper triangle of G each, and walk
+    d_out in at most 32 trips."""
     launches = _launches(name)
     d_out = SHAPES[name].d_model
-    for kernel in ("shrink", "dZ"):
-        launch = launches[kernel]
+    for kernel, launch in (("shrink", launches["shrink"]), ("dZ", _launches(name, saved_gram=False)["dZ"])):
         meta, erp = launch.meta, launch.meta["ERP"]
         tiles = erp // meta["GB"]
         assert launch.arg("num_gram") == tiles * (tiles + 1) // 2 == C.gram_programs(erp)
         assert meta["GD"] == 32 * launch.config.num_warps   # one row per thread
         trips = math.ceil(d_out / (meta["GD"] * meta["GR"]))
         assert trips <= 32 and trips == C.gram_trips(d_out, launch.config.num_warps), (kernel, trips)
+
+
+@pytest.mark.parametrize("name", GPU_SHAPES)
+@pytest.mark.parametrize("num_tokens", [8192, 2048])
+def test_backward_reads_the_forwards_gram_and_dz_fills_the_gpu(name, num_tokens):
+    """The step's backward takes the G the shrink's programs built: dZ appends no G
+    programs, and takes 64-row tiles, where 128 would leave most of the 132 SMs idle."""
+    launches = _launches(name, num_tokens)
+    G = launches["shrink"].arg("gram_ptr")
+    assert launches["token_backward"].arg("g_ptr") is G and launches["token_forward"].arg("g_ptr") is G
+    dz = launches["dZ"]
+    assert dz.arg("num_gram") == 0 and not dz.meta["WITH_GRAM"]
+    assert dz.config.block_m == 64 and dz.config.num_warps == 4
+    assert _programs(dz) == num_tokens // 64 * math.ceil(dz.meta["ERP"] / dz.config.block_n)
+    assert _programs(dz) >= 0.95 * M.H200_SMS * num_tokens / 8192
 
 
 @pytest.mark.parametrize("d_out", [1, 37, 4096, 11008, 65536])

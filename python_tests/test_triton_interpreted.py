@@ -135,14 +135,58 @@ def test_opcheck_forward_op():
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
-def test_opcheck_backward_op():
+@pytest.mark.parametrize("with_gram", [True, False])
+def test_opcheck_backward_op(with_gram):
     p = make_problem(7, 6, 42, 3, 4, dtype=torch.float32, seed=31, with_router_input=True)
-    y, h, logits = torch.ops.omoe_triton.forward(p.x, p.A, p.B, p.router_weight, p.router_input,
-                                                 None, 0.5, 2, True, False, 1e-6)
+    y, h, logits, G = torch.ops.omoe_triton.forward(p.x, p.A, p.B, p.router_weight, p.router_input,
+                                                    None, 0.5, 2, True, False, 1e-6)
     grad_y = random_grad(y.shape, y.dtype)
     args = (grad_y, p.x, p.A, p.B, p.router_weight, p.router_input, h, logits, 0.5, 2, True,
-            False, 1e-6)
+            False, 1e-6) + ((G,) if with_gram else ())
     torch.library.opcheck(torch.ops.omoe_triton.backward.default, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def _gram_of(B: torch.Tensor, L) -> torch.Tensor:
+    """B_catᵀB_cat in float64 on G's padded layout ([ERP, ERP], zero padding)."""
+    E, d_out, r = B.shape
+    columns = B.double().permute(1, 0, 2).reshape(d_out, E * r)
+    G = torch.zeros(L.EP, L.RP, L.EP, L.RP, dtype=torch.float64)
+    G[:E, :r, :E, :r] = (columns.t() @ columns).view(E, r, E, r)
+    return G.view(L.ERP, L.ERP)
+
+
+def test_backward_takes_the_forwards_gram_matrix(monkeypatch):
+    """The forward op returns the G its shrink built; the training step's backward, by the
+    eager autograd path and the registered op's alike, passes it on and its dZ builds none;
+    the gradients equal those of the backward op called without G (dZ building it)."""
+    from omoe_kernels.ops.triton import replay
+
+    num_gram = []   # dZ's WITH_GRAM, per backward planned
+    plan = triton_ops.plan_backward
+
+    def spy(*args, **kwargs):
+        launches, outputs = plan(*args, **kwargs)
+        num_gram.append(launches["dZ"].meta["WITH_GRAM"])
+        return launches, outputs
+
+    monkeypatch.setattr(triton_ops, "plan_backward", spy)
+    replay.clear_all()
+    p = make_problem(9, 6, 37, 3, 3, dtype=torch.float32, seed=46, with_router_input=True)
+    L, options = triton_ops.layout(3, 3), (0.7, 2, True, True, 1e-6)
+    inputs = (p.x, p.A, p.B, p.router_weight, p.router_input, p.base_out)
+    y, h, logits, G = torch.ops.omoe_triton.forward(*inputs, *options)
+    torch.testing.assert_close(G, _gram_of(p.B, L), rtol=1e-13, atol=1e-13)
+    grad_y = random_grad(y.shape, y.dtype)
+    rebuilt = torch.ops.omoe_triton.backward(grad_y, *inputs[:5], h, logits, *options)
+    assert num_gram == [True]
+    for call in (lambda t: omoe_kernels.omoe_lora(*t[:4], router_input=t[4], base_out=t[5],
+                                                  backend=BACKEND, scaling=0.7, top_k=2),
+                 lambda t: torch.ops.omoe_triton.forward(*t, *options)[0]):
+        leaves = [t.detach().requires_grad_(t is not p.base_out) for t in inputs]
+        call(leaves).backward(grad_y)
+        assert num_gram[-1] is False
+        for leaf, expected in zip(leaves, rebuilt):
+            torch.testing.assert_close(leaf.grad, expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("orthogonalize", [True, False])
@@ -151,9 +195,13 @@ def test_raw_ops_at_zero_tokens(orthogonalize):
     outputs and zero weight gradients, without launching a kernel on an empty grid."""
     p = make_problem(1, 6, 5, 3, 2, dtype=torch.float32, seed=34, with_router_input=True)
     x, r_in = p.x[:0], p.router_input[:0]
-    y, h, logits = torch.ops.omoe_triton.forward(x, p.A, p.B, p.router_weight, r_in, p.base_out[:0],
-                                                 0.5, 2, orthogonalize, True, 1e-6)
+    y, h, logits, G = torch.ops.omoe_triton.forward(x, p.A, p.B, p.router_weight, r_in, p.base_out[:0],
+                                                    0.5, 2, orthogonalize, True, 1e-6)
     assert y.shape == (0, 5) and h.shape[0] == 0 and logits.shape == (0, 3)
+    if orthogonalize:   # G all the same (by torch: no kernel launched)
+        torch.testing.assert_close(G, _gram_of(p.B, triton_ops.layout(3, 2)), rtol=1e-13, atol=1e-13)
+    else:
+        assert G.shape == (0,) and G.dtype == torch.float64
     grads = torch.ops.omoe_triton.backward(y, x, p.A, p.B, p.router_weight, r_in, h, logits, 0.5,
                                            2, orthogonalize, True, 1e-6)
     expected = [(0, 6), p.A.shape, p.B.shape, p.router_weight.shape, (0, 6)]
@@ -490,7 +538,7 @@ def test_opcheck_non_contiguous_inputs(layout):
     args = (x.requires_grad_(), p.A.requires_grad_(), p.B, W, router_input, p.base_out)
     torch.library.opcheck(torch.ops.omoe_triton.forward.default, (*args, *options),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
-    y, h, logits = torch.ops.omoe_triton.forward(*args, *options)
+    y, h, logits, _ = torch.ops.omoe_triton.forward(*args, *options)
     torch.library.opcheck(torch.ops.omoe_triton.backward.default,
                           (lay(random_grad(y.shape, y.dtype)), x.detach(), p.A.detach(), p.B, W,
                            router_input, h.t().contiguous().t(), logits, *options),
@@ -501,7 +549,7 @@ def test_per_token_pass_matches_the_coefficient_oracle():
     from omoe_kernels.testing import oracle as co
 
     p = make_problem(9, 6, 7, 3, 2, dtype=torch.float64, seed=45, collapse=0.9)
-    y, h, logits = torch.ops.omoe_triton.forward(p.x, p.A, p.B, p.router_weight, None,
+    y, h, logits, _ = torch.ops.omoe_triton.forward(p.x, p.A, p.B, p.router_weight, None,
                                                  p.base_out, 0.7, 2, True, True, 1e-6)
     L = triton_ops.layout(3, 2)
     h_unpadded = h.view(9, L.EP, L.RP)[:, :3, :2].reshape(9, 6)

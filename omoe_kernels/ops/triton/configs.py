@@ -70,19 +70,24 @@ class GemmConfig:
 
     @classmethod
     def matmul(cls, kind: int, N: int, fp16_a: bool = False, interpret: bool = False,
-               scaled_a: bool = False) -> "GemmConfig":
+               scaled_a: bool = False, fill: Optional[tuple[int, int]] = None) -> "GemmConfig":
         """matmul_kernel's fixed config (on a GPU also the autotuner's fallback shape).
         fp16_a (scaled fp16 operands, `_dot_fp16_scaled`): the partial product of each K
         chunk takes a second [BLOCK_M, BLOCK_N] of registers, so the tile is half as wide
         (128 wide spills at E·r = 128). scaled_a (the expand and dX on the per-token
-        kernels' fp16 operands): one accumulator, sized by SCALED_TILE for two CTAs per SM."""
+        kernels' fp16 operands): one accumulator, sized by SCALED_TILE for two CTAs per SM.
+        fill = (M, SMs) of a one-split launch with nothing appended: 16-bit tiles of 64 rows
+        (one warpgroup) where 128 would leave SMs idle (dZ: T / 128 tiles at E·r <= 128)."""
         if interpret:
             return INTERPRET_MATMUL
         if scaled_a:
             return SCALED_TILE
         if kind in SIXTEEN_BIT_KINDS:
             block_n = 64 if N <= 64 or fp16_a else 128
-            return cls(128, block_n, 64, group_m=8, num_warps=8, num_stages=3)
+            cfg = cls(128, block_n, 64, group_m=8, num_warps=8, num_stages=3)
+            if fill is not None and cfg.programs(fill[0], N) < fill[1]:
+                return replace(cfg, block_m=64, num_warps=4, num_stages=4)
+            return cfg
         if kind == DOT_FP32_TF32:
             return cls(128, 64, 32, group_m=8, num_warps=8, num_stages=3)
         return cls(64, 64, 32, group_m=8, num_warps=4, num_stages=2)
