@@ -579,8 +579,9 @@ def _gram_grad_reference(h, ds, L):
 
 
 def _slot_grads(T, E, r, top_k, seed):
-    """Random h and SlotGrads as token_backward writes them: top-k slots hold distinct
-    experts in ascending order (-1 in padding slots), padding slots' values are 0."""
+    """Random h and SlotGrads as token_backward writes them: symmetric per token, top-k
+    slots hold distinct experts in ascending order (-1 in padding slots), padding slots'
+    values are 0."""
     L = triton_ops.layout(E, r)
     KP = triton_configs.TokenConfig.of(L, top_k, True, True).KP
     gen = torch.Generator().manual_seed(seed)
@@ -588,6 +589,7 @@ def _slot_grads(T, E, r, top_k, seed):
     h[:, :E, :r] = torch.randn(T, E, r, generator=gen)
     values = torch.zeros(T, KP, KP, dtype=torch.float64)
     values[:, :top_k, :top_k] = torch.randn(T, top_k, top_k, dtype=torch.float64, generator=gen)
+    values = values + values.transpose(1, 2)
     experts = None
     if top_k < E:
         chosen = torch.rand(T, E, generator=gen).argsort(dim=1)[:, :top_k].sort(dim=1).values
@@ -597,25 +599,35 @@ def _slot_grads(T, E, r, top_k, seed):
     return h.view(T, L.ERP), ds, L
 
 
+def _upper_blocks(L) -> torch.Tensor:
+    """[ERP, ERP] mask of dG's expert blocks (i, j) with i <= j."""
+    block = torch.arange(L.ERP) // L.RP
+    return block[:, None] <= block[None, :]
+
+
 @pytest.mark.parametrize("E, r, top_k", [(3, 2, 3), (4, 4, 2), (6, 2, 3), (5, 3, 1), (2, 11, 2),
                                           (3, 16, 2)],
                          ids=["dense-padded-experts", "top2", "top3-padding-slot", "top1",
                               "dense-rank-dot", "top2-rank-dot"])
 def test_gram_grad_partials_sum_active_pairs(E, r, top_k):
-    """gram_grad writes every element of its [splits, ERP, ERP] partials (outputs start as
-    NaN), they sum to dG over the active pairs, and a pair no token activates is exactly 0."""
+    """gram_grad writes every element of the upper triangle of expert blocks of its
+    [splits, ERP, ERP] partials (outputs start as NaN), the diagonal blocks symmetric; they
+    sum to dG over the active pairs, and a pair no token activates is exactly 0."""
     T = 3 * triton_configs.gram_grad_block(triton_ops.layout(E, r)) + 5
     h, ds, L = _slot_grads(T, E, r, top_k, seed=E * 10 + top_k)
     if ds.experts is not None:                  # no token routes to the last expert
         ds.experts[ds.experts == E - 1] = -1
     partials = triton_ops.gram_grad(h, ds, L)
+    upper = _upper_blocks(L)
     assert partials.shape[0] >= 2 and partials.shape[1:] == (L.ERP, L.ERP)
-    assert torch.isfinite(partials).all()
-    expected = _gram_grad_reference(h, ds, L)
-    torch.testing.assert_close(partials.sum(0), expected, rtol=1e-12, atol=1e-12)
+    assert torch.isfinite(partials[:, upper]).all()
+    dG = partials.sum(0)
+    full = torch.where(upper, dG, dG.t())
+    torch.testing.assert_close(full, full.t(), rtol=0, atol=0)   # diagonal blocks symmetric
+    torch.testing.assert_close(full, _gram_grad_reference(h, ds, L), rtol=1e-12, atol=1e-12)
     if ds.experts is not None:
         last = slice((E - 1) * L.RP, E * L.RP)
-        assert torch.equal(partials[:, last], torch.zeros_like(partials[:, last]))
+        assert torch.equal(full[:, last], torch.zeros_like(full[:, last]))
 
 
 @pytest.mark.parametrize("r", [2, 16], ids=["products", "dot"])
@@ -624,10 +636,10 @@ def test_gram_grad_keeps_a_nan_to_its_pair(r):
     (the kernel selects a token's pair value; it does not multiply the others by 0)."""
     h, ds, L = _slot_grads(40, 4, r, 2, seed=3)
     t = 7
-    i, j = (int(e) for e in ds.experts[t, :2])
-    ds.values.view(40, 2, 2)[t, 0, 1] = float("nan")
+    i, j = (int(e) for e in ds.experts[t, :2])   # i < j
+    ds.values.view(40, 2, 2)[t, 0, 1] = ds.values.view(40, 2, 2)[t, 1, 0] = float("nan")
     dG = triton_ops.gram_grad(h, ds, L).sum(0).view(L.EP, L.RP, L.EP, L.RP)
-    nan_blocks = {(a, b) for a in range(4) for b in range(4) if torch.isnan(dG[a, :, b]).any()}
+    nan_blocks = {(a, b) for a in range(4) for b in range(a, 4) if torch.isnan(dG[a, :, b]).any()}
     assert nan_blocks == {(i, j)}
 
 

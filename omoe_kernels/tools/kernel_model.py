@@ -257,32 +257,33 @@ def gram_grad_splits(T: int, L, block_t: int) -> int:
 
 
 def active_pair_blocks(T: int, E: int, top_k: int, block_t: int) -> float:
-    """Expected (expert pair, token block) iterations gram_grad runs: every block of every
-    pair when dense; under top-k, a block counts when one of its tokens routes to both
-    experts, here for routing that picks each k-subset of the E experts alike (an
-    assumption: real routers are skewed, which makes fewer blocks active)."""
+    """Expected (expert pair i <= j, token block) iterations gram_grad runs: every block of
+    every pair of dG's upper triangle when dense; under top-k, a block counts when one of
+    its tokens routes to both experts, here for routing that picks each k-subset of the E
+    experts alike (an assumption: real routers are skewed, which makes fewer active)."""
     blocks = _cdiv(T, block_t)
     if top_k >= E:
-        return float(E * E * blocks)
+        return float(E * (E + 1) // 2 * blocks)
     p_same = top_k / E                                      # pair (i, i)
-    p_other = top_k * (top_k - 1) / (E * (E - 1))           # pair (i, j), i != j
+    p_other = top_k * (top_k - 1) / (E * (E - 1))           # pair (i, j), i < j
     active = lambda p: 1.0 - (1.0 - p) ** block_t
-    return blocks * (E * active(p_same) + E * (E - 1) * active(p_other))
+    return blocks * (E * active(p_same) + E * (E - 1) // 2 * active(p_other))
 
 
 def gram_grad_work(T: int, L, top_k: int, block_t: int) -> Work:
-    """dG = Σ_t dS_t,ij h_i h_jᵀ: an RP × RP block per program, grid (EP, EP, splits);
+    """dG = Σ_t dS_t,ij h_i h_jᵀ: an RP × RP block i <= j per program (dG is symmetric),
+    grid (EP(EP+1)/2, splits);
     issued = the active (pair, block) iterations (active_pair_blocks) at BLOCK_T tokens ×
-    RP² multiply-adds; useful = each token's k² active pairs at the real rank. Bytes:
+    RP² multiply-adds; useful = each token's k(k+1)/2 active pairs at the real rank. Bytes:
     h, dS per slot pair and (top-k) the slot experts once, and the split partials."""
     E = L.num_experts
     splits = gram_grad_splits(T, L, block_t)
     KP = next_pow2(min(top_k, E))
     issued = 2 * block_t * L.RP * L.RP * active_pair_blocks(T, E, top_k, block_t)
-    useful = 2 * T * top_k * top_k * L.rank * L.rank
+    useful = T * top_k * (top_k + 1) * L.rank * L.rank
     slots = KP if top_k < E else 0
     moved = T * L.ERP * 4 + T * (KP * KP * 8 + slots * 4) + splits * L.ERP * L.ERP * 8
-    return Work(issued, useful, moved, "fp64 FMA", (L.EP, L.EP, splits))
+    return Work(issued, useful, moved, "fp64 FMA", (L.EP * (L.EP + 1) // 2, splits))
 
 
 def plain_lora_works(T: int, d: int, R: int, el: int = 2) -> dict[str, list[tuple[str, Work]]]:
@@ -492,8 +493,9 @@ def gram_grad_loop(tokens_per_split: int, block_t: int, rp: int, threads: int,
 
 def finalize_loop(b_splits: int, a_splits: int, g_splits: int, erp: int, block_g: int) -> Loop:
     """finalize_grads: a grad_B program sums b_splits partials, then per BLOCK_G chunk of
-    ERP the g_splits dG partials (two loads each) and one dot; grad_A programs sum a_splits."""
-    b_trips = b_splits + (_cdiv(erp, block_g) * (2 * g_splits + 1) if g_splits else 0)
+    ERP the g_splits dG partials (one load each: dG + dGᵀ = 2 dG) and one dot; grad_A
+    programs sum a_splits."""
+    b_trips = b_splits + (_cdiv(erp, block_g) * (g_splits + 1) if g_splits else 0)
     return Loop(max(b_trips, a_splits), "splits", "pipelined")
 
 

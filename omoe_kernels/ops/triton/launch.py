@@ -353,13 +353,13 @@ def plan_gram_grad(h, ds: SlotGrads, L: Layout, target: Target):
             L.num_experts, per_split, h.stride(0))
     meta = dict(TOP_K_ROUTING=top_k_routing, KP=ds.slots, RP=L.RP, ERP=L.ERP, BLOCK_T=block_t)
     options = dict(num_warps=C.GRAM_GRAD_WARPS, num_stages=C.TOKEN_STAGES)
-    return Launch(K.gram_grad_kernel, args, meta, options, (L.EP, L.EP, splits)), partial
+    return Launch(K.gram_grad_kernel, args, meta, options, (L.EP * (L.EP + 1) // 2, splits)), partial
 
 
 def gram_grad(h, ds: SlotGrads, L: Layout) -> torch.Tensor:
-    """Partial sums of dG over token splits, [splits, ERP, ERP] float64: every element is
-    written by the one launch (the caller sums over splits). Under top-k, a token block
-    in which an expert pair is not active costs that pair's program nothing."""
+    """Partial sums of dG over token splits, [splits, ERP, ERP] float64, its upper triangle
+    of expert blocks written (dG is symmetric; the caller sums over splits). Under top-k, a
+    token block in which an expert pair is not active costs that pair's program nothing."""
     return _run(plan_gram_grad(h, ds, L, Target.of(h.device)))
 
 

@@ -491,6 +491,18 @@ def token_backward_kernel(h_ptr, l_ptr, g_ptr, dz_ptr, z_ptr, dhl_ptr, ds_ptr, s
 
 
 @triton.jit
+def _triangle(p, NT: tl.constexpr):
+    """(i, j) with i <= j < NT of the p-th tile of an NT × NT upper triangle, row by row
+    (row i starts at i·NT − i(i−1)/2): a float64 root, then a correction of ±1."""
+    n2 = 2.0 * NT + 1.0
+    i = ((n2 - tl.sqrt(n2 * n2 - 8.0 * p.to(tl.float64))) * 0.5).to(tl.int32)
+    i = tl.minimum(tl.maximum(i, 0), NT - 1)
+    i = tl.where(p < i * NT - (i * (i - 1)) // 2, i - 1, i)
+    i = tl.where(p >= (i + 1) * NT - ((i + 1) * i) // 2, i + 1, i)
+    return i, i + p - (i * NT - (i * (i - 1)) // 2)
+
+
+@triton.jit
 def _pair_outer(ds_ptrs, h_rows, i, j, mask, offs_a, RP: tl.constexpr):
     """Σ_t dS_t h[t, i, :] h[t, j, :]ᵀ ([RP, RP] float64) over the tokens in `mask`, dS_t
     read at `ds_ptrs` (one per token). RP >= 16: a float64 dot over the block's tokens
@@ -512,14 +524,17 @@ def gram_grad_kernel(h_ptr, ds_ptr, slots_ptr, out_ptr, T, E, tokens_per_split, 
     """out[s, (i,a), (j,b)] = Σ_{t in split s} dS[t, i, j] h[t, i, a] h[t, j, b] (float64),
     with dS[t, i, j] = ds[t, slot of i, slot of j] where both are active, 0 elsewhere.
 
-    Grid (EP, EP, splits): one (i, j) expert block of one split's partial per program, so
-    every element of `out` is written once (padding experts' blocks: zeros). Top-k: a block
-    of BLOCK_T tokens in which no token has both i and j active is skipped (no h loads, no
-    FMAs); dense: slot = expert, every block counts.
+    ds is symmetric per token (token_backward stores (dS + dSᵀ)/2), so dG is: grid
+    (EP(EP+1)/2, splits), one expert block (i, j), i <= j, of one split's partial per
+    program (_triangle), a diagonal block stored as its symmetric part. Every element of
+    the upper triangle of blocks is written (padding experts' blocks: zeros); the lower is
+    not (finalize_grads_kernel reads the triangle). Top-k: a block of BLOCK_T tokens in
+    which no token has both i and j active is skipped (no h loads, no FMAs); dense: slot =
+    expert, every block counts.
     """
-    i = tl.program_id(0)
-    j = tl.program_id(1)
-    s = tl.program_id(2)
+    EP: tl.constexpr = ERP // RP
+    i, j = _triangle(tl.program_id(0), EP)
+    s = tl.program_id(1)
     offs_a = tl.arange(0, RP)
     offs_tb = tl.arange(0, BLOCK_T)
     slot_ids = tl.arange(0, KP)
@@ -542,5 +557,6 @@ def gram_grad_kernel(h_ptr, ds_ptr, slots_ptr, out_ptr, T, E, tokens_per_split, 
                 acc += _pair_outer(ds_rows + slot_i * KP + slot_j, h_rows, i, j, pair, offs_a, RP)
         else:
             acc += _pair_outer(ds_rows + i * KP + j, h_rows, i, j, ok, offs_a, RP)
+    acc = tl.where(i == j, 0.5 * (acc + tl.trans(acc)), acc)
     tl.store(out_ptr + s.to(tl.int64) * (ERP * ERP) + (i * RP + offs_a[:, None]) * ERP
              + j * RP + offs_a[None, :], acc)
