@@ -242,8 +242,8 @@ def test_report_compiles_the_launchers_configs():
     assert backward.num_warps == token.num_warps and backward.args["BT"] == token.block_t
     assert backward.num_stages == C.TOKEN_STAGES
     assert specs["gram_grad[wide]"].args["BLOCK_T"] == C.gram_grad_block(L)
-    dz = specs["matmul[bf16, wide] dZ = s·dY·B"]
-    dz_cfg = C.GemmConfig.matmul(C.DOT_BF16, L.ERP, fill=(8192, 132))
+    dz = specs["matmul[bf16, wide] dZ = s·dY·B (split-K)"]
+    dz_cfg = C.GemmConfig.matmul(C.DOT_BF16, L.ERP)
     assert all(dz.args[k] == v for k, v in dz_cfg.meta().items()) and dz.args["PACKED_BN"]
     assert dz.num_warps == dz_cfg.num_warps and not dz.args["WITH_GRAM"] and dz.work.appended is None
     assert specs["matmul[fp16, llama7b] dZ = s·dY·B + G"].args["GB"] == C.GRAM_TILE

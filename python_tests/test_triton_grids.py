@@ -69,15 +69,20 @@ def test_gram_programs_loop_over_d_out_in_few_trips(name):
 @pytest.mark.parametrize("num_tokens", [8192, 2048])
 def test_backward_reads_the_forwards_gram_and_dz_fills_the_gpu(name, num_tokens):
     """The step's backward takes the G the shrink's programs built: dZ appends no G
-    programs, and takes 64-row tiles, where 128 would leave most of the 132 SMs idle."""
+    programs, and splits d into partials (one program per SM) that token_backward sums."""
     launches = _launches(name, num_tokens)
     G = launches["shrink"].arg("gram_ptr")
     assert launches["token_backward"].arg("g_ptr") is G and launches["token_forward"].arg("g_ptr") is G
     dz = launches["dZ"]
     assert dz.arg("num_gram") == 0 and not dz.meta["WITH_GRAM"]
-    assert dz.config.block_m == 64 and dz.config.num_warps == 4
-    assert _programs(dz) == num_tokens // 64 * math.ceil(dz.meta["ERP"] / dz.config.block_n)
-    assert _programs(dz) >= 0.95 * M.H200_SMS * num_tokens / 8192
+    partials, k_per_split = dz.args[2], dz.arg("k_per_split")
+    splits = partials.shape[0]
+    assert splits == math.ceil(SHAPES[name].d_model / k_per_split) >= 2
+    tiles = math.ceil(num_tokens / dz.config.block_m) * math.ceil(dz.meta["ERP"] / dz.config.block_n)
+    assert _programs(dz) == tiles * splits and 0.95 * M.H200_SMS <= _programs(dz) <= M.H200_SMS
+    backward = launches["token_backward"]
+    assert backward.arg("dz_ptr") is partials and backward.arg("dz_splits") == splits
+    assert backward.arg("stride_dzs") == partials.stride(0)
 
 
 @pytest.mark.parametrize("d_out", [1, 37, 4096, 11008, 65536])

@@ -157,34 +157,37 @@ def _gram_of(B: torch.Tensor, L) -> torch.Tensor:
 
 def test_backward_takes_the_forwards_gram_matrix(monkeypatch):
     """The forward op returns the G its shrink built; the training step's backward, by the
-    eager autograd path and the registered op's alike, passes it on and its dZ builds none;
-    the gradients equal those of the backward op called without G (dZ building it)."""
+    eager autograd path and the registered op's alike, passes it on: its dZ builds none
+    and splits d_out into partials that token_backward sums. The gradients equal those of
+    the backward op called without G (dZ building it, in one pass over d_out)."""
     from omoe_kernels.ops.triton import replay
 
-    num_gram = []   # dZ's WITH_GRAM, per backward planned
+    plans = []   # (dZ's WITH_GRAM, its split-K partials) per backward planned
     plan = triton_ops.plan_backward
 
     def spy(*args, **kwargs):
         launches, outputs = plan(*args, **kwargs)
-        num_gram.append(launches["dZ"].meta["WITH_GRAM"])
+        dz = launches["dZ"]
+        plans.append((dz.meta["WITH_GRAM"], dz.grid(dz.meta)[1]))
         return launches, outputs
 
     monkeypatch.setattr(triton_ops, "plan_backward", spy)
     replay.clear_all()
-    p = make_problem(9, 6, 37, 3, 3, dtype=torch.float32, seed=46, with_router_input=True)
+    p = make_problem(9, 6, 150, 3, 3, dtype=torch.float64, seed=46, with_router_input=True)
     L, options = triton_ops.layout(3, 3), (0.7, 2, True, True, 1e-6)
     inputs = (p.x, p.A, p.B, p.router_weight, p.router_input, p.base_out)
     y, h, logits, G = torch.ops.omoe_triton.forward(*inputs, *options)
     torch.testing.assert_close(G, _gram_of(p.B, L), rtol=1e-13, atol=1e-13)
     grad_y = random_grad(y.shape, y.dtype)
     rebuilt = torch.ops.omoe_triton.backward(grad_y, *inputs[:5], h, logits, *options)
-    assert num_gram == [True]
+    assert plans == [(True, 1)]
     for call in (lambda t: omoe_kernels.omoe_lora(*t[:4], router_input=t[4], base_out=t[5],
                                                   backend=BACKEND, scaling=0.7, top_k=2),
                  lambda t: torch.ops.omoe_triton.forward(*t, *options)[0]):
         leaves = [t.detach().requires_grad_(t is not p.base_out) for t in inputs]
+        planned = len(plans)
         call(leaves).backward(grad_y)
-        assert num_gram[-1] is False
+        assert len(plans) == planned + 1 and plans[-1] == (False, 3)
         for leaf, expected in zip(leaves, rebuilt):
             torch.testing.assert_close(leaf.grad, expected, rtol=1e-12, atol=1e-12)
 

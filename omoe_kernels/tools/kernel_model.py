@@ -100,23 +100,24 @@ def _round_up(a: int, b: int) -> int:
     return _cdiv(a, b) * b
 
 
-def split_k(M: int, N: int, K: int, cfg: GemmConfig) -> tuple[int, int]:
-    """(splits, k_per_split) of a long-K (weight-gradient) GEMM on an H200: the launchers'
-    rule (configs.split_k)."""
-    return C.split_k(M, N, K, cfg, H200_SMS)
+def split_k(M: int, N: int, K: int, cfg: GemmConfig, per_sm: int = 2) -> tuple[int, int]:
+    """(splits, k_per_split) of a long-K GEMM (weight gradients, dZ) on an H200: the
+    launchers' rule (configs.split_k)."""
+    return C.split_k(M, N, K, cfg, H200_SMS, per_sm=per_sm)
 
 
 def gemm_work(M: int, N: int, K: int, useful: tuple[int, int, int], cfg: GemmConfig, unit: str,
               a_bytes: int, b_bytes: int, c_bytes: int, add_bytes: int = 0,
               hi_lo: bool = False, long_k: bool = False, router_k: int = 0,
-              router_n: int = 0, extra: "Work | None" = None) -> Work:
+              router_n: int = 0, extra: "Work | None" = None, per_sm: int = 2) -> Work:
     """matmul_kernel / weight_grad_kernel at [M, K] @ [K, N] in its launch config `cfg`;
     `useful` = the unpadded (M, N, K); *_bytes = element sizes (0: no such operand);
     hi_lo: one operand enters as hi + lo 16-bit parts (two MMAs per tile); router_k: a
     narrow dot of that K width per tile (dX's router term); router_n: a narrow tile of that
     width beside the first n-tile (the router columns of [dA; dW]ᵀ); extra: programs
-    appended to the launch (G), whose bytes and time are added."""
-    splits, k_per_split = split_k(M, N, K, cfg) if long_k else (1, K)
+    appended to the launch (G), whose bytes and time are added; per_sm: split-K's programs
+    per SM (configs.split_k)."""
+    splits, k_per_split = split_k(M, N, K, cfg, per_sm) if long_k else (1, K)
     k_issued = splits * _round_up(k_per_split, cfg.block_k)
     rows = _round_up(M, cfg.block_m)
     issued = 2 * rows * _round_up(N, cfg.block_n) * (k_issued + router_k)
@@ -235,16 +236,18 @@ def token_forward_work(T: int, L, top_k: int, block_t: int, scaled: bool = False
                 programs=_cdiv(T, block_t), loop=token_loop(issued))
 
 
-def token_backward_work(T: int, L, top_k: int, block_t: int, scaled: bool = False) -> Work:
+def token_backward_work(T: int, L, top_k: int, block_t: int, scaled: bool = False,
+                        dz_splits: int = 1) -> Work:
     """Recomputes the forward, then reverses it: the Gram part of dH over all K² slot pairs
     (2·K²·RP² FLOPs) and the MGS reverse (about 20 KP² per step). `scaled`: dH also in
-    dX's fp16 operand format (re-read from the fp32 row the thread just wrote, in L1/L2)."""
+    dX's fp16 operand format (re-read from the fp32 row the thread just wrote, in L1/L2).
+    dz_splits: dZ read as that many fp32 split-K partials."""
     issued, useful = _token_flops(L, top_k)
     K, KP = top_k, next_pow2(top_k)
     issued += 2 * K * K * L.RP * L.RP + 20 * K * KP * KP
     useful += 2 * K * K * L.rank * L.rank + 8 * K ** 3
     slots = KP if top_k < L.num_experts else 0                  # slot experts, top-k only
-    moved = (T * (L.ERP * 4 * 3 + L.num_experts * 4)          # h, dz in; z out; logits in
+    moved = (T * (L.ERP * 4 * (2 + dz_splits) + L.num_experts * 4)  # h, dz in; z out; logits
              + T * L.NW * 4 + T * (KP * KP * 8 + slots * 4)      # dHL, dS per slot pair out
              + L.ERP * L.ERP * 8 + (T * _z_row_bytes(L, True) if scaled else 0))
     return Work(T * issued, T * useful, moved, "fp64 FMA", (_cdiv(T, block_t),),

@@ -288,11 +288,10 @@ def _gemm_specs(shape, dtype_name: str, launches: dict, step: bool) -> list[Kern
     specs = [_spec(f"shrink[{tag}] x·[A;W]ᵀ + G", shrink, sixteen, note, shape.name,
                    phase("forward"), M.shrink_work(T, d, L, shrink.config, unit, el, extra=gram))]
 
-    def gemm(label, key, dims, useful, sizes, when, long_k=False, router_k=0, extra=None):
+    def gemm(label, key, dims, useful, sizes, when, **kw):   # kw: gemm_work's long_k, router_k, ...
         launch = launches[key]
         hi_lo = sixteen and (launch.meta["SPLIT_A"] or launch.meta["SPLIT_B"])
-        work = M.gemm_work(*dims, useful, launch.config, unit, *sizes, hi_lo=hi_lo,
-                           long_k=long_k, router_k=router_k, extra=extra)
+        work = M.gemm_work(*dims, useful, launch.config, unit, *sizes, hi_lo=hi_lo, **kw)
         specs.append(_spec(f"matmul[{tag}] {label}", launch, sixteen, note, shape.name,
                            phase(when), work))
 
@@ -300,8 +299,8 @@ def _gemm_specs(shape, dtype_name: str, launches: dict, step: bool) -> list[Kern
     z_el = {k: 2 if launches[k].meta["SCALED_A"] else 4 for k in ("expand", "dX")}
     gemm("expand base+s·Z·Bᵀ", "expand", (T, d, L.ERP), (T, d, R), (z_el["expand"], el, el, el), "forward")
     dz_g = launches["dZ"].arg("num_gram") > 0   # the backward op called without the forward's G
-    gemm("dZ = s·dY·B" + " + G" * dz_g, "dZ", (T, L.ERP, d), (T, R, d), (el, el, 4), "backward",
-         extra=gram if dz_g else None)
+    gemm("dZ = s·dY·B" + (" + G" if dz_g else " (split-K)"), "dZ", (T, L.ERP, d), (T, R, d), (el, el, 4),
+         "backward", extra=gram if dz_g else None, long_k=not dz_g, per_sm=1)
     gemm("dB = s·dYᵀ·Z (split-K)", "dB", (d, L.ERP, T), (d, R, T), (el, 4, 4), "backward",
          long_k=True)
     gemm("dX = dH·A + dL·W", "dX", (T, d, L.ERP), (T, d, R + E), (z_el["dX"], el, el), "backward", router_k=L.EPL)
@@ -339,7 +338,7 @@ def _token_specs(shape, launches: dict) -> list[KernelSpec]:
         _spec(f"token_forward[{label}]", fwd, False, note, label, "forward",
               M.token_forward_work(T, L, top_k, fwd.config.block_t, fwd.meta["SCALED"])),
         _spec(f"token_backward[{label}]", bwd, False, note, label, "backward",
-              M.token_backward_work(T, L, top_k, bwd.config.block_t, bwd.meta["SCALED"])),
+              M.token_backward_work(T, L, top_k, bwd.config.block_t, bwd.meta["SCALED"], bwd.arg("dz_splits"))),
         _spec(f"gram_grad[{label}]", gg, False, "float64 FMA", label, "backward",
               M.gram_grad_work(T, L, top_k, block_t)),
     ]

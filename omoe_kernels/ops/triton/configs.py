@@ -70,24 +70,19 @@ class GemmConfig:
 
     @classmethod
     def matmul(cls, kind: int, N: int, fp16_a: bool = False, interpret: bool = False,
-               scaled_a: bool = False, fill: Optional[tuple[int, int]] = None) -> "GemmConfig":
+               scaled_a: bool = False) -> "GemmConfig":
         """matmul_kernel's fixed config (on a GPU also the autotuner's fallback shape).
         fp16_a (scaled fp16 operands, `_dot_fp16_scaled`): the partial product of each K
         chunk takes a second [BLOCK_M, BLOCK_N] of registers, so the tile is half as wide
         (128 wide spills at E·r = 128). scaled_a (the expand and dX on the per-token
-        kernels' fp16 operands): one accumulator, sized by SCALED_TILE for two CTAs per SM.
-        fill = (M, SMs) of a one-split launch with nothing appended: 16-bit tiles of 64 rows
-        (one warpgroup) where 128 would leave SMs idle (dZ: T / 128 tiles at E·r <= 128)."""
+        kernels' fp16 operands): one accumulator, sized by SCALED_TILE for two CTAs per SM."""
         if interpret:
             return INTERPRET_MATMUL
         if scaled_a:
             return SCALED_TILE
         if kind in SIXTEEN_BIT_KINDS:
             block_n = 64 if N <= 64 or fp16_a else 128
-            cfg = cls(128, block_n, 64, group_m=8, num_warps=8, num_stages=3)
-            if fill is not None and cfg.programs(fill[0], N) < fill[1]:
-                return replace(cfg, block_m=64, num_warps=4, num_stages=4)
-            return cfg
+            return cls(128, block_n, 64, group_m=8, num_warps=8, num_stages=3)
         if kind == DOT_FP32_TF32:
             return cls(128, 64, 32, group_m=8, num_warps=8, num_stages=3)
         return cls(64, 64, 32, group_m=8, num_warps=4, num_stages=2)
@@ -162,13 +157,14 @@ INTERPRET_MATMUL = GemmConfig(32, 32, 32, group_m=2)
 
 
 def split_k(M: int, N: int, K: int, cfg: GemmConfig, num_sms: int,
-            interpret: bool = False) -> tuple[int, int]:
-    """(splits, k_per_split) of a long-K (token-summed) GEMM: K is split over several
-    programs into partials, so that the few output tiles still fill the GPU's `num_sms`."""
+            interpret: bool = False, per_sm: int = 2) -> tuple[int, int]:
+    """(splits, k_per_split) of a long-K GEMM: K is split over several programs into
+    partials, so that the few output tiles still fill the GPU's `num_sms` with `per_sm`
+    programs each (2: the weight gradients; 1: dZ, whose partials token_backward sums)."""
     if interpret:
         splits = min(3, _cdiv(K, 32))
     else:
-        splits = min(2 * num_sms // cfg.tiles(M, N), _cdiv(K, 512))
+        splits = min(per_sm * num_sms // cfg.tiles(M, N), _cdiv(K, 512))
     splits = max(1, splits)
     k_per_split = max(64, _cdiv(_cdiv(K, splits), 64) * 64)
     return _cdiv(max(K, 1), k_per_split), k_per_split

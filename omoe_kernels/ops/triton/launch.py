@@ -4,7 +4,7 @@ A training step is ten launches and nothing else (docs/algorithm.md, "The Triton
 - forward (3): shrink (`H`, logits in one pass over x; appended programs build
   `G = B_catᵀB_cat` in float64) → per-token kernel (routing, Gram, MGS → `Z = a ⊙ h`) →
   expand (`Y = base + s Z B_catᵀ`, base added in the epilogue);
-- backward (7): dZ = s dY B_cat → per-token reverse (Z, dH, dlogits, dS) →
+- backward (7): dZ = s dY B_cat (split-K partials) → per-token reverse (Z, dH, dlogits, dS) →
   gram_grad (dG partials) → dB partials → [dA; dW] partials → finalize (sums the
   partials, adds `B_cat (dG + dGᵀ)`, writes grad_A, grad_B, grad_W) → dX.
 The weights are read in place from `A [E, r, d_in]`, `B [E, d_out, r]` and the router
@@ -115,10 +115,9 @@ def plan_matmul(a: torch.Tensor, b: torch.Tensor, L: Layout, ops: Operands, epi:
     if scaled and (kind not in C.SIXTEEN_BIT_KINDS or a.dtype != torch.float16 or epi.long_k or epi.gram):
         raise ValueError("a scaled operand is an fp16 a of a 16-bit GEMM without split-K or G")
     grouped = C.grouped_tile(M, N, Kdim, target.num_sms, target.interpret) if scaled else None
-    fill = (M, target.num_sms) if not (epi.long_k or epi.gram) else None
-    cfg = grouped or C.GemmConfig.matmul(kind, N, ops.fp16_a, target.interpret, scaled, fill)
+    cfg = grouped or C.GemmConfig.matmul(kind, N, ops.fp16_a, target.interpret, scaled_a=scaled)
     if epi.long_k:
-        splits, k_per_split = C.split_k(M, N, Kdim, cfg, target.num_sms, target.interpret)
+        splits, k_per_split = C.split_k(M, N, Kdim, cfg, target.num_sms, target.interpret, epi.per_sm)
         out = _empty((splits, M, N), device, torch.float64 if kind == C.DOT_FP64 else torch.float32)
     else:
         splits, k_per_split = 1, max(Kdim, 1)
@@ -318,8 +317,8 @@ def plan_token_forward(h, logits, G, L: Layout, top_k, orthogonalize, normalize,
 
 def plan_token_backward(h, logits, G, dz, L: Layout, top_k, orthogonalize, normalize, eps,
                         target: "Target", scaled: bool = False):
-    """The launch of token_backward_kernel for `token_backward`, and (z, dhl, ds,
-    (dH in dX's operand format, its row scales) or (None, None) without `scaled`)."""
+    """The launch of token_backward_kernel on dz = dZ's split-K partials [splits, T, ERP], and
+    (z, dhl, ds, (dH in dX's operand format, its row scales) or (None, None) unless `scaled`)."""
     T = h.shape[0]
     z = _empty(h.shape, h.device, h.dtype)
     dhl = _empty((T, L.NW), h.device, h.dtype)
@@ -334,7 +333,7 @@ def plan_token_backward(h, logits, G, dz, L: Layout, top_k, orthogonalize, norma
             ds.values if ds is not None else h,
             ds.experts if ds is not None and ds.experts is not None else h,
             dh16 if scaled else h, dhs if scaled else h, T, cfg.block_t, L.num_experts, top_k, float(eps),
-            h.stride(0), logits.stride(0), dz.stride(0), z.stride(0), dhl.stride(0))
+            h.stride(0), logits.stride(0), dz.stride(1), z.stride(0), dhl.stride(0), dz.shape[0], dz.stride(0))
     grid = (triton.cdiv(T, cfg.block_t),)
     launch = Launch(K.token_backward_kernel, args, dict(cfg.meta(), EPL=L.EPL, SCALED=scaled),
                     cfg.options(), grid, cfg)
@@ -472,10 +471,10 @@ def plan_backward(grad_y, x, A, B, router_weight, router_input, h, logits, scali
     G = _empty((L.ERP, L.ERP), x.device, torch.float64) if build else gram
     launches = {}
     # dZ = s dY B_cat (grad_y is read in its own dtype: the kernels convert per tile)
-    launches["dZ"], dz = plan_matmul(grad_y, B, L, Operands(kind, upcast, "Bn"),
-                                     Epilogue(acc, scaling, gram=(B, G) if build else None), target)
+    launches["dZ"], dz = plan_matmul(grad_y, B, L, Operands(kind, upcast, "Bn"), Epilogue(
+        acc, scaling, long_k=not build, gram=(B, G) if build else None, per_sm=1), target)
     launches["token_backward"], (z, dhl, ds, (dh16, dh_scale)) = plan_token_backward(
-        h, logits, G, dz[0], L, top_k, orthogonalize, normalize, eps, target,
+        h, logits, G, dz, L, top_k, orthogonalize, normalize, eps, target,
         scaled=C.scaled_operand(kind, C.DX_DH))
     dG_partials = None   # [splits, ERP, ERP]
     if orthogonalize:

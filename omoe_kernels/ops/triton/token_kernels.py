@@ -188,6 +188,17 @@ def _load_slot(rows, e, tok, BT: tl.constexpr, RP: tl.constexpr):
 
 
 @triton.jit
+def _load_dz(rows, e, tok, splits, stride_split, BT: tl.constexpr, RP: tl.constexpr):
+    """dZ[t, e_t, :] as [RP, BT] float64: the sum of `splits` split-K partials, the first
+    at `rows`, the next `stride_split` elements on, in a fixed order."""
+    out = _load_slot(rows, e, tok, BT, RP)
+    for _ in range(1, splits):
+        rows += stride_split   # pointers: 64-bit sums of the partials' offsets
+        out += _load_slot(rows, e, tok, BT, RP)
+    return out
+
+
+@triton.jit
 def _gram_slots(rows, g_ptr, idx, tok, K: tl.constexpr, TOP_K_ROUTING: tl.constexpr,
                 BT: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr, ERP: tl.constexpr):
     """S[s1, s2, t] = h_s1ᵀ G_(s1,s2) h_s2 over the active slots ([KP, KP, BT])."""
@@ -426,7 +437,7 @@ def _reverse_mgs(C, SC, P, nsq, dC, eps, K: tl.constexpr, NORMALIZE: tl.constexp
 def token_backward_kernel(h_ptr, l_ptr, g_ptr, dz_ptr, z_ptr, dhl_ptr, ds_ptr, slots_ptr,
                           dh16_ptr, dhs_ptr, T, per_program, E, top_k, eps,
                           stride_ht, stride_lt, stride_dzt, stride_zt, stride_dhlt,
-                          K: tl.constexpr, TOP_K_ROUTING: tl.constexpr,
+                          dz_splits, stride_dzs, K: tl.constexpr, TOP_K_ROUTING: tl.constexpr,
                           ORTHOGONALIZE: tl.constexpr, NORMALIZE: tl.constexpr,
                           BT: tl.constexpr, EP: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr,
                           ERP: tl.constexpr, EPL: tl.constexpr, SCALED: tl.constexpr = False):
@@ -436,7 +447,8 @@ def token_backward_kernel(h_ptr, l_ptr, g_ptr, dz_ptr, z_ptr, dhl_ptr, ds_ptr, s
     slots; dG only enters as dG + dGᵀ, which is the same from either) and, under top-k,
     the expert of each slot into slots [T, KP] (int32, -1 in padding slots). SCALED: dH
     also in dX's operand format (_store_scaled: fp16 [T, ERP] into dh16, its row scales
-    into dhs); the fp32 dH stays for [dA; dW], whose contraction runs over the tokens."""
+    into dhs); the fp32 dH stays for [dA; dW], whose contraction runs over the tokens.
+    dZ is the sum of the dZ GEMM's `dz_splits` split-K partials, `stride_dzs` apart."""
     offs_t, tok, rows, active, idx, gates, coeff, C, SC, P, nsq = _token_setup(
         h_ptr, l_ptr, g_ptr, tl.program_id(0) * per_program, per_program, T, E, top_k, eps,
         stride_ht, stride_lt, K, TOP_K_ROUTING, ORTHOGONALIZE, NORMALIZE, BT, EP, KP, RP, ERP)
@@ -449,7 +461,8 @@ def token_backward_kernel(h_ptr, l_ptr, g_ptr, dz_ptr, z_ptr, dhl_ptr, ds_ptr, s
     dcoeff = tl.zeros((KP, BT), dtype=tl.float64)
     for s in range(K):
         e = _expert_of(idx, s, TOP_K_ROUTING, BT, KP)
-        da = tl.sum(_load_slot(dz_rows, e, tok, BT, RP) * _load_slot(rows, e, tok, BT, RP), axis=0)
+        dz = _load_dz(dz_rows, e, tok, dz_splits, stride_dzs, BT, RP)
+        da = tl.sum(dz * _load_slot(rows, e, tok, BT, RP), axis=0)
         dcoeff = tl.where(sk == s, da[None, :], dcoeff)
     if ORTHOGONALIZE:
         dgate = tl.sum(C * dcoeff[None, :, :], axis=1)                    # <C_i, da>
@@ -466,7 +479,7 @@ def token_backward_kernel(h_ptr, l_ptr, g_ptr, dz_ptr, z_ptr, dhl_ptr, ds_ptr, s
     dhl_rows = _rows(dhl_ptr, offs_t, stride_dhlt)
     for s1 in tl.static_range(K):
         e1 = _expert_of(idx, s1, TOP_K_ROUTING, BT, KP)
-        dh = _pick(coeff, sk, s1)[None, :] * _load_slot(dz_rows, e1, tok, BT, RP)
+        dh = _pick(coeff, sk, s1)[None, :] * _load_dz(dz_rows, e1, tok, dz_splits, stride_dzs, BT, RP)
         if ORTHOGONALIZE:
             m1 = _pick(M, si, s1)
             for s2 in range(K):
