@@ -258,7 +258,8 @@ def kernel_profile(stage: Stage, name: str) -> dict:
 
 
 def dz_with_and_without_g(stage: Stage, name: str) -> dict:
-    """The dZ launch (s·dY·B_cat) alone, with its G programs and without."""
+    """The dZ launch (s·dY·B_cat) alone, with its G programs (the backward op called
+    without the forward's G) and without (the training step's: split-K partials)."""
     from omoe_kernels.ops.triton import configs as C
     from omoe_kernels.ops.triton import launch as L
     from omoe_kernels.ops.triton.params import Epilogue, Operands
@@ -272,7 +273,8 @@ def dz_with_and_without_g(stage: Stage, name: str) -> dict:
     operands = Operands(kind, L._upcast(B.dtype), "Bn")
 
     def run(gram):
-        return lambda: L.matmul(grad_y, B, lay, operands, Epilogue(torch.float32, SCALING, gram=gram))
+        epilogue = Epilogue(torch.float32, SCALING, long_k=gram is None, gram=gram, per_sm=1)
+        return lambda: L.matmul(grad_y, B, lay, operands, epilogue)
 
     with_g, without_g = run((B, G)), run(None)
     if not stage.dry_run:
@@ -297,7 +299,7 @@ def token_program_sizes(stage: Stage, name: str) -> dict:
     gen = torch.Generator(device=stage.device).manual_seed(0)
     h = torch.randn(T, lay.ERP, device=stage.device, generator=gen)
     logits = torch.randn(T, E, device=stage.device, generator=gen)
-    dz = torch.randn(T, lay.ERP, device=stage.device, generator=gen)
+    dz = torch.randn(2, T, lay.ERP, device=stage.device, generator=gen)   # dZ's two split-K partials
     B = torch.randn(E, shape.d_model, r, device=stage.device, generator=gen) / r ** 0.5
     B_cat = B.permute(1, 0, 2).reshape(shape.d_model, E * r)
     G = torch.zeros(lay.ERP, lay.ERP, device=stage.device, dtype=torch.float64)

@@ -15,7 +15,7 @@ import torch
 
 from helpers import COMPILED_BACKENDS, DEVICE, make_problem, random_grad, run_backend
 from omoe_kernels import omoe_lora
-from omoe_kernels.ops import compiled, registration
+from omoe_kernels.ops import compiled
 from omoe_kernels.ops.triton import launch as triton_ops
 
 needs_compiled = pytest.mark.skipif(not COMPILED_BACKENDS,
@@ -135,14 +135,35 @@ def test_fake_backward_runs_the_real_checks(family, case):
     assert _message(lambda: op(**meta)) == real
 
 
+@pytest.mark.skipif(not triton_ops.AVAILABLE, reason="triton not importable")
+@pytest.mark.parametrize("gram", ["float32", "short", "flat"])
+def test_triton_backward_refuses_a_gram_that_is_not_the_forwards(gram):
+    """A G that cannot be the forward's (dtype, shape) is refused by the real op before it
+    launches, and by its fake kernel with the same message."""
+    f = _valid_forward_args()
+    width = triton_ops.FAMILY.hidden_width(3, 2)
+    G = {"float32": torch.zeros(width, width), "short": torch.zeros(width - 1, width, dtype=torch.float64),
+         "flat": torch.zeros(width * width, dtype=torch.float64)}[gram]
+    args = dict(grad_y=random_grad((4, 6), torch.float32, "cpu"), x=f["x"], A=f["A"], B=f["B"],
+                router_weight=f["router_weight"], router_input=f["router_input"],
+                h=torch.randn(4, width), logits=torch.randn(4, 3), scaling=0.5, top_k=2,
+                orthogonalize=True, normalize=True, eps=1e-6, gram=G)
+    meta = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    op = triton_ops.FAMILY.op("backward")
+    real = _message(lambda: op(**args))
+    assert "gram must be the forward's G" in real
+    assert _message(lambda: op(**meta)) == real
+
+
 def test_the_two_families_share_one_schema():
-    for name, schema in (("forward", registration.FORWARD_SCHEMA),
-                         ("backward", registration.BACKWARD_SCHEMA)):
-        for family in (compiled.FAMILY, triton_ops.FAMILY):
-            if family is compiled.FAMILY and not compiled.LOADED:
-                continue
-            if family is triton_ops.FAMILY and not triton_ops.AVAILABLE:
-                continue
+    """The compiled ops' schema; the Triton ops' is the same with G added (saves_gram)."""
+    assert not compiled.FAMILY.saves_gram and triton_ops.FAMILY.saves_gram
+    for family in (compiled.FAMILY, triton_ops.FAMILY):
+        if family is compiled.FAMILY and not compiled.LOADED:
+            continue
+        if family is triton_ops.FAMILY and not triton_ops.AVAILABLE:
+            continue
+        for name, schema in zip(("forward", "backward"), family.schemas):
             op_schema = str(family.op(name)._schema)
             assert op_schema == f"{family.namespace}::{name}{schema}", op_schema
 

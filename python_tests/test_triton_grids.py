@@ -18,7 +18,7 @@ from omoe_kernels.tools import kernel_model as M  # noqa: E402
 GPU_SHAPES = ("llama7b", "llama7b-top2", "wide")
 
 
-def _launches(name: str, num_tokens: int | None = None) -> dict:
+def _launches(name: str, num_tokens: int | None = None, saved_gram: bool = True) -> dict:
     import torch
 
     from omoe_kernels.tools.kernel_report import _step_launches
@@ -26,7 +26,7 @@ def _launches(name: str, num_tokens: int | None = None) -> dict:
     shape = SHAPES[name]
     if num_tokens is not None:
         shape = dataclasses.replace(shape, num_tokens=num_tokens)
-    return _step_launches(shape, torch.bfloat16)
+    return _step_launches(shape, torch.bfloat16, saved_gram=saved_gram)
 
 
 def _programs(launch) -> int:
@@ -51,18 +51,38 @@ def test_per_token_kernels_fill_the_gpu(name, num_tokens, waves):
 
 @pytest.mark.parametrize("name", GPU_SHAPES)
 def test_gram_programs_loop_over_d_out_in_few_trips(name):
-    """The programs appended to the shrink and dZ launches build one tile of the upper
-    triangle of G each, and walk d_out in at most 32 trips."""
+    """The programs appended to the shrink and dZ launches (dZ: a backward op called
+    without the forward's G) build one tile of the upper triangle of G each, and walk
+    d_out in at most 32 trips."""
     launches = _launches(name)
     d_out = SHAPES[name].d_model
-    for kernel in ("shrink", "dZ"):
-        launch = launches[kernel]
+    for kernel, launch in (("shrink", launches["shrink"]), ("dZ", _launches(name, saved_gram=False)["dZ"])):
         meta, erp = launch.meta, launch.meta["ERP"]
         tiles = erp // meta["GB"]
         assert launch.arg("num_gram") == tiles * (tiles + 1) // 2 == C.gram_programs(erp)
         assert meta["GD"] == 32 * launch.config.num_warps   # one row per thread
         trips = math.ceil(d_out / (meta["GD"] * meta["GR"]))
         assert trips <= 32 and trips == C.gram_trips(d_out, launch.config.num_warps), (kernel, trips)
+
+
+@pytest.mark.parametrize("name", GPU_SHAPES)
+@pytest.mark.parametrize("num_tokens", [8192, 2048])
+def test_backward_reads_the_forwards_gram_and_dz_fills_the_gpu(name, num_tokens):
+    """The step's backward takes the G the shrink's programs built: dZ appends no G
+    programs, and splits d into partials (one program per SM) that token_backward sums."""
+    launches = _launches(name, num_tokens)
+    G = launches["shrink"].arg("gram_ptr")
+    assert launches["token_backward"].arg("g_ptr") is G and launches["token_forward"].arg("g_ptr") is G
+    dz = launches["dZ"]
+    assert dz.arg("num_gram") == 0 and not dz.meta["WITH_GRAM"]
+    partials, k_per_split = dz.args[2], dz.arg("k_per_split")
+    splits = partials.shape[0]
+    assert splits == math.ceil(SHAPES[name].d_model / k_per_split) >= 2
+    tiles = math.ceil(num_tokens / dz.config.block_m) * math.ceil(dz.meta["ERP"] / dz.config.block_n)
+    assert _programs(dz) == tiles * splits and 0.95 * M.H200_SMS <= _programs(dz) <= M.H200_SMS
+    backward = launches["token_backward"]
+    assert backward.arg("dz_ptr") is partials and backward.arg("dz_splits") == splits
+    assert backward.arg("stride_dzs") == partials.stride(0)
 
 
 @pytest.mark.parametrize("d_out", [1, 37, 4096, 11008, 65536])
@@ -120,7 +140,7 @@ def test_expand_and_dx_read_their_fp16_operand_once_per_group(name, num_tokens):
     assert C.grouped_tile(num_tokens, d, 2 * C.GROUPED_MAX_K, M.H200_SMS) is None
 
 
-@pytest.mark.parametrize("name, blocks", [("llama7b", 8), ("llama7b-top2", 26), ("wide", 64)])
+@pytest.mark.parametrize("name, blocks", [("llama7b", 5), ("llama7b-top2", 16), ("wide", 32)])
 def test_gram_grad_walks_blocks_of_64_tokens(name, blocks):
     """gram_grad walks blocks of 64 tokens at every GPU shape, dense or top-k (a float64
     dot at RP = 16, the [BLOCK_T, RP, RP] products at RP = 8), not 16: each block waits for
@@ -129,3 +149,18 @@ def test_gram_grad_walks_blocks_of_64_tokens(name, blocks):
     assert gg.meta["TOP_K_ROUTING"] == (SHAPES[name].top_k is not None)
     assert gg.meta["BLOCK_T"] == 64
     assert math.ceil(gg.arg("tokens_per_split") / 64) == blocks
+
+
+@pytest.mark.parametrize("name", GPU_SHAPES)
+def test_gram_grad_runs_the_upper_triangle_of_expert_pairs(name):
+    """dG is symmetric: gram_grad runs one program per expert pair i <= j and token split,
+    and the finalize's loop reads each split's partial once per chunk of dG."""
+    launches = _launches(name)
+    gg, fin = launches["gram_grad"], launches["finalize"]
+    ep = gg.meta["ERP"] // gg.meta["RP"]
+    splits = gg.grid[1]
+    assert gg.grid == (ep * (ep + 1) // 2, splits) and fin.arg("g_splits") == splits
+    chunks = math.ceil(gg.meta["ERP"] / fin.meta["BLOCK_G"])
+    loop = M.finalize_loop(fin.arg("b_splits"), fin.arg("a_splits"), splits, gg.meta["ERP"],
+                           fin.meta["BLOCK_G"])
+    assert loop.trips == max(fin.arg("b_splits") + chunks * (splits + 1), fin.arg("a_splits"))

@@ -135,14 +135,61 @@ def test_opcheck_forward_op():
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
-def test_opcheck_backward_op():
+@pytest.mark.parametrize("with_gram", [True, False])
+def test_opcheck_backward_op(with_gram):
     p = make_problem(7, 6, 42, 3, 4, dtype=torch.float32, seed=31, with_router_input=True)
-    y, h, logits = torch.ops.omoe_triton.forward(p.x, p.A, p.B, p.router_weight, p.router_input,
-                                                 None, 0.5, 2, True, False, 1e-6)
+    y, h, logits, G = torch.ops.omoe_triton.forward(p.x, p.A, p.B, p.router_weight, p.router_input,
+                                                    None, 0.5, 2, True, False, 1e-6)
     grad_y = random_grad(y.shape, y.dtype)
     args = (grad_y, p.x, p.A, p.B, p.router_weight, p.router_input, h, logits, 0.5, 2, True,
-            False, 1e-6)
+            False, 1e-6) + ((G,) if with_gram else ())
     torch.library.opcheck(torch.ops.omoe_triton.backward.default, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def _gram_of(B: torch.Tensor, L) -> torch.Tensor:
+    """B_catᵀB_cat in float64 on G's padded layout ([ERP, ERP], zero padding)."""
+    E, d_out, r = B.shape
+    columns = B.double().permute(1, 0, 2).reshape(d_out, E * r)
+    G = torch.zeros(L.EP, L.RP, L.EP, L.RP, dtype=torch.float64)
+    G[:E, :r, :E, :r] = (columns.t() @ columns).view(E, r, E, r)
+    return G.view(L.ERP, L.ERP)
+
+
+def test_backward_takes_the_forwards_gram_matrix(monkeypatch):
+    """The forward op returns the G its shrink built; the training step's backward, by the
+    eager autograd path and the registered op's alike, passes it on: its dZ builds none
+    and splits d_out into partials that token_backward sums. The gradients equal those of
+    the backward op called without G (dZ building it, in one pass over d_out)."""
+    from omoe_kernels.ops.triton import replay
+
+    plans = []   # (dZ's WITH_GRAM, its split-K partials) per backward planned
+    plan = triton_ops.plan_backward
+
+    def spy(*args, **kwargs):
+        launches, outputs = plan(*args, **kwargs)
+        dz = launches["dZ"]
+        plans.append((dz.meta["WITH_GRAM"], dz.grid(dz.meta)[1]))
+        return launches, outputs
+
+    monkeypatch.setattr(triton_ops, "plan_backward", spy)
+    replay.clear_all()
+    p = make_problem(9, 6, 150, 3, 3, dtype=torch.float64, seed=46, with_router_input=True)
+    L, options = triton_ops.layout(3, 3), (0.7, 2, True, True, 1e-6)
+    inputs = (p.x, p.A, p.B, p.router_weight, p.router_input, p.base_out)
+    y, h, logits, G = torch.ops.omoe_triton.forward(*inputs, *options)
+    torch.testing.assert_close(G, _gram_of(p.B, L), rtol=1e-13, atol=1e-13)
+    grad_y = random_grad(y.shape, y.dtype)
+    rebuilt = torch.ops.omoe_triton.backward(grad_y, *inputs[:5], h, logits, *options)
+    assert plans == [(True, 1)]
+    for call in (lambda t: omoe_kernels.omoe_lora(*t[:4], router_input=t[4], base_out=t[5],
+                                                  backend=BACKEND, scaling=0.7, top_k=2),
+                 lambda t: torch.ops.omoe_triton.forward(*t, *options)[0]):
+        leaves = [t.detach().requires_grad_(t is not p.base_out) for t in inputs]
+        planned = len(plans)
+        call(leaves).backward(grad_y)
+        assert len(plans) == planned + 1 and plans[-1] == (False, 3)
+        for leaf, expected in zip(leaves, rebuilt):
+            torch.testing.assert_close(leaf.grad, expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("orthogonalize", [True, False])
@@ -151,9 +198,13 @@ def test_raw_ops_at_zero_tokens(orthogonalize):
     outputs and zero weight gradients, without launching a kernel on an empty grid."""
     p = make_problem(1, 6, 5, 3, 2, dtype=torch.float32, seed=34, with_router_input=True)
     x, r_in = p.x[:0], p.router_input[:0]
-    y, h, logits = torch.ops.omoe_triton.forward(x, p.A, p.B, p.router_weight, r_in, p.base_out[:0],
-                                                 0.5, 2, orthogonalize, True, 1e-6)
+    y, h, logits, G = torch.ops.omoe_triton.forward(x, p.A, p.B, p.router_weight, r_in, p.base_out[:0],
+                                                    0.5, 2, orthogonalize, True, 1e-6)
     assert y.shape == (0, 5) and h.shape[0] == 0 and logits.shape == (0, 3)
+    if orthogonalize:   # G all the same (by torch: no kernel launched)
+        torch.testing.assert_close(G, _gram_of(p.B, triton_ops.layout(3, 2)), rtol=1e-13, atol=1e-13)
+    else:
+        assert G.shape == (0,) and G.dtype == torch.float64
     grads = torch.ops.omoe_triton.backward(y, x, p.A, p.B, p.router_weight, r_in, h, logits, 0.5,
                                            2, orthogonalize, True, 1e-6)
     expected = [(0, 6), p.A.shape, p.B.shape, p.router_weight.shape, (0, 6)]
@@ -490,7 +541,7 @@ def test_opcheck_non_contiguous_inputs(layout):
     args = (x.requires_grad_(), p.A.requires_grad_(), p.B, W, router_input, p.base_out)
     torch.library.opcheck(torch.ops.omoe_triton.forward.default, (*args, *options),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
-    y, h, logits = torch.ops.omoe_triton.forward(*args, *options)
+    y, h, logits, _ = torch.ops.omoe_triton.forward(*args, *options)
     torch.library.opcheck(torch.ops.omoe_triton.backward.default,
                           (lay(random_grad(y.shape, y.dtype)), x.detach(), p.A.detach(), p.B, W,
                            router_input, h.t().contiguous().t(), logits, *options),
@@ -501,7 +552,7 @@ def test_per_token_pass_matches_the_coefficient_oracle():
     from omoe_kernels.testing import oracle as co
 
     p = make_problem(9, 6, 7, 3, 2, dtype=torch.float64, seed=45, collapse=0.9)
-    y, h, logits = torch.ops.omoe_triton.forward(p.x, p.A, p.B, p.router_weight, None,
+    y, h, logits, _ = torch.ops.omoe_triton.forward(p.x, p.A, p.B, p.router_weight, None,
                                                  p.base_out, 0.7, 2, True, True, 1e-6)
     L = triton_ops.layout(3, 2)
     h_unpadded = h.view(9, L.EP, L.RP)[:, :3, :2].reshape(9, 6)
@@ -531,8 +582,9 @@ def _gram_grad_reference(h, ds, L):
 
 
 def _slot_grads(T, E, r, top_k, seed):
-    """Random h and SlotGrads as token_backward writes them: top-k slots hold distinct
-    experts in ascending order (-1 in padding slots), padding slots' values are 0."""
+    """Random h and SlotGrads as token_backward writes them: symmetric per token, top-k
+    slots hold distinct experts in ascending order (-1 in padding slots), padding slots'
+    values are 0."""
     L = triton_ops.layout(E, r)
     KP = triton_configs.TokenConfig.of(L, top_k, True, True).KP
     gen = torch.Generator().manual_seed(seed)
@@ -540,6 +592,7 @@ def _slot_grads(T, E, r, top_k, seed):
     h[:, :E, :r] = torch.randn(T, E, r, generator=gen)
     values = torch.zeros(T, KP, KP, dtype=torch.float64)
     values[:, :top_k, :top_k] = torch.randn(T, top_k, top_k, dtype=torch.float64, generator=gen)
+    values = values + values.transpose(1, 2)
     experts = None
     if top_k < E:
         chosen = torch.rand(T, E, generator=gen).argsort(dim=1)[:, :top_k].sort(dim=1).values
@@ -549,25 +602,35 @@ def _slot_grads(T, E, r, top_k, seed):
     return h.view(T, L.ERP), ds, L
 
 
+def _upper_blocks(L) -> torch.Tensor:
+    """[ERP, ERP] mask of dG's expert blocks (i, j) with i <= j."""
+    block = torch.arange(L.ERP) // L.RP
+    return block[:, None] <= block[None, :]
+
+
 @pytest.mark.parametrize("E, r, top_k", [(3, 2, 3), (4, 4, 2), (6, 2, 3), (5, 3, 1), (2, 11, 2),
                                           (3, 16, 2)],
                          ids=["dense-padded-experts", "top2", "top3-padding-slot", "top1",
                               "dense-rank-dot", "top2-rank-dot"])
 def test_gram_grad_partials_sum_active_pairs(E, r, top_k):
-    """gram_grad writes every element of its [splits, ERP, ERP] partials (outputs start as
-    NaN), they sum to dG over the active pairs, and a pair no token activates is exactly 0."""
+    """gram_grad writes every element of the upper triangle of expert blocks of its
+    [splits, ERP, ERP] partials (outputs start as NaN), the diagonal blocks symmetric; they
+    sum to dG over the active pairs, and a pair no token activates is exactly 0."""
     T = 3 * triton_configs.gram_grad_block(triton_ops.layout(E, r)) + 5
     h, ds, L = _slot_grads(T, E, r, top_k, seed=E * 10 + top_k)
     if ds.experts is not None:                  # no token routes to the last expert
         ds.experts[ds.experts == E - 1] = -1
     partials = triton_ops.gram_grad(h, ds, L)
+    upper = _upper_blocks(L)
     assert partials.shape[0] >= 2 and partials.shape[1:] == (L.ERP, L.ERP)
-    assert torch.isfinite(partials).all()
-    expected = _gram_grad_reference(h, ds, L)
-    torch.testing.assert_close(partials.sum(0), expected, rtol=1e-12, atol=1e-12)
+    assert torch.isfinite(partials[:, upper]).all()
+    dG = partials.sum(0)
+    full = torch.where(upper, dG, dG.t())
+    torch.testing.assert_close(full, full.t(), rtol=0, atol=0)   # diagonal blocks symmetric
+    torch.testing.assert_close(full, _gram_grad_reference(h, ds, L), rtol=1e-12, atol=1e-12)
     if ds.experts is not None:
         last = slice((E - 1) * L.RP, E * L.RP)
-        assert torch.equal(partials[:, last], torch.zeros_like(partials[:, last]))
+        assert torch.equal(full[:, last], torch.zeros_like(full[:, last]))
 
 
 @pytest.mark.parametrize("r", [2, 16], ids=["products", "dot"])
@@ -576,10 +639,10 @@ def test_gram_grad_keeps_a_nan_to_its_pair(r):
     (the kernel selects a token's pair value; it does not multiply the others by 0)."""
     h, ds, L = _slot_grads(40, 4, r, 2, seed=3)
     t = 7
-    i, j = (int(e) for e in ds.experts[t, :2])
-    ds.values.view(40, 2, 2)[t, 0, 1] = float("nan")
+    i, j = (int(e) for e in ds.experts[t, :2])   # i < j
+    ds.values.view(40, 2, 2)[t, 0, 1] = ds.values.view(40, 2, 2)[t, 1, 0] = float("nan")
     dG = triton_ops.gram_grad(h, ds, L).sum(0).view(L.EP, L.RP, L.EP, L.RP)
-    nan_blocks = {(a, b) for a in range(4) for b in range(4) if torch.isnan(dG[a, :, b]).any()}
+    nan_blocks = {(a, b) for a in range(4) for b in range(a, 4) if torch.isnan(dG[a, :, b]).any()}
     assert nan_blocks == {(i, j)}
 
 

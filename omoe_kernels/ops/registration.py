@@ -3,7 +3,11 @@
 Both families have the same two ops with the same schema (`FORWARD_SCHEMA`,
 `BACKWARD_SCHEMA`): the forward returns `(y, h, logits)`, and `h` and `logits`
 (accumulator dtype: float32, or float64 for float64 inputs) are all it saves for the
-backward besides its inputs. `register_family` gives a family, in one place:
+backward besides its inputs. A family with `saves_gram` (Triton) extends both by one
+tensor (`GRAM_FORWARD_SCHEMA`, `GRAM_BACKWARD_SCHEMA`): the forward also returns the
+`G = B_catᵀB_cat` it formed (float64 [ERP, ERP]; empty without orthogonalization), and
+the backward takes it as an optional last argument, so that it does not form G again.
+`register_family` gives a family, in one place:
 
 - fake (meta) kernels that run the same checks as the real ones, with the same message
   (`check_forward_args` / `check_backward_args` mirror `check_common` in csrc/omoe_ops.cpp;
@@ -38,6 +42,8 @@ BACKWARD_SCHEMA = (
     "bool orthogonalize, bool normalize, float eps) -> (Tensor grad_x, Tensor grad_A, "
     "Tensor grad_B, Tensor grad_router_weight, Tensor grad_router_input)"
 )
+GRAM_FORWARD_SCHEMA = FORWARD_SCHEMA.replace("Tensor logits)", "Tensor logits, Tensor gram)")
+GRAM_BACKWARD_SCHEMA = BACKWARD_SCHEMA.replace("float eps)", "float eps, Tensor? gram=None)")
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,16 @@ class OpFamily:
     # device type -> the most active experts min(top_k, E) its kernels take; None: any
     max_active_experts: Optional[Callable[[str], int]] = None
     kernels: str = "compiled"           # how messages name the kernels ("compiled", "Triton")
+    # the forward also returns G ([width, width] float64, width = hidden_width) and the
+    # backward takes it (GRAM_*_SCHEMA)
+    saves_gram: bool = False
+
+    @property
+    def schemas(self) -> tuple[str, str]:
+        """(forward, backward) schema of the family's ops."""
+        if self.saves_gram:
+            return GRAM_FORWARD_SCHEMA, GRAM_BACKWARD_SCHEMA
+        return FORWARD_SCHEMA, BACKWARD_SCHEMA
 
     def op(self, name: str) -> torch._ops.OpOverload:
         key = (self.namespace, name)
@@ -156,9 +172,11 @@ def check_forward_args(family: OpFamily, x: Tensor, A: Tensor, B: Tensor, router
 
 def check_backward_args(family: OpFamily, grad_y: Tensor, x: Tensor, A: Tensor, B: Tensor,
                         router_weight: Tensor, router_input: Optional[Tensor], h: Tensor,
-                        logits: Tensor, scaling: float, top_k: int,
-                        eps: float) -> tuple[int, int, int, int, int]:
-    """The backward op's checks: the forward's, plus the saved h and logits and grad_y."""
+                        logits: Tensor, scaling: float, top_k: int, eps: float,
+                        gram: Optional[Tensor] = None,
+                        orthogonalize: bool = False) -> tuple[int, int, int, int, int]:
+    """The backward op's checks: the forward's, plus the saved h and logits, grad_y, and
+    (orthogonalized) the forward's G where one is given."""
     ns = family.namespace
     T, d_in, d_out, E, r = _check_common(family, x, A, B, router_weight, router_input, top_k,
                                          eps, scaling)
@@ -175,6 +193,11 @@ def check_backward_args(family: OpFamily, grad_y: Tensor, x: Tensor, A: Tensor, 
     for t in (grad_y, h, logits):
         _require(t.device == x.device, ns, "backward tensors must be on x's device")
     _require(grad_y.dtype.is_floating_point, ns, "grad_y must be floating")
+    if gram is not None and orthogonalize:
+        _require(gram.dim() == 2 and tuple(gram.shape) == (width, width)
+                 and gram.dtype == torch.float64 and gram.device == x.device, ns,
+                 "gram must be the forward's G, [", width, ", ", width, "] of Double on x's "
+                 "device, got ", gram, " of ", gram.dtype)
     return T, d_in, d_out, E, r
 
 
@@ -218,12 +241,13 @@ def check_autograd_mode(family: OpFamily, tensors: Sequence[Optional[Tensor]]) -
 # Registration.
 
 
-def save_context(ctx, tensors: tuple, options: tuple, h: Tensor, logits: Tensor) -> None:
+def save_context(ctx, tensors: tuple, options: tuple, h: Tensor, logits: Tensor,
+                 gram: Optional[Tensor] = None) -> None:
     """What the backward op needs, kept on an autograd ctx: tensors = (x, A, B,
     router_weight, router_input, base_out), options = (scaling, top_k, orthogonalize,
-    normalize, eps)."""
+    normalize, eps), and a saves_gram family's G."""
     x, A, B, router_weight, router_input, base_out = tensors
-    ctx.save_for_backward(x, A, B, router_weight, router_input, h, logits)
+    ctx.save_for_backward(x, A, B, router_weight, router_input, h, logits, gram)
     ctx.options = tuple(options)
     ctx.has_base = base_out is not None
 
@@ -238,9 +262,11 @@ def tensor_grads(family: OpFamily, ctx, grad_y: Optional[Tensor],
                                    "e.g. a gradient penalty)")
     if grad_y is None:   # unmaterialized: nothing flowed into y
         return (None,) * 6
-    x, A, B, router_weight, router_input, h, logits = ctx.saved_tensors
+    x, A, B, router_weight, router_input, h, logits, gram = ctx.saved_tensors
+    extra = dict(gram=gram) if family.saves_gram else {}
     grad_x, grad_A, grad_B, grad_W, grad_router_input = (backward or family.op("backward"))(
-        grad_y.contiguous(), x, A, B, router_weight, router_input, h, logits, *ctx.options)
+        grad_y.contiguous(), x, A, B, router_weight, router_input, h, logits, *ctx.options,
+        **extra)
     return (grad_x, grad_A, grad_B, grad_W,
             grad_router_input if router_input is not None else None,
             grad_y if ctx.has_base else None)
@@ -255,13 +281,18 @@ def register_family(family: OpFamily) -> None:
         T, _, d_out, E, r = check_forward_args(family, x, A, B, router_weight, router_input,
                                                base_out, scaling, top_k, eps)
         acc = accumulate_dtype(x.dtype)
-        return (x.new_empty((T, d_out)), x.new_empty((T, family.hidden_width(E, r)), dtype=acc),
-                x.new_empty((T, E), dtype=acc))
+        width = family.hidden_width(E, r)
+        outputs = (x.new_empty((T, d_out)), x.new_empty((T, width), dtype=acc),
+                   x.new_empty((T, E), dtype=acc))
+        if family.saves_gram:
+            gram = (width, width) if orthogonalize else (0,)
+            outputs += (x.new_empty(gram, dtype=torch.float64),)
+        return outputs
 
     def backward_fake(grad_y, x, A, B, router_weight, router_input, h, logits, scaling, top_k,
-                      orthogonalize, normalize, eps):
+                      orthogonalize, normalize, eps, gram=None):
         check_backward_args(family, grad_y, x, A, B, router_weight, router_input, h, logits,
-                            scaling, top_k, eps)
+                            scaling, top_k, eps, gram, orthogonalize)
         # Fresh contiguous tensors, as the real kernels return, whatever the inputs' strides.
         grad_router_input = (x.new_empty(router_input.shape) if router_input is not None
                              else x.new_empty((0,)))
@@ -269,14 +300,14 @@ def register_family(family: OpFamily) -> None:
                 x.new_empty(router_weight.shape), grad_router_input)
 
     def setup_context(ctx, inputs, output):
-        _, h, logits = output
-        save_context(ctx, inputs[:6], inputs[6:], h, logits)
-        ctx.mark_non_differentiable(h, logits)
-        # h and logits get no gradient: without this autograd would fill two zero tensors
-        # for them (two launches per backward on a GPU).
+        _, h, logits, *gram = output
+        save_context(ctx, inputs[:6], inputs[6:], h, logits, *gram)
+        ctx.mark_non_differentiable(*output[1:])
+        # h, logits (and G) get no gradient: without this autograd would fill zero tensors
+        # for them (launches per backward on a GPU).
         ctx.set_materialize_grads(False)
 
-    def backward(ctx, grad_y, _grad_h, _grad_logits):
+    def backward(ctx, grad_y, *_grad_saved):
         return tensor_grads(family, ctx, grad_y) + (None,) * 5   # the five options
 
     torch.library.register_fake(forward_op)(forward_fake)
@@ -289,7 +320,6 @@ def call_forward(family: OpFamily, x: Tensor, A: Tensor, B: Tensor, router_weigh
                  problem: Problem) -> Tensor:
     """A backend's body: `family`'s forward op on x: [T, d_in]; returns y."""
     check_autograd_mode(family, (x, A, B, router_weight, router_input, base_out))
-    y, _, _ = family.op("forward")(
+    return family.op("forward")(
         x, A, B, router_weight, router_input, base_out, problem.scaling, problem.top_k,
-        problem.orthogonalize, problem.normalize, problem.eps)
-    return y
+        problem.orthogonalize, problem.normalize, problem.eps)[0]

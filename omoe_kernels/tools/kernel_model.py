@@ -100,23 +100,24 @@ def _round_up(a: int, b: int) -> int:
     return _cdiv(a, b) * b
 
 
-def split_k(M: int, N: int, K: int, cfg: GemmConfig) -> tuple[int, int]:
-    """(splits, k_per_split) of a long-K (weight-gradient) GEMM on an H200: the launchers'
-    rule (configs.split_k)."""
-    return C.split_k(M, N, K, cfg, H200_SMS)
+def split_k(M: int, N: int, K: int, cfg: GemmConfig, per_sm: int = 2) -> tuple[int, int]:
+    """(splits, k_per_split) of a long-K GEMM (weight gradients, dZ) on an H200: the
+    launchers' rule (configs.split_k)."""
+    return C.split_k(M, N, K, cfg, H200_SMS, per_sm=per_sm)
 
 
 def gemm_work(M: int, N: int, K: int, useful: tuple[int, int, int], cfg: GemmConfig, unit: str,
               a_bytes: int, b_bytes: int, c_bytes: int, add_bytes: int = 0,
               hi_lo: bool = False, long_k: bool = False, router_k: int = 0,
-              router_n: int = 0, extra: "Work | None" = None) -> Work:
+              router_n: int = 0, extra: "Work | None" = None, per_sm: int = 2) -> Work:
     """matmul_kernel / weight_grad_kernel at [M, K] @ [K, N] in its launch config `cfg`;
     `useful` = the unpadded (M, N, K); *_bytes = element sizes (0: no such operand);
     hi_lo: one operand enters as hi + lo 16-bit parts (two MMAs per tile); router_k: a
     narrow dot of that K width per tile (dX's router term); router_n: a narrow tile of that
     width beside the first n-tile (the router columns of [dA; dW]ᵀ); extra: programs
-    appended to the launch (G), whose bytes and time are added."""
-    splits, k_per_split = split_k(M, N, K, cfg) if long_k else (1, K)
+    appended to the launch (G), whose bytes and time are added; per_sm: split-K's programs
+    per SM (configs.split_k)."""
+    splits, k_per_split = split_k(M, N, K, cfg, per_sm) if long_k else (1, K)
     k_issued = splits * _round_up(k_per_split, cfg.block_k)
     rows = _round_up(M, cfg.block_m)
     issued = 2 * rows * _round_up(N, cfg.block_n) * (k_issued + router_k)
@@ -235,16 +236,18 @@ def token_forward_work(T: int, L, top_k: int, block_t: int, scaled: bool = False
                 programs=_cdiv(T, block_t), loop=token_loop(issued))
 
 
-def token_backward_work(T: int, L, top_k: int, block_t: int, scaled: bool = False) -> Work:
+def token_backward_work(T: int, L, top_k: int, block_t: int, scaled: bool = False,
+                        dz_splits: int = 1) -> Work:
     """Recomputes the forward, then reverses it: the Gram part of dH over all K² slot pairs
     (2·K²·RP² FLOPs) and the MGS reverse (about 20 KP² per step). `scaled`: dH also in
-    dX's fp16 operand format (re-read from the fp32 row the thread just wrote, in L1/L2)."""
+    dX's fp16 operand format (re-read from the fp32 row the thread just wrote, in L1/L2).
+    dz_splits: dZ read as that many fp32 split-K partials."""
     issued, useful = _token_flops(L, top_k)
     K, KP = top_k, next_pow2(top_k)
     issued += 2 * K * K * L.RP * L.RP + 20 * K * KP * KP
     useful += 2 * K * K * L.rank * L.rank + 8 * K ** 3
     slots = KP if top_k < L.num_experts else 0                  # slot experts, top-k only
-    moved = (T * (L.ERP * 4 * 3 + L.num_experts * 4)          # h, dz in; z out; logits in
+    moved = (T * (L.ERP * 4 * (2 + dz_splits) + L.num_experts * 4)  # h, dz in; z out; logits
              + T * L.NW * 4 + T * (KP * KP * 8 + slots * 4)      # dHL, dS per slot pair out
              + L.ERP * L.ERP * 8 + (T * _z_row_bytes(L, True) if scaled else 0))
     return Work(T * issued, T * useful, moved, "fp64 FMA", (_cdiv(T, block_t),),
@@ -257,32 +260,33 @@ def gram_grad_splits(T: int, L, block_t: int) -> int:
 
 
 def active_pair_blocks(T: int, E: int, top_k: int, block_t: int) -> float:
-    """Expected (expert pair, token block) iterations gram_grad runs: every block of every
-    pair when dense; under top-k, a block counts when one of its tokens routes to both
-    experts, here for routing that picks each k-subset of the E experts alike (an
-    assumption: real routers are skewed, which makes fewer blocks active)."""
+    """Expected (expert pair i <= j, token block) iterations gram_grad runs: every block of
+    every pair of dG's upper triangle when dense; under top-k, a block counts when one of
+    its tokens routes to both experts, here for routing that picks each k-subset of the E
+    experts alike (an assumption: real routers are skewed, which makes fewer active)."""
     blocks = _cdiv(T, block_t)
     if top_k >= E:
-        return float(E * E * blocks)
+        return float(E * (E + 1) // 2 * blocks)
     p_same = top_k / E                                      # pair (i, i)
-    p_other = top_k * (top_k - 1) / (E * (E - 1))           # pair (i, j), i != j
+    p_other = top_k * (top_k - 1) / (E * (E - 1))           # pair (i, j), i < j
     active = lambda p: 1.0 - (1.0 - p) ** block_t
-    return blocks * (E * active(p_same) + E * (E - 1) * active(p_other))
+    return blocks * (E * active(p_same) + E * (E - 1) // 2 * active(p_other))
 
 
 def gram_grad_work(T: int, L, top_k: int, block_t: int) -> Work:
-    """dG = Σ_t dS_t,ij h_i h_jᵀ: an RP × RP block per program, grid (EP, EP, splits);
+    """dG = Σ_t dS_t,ij h_i h_jᵀ: an RP × RP block i <= j per program (dG is symmetric),
+    grid (EP(EP+1)/2, splits);
     issued = the active (pair, block) iterations (active_pair_blocks) at BLOCK_T tokens ×
-    RP² multiply-adds; useful = each token's k² active pairs at the real rank. Bytes:
+    RP² multiply-adds; useful = each token's k(k+1)/2 active pairs at the real rank. Bytes:
     h, dS per slot pair and (top-k) the slot experts once, and the split partials."""
     E = L.num_experts
     splits = gram_grad_splits(T, L, block_t)
     KP = next_pow2(min(top_k, E))
     issued = 2 * block_t * L.RP * L.RP * active_pair_blocks(T, E, top_k, block_t)
-    useful = 2 * T * top_k * top_k * L.rank * L.rank
+    useful = T * top_k * (top_k + 1) * L.rank * L.rank
     slots = KP if top_k < E else 0
     moved = T * L.ERP * 4 + T * (KP * KP * 8 + slots * 4) + splits * L.ERP * L.ERP * 8
-    return Work(issued, useful, moved, "fp64 FMA", (L.EP, L.EP, splits))
+    return Work(issued, useful, moved, "fp64 FMA", (L.EP * (L.EP + 1) // 2, splits))
 
 
 def plain_lora_works(T: int, d: int, R: int, el: int = 2) -> dict[str, list[tuple[str, Work]]]:
@@ -492,8 +496,9 @@ def gram_grad_loop(tokens_per_split: int, block_t: int, rp: int, threads: int,
 
 def finalize_loop(b_splits: int, a_splits: int, g_splits: int, erp: int, block_g: int) -> Loop:
     """finalize_grads: a grad_B program sums b_splits partials, then per BLOCK_G chunk of
-    ERP the g_splits dG partials (two loads each) and one dot; grad_A programs sum a_splits."""
-    b_trips = b_splits + (_cdiv(erp, block_g) * (2 * g_splits + 1) if g_splits else 0)
+    ERP the g_splits dG partials (one load each: dG + dGᵀ = 2 dG) and one dot; grad_A
+    programs sum a_splits."""
+    b_trips = b_splits + (_cdiv(erp, block_g) * (g_splits + 1) if g_splits else 0)
     return Loop(max(b_trips, a_splits), "splits", "pipelined")
 
 

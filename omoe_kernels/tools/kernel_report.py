@@ -1,13 +1,12 @@
 """Ahead-of-time resource report of the Triton kernels (no GPU needed).
 
     python -m omoe_kernels.tools.kernel_report [--arch sm_90a] [--card h200|h100]
-        [--only NAME ...] [--launches] [--json out.json]
-
-(--arch defaults to sm_90a, --card to h200.)
+        [--only NAME ...] [--launches] [--json out.json]   (defaults: sm_90a, h200)
 
 Compiles every Triton kernel of the `triton` backend in the launch configs it uses by
 default (ops/triton/configs.py): the bf16 path at each GPU shape of docs/contract.md §6
-(`llama7b`, `llama7b-top2`, `wide`), the fp16 and fp32 GEMMs at llama7b, the opt-in
+(`llama7b`, `llama7b-top2`, `wide`), the fp16 and fp32 GEMMs at llama7b (there dZ builds
+G, as a backward op called without the forward's G does), the opt-in
 fused shrink, and the grouped forward of a mixed batch of several adapters (bf16, each
 shape; registers, spills and MMA only: the GPU model does not cover it yet). Each kernel's arguments, constexprs and options come from the launcher's
 own plan (ops/triton/launch.py, `plan_*`), built on meta tensors at the shape and
@@ -250,12 +249,10 @@ def _meta(*shape: int, dtype):
     return torch.empty(shape, device="meta", dtype=dtype)
 
 
-def _step_launches(shape, dtype, fuse_token: bool = False) -> dict:
-    """The launches of one training step at `shape` by name (forward: shrink + G,
-    token_forward, expand; backward: dZ + G, token_backward, gram_grad, dB, weight_grad,
-    finalize, dX): the ops' own plans (launch.plan_forward / plan_backward) on meta
-    tensors, orthogonalized and normalized, sized for an H200 (fp32 on a meta device:
-    IEEE, torch's default)."""
+def _step_launches(shape, dtype, fuse_token: bool = False, saved_gram: bool = True) -> dict:
+    """The launches of one training step at `shape` by name (shrink + G, token_forward,
+    expand; dZ (+ G unless `saved_gram`), token_backward, gram_grad, dB, weight_grad, finalize,
+    dX): the ops' own plans on meta tensors, orthogonalized, normalized, for an H200."""
     from ..ops.triton import launch as ops
 
     T, d, E, r = shape.num_tokens, shape.d_model, shape.num_experts, shape.rank
@@ -263,17 +260,18 @@ def _step_launches(shape, dtype, fuse_token: bool = False) -> dict:
     x, base, grad_y = (_meta(T, d, dtype=dtype) for _ in range(3))
     A, B, W = _meta(E, r, d, dtype=dtype), _meta(E, d, r, dtype=dtype), _meta(E, d, dtype=dtype)
     options = (2.0, top_k, True, True, 1e-6)
-    forward, (_, h, logits) = ops.plan_forward(x, A, B, W, None, base, *options, _h200(),
-                                               fuse_token=fuse_token)
+    forward, (_, h, logits, G) = ops.plan_forward(x, A, B, W, None, base, *options, _h200(),
+                                                  fuse_token=fuse_token)
     if fuse_token:
         return forward
-    backward, _ = ops.plan_backward(grad_y, x, A, B, W, None, h, logits, *options, _h200())
+    backward, _ = ops.plan_backward(grad_y, x, A, B, W, None, h, logits, *options, _h200(),
+                                    G if saved_gram else None)
     return {**forward, **backward}
 
 
 def _gemm_specs(shape, dtype_name: str, launches: dict, step: bool) -> list[KernelSpec]:
     """The GEMM-side launches of a step at `shape`, each with its Work (kernel_model.py):
-    shrink (+ G), expand, dZ (+ G), dB, [dA; dW], finalize, dX.
+    shrink (+ G), expand, dZ (+ G where its launch builds it), dB, [dA; dW], finalize, dX.
     step: they are the default GPU path at this shape (bf16), so they count in the step's
     estimate."""
     T, d, E, r = shape.num_tokens, shape.d_model, shape.num_experts, shape.rank
@@ -290,18 +288,19 @@ def _gemm_specs(shape, dtype_name: str, launches: dict, step: bool) -> list[Kern
     specs = [_spec(f"shrink[{tag}] x·[A;W]ᵀ + G", shrink, sixteen, note, shape.name,
                    phase("forward"), M.shrink_work(T, d, L, shrink.config, unit, el, extra=gram))]
 
-    def gemm(label, key, dims, useful, sizes, when, long_k=False, router_k=0, extra=None):
+    def gemm(label, key, dims, useful, sizes, when, **kw):   # kw: gemm_work's long_k, router_k, ...
         launch = launches[key]
         hi_lo = sixteen and (launch.meta["SPLIT_A"] or launch.meta["SPLIT_B"])
-        work = M.gemm_work(*dims, useful, launch.config, unit, *sizes, hi_lo=hi_lo,
-                           long_k=long_k, router_k=router_k, extra=extra)
+        work = M.gemm_work(*dims, useful, launch.config, unit, *sizes, hi_lo=hi_lo, **kw)
         specs.append(_spec(f"matmul[{tag}] {label}", launch, sixteen, note, shape.name,
                            phase(when), work))
 
     # Element sizes (a, b, c, add); B_cat, A_cat read in place; Z, dH in fp16 where SCALED_A.
     z_el = {k: 2 if launches[k].meta["SCALED_A"] else 4 for k in ("expand", "dX")}
     gemm("expand base+s·Z·Bᵀ", "expand", (T, d, L.ERP), (T, d, R), (z_el["expand"], el, el, el), "forward")
-    gemm("dZ = s·dY·B + G", "dZ", (T, L.ERP, d), (T, R, d), (el, el, 4), "backward", extra=gram)
+    dz_g = launches["dZ"].arg("num_gram") > 0   # the backward op called without the forward's G
+    gemm("dZ = s·dY·B" + (" + G" if dz_g else " (split-K)"), "dZ", (T, L.ERP, d), (T, R, d), (el, el, 4),
+         "backward", extra=gram if dz_g else None, long_k=not dz_g, per_sm=1)
     gemm("dB = s·dYᵀ·Z (split-K)", "dB", (d, L.ERP, T), (d, R, T), (el, 4, 4), "backward",
          long_k=True)
     gemm("dX = dH·A + dL·W", "dX", (T, d, L.ERP), (T, d, R + E), (z_el["dX"], el, el), "backward", router_k=L.EPL)
@@ -339,7 +338,7 @@ def _token_specs(shape, launches: dict) -> list[KernelSpec]:
         _spec(f"token_forward[{label}]", fwd, False, note, label, "forward",
               M.token_forward_work(T, L, top_k, fwd.config.block_t, fwd.meta["SCALED"])),
         _spec(f"token_backward[{label}]", bwd, False, note, label, "backward",
-              M.token_backward_work(T, L, top_k, bwd.config.block_t, bwd.meta["SCALED"])),
+              M.token_backward_work(T, L, top_k, bwd.config.block_t, bwd.meta["SCALED"], bwd.arg("dz_splits"))),
         _spec(f"gram_grad[{label}]", gg, False, "float64 FMA", label, "backward",
               M.gram_grad_work(T, L, top_k, block_t)),
     ]
@@ -419,8 +418,8 @@ def kernel_specs() -> list[KernelSpec]:
         specs += _gemm_specs(shape, "bf16", launches, step=True)
         specs += _token_specs(shape, launches)
     for dtype_name, dtype in (("fp16", torch.float16), ("fp32", torch.float32)):
-        shape = SHAPES["llama7b"]
-        specs += _gemm_specs(shape, dtype_name, _step_launches(shape, dtype), step=False)
+        shape = SHAPES["llama7b"]   # the backward op called without G: dZ builds it
+        specs += _gemm_specs(shape, dtype_name, _step_launches(shape, dtype, False, False), step=False)
     specs += _fused_shrink_specs()
     specs += _mixed_specs()
     return specs

@@ -63,7 +63,7 @@ def with_launch(launch, work: Optional[Work]) -> Optional[Work]:
         loop = M.grouped_loop(p("N_GROUP"), p("BLOCK_M"), p("BLOCK_N"), p("BLOCK_K"))
     elif name == "gram_grad_kernel":
         block_t, rp = p("BLOCK_T"), p("RP")
-        every = 2 * block_t * rp * rp * p("E") ** 2 * -(-p("T") // block_t)
+        every = block_t * rp * rp * p("E") * (p("E") + 1) * -(-p("T") // block_t)
         loop = M.gram_grad_loop(p("tokens_per_split"), block_t, rp, threads,
                                 active=min(1.0, work.flops_issued / every))
     elif name == "finalize_grads_kernel":

@@ -157,13 +157,14 @@ INTERPRET_MATMUL = GemmConfig(32, 32, 32, group_m=2)
 
 
 def split_k(M: int, N: int, K: int, cfg: GemmConfig, num_sms: int,
-            interpret: bool = False) -> tuple[int, int]:
-    """(splits, k_per_split) of a long-K (token-summed) GEMM: K is split over several
-    programs into partials, so that the few output tiles still fill the GPU's `num_sms`."""
+            interpret: bool = False, per_sm: int = 2) -> tuple[int, int]:
+    """(splits, k_per_split) of a long-K GEMM: K is split over several programs into
+    partials, so that the few output tiles still fill the GPU's `num_sms` with `per_sm`
+    programs each (2: the weight gradients; 1: dZ, whose partials token_backward sums)."""
     if interpret:
         splits = min(3, _cdiv(K, 32))
     else:
-        splits = min(2 * num_sms // cfg.tiles(M, N), _cdiv(K, 512))
+        splits = min(per_sm * num_sms // cfg.tiles(M, N), _cdiv(K, 512))
     splits = max(1, splits)
     k_per_split = max(64, _cdiv(_cdiv(K, splits), 64) * 64)
     return _cdiv(max(K, 1), k_per_split), k_per_split
@@ -374,21 +375,21 @@ def gram_grad_block(L) -> int:
 
 
 GRAM_GRAD_WARPS = 4
-GRAM_GRAD_MAX_BLOCKS = 128
+GRAM_GRAD_MAX_BLOCKS = 32
 
 
 def gram_grad_splits(T: int, num_experts: int, block_t: int, num_sms: int,
                      interpret: bool = False) -> tuple[int, int]:
-    """(splits, tokens per split) of gram_grad: enough token splits for the E² expert-pair
-    programs to fill `num_sms`, and for no program to walk more than
-    GRAM_GRAD_MAX_BLOCKS token blocks (each a round trip for its loads); each split a
-    whole number of `block_t` blocks. More splits lengthen the finalize's serial sum over
-    the dG partials, so no more than that (bench/notes/triton-gram-grad.md, "Token
-    splits")."""
+    """(splits, tokens per split) of gram_grad: enough token splits for the E(E+1)/2
+    expert-pair programs (dG's upper triangle of blocks) to fill `num_sms`, and for no
+    program to walk more than GRAM_GRAD_MAX_BLOCKS token blocks (each a round trip for its
+    loads); each split a whole number of `block_t` blocks. More splits lengthen the
+    finalize's serial sum over the dG partials, so no more than that
+    (bench/notes/triton-gram-grad.md, "Token splits")."""
     if interpret:
         wanted = min(2, _cdiv(T, block_t))
     else:
-        wanted = max(min(_cdiv(T, 256), 2 * num_sms // (num_experts * num_experts) + 1),
+        wanted = max(min(_cdiv(T, 256), 2 * num_sms // (num_experts * (num_experts + 1) // 2) + 1),
                      _cdiv(T, GRAM_GRAD_MAX_BLOCKS * block_t))
     per_split = max(1, _cdiv(_cdiv(T, max(1, wanted)), block_t)) * block_t
     return max(1, _cdiv(T, per_split)), per_split

@@ -37,6 +37,7 @@ from .configs import DOT_BF16, DOT_FP16, DOT_FP32_IEEE, DOT_FP32_TF32, DOT_FP64
 from .token_kernels import (  # noqa: F401
     _pow2_scales,
     _token_forward_block,
+    _triangle,
     gram_grad_kernel,
     token_backward_kernel,
     token_forward_kernel,
@@ -175,18 +176,6 @@ def _offsets(idx, stride, stride_expert, limit, E, rank, RP: tl.constexpr, PACKE
         return expert * stride_expert + k * stride, (expert < E) & (k < rank)
     else:
         return idx * stride, idx < limit
-
-
-@triton.jit
-def _triangle(p, NT: tl.constexpr):
-    """(i, j) with i <= j < NT of the p-th tile of an NT × NT upper triangle, row by row
-    (row i starts at i·NT − i(i−1)/2): a float64 root, then a correction of ±1."""
-    n2 = 2.0 * NT + 1.0
-    i = ((n2 - tl.sqrt(n2 * n2 - 8.0 * p.to(tl.float64))) * 0.5).to(tl.int32)
-    i = tl.minimum(tl.maximum(i, 0), NT - 1)
-    i = tl.where(p < i * NT - (i * (i - 1)) // 2, i - 1, i)
-    i = tl.where(p >= (i + 1) * NT - ((i + 1) * i) // 2, i + 1, i)
-    return i, i + p - (i * NT - (i * (i - 1)) // 2)
 
 
 @triton.jit
@@ -516,7 +505,8 @@ def finalize_grads_kernel(pb_ptr, pa_ptr, pg_ptr, b_ptr, grad_b_ptr, grad_a_ptr,
 
     - programs [0, b_programs): grad_B [E, d_out, r] = Σ_s PB[s] (PB [splits, d_out, ERP],
       s·dYᵀZ) + B_cat (dG + dGᵀ) with dG = Σ_s PG[s] (gram_grad's [splits, ERP, ERP]
-      float64 partials), tiles of BLOCK_R rows × BLOCK_C columns of B_cat;
+      float64 partials, upper triangle of expert blocks), tiles of BLOCK_R rows × BLOCK_C
+      columns of B_cat;
     - the rest: grad_A [E, r, d_in] and grad_W [E, d_in] = Σ_s PA[s] (PA [splits, d_in,
       NW], weight_grad_kernel's [dA_cat; dW]ᵀ), the same tiles over (d_in, NW).
     Sums run in float64; padding columns of the expert layout are dropped.
@@ -537,11 +527,14 @@ def finalize_grads_kernel(pb_ptr, pa_ptr, pg_ptr, b_ptr, grad_b_ptr, grad_a_ptr,
             offs_g = tl.arange(0, BLOCK_G)
             for k0 in range(0, ERP, BLOCK_G):
                 ks = k0 + offs_g
+                # gram_grad writes the upper triangle of expert blocks of the symmetric dG
+                # (diagonal blocks symmetric): dG + dGᵀ = 2 dG, one load per split.
+                upper = (ks[:, None] // RP) <= (cols[None, :] // RP)
+                at = tl.where(upper, ks[:, None] * ERP + cols[None, :], cols[None, :] * ERP + ks[:, None])
                 dg = tl.zeros((BLOCK_G, BLOCK_C), dtype=tl.float64)
                 for s in range(g_splits):
-                    part = pg_ptr + s * ERP * ERP
-                    dg += tl.load(part + ks[:, None] * ERP + cols[None, :], mask=c_ok, other=0.0)
-                    dg += tl.load(part + cols[None, :] * ERP + ks[:, None], mask=c_ok, other=0.0)
+                    dg += tl.load(pg_ptr + s * ERP * ERP + at, mask=c_ok, other=0.0)
+                dg = 2.0 * dg
                 off_k, k_ok = _offsets(ks, stride_br, stride_be, ERP, E, rank, RP, True)
                 b = tl.load(b_ptr + rows[:, None] * stride_bd + off_k[None, :],
                             mask=r_ok & k_ok[None, :], other=0.0)

@@ -4,17 +4,16 @@ A training step is ten launches and nothing else (docs/algorithm.md, "The Triton
 - forward (3): shrink (`H`, logits in one pass over x; appended programs build
   `G = B_catᵀB_cat` in float64) → per-token kernel (routing, Gram, MGS → `Z = a ⊙ h`) →
   expand (`Y = base + s Z B_catᵀ`, base added in the epilogue);
-- backward (7): dZ = s dY B_cat (+ G again) → per-token reverse (Z, dH, dlogits, dS) →
+- backward (7): dZ = s dY B_cat (split-K partials) → per-token reverse (Z, dH, dlogits, dS) →
   gram_grad (dG partials) → dB partials → [dA; dW] partials → finalize (sums the
   partials, adds `B_cat (dG + dGᵀ)`, writes grad_A, grad_B, grad_W) → dX.
 The weights are read in place from `A [E, r, d_in]`, `B [E, d_out, r]` and the router
 weight (no padded, concatenated or float64 copies), grad_y and x in their own dtype; the
 router's E columns run in a narrow tile of their own, so the wide GEMMs span E·r. No
-host synchronisation: every size is known from the shapes. Saved: `H` and the logits.
-
-The ops `torch.ops.omoe_triton.forward/backward` have the schema of the compiled ops;
-registration.py gives them the same checks, fake kernels and autograd, so
-`torch.compile` traces through them as opaque nodes.
+host synchronisation: every size is known from the shapes. Saved: `H`, the logits and G
+(a backward op called without G builds it in dZ's grid). The ops
+`torch.ops.omoe_triton.forward/backward` have the compiled ops' schema with G added
+(registration.GRAM_*_SCHEMA) and the same checks, fake kernels and autograd.
 
 Runs on CUDA tensors, and on CPU tensors under `TRITON_INTERPRET=1` (a correctness tool:
 the interpreter cannot do bf16 math, so bf16 dots run in fp32 on operands rounded to
@@ -34,8 +33,6 @@ import torch
 from ..limits import MAX_ACTIVE_EXPERTS
 from ..problem import Problem
 from ..registration import (
-    BACKWARD_SCHEMA,
-    FORWARD_SCHEMA,
     OpFamily,
     accumulate_dtype,
     call_forward,
@@ -61,6 +58,7 @@ from .sizing import (  # noqa: F401  (re-exported: launch is where callers find 
     grouped_meta,
     interpreting,
     layout,
+    padded_gram,
 )
 from .tuned import Launch, chosen
 
@@ -119,7 +117,7 @@ def plan_matmul(a: torch.Tensor, b: torch.Tensor, L: Layout, ops: Operands, epi:
     grouped = C.grouped_tile(M, N, Kdim, target.num_sms, target.interpret) if scaled else None
     cfg = grouped or C.GemmConfig.matmul(kind, N, ops.fp16_a, target.interpret, scaled_a=scaled)
     if epi.long_k:
-        splits, k_per_split = C.split_k(M, N, Kdim, cfg, target.num_sms, target.interpret)
+        splits, k_per_split = C.split_k(M, N, Kdim, cfg, target.num_sms, target.interpret, epi.per_sm)
         out = _empty((splits, M, N), device, torch.float64 if kind == C.DOT_FP64 else torch.float32)
     else:
         splits, k_per_split = 1, max(Kdim, 1)
@@ -184,8 +182,7 @@ def gram_only(B: torch.Tensor, L: Layout) -> torch.Tensor:
 
 
 def fuse_token_in_shrink() -> bool:
-    """OMOE_TRITON_FUSE_TOKEN=1: run the per-token algebra in the shrink's epilogue
-    (bench/NOTES.md, Triton section, says why the separate kernel is the default)."""
+    """OMOE_TRITON_FUSE_TOKEN=1: the per-token algebra in the shrink's epilogue (bench/README.md)."""
     return os.environ.get("OMOE_TRITON_FUSE_TOKEN", "0") not in ("", "0")
 
 
@@ -320,8 +317,8 @@ def plan_token_forward(h, logits, G, L: Layout, top_k, orthogonalize, normalize,
 
 def plan_token_backward(h, logits, G, dz, L: Layout, top_k, orthogonalize, normalize, eps,
                         target: "Target", scaled: bool = False):
-    """The launch of token_backward_kernel for `token_backward`, and (z, dhl, ds,
-    (dH in dX's operand format, its row scales) or (None, None) without `scaled`)."""
+    """The launch of token_backward_kernel on dz = dZ's split-K partials [splits, T, ERP], and
+    (z, dhl, ds, (dH in dX's operand format, its row scales) or (None, None) unless `scaled`)."""
     T = h.shape[0]
     z = _empty(h.shape, h.device, h.dtype)
     dhl = _empty((T, L.NW), h.device, h.dtype)
@@ -336,7 +333,7 @@ def plan_token_backward(h, logits, G, dz, L: Layout, top_k, orthogonalize, norma
             ds.values if ds is not None else h,
             ds.experts if ds is not None and ds.experts is not None else h,
             dh16 if scaled else h, dhs if scaled else h, T, cfg.block_t, L.num_experts, top_k, float(eps),
-            h.stride(0), logits.stride(0), dz.stride(0), z.stride(0), dhl.stride(0))
+            h.stride(0), logits.stride(0), dz.stride(1), z.stride(0), dhl.stride(0), dz.shape[0], dz.stride(0))
     grid = (triton.cdiv(T, cfg.block_t),)
     launch = Launch(K.token_backward_kernel, args, dict(cfg.meta(), EPL=L.EPL, SCALED=scaled),
                     cfg.options(), grid, cfg)
@@ -355,13 +352,13 @@ def plan_gram_grad(h, ds: SlotGrads, L: Layout, target: Target):
             L.num_experts, per_split, h.stride(0))
     meta = dict(TOP_K_ROUTING=top_k_routing, KP=ds.slots, RP=L.RP, ERP=L.ERP, BLOCK_T=block_t)
     options = dict(num_warps=C.GRAM_GRAD_WARPS, num_stages=C.TOKEN_STAGES)
-    return Launch(K.gram_grad_kernel, args, meta, options, (L.EP, L.EP, splits)), partial
+    return Launch(K.gram_grad_kernel, args, meta, options, (L.EP * (L.EP + 1) // 2, splits)), partial
 
 
 def gram_grad(h, ds: SlotGrads, L: Layout) -> torch.Tensor:
-    """Partial sums of dG over token splits, [splits, ERP, ERP] float64: every element is
-    written by the one launch (the caller sums over splits). Under top-k, a token block
-    in which an expert pair is not active costs that pair's program nothing."""
+    """Partial sums of dG over token splits, [splits, ERP, ERP] float64, its upper triangle
+    of expert blocks written (dG is symmetric; the caller sums over splits). Under top-k, a
+    token block in which an expert pair is not active costs that pair's program nothing."""
     return _run(plan_gram_grad(h, ds, L, Target.of(h.device)))
 
 
@@ -372,7 +369,7 @@ def plan_forward(x, A, B, router_weight, router_input, base_out, scaling, top_k,
                  orthogonalize, normalize, eps, target: Target, fuse_token: bool = False):
     """The launches of the forward op, by name in launch order (shrink + G, token_forward,
     expand; with fuse_token: gram, shrink with the per-token epilogue, expand), and
-    (y, h, logits). tools/kernel_report compiles these same launches."""
+    (y, h, logits, G or an empty tensor). tools/kernel_report compiles these launches."""
     E, r, _ = A.shape
     L = layout(E, r)
     kind = dot_kind(x.dtype, x.device.type)
@@ -396,7 +393,8 @@ def plan_forward(x, A, B, router_weight, router_input, base_out, scaling, top_k,
     launches["expand"], y = plan_matmul(
         z, B, L, Operands(kind, upcast, "Bk", **flags), Epilogue(x.dtype, scaling, add=base_out),
         target, a_scale=z_scale)
-    return launches, (y[0], h, logits)
+    G = G if G is not None else _empty((0,), x.device, torch.float64)
+    return launches, (y[0], h, logits, G)
 
 
 _FORWARD_PLANS, _BACKWARD_PLANS = PlanCache(), PlanCache()
@@ -437,11 +435,11 @@ def _forward(x, A, B, router_weight, router_input, base_out, scaling, top_k,
     def plan():
         check_forward_args(FAMILY, x, A, B, router_weight, router_input, base_out, scaling,
                            top_k, eps)
-        if x.shape[0] == 0:   # no tokens: nothing to launch
+        if x.shape[0] == 0:   # no tokens: nothing to launch (G, if wanted, by torch)
             L = layout(A.shape[0], A.shape[1])
             acc = accumulate_dtype(x.dtype)
             return {}, (x.new_empty((0, B.shape[1])), _empty((0, L.ERP), x.device, acc),
-                        _empty((0, L.num_experts), x.device, acc))
+                        _empty((0, L.num_experts), x.device, acc), padded_gram(B, L, orthogonalize))
         return plan_forward(x, A, B, router_weight, router_input, base_out, scaling, top_k,
                             orthogonalize, normalize, eps, Target.of(x.device),
                             fuse_token_in_shrink())
@@ -452,31 +450,31 @@ def _forward(x, A, B, router_weight, router_input, base_out, scaling, top_k,
 
 def forward_impl(x, A, B, router_weight, router_input, base_out, scaling, top_k,
                  orthogonalize, normalize, eps):
-    """(y, h, logits): the op `omoe_triton::forward`. Three launches: shrink (+ G),
-    per-token, expand; the weights are read in place (no padded or float64 copies).
-    A call with the key of a recorded one replays it (replay.py): its checks passed."""
+    """(y, h, logits, G): the op `omoe_triton::forward`. Three launches: shrink (+ G), per-token,
+    expand; the weights are read in place. A call with the key of a recorded one replays
+    it (replay.py): its checks passed."""
     return _forward(x, A, B, router_weight, router_input, base_out, scaling, top_k,
                     orthogonalize, normalize, eps)[0]
 
 
 def plan_backward(grad_y, x, A, B, router_weight, router_input, h, logits, scaling, top_k,
-                  orthogonalize, normalize, eps, target: Target):
-    """The launches of the backward op, by name in launch order (dZ + G, token_backward,
-    gram_grad, dB, weight_grad, finalize, dX), and (grad x, grad A, grad B, grad
-    router_weight, grad router_input or an empty tensor). h and logits: contiguous."""
+                  orthogonalize, normalize, eps, target: Target, gram=None):
+    """The launches of the backward op, by name in launch order (dZ, token_backward, gram_grad,
+    dB, weight_grad, finalize, dX), and (grad x, grad A, grad B, grad router_weight, grad
+    router_input or an empty tensor). h, logits, gram (the forward's G or None): contiguous."""
     L = layout(A.shape[0], A.shape[1])
     dtype = x.dtype
     kind = dot_kind(dtype, x.device.type)
     upcast = _upcast(dtype)
     acc = accumulate_dtype(dtype)
-    G = _empty((L.ERP, L.ERP), x.device, torch.float64) if orthogonalize else None
+    build = orthogonalize and gram is None   # no G from the forward: dZ's grid builds it
+    G = _empty((L.ERP, L.ERP), x.device, torch.float64) if build else gram
     launches = {}
     # dZ = s dY B_cat (grad_y is read in its own dtype: the kernels convert per tile)
-    launches["dZ"], dz = plan_matmul(grad_y, B, L, Operands(kind, upcast, "Bn"),
-                                     Epilogue(acc, scaling, gram=(B, G) if G is not None else None),
-                                     target)
+    launches["dZ"], dz = plan_matmul(grad_y, B, L, Operands(kind, upcast, "Bn"), Epilogue(
+        acc, scaling, long_k=not build, gram=(B, G) if build else None, per_sm=1), target)
     launches["token_backward"], (z, dhl, ds, (dh16, dh_scale)) = plan_token_backward(
-        h, logits, G, dz[0], L, top_k, orthogonalize, normalize, eps, target,
+        h, logits, G, dz, L, top_k, orthogonalize, normalize, eps, target,
         scaled=C.scaled_operand(kind, C.DX_DH))
     dG_partials = None   # [splits, ERP, ERP]
     if orthogonalize:
@@ -500,13 +498,13 @@ def plan_backward(grad_y, x, A, B, router_weight, router_input, h, logits, scali
 
 
 def _backward(key, inputs: tuple, options: tuple, keep: bool = True):
-    """backward_impl on inputs = (grad_y, x, A, B, router_weight, router_input, h, logits),
-    its plan kept under `key`."""
-    grad_y, x, A, B, router_weight, router_input, h, logits = inputs
+    """backward_impl on inputs = (grad_y, x, A, B, router_weight, router_input, h, logits,
+    gram), its plan kept under `key`."""
+    grad_y, x, A, B, router_weight, router_input, h, logits, gram = inputs
     scaling, top_k, orthogonalize, normalize, eps = options
 
     def plan():
-        check_backward_args(FAMILY, *inputs, scaling, top_k, eps)
+        check_backward_args(FAMILY, *inputs[:8], scaling, top_k, eps, gram, orthogonalize)
         if x.shape[0] == 0:   # no tokens: zero weight gradients, nothing to launch
             grad_R = router_input.new_empty(router_input.shape) if router_input is not None \
                 else x.new_empty((0,))
@@ -514,30 +512,30 @@ def _backward(key, inputs: tuple, options: tuple, keep: bool = True):
                         torch.zeros_like(router_weight), grad_R)
         # The per-token kernels read unit columns (a copy is not recorded: no replay).
         return plan_backward(grad_y, x, A, B, router_weight, router_input, h.contiguous(),
-                             logits.contiguous(), *options, Target.of(x.device))
+                             logits.contiguous(), *options, Target.of(x.device),
+                             gram.contiguous() if gram is not None and orthogonalize else None)
 
     return _replayed(_BACKWARD_PLANS, key, inputs, plan, scaling, keep)[0]
 
 
 def backward_impl(grad_y, x, A, B, router_weight, router_input, h, logits, scaling, top_k,
-                  orthogonalize, normalize, eps):
+                  orthogonalize, normalize, eps, gram=None):
     """(grad x, grad A, grad B, grad router_weight, grad router_input or an empty tensor):
-    the op `omoe_triton::backward`. Seven launches: dZ (+ G), per-token reverse,
-    gram_grad, dB, [dA; dW], finalize, dX (docs/algorithm.md, Backward). Replayed as
-    forward_impl is."""
-    inputs = (grad_y, x, A, B, router_weight, router_input, h, logits)
+    the op `omoe_triton::backward`. Seven launches: dZ (+ G without `gram`, the forward's G),
+    per-token reverse, gram_grad, dB, [dA; dW], finalize, dX (docs/algorithm.md). Replayed."""
+    inputs = (grad_y, x, A, B, router_weight, router_input, h, logits, gram)
     options = (scaling, top_k, orthogonalize, normalize, eps)
     return _backward((*map(tensor_key, inputs), *options, _switches(x)), inputs, options)
 
 
-def _backward_after(forward_key, forward_replay, grad_y, *saved_and_options):
+def _backward_after(forward_key, forward_replay, grad_y, *saved_and_options, gram=None):
     """backward_impl after a forward_impl call kept under `forward_key` as
     `forward_replay`, on the tensors it saved: its key is the Replay (hashed by
     identity) and grad_y's, the rest it reads being in forward_key. A plan made under
     other switches than the forward's is not kept."""
-    inputs, options = (grad_y, *saved_and_options[:7]), saved_and_options[7:]
+    inputs, options = (grad_y, *saved_and_options[:7], gram), saved_and_options[7:]
     if forward_replay is None:
-        return backward_impl(*inputs, *options)
+        return backward_impl(*inputs[:8], *options, gram)
     key = (forward_replay, tensor_key(grad_y))
     keep = key in _BACKWARD_PLANS or _switches(inputs[1]) == forward_key[-1]
     return _backward(key, inputs, options, keep)
@@ -549,11 +547,11 @@ def _backward_after(forward_key, forward_replay, grad_y, *saved_and_options):
 FAMILY = OpFamily(namespace="omoe_triton", backends="'triton'",
                   hidden_width=lambda E, r: layout(E, r).ERP,
                   max_active_experts=lambda device_type: MAX_ACTIVE_EXPERTS["triton"],
-                  kernels="Triton")
+                  kernels="Triton", saves_gram=True)
 
 if AVAILABLE:
-    for _name, _schema, _impl in (("forward", FORWARD_SCHEMA, forward_impl),
-                                  ("backward", BACKWARD_SCHEMA, backward_impl)):
+    for _name, _schema, _impl in zip(("forward", "backward"), FAMILY.schemas,
+                                     (forward_impl, backward_impl)):
         torch.library.define(f"omoe_triton::{_name}", _schema)
         torch.library.impl(f"omoe_triton::{_name}", ("cpu", "cuda"), _impl)
     register_family(FAMILY)
@@ -566,9 +564,10 @@ class _TritonOp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, A, B, router_weight, router_input, base_out, options):
-        (y, h, logits), *ctx.plan = _forward(x, A, B, router_weight, router_input,
-                                             base_out, *options)
-        save_context(ctx, (x, A, B, router_weight, router_input, base_out), options, h, logits)
+        (y, h, logits, gram), *ctx.plan = _forward(x, A, B, router_weight, router_input,
+                                                   base_out, *options)
+        save_context(ctx, (x, A, B, router_weight, router_input, base_out), options, h, logits,
+                     gram)
         ctx.set_materialize_grads(False)
         return y
 

@@ -35,9 +35,9 @@ class Operands:
 
 @dataclass(frozen=True)
 class Epilogue:
-    """What matmul does with scale · a @ b. long_k: K is the token dimension (weight
-    gradients): the result is the split-K partials [splits, M, N] in the accumulator dtype,
-    for finalize_grads. add: a tensor added to the result. router = (a2 [M, ≥E], W [E, N],
+    """What matmul does with scale · a @ b. long_k: the result is split-K partials [splits,
+    M, N] in the accumulator dtype, `per_sm` programs per SM (configs.split_k), for
+    finalize_grads (weight gradients) or token_backward (dZ). add: a tensor added to the result. router = (a2 [M, ≥E], W [E, N],
     out or None): adds a2[:, :E] · W to the result, or writes it to `out` (the gradient of
     a separate router input). gram = (B, G): the launch also builds G = B_catᵀB_cat
     ([ERP, ERP] float64) into G, B being the packed b operand."""
@@ -48,6 +48,7 @@ class Epilogue:
     long_k: bool = False
     router: Optional[tuple] = None
     gram: Optional[tuple] = None
+    per_sm: int = 2
 
 
 @dataclass(frozen=True)

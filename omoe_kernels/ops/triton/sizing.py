@@ -107,3 +107,16 @@ class Target:
 
     def autotunes(self, kind: int) -> bool:
         return self.tune and kind in C.SIXTEEN_BIT_KINDS + (C.DOT_FP32_TF32,)
+
+
+def padded_gram(B: torch.Tensor, L: Layout, orthogonalize: bool) -> torch.Tensor:
+    """G = B_catᵀB_cat in the padded layout ([ERP, ERP] float64, zero padding) by torch
+    ops, or an empty float64 tensor without orthogonalization: the G of a forward with no
+    tokens, which launches no kernel."""
+    if not orthogonalize:
+        return B.new_empty((0,), dtype=torch.float64)
+    E, d_out, r = B.shape
+    padded = B.new_zeros((d_out, L.EP, L.RP), dtype=torch.float64)
+    padded[:, :E, :r] = B.transpose(0, 1)
+    columns = padded.reshape(d_out, L.ERP)
+    return columns.t() @ columns

@@ -188,6 +188,17 @@ def _load_slot(rows, e, tok, BT: tl.constexpr, RP: tl.constexpr):
 
 
 @triton.jit
+def _load_dz(rows, e, tok, splits, stride_split, BT: tl.constexpr, RP: tl.constexpr):
+    """dZ[t, e_t, :] as [RP, BT] float64: the sum of `splits` split-K partials, the first
+    at `rows`, the next `stride_split` elements on, in a fixed order."""
+    out = _load_slot(rows, e, tok, BT, RP)
+    for _ in range(1, splits):
+        rows += stride_split   # pointers: 64-bit sums of the partials' offsets
+        out += _load_slot(rows, e, tok, BT, RP)
+    return out
+
+
+@triton.jit
 def _gram_slots(rows, g_ptr, idx, tok, K: tl.constexpr, TOP_K_ROUTING: tl.constexpr,
                 BT: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr, ERP: tl.constexpr):
     """S[s1, s2, t] = h_s1ᵀ G_(s1,s2) h_s2 over the active slots ([KP, KP, BT])."""
@@ -426,7 +437,7 @@ def _reverse_mgs(C, SC, P, nsq, dC, eps, K: tl.constexpr, NORMALIZE: tl.constexp
 def token_backward_kernel(h_ptr, l_ptr, g_ptr, dz_ptr, z_ptr, dhl_ptr, ds_ptr, slots_ptr,
                           dh16_ptr, dhs_ptr, T, per_program, E, top_k, eps,
                           stride_ht, stride_lt, stride_dzt, stride_zt, stride_dhlt,
-                          K: tl.constexpr, TOP_K_ROUTING: tl.constexpr,
+                          dz_splits, stride_dzs, K: tl.constexpr, TOP_K_ROUTING: tl.constexpr,
                           ORTHOGONALIZE: tl.constexpr, NORMALIZE: tl.constexpr,
                           BT: tl.constexpr, EP: tl.constexpr, KP: tl.constexpr, RP: tl.constexpr,
                           ERP: tl.constexpr, EPL: tl.constexpr, SCALED: tl.constexpr = False):
@@ -436,7 +447,8 @@ def token_backward_kernel(h_ptr, l_ptr, g_ptr, dz_ptr, z_ptr, dhl_ptr, ds_ptr, s
     slots; dG only enters as dG + dGᵀ, which is the same from either) and, under top-k,
     the expert of each slot into slots [T, KP] (int32, -1 in padding slots). SCALED: dH
     also in dX's operand format (_store_scaled: fp16 [T, ERP] into dh16, its row scales
-    into dhs); the fp32 dH stays for [dA; dW], whose contraction runs over the tokens."""
+    into dhs); the fp32 dH stays for [dA; dW], whose contraction runs over the tokens.
+    dZ is the sum of the dZ GEMM's `dz_splits` split-K partials, `stride_dzs` apart."""
     offs_t, tok, rows, active, idx, gates, coeff, C, SC, P, nsq = _token_setup(
         h_ptr, l_ptr, g_ptr, tl.program_id(0) * per_program, per_program, T, E, top_k, eps,
         stride_ht, stride_lt, K, TOP_K_ROUTING, ORTHOGONALIZE, NORMALIZE, BT, EP, KP, RP, ERP)
@@ -449,7 +461,8 @@ def token_backward_kernel(h_ptr, l_ptr, g_ptr, dz_ptr, z_ptr, dhl_ptr, ds_ptr, s
     dcoeff = tl.zeros((KP, BT), dtype=tl.float64)
     for s in range(K):
         e = _expert_of(idx, s, TOP_K_ROUTING, BT, KP)
-        da = tl.sum(_load_slot(dz_rows, e, tok, BT, RP) * _load_slot(rows, e, tok, BT, RP), axis=0)
+        dz = _load_dz(dz_rows, e, tok, dz_splits, stride_dzs, BT, RP)
+        da = tl.sum(dz * _load_slot(rows, e, tok, BT, RP), axis=0)
         dcoeff = tl.where(sk == s, da[None, :], dcoeff)
     if ORTHOGONALIZE:
         dgate = tl.sum(C * dcoeff[None, :, :], axis=1)                    # <C_i, da>
@@ -466,7 +479,7 @@ def token_backward_kernel(h_ptr, l_ptr, g_ptr, dz_ptr, z_ptr, dhl_ptr, ds_ptr, s
     dhl_rows = _rows(dhl_ptr, offs_t, stride_dhlt)
     for s1 in tl.static_range(K):
         e1 = _expert_of(idx, s1, TOP_K_ROUTING, BT, KP)
-        dh = _pick(coeff, sk, s1)[None, :] * _load_slot(dz_rows, e1, tok, BT, RP)
+        dh = _pick(coeff, sk, s1)[None, :] * _load_dz(dz_rows, e1, tok, dz_splits, stride_dzs, BT, RP)
         if ORTHOGONALIZE:
             m1 = _pick(M, si, s1)
             for s2 in range(K):
@@ -491,6 +504,18 @@ def token_backward_kernel(h_ptr, l_ptr, g_ptr, dz_ptr, z_ptr, dhl_ptr, ds_ptr, s
 
 
 @triton.jit
+def _triangle(p, NT: tl.constexpr):
+    """(i, j) with i <= j < NT of the p-th tile of an NT × NT upper triangle, row by row
+    (row i starts at i·NT − i(i−1)/2): a float64 root, then a correction of ±1."""
+    n2 = 2.0 * NT + 1.0
+    i = ((n2 - tl.sqrt(n2 * n2 - 8.0 * p.to(tl.float64))) * 0.5).to(tl.int32)
+    i = tl.minimum(tl.maximum(i, 0), NT - 1)
+    i = tl.where(p < i * NT - (i * (i - 1)) // 2, i - 1, i)
+    i = tl.where(p >= (i + 1) * NT - ((i + 1) * i) // 2, i + 1, i)
+    return i, i + p - (i * NT - (i * (i - 1)) // 2)
+
+
+@triton.jit
 def _pair_outer(ds_ptrs, h_rows, i, j, mask, offs_a, RP: tl.constexpr):
     """Σ_t dS_t h[t, i, :] h[t, j, :]ᵀ ([RP, RP] float64) over the tokens in `mask`, dS_t
     read at `ds_ptrs` (one per token). RP >= 16: a float64 dot over the block's tokens
@@ -512,14 +537,17 @@ def gram_grad_kernel(h_ptr, ds_ptr, slots_ptr, out_ptr, T, E, tokens_per_split, 
     """out[s, (i,a), (j,b)] = Σ_{t in split s} dS[t, i, j] h[t, i, a] h[t, j, b] (float64),
     with dS[t, i, j] = ds[t, slot of i, slot of j] where both are active, 0 elsewhere.
 
-    Grid (EP, EP, splits): one (i, j) expert block of one split's partial per program, so
-    every element of `out` is written once (padding experts' blocks: zeros). Top-k: a block
-    of BLOCK_T tokens in which no token has both i and j active is skipped (no h loads, no
-    FMAs); dense: slot = expert, every block counts.
+    ds is symmetric per token (token_backward stores (dS + dSᵀ)/2), so dG is: grid
+    (EP(EP+1)/2, splits), one expert block (i, j), i <= j, of one split's partial per
+    program (_triangle), a diagonal block stored as its symmetric part. Every element of
+    the upper triangle of blocks is written (padding experts' blocks: zeros); the lower is
+    not (finalize_grads_kernel reads the triangle). Top-k: a block of BLOCK_T tokens in
+    which no token has both i and j active is skipped (no h loads, no FMAs); dense: slot =
+    expert, every block counts.
     """
-    i = tl.program_id(0)
-    j = tl.program_id(1)
-    s = tl.program_id(2)
+    EP: tl.constexpr = ERP // RP
+    i, j = _triangle(tl.program_id(0), EP)
+    s = tl.program_id(1)
     offs_a = tl.arange(0, RP)
     offs_tb = tl.arange(0, BLOCK_T)
     slot_ids = tl.arange(0, KP)
@@ -542,5 +570,6 @@ def gram_grad_kernel(h_ptr, ds_ptr, slots_ptr, out_ptr, T, E, tokens_per_split, 
                 acc += _pair_outer(ds_rows + slot_i * KP + slot_j, h_rows, i, j, pair, offs_a, RP)
         else:
             acc += _pair_outer(ds_rows + i * KP + j, h_rows, i, j, ok, offs_a, RP)
+    acc = tl.where(i == j, 0.5 * (acc + tl.trans(acc)), acc)
     tl.store(out_ptr + s.to(tl.int64) * (ERP * ERP) + (i * RP + offs_a[:, None]) * ERP
              + j * RP + offs_a[None, :], acc)
