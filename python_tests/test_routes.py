@@ -117,13 +117,17 @@ def test_route_topk_ties_and_nan_logits_route_as_the_oracle(route):
     assert_rel_close(y[torch.arange(9) != 3], y_ref[torch.arange(9) != 3], 1e-12, "forward")
 
 
-def test_route_topk_nan_in_an_unrouted_expert_stays_out(route):
-    # Logits c_i·Σ(router_input) with c = (3, 2, 1, 0) and a positive router_input: every
-    # token routes to experts 0 and 1, never to 3, whose A holds a NaN (so its h_3 is NaN).
-    problem = make_problem(6, 8, 7, 4, 2, seed=19, with_router_input=True)
-    ri = problem.router_input.abs() + 0.1
+def _routed_to_experts_0_and_1(tokens, rank, seed):
+    """Logits c_i·Σ(router_input) with c = (3, 2, 1, 0) and a positive router_input: under
+    top-2 every token routes to experts 0 and 1, never to 3."""
+    problem = make_problem(tokens, 8, 7, 4, rank, seed=seed, with_router_input=True)
     W = torch.tensor([3.0, 2.0, 1.0, 0.0]).unsqueeze(1).expand(4, 8).contiguous()
-    clean = problem.replace(router_input=ri, router_weight=W)
+    return problem.replace(router_input=problem.router_input.abs() + 0.1, router_weight=W)
+
+
+def test_route_topk_nan_in_an_unrouted_expert_stays_out(route):
+    # Expert 3's A holds a NaN (so its h_3 is NaN).
+    clean = _routed_to_experts_0_and_1(6, 2, seed=19)
     A = clean.A.clone()
     A[3, 1, 2] = float("nan")
     grad_y = random_grad((6, 7), torch.float32)
@@ -270,12 +274,8 @@ def test_few_tokens_form_y_from_the_expert_outputs(auto_route, row, top_k):
 
 
 def test_y_from_expert_outputs_leaves_an_unrouted_experts_nan_out(auto_route):
-    # Every token routes to experts 0 and 1 (as the route test above); expert 3's B holds
-    # a NaN, so its e_3 is NaN, and its coefficient 0 must keep it out of y.
-    problem = make_problem(1, 8, 7, 4, 8, seed=22, with_router_input=True)
-    ri = problem.router_input.abs() + 0.1
-    W = torch.tensor([3.0, 2.0, 1.0, 0.0]).unsqueeze(1).expand(4, 8).contiguous()
-    clean = problem.replace(router_input=ri, router_weight=W)
+    # Expert 3's B holds a NaN, so its e_3 is NaN; its coefficient 0 must keep it out of y.
+    clean = _routed_to_experts_0_and_1(1, 8, seed=22)
     B = clean.B.clone()
     B[3, 1, 0] = float("nan")
     with torch.no_grad(), profile() as prof:
