@@ -323,21 +323,23 @@ double x_bytes(at::ScalarType t) { return double(c10::elementSize(t)); }
 // a LoRA does, and touches no weight cache; the cheapest route through G, even with G
 // cached, reads B against the cache's copy to know G is current, then G, then B_cat in the
 // expand. Few tokens (decoding) take it; a route forced by OMOE_ROUTE, but direct_all,
-// turns it off. S comes from the batched GEMM (batched_direct_gram) only where that costs
-// less than the per-token loops: the GEMM call alone outweighs a few tokens' S.
+// turns it off. Forming e is a GEMM of inner dimension r, priced per output as the top-k
+// direct route's thin GEMMs. S comes from the batched GEMM (batched_direct_gram) only
+// where that costs less than the per-token loops: the call alone outweighs a few tokens'.
 struct ExpertOutputsPlan {
   bool taken = false, batched_S = false;
 };
-ExpertOutputsPlan plan_from_expert_outputs(const Sizes& s, int64_t k) {
+ExpertOutputsPlan plan_from_expert_outputs(const Sizes& s, int64_t k, bool float32) {
   if (forced_route(Route::kDirect, /*backward=*/false) != Route::kDirect) return {};
   const double T = double(s.T), R = double(s.E * s.r), d = double(s.d_out), E = double(s.E);
   const double kk = double(k) * double(k), r = double(s.r);
+  const double e = T * E * d * (kGemmRowCost + (float32 ? kFloat32GemmCost : 1.0) * r);
   const double loops = kScalarCost * T * kk * d;
   const double batched =
       batched_direct_gram(s, k)
           ? kSmallGemmCost * T * kk * d + kCopyCost * T * E * d + kBatchedCallCost
           : loops;
-  const double from_e = T * R * d + std::min(loops, batched) + T * E * d;
+  const double from_e = e + std::min(loops, batched) + T * E * d;
   const double through_cached_g =
       kCompareCost * d * R + R * R + kVectorCost * T * 0.5 * kk * r * r + T * R * d;
   return {from_e < through_cached_g, batched < loops};
@@ -496,7 +498,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
     }
   }
   const ExpertOutputsPlan from_e = x.is_cpu() && s.T > 0 && orthogonalize
-                                       ? plan_from_expert_outputs(s, k)
+                                       ? plan_from_expert_outputs(s, k, acc == at::kFloat)
                                        : ExpertOutputsPlan{};
   if (from_e.taken) {
     const double per_token = from_e.batched_S
