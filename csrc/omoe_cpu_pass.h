@@ -855,11 +855,10 @@ void token_forward_pass(const at::Tensor& h, const at::Tensor& logits, const Rou
       for_token_blocks<MgsTape<MAX_K>>(
           T, [&](int64_t begin, int64_t end, int thread, MgsTape<MAX_K>& tape) {
             if (orthogonalize) route.begin_block(begin, end, thread);
-            for (int64_t t = begin; t < end; ++t) {
+            for (int64_t t = begin; t < end; ++t)
               token_forward(h_ptr + t * er, l_ptr + t * E, route.at(t, thread), int(E), int(r),
                             int(top_k), orthogonalize, normalize, eps, tape, z_ptr + t * er,
                             coeff ? coeff + t * E : nullptr);
-            }
           });
     });
   });

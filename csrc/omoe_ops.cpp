@@ -318,6 +318,14 @@ Route choose_route(const Sizes& s, int64_t k, bool backward, bool gram_free, boo
 
 double x_bytes(at::ScalarType t) { return double(c10::elementSize(t)); }
 
+// The direct forward's workspace per token with `rows` expert outputs each: e, budgeted at
+// 8 bytes a value, or, when S comes from the batched GEMM, e, its float64 copy and S.
+double direct_bytes_per_token(const Sizes& s, at::ScalarType acc, int64_t rows,
+                              bool batched_S) {
+  return batched_S ? (x_bytes(acc) + 8.0) * rows * s.d_out + 8.0 * s.E * s.E
+                   : 8.0 * rows * s.d_out;
+}
+
 // A forward on the CPU that forms y from the expert outputs: e_i = B_i h_i for every
 // expert, S and the MGS from e, then y = base + s·Σ_i a_i e_i. It reads A, W and B once, as
 // a LoRA does, and touches no weight cache; the cheapest route through G, even with G
@@ -497,69 +505,60 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
       logits = at::mm(router_input->to(acc), router_weight.to(acc).t());
     }
   }
-  const ExpertOutputsPlan from_e = x.is_cpu() && s.T > 0 && orthogonalize
-                                       ? plan_from_expert_outputs(s, k, acc == at::kFloat)
-                                       : ExpertOutputsPlan{};
-  if (from_e.taken) {
-    const double per_token = from_e.batched_S
-                                 ? (x_bytes(acc) + 8.0) * s.E * s.d_out + 8.0 * s.E * s.E
-                                 : 8.0 * s.E * s.d_out;
-    if (chunk_tokens(s.T, per_token, chunk_budget(x)) >= s.T) {  // one chunk
-      RECORD_FUNCTION("omoe::direct", std::vector<c10::IValue>());
-      const at::Tensor e = at::bmm(expert_blocks(h, s.E, s.r), B.to(acc).transpose(1, 2));
-      const at::Tensor S = from_e.batched_S ? direct_gram(token_major64(e)) : at::Tensor();
-      at::Tensor z = at::empty_like(h);
-      const at::Tensor a = at::empty({s.T, s.E}, h.options().dtype(at::kDouble));
-      AT_DISPATCH_FLOATING_TYPES(e.scalar_type(), "omoe_direct", [&] {
-        cpu::DirectRoute<scalar_t> route{e.data_ptr<scalar_t>(), nullptr, s.T, s.d_out,
-                                         int(s.E)};
-        if (S.defined()) route.S = S.data_ptr<double>();
-        cpu::token_forward_pass(h, logits, route, s.E, s.r, top_k, true, normalize, eps, z,
-                                a.data_ptr<double>());
-      });
-      const at::Tensor y = mix_expert_outputs(e, a, base_out, scaling);
-      return {y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type()), h, logits};
-    }
-  }
+  ExpertOutputsPlan from_e = x.is_cpu() && s.T > 0 && orthogonalize
+                                 ? plan_from_expert_outputs(s, k, acc == at::kFloat)
+                                 : ExpertOutputsPlan{};
+  // y is summed from the whole of e: one chunk.
+  if (from_e.taken && chunk_tokens(s.T, direct_bytes_per_token(s, acc, s.E, from_e.batched_S),
+                                   chunk_budget(x)) < s.T)
+    from_e = {};
   // B used unchanged by an earlier call means the weights are being reused (inference,
   // decoding): B_cat and G are then kept, and G is worth forming even when this one call
   // would not pay for it. (Grad mode cannot tell: autograd runs forwards with it off.)
-  const weight_cache::Found found = weight_cache::instance().find(B);
+  const weight_cache::Found found =
+      from_e.taken ? weight_cache::Found{} : weight_cache::instance().find(B);
   const bool on_blocks = expand_on_blocks(s, x, found);
-  at::Tensor B_cat = found.B_cat.defined() || on_blocks ? found.B_cat : packed_expand(B, acc);
+  at::Tensor B_cat =
+      found.B_cat.defined() || on_blocks || from_e.taken ? found.B_cat : packed_expand(B, acc);
   at::Tensor z = at::empty_like(h);
   bool gram_formed = false;  // gram_matrix then remembered B with its G
   if (s.T > 0 && !orthogonalize) {
     RECORD_FUNCTION("omoe::orthogonalize", std::vector<c10::IValue>());
     token_forward(h, logits, at::Tensor(), s.E, s.r, top_k, false, normalize, eps, z);
   } else if (s.T > 0) {
-    const Route route =
-        choose_route(s, k, /*backward=*/false, found.seen, x.is_cpu(), acc == at::kFloat);
+    const Route route = from_e.taken ? Route::kDirect
+                                     : choose_route(s, k, /*backward=*/false, found.seen,
+                                                    x.is_cpu(), acc == at::kFloat);
     if (route == Route::kDirect || route == Route::kDirectRows) {
       RECORD_FUNCTION("omoe::direct", std::vector<c10::IValue>());
       const at::Tensor Bt = B.to(acc).transpose(1, 2);  // [E, r, d_out], a view for fp32
       const int64_t rows = route == Route::kDirectRows ? k : s.E;  // e rows per token
-      // Dense: e and its float64 copy, and S.
-      const double per_token = batched_direct_gram(s, k)
-                                   ? (x_bytes(acc) + 8.0) * rows * s.d_out + 8.0 * s.E * s.E
-                                   : 8.0 * rows * s.d_out;
-      const int64_t tc = chunk_tokens(s.T, per_token, chunk_budget(x));
+      const bool batched_S = from_e.taken ? from_e.batched_S : batched_direct_gram(s, k);
+      const int64_t tc =
+          chunk_tokens(s.T, direct_bytes_per_token(s, acc, rows, batched_S), chunk_budget(x));
       if (route == Route::kDirectRows && k < s.E) {  // e of the active (token, slot) pairs
         cpu::topk_direct_forward(h, logits, Bt.transpose(1, 2), top_k, normalize, eps, tc, z);
       } else {
+        // y from the expert outputs: the pass hands out the coefficients a.
+        const at::Tensor a =
+            from_e.taken ? at::empty({s.T, s.E}, h.options().dtype(at::kDouble)) : at::Tensor();
         for (int64_t t0 = 0; t0 < s.T; t0 += tc) {
           const int64_t n = std::min(tc, s.T - t0);
           const at::Tensor e = at::bmm(part(expert_blocks(h, s.E, s.r), 1, t0, n), Bt);
-          const at::Tensor S =
-              batched_direct_gram(s, k) ? direct_gram(token_major64(e)) : at::Tensor();
+          const at::Tensor S = batched_S ? direct_gram(token_major64(e)) : at::Tensor();
           at::Tensor zc = part(z, 0, t0, n);
           AT_DISPATCH_FLOATING_TYPES(e.scalar_type(), "omoe_direct", [&] {
             cpu::DirectRoute<scalar_t> route{e.data_ptr<scalar_t>(), nullptr, n, s.d_out,
                                              int(s.E)};
             if (S.defined()) route.S = S.data_ptr<double>();
             cpu::token_forward_pass(part(h, 0, t0, n), part(logits, 0, t0, n), route, s.E, s.r,
-                                    top_k, true, normalize, eps, zc);
+                                    top_k, true, normalize, eps, zc,
+                                    a.defined() ? a.data_ptr<double>() : nullptr);
           });
+          if (a.defined()) {  // one chunk: e holds every token
+            const at::Tensor y = mix_expert_outputs(e, a, base_out, scaling);
+            return {y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type()), h, logits};
+          }
         }
       }
     } else {
