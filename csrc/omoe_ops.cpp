@@ -659,12 +659,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
       RECORD_FUNCTION("omoe::direct_backward", std::vector<c10::IValue>());
       const at::Tensor Ba = on_blocks ? Bb : B.to(acc);  // [E, d_out, r], no copy for fp32
       const int64_t rows = route == Route::kDirectRows ? k : s.E;  // e rows per token
-      // Dense: e and de, their float64 forms, S and dS + dSᵀ.
-      const double per_token =
-          batched_direct_gram(s, k)
-              ? 2.0 * ((x_bytes(acc) + 8.0) * rows * s.d_out + 8.0 * s.E * s.E)
-              : 16.0 * rows * s.d_out;
-      const int64_t tc = chunk_tokens(s.T, per_token, chunk_budget(x));
+      // The forward's workspace twice: e and de (dense: their float64 forms, S, dS + dSᵀ).
+      const int64_t tc = chunk_tokens(
+          s.T, 2.0 * direct_bytes_per_token(s, acc, rows, batched_direct_gram(s, k)),
+          chunk_budget(x));
       if (route == Route::kDirectRows && k < s.E) {  // e, de of the active (token, slot) pairs
         dB_direct = cpu::topk_direct_backward(hc, lc, dz, Ba, top_k, normalize, eps, tc, z, dh,
                                               dlogits);
