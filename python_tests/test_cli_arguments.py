@@ -21,7 +21,12 @@ sys.path.insert(0, str(ROOT))
 def _example(name: str):
     spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except ModuleNotFoundError as e:   # an example's own dependency (the Hugging Face stack)
+        if e.name is None or e.name.partition(".")[0] in ("omoe_kernels", "bench"):
+            raise
+        pytest.skip(f"examples/{name}.py needs {e.name!r}, which is not installed")
     return module
 
 

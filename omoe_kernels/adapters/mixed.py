@@ -116,9 +116,19 @@ def _batch_size(args: tuple, kwargs: dict) -> int | None:
     return None
 
 
+def _opened(module: nn.Module) -> list:
+    """The root's stack of opened batches, an attribute (made by install_batch_hooks) that
+    torch.compile traces as a list; a dict method on vars(module) it cannot trace."""
+    opened = getattr(module, _OPEN, None)
+    if opened is None:
+        opened = []
+        setattr(module, _OPEN, opened)
+    return opened
+
+
 def _adapter_names_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
     names = kwargs.pop("adapter_names", None)
-    opened = vars(module).setdefault(_OPEN, [])
+    opened = _opened(module)
     opened.append(None)  # first: the post-hook (always called, also after a raise) pops one
     if names is None:
         return args, kwargs
@@ -131,7 +141,7 @@ def _adapter_names_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
 
 
 def _adapter_names_post_hook(module: nn.Module, args: tuple, kwargs: dict, output):
-    opened = vars(module).get(_OPEN)
+    opened = getattr(module, _OPEN, None)
     if opened:
         saved = opened.pop()
         if saved is not None:
@@ -159,6 +169,7 @@ def install_batch_hooks(root: nn.Module) -> None:
     if _adapter_names_pre_hook not in root._forward_pre_hooks.values():
         root.register_forward_pre_hook(_adapter_names_pre_hook, with_kwargs=True)
         root.register_forward_hook(_adapter_names_post_hook, with_kwargs=True, always_call=True)
+    _opened(root)
     if callable(getattr(type(root), "generate", None)) and "generate" not in vars(root):
         vars(root)["generate"] = functools.partial(_generate, root)
 
