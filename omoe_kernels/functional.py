@@ -9,9 +9,17 @@ import torch
 from ._validate import check_inputs
 from .backends import REGISTRY, backend_function, resolve_backend
 
-# (backend, device type, k, the variables resolve_backend reads, the registry's entries,
-# the loader) -> (name, function): the registry answers the same for the same key.
+# (backend_key, k) -> (name, function): the registry answers the same for the same key.
 _RESOLVED: dict[tuple, tuple] = {}
+
+
+def backend_key(backend: str, device: torch.device) -> tuple:
+    """What resolve_backend reads besides the active experts: the name asked for, the
+    device type, the variables OMOE_BACKEND and TRITON_INTERPRET, the registry's entries
+    and the loader."""
+    environ = os.environ
+    return (backend, device.type, environ.get("OMOE_BACKEND"), environ.get("TRITON_INTERPRET"),
+            tuple(map(id, REGISTRY.values())), backend_function)
 
 
 def resolved_backend(backend: str, device: torch.device, active_experts: int):
@@ -19,9 +27,7 @@ def resolved_backend(backend: str, device: torch.device, active_experts: int):
     if torch.compiler.is_compiling():  # dynamo traces the lookup; nothing to keep
         name = resolve_backend(backend, device, active_experts)
         return name, backend_function(name)
-    environ = os.environ
-    key = (backend, device.type, active_experts, environ.get("OMOE_BACKEND"),
-           environ.get("TRITON_INTERPRET"), tuple(map(id, REGISTRY.values())), backend_function)
+    key = (backend_key(backend, device), active_experts)
     found = _RESOLVED.get(key)
     if found is None:
         name = resolve_backend(backend, device, active_experts)

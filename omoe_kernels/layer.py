@@ -168,7 +168,9 @@ def mixed_forward(layer: OMoELinear, x: torch.Tensor) -> torch.Tensor:
     param_dtype = first.lora_A.dtype
     autocasting = torch.is_autocast_enabled(x.device.type)
     dtype = compute_dtype(param_dtype, x.device.type) if autocasting else param_dtype
-    A, B, W = ([getattr(m, t) for m in layers] for t in ADAPTER_TENSORS)
+    # Read from each layer's parameter dict: nn.Module's attribute fallback costs a
+    # Python call per tensor, twelve for four adapters, at every decoding step.
+    A, B, W = ([m._parameters[t] for m in layers] for t in ADAPTER_TENSORS)
     if dtype != param_dtype:  # differentiable casts: gradients reach the fp32 masters
         A, B, W = ([t.to(dtype) for t in ts] for ts in (A, B, W))
     x_c = x if x.dtype == dtype else x.to(dtype)

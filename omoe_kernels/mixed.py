@@ -37,7 +37,7 @@ import torch
 
 from ._validate import check_inputs
 from .backends import REGISTRY, backend_function
-from .functional import resolved_backend
+from .functional import backend_key, resolved_backend
 from .ops import mixed_compiled
 from .ops.problem import Problem
 from .options import check_finite
@@ -111,6 +111,9 @@ class Grouping:
     inverse: Optional[torch.Tensor]  # order's inverse permutation
     # the triton backend's segment rows, by (span, segment length): made once per batch
     segments: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    # what the checks of a call with this Grouping found, by the call's signature
+    # (_signature): a layer calls with the same one for every token of a batch
+    checked: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
 
 def group(index: torch.Tensor, count: int) -> Grouping:
@@ -144,6 +147,60 @@ def omoe_lora_mixed(x: torch.Tensor, A: TensorOrStack, B: TensorOrStack,
     parameters once (kept while they and their versions stay the same).
     """
     As, Bs, Ws = _unstack("A", A, 3), _unstack("B", B, 3), _unstack("router_weight", router_weight, 2)
+    signature = None
+    if isinstance(adapter_index, Grouping) and not torch.compiler.is_compiling():
+        signature = _signature(x, As, Bs, Ws, scaling, top_k, orthogonalize, normalize, eps,
+                               base_out, router_input, backend)
+    found = None if signature is None else adapter_index.checked.get(signature)
+    if found is None:
+        found = _checked(x, As, Bs, Ws, adapter_index, scaling, top_k, orthogonalize,
+                         normalize, eps, base_out, router_input, backend)
+        if signature is not None and all(p.scaling != 0 for p in found[0]):
+            adapter_index.checked[signature] = found   # ±0 compare equal: not kept
+    problems, grouping, span, name = found
+    first = problems[0]
+    T, d_in, d_out = first.num_tokens, first.d_in, first.d_out
+    lead = tuple(x.shape[:-1])
+    x2d = x.reshape(T, d_in)
+    router2d = None if router_input is None else router_input.reshape(T, d_in)
+    base2d = None if base_out is None else base_out.reshape(T, d_out)
+    if name == "triton" and T:
+        y = mixed_triton(x2d, A, B, router_weight, router2d, base2d, grouping, span,
+                         tuple(p.scaling for p in problems), problems)
+    elif name == "reference" or T == 0:
+        y = mixed_reference(x2d, As, Bs, Ws, router2d, base2d,
+                            grouping.index.repeat_interleave(span), problems)
+    else:
+        y = mixed_grouped(x2d, As, Bs, Ws, router2d, base2d, grouping, span, problems)
+    return y.reshape(lead + (d_out,))
+
+
+def _signature(x, As, Bs, Ws, scaling, top_k, orthogonalize, normalize, eps, base_out,
+               router_input, backend) -> Optional[tuple]:
+    """Everything `_checked` reads of a call, data left out: the tensors' types, shapes,
+    dtypes and devices, the options with their types, and what resolving the backend
+    reads (resolved_backend's key). None for an option that does not hash (the checks
+    then say what is wrong with it)."""
+    def tensor(t):
+        return None if t is None else (type(t), t.shape, t.dtype, t.device)
+
+    scalings = tuple((type(s), s) for s in scaling) if isinstance(scaling, (list, tuple)) \
+        else (type(scaling), scaling)
+    key = (tuple(map(tensor, As)), tuple(map(tensor, Bs)), tuple(map(tensor, Ws)), tensor(x),
+           tensor(base_out), tensor(router_input), scalings, type(top_k), top_k,
+           type(orthogonalize), orthogonalize, type(normalize), normalize, type(eps), eps,
+           backend, backend_key(backend, x.device))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _checked(x, As, Bs, Ws, adapter_index, scaling, top_k, orthogonalize, normalize, eps,
+             base_out, router_input, backend) -> tuple:
+    """(each adapter's Problem, the Grouping, the tokens per index entry, the backend's
+    name) of a mixed call; every check of its arguments, raising what is wrong."""
     count = len(As)
     if len(Bs) != count or len(Ws) != count:
         raise ValueError(f"`A`, `B` and `router_weight` must hold the same number of adapters, "
@@ -178,19 +235,7 @@ def omoe_lora_mixed(x: torch.Tensor, A: TensorOrStack, B: TensorOrStack,
         index, span = check_adapter_index(adapter_index, lead, count)
         grouping = group(index, count)
     name = resolve_mixed_backend(backend, x.device, first.top_k)
-    T, d_in, d_out = first.num_tokens, first.d_in, first.d_out
-    x2d = x.reshape(T, d_in)
-    router2d = None if router_input is None else router_input.reshape(T, d_in)
-    base2d = None if base_out is None else base_out.reshape(T, d_out)
-    if name == "triton" and T:
-        y = mixed_triton(x2d, A, B, router_weight, router2d, base2d, grouping, span,
-                         scalings, problems)
-    elif name == "reference" or T == 0:
-        y = mixed_reference(x2d, As, Bs, Ws, router2d, base2d,
-                            grouping.index.repeat_interleave(span), problems)
-    else:
-        y = mixed_grouped(x2d, As, Bs, Ws, router2d, base2d, grouping, span, problems)
-    return y.reshape(lead + (d_out,))
+    return problems, grouping, span, name
 
 
 def _like_first(x, As, Bs, Ws, n: int) -> bool:

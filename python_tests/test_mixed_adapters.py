@@ -163,6 +163,40 @@ def test_functional_bad_input_raises():
                            torch.tensor([0, 1, 0, 1]))
 
 
+
+def test_a_grouping_keeps_what_the_checks_found_for_a_call_like_the_last(monkeypatch):
+    """With a Grouping (a batch's index, sorted once) a call like the one before it skips
+    the argument checks; a call that differs in an option, a tensor's dtype or shape, or
+    the variable that picks the backend is checked again, and a wrong one still raises."""
+    from omoe_kernels import mixed
+    inputs = make_mixed_problem(SAMPLES, TOKENS, torch.float32, False)
+    checks = []
+    check_inputs = mixed.check_inputs
+    monkeypatch.setattr(mixed, "check_inputs",
+                        lambda *args, **kw: checks.append(1) or check_inputs(*args, **kw))
+    grouping = mixed.group(torch.tensor(INDEX, device=DEVICE), 3)
+
+    def call(x=inputs["x"], **options):
+        return ok.omoe_lora_mixed(x, inputs["A"], inputs["B"], inputs["router_weight"],
+                                  grouping, base_out=inputs["base_out"],
+                                  **{"scaling": [1.0, 2.0, 0.5], **options})
+
+    y = call()
+    checked = len(checks)
+    assert checked and torch.equal(call(), y) and len(checks) == checked
+    assert not torch.equal(call(scaling=[1.0, 2.0, 2.0]), y) and len(checks) > checked
+    checked = len(checks)
+    call(top_k=2)
+    assert len(checks) > checked
+    with pytest.raises(TypeError, match="dtype"):
+        call(x=inputs["x"].double())
+    with pytest.raises(ValueError, match="d_in"):
+        call(x=inputs["x"][..., :-1])
+    monkeypatch.setenv("OMOE_BACKEND", "reference")
+    checked = len(checks)
+    assert_rel_close(call(), y, 1e-5)
+    assert len(checks) > checked
+
 # ---- models with several injected adapters ----------------------------------------------
 
 ADAPTERS = ("a", "b", "c", "d")
