@@ -137,6 +137,15 @@ struct Row<R, v_t, false> {
   }
 };
 
+// Lanes {2j ×4, 2j + 1 ×4} of a vector of 8 floats: the pair of g values for two float
+// rows of 4, from a full 8-value load (a vector built from two scalars or an 8-byte load
+// goes through the stack in GCC, a store-forwarding stall at every use).
+template <int J, typename V>
+__attribute__((always_inline)) inline V pair_lanes(const V& g8) {
+  return __builtin_shufflevector(g8, g8, 2 * J, 2 * J, 2 * J, 2 * J, 2 * J + 1, 2 * J + 1,
+                                 2 * J + 1, 2 * J + 1);
+}
+
 // y[t, o] = base[t, o] + s · Σ_i Σ_a B[i, o, a] z[t, i·r + a] for o in [o0, o1).
 // z: [T, E·r]; base, y: [T, d_out] (base may be null).
 template <int R, typename v_t>
@@ -169,6 +178,44 @@ __attribute__((always_inline)) inline void rows_times_blocks_body(
     int64_t d_out, int64_t r_, double scaling, bool accumulate, int64_t i0, int64_t i1) {
   const int64_t r = rank_of<R>(r_);
   const v_t s = static_cast<v_t>(scaling);
+  if constexpr (R == 4 && sizeof(v_t) == 4) {
+    // float rows of 4, half a vector: two rows o, o + 1 of B_i (contiguous) per vector
+    // multiply-add, the g pair broadcast by a shuffle; the halves summed at the end.
+    typedef v_t V __attribute__((vector_size(32)));
+    typedef v_t Quad __attribute__((vector_size(16)));
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t t = 0; t < T; ++t) {
+        const v_t* gt = g + i * g_expert + t * d_out;
+        const v_t* Bi = B + i * d_out * 4;
+        V acc{};
+        int64_t o = 0;
+        for (; o + 8 <= d_out; o += 8) {  // 8 rows: one load of g, four pairs
+          V g8, b0, b1, b2, b3;
+          std::memcpy(&g8, gt + o, sizeof(V));
+          std::memcpy(&b0, Bi + o * 4, sizeof(V));
+          std::memcpy(&b1, Bi + o * 4 + 8, sizeof(V));
+          std::memcpy(&b2, Bi + o * 4 + 16, sizeof(V));
+          std::memcpy(&b3, Bi + o * 4 + 24, sizeof(V));
+          acc += pair_lanes<0>(g8) * b0;
+          acc += pair_lanes<1>(g8) * b1;
+          acc += pair_lanes<2>(g8) * b2;
+          acc += pair_lanes<3>(g8) * b3;
+        }
+        Quad sum = __builtin_shufflevector(acc, acc, 0, 1, 2, 3) +
+                   __builtin_shufflevector(acc, acc, 4, 5, 6, 7);
+        for (; o < d_out; ++o) {
+          Quad b;
+          std::memcpy(&b, Bi + o * 4, sizeof(Quad));
+          sum += gt[o] * b;
+        }
+        v_t* p = out + t * out_stride + i * 4;
+        Quad old{};
+        if (accumulate) std::memcpy(&old, p, sizeof(Quad));
+        sum = old + s * sum;
+        std::memcpy(p, &sum, sizeof(Quad));
+      }
+    return;
+  }
   for (int64_t i = i0; i < i1; ++i)
     for (int64_t t = 0; t < T; ++t)
       for (int64_t a0 = 0; a0 < r; a0 += kMaxRow) {
@@ -205,6 +252,58 @@ __attribute__((always_inline)) inline void outer_blocks_body(
                 vs2 = second.v_stride;
   const v_t s1 = static_cast<v_t>(first.scaling), s2 = static_cast<v_t>(second.scaling);
   int64_t i = q0 / d_out, o = q0 - i * d_out;
+  if constexpr (R == 4 && sizeof(v_t) == 4) {
+    // float rows of 4, half a vector: row by row each costs its loop's overhead for four
+    // lanes. Instead each (term, t) streams over one expert's rows, two to a vector (the
+    // g pair and the v row broadcast by shuffles), adding in the same order per value.
+    typedef v_t V __attribute__((vector_size(32)));
+    typedef v_t Quad __attribute__((vector_size(16)));
+    for (int64_t q = q0; q < q1; i += 1, o = 0) {
+      const int64_t n = std::min(q1 - q, d_out - o);  // rows of expert i in the range
+      v_t* rows = dB + q * 4;
+      bool fresh = !accumulate;
+      for (int term = 0; term < (g2 != nullptr ? 2 : 1); ++term) {
+        const int64_t vs = term ? vs2 : vs1;
+        const v_t sc = term ? s2 : s1;
+        for (int64_t t = 0; t < T; ++t, fresh = false) {
+          const v_t* g = (term ? g2 : g1) + i * (term ? ge2 : ge1) + t * d_out + o;
+          Quad vq;
+          std::memcpy(&vq, (term ? v2 : v1) + t * vs + i * 4, sizeof(Quad));
+          const V vv = __builtin_shufflevector(vq, vq, 0, 1, 2, 3, 0, 1, 2, 3);
+          int64_t k = 0;
+          for (; k + 8 <= n; k += 8) {  // 8 rows: one load of g, four pairs
+            V g8;
+            std::memcpy(&g8, g + k, sizeof(V));
+            g8 = sc * g8;
+            V a0{}, a1{}, a2{}, a3{};
+            if (!fresh) {
+              std::memcpy(&a0, rows + k * 4, sizeof(V));
+              std::memcpy(&a1, rows + k * 4 + 8, sizeof(V));
+              std::memcpy(&a2, rows + k * 4 + 16, sizeof(V));
+              std::memcpy(&a3, rows + k * 4 + 24, sizeof(V));
+            }
+            a0 += pair_lanes<0>(g8) * vv;
+            a1 += pair_lanes<1>(g8) * vv;
+            a2 += pair_lanes<2>(g8) * vv;
+            a3 += pair_lanes<3>(g8) * vv;
+            std::memcpy(rows + k * 4, &a0, sizeof(V));
+            std::memcpy(rows + k * 4 + 8, &a1, sizeof(V));
+            std::memcpy(rows + k * 4 + 16, &a2, sizeof(V));
+            std::memcpy(rows + k * 4 + 24, &a3, sizeof(V));
+          }
+          for (; k < n; ++k) {  // the range's last rows of this expert, one at a time
+            Quad acc{};
+            if (!fresh) std::memcpy(&acc, rows + k * 4, sizeof(Quad));
+            acc += (sc * g[k]) * vq;
+            std::memcpy(rows + k * 4, &acc, sizeof(Quad));
+          }
+        }
+      }
+      if (fresh) std::memset(rows, 0, sizeof(v_t) * 4 * n);  // no term and no token
+      q += n;
+    }
+    return;
+  }
   for (int64_t q = q0; q < q1; ++q) {
     for (int64_t a0 = 0; a0 < r; a0 += kMaxRow) {
       const int64_t len = R > 0 ? R : std::min(kMaxRow, r - a0);

@@ -84,6 +84,20 @@ def test_route_vector_loops_and_their_tails(route, top_k, collapse):
     assert_matches_oracle(problem, "cpu", fwd_tol, grad_tol, top_k=top_k)
 
 
+
+@pytest.mark.parametrize("top_k", [None, 2], ids=["dense", "top2"])
+@pytest.mark.parametrize("tokens, d_out", [(7, 9), (1, 5461)])
+def test_route_rank4_gradients_two_rows_per_vector(route, top_k, tokens, d_out):
+    # fp32 at rank 4: dB's rows of 4 go two to a vector. An odd d_out leaves each expert's
+    # last row alone; at 5461 rows per expert two threads split dB inside an expert.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        problem = make_problem(tokens, 12, d_out, 3, 4, seed=18)
+        assert_matches_oracle(problem, "cpu", 1e-5, 1e-4, top_k=top_k)
+    finally:
+        torch.set_num_threads(threads)
+
 # ---- top-k: the direct route forms e_i only for each token's active experts ------------
 
 @pytest.mark.parametrize("tokens", [0, 1, 7])
