@@ -139,11 +139,18 @@ struct Row<R, v_t, false> {
 
 // Lanes {2j ×4, 2j + 1 ×4} of a vector of 8 floats: the pair of g values for two float
 // rows of 4, from a full 8-value load (a vector built from two scalars or an 8-byte load
-// goes through the stack in GCC, a store-forwarding stall at every use).
+// goes through the stack in GCC, a store-forwarding stall at every use). GCC before 12
+// has no __builtin_shufflevector.
 template <int J, typename V>
 __attribute__((always_inline)) inline V pair_lanes(const V& g8) {
+#if defined(__clang__)
   return __builtin_shufflevector(g8, g8, 2 * J, 2 * J, 2 * J, 2 * J, 2 * J + 1, 2 * J + 1,
                                  2 * J + 1, 2 * J + 1);
+#else
+  typedef int32_t Lanes __attribute__((vector_size(32)));
+  return __builtin_shuffle(
+      g8, Lanes{2 * J, 2 * J, 2 * J, 2 * J, 2 * J + 1, 2 * J + 1, 2 * J + 1, 2 * J + 1});
+#endif
 }
 
 // y[t, o] = base[t, o] + s · Σ_i Σ_a B[i, o, a] z[t, i·r + a] for o in [o0, o1).
@@ -201,8 +208,10 @@ __attribute__((always_inline)) inline void rows_times_blocks_body(
           acc += pair_lanes<2>(g8) * b2;
           acc += pair_lanes<3>(g8) * b3;
         }
-        Quad sum = __builtin_shufflevector(acc, acc, 0, 1, 2, 3) +
-                   __builtin_shufflevector(acc, acc, 4, 5, 6, 7);
+        Quad lo, hi;  // the even and the odd rows' sums
+        std::memcpy(&lo, &acc, sizeof(Quad));
+        std::memcpy(&hi, reinterpret_cast<const v_t*>(&acc) + 4, sizeof(Quad));
+        Quad sum = lo + hi;
         for (; o < d_out; ++o) {
           Quad b;
           std::memcpy(&b, Bi + o * 4, sizeof(Quad));
@@ -267,9 +276,12 @@ __attribute__((always_inline)) inline void outer_blocks_body(
         const v_t sc = term ? s2 : s1;
         for (int64_t t = 0; t < T; ++t, fresh = false) {
           const v_t* g = (term ? g2 : g1) + i * (term ? ge2 : ge1) + t * d_out + o;
+          const v_t* vt = (term ? v2 : v1) + t * vs + i * 4;
           Quad vq;
-          std::memcpy(&vq, (term ? v2 : v1) + t * vs + i * 4, sizeof(Quad));
-          const V vv = __builtin_shufflevector(vq, vq, 0, 1, 2, 3, 0, 1, 2, 3);
+          V vv;  // the v row twice
+          std::memcpy(&vq, vt, sizeof(Quad));
+          std::memcpy(&vv, vt, sizeof(Quad));
+          std::memcpy(reinterpret_cast<v_t*>(&vv) + 4, vt, sizeof(Quad));
           int64_t k = 0;
           for (; k + 8 <= n; k += 8) {  // 8 rows: one load of g, four pairs
             V g8;
