@@ -153,6 +153,25 @@ __attribute__((always_inline)) inline V pair_lanes(const V& g8) {
 #endif
 }
 
+// Four vectors from, or to, 4 vectors' worth of consecutive values (eight float rows of 4).
+template <typename V, typename v_t>
+__attribute__((always_inline)) inline void load4(const v_t* p, V& a, V& b, V& c, V& d) {
+  constexpr int L = sizeof(V) / sizeof(v_t);
+  std::memcpy(&a, p, sizeof(V));
+  std::memcpy(&b, p + L, sizeof(V));
+  std::memcpy(&c, p + 2 * L, sizeof(V));
+  std::memcpy(&d, p + 3 * L, sizeof(V));
+}
+template <typename V, typename v_t>
+__attribute__((always_inline)) inline void store4(v_t* p, const V& a, const V& b, const V& c,
+                                                  const V& d) {
+  constexpr int L = sizeof(V) / sizeof(v_t);
+  std::memcpy(p, &a, sizeof(V));
+  std::memcpy(p + L, &b, sizeof(V));
+  std::memcpy(p + 2 * L, &c, sizeof(V));
+  std::memcpy(p + 3 * L, &d, sizeof(V));
+}
+
 // y[t, o] = base[t, o] + s · Σ_i Σ_a B[i, o, a] z[t, i·r + a] for o in [o0, o1).
 // z: [T, E·r]; base, y: [T, d_out] (base may be null).
 template <int R, typename v_t>
@@ -199,10 +218,7 @@ __attribute__((always_inline)) inline void rows_times_blocks_body(
         for (; o + 8 <= d_out; o += 8) {  // 8 rows: one load of g, four pairs
           V g8, b0, b1, b2, b3;
           std::memcpy(&g8, gt + o, sizeof(V));
-          std::memcpy(&b0, Bi + o * 4, sizeof(V));
-          std::memcpy(&b1, Bi + o * 4 + 8, sizeof(V));
-          std::memcpy(&b2, Bi + o * 4 + 16, sizeof(V));
-          std::memcpy(&b3, Bi + o * 4 + 24, sizeof(V));
+          load4(Bi + o * 4, b0, b1, b2, b3);
           acc += pair_lanes<0>(g8) * b0;
           acc += pair_lanes<1>(g8) * b1;
           acc += pair_lanes<2>(g8) * b2;
@@ -288,20 +304,12 @@ __attribute__((always_inline)) inline void outer_blocks_body(
             std::memcpy(&g8, g + k, sizeof(V));
             g8 = sc * g8;
             V a0{}, a1{}, a2{}, a3{};
-            if (!fresh) {
-              std::memcpy(&a0, rows + k * 4, sizeof(V));
-              std::memcpy(&a1, rows + k * 4 + 8, sizeof(V));
-              std::memcpy(&a2, rows + k * 4 + 16, sizeof(V));
-              std::memcpy(&a3, rows + k * 4 + 24, sizeof(V));
-            }
+            if (!fresh) load4(rows + k * 4, a0, a1, a2, a3);
             a0 += pair_lanes<0>(g8) * vv;
             a1 += pair_lanes<1>(g8) * vv;
             a2 += pair_lanes<2>(g8) * vv;
             a3 += pair_lanes<3>(g8) * vv;
-            std::memcpy(rows + k * 4, &a0, sizeof(V));
-            std::memcpy(rows + k * 4 + 8, &a1, sizeof(V));
-            std::memcpy(rows + k * 4 + 16, &a2, sizeof(V));
-            std::memcpy(rows + k * 4 + 24, &a3, sizeof(V));
+            store4(rows + k * 4, a0, a1, a2, a3);
           }
           for (; k < n; ++k) {  // the range's last rows of this expert, one at a time
             Quad acc{};

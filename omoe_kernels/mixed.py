@@ -147,11 +147,14 @@ def omoe_lora_mixed(x: torch.Tensor, A: TensorOrStack, B: TensorOrStack,
     parameters once (kept while they and their versions stay the same).
     """
     As, Bs, Ws = _unstack("A", A, 3), _unstack("B", B, 3), _unstack("router_weight", router_weight, 2)
-    signature = None
+    found = signature = None
     if isinstance(adapter_index, Grouping) and not torch.compiler.is_compiling():
         signature = _signature(x, As, Bs, Ws, scaling, top_k, orthogonalize, normalize, eps,
                                base_out, router_input, backend)
-    found = None if signature is None else adapter_index.checked.get(signature)
+        try:
+            found = adapter_index.checked.get(signature)
+        except TypeError:  # an option that does not hash: the checks say what is wrong
+            signature = None
     if found is None:
         found = _checked(x, As, Bs, Ws, adapter_index, scaling, top_k, orthogonalize,
                          normalize, eps, base_out, router_input, backend)
@@ -176,25 +179,19 @@ def omoe_lora_mixed(x: torch.Tensor, A: TensorOrStack, B: TensorOrStack,
 
 
 def _signature(x, As, Bs, Ws, scaling, top_k, orthogonalize, normalize, eps, base_out,
-               router_input, backend) -> Optional[tuple]:
+               router_input, backend) -> tuple:
     """Everything `_checked` reads of a call, data left out: the tensors' types, shapes,
     dtypes and devices, the options with their types, and what resolving the backend
-    reads (resolved_backend's key). None for an option that does not hash (the checks
-    then say what is wrong with it)."""
+    reads (resolved_backend's key)."""
     def tensor(t):
         return None if t is None else (type(t), t.shape, t.dtype, t.device)
 
     scalings = tuple((type(s), s) for s in scaling) if isinstance(scaling, (list, tuple)) \
         else (type(scaling), scaling)
-    key = (tuple(map(tensor, As)), tuple(map(tensor, Bs)), tuple(map(tensor, Ws)), tensor(x),
+    return (tuple(map(tensor, As)), tuple(map(tensor, Bs)), tuple(map(tensor, Ws)), tensor(x),
            tensor(base_out), tensor(router_input), scalings, type(top_k), top_k,
            type(orthogonalize), orthogonalize, type(normalize), normalize, type(eps), eps,
            backend, backend_key(backend, x.device))
-    try:
-        hash(key)
-    except TypeError:
-        return None
-    return key
 
 
 def _checked(x, As, Bs, Ws, adapter_index, scaling, top_k, orthogonalize, normalize, eps,
