@@ -78,11 +78,29 @@ def test_a_kept_problem_is_the_checked_one():
     x, A, B, W, base_out = _inputs()
     kwargs = dict(scaling=2, top_k=None, orthogonalize=True, normalize=False, eps=1e-5,
                   base_out=base_out, router_input=None)
-    full = validate.check_inputs(x, A, B, W, **kwargs)
-    kept = validate.check_inputs(x, A, B, W, **kwargs)
-    assert kept == full
+    functional._PLANS.clear()
+    for _ in range(2):
+        omoe_lora(x, A, B, W, **kwargs, backend="reference")
+    [(kept, _)] = functional._PLANS.values()
+    assert kept == validate.check_inputs(x, A, B, W, **kwargs)
     assert (kept.num_tokens, kept.top_k, kept.scaling, kept.normalize) == (T, E, 2.0, False)
     assert isinstance(kept.scaling, float)
+
+
+def test_a_kept_call_reads_the_backend_variable_again(monkeypatch):
+    x, A, B, W, base_out = _inputs()
+    monkeypatch.delenv("OMOE_BACKEND", raising=False)
+    for _ in range(2):
+        omoe_lora(x, A, B, W, base_out=base_out)
+    monkeypatch.setenv("OMOE_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="OMOE_BACKEND"):
+        omoe_lora(x, A, B, W, base_out=base_out)
+    monkeypatch.setenv("OMOE_BACKEND", "reference")
+    used = []
+    monkeypatch.setattr(functional, "resolve_backend",
+                        lambda backend, device, active_experts=1: used.append(backend) or "reference")
+    omoe_lora(x, A, B, W, base_out=base_out)
+    assert used == ["auto"]
 
 
 def _python_calls(fn) -> int:
