@@ -342,6 +342,115 @@ __attribute__((always_inline)) inline void outer_blocks_body(
   }
 }
 
+// Lane sums of two float vectors within each 128-bit half (vhaddps): {a0 + a1, a2 + a3,
+// b0 + b1, b2 + b3, a4 + a5, a6 + a7, b4 + b5, b6 + b7}.
+template <typename V>
+__attribute__((always_inline)) inline V pair_sums(const V& a, const V& b) {
+#if defined(__clang__)
+  return __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) +
+         __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
+#else
+  typedef int32_t Lanes __attribute__((vector_size(32)));
+  return __builtin_shuffle(a, b, Lanes{0, 2, 8, 10, 4, 6, 12, 14}) +
+         __builtin_shuffle(a, b, Lanes{1, 3, 9, 11, 5, 7, 13, 15});
+#endif
+}
+
+// {Σ x[0], ..., Σ x[7]}: the sums of eight float vectors, one per lane.
+template <typename V>
+__attribute__((always_inline)) inline V lane_totals(const V (&x)[8]) {
+  const V lo = pair_sums(pair_sums(x[0], x[1]), pair_sums(x[2], x[3]));  // x0..x3, by half
+  const V hi = pair_sums(pair_sums(x[4], x[5]), pair_sums(x[6], x[7]));
+#if defined(__clang__)
+  return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 8, 9, 10, 11) +
+         __builtin_shufflevector(lo, hi, 4, 5, 6, 7, 12, 13, 14, 15);
+#else
+  typedef int32_t Lanes __attribute__((vector_size(32)));
+  return __builtin_shuffle(lo, hi, Lanes{0, 1, 2, 3, 8, 9, 10, 11}) +
+         __builtin_shuffle(lo, hi, Lanes{4, 5, 6, 7, 12, 13, 14, 15});
+#endif
+}
+
+// The most tokens expert_outputs takes.
+constexpr int64_t kExpertOutputTokens = 8;
+
+// e[i, t, o] = Σ_a B[i, o, a] h[t·E·r + i·r + a] for t < T (at most kExpertOutputTokens) and
+// the rows (i, o) = q in [q0, q1) of B as [E·d_out, r]; e: [E, T, d_out], h: [T, E·r]. For a
+// few tokens, where a batched GEMM with one row per batch costs several times these loops.
+template <int R, typename v_t>
+__attribute__((always_inline)) inline void expert_outputs_body(const v_t* h, const v_t* B,
+                                                               v_t* e, int64_t T, int64_t E,
+                                                               int64_t d_out, int64_t r_,
+                                                               int64_t q0, int64_t q1) {
+  const int64_t r = rank_of<R>(r_), Rw = E * r;
+  int64_t i = q0 / d_out, o = q0 - i * d_out;
+  for (int64_t q = q0; q < q1; i += 1, o = 0) {
+    const int64_t n = std::min(q1 - q, d_out - o);  // rows of expert i in the range
+    const v_t* Bi = B + q * r;
+    int64_t k = 0;
+    if constexpr (sizeof(v_t) == 4 && (R == 4 || (R > 0 && R % 8 == 0))) {
+      // Eight rows of B_i per step for every token (the rows stay in L1), their eight dot
+      // products summed across lanes at once.
+      typedef v_t V __attribute__((vector_size(32)));
+      constexpr int L = 8, N = R == 4 ? 1 : R / L;
+      V hv[kExpertOutputTokens][N];  // each token's h_i (R = 4: twice, for two rows a vector)
+      for (int64_t t = 0; t < T; ++t) {
+        const v_t* ht = h + t * Rw + i * r;
+        if constexpr (R == 4) {
+          std::memcpy(&hv[t][0], ht, 4 * sizeof(v_t));
+          std::memcpy(reinterpret_cast<v_t*>(&hv[t][0]) + 4, ht, 4 * sizeof(v_t));
+        } else {
+          for (int c = 0; c < N; ++c) std::memcpy(&hv[t][c], ht + c * L, sizeof(V));
+        }
+      }
+      for (k = 0; k + 8 <= n; k += 8) {
+        v_t* ek = e + i * T * d_out + o + k;
+        if constexpr (R == 4) {
+          V p0, p1, p2, p3;
+          load4(Bi + k * 4, p0, p1, p2, p3);
+          for (int64_t t = 0; t < T; ++t) {
+            const V hh = hv[t][0];
+            // {r0, r2, r4, r6, r1, r3, r5, r7}, then in row order
+            const V w = pair_sums(pair_sums(p0 * hh, p1 * hh), pair_sums(p2 * hh, p3 * hh));
+#if defined(__clang__)
+            const V out = __builtin_shufflevector(w, w, 0, 4, 1, 5, 2, 6, 3, 7);
+#else
+            typedef int32_t Lanes __attribute__((vector_size(32)));
+            const V out = __builtin_shuffle(w, Lanes{0, 4, 1, 5, 2, 6, 3, 7});
+#endif
+            std::memcpy(ek + t * d_out, &out, sizeof(V));
+          }
+        } else {
+          for (int64_t t = 0; t < T; ++t) {
+            V x[8];
+            for (int j = 0; j < 8; ++j) {
+              const v_t* row = Bi + (k + j) * R;
+              V b;
+              std::memcpy(&b, row, sizeof(V));
+              x[j] = b * hv[t][0];
+              for (int c = 1; c < N; ++c) {
+                std::memcpy(&b, row + c * L, sizeof(V));
+                x[j] += b * hv[t][c];
+              }
+            }
+            const V out = lane_totals(x);
+            std::memcpy(ek + t * d_out, &out, sizeof(V));
+          }
+        }
+      }
+    }
+    for (; k < n; ++k)  // the rows left, one at a time
+      for (int64_t t = 0; t < T; ++t) {
+        const v_t* row = Bi + k * r;
+        const v_t* ht = h + t * Rw + i * r;
+        v_t acc = 0;
+        for (int64_t a = 0; a < r; ++a) acc += row[a] * ht[a];
+        e[(i * T + t) * d_out + o + k] = acc;
+      }
+    q += n;
+  }
+}
+
 // The x86-64-v3 and baseline clones of each loop, for float and double.
 #define OMOE_EXPAND_CLONES(v_t)                                                                \
   OMOE_VECTOR_CLONES static void expand_blocks_range(                                          \
@@ -354,6 +463,11 @@ __attribute__((always_inline)) inline void outer_blocks_body(
       int64_t d_out, int64_t r, double scaling, bool accumulate, int64_t i0, int64_t i1) {     \
     OMOE_DISPATCH_RANK(r, rows_times_blocks_body, g, g_expert, B, out, out_stride, T, d_out,   \
                        r, scaling, accumulate, i0, i1);                                        \
+  }                                                                                            \
+  OMOE_VECTOR_CLONES static void expert_outputs_range(const v_t* h, const v_t* B, v_t* e,      \
+                                                      int64_t T, int64_t E, int64_t d_out,     \
+                                                      int64_t r, int64_t q0, int64_t q1) {     \
+    OMOE_DISPATCH_RANK(r, expert_outputs_body, h, B, e, T, E, d_out, r, q0, q1);               \
   }                                                                                            \
   OMOE_VECTOR_CLONES static void outer_blocks_range(                                           \
       v_t* dB, bool accumulate, const OuterTerm<v_t>& first, const OuterTerm<v_t>& second,     \
@@ -381,6 +495,23 @@ inline void expand_blocks(const at::Tensor& z, const at::Tensor& B, const at::Te
                           y.data_ptr<scalar_t>(), T, E, d_out, r, scaling, o0, o1);
     });
   });
+}
+
+// e ([E, n, d_out]) = the expert outputs B_i h_i of tokens [t0, t0 + n) of h ([T, E·r]),
+// B: [E, d_out, r].
+inline at::Tensor expert_outputs(const at::Tensor& h, int64_t t0, int64_t n,
+                                 const at::Tensor& B) {
+  const int64_t E = B.size(0), d_out = B.size(1), r = B.size(2);
+  at::Tensor e = at::empty({E, n, d_out}, B.options());
+  const int64_t grain = std::max<int64_t>(1, kExpandGrain / std::max<int64_t>(1, n * r));
+  AT_DISPATCH_FLOATING_TYPES(B.scalar_type(), "omoe_expert_outputs", [&] {
+    const scalar_t* ht = h.data_ptr<scalar_t>() + t0 * E * r;
+    at::parallel_for(0, E * d_out, grain, [&](int64_t q0, int64_t q1) {
+      expert_outputs_range(ht, B.data_ptr<scalar_t>(), e.data_ptr<scalar_t>(), n, E, d_out, r,
+                           q0, q1);
+    });
+  });
+  return e;
 }
 
 // out (T rows of out_stride values, expert i at columns [i·r, i·r + r)) (+)= s · g_i B_i,

@@ -98,6 +98,24 @@ def test_route_rank4_gradients_two_rows_per_vector(route, top_k, tokens, d_out):
     finally:
         torch.set_num_threads(threads)
 
+@pytest.mark.parametrize("rank", [3, 4, 8, 32, 64])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_direct_route_expert_outputs_of_a_few_tokens(monkeypatch, rank, tokens):
+    # A few tokens form e_i by a loop over B's rows: eight rows per step at float ranks 4
+    # and multiples of 8, one at a time at other ranks and for an expert's last rows
+    # (d_out = 37); at d_out = 2053 two threads split an expert's rows.
+    monkeypatch.setenv("OMOE_ROUTE", "direct_all")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for d_out in (37, 2053):
+            problem = make_problem(tokens, 12, d_out, 3, rank, seed=23)
+            assert_matches_oracle(problem, "cpu", 1e-5, 1e-4)
+            assert_matches_oracle(problem, "cpu", 1e-5, 1e-4, top_k=2)
+    finally:
+        torch.set_num_threads(threads)
+
+
 # ---- top-k: the direct route forms e_i only for each token's active experts ------------
 
 @pytest.mark.parametrize("tokens", [0, 1, 7])
@@ -228,12 +246,13 @@ def test_dense_training_at_large_er_and_few_tokens_takes_the_direct_route(auto_r
 
 @pytest.mark.parametrize("E, r, batched", [(16, 4, True), (8, 64, False)])
 def test_dense_direct_route_batches_S_only_where_S_outweighs_e(monkeypatch, E, r, batched):
-    # The forced direct forward makes one batched GEMM for e = B h per chunk, and a second
-    # for every token's S = e eᵀ only when E >= r; below that the per-token loops cost less
-    # than copying e to float64 for the GEMM (bench/notes/cpu-dense-direct-gemm.md).
+    # The forced direct forward, past the few tokens whose e = B h is a loop over B's rows,
+    # makes one batched GEMM for e per chunk, and a second for every token's S = e eᵀ only
+    # when E >= r; below that the per-token loops cost less than copying e to float64 for
+    # the GEMM (bench/notes/cpu-dense-direct-gemm.md).
     monkeypatch.setenv("OMOE_ROUTE", "direct")
     gen = torch.Generator().manual_seed(6)
-    x = torch.randn(8, 64, generator=gen)
+    x = torch.randn(16, 64, generator=gen)
     A = torch.randn(E, r, 64, generator=gen).div_(8)
     B = torch.randn(E, 64, r, generator=gen).div_(r ** 0.5)
     W = torch.randn(E, 64, generator=gen)
