@@ -137,20 +137,25 @@ struct Row<R, v_t, false> {
   }
 };
 
-// Lanes {2j ×4, 2j + 1 ×4} of a vector of 8 floats: the pair of g values for two float
-// rows of 4, from a full 8-value load (a vector built from two scalars or an 8-byte load
-// goes through the stack in GCC, a store-forwarding stall at every use). GCC before 12
-// has no __builtin_shufflevector.
-template <int J, typename V>
-__attribute__((always_inline)) inline V pair_lanes(const V& g8) {
+// Lanes I... of the 16 lanes of (a, b), as a vector of 8 (GCC before 12 has no
+// __builtin_shufflevector).
+template <int... I, typename V>
+__attribute__((always_inline)) inline V select_lanes(const V& a, const V& b) {
 #if defined(__clang__)
-  return __builtin_shufflevector(g8, g8, 2 * J, 2 * J, 2 * J, 2 * J, 2 * J + 1, 2 * J + 1,
-                                 2 * J + 1, 2 * J + 1);
+  return __builtin_shufflevector(a, b, I...);
 #else
   typedef int32_t Lanes __attribute__((vector_size(32)));
-  return __builtin_shuffle(
-      g8, Lanes{2 * J, 2 * J, 2 * J, 2 * J, 2 * J + 1, 2 * J + 1, 2 * J + 1, 2 * J + 1});
+  return __builtin_shuffle(a, b, Lanes{I...});
 #endif
+}
+
+// Lanes {2j ×4, 2j + 1 ×4} of a vector of 8 floats: the pair of g values for two float
+// rows of 4, from a full 8-value load (a vector built from two scalars or an 8-byte load
+// goes through the stack in GCC, a store-forwarding stall at every use).
+template <int J, typename V>
+__attribute__((always_inline)) inline V pair_lanes(const V& g8) {
+  return select_lanes<2 * J, 2 * J, 2 * J, 2 * J, 2 * J + 1, 2 * J + 1, 2 * J + 1, 2 * J + 1>(
+      g8, g8);
 }
 
 // Four vectors from, or to, 4 vectors' worth of consecutive values (eight float rows of 4).
@@ -346,14 +351,8 @@ __attribute__((always_inline)) inline void outer_blocks_body(
 // b0 + b1, b2 + b3, a4 + a5, a6 + a7, b4 + b5, b6 + b7}.
 template <typename V>
 __attribute__((always_inline)) inline V pair_sums(const V& a, const V& b) {
-#if defined(__clang__)
-  return __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) +
-         __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
-#else
-  typedef int32_t Lanes __attribute__((vector_size(32)));
-  return __builtin_shuffle(a, b, Lanes{0, 2, 8, 10, 4, 6, 12, 14}) +
-         __builtin_shuffle(a, b, Lanes{1, 3, 9, 11, 5, 7, 13, 15});
-#endif
+  return select_lanes<0, 2, 8, 10, 4, 6, 12, 14>(a, b) +
+         select_lanes<1, 3, 9, 11, 5, 7, 13, 15>(a, b);
 }
 
 // {Σ x[0], ..., Σ x[7]}: the sums of eight float vectors, one per lane.
@@ -361,14 +360,8 @@ template <typename V>
 __attribute__((always_inline)) inline V lane_totals(const V (&x)[8]) {
   const V lo = pair_sums(pair_sums(x[0], x[1]), pair_sums(x[2], x[3]));  // x0..x3, by half
   const V hi = pair_sums(pair_sums(x[4], x[5]), pair_sums(x[6], x[7]));
-#if defined(__clang__)
-  return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 8, 9, 10, 11) +
-         __builtin_shufflevector(lo, hi, 4, 5, 6, 7, 12, 13, 14, 15);
-#else
-  typedef int32_t Lanes __attribute__((vector_size(32)));
-  return __builtin_shuffle(lo, hi, Lanes{0, 1, 2, 3, 8, 9, 10, 11}) +
-         __builtin_shuffle(lo, hi, Lanes{4, 5, 6, 7, 12, 13, 14, 15});
-#endif
+  return select_lanes<0, 1, 2, 3, 8, 9, 10, 11>(lo, hi) +
+         select_lanes<4, 5, 6, 7, 12, 13, 14, 15>(lo, hi);
 }
 
 // The most tokens expert_outputs takes.
@@ -412,12 +405,7 @@ __attribute__((always_inline)) inline void expert_outputs_body(const v_t* h, con
             const V hh = hv[t][0];
             // {r0, r2, r4, r6, r1, r3, r5, r7}, then in row order
             const V w = pair_sums(pair_sums(p0 * hh, p1 * hh), pair_sums(p2 * hh, p3 * hh));
-#if defined(__clang__)
-            const V out = __builtin_shufflevector(w, w, 0, 4, 1, 5, 2, 6, 3, 7);
-#else
-            typedef int32_t Lanes __attribute__((vector_size(32)));
-            const V out = __builtin_shuffle(w, Lanes{0, 4, 1, 5, 2, 6, 3, 7});
-#endif
+            const V out = select_lanes<0, 4, 1, 5, 2, 6, 3, 7>(w, w);
             std::memcpy(ek + t * d_out, &out, sizeof(V));
           }
         } else {
