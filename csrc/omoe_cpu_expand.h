@@ -167,6 +167,15 @@ __attribute__((always_inline)) inline void load4(const v_t* p, V& a, V& b, V& c,
   std::memcpy(&c, p + 2 * L, sizeof(V));
   std::memcpy(&d, p + 3 * L, sizeof(V));
 }
+// Four float values twice, {p0..p3, p0..p3}: a row of 4 for two rows to a vector (built
+// once per row or token, outside the eight-row loops).
+template <typename V, typename v_t>
+__attribute__((always_inline)) inline V twice4(const v_t* p) {
+  V v;
+  std::memcpy(&v, p, 4 * sizeof(v_t));
+  std::memcpy(reinterpret_cast<v_t*>(&v) + 4, p, 4 * sizeof(v_t));
+  return v;
+}
 template <typename V, typename v_t>
 __attribute__((always_inline)) inline void store4(v_t* p, const V& a, const V& b, const V& c,
                                                   const V& d) {
@@ -299,10 +308,8 @@ __attribute__((always_inline)) inline void outer_blocks_body(
           const v_t* g = (term ? g2 : g1) + i * (term ? ge2 : ge1) + t * d_out + o;
           const v_t* vt = (term ? v2 : v1) + t * vs + i * 4;
           Quad vq;
-          V vv;  // the v row twice
           std::memcpy(&vq, vt, sizeof(Quad));
-          std::memcpy(&vv, vt, sizeof(Quad));
-          std::memcpy(reinterpret_cast<v_t*>(&vv) + 4, vt, sizeof(Quad));
+          const V vv = twice4<V>(vt);
           int64_t k = 0;
           for (; k + 8 <= n; k += 8) {  // 8 rows: one load of g, four pairs
             V g8;
@@ -390,8 +397,7 @@ __attribute__((always_inline)) inline void expert_outputs_body(const v_t* h, con
       for (int64_t t = 0; t < T; ++t) {
         const v_t* ht = h + t * Rw + i * r;
         if constexpr (R == 4) {
-          std::memcpy(&hv[t][0], ht, 4 * sizeof(v_t));
-          std::memcpy(reinterpret_cast<v_t*>(&hv[t][0]) + 4, ht, 4 * sizeof(v_t));
+          hv[t][0] = twice4<V>(ht);
         } else {
           for (int c = 0; c < N; ++c) std::memcpy(&hv[t][c], ht + c * L, sizeof(V));
         }
