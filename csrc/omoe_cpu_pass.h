@@ -173,10 +173,46 @@ OMOE_VECTOR_CLONES static void dense_w_rows(const double* c, const double* h, in
   dense_w_rows_body(c, h, E, rank, w_stride, w);
 }
 
+// The "pairs" backward's work for one token's k active experts (hd: their h in float64,
+// r values each, in active order; dS[m·dS_stride + l] = dS_ml):
+// grad[m·r + a] = Σ_l (dS_ml + dS_lm) (G_ij h_j)_a, and dG_ij += dS_ml h_i h_jᵀ
+// (i = active[m], j = active[l]). (G_ij h_j)_a is read from G's block (j, i) by rows (G is
+// symmetric), so, like the update of dG, every inner step is a multiply-add along contiguous
+// values with no reduction: it vectorizes, where a dot product per entry would wait on its own
+// sum.
+OMOE_VECTOR_CLONES static void pair_backward_blocks(const double* __restrict G, int64_t R,
+                                                    int rank, const double* __restrict hd,
+                                                    const int* active, int k, const double* dS,
+                                                    int dS_stride, double* __restrict dG,
+                                                    double* __restrict grad) {
+  for (int m = 0; m < k; ++m) {
+    const int i = active[m];
+    const double* __restrict hi = hd + m * rank;
+    double* __restrict out = grad + m * rank;
+    for (int a = 0; a < rank; ++a) out[a] = 0.0;
+    for (int l = 0; l < k; ++l) {
+      const int j = active[l];
+      const double* __restrict hj = hd + l * rank;
+      const double dml = dS[m * dS_stride + l], cml = dml + dS[l * dS_stride + m];
+      for (int b = 0; b < rank; ++b) {
+        const double* __restrict g_row = G + (int64_t(j) * rank + b) * R + int64_t(i) * rank;
+        const double f = cml * hj[b];
+        for (int a = 0; a < rank; ++a) out[a] += f * g_row[a];
+      }
+      for (int a = 0; a < rank; ++a) {
+        double* __restrict dg_row = dG + (int64_t(i) * rank + a) * R + int64_t(j) * rank;
+        const double f = dml * hi[a];
+        for (int b = 0; b < rank; ++b) dg_row[b] += f * hj[b];
+      }
+    }
+  }
+}
+
 // S from G = B_catᵀ B_cat ([R, R] float64, R = E·r) for the active pairs only. h is this
 // token's h. The backward hands dS back in one of two ways (omoe_ops.cpp picks by cost):
-// - dG set ("pairs"): grad_h adds Σ_l (dS_ml + dS_lm) G_ij h_j itself and dS_ml h_ia h_jᵀ
-//   into dG, this thread's [R, R] accumulator: k²·r² scalar work per token, for few pairs;
+// - dG set ("pairs"): begin_backward forms Σ_l (dS_ml + dS_lm) G_ij h_j into scratch, which
+//   grad_h reads back, and adds dS_ml h_i h_jᵀ into dG, this thread's [R, R] accumulator:
+//   2·k²·r² multiply-adds per token (pair_backward_blocks), for few pairs;
 // - w set ("pairs_gemm"): grad_h adds nothing; end_backward writes this token's rows of
 //   W[i][(j, b)] = (dS_ij + dS_ji) h_jb (zero outside the active pairs, w_stride between
 //   experts i), and two float64 batched GEMMs after the pass give the Gram part of dh
@@ -191,16 +227,10 @@ struct PairGram {
   double* w;   // "pairs_gemm" backward only
   int64_t w_stride;
   const double* S_all;  // this token's [E, E] Gram matrix when formed ahead (dense), or null
+  double* scratch;      // "pairs" backward: 2·R values of this thread
 
   double pair_product(int i, int j) const {
     return S_all ? S_all[i * num_experts + j] : cpu::pair_product(G, R, rank, i, j, h);
-  }
-  double row_times_h(int i, int a, int j) const {  // (G_ij h_j)_a
-    const double* row = G + (int64_t(i) * rank + a) * R + int64_t(j) * rank;
-    const scalar_t* hj = h + j * rank;
-    double s = 0.0;
-    for (int b = 0; b < rank; ++b) s += row[b] * static_cast<double>(hj[b]);
-    return s;
   }
   // (The pass hands h in too; this token's h is already held.)
   template <int MAX_K, typename any_t>
@@ -212,22 +242,18 @@ struct PairGram {
         S[l][m] = s;
       }
   }
-  void begin_backward() const {}
   template <int MAX_K, typename any_t>
-  double grad_h(const any_t*, const int* active, int k, const double (*dS)[MAX_K], int m,
-                int a) const {
-    if (dG == nullptr) return 0.0;  // pairs_gemm: W and the GEMMs after the pass
-    const int i = active[m];
-    const double hv = static_cast<double>(h[i * rank + a]);
-    double acc = 0.0;
-    for (int l = 0; l < k; ++l) {
-      const int j = active[l];
-      acc += (dS[m][l] + dS[l][m]) * row_times_h(i, a, j);
-      double* dg_row = dG + (int64_t(i) * rank + a) * R + int64_t(j) * rank;
-      const double c = dS[m][l] * hv;
-      for (int b = 0; b < rank; ++b) dg_row[b] += c * static_cast<double>(h[j * rank + b]);
-    }
-    return acc;
+  void begin_backward(const any_t*, const int* active, int k, const double (*dS)[MAX_K]) const {
+    if (dG == nullptr) return;  // pairs_gemm: W and the GEMMs after the pass
+    double* hd = scratch + R;
+    for (int m = 0; m < k; ++m)
+      for (int a = 0; a < rank; ++a)
+        hd[m * rank + a] = static_cast<double>(h[active[m] * rank + a]);
+    pair_backward_blocks(G, R, rank, hd, active, k, &dS[0][0], MAX_K, dG, scratch);
+  }
+  template <int MAX_K, typename any_t>
+  double grad_h(const any_t*, const int*, int, const double (*)[MAX_K], int m, int a) const {
+    return dG ? scratch[m * rank + a] : 0.0;
   }
   template <int MAX_K>
   void end_backward(const int* active, int k, const double (*dS)[MAX_K]) const {
@@ -358,7 +384,8 @@ struct DirectGram {
     for (int m = 0; m < k; ++m)
       for (int l = 0; l < k; ++l) S[m][l] = S_all[active[m] * num_experts + active[l]];
   }
-  void begin_backward() const {}
+  template <int MAX_K, typename any_t>
+  void begin_backward(const any_t*, const int*, int, const double (*)[MAX_K]) const {}
   template <int MAX_K, typename scalar_t>
   double grad_h(const scalar_t*, const int*, int, const double (*)[MAX_K], int, int) const {
     return 0.0;
@@ -700,7 +727,7 @@ void dense_backward_tokens(const scalar_t* h, const scalar_t* logits, const Rout
       const scalar_t* ht = h + t * er;
       const scalar_t* dzt = dz + t * er;
       scalar_t* dht = dh + t * er;
-      gram.begin_backward();
+      gram.template begin_backward<MAX_K>(ht, active, k, st.dS_token);
       for (int m = 0; m < k; ++m) {
         const double a = f.coeff[m * L + n];
         for (int q = 0; q < r; ++q) {
@@ -738,6 +765,7 @@ struct PairRoute {
   const double* G;    // [R, R]
   const scalar_t* h;  // [Tc, R], the chunk's h
   double* dG;         // [num_threads, R, R], "pairs" backward only
+  double* scratch;    // [num_threads, 2·R], "pairs" backward only
   double* w;          // [E, Tc, R], "pairs_gemm" backward only
   int64_t Tc, R;
   int E, r;
@@ -760,7 +788,8 @@ struct PairRoute {
         dG ? dG + int64_t(thread) * R * R : nullptr,
         w ? w + t * R : nullptr,
         Tc * R,
-        S_blocks ? block_S(thread) + (t % kTokensPerTask) * E * E : nullptr};
+        S_blocks ? block_S(thread) + (t % kTokensPerTask) * E * E : nullptr,
+        scratch ? scratch + int64_t(thread) * 2 * R : nullptr};
   }
 
  private:

@@ -147,7 +147,8 @@ struct RowGram {
   void gram(const scalar_t*, const int*, int k, double (*S)[MAX_K]) const {
     gram_of_rows(e, rows, k, d_out, d_out, S);
   }
-  void begin_backward() const {}
+  template <int MAX_K, typename any_t>
+  void begin_backward(const any_t*, const int*, int, const double (*)[MAX_K]) const {}
   template <int MAX_K, typename scalar_t>
   double grad_h(const scalar_t*, const int*, int, const double (*)[MAX_K], int, int) const {
     return 0.0;

@@ -279,6 +279,7 @@ at::Tensor mixed_forward_cpu(const at::Tensor& x, at::TensorList A, at::TensorLi
                                      h_seg.data_ptr<scalar_t>(),
                                      nullptr,
                                      nullptr,
+                                     nullptr,
                                      size,
                                      er,
                                      int(s.E),

@@ -431,14 +431,16 @@ at::Tensor expert_outputs(const at::Tensor& h, int64_t t0, int64_t n, const at::
   return at::bmm(part(expert_blocks(h, B.size(0), B.size(2)), 1, t0, n), B.transpose(1, 2));
 }
 
-// The pairs route's Gram source over the tokens of h (a chunk); dG and W as in PairRoute.
-// Dense routing with few experts forms S ahead, a block of tokens per read of G.
+// The pairs route's Gram source over the tokens of h (a chunk); dG, dG_scratch and W as in
+// PairRoute. Dense routing with few experts forms S ahead, a block of tokens per read of G.
 template <typename scalar_t>
 cpu::PairRoute<scalar_t> pair_route(const at::Tensor& G, const at::Tensor& h, const Sizes& s,
-                                    int64_t k, double* dG, double* W, at::Tensor& S_blocks) {
+                                    int64_t k, double* dG, double* dG_scratch, double* W,
+                                    at::Tensor& S_blocks) {
   cpu::PairRoute<scalar_t> route{G.data_ptr<double>(),
                                  h.data_ptr<scalar_t>(),
                                  dG,
+                                 dG_scratch,
                                  W,
                                  h.size(0),
                                  s.E * s.r,
@@ -582,9 +584,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
       if (route == Route::kPairs) {
         RECORD_FUNCTION("omoe::pairs", std::vector<c10::IValue>());
         AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "omoe_pairs", [&] {
-          cpu::token_forward_pass(h, logits,
-                                  pair_route<scalar_t>(G, h, s, k, nullptr, nullptr, S_blocks),
-                                  s.E, s.r, top_k, true, normalize, eps, z);
+          cpu::token_forward_pass(
+              h, logits, pair_route<scalar_t>(G, h, s, k, nullptr, nullptr, nullptr, S_blocks),
+              s.E, s.r, top_k, true, normalize, eps, z);
         });
       } else {
         // GH = (G_ij h_j) for every pair, a chunk of tokens at a time.
@@ -728,11 +730,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
       if (route == Route::kPairs) {
         RECORD_FUNCTION("omoe::pairs_backward", std::vector<c10::IValue>());
         const at::Tensor dG_threads = at::zeros({cpu::pass_threads(), er, er}, G.options());
+        const at::Tensor scratch = at::empty({cpu::pass_threads(), 2 * er}, G.options());
         AT_DISPATCH_FLOATING_TYPES(hc.scalar_type(), "omoe_pairs_backward", [&] {
           cpu::token_backward_pass(
               hc, lc,
-              pair_route<scalar_t>(G, hc, s, k, dG_threads.data_ptr<double>(), nullptr,
-                                   S_blocks),
+              pair_route<scalar_t>(G, hc, s, k, dG_threads.data_ptr<double>(),
+                                   scratch.data_ptr<double>(), nullptr, S_blocks),
               dz, s.E, s.r, top_k, true, normalize, eps, z, dh, dlogits);
         });
         const at::Tensor dG = dG_threads.sum(0);
@@ -754,10 +757,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
           at::Tensor zc = z.narrow(0, t0, n), dhc = dh.narrow(0, t0, n),
                      dlc = dlogits.narrow(0, t0, n);
           AT_DISPATCH_FLOATING_TYPES(hc.scalar_type(), "omoe_pairs_gemm_backward", [&] {
-            cpu::token_backward_pass(
-                hcc, lc.narrow(0, t0, n),
-                pair_route<scalar_t>(G, hcc, s, k, nullptr, W.data_ptr<double>(), S_blocks),
-                dz.narrow(0, t0, n), s.E, s.r, top_k, true, normalize, eps, zc, dhc, dlc);
+            cpu::token_backward_pass(hcc, lc.narrow(0, t0, n),
+                                     pair_route<scalar_t>(G, hcc, s, k, nullptr, nullptr,
+                                                          W.data_ptr<double>(), S_blocks),
+                                     dz.narrow(0, t0, n), s.E, s.r, top_k, true, normalize, eps,
+                                     zc, dhc, dlc);
           });
           dhc.view({n, s.E, s.r}).add_(at::bmm(W, G_rows_t).transpose(0, 1));
           for (int64_t i = 0; i < s.E; ++i)

@@ -236,7 +236,8 @@ struct GhGram {
   OMOE_HD void gram(const scalar_t* h, const int* active, int k, double (*S)[MAX_K]) const {
     gram_from_gh(h, gh, stride, rank, active, k, S);
   }
-  OMOE_HD void begin_backward() const {
+  template <int MAX_K, typename scalar_t>
+  OMOE_HD void begin_backward(const scalar_t*, const int*, int, const double (*)[MAX_K]) const {
     for (int j = 0; j < num_experts; ++j)
       for (int q = 0; q < num_experts * rank; ++q) dg_lhs[j * stride + q] = 0.0;
   }
@@ -349,7 +350,7 @@ OMOE_HD void token_backward(const scalar_t* h, const scalar_t* logits, const Gra
       for (int l = 0; l < k; ++l) dC[m][l] = gates[m] * dcoeff[l];
     }
     mgs_backward(t, k, normalize, eps, dC, dS, scratch.U);
-    gram.begin_backward();
+    gram.template begin_backward<MAX_K>(h, active, k, dS);
     for (int m = 0; m < k; ++m) {
       const int i = active[m];
       for (int a = 0; a < r; ++a) {

@@ -98,6 +98,21 @@ def test_route_rank4_gradients_two_rows_per_vector(route, top_k, tokens, d_out):
     finally:
         torch.set_num_threads(threads)
 
+@pytest.mark.parametrize("rank", [3, 16, 64])
+@pytest.mark.parametrize("top_k", [None, 2], ids=["dense", "top2"])
+def test_pairs_backward_on_two_threads(monkeypatch, rank, top_k):
+    # The pairs backward forms a token's Gram part of dh and its dG terms in one sweep over
+    # G's active blocks, in a scratch of its thread: 96 tokens keep both threads busy.
+    monkeypatch.setenv("OMOE_ROUTE", "pairs")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        problem = make_problem(96, 24, 20, 4, rank, seed=29)
+        assert_matches_oracle(problem, "cpu", 1e-5, 1e-4, top_k=top_k)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("rank", [3, 4, 8, 32, 64])
 @pytest.mark.parametrize("tokens", [1, 3])
 def test_direct_route_expert_outputs_of_a_few_tokens(monkeypatch, rank, tokens):
