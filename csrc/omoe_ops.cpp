@@ -285,9 +285,11 @@ PassCosts pass_costs(const Sizes& s, int64_t k, bool backward, bool gram_free, b
   return c;
 }
 
-// The cheapest route for one pass. With G not at hand the route is chosen for the training
-// step, forward and backward together: a forward that takes the direct route
-// leaves no G for the backward, so a backward through G would pay for G anyway.
+// The cheapest route for one pass. A forward with G not at hand is chosen for the training
+// step, forward and backward together: a forward that takes the direct route leaves no G
+// for the backward, so a backward through G would pay for G anyway. A backward with G not
+// at hand follows a forward that is already paid for (the direct route, or y from the
+// expert outputs): it weighs its own costs, G's included.
 Route choose_route(const Sizes& s, int64_t k, bool backward, bool gram_free, bool on_cpu,
                    bool float32) {
   const double R = double(s.E * s.r);
@@ -300,7 +302,7 @@ Route choose_route(const Sizes& s, int64_t k, bool backward, bool gram_free, boo
   }
   const PassCosts c = pass_costs(s, k, backward, gram_free, float32);
   bool direct = c.direct_best() < c.through_g(backward);
-  if (!gram_free) {
+  if (!gram_free && !backward) {
     const PassCosts f = pass_costs(s, k, false, false, float32),
                     b = pass_costs(s, k, true, true, float32);
     direct = f.direct_best() + pass_costs(s, k, true, false, float32).direct_best() <

@@ -259,6 +259,15 @@ def test_dense_training_at_large_er_and_few_tokens_takes_the_direct_route(auto_r
     assert "omoe::gram" not in names and "omoe::gram_recompute" not in names
 
 
+def test_a_backward_without_G_weighs_its_own_costs(auto_route):
+    # 32 tokens of E·r = 64 at d = 256: the forward forms y from the expert outputs, which
+    # leaves no G. Its cost is paid, so the backward compares its own: the direct route
+    # against forming G (d·R²) and B_cat(dG + dGᵀ) for one use.
+    names = _ranges(T=32, E=2, r=32, d=256)
+    assert {"omoe::direct", "omoe::direct_backward"} <= names
+    assert "omoe::gram_recompute" not in names
+
+
 @pytest.mark.parametrize("E, r, batched", [(16, 4, True), (8, 64, False)])
 def test_dense_direct_route_batches_S_only_where_S_outweighs_e(monkeypatch, E, r, batched):
     # The forced direct forward, past the few tokens whose e = B h is a loop over B's rows,
