@@ -151,9 +151,10 @@ at::Tensor packed_shrink(const at::Tensor& A, const at::Tensor& W, at::ScalarTyp
 // Few tokens on the CPU run the expand and its gradients on B's own blocks
 // (omoe_cpu_expand.h) unless B_cat is cached: a fresh B_cat is a strided copy of all of B
 // (and dB_cat one back), which at a few tokens costs more than the GEMMs that read it.
-// The loops cost more per token than the GEMMs, so the bound is where the two meet
-// (instruction counts in bench/notes/call-cost.md).
-constexpr int64_t kBlockExpandTokens = 4;
+// The loops cost more instructions per token than the GEMMs, but the copies are fresh
+// memory (1 MiB at E·r = 256, d = 1024), paid for in page faults as well: timed, the
+// loops are faster up to 8 tokens (bench/notes/call-cost.md).
+constexpr int64_t kBlockExpandTokens = 8;
 bool expand_on_blocks(const Sizes& s, const at::Tensor& x, const weight_cache::Found& found) {
   return x.is_cpu() && s.T <= kBlockExpandTokens && !found.B_cat.defined();
 }
