@@ -215,8 +215,10 @@ constexpr double kCopyCost = 1.0;
 // that the float64 copy of e and the GEMM calls cost more than the per-token loops save.
 bool batched_direct_gram(const Sizes& s, int64_t k) { return k == s.E && s.E >= s.r; }
 
-// Comparing B with the weight cache's copy reads two values per value of B.
-constexpr double kCompareCost = 2.0;
+// Reading a 4-byte value a call finds out of cache (a layer's weights, between calls)
+// costs about this many multiply-adds: a few tokens' no-grad forward is bound by what it
+// reads (bench/notes/call-cost.md).
+constexpr double kReadCost = 3.0;
 
 // OMOE_ROUTE=batched|pairs|pairs_gemm|direct|direct_all forces a route on the CPU (tests
 // run every route); pairs_gemm forces pairs on the forward; direct takes the active rows
@@ -337,6 +339,8 @@ double direct_bytes_per_token(const Sizes& s, at::ScalarType acc, int64_t rows,
 // turns it off. Forming e is a GEMM of inner dimension r, priced per output as the top-k
 // direct route's thin GEMMs. S comes from the batched GEMM (batched_direct_gram) only
 // where that costs less than the per-token loops: the call alone outweighs a few tokens'.
+// Each side pays kReadCost for what it reads: B once, against B and its copy (the
+// compare), G (float64) and B_cat.
 struct ExpertOutputsPlan {
   bool taken = false, batched_S = false;
 };
@@ -350,9 +354,9 @@ ExpertOutputsPlan plan_from_expert_outputs(const Sizes& s, int64_t k, bool float
       batched_direct_gram(s, k)
           ? kSmallGemmCost * T * kk * d + kCopyCost * T * E * d + kBatchedCallCost
           : loops;
-  const double from_e = e + std::min(loops, batched) + T * E * d;
+  const double from_e = kReadCost * d * R + e + std::min(loops, batched) + T * E * d;
   const double through_cached_g =
-      kCompareCost * d * R + R * R + kVectorCost * T * 0.5 * kk * r * r + T * R * d;
+      kReadCost * (3.0 * d * R + 2.0 * R * R) + kVectorCost * T * 0.5 * kk * r * r + T * R * d;
   return {from_e < through_cached_g, batched < loops};
 }
 
