@@ -244,14 +244,19 @@ at::Tensor mixed_forward_cpu(const at::Tensor& x, at::TensorList A, at::TensorLi
     at::Tensor y_seg = ys.narrow(0, start, size);
     const AdapterGram gram = lean ? adapter_gram(B[n], s, k, size) : AdapterGram{};
     if (!gram.B_cat.defined()) {
-      // omoe::forward's kernel, on this segment alone.
+      // omoe::forward's kernel, on this segment alone: its rows of xs, rs and bs, gathered
+      // above, where those hold the input's own dtype, else gathered again from the input.
       const at::Tensor seg = rows.narrow(0, start, size);
+      const auto rows_of = [&](const at::Tensor& input, const at::Tensor& gathered) {
+        return input.scalar_type() == gathered.scalar_type() ? gathered.narrow(0, start, size)
+                                                             : input.index_select(0, seg);
+      };
       std::optional<at::Tensor> seg_router, seg_base;
-      if (router_input.has_value()) seg_router = router_input->index_select(0, seg);
-      if (base_out.has_value()) seg_base = base_out->index_select(0, seg);
-      y_seg.copy_(std::get<0>(
-          forward_segment(x.index_select(0, seg), A[n], B[n], router_weight[n], seg_router,
-                          seg_base, scaling[n], top_k, orthogonalize, normalize, eps)));
+      if (router_input.has_value()) seg_router = rows_of(*router_input, rs);
+      if (base_out.has_value()) seg_base = rows_of(*base_out, bs);
+      y_seg.copy_(std::get<0>(forward_segment(rows_of(x, xs), A[n], B[n], router_weight[n],
+                                              seg_router, seg_base, scaling[n], top_k,
+                                              orthogonalize, normalize, eps)));
       continue;
     }
     // The single-adapter forward's pairs route (omoe_ops.cpp, forward_impl), on the
