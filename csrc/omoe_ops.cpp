@@ -305,11 +305,10 @@ Route choose_route(const Sizes& s, int64_t k, bool backward, bool gram_free, boo
   }
   const PassCosts c = pass_costs(s, k, backward, gram_free, float32);
   bool direct = c.direct_best() < c.through_g(backward);
-  if (!gram_free && !backward) {
-    const PassCosts f = pass_costs(s, k, false, false, float32),
-                    b = pass_costs(s, k, true, true, float32);
-    direct = f.direct_best() + pass_costs(s, k, true, false, float32).direct_best() <
-             f.through_g(false) + b.through_g(true);
+  if (!gram_free && !backward) {  // c is this forward's costs
+    const PassCosts b = pass_costs(s, k, true, true, float32);
+    direct = c.direct_best() + pass_costs(s, k, true, false, float32).direct_best() <
+             c.through_g(false) + b.through_g(true);
   }
   Route best = !gram_fits || direct
                    ? (c.direct_rows < c.direct ? Route::kDirectRows : Route::kDirect)

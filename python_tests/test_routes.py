@@ -98,6 +98,7 @@ def test_route_rank4_gradients_two_rows_per_vector(route, top_k, tokens, d_out):
     finally:
         torch.set_num_threads(threads)
 
+
 @pytest.mark.parametrize("rank", [3, 16, 64])
 @pytest.mark.parametrize("top_k", [None, 2], ids=["dense", "top2"])
 def test_pairs_backward_on_two_threads(monkeypatch, rank, top_k):
