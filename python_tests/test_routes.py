@@ -204,6 +204,25 @@ def test_route_direct_gradcheck_float64(monkeypatch, top_k):
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
+@pytest.mark.parametrize("route_name", ["pairs", "pairs_gemm"])
+@pytest.mark.parametrize("top_k", [2, None], ids=["top2", "dense"])
+def test_route_pairs_gradcheck_float64(monkeypatch, route_name, top_k):
+    # The backward through G: pairs sweeps each active block of G per token into dh and
+    # dG; pairs_gemm hands W to two GEMMs. Rank 3: no 8-wide chunk of the pair products.
+    monkeypatch.setenv("OMOE_ROUTE", route_name)
+    problem = make_problem(5, 4, 5, 4, 3, dtype=torch.float64, seed=22, with_router_input=True)
+    names = list(problem.tensors())
+    inputs = tuple(t.detach().clone().requires_grad_(True) for t in problem.tensors().values())
+
+    def fn(*tensors):
+        kw = dict(zip(names, tensors))
+        return ok.omoe_lora(kw["x"], kw["A"], kw["B"], kw["router_weight"], scaling=0.7,
+                            base_out=kw.get("base_out"), router_input=kw.get("router_input"),
+                            top_k=top_k, backend="cpu")
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
 def test_route_bad_name_is_refused(monkeypatch):
     monkeypatch.setenv("OMOE_ROUTE", "fastest")
     problem = make_problem(*SHAPE, seed=14)
