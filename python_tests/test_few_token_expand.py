@@ -57,6 +57,19 @@ def test_a_few_token_step_makes_no_packed_copy(tokens, rank, top_k, monkeypatch)
     assert_matches_oracle(problem, "cpu", FP32_FWD, FP32_GRAD, top_k=top_k)
 
 
+@pytest.mark.parametrize("row", list(ACCURACY_ROWS))
+def test_a_few_token_step_on_blocks_at_every_accuracy_row(row, monkeypatch):
+    # The most tokens that expand on B's blocks, every dtype and the collapse rows of
+    # docs/contract.md §2, forward and gradients.
+    dtype, collapse, fwd_tol, grad_tol = ACCURACY_ROWS[row]
+    problem = make_problem(FEW_TOKENS, d_in=40, d_out=36, num_experts=4, rank=16,
+                           dtype=dtype, collapse=collapse, seed=6)
+    _direct_step(problem, monkeypatch)
+    assert _cache_bytes() == problem.B.nbytes, "the step packed B_cat"
+    torch.ops.omoe_cache.clear()
+    assert_matches_oracle(problem, "cpu", fwd_tol, grad_tol)
+
+
 @pytest.mark.parametrize("route", ["pairs", "pairs_gemm", "batched"])
 def test_a_few_token_step_through_g_on_blocks(route, monkeypatch):
     # The routes through G form B_cat for G; the gradient B_cat (dG + dGᵀ) is unpacked onto
