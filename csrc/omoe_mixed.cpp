@@ -10,13 +10,16 @@
 // nowhere takes no adapter: y there is base_out (or 0). The loop over segments stays in
 // C++: no Python between segments.
 //
-// A segment whose B the weight cache (omoe_weight_cache.h) has seen runs the single-adapter
-// forward's pairs route (omoe_ops.cpp, forward_impl) on its slices of buffers shared by
-// all segments: the shrink (dot products over the weights' rows for a segment of a few
-// rows, GEMMs otherwise), the per-token pass with that adapter's G, the expand GEMM. Any
-// other segment (B new to the cache, the direct route cheaper, OMOE_ROUTE set,
-// orthogonalize off) runs omoe::forward's CPU kernel itself. Either way a token gets the
-// output a call of its adapter alone gives, to the GEMMs' rounding.
+// A segment runs one of the single-adapter forward's routes (omoe_ops.cpp, forward_impl) on
+// its slices of buffers shared by all segments, after the shrink (dot products over the
+// weights' rows for a segment of a few rows, GEMMs otherwise):
+// - a few rows where that forward forms y from the expert outputs (decoding): that route;
+// - B seen by the weight cache (omoe_weight_cache.h) and a route through G cheaper: the
+//   per-token pass with that adapter's G, then the expand GEMM.
+// Any other segment (B new to the cache, the direct route cheaper, OMOE_ROUTE set,
+// orthogonalize off, weights the loops cannot read) runs omoe::forward's CPU kernel
+// itself. Either way a token gets the output a call of its adapter alone gives, to the
+// GEMMs' rounding.
 // No autograd: omoe_kernels/mixed.py calls it only when nothing needs a gradient.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -242,8 +245,16 @@ at::Tensor mixed_forward_cpu(const at::Tensor& x, at::TensorList A, at::TensorLi
     if (size == 0) continue;
     RECORD_FUNCTION("omoe::mixed_segment", std::vector<c10::IValue>());
     at::Tensor y_seg = ys.narrow(0, start, size);
-    const AdapterGram gram = lean ? adapter_gram(B[n], s, k, size) : AdapterGram{};
-    if (!gram.B_cat.defined()) {
+    const bool loops = segment_in_loops(size, A[n], B[n], router_weight[n], acc);
+    // A few rows: the single-adapter forward's route from the expert outputs where it takes
+    // it (before any route through G), here when the loops below can form h and the logits.
+    Sizes segment = s;
+    segment.T = size;
+    const ExpertOutputsRoute from_e =
+        lean && loops ? expert_outputs_route(segment, k, acc) : ExpertOutputsRoute{};
+    const AdapterGram gram =
+        lean && !from_e.taken ? adapter_gram(B[n], s, k, size) : AdapterGram{};
+    if (!gram.B_cat.defined() && !from_e.taken) {
       // omoe::forward's kernel, on this segment alone: its rows of xs, rs and bs, gathered
       // above, where those hold the input's own dtype, else gathered again from the input.
       const at::Tensor seg = rows.narrow(0, start, size);
@@ -259,11 +270,11 @@ at::Tensor mixed_forward_cpu(const at::Tensor& x, at::TensorList A, at::TensorLi
                                               orthogonalize, normalize, eps)));
       continue;
     }
-    // The single-adapter forward's pairs route (omoe_ops.cpp, forward_impl), on the
-    // segment's slices of h, logits, z and y: no per-segment allocation but S_blocks.
+    // The single-adapter forward's routes (omoe_ops.cpp, forward_impl), on the segment's
+    // slices of h, logits, z and y: no per-segment allocation but S_blocks (pairs) or the
+    // expert outputs.
     at::Tensor h_seg = h.narrow(0, start, size), l_seg = logits.narrow(0, start, size),
                z_seg = z.narrow(0, start, size);
-    const bool loops = segment_in_loops(size, A[n], B[n], router_weight[n], acc);
     if (loops) {
       AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "omoe_mixed_shrink_rows", [&] {
         const scalar_t* x_rows = xs.data_ptr<scalar_t>() + start * s.d_in;
@@ -278,6 +289,12 @@ at::Tensor mixed_forward_cpu(const at::Tensor& x, at::TensorList A, at::TensorLi
       at::mm_out(h_seg, x_seg, A[n].reshape({er, s.d_in}).to(acc).t());
       at::mm_out(l_seg, rs.defined() ? rs.narrow(0, start, size) : x_seg,
                  router_weight[n].to(acc).t());
+    }
+    if (from_e.taken) {
+      forward_from_expert_outputs(
+          h_seg, l_seg, B[n], bs.defined() ? bs.narrow(0, start, size) : at::Tensor(),
+          scaling[n], top_k, normalize, eps, from_e.batched_S, z_seg, y_seg);
+      continue;
     }
     AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "omoe_mixed_pairs", [&] {
       cpu::PairRoute<scalar_t> route{gram.G.data_ptr<double>(),

@@ -340,10 +340,7 @@ double direct_bytes_per_token(const Sizes& s, at::ScalarType acc, int64_t rows,
 // where that costs less than the per-token loops: the call alone outweighs a few tokens'.
 // Each side pays kReadCost for what it reads: B once, against B and its copy (the
 // compare), G (float64) and B_cat.
-struct ExpertOutputsPlan {
-  bool taken = false, batched_S = false;
-};
-ExpertOutputsPlan plan_from_expert_outputs(const Sizes& s, int64_t k, bool float32) {
+ExpertOutputsRoute plan_from_expert_outputs(const Sizes& s, int64_t k, bool float32) {
   if (forced_route(Route::kDirect, /*backward=*/false) != Route::kDirect) return {};
   const double T = double(s.T), R = double(s.E * s.r), d = double(s.d_out), E = double(s.E);
   const double kk = double(k) * double(k), r = double(s.r);
@@ -359,19 +356,19 @@ ExpertOutputsPlan plan_from_expert_outputs(const Sizes& s, int64_t k, bool float
   return {from_e < through_cached_g, batched < loops};
 }
 
-// y = base + scaling·Σ_i a_i e_i for the tokens of e ([E, T, d_out]) with coefficients a
-// ([T, E], float64, 0 for inactive experts, whose e then takes no part), summed in float64.
-at::Tensor mix_expert_outputs(const at::Tensor& e, const at::Tensor& a,
-                              const std::optional<at::Tensor>& base_out, double scaling) {
+// y ([T, d_out], rows contiguous, written) = base + scaling·Σ_i a_i e_i for the tokens of e
+// ([E, T, d_out]) with coefficients a ([T, E], float64, 0 for inactive experts, whose e then
+// takes no part), summed in float64; base: [T, d_out] in e's dtype, or undefined.
+void mix_expert_outputs(const at::Tensor& e, const at::Tensor& a, const at::Tensor& base,
+                        double scaling, at::Tensor& y) {
   const int64_t E = e.size(0), T = e.size(1), d = e.size(2);
-  at::Tensor y = at::empty({T, d}, e.options());
-  const at::Tensor base =
-      base_out.has_value() ? contiguous_as(*base_out, e.scalar_type()) : at::Tensor();
+  const at::Tensor base_c = base.defined() ? base.contiguous() : at::Tensor();
   std::vector<double> acc(size_t(std::max<int64_t>(d, 1)));
   AT_DISPATCH_FLOATING_TYPES(e.scalar_type(), "omoe_mix_expert_outputs", [&] {
     const scalar_t* ep = e.data_ptr<scalar_t>();
     const double* ap = a.data_ptr<double>();
     scalar_t* yp = y.data_ptr<scalar_t>();
+    const int64_t y_stride = y.stride(0);
     for (int64_t t = 0; t < T; ++t) {
       std::fill(acc.begin(), acc.end(), 0.0);
       for (int64_t i = 0; i < E; ++i) {
@@ -380,9 +377,9 @@ at::Tensor mix_expert_outputs(const at::Tensor& e, const at::Tensor& a,
         const scalar_t* ei = ep + (i * T + t) * d;
         for (int64_t o = 0; o < d; ++o) acc[size_t(o)] += ai * double(ei[o]);
       }
-      scalar_t* yt = yp + t * d;
-      if (base.defined()) {
-        const scalar_t* bt = base.data_ptr<scalar_t>() + t * d;
+      scalar_t* yt = yp + t * y_stride;
+      if (base_c.defined()) {
+        const scalar_t* bt = base_c.data_ptr<scalar_t>() + t * d;
         for (int64_t o = 0; o < d; ++o)
           yt[o] = scalar_t(double(bt[o]) + scaling * acc[size_t(o)]);
       } else {
@@ -390,7 +387,6 @@ at::Tensor mix_expert_outputs(const at::Tensor& e, const at::Tensor& a,
       }
     }
   });
-  return y;
 }
 
 // Tokens per chunk so that a chunk's float64 workspace stays near `budget` bytes.
@@ -399,8 +395,9 @@ int64_t chunk_tokens(int64_t T, double bytes_per_token, double budget) {
                              std::max<int64_t>(T, 1));
 }
 // CPU: chunks that stay in cache; other devices: only what memory needs.
+constexpr double kCpuChunkBudget = 4.0 * (1 << 20);
 double chunk_budget(const at::Tensor& x) {
-  return x.is_cpu() ? 4.0 * (1 << 20) : 1024.0 * (1 << 20);
+  return x.is_cpu() ? kCpuChunkBudget : 1024.0 * (1 << 20);
 }
 
 // t.narrow(dim, start, n), or t itself when that is all of it (one chunk: no dispatch).
@@ -490,6 +487,33 @@ bool forward_prefers_gram(const Sizes& s, int64_t k) {
   return route != Route::kDirect && route != Route::kDirectRows;
 }
 
+ExpertOutputsRoute expert_outputs_route(const Sizes& s, int64_t k, at::ScalarType acc) {
+  const ExpertOutputsRoute plan = plan_from_expert_outputs(s, k, acc == at::kFloat);
+  // y is summed from the whole of e: one chunk.
+  if (plan.taken && chunk_tokens(s.T, direct_bytes_per_token(s, acc, s.E, plan.batched_S),
+                                 kCpuChunkBudget) < s.T)
+    return {};
+  return plan;
+}
+
+void forward_from_expert_outputs(const at::Tensor& h, const at::Tensor& logits,
+                                 const at::Tensor& B, const at::Tensor& base, double scaling,
+                                 int64_t top_k, bool normalize, double eps, bool batched_S,
+                                 at::Tensor& z, at::Tensor& y) {
+  RECORD_FUNCTION("omoe::direct", std::vector<c10::IValue>());
+  const int64_t T = h.size(0), E = B.size(0), d_out = B.size(1), r = B.size(2);
+  const at::Tensor e = expert_outputs(h, 0, T, B);  // [E, T, d_out]
+  const at::Tensor S = batched_S ? direct_gram(token_major64(e)) : at::Tensor();
+  const at::Tensor a = at::empty({T, E}, h.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(e.scalar_type(), "omoe_direct", [&] {
+    cpu::DirectRoute<scalar_t> route{e.data_ptr<scalar_t>(), nullptr, T, d_out, int(E)};
+    if (S.defined()) route.S = S.data_ptr<double>();
+    cpu::token_forward_pass(h, logits, route, E, r, top_k, true, normalize, eps, z,
+                            a.data_ptr<double>());
+  });
+  mix_expert_outputs(e, a, base, scaling, y);
+}
+
 // ---- device-generic orchestration -----------------------------------------------
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
@@ -523,43 +547,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
       logits = at::mm(router_input->to(acc), router_weight.to(acc).t());
     }
   }
-  ExpertOutputsPlan from_e = x.is_cpu() && s.T > 0 && orthogonalize
-                                 ? plan_from_expert_outputs(s, k, acc == at::kFloat)
-                                 : ExpertOutputsPlan{};
-  // y is summed from the whole of e: one chunk.
-  if (from_e.taken && chunk_tokens(s.T, direct_bytes_per_token(s, acc, s.E, from_e.batched_S),
-                                   chunk_budget(x)) < s.T)
-    from_e = {};
+  const ExpertOutputsRoute from_e = x.is_cpu() && s.T > 0 && orthogonalize
+                                        ? expert_outputs_route(s, k, acc)
+                                        : ExpertOutputsRoute{};
+  if (from_e.taken) {
+    at::Tensor z = at::empty_like(h), y = at::empty({s.T, s.d_out}, h.options());
+    forward_from_expert_outputs(
+        h, logits, contiguous_as(B, acc),
+        base_out.has_value() ? contiguous_as(*base_out, acc) : at::Tensor(), scaling, top_k,
+        normalize, eps, from_e.batched_S, z, y);
+    return {y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type()), h, logits};
+  }
   // B used unchanged by an earlier call means the weights are being reused (inference,
   // decoding): B_cat and G are then kept, and G is worth forming even when this one call
   // would not pay for it. (Grad mode cannot tell: autograd runs forwards with it off.)
-  const weight_cache::Found found =
-      from_e.taken ? weight_cache::Found{} : weight_cache::instance().find(B);
+  const weight_cache::Found found = weight_cache::instance().find(B);
   const bool on_blocks = expand_on_blocks(s, x, found);
-  at::Tensor B_cat =
-      found.B_cat.defined() || on_blocks || from_e.taken ? found.B_cat : packed_expand(B, acc);
+  at::Tensor B_cat = found.B_cat.defined() || on_blocks ? found.B_cat : packed_expand(B, acc);
   at::Tensor z = at::empty_like(h);
   bool gram_formed = false;  // gram_matrix then remembered B with its G
   if (s.T > 0 && !orthogonalize) {
     RECORD_FUNCTION("omoe::orthogonalize", std::vector<c10::IValue>());
     token_forward(h, logits, at::Tensor(), s.E, s.r, top_k, false, normalize, eps, z);
   } else if (s.T > 0) {
-    const Route route = from_e.taken ? Route::kDirect
-                                     : choose_route(s, k, /*backward=*/false, found.seen,
-                                                    x.is_cpu(), acc == at::kFloat);
+    const Route route =
+        choose_route(s, k, /*backward=*/false, found.seen, x.is_cpu(), acc == at::kFloat);
     if (route == Route::kDirect || route == Route::kDirectRows) {
       RECORD_FUNCTION("omoe::direct", std::vector<c10::IValue>());
       const at::Tensor Bt = B.to(acc).transpose(1, 2);  // [E, r, d_out], a view for fp32
       const int64_t rows = route == Route::kDirectRows ? k : s.E;  // e rows per token
-      const bool batched_S = from_e.taken ? from_e.batched_S : batched_direct_gram(s, k);
+      const bool batched_S = batched_direct_gram(s, k);
       const int64_t tc =
           chunk_tokens(s.T, direct_bytes_per_token(s, acc, rows, batched_S), chunk_budget(x));
       if (route == Route::kDirectRows && k < s.E) {  // e of the active (token, slot) pairs
         cpu::topk_direct_forward(h, logits, Bt.transpose(1, 2), top_k, normalize, eps, tc, z);
       } else {
-        // y from the expert outputs: the pass hands out the coefficients a.
-        const at::Tensor a =
-            from_e.taken ? at::empty({s.T, s.E}, h.options().dtype(at::kDouble)) : at::Tensor();
         for (int64_t t0 = 0; t0 < s.T; t0 += tc) {
           const int64_t n = std::min(tc, s.T - t0);
           const at::Tensor e = expert_outputs(h, t0, n, Bt.transpose(1, 2));
@@ -570,13 +592,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
                                              int(s.E)};
             if (S.defined()) route.S = S.data_ptr<double>();
             cpu::token_forward_pass(part(h, 0, t0, n), part(logits, 0, t0, n), route, s.E, s.r,
-                                    top_k, true, normalize, eps, zc,
-                                    a.defined() ? a.data_ptr<double>() : nullptr);
+                                    top_k, true, normalize, eps, zc);
           });
-          if (a.defined()) {  // one chunk: e holds every token
-            const at::Tensor y = mix_expert_outputs(e, a, base_out, scaling);
-            return {y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type()), h, logits};
-          }
         }
       }
     } else {

@@ -87,4 +87,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
 // cached): the route choice of the single-adapter op, which the mixed-batch op follows.
 bool forward_prefers_gram(const Sizes& s, int64_t k);
 
+// The CPU forward of a few tokens from the expert outputs e_i = B_i h_i, which reads B once
+// and touches no weight cache: taken where omoe::forward takes it for sizes `s`
+// (acc: the accumulate dtype), and whether S is then a batched GEMM.
+struct ExpertOutputsRoute {
+  bool taken = false, batched_S = false;
+};
+ExpertOutputsRoute expert_outputs_route(const Sizes& s, int64_t k, at::ScalarType acc);
+// That forward on tokens whose h ([T, E·r], rows contiguous) and logits ([T, E]) are formed:
+// y ([T, d_out], rows contiguous, written) = base + scaling·Σ_i a_i e_i, z ([T, E·r]) the
+// pass's. B: [E, d_out, r] and base ([T, d_out] or undefined) in h's dtype.
+void forward_from_expert_outputs(const at::Tensor& h, const at::Tensor& logits,
+                                 const at::Tensor& B, const at::Tensor& base, double scaling,
+                                 int64_t top_k, bool normalize, double eps, bool batched_S,
+                                 at::Tensor& z, at::Tensor& y);
+
 }  // namespace omoe

@@ -10,9 +10,10 @@ Backends:
 - `cpu`: grouped. One stable sort by adapter makes each adapter's tokens a segment
   (kept on the Grouping: once per batch of `adapter_names`). Inference (nothing to
   differentiate) is one compiled call, `omoe::mixed_forward` (csrc/omoe_mixed.cpp): in
-  C++ it runs each non-empty segment through the single-adapter op's CPU kernel (its
-  GEMMs, its per-token pass, each adapter's cached G) and writes the segment's rows of y;
-  rows of no adapter keep base_out. With autograd recording, each non-empty segment is
+  C++ it runs each non-empty segment through the single-adapter op's CPU routes (its
+  shrink, then its per-token pass with the adapter's cached G or, for a few rows, y from
+  the expert outputs) and writes the segment's rows of y; rows of no adapter keep
+  base_out. With autograd recording, each non-empty segment is
   one compiled single-adapter call with its own backward, and one gather puts the rows
   back in order.
 - `triton`: inference is three grouped launches per call, as the single-adapter

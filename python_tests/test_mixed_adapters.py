@@ -53,11 +53,11 @@ def _mixed(inputs, backend, grad_y, scaling, **options):
     return y.detach(), {n: v.grad for n, v in t.items() if v is not None}
 
 
-def _per_sample_oracle(inputs, grad_y, scaling, **options):
+def _per_sample_oracle(inputs, grad_y, scaling, index=INDEX, **options):
     """Each sample alone, in float64, with its adapter through `omoe_lora` (or base_out)."""
     t = _leaves(inputs, torch.float64)
     rows = []
-    for i, n in enumerate(INDEX):
+    for i, n in enumerate(index):
         if n < 0:
             rows.append(t["base_out"][i])
             continue
@@ -425,6 +425,35 @@ def test_few_row_segments_shrink_without_a_gemm():
     assert names.count("omoe::mixed_segment") == 2 and "omoe::forward" not in names
     assert names.count("aten::addmm") == 2 and "aten::mm" not in names, sorted(set(names))
     _check_rows(args, y)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the compiled extension is not built")
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("row", [r for r in ACCURACY_ROWS if "collapse" not in r
+                                 and ACCURACY_ROWS[r][0] in (torch.float32, torch.float64)])
+def test_decoding_segments_form_y_from_the_expert_outputs_in_the_op(row, variant):
+    """One token per sample (decoding), each B new to the weight cache: each segment forms
+    y from its expert outputs inside the op, as a one-token call of its adapter alone does,
+    with no single-adapter kernel call and no GEMM, and each sample gets that output."""
+    from torch.profiler import profile
+
+    dtype, _, fwd_tol, _ = ACCURACY_ROWS[row]
+    options, with_router_input = VARIANTS[variant]
+    inputs = make_mixed_problem(SAMPLES, 1, dtype, with_router_input)
+    scaling = [0.75, 2.0, 1.5]
+    index = [2, -1, 0, 1]  # a segment of one row per adapter
+    y_ref, _ = _per_sample_oracle(inputs, random_grad((SAMPLES, 1, D_OUT), dtype), scaling,
+                                  index, **options)
+    weights = [list(inputs[n]) for n in ("A", "B", "router_weight")]
+    with torch.no_grad(), profile() as prof:
+        y = ok.omoe_lora_mixed(inputs["x"], *weights, torch.tensor(index), scaling=scaling,
+                               base_out=inputs["base_out"], router_input=inputs["router_input"],
+                               backend="cpu", **options)
+    names = [e.name for e in prof.events()]
+    assert names.count("omoe::direct") == 3, sorted(set(names))
+    assert "omoe::shrink" not in names and "aten::mm" not in names, sorted(set(names))
+    assert_rel_close(y, y_ref, fwd_tol, "decoding segments")
+    assert torch.equal(y[1], inputs["base_out"][1]), "a sample with no adapter: base_out"
 
 
 def _check_rows(args, y):
