@@ -491,21 +491,72 @@ inline void expand_blocks(const at::Tensor& z, const at::Tensor& B, const at::Te
   });
 }
 
+// e ([E, n, d_out], written) = the expert outputs B_i h_i of n tokens (at most
+// kExpertOutputTokens) of h ([n, E·r]); B: [E, d_out, r].
+template <typename scalar_t>
+void expert_outputs_rows(const scalar_t* h, int64_t n, const scalar_t* B, int64_t E,
+                         int64_t d_out, int64_t r, scalar_t* e) {
+  const int64_t grain = std::max<int64_t>(1, kExpandGrain / std::max<int64_t>(1, n * r));
+  at::parallel_for(0, E * d_out, grain, [&](int64_t q0, int64_t q1) {
+    expert_outputs_range(h, B, e, n, E, d_out, r, q0, q1);
+  });
+}
+
 // e ([E, n, d_out]) = the expert outputs B_i h_i of tokens [t0, t0 + n) of h ([T, E·r]),
 // B: [E, d_out, r].
 inline at::Tensor expert_outputs(const at::Tensor& h, int64_t t0, int64_t n,
                                  const at::Tensor& B) {
   const int64_t E = B.size(0), d_out = B.size(1), r = B.size(2);
   at::Tensor e = at::empty({E, n, d_out}, B.options());
-  const int64_t grain = std::max<int64_t>(1, kExpandGrain / std::max<int64_t>(1, n * r));
   AT_DISPATCH_FLOATING_TYPES(B.scalar_type(), "omoe_expert_outputs", [&] {
-    const scalar_t* ht = h.data_ptr<scalar_t>() + t0 * E * r;
-    at::parallel_for(0, E * d_out, grain, [&](int64_t q0, int64_t q1) {
-      expert_outputs_range(ht, B.data_ptr<scalar_t>(), e.data_ptr<scalar_t>(), n, E, d_out, r,
-                           q0, q1);
-    });
+    expert_outputs_rows(h.data_ptr<scalar_t>() + t0 * E * r, n, B.data_ptr<scalar_t>(), E,
+                        d_out, r, e.data_ptr<scalar_t>());
   });
   return e;
+}
+
+// y_t = base_t + scaling·Σ_i a_ti e_it for the T tokens of e ([E, T, d]) with coefficients
+// a ([T, E], float64, 0 for inactive experts, whose e then takes no part), summed in
+// float64; base: [T, d] or null; y: rows y_stride apart.
+template <typename v_t>
+void mix_expert_outputs(const v_t* e, const double* a, int64_t T, int64_t E, int64_t d,
+                        const v_t* base, double scaling, v_t* y, int64_t y_stride) {
+  constexpr int64_t kChunk = 256;
+  double acc[kChunk];
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t o0 = 0; o0 < d; o0 += kChunk) {
+      const int64_t len = std::min(kChunk, d - o0);
+      std::fill_n(acc, len, 0.0);
+      for (int64_t i = 0; i < E; ++i) {
+        const double ai = a[t * E + i];
+        if (ai == 0.0) continue;
+        const v_t* ei = e + (i * T + t) * d + o0;
+        for (int64_t o = 0; o < len; ++o) acc[o] += ai * double(ei[o]);
+      }
+      v_t* yt = y + t * y_stride + o0;
+      if (base != nullptr) {
+        const v_t* bt = base + t * d + o0;
+        for (int64_t o = 0; o < len; ++o) yt[o] = v_t(double(bt[o]) + scaling * acc[o]);
+      } else {
+        for (int64_t o = 0; o < len; ++o) yt[o] = v_t(scaling * acc[o]);
+      }
+    }
+}
+
+// The forward from the expert outputs of n tokens (at most kExpertOutputTokens) whose h
+// ([n, E·r]) and logits ([n, E]) are formed, S by the per-token loops: z ([n, E·r]) the
+// pass's, y (rows y_stride apart) = base + scaling·Σ_i a_i e_i. e ([E, n, d_out]) and a
+// ([n, E]) are the caller's workspace.
+template <typename scalar_t>
+void forward_rows_from_expert_outputs(const scalar_t* h, const scalar_t* logits, int64_t n,
+                                      const scalar_t* B, int64_t E, int64_t d_out, int64_t r,
+                                      const scalar_t* base, double scaling, int64_t top_k,
+                                      bool normalize, double eps, scalar_t* z, scalar_t* y,
+                                      int64_t y_stride, scalar_t* e, double* a) {
+  expert_outputs_rows(h, n, B, E, d_out, r, e);
+  const DirectRoute<scalar_t> route{e, nullptr, n, d_out, int(E)};
+  token_forward_rows(h, logits, n, route, E, r, top_k, true, normalize, eps, z, a);
+  mix_expert_outputs(e, a, n, E, d_out, base, scaling, y, y_stride);
 }
 
 // out (T rows of out_stride values, expert i at columns [i·r, i·r + r)) (+)= s · g_i B_i,

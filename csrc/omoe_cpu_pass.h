@@ -855,41 +855,47 @@ void for_token_blocks(int64_t T, Body&& body) {
 // How many per-thread accumulators a pass may index (for PairRoute's dG).
 inline int pass_threads() { return std::max(1, at::get_num_threads()); }
 
-// z for the tokens of h ([Tc, E·r]) and logits ([Tc, E]); route.at(t, thread) is the Gram
-// source of token t (ignored unless orthogonalize). coeff, when given ([Tc, E]), receives
-// each token's mixture coefficients a by expert (0 for inactive experts).
+// z for the T tokens of h ([T, E·r]) and logits ([T, E]); route.at(t, thread) is the Gram
+// source of token t (ignored unless orthogonalize). coeff, when given ([T, E]), receives
+// each token's mixture coefficients a by expert (0 for inactive experts). token_forward_pass
+// takes h, logits and z as tensors.
+template <typename scalar_t, typename Route>
+void token_forward_rows(const scalar_t* h_ptr, const scalar_t* l_ptr, int64_t T,
+                        const Route& route, int64_t E, int64_t r, int64_t top_k,
+                        bool orthogonalize, bool normalize, double eps, scalar_t* z_ptr,
+                        double* coeff = nullptr) {
+  const int64_t er = E * r;
+  if (orthogonalize && top_k >= E && E <= kMaxExperts) {
+    dispatch_max_active(E, [&](auto max_k) {
+      constexpr int MAX_K = decltype(max_k)::value;
+      for_token_blocks<DenseForwardState<MAX_K>>(
+          T, [&](int64_t begin, int64_t end, int thread, DenseForwardState<MAX_K>& st) {
+            route.begin_block(begin, end, thread);
+            dense_forward_tokens<MAX_K>(h_ptr, l_ptr, route, begin, end, thread, int(E), int(r),
+                                        normalize, eps, st, z_ptr, coeff);
+          });
+    });
+    return;
+  }
+  dispatch_max_active(std::min(top_k, E), [&](auto max_k) {
+    constexpr int MAX_K = decltype(max_k)::value;
+    for_token_blocks<MgsTape<MAX_K>>(
+        T, [&](int64_t begin, int64_t end, int thread, MgsTape<MAX_K>& tape) {
+          if (orthogonalize) route.begin_block(begin, end, thread);
+          for (int64_t t = begin; t < end; ++t)
+            token_forward(h_ptr + t * er, l_ptr + t * E, route.at(t, thread), int(E), int(r),
+                          int(top_k), orthogonalize, normalize, eps, tape, z_ptr + t * er,
+                          coeff ? coeff + t * E : nullptr);
+        });
+  });
+}
 template <typename Route>
 void token_forward_pass(const at::Tensor& h, const at::Tensor& logits, const Route& route,
                         int64_t E, int64_t r, int64_t top_k, bool orthogonalize, bool normalize,
                         double eps, at::Tensor& z, double* coeff = nullptr) {
-  const int64_t T = h.size(0), er = E * r;
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "omoe_token_forward_cpu", [&] {
-    const scalar_t* h_ptr = h.data_ptr<scalar_t>();
-    const scalar_t* l_ptr = logits.data_ptr<scalar_t>();
-    scalar_t* z_ptr = z.data_ptr<scalar_t>();
-    if (orthogonalize && top_k >= E && E <= kMaxExperts) {
-      dispatch_max_active(E, [&](auto max_k) {
-        constexpr int MAX_K = decltype(max_k)::value;
-        for_token_blocks<DenseForwardState<MAX_K>>(
-            T, [&](int64_t begin, int64_t end, int thread, DenseForwardState<MAX_K>& st) {
-              route.begin_block(begin, end, thread);
-              dense_forward_tokens<MAX_K>(h_ptr, l_ptr, route, begin, end, thread, int(E),
-                                          int(r), normalize, eps, st, z_ptr, coeff);
-            });
-      });
-      return;
-    }
-    dispatch_max_active(std::min(top_k, E), [&](auto max_k) {
-      constexpr int MAX_K = decltype(max_k)::value;
-      for_token_blocks<MgsTape<MAX_K>>(
-          T, [&](int64_t begin, int64_t end, int thread, MgsTape<MAX_K>& tape) {
-            if (orthogonalize) route.begin_block(begin, end, thread);
-            for (int64_t t = begin; t < end; ++t)
-              token_forward(h_ptr + t * er, l_ptr + t * E, route.at(t, thread), int(E), int(r),
-                            int(top_k), orthogonalize, normalize, eps, tape, z_ptr + t * er,
-                            coeff ? coeff + t * E : nullptr);
-          });
-    });
+    token_forward_rows(h.data_ptr<scalar_t>(), logits.data_ptr<scalar_t>(), h.size(0), route, E,
+                       r, top_k, orthogonalize, normalize, eps, z.data_ptr<scalar_t>(), coeff);
   });
 }
 

@@ -123,6 +123,7 @@ void check_mixed(const at::Tensor& x, at::TensorList A, at::TensorList B,
 // logits by dot products over the weights' rows: at a few rows, the ATen GEMM calls of
 // the longer segments (dispatch, views, packing) cost more than their arithmetic.
 constexpr int64_t kLoopRows = 4;
+static_assert(kLoopRows <= cpu::kExpertOutputTokens, "expert_outputs_rows takes the rows");
 
 // out[t, j] = Σ_c x[t, c] w[j, c] for t < T and j in [j0, j1): x is [T, k], w is [n, k] (both
 // rows contiguous); out rows are ld_out apart. Each dot product runs over 64-value chunks
@@ -168,6 +169,18 @@ void rows_dot_rows(const v_t* x, int64_t T, int64_t k, const v_t* w, int64_t n, 
   at::parallel_for(0, n, grain, [&](int64_t j0, int64_t j1) {
     rows_dot_rows_range(x, T, k, w, j0, j1, out, n);
   });
+}
+
+// h ([size, E·r]) and the router logits ([size, E]) of rows [start, start + size) of xs
+// (the router reading rs when defined) by the loops above; A, W in xs's dtype, contiguous.
+template <typename scalar_t>
+void shrink_in_loops(const at::Tensor& xs, const at::Tensor& rs, int64_t start, int64_t size,
+                     const at::Tensor& A, const at::Tensor& W, scalar_t* h, scalar_t* logits) {
+  const int64_t d_in = xs.size(1), er = A.size(0) * A.size(1), E = W.size(0);
+  const scalar_t* x_rows = xs.data_ptr<scalar_t>() + start * d_in;
+  rows_dot_rows(x_rows, size, d_in, A.data_ptr<scalar_t>(), er, h);
+  rows_dot_rows(rs.defined() ? rs.data_ptr<scalar_t>() + start * d_in : x_rows, size, d_in,
+                W.data_ptr<scalar_t>(), E, logits);
 }
 
 // Whether a segment of `size` rows of adapter n takes the loops above: few rows, and the
@@ -239,19 +252,20 @@ at::Tensor mixed_forward_cpu(const at::Tensor& x, at::TensorList A, at::TensorLi
                    logits = at::empty({M, s.E}, xs.options());
   at::Tensor z = at::empty_like(h), ys = at::empty({M, s.d_out}, xs.options());
   at::Tensor S_blocks;  // the pairs route's per-thread S of dense routing, shared by segments
+  at::Tensor e_work, a_work;  // the expert-outputs route's e and a, shared by segments
   const bool lean = orthogonalize && !route_forced();
   for (int64_t n = 0; n < N; ++n) {
     const int64_t start = offsets[n], size = offsets[n + 1] - offsets[n];
     if (size == 0) continue;
     RECORD_FUNCTION("omoe::mixed_segment", std::vector<c10::IValue>());
-    at::Tensor y_seg = ys.narrow(0, start, size);
     const bool loops = segment_in_loops(size, A[n], B[n], router_weight[n], acc);
     // A few rows: the single-adapter forward's route from the expert outputs where it takes
     // it (before any route through G), here when the loops below can form h and the logits.
     Sizes segment = s;
     segment.T = size;
-    const ExpertOutputsRoute from_e =
+    ExpertOutputsRoute from_e =
         lean && loops ? expert_outputs_route(segment, k, acc) : ExpertOutputsRoute{};
+    if (from_e.batched_S) from_e = {};  // S by a batched GEMM: omoe::forward's kernel
     const AdapterGram gram =
         lean && !from_e.taken ? adapter_gram(B[n], s, k, size) : AdapterGram{};
     if (!gram.B_cat.defined() && !from_e.taken) {
@@ -265,36 +279,45 @@ at::Tensor mixed_forward_cpu(const at::Tensor& x, at::TensorList A, at::TensorLi
       std::optional<at::Tensor> seg_router, seg_base;
       if (router_input.has_value()) seg_router = rows_of(*router_input, rs);
       if (base_out.has_value()) seg_base = rows_of(*base_out, bs);
-      y_seg.copy_(std::get<0>(forward_segment(rows_of(x, xs), A[n], B[n], router_weight[n],
-                                              seg_router, seg_base, scaling[n], top_k,
-                                              orthogonalize, normalize, eps)));
+      ys.narrow(0, start, size)
+          .copy_(std::get<0>(forward_segment(rows_of(x, xs), A[n], B[n], router_weight[n],
+                                             seg_router, seg_base, scaling[n], top_k,
+                                             orthogonalize, normalize, eps)));
       continue;
     }
     // The single-adapter forward's routes (omoe_ops.cpp, forward_impl), on the segment's
-    // slices of h, logits, z and y: no per-segment allocation but S_blocks (pairs) or the
-    // expert outputs.
+    // rows of h, logits, z and y: no per-segment allocation but S_blocks (pairs).
+    if (from_e.taken) {  // from_e implies loops: pointers only, no tensor per segment
+      RECORD_FUNCTION("omoe::direct", std::vector<c10::IValue>());
+      if (!e_work.defined()) {
+        e_work = at::empty({s.E * kLoopRows * s.d_out}, xs.options());
+        a_work = at::empty({kLoopRows * s.E}, xs.options().dtype(at::kDouble));
+      }
+      AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "omoe_mixed_direct", [&] {
+        scalar_t* h_rows = h.data_ptr<scalar_t>() + start * er;
+        scalar_t* l_rows = logits.data_ptr<scalar_t>() + start * s.E;
+        shrink_in_loops(xs, rs, start, size, A[n], router_weight[n], h_rows, l_rows);
+        cpu::forward_rows_from_expert_outputs(
+            h_rows, l_rows, size, B[n].data_ptr<scalar_t>(), s.E, s.d_out, s.r,
+            bs.defined() ? bs.data_ptr<scalar_t>() + start * s.d_out : nullptr, scaling[n],
+            top_k, normalize, eps, z.data_ptr<scalar_t>() + start * er,
+            ys.data_ptr<scalar_t>() + start * s.d_out, s.d_out, e_work.data_ptr<scalar_t>(),
+            a_work.data_ptr<double>());
+      });
+      continue;
+    }
     at::Tensor h_seg = h.narrow(0, start, size), l_seg = logits.narrow(0, start, size),
-               z_seg = z.narrow(0, start, size);
+               z_seg = z.narrow(0, start, size), y_seg = ys.narrow(0, start, size);
     if (loops) {
       AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "omoe_mixed_shrink_rows", [&] {
-        const scalar_t* x_rows = xs.data_ptr<scalar_t>() + start * s.d_in;
-        rows_dot_rows(x_rows, size, s.d_in, A[n].data_ptr<scalar_t>(), er,
-                      h_seg.data_ptr<scalar_t>());
-        rows_dot_rows(rs.defined() ? rs.data_ptr<scalar_t>() + start * s.d_in : x_rows, size,
-                      s.d_in, router_weight[n].data_ptr<scalar_t>(), s.E,
-                      l_seg.data_ptr<scalar_t>());
+        shrink_in_loops(xs, rs, start, size, A[n], router_weight[n], h_seg.data_ptr<scalar_t>(),
+                        l_seg.data_ptr<scalar_t>());
       });
     } else {
       const at::Tensor x_seg = xs.narrow(0, start, size);
       at::mm_out(h_seg, x_seg, A[n].reshape({er, s.d_in}).to(acc).t());
       at::mm_out(l_seg, rs.defined() ? rs.narrow(0, start, size) : x_seg,
                  router_weight[n].to(acc).t());
-    }
-    if (from_e.taken) {
-      forward_from_expert_outputs(
-          h_seg, l_seg, B[n], bs.defined() ? bs.narrow(0, start, size) : at::Tensor(),
-          scaling[n], top_k, normalize, eps, from_e.batched_S, z_seg, y_seg);
-      continue;
     }
     AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "omoe_mixed_pairs", [&] {
       cpu::PairRoute<scalar_t> route{gram.G.data_ptr<double>(),

@@ -356,39 +356,6 @@ ExpertOutputsRoute plan_from_expert_outputs(const Sizes& s, int64_t k, bool floa
   return {from_e < through_cached_g, batched < loops};
 }
 
-// y ([T, d_out], rows contiguous, written) = base + scaling·Σ_i a_i e_i for the tokens of e
-// ([E, T, d_out]) with coefficients a ([T, E], float64, 0 for inactive experts, whose e then
-// takes no part), summed in float64; base: [T, d_out] in e's dtype, or undefined.
-void mix_expert_outputs(const at::Tensor& e, const at::Tensor& a, const at::Tensor& base,
-                        double scaling, at::Tensor& y) {
-  const int64_t E = e.size(0), T = e.size(1), d = e.size(2);
-  const at::Tensor base_c = base.defined() ? base.contiguous() : at::Tensor();
-  std::vector<double> acc(size_t(std::max<int64_t>(d, 1)));
-  AT_DISPATCH_FLOATING_TYPES(e.scalar_type(), "omoe_mix_expert_outputs", [&] {
-    const scalar_t* ep = e.data_ptr<scalar_t>();
-    const double* ap = a.data_ptr<double>();
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    const int64_t y_stride = y.stride(0);
-    for (int64_t t = 0; t < T; ++t) {
-      std::fill(acc.begin(), acc.end(), 0.0);
-      for (int64_t i = 0; i < E; ++i) {
-        const double ai = ap[t * E + i];
-        if (ai == 0.0) continue;
-        const scalar_t* ei = ep + (i * T + t) * d;
-        for (int64_t o = 0; o < d; ++o) acc[size_t(o)] += ai * double(ei[o]);
-      }
-      scalar_t* yt = yp + t * y_stride;
-      if (base_c.defined()) {
-        const scalar_t* bt = base_c.data_ptr<scalar_t>() + t * d;
-        for (int64_t o = 0; o < d; ++o)
-          yt[o] = scalar_t(double(bt[o]) + scaling * acc[size_t(o)]);
-      } else {
-        for (int64_t o = 0; o < d; ++o) yt[o] = scalar_t(scaling * acc[size_t(o)]);
-      }
-    }
-  });
-}
-
 // Tokens per chunk so that a chunk's float64 workspace stays near `budget` bytes.
 int64_t chunk_tokens(int64_t T, double bytes_per_token, double budget) {
   return std::clamp<int64_t>(int64_t(budget / std::max(bytes_per_token, 1.0)), 1,
@@ -432,6 +399,29 @@ at::Tensor expert_outputs(const at::Tensor& h, int64_t t0, int64_t n, const at::
   if (h.is_cpu() && n <= cpu::kExpertOutputTokens)
     return cpu::expert_outputs(h, t0, n, contiguous_as(B, h.scalar_type()));
   return at::bmm(part(expert_blocks(h, B.size(0), B.size(2)), 1, t0, n), B.transpose(1, 2));
+}
+
+// The forward from the expert outputs (expert_outputs_route): y ([T, d_out], written) =
+// base + scaling·Σ_i a_i e_i, z ([T, E·r]) the pass's. B: [E, d_out, r] and base ([T,
+// d_out] or undefined) in h's dtype, contiguous.
+void forward_from_expert_outputs(const at::Tensor& h, const at::Tensor& logits,
+                                 const at::Tensor& B, const at::Tensor& base, double scaling,
+                                 int64_t top_k, bool normalize, double eps, bool batched_S,
+                                 at::Tensor& z, at::Tensor& y) {
+  RECORD_FUNCTION("omoe::direct", std::vector<c10::IValue>());
+  const int64_t T = h.size(0), E = B.size(0), d_out = B.size(1), r = B.size(2);
+  const at::Tensor e = expert_outputs(h, 0, T, B);  // [E, T, d_out]
+  const at::Tensor S = batched_S ? direct_gram(token_major64(e)) : at::Tensor();
+  const at::Tensor a = at::empty({T, E}, h.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(e.scalar_type(), "omoe_direct", [&] {
+    cpu::DirectRoute<scalar_t> route{e.data_ptr<scalar_t>(), nullptr, T, d_out, int(E)};
+    if (S.defined()) route.S = S.data_ptr<double>();
+    cpu::token_forward_pass(h, logits, route, E, r, top_k, true, normalize, eps, z,
+                            a.data_ptr<double>());
+    cpu::mix_expert_outputs(e.data_ptr<scalar_t>(), a.data_ptr<double>(), T, E, d_out,
+                            base.defined() ? base.data_ptr<scalar_t>() : nullptr, scaling,
+                            y.data_ptr<scalar_t>(), d_out);
+  });
 }
 
 // The pairs route's Gram source over the tokens of h (a chunk); dG, dG_scratch and W as in
@@ -494,24 +484,6 @@ ExpertOutputsRoute expert_outputs_route(const Sizes& s, int64_t k, at::ScalarTyp
                                  kCpuChunkBudget) < s.T)
     return {};
   return plan;
-}
-
-void forward_from_expert_outputs(const at::Tensor& h, const at::Tensor& logits,
-                                 const at::Tensor& B, const at::Tensor& base, double scaling,
-                                 int64_t top_k, bool normalize, double eps, bool batched_S,
-                                 at::Tensor& z, at::Tensor& y) {
-  RECORD_FUNCTION("omoe::direct", std::vector<c10::IValue>());
-  const int64_t T = h.size(0), E = B.size(0), d_out = B.size(1), r = B.size(2);
-  const at::Tensor e = expert_outputs(h, 0, T, B);  // [E, T, d_out]
-  const at::Tensor S = batched_S ? direct_gram(token_major64(e)) : at::Tensor();
-  const at::Tensor a = at::empty({T, E}, h.options().dtype(at::kDouble));
-  AT_DISPATCH_FLOATING_TYPES(e.scalar_type(), "omoe_direct", [&] {
-    cpu::DirectRoute<scalar_t> route{e.data_ptr<scalar_t>(), nullptr, T, d_out, int(E)};
-    if (S.defined()) route.S = S.data_ptr<double>();
-    cpu::token_forward_pass(h, logits, route, E, r, top_k, true, normalize, eps, z,
-                            a.data_ptr<double>());
-  });
-  mix_expert_outputs(e, a, base, scaling, y);
 }
 
 // ---- device-generic orchestration -----------------------------------------------

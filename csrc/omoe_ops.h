@@ -94,12 +94,5 @@ struct ExpertOutputsRoute {
   bool taken = false, batched_S = false;
 };
 ExpertOutputsRoute expert_outputs_route(const Sizes& s, int64_t k, at::ScalarType acc);
-// That forward on tokens whose h ([T, E·r], rows contiguous) and logits ([T, E]) are formed:
-// y ([T, d_out], rows contiguous, written) = base + scaling·Σ_i a_i e_i, z ([T, E·r]) the
-// pass's. B: [E, d_out, r] and base ([T, d_out] or undefined) in h's dtype.
-void forward_from_expert_outputs(const at::Tensor& h, const at::Tensor& logits,
-                                 const at::Tensor& B, const at::Tensor& base, double scaling,
-                                 int64_t top_k, bool normalize, double eps, bool batched_S,
-                                 at::Tensor& z, at::Tensor& y);
 
 }  // namespace omoe
