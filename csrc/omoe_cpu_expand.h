@@ -371,8 +371,71 @@ __attribute__((always_inline)) inline V lane_totals(const V (&x)[8]) {
          select_lanes<4, 5, 6, 7, 12, 13, 14, 15>(lo, hi);
 }
 
+// Up to this many rows (decoding: a row or a few per call) the shrink forms h and the
+// router logits by dot products over the weights' rows: at a few rows, a GEMM call
+// (dispatch, views, packing) costs more than its arithmetic, the more so with its code and
+// data out of cache after the base layer's GEMM.
+constexpr int64_t kDotRows = 4;
+
+// out[t, j] = Σ_c x[t, c] w[j, c] for t < T and j in [j0, j1): x is [T, k], w is [n, k] (both
+// rows contiguous); out rows are ld_out apart. Each dot product runs over 64-value chunks
+// of both rows in vector accumulators, then the tail.
+template <typename v_t>
+__attribute__((always_inline)) inline void rows_dot_rows_body(const v_t* x, int64_t T,
+                                                              int64_t k, const v_t* w,
+                                                              int64_t j0, int64_t j1, v_t* out,
+                                                              int64_t ld_out) {
+  constexpr int64_t C = kMaxRow;
+  for (int64_t j = j0; j < j1; ++j)
+    for (int64_t t = 0; t < T; ++t) {
+      const v_t *xt = x + t * k, *wj = w + j * k;
+      Row<C, v_t> full;
+      full.zero();
+      int64_t c = 0;
+      for (; c + C <= k; c += C) full.mul_add(xt + c, wj + c, C);
+      v_t acc = full.sum(C);
+      if (c < k) {
+        Row<0, v_t> tail;
+        tail.zero();
+        tail.mul_add(xt + c, wj + c, k - c);
+        acc += tail.sum(k - c);
+      }
+      out[t * ld_out + j] = acc;
+    }
+}
+OMOE_VECTOR_CLONES static void rows_dot_rows_range(const float* x, int64_t T, int64_t k,
+                                                   const float* w, int64_t j0, int64_t j1,
+                                                   float* out, int64_t ld_out) {
+  rows_dot_rows_body(x, T, k, w, j0, j1, out, ld_out);
+}
+OMOE_VECTOR_CLONES static void rows_dot_rows_range(const double* x, int64_t T, int64_t k,
+                                                   const double* w, int64_t j0, int64_t j1,
+                                                   double* out, int64_t ld_out) {
+  rows_dot_rows_body(x, T, k, w, j0, j1, out, ld_out);
+}
+
+// out ([T, n] rows of a contiguous buffer) = x wᵀ for x [T, k] and w [n, k], contiguous.
+template <typename v_t>
+void rows_dot_rows(const v_t* x, int64_t T, int64_t k, const v_t* w, int64_t n, v_t* out) {
+  const int64_t grain = std::max<int64_t>(1, kExpandGrain / std::max<int64_t>(1, T * k));
+  at::parallel_for(0, n, grain, [&](int64_t j0, int64_t j1) {
+    rows_dot_rows_range(x, T, k, w, j0, j1, out, n);
+  });
+}
+
+// The shrink of T rows (at most kDotRows) by dot products: h ([T, E·r]) = x A_catᵀ and the
+// router logits ([T, E]) = router_x Wᵀ, router_x null for x; x, router_x: [T, d_in], A:
+// [E·r, d_in], W: [E, d_in], all contiguous.
+template <typename v_t>
+void shrink_rows(const v_t* x, const v_t* router_x, int64_t T, int64_t d_in, const v_t* A,
+                 int64_t er, const v_t* W, int64_t E, v_t* h, v_t* logits) {
+  rows_dot_rows(x, T, d_in, A, er, h);
+  rows_dot_rows(router_x != nullptr ? router_x : x, T, d_in, W, E, logits);
+}
+
 // The most tokens expert_outputs takes.
 constexpr int64_t kExpertOutputTokens = 8;
+static_assert(kDotRows <= kExpertOutputTokens, "a few rows' expert outputs by the loops");
 
 // e[i, t, o] = Σ_a B[i, o, a] h[t·E·r + i·r + a] for t < T (at most kExpertOutputTokens) and
 // the rows (i, o) = q in [q0, q1) of B as [E·d_out, r]; e: [E, T, d_out], h: [T, E·r]. For a

@@ -119,75 +119,24 @@ void check_mixed(const at::Tensor& x, at::TensorList A, at::TensorList B,
   }
 }
 
-// Segments of at most this many rows (decoding: one row per sample) form h and the router
-// logits by dot products over the weights' rows: at a few rows, the ATen GEMM calls of
-// the longer segments (dispatch, views, packing) cost more than their arithmetic.
-constexpr int64_t kLoopRows = 4;
-static_assert(kLoopRows <= cpu::kExpertOutputTokens, "expert_outputs_rows takes the rows");
-
-// out[t, j] = Σ_c x[t, c] w[j, c] for t < T and j in [j0, j1): x is [T, k], w is [n, k] (both
-// rows contiguous); out rows are ld_out apart. Each dot product runs over 64-value chunks
-// of both rows in vector accumulators, then the tail.
-template <typename v_t>
-__attribute__((always_inline)) inline void rows_dot_rows_body(const v_t* x, int64_t T,
-                                                              int64_t k, const v_t* w,
-                                                              int64_t j0, int64_t j1, v_t* out,
-                                                              int64_t ld_out) {
-  constexpr int64_t C = cpu::kMaxRow;
-  for (int64_t j = j0; j < j1; ++j)
-    for (int64_t t = 0; t < T; ++t) {
-      const v_t *xt = x + t * k, *wj = w + j * k;
-      cpu::Row<C, v_t> full;
-      full.zero();
-      int64_t c = 0;
-      for (; c + C <= k; c += C) full.mul_add(xt + c, wj + c, C);
-      v_t acc = full.sum(C);
-      if (c < k) {
-        cpu::Row<0, v_t> tail;
-        tail.zero();
-        tail.mul_add(xt + c, wj + c, k - c);
-        acc += tail.sum(k - c);
-      }
-      out[t * ld_out + j] = acc;
-    }
-}
-OMOE_VECTOR_CLONES static void rows_dot_rows_range(const float* x, int64_t T, int64_t k,
-                                                   const float* w, int64_t j0, int64_t j1,
-                                                   float* out, int64_t ld_out) {
-  rows_dot_rows_body(x, T, k, w, j0, j1, out, ld_out);
-}
-OMOE_VECTOR_CLONES static void rows_dot_rows_range(const double* x, int64_t T, int64_t k,
-                                                   const double* w, int64_t j0, int64_t j1,
-                                                   double* out, int64_t ld_out) {
-  rows_dot_rows_body(x, T, k, w, j0, j1, out, ld_out);
-}
-
-// out ([T, n] rows of a contiguous buffer) = x wᵀ for x [T, k] and w [n, k], contiguous.
-template <typename v_t>
-void rows_dot_rows(const v_t* x, int64_t T, int64_t k, const v_t* w, int64_t n, v_t* out) {
-  const int64_t grain = std::max<int64_t>(1, cpu::kExpandGrain / std::max<int64_t>(1, T * k));
-  at::parallel_for(0, n, grain, [&](int64_t j0, int64_t j1) {
-    rows_dot_rows_range(x, T, k, w, j0, j1, out, n);
-  });
-}
-
 // h ([size, E·r]) and the router logits ([size, E]) of rows [start, start + size) of xs
-// (the router reading rs when defined) by the loops above; A, W in xs's dtype, contiguous.
+// (the router reading rs when defined) by dot products (cpu::shrink_rows); A, W in xs's
+// dtype, contiguous.
 template <typename scalar_t>
 void shrink_in_loops(const at::Tensor& xs, const at::Tensor& rs, int64_t start, int64_t size,
                      const at::Tensor& A, const at::Tensor& W, scalar_t* h, scalar_t* logits) {
-  const int64_t d_in = xs.size(1), er = A.size(0) * A.size(1), E = W.size(0);
-  const scalar_t* x_rows = xs.data_ptr<scalar_t>() + start * d_in;
-  rows_dot_rows(x_rows, size, d_in, A.data_ptr<scalar_t>(), er, h);
-  rows_dot_rows(rs.defined() ? rs.data_ptr<scalar_t>() + start * d_in : x_rows, size, d_in,
-                W.data_ptr<scalar_t>(), E, logits);
+  const int64_t d_in = xs.size(1);
+  cpu::shrink_rows(xs.data_ptr<scalar_t>() + start * d_in,
+                   rs.defined() ? rs.data_ptr<scalar_t>() + start * d_in : nullptr, size, d_in,
+                   A.data_ptr<scalar_t>(), A.size(0) * A.size(1), W.data_ptr<scalar_t>(),
+                   W.size(0), h, logits);
 }
 
 // Whether a segment of `size` rows of adapter n takes the loops above: few rows, and the
 // weights already in the accumulate dtype and contiguous (no copy for the loops to read).
 bool segment_in_loops(int64_t size, const at::Tensor& A, const at::Tensor& B,
                       const at::Tensor& W, at::ScalarType acc) {
-  if (size > kLoopRows) return false;
+  if (size > cpu::kDotRows) return false;
   for (const at::Tensor* t : {&A, &B, &W})
     if (t->scalar_type() != acc || !t->is_contiguous()) return false;
   return true;
@@ -290,8 +239,8 @@ at::Tensor mixed_forward_cpu(const at::Tensor& x, at::TensorList A, at::TensorLi
     if (from_e.taken) {  // from_e implies loops: pointers only, no tensor per segment
       RECORD_FUNCTION("omoe::direct", std::vector<c10::IValue>());
       if (!e_work.defined()) {
-        e_work = at::empty({s.E * kLoopRows * s.d_out}, xs.options());
-        a_work = at::empty({kLoopRows * s.E}, xs.options().dtype(at::kDouble));
+        e_work = at::empty({s.E * cpu::kDotRows * s.d_out}, xs.options());
+        a_work = at::empty({cpu::kDotRows * s.E}, xs.options().dtype(at::kDouble));
       }
       AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "omoe_mixed_direct", [&] {
         scalar_t* h_rows = h.data_ptr<scalar_t>() + start * er;

@@ -159,6 +159,14 @@ bool expand_on_blocks(const Sizes& s, const at::Tensor& x, const weight_cache::F
   return x.is_cpu() && s.T <= kBlockExpandTokens && !found.B_cat.defined();
 }
 
+// Whether every tensor is in dtype `acc` and contiguous (read in place by the CPU loops).
+bool in_dtype_and_contiguous(std::initializer_list<const at::Tensor*> tensors,
+                             at::ScalarType acc) {
+  for (const at::Tensor* t : tensors)
+    if (t->scalar_type() != acc || !t->is_contiguous()) return false;
+  return true;
+}
+
 // t itself when it already is contiguous in dtype `acc` (no dispatch), else a copy.
 at::Tensor contiguous_as(const at::Tensor& t, at::ScalarType acc) {
   return t.scalar_type() == acc && t.is_contiguous() ? t : t.to(acc).contiguous();
@@ -504,7 +512,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
   at::Tensor h, logits;
   {
     RECORD_FUNCTION("omoe::shrink", std::vector<c10::IValue>());
-    if (s.T < er + s.E) {
+    if (x.is_cpu() && s.T <= cpu::kDotRows &&
+        in_dtype_and_contiguous({&A, &router_weight}, acc)) {
+      const at::Tensor ri =
+          router_input.has_value() ? router_input->to(acc).contiguous() : at::Tensor();
+      h = at::empty({s.T, er}, xc.options());
+      logits = at::empty({s.T, s.E}, xc.options());
+      AT_DISPATCH_FLOATING_TYPES(acc, "omoe_shrink_rows", [&] {
+        cpu::shrink_rows(xc.data_ptr<scalar_t>(),
+                         ri.defined() ? ri.data_ptr<scalar_t>() : nullptr, s.T, s.d_in,
+                         A.data_ptr<scalar_t>(), er, router_weight.data_ptr<scalar_t>(), s.E,
+                         h.data_ptr<scalar_t>(), logits.data_ptr<scalar_t>());
+      });
+    } else if (s.T < er + s.E) {
       // Few tokens: two GEMMs read x twice, which costs less than packing [A_cat; W].
       h = at::mm(xc, A.reshape({er, s.d_in}).to(acc).t());
       logits = at::mm(router_input.has_value() ? router_input->to(acc) : xc,

@@ -1,5 +1,6 @@
-"""Few tokens on the CPU: the expand and its gradients run on B's own blocks
-(csrc/omoe_cpu_expand.h), and no packed copy B_cat of B is made for weights that changed.
+"""Few tokens on the CPU: the shrink forms h and the router logits by dot products, the
+expand and its gradients run on B's own blocks (csrc/omoe_cpu_expand.h), and no packed copy
+B_cat of B is made for weights that changed.
 
 The weight cache's byte count shows whether a call made B_cat: after a few-token step of
 the direct route (which needs no G) on fresh weights the cache holds B's copy only; a
@@ -19,6 +20,7 @@ pytestmark = pytest.mark.skipif("cpu" not in COMPILED_BACKENDS,
 
 FP32_FWD, FP32_GRAD = ACCURACY_ROWS["fp32-random"].forward, ACCURACY_ROWS["fp32-random"].gradient
 FEW_TOKENS = 8  # kBlockExpandTokens in csrc/omoe_ops.cpp
+DOT_ROWS = 4  # kDotRows in csrc/omoe_cpu_expand.h
 
 
 def _cache_bytes() -> int:
@@ -108,3 +110,27 @@ def test_gradcheck_float64_on_blocks(rank, monkeypatch):
                          base_out=kw.get("base_out"), backend="cpu")
 
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("with_router_input", [False, True], ids=["x", "router_input"])
+@pytest.mark.parametrize("tokens", [1, DOT_ROWS, DOT_ROWS + 1])
+@pytest.mark.parametrize("row", [r for r in ACCURACY_ROWS if "collapse" not in r])
+def test_a_few_tokens_shrink_by_dot_products(row, tokens, with_router_input):
+    """Up to DOT_ROWS tokens with the weights in the accumulate dtype (fp32), the shrink
+    forms h and the router logits with no GEMM; more tokens, or 16-bit weights, take the
+    GEMMs. Either way the forward and every gradient match the float64 oracle."""
+    from torch.profiler import profile
+
+    dtype, _, fwd_tol, grad_tol = ACCURACY_ROWS[row]
+    # d_in 70: longer than one pass of kMaxRow, so the dot products have a tail.
+    problem = make_problem(tokens, d_in=70, d_out=20, num_experts=4, rank=3, seed=5,
+                           dtype=dtype, with_router_input=with_router_input)
+    p = problem.tensors()
+    with torch.no_grad(), profile() as prof:
+        omoe_lora(p["x"], p["A"], p["B"], p["router_weight"], base_out=p["base_out"],
+                  router_input=p.get("router_input"), backend="cpu")
+    gemms = [e for e in prof.events() if e.name == "aten::mm" and e.cpu_parent is not None
+             and e.cpu_parent.name == "omoe::shrink"]
+    by_dots = tokens <= DOT_ROWS and dtype == torch.float32
+    assert len(gemms) == (0 if by_dots else 2), [e.name for e in prof.events()]
+    assert_matches_oracle(problem, "cpu", fwd_tol, grad_tol)
