@@ -132,8 +132,9 @@ void shrink_in_loops(const at::Tensor& xs, const at::Tensor& rs, int64_t start, 
                    W.size(0), h, logits);
 }
 
-// Whether a segment of `size` rows of adapter n takes the loops above: few rows, and the
-// weights already in the accumulate dtype and contiguous (no copy for the loops to read).
+// Whether a segment of `size` rows of adapter n takes the CPU loops (shrink_in_loops, the
+// expert outputs): few rows, and the weights already in the accumulate dtype and
+// contiguous (no copy for the loops to read).
 bool segment_in_loops(int64_t size, const at::Tensor& A, const at::Tensor& B,
                       const at::Tensor& W, at::ScalarType acc) {
   if (size > cpu::kDotRows) return false;
