@@ -757,13 +757,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
         dG_sym = dG + dG.t();
       } else if (route == Route::kPairsGemm) {
         // Per chunk: the pass writes W[i, t, (j, b)] = (dS_ij + dS_ji) h_jb; then
-        // dh_i += W_i G[block i]ᵀ (a batched GEMM, inner dimension R) and
-        // (dG + dGᵀ)[block i, blocks j >= i] += h_iᵀ W_i[:, blocks j >= i] (inner dimension
-        // the chunk's tokens): dG + dGᵀ is symmetric, so its upper block triangle U is enough.
+        // dh_i += W_i G[block i]ᵀ and (dG + dGᵀ)[block i] += h_iᵀ W_i, two float64 batched
+        // GEMMs (inner dimensions R and the chunk's tokens). dS + dSᵀ is symmetric, so
+        // h_iᵀ W_i is block row i of dG + dGᵀ itself: one GEMM for all of it, where a GEMM
+        // per block row of its upper triangle and the diagonal's correction cost two ATen
+        // calls per expert, most of the backward at a few tokens.
         RECORD_FUNCTION("omoe::pairs_gemm_backward", std::vector<c10::IValue>());
         const at::Tensor h_blocks64 = expert_blocks64(hc, s.E, s.r);
         const at::Tensor G_rows_t = G.view({s.E, s.r, er}).transpose(1, 2);  // [E, R, r]
-        at::Tensor U = at::zeros({er, er}, G.options());  // rows (i, a), columns (j, b)
+        at::Tensor dG_rows;  // [E, r, R]: rows (i, a) of dG + dGᵀ
         const int64_t tc = chunk_tokens(s.T, 8.0 * s.E * er, chunk_budget(x));
         for (int64_t t0 = 0; t0 < s.T; t0 += tc) {
           const int64_t n = std::min(tc, s.T - t0);
@@ -779,17 +781,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
                                      zc, dhc, dlc);
           });
           dhc.view({n, s.E, s.r}).add_(at::bmm(W, G_rows_t).transpose(0, 1));
-          for (int64_t i = 0; i < s.E; ++i)
-            U.narrow(0, i * s.r, s.r)
-                .narrow(1, i * s.r, er - i * s.r)
-                .addmm_(h_blocks64[i].narrow(0, t0, n).t(),
-                        W[i].narrow(1, i * s.r, er - i * s.r));
+          const at::Tensor h_t = h_blocks64.narrow(1, t0, n).transpose(1, 2);  // [E, r, n]
+          if (t0 == 0) dG_rows = at::bmm(h_t, W);
+          else dG_rows.baddbmm_(h_t, W);
         }
-        dG_sym = U + U.t();  // the diagonal blocks counted twice: take U_ii off once
-        for (int64_t i = 0; i < s.E; ++i)
-          dG_sym.narrow(0, i * s.r, s.r)
-              .narrow(1, i * s.r, s.r)
-              .sub_(U.narrow(0, i * s.r, s.r).narrow(1, i * s.r, s.r));
+        dG_sym = dG_rows.view({er, er});
       } else {
         RECORD_FUNCTION("omoe::batched_backward", std::vector<c10::IValue>());
         const at::Tensor h_blocks64 = expert_blocks64(hc, s.E, s.r);

@@ -223,6 +223,26 @@ def test_route_pairs_gradcheck_float64(monkeypatch, route_name, top_k):
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
+@pytest.mark.parametrize("top_k", [2, None], ids=["top2", "dense"])
+def test_pairs_gemm_backward_makes_as_many_calls_at_any_expert_count(monkeypatch, top_k):
+    # dG + dGᵀ is one batched GEMM per chunk, not a GEMM per expert (and a correction per
+    # expert): at a few tokens those calls were most of the backward.
+    from torch.profiler import profile
+
+    monkeypatch.setenv("OMOE_ROUTE", "pairs_gemm")
+    calls = {}
+    for E in (4, 16):
+        problem = make_problem(8, 24, 20, E, 4, seed=23)
+        p = {n: t.detach().requires_grad_(True) for n, t in problem.tensors().items()}
+        y = ok.omoe_lora(p["x"], p["A"], p["B"], p["router_weight"], base_out=p["base_out"],
+                         top_k=top_k, backend="cpu")
+        with profile() as prof:
+            y.backward(torch.ones_like(y))
+        calls[E] = sorted(e.name for e in prof.events() if e.cpu_parent is not None
+                          and e.cpu_parent.name == "omoe::pairs_gemm_backward")
+    assert calls[4] and calls[16] == calls[4], calls
+
+
 def test_route_bad_name_is_refused(monkeypatch):
     monkeypatch.setenv("OMOE_ROUTE", "fastest")
     problem = make_problem(*SHAPE, seed=14)
