@@ -16,6 +16,7 @@
 #include <cstring>
 #include <vector>
 
+#include "omoe_cpu_expand.h"
 #include "omoe_cpu_pass.h"
 #include "omoe_token.h"
 
@@ -91,14 +92,31 @@ inline at::Tensor gather_rows(const at::Tensor& h, const ActiveRows& a, int E, i
   return hs;
 }
 
+// Whether expert i's rows take the loops over B_i's rows (csrc/omoe_cpu_expand.h) rather
+// than ATen GEMMs: a few rows, B contiguous. At a few tokens an expert has a row or two,
+// and its GEMM calls (a view, a transpose, the call) cost more than their arithmetic.
+inline bool rows_in_loops(int64_t rows, const at::Tensor& B) {
+  return rows <= kExpertOutputTokens && B.is_contiguous();
+}
+
 // e[rows of i] = hs[rows of i] B_iᵀ for every expert with rows (B: [E, d_out, r]).
 inline at::Tensor expert_outputs(const at::Tensor& hs, const at::Tensor& B,
                                  const ActiveRows& a) {
-  at::Tensor e = at::empty({hs.size(0), B.size(1)}, hs.options());
+  const int64_t d_out = B.size(1), r = B.size(2);
+  at::Tensor e = at::empty({hs.size(0), d_out}, hs.options());
   for (int i = 0; i < int(B.size(0)); ++i) {
-    if (a.rows(i) == 0) continue;
-    at::Tensor e_i = e.narrow(0, a.offset[size_t(i)], a.rows(i));
-    at::mm_out(e_i, hs.narrow(0, a.offset[size_t(i)], a.rows(i)), B[i].t());
+    const int64_t n = a.rows(i), off = a.offset[size_t(i)];
+    if (n == 0) continue;
+    if (rows_in_loops(n, B)) {
+      AT_DISPATCH_FLOATING_TYPES(hs.scalar_type(), "omoe_topk_expert_outputs", [&] {
+        expert_outputs_range(hs.data_ptr<scalar_t>() + off * r,
+                             B.data_ptr<scalar_t>() + i * d_out * r,
+                             e.data_ptr<scalar_t>() + off * d_out, n, 1, d_out, r, 0, d_out);
+      });
+      continue;
+    }
+    at::Tensor e_i = e.narrow(0, off, n);
+    at::mm_out(e_i, hs.narrow(0, off, n), B[i].t());
   }
   return e;
 }
@@ -109,11 +127,24 @@ inline void expert_gradients(const at::Tensor& de, const at::Tensor& hs, const a
                              const ActiveRows& a, at::Tensor& dh, at::Tensor& dB,
                              std::vector<char>& written) {
   const int E = int(B.size(0));
-  const int64_t r = B.size(2);
+  const int64_t r = B.size(2), d_out = B.size(1);
   at::Tensor dhs = at::empty_like(hs);
   for (int i = 0; i < E; ++i) {
     const int64_t n = a.rows(i), off = a.offset[size_t(i)];
     if (n == 0) continue;
+    if (rows_in_loops(n, B)) {  // dB is contiguous: made by topk_direct_backward
+      AT_DISPATCH_FLOATING_TYPES(hs.scalar_type(), "omoe_topk_expert_gradients", [&] {
+        const scalar_t* de_i = de.data_ptr<scalar_t>() + off * d_out;
+        const scalar_t* B_i = B.data_ptr<scalar_t>() + i * d_out * r;
+        rows_times_blocks_range(de_i, 0, B_i, dhs.data_ptr<scalar_t>() + off * r, r, n, d_out,
+                                r, 1.0, /*accumulate=*/false, 0, 1);
+        const OuterTerm<scalar_t> term{de_i, 0, hs.data_ptr<scalar_t>() + off * r, r, 1.0};
+        outer_blocks_range(dB.data_ptr<scalar_t>() + i * d_out * r, written[size_t(i)] != 0,
+                           term, OuterTerm<scalar_t>{}, n, d_out, r, 0, d_out);
+      });
+      written[size_t(i)] = 1;
+      continue;
+    }
     const at::Tensor de_i = de.narrow(0, off, n), hs_i = hs.narrow(0, off, n);
     at::Tensor dhs_i = dhs.narrow(0, off, n);
     at::mm_out(dhs_i, de_i, B[i]);
@@ -228,8 +259,11 @@ inline at::Tensor topk_direct_backward(const at::Tensor& h, const at::Tensor& lo
       expert_gradients(de, hs, B, a, dhc, dB, written);
     });
   }
-  for (int64_t i = 0; i < E; ++i)
-    if (!written[size_t(i)]) dB[i].zero_();
+  AT_DISPATCH_FLOATING_TYPES(dB.scalar_type(), "omoe_topk_zero_unused", [&] {
+    for (int64_t i = 0; i < E; ++i)  // experts no token chose: dB_i = 0
+      if (!written[size_t(i)])
+        std::fill_n(dB.data_ptr<scalar_t>() + i * d_out * r, d_out * r, scalar_t(0));
+  });
   return dB;
 }
 

@@ -146,6 +146,25 @@ def test_route_topk_few_and_odd_tokens(route, tokens):
     assert_matches_oracle(problem, "cpu", 1e-5, 1e-4, top_k=2)
 
 
+@pytest.mark.parametrize("rank", [3, 4, 16])
+def test_topk_direct_route_loops_over_an_experts_few_rows(monkeypatch, rank):
+    # An expert with at most 8 rows (every expert at 8 tokens) forms e, dh and dB by loops
+    # over B_i's rows, without a GEMM; one with more rows (48 tokens over 4 experts)
+    # takes the GEMMs. Both match the oracle.
+    monkeypatch.setenv("OMOE_ROUTE", "direct")
+    for tokens, experts, gemms in ((8, 16, False), (48, 4, True)):
+        problem = make_problem(tokens, 24, 20, experts, rank, seed=31)
+        p = {n: t.detach().requires_grad_(True) for n, t in problem.tensors().items()}
+        with profile() as prof:
+            y = ok.omoe_lora(p["x"], p["A"], p["B"], p["router_weight"],
+                             base_out=p["base_out"], top_k=2, backend="cpu")
+            y.backward(torch.ones_like(y))
+        in_route = [e.name for e in prof.events() if e.cpu_parent is not None
+                    and e.cpu_parent.name in ("omoe::direct", "omoe::direct_backward")]
+        assert any(n in ("aten::mm", "aten::addmm") for n in in_route) == gemms, in_route
+        assert_matches_oracle(problem, "cpu", 1e-5, 1e-4, top_k=2)
+
+
 def test_route_topk_ties_and_nan_logits_route_as_the_oracle(route):
     # Experts 1 and 2 tie in every token's logits (ties go to the lower index); token 3's
     # logits are all NaN (NaN ranks above every number, the lowest indices win, and its
