@@ -14,6 +14,7 @@ import torch
 
 from helpers import ACCURACY_ROWS, COMPILED_BACKENDS, assert_matches_oracle, make_problem
 from omoe_kernels import omoe_lora
+from omoe_kernels.testing.shapes import RANDOM_TOLERANCE
 
 pytestmark = pytest.mark.skipif("cpu" not in COMPILED_BACKENDS,
                                 reason="the compiled CPU op is not built")
@@ -114,23 +115,27 @@ def test_gradcheck_float64_on_blocks(rank, monkeypatch):
 
 @pytest.mark.parametrize("with_router_input", [False, True], ids=["x", "router_input"])
 @pytest.mark.parametrize("tokens", [1, DOT_ROWS, DOT_ROWS + 1])
-@pytest.mark.parametrize("row", [r for r in ACCURACY_ROWS if "collapse" not in r])
+@pytest.mark.parametrize("row", [*ACCURACY_ROWS, "fp64"])
 def test_a_few_tokens_shrink_by_dot_products(row, tokens, with_router_input):
-    """Up to DOT_ROWS tokens with the weights in the accumulate dtype (fp32), the shrink
-    forms h and the router logits with no GEMM; more tokens, or 16-bit weights, take the
-    GEMMs. Either way the forward and every gradient match the float64 oracle."""
+    """Up to DOT_ROWS tokens with the weights in the accumulate dtype (fp32, fp64), the
+    shrink forms h and the router logits with no GEMM; more tokens, or 16-bit weights, take
+    the GEMMs. Either way the forward and every gradient match the float64 oracle at the
+    row's tolerance (fp64: the float64 paths' own)."""
     from torch.profiler import profile
 
-    dtype, _, fwd_tol, grad_tol = ACCURACY_ROWS[row]
+    if row == "fp64":
+        dtype, collapse, (fwd_tol, grad_tol) = torch.float64, 0.0, RANDOM_TOLERANCE[torch.float64]
+    else:
+        dtype, collapse, fwd_tol, grad_tol = ACCURACY_ROWS[row]
     # d_in 70: longer than one pass of kMaxRow, so the dot products have a tail.
     problem = make_problem(tokens, d_in=70, d_out=20, num_experts=4, rank=3, seed=5,
-                           dtype=dtype, with_router_input=with_router_input)
+                           dtype=dtype, collapse=collapse, with_router_input=with_router_input)
     p = problem.tensors()
     with torch.no_grad(), profile() as prof:
         omoe_lora(p["x"], p["A"], p["B"], p["router_weight"], base_out=p["base_out"],
                   router_input=p.get("router_input"), backend="cpu")
     gemms = [e for e in prof.events() if e.name == "aten::mm" and e.cpu_parent is not None
              and e.cpu_parent.name == "omoe::shrink"]
-    by_dots = tokens <= DOT_ROWS and dtype == torch.float32
+    by_dots = tokens <= DOT_ROWS and dtype in (torch.float32, torch.float64)
     assert len(gemms) == (0 if by_dots else 2), [e.name for e in prof.events()]
     assert_matches_oracle(problem, "cpu", fwd_tol, grad_tol)

@@ -429,15 +429,17 @@ def test_few_row_segments_shrink_without_a_gemm():
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the compiled extension is not built")
 @pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("row", [r for r in ACCURACY_ROWS if "collapse" not in r
-                                 and ACCURACY_ROWS[r][0] in (torch.float32, torch.float64)])
-def test_decoding_segments_form_y_from_the_expert_outputs_in_the_op(row, variant):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_decoding_segments_form_y_from_the_expert_outputs_in_the_op(dtype, variant):
     """One token per sample (decoding), each B new to the weight cache: each segment forms
     y from its expert outputs inside the op, as a one-token call of its adapter alone does,
-    with no single-adapter kernel call and no GEMM, and each sample gets that output."""
+    with no single-adapter kernel call and no GEMM, and each sample gets that output.
+    (16-bit weights are not in the accumulate dtype: omoe::forward's kernel takes them.)"""
     from torch.profiler import profile
 
-    dtype, _, fwd_tol, _ = ACCURACY_ROWS[row]
+    from omoe_kernels.testing.shapes import RANDOM_TOLERANCE
+
+    fwd_tol = RANDOM_TOLERANCE[dtype][0]
     options, with_router_input = VARIANTS[variant]
     inputs = make_mixed_problem(SAMPLES, 1, dtype, with_router_input)
     scaling = [0.75, 2.0, 1.5]
