@@ -137,10 +137,7 @@ void shrink_in_loops(const at::Tensor& xs, const at::Tensor& rs, int64_t start, 
 // contiguous (no copy for the loops to read).
 bool segment_in_loops(int64_t size, const at::Tensor& A, const at::Tensor& B,
                       const at::Tensor& W, at::ScalarType acc) {
-  if (size > cpu::kDotRows) return false;
-  for (const at::Tensor* t : {&A, &B, &W})
-    if (t->scalar_type() != acc || !t->is_contiguous()) return false;
-  return true;
+  return size <= cpu::kDotRows && in_dtype_and_contiguous({&A, &B, &W}, acc);
 }
 
 // Whether OMOE_ROUTE forces a route (tests run every route): the segments then go through

@@ -159,14 +159,6 @@ bool expand_on_blocks(const Sizes& s, const at::Tensor& x, const weight_cache::F
   return x.is_cpu() && s.T <= kBlockExpandTokens && !found.B_cat.defined();
 }
 
-// Whether every tensor is in dtype `acc` and contiguous (read in place by the CPU loops).
-bool in_dtype_and_contiguous(std::initializer_list<const at::Tensor*> tensors,
-                             at::ScalarType acc) {
-  for (const at::Tensor* t : tensors)
-    if (t->scalar_type() != acc || !t->is_contiguous()) return false;
-  return true;
-}
-
 // t itself when it already is contiguous in dtype `acc` (no dispatch), else a copy.
 at::Tensor contiguous_as(const at::Tensor& t, at::ScalarType acc) {
   return t.scalar_type() == acc && t.is_contiguous() ? t : t.to(acc).contiguous();
@@ -759,9 +751,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
         // Per chunk: the pass writes W[i, t, (j, b)] = (dS_ij + dS_ji) h_jb; then
         // dh_i += W_i G[block i]ᵀ and (dG + dGᵀ)[block i] += h_iᵀ W_i, two float64 batched
         // GEMMs (inner dimensions R and the chunk's tokens). dS + dSᵀ is symmetric, so
-        // h_iᵀ W_i is block row i of dG + dGᵀ itself: one GEMM for all of it, where a GEMM
-        // per block row of its upper triangle and the diagonal's correction cost two ATen
-        // calls per expert, most of the backward at a few tokens.
+        // h_iᵀ W_i is block row i of dG + dGᵀ itself: one GEMM for all of it (GEMMs per
+        // expert would cost ATen calls that outweigh a few tokens' arithmetic).
         RECORD_FUNCTION("omoe::pairs_gemm_backward", std::vector<c10::IValue>());
         const at::Tensor h_blocks64 = expert_blocks64(hc, s.E, s.r);
         const at::Tensor G_rows_t = G.view({s.E, s.r, er}).transpose(1, 2);  // [E, R, r]

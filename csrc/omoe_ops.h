@@ -6,6 +6,7 @@
 
 #include <ATen/ATen.h>
 
+#include <initializer_list>
 #include <optional>
 #include <tuple>
 
@@ -86,6 +87,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
 // Whether the CPU forward at sizes `s` takes a route through G when G costs nothing (it is
 // cached): the route choice of the single-adapter op, which the mixed-batch op follows.
 bool forward_prefers_gram(const Sizes& s, int64_t k);
+
+// Whether every tensor is in dtype `acc` and contiguous (read in place by the CPU loops).
+inline bool in_dtype_and_contiguous(std::initializer_list<const at::Tensor*> tensors,
+                                    at::ScalarType acc) {
+  for (const at::Tensor* t : tensors)
+    if (t->scalar_type() != acc || !t->is_contiguous()) return false;
+  return true;
+}
 
 // The CPU forward of a few tokens from the expert outputs e_i = B_i h_i, which reads B once
 // and touches no weight cache: taken where omoe::forward takes it for sizes `s`

@@ -214,11 +214,8 @@ def test_route_topk_nan_in_an_unrouted_expert_stays_out(route):
         assert torch.isfinite(grads["B"]).all() and torch.isfinite(grads["router_weight"]).all()
 
 
-@pytest.mark.parametrize("top_k", [2, None], ids=["top2", "dense"])
-def test_route_direct_gradcheck_float64(monkeypatch, top_k):
-    # dense: S and de by the GEMMs batched over tokens; top-2: on the active rows.
-    monkeypatch.setenv("OMOE_ROUTE", "direct")
-    problem = make_problem(5, 4, 5, 4, 2, dtype=torch.float64, seed=20, with_router_input=True)
+def _cpu_gradcheck(problem, top_k) -> bool:
+    """torch.autograd.gradcheck of the cpu backend over every input of a float64 problem."""
     names = list(problem.tensors())
     inputs = tuple(t.detach().clone().requires_grad_(True) for t in problem.tensors().values())
 
@@ -228,7 +225,15 @@ def test_route_direct_gradcheck_float64(monkeypatch, top_k):
                             base_out=kw.get("base_out"), router_input=kw.get("router_input"),
                             top_k=top_k, backend="cpu")
 
-    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+    return torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("top_k", [2, None], ids=["top2", "dense"])
+def test_route_direct_gradcheck_float64(monkeypatch, top_k):
+    # dense: S and de by the GEMMs batched over tokens; top-2: on the active rows.
+    monkeypatch.setenv("OMOE_ROUTE", "direct")
+    problem = make_problem(5, 4, 5, 4, 2, dtype=torch.float64, seed=20, with_router_input=True)
+    assert _cpu_gradcheck(problem, top_k)
 
 
 @pytest.mark.parametrize("route_name", ["pairs", "pairs_gemm"])
@@ -238,22 +243,13 @@ def test_route_pairs_gradcheck_float64(monkeypatch, route_name, top_k):
     # dG; pairs_gemm hands W to two GEMMs. Rank 3: no 8-wide chunk of the pair products.
     monkeypatch.setenv("OMOE_ROUTE", route_name)
     problem = make_problem(5, 4, 5, 4, 3, dtype=torch.float64, seed=22, with_router_input=True)
-    names = list(problem.tensors())
-    inputs = tuple(t.detach().clone().requires_grad_(True) for t in problem.tensors().values())
-
-    def fn(*tensors):
-        kw = dict(zip(names, tensors))
-        return ok.omoe_lora(kw["x"], kw["A"], kw["B"], kw["router_weight"], scaling=0.7,
-                            base_out=kw.get("base_out"), router_input=kw.get("router_input"),
-                            top_k=top_k, backend="cpu")
-
-    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+    assert _cpu_gradcheck(problem, top_k)
 
 
 @pytest.mark.parametrize("top_k", [2, None], ids=["top2", "dense"])
 def test_pairs_gemm_backward_makes_as_many_calls_at_any_expert_count(monkeypatch, top_k):
-    # dG + dGᵀ is one batched GEMM per chunk, not a GEMM per expert (and a correction per
-    # expert): at a few tokens those calls were most of the backward.
+    # dG + dGᵀ is one batched GEMM per chunk, not a GEMM per expert: at a few tokens the
+    # calls would outweigh the arithmetic.
     from torch.profiler import profile
 
     monkeypatch.setenv("OMOE_ROUTE", "pairs_gemm")
