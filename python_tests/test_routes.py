@@ -266,6 +266,28 @@ def test_pairs_gemm_backward_makes_as_many_calls_at_any_expert_count(monkeypatch
     assert calls[4] and calls[16] == calls[4], calls
 
 
+@pytest.mark.parametrize("tokens", [4, 32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gram_backward_is_one_gemm_in_the_accumulate_dtype(monkeypatch, tokens, dtype):
+    # B_cat (dG + dGᵀ) multiplies the float32 B_cat by dG + dGᵀ rounded to float32, adding
+    # into B_cat's gradient: no float64 copy of B_cat, no float64 product to convert back.
+    from torch.profiler import profile
+
+    monkeypatch.setenv("OMOE_ROUTE", "pairs_gemm")
+    problem = make_problem(tokens, 64, 48, 4, 8, dtype=dtype, seed=29)
+    p = {n: t.detach().requires_grad_(True) for n, t in problem.tensors().items()}
+    y = ok.omoe_lora(p["x"], p["A"], p["B"], p["router_weight"], backend="cpu")
+    with profile(record_shapes=True) as prof:
+        y.backward(torch.ones_like(y))
+    ops = [e for e in prof.events()
+           if e.cpu_parent is not None and e.cpu_parent.name == "omoe::gram_backward"]
+    gemms = [e.name for e in ops if e.name in ("aten::mm", "aten::addmm", "aten::addmm_")]
+    assert gemms == ["aten::addmm_"], ops
+    # The one conversion: dG + dGᵀ ([E·r, E·r]) to float32, never B_cat ([d_out, E·r]).
+    converted = [e.input_shapes[0] for e in ops if e.name == "aten::to"]
+    assert converted == [[32, 32]], converted
+
+
 def test_route_bad_name_is_refused(monkeypatch):
     monkeypatch.setenv("OMOE_ROUTE", "fastest")
     problem = make_problem(*SHAPE, seed=14)
