@@ -271,8 +271,6 @@ def test_pairs_gemm_backward_makes_as_many_calls_at_any_expert_count(monkeypatch
 def test_gram_backward_is_one_gemm_in_the_accumulate_dtype(monkeypatch, tokens, dtype):
     # B_cat (dG + dGᵀ) multiplies the float32 B_cat by dG + dGᵀ rounded to float32, adding
     # into B_cat's gradient: no float64 copy of B_cat, no float64 product to convert back.
-    from torch.profiler import profile
-
     monkeypatch.setenv("OMOE_ROUTE", "pairs_gemm")
     problem = make_problem(tokens, 64, 48, 4, 8, dtype=dtype, seed=29)
     p = {n: t.detach().requires_grad_(True) for n, t in problem.tensors().items()}
