@@ -137,6 +137,15 @@ struct Row<R, v_t, false> {
   }
 };
 
+// Whether Row<R, v_t> is whole vectors, and how many rows (or tokens) a loop whose sums are
+// chains of multiply-adds runs side by side: about eight vectors of accumulators in all,
+// half of the sixteen registers of the x86-64-v3 clone.
+template <int R, typename v_t>
+constexpr bool kVectorRows = R > 0 && R % (32 / sizeof(v_t)) == 0;
+template <int R, typename v_t>
+constexpr int kRowBlock =
+    kVectorRows<R, v_t> ? std::max(1, 8 / (R / int(32 / sizeof(v_t)))) : 1;
+
 // Lanes I... of the 16 lanes of (a, b), as a vector of 8 (GCC before 12 has no
 // __builtin_shufflevector).
 template <int... I, typename V>
@@ -193,8 +202,30 @@ __attribute__((always_inline)) inline void expand_blocks_body(
     const v_t* z, const v_t* B, const v_t* base, v_t* y, int64_t T, int64_t E, int64_t d_out,
     int64_t r_, double scaling, int64_t o0, int64_t o1) {
   const int64_t r = rank_of<R>(r_), Rw = E * r;
+  int64_t t_blocked = 0;  // tokens done by the blocks below
+  if constexpr (kVectorRows<R, v_t>) {
+    // A token's sum over the experts is a chain of dependent multiply-adds: kRowBlock tokens
+    // side by side, each row of B loaded once for all of them, in the same order per token.
+    constexpr int TB = kRowBlock<R, v_t>;
+    t_blocked = T / TB * TB;
+    const v_t s = static_cast<v_t>(scaling);
+    for (int64_t o = o0; o < o1; ++o)
+      for (int64_t t0 = 0; t0 < t_blocked; t0 += TB) {
+        Row<R, v_t> part[TB];
+        for (int u = 0; u < TB; ++u) part[u].zero();
+        for (int64_t i = 0; i < E; ++i) {
+          const v_t* row = B + (i * d_out + o) * R;
+          for (int u = 0; u < TB; ++u) part[u].mul_add(row, z + (t0 + u) * Rw + i * R, R);
+        }
+        for (int u = 0; u < TB; ++u) {
+          const int64_t at = (t0 + u) * d_out + o;
+          const v_t sum = s * (v_t(0) + part[u].sum(R));
+          y[at] = base ? base[at] + sum : sum;
+        }
+      }
+  }
   for (int64_t o = o0; o < o1; ++o)
-    for (int64_t t = 0; t < T; ++t) {
+    for (int64_t t = t_blocked; t < T; ++t) {
       v_t acc = 0;
       for (int64_t a0 = 0; a0 < r; a0 += kMaxRow) {  // one pass for a compile-time R
         const int64_t len = R > 0 ? R : std::min(kMaxRow, r - a0);
@@ -255,8 +286,27 @@ __attribute__((always_inline)) inline void rows_times_blocks_body(
       }
     return;
   }
+  int64_t t_blocked = 0;  // tokens done by the blocks below
+  if constexpr (kVectorRows<R, v_t>) {
+    // One token's sum over o is a chain of dependent multiply-adds (N vectors wide): the
+    // loop would wait on their latency. kRowBlock tokens at a time, each B_i row loaded once
+    // for all of them; every sum still runs over o in order.
+    constexpr int TB = kRowBlock<R, v_t>;
+    t_blocked = T / TB * TB;
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t t0 = 0; t0 < t_blocked; t0 += TB) {
+        Row<R, v_t> acc[TB];
+        for (int u = 0; u < TB; ++u) acc[u].zero();
+        const v_t* gt = g + i * g_expert + t0 * d_out;
+        for (int64_t o = 0; o < d_out; ++o)
+          for (int u = 0; u < TB; ++u)
+            acc[u].axpy(gt[u * d_out + o], B + (i * d_out + o) * R, R);
+        for (int u = 0; u < TB; ++u)
+          acc[u].store(out + (t0 + u) * out_stride + i * R, s, accumulate, R);
+      }
+  }
   for (int64_t i = i0; i < i1; ++i)
-    for (int64_t t = 0; t < T; ++t)
+    for (int64_t t = t_blocked; t < T; ++t)
       for (int64_t a0 = 0; a0 < r; a0 += kMaxRow) {
         const int64_t len = R > 0 ? R : std::min(kMaxRow, r - a0);
         Row<R, v_t> acc;
@@ -276,6 +326,28 @@ struct OuterTerm {
   int64_t v_stride = 0;
   double scaling = 1.0;
 };
+
+// NB consecutive rows of dB (whole vectors of R values) = (accumulate ? rows : 0) +
+// Σ_t (s1·g1[t·d_out + u]) v1[t·vs1] + Σ_t (s2·g2[t·d_out + u]) v2[t·vs2] for u < NB (g2
+// null: no second term), each row's terms and tokens added in that order.
+template <int NB, int R, typename v_t>
+__attribute__((always_inline)) inline void outer_rows(v_t* rows, bool accumulate, int64_t T,
+                                                      int64_t d_out, const v_t* g1,
+                                                      const v_t* v1, int64_t vs1, v_t s1,
+                                                      const v_t* g2, const v_t* v2, int64_t vs2,
+                                                      v_t s2) {
+  Row<R, v_t> acc[NB];
+  for (int u = 0; u < NB; ++u) {
+    if (accumulate) acc[u].load(rows + u * R, R);
+    else acc[u].zero();
+  }
+  for (int64_t t = 0; t < T; ++t)
+    for (int u = 0; u < NB; ++u) acc[u].axpy(s1 * g1[t * d_out + u], v1 + t * vs1, R);
+  if (g2 != nullptr)
+    for (int64_t t = 0; t < T; ++t)
+      for (int u = 0; u < NB; ++u) acc[u].axpy(s2 * g2[t * d_out + u], v2 + t * vs2, R);
+  for (int u = 0; u < NB; ++u) acc[u].store(rows + u * R, v_t(1), false, R);
+}
 
 // dB[i, o, a] = (accumulate ? dB[i, o, a] : 0) + first + second (OuterTerm) for the rows
 // (i, o) = q in [q0, q1) of dB as [E·d_out, r].
@@ -332,6 +404,25 @@ __attribute__((always_inline)) inline void outer_blocks_body(
         }
       }
       if (fresh) std::memset(rows, 0, sizeof(v_t) * 4 * n);  // no term and no token
+      q += n;
+    }
+    return;
+  }
+  if constexpr (kVectorRows<R, v_t>) {
+    // Each row's sum over t is a chain of dependent multiply-adds: kRowBlock rows of one
+    // expert at a time, each token's v row loaded once for all of them.
+    constexpr int QB = kRowBlock<R, v_t>;
+    for (int64_t q = q0; q < q1; i += 1, o = 0) {
+      const int64_t n = std::min(q1 - q, d_out - o);  // rows of expert i in the range
+      const v_t *g1i = g1 + i * ge1 + o, *v1i = v1 + i * R;
+      const v_t *g2i = g2 ? g2 + i * ge2 + o : nullptr, *v2i = g2 ? v2 + i * R : nullptr;
+      int64_t k = 0;
+      for (; k + QB <= n; k += QB)
+        outer_rows<QB, R>(dB + (q + k) * R, accumulate, T, d_out, g1i + k, v1i, vs1, s1,
+                          g2i ? g2i + k : nullptr, v2i, vs2, s2);
+      for (; k < n; ++k)  // the range's last rows of this expert
+        outer_rows<1, R>(dB + (q + k) * R, accumulate, T, d_out, g1i + k, v1i, vs1, s1,
+                         g2i ? g2i + k : nullptr, v2i, vs2, s2);
       q += n;
     }
     return;

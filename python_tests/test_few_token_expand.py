@@ -97,9 +97,27 @@ def test_a_few_token_step_in_chunks(monkeypatch):
     assert_matches_oracle(problem, "cpu", FP32_FWD, FP32_GRAD)
 
 
-@pytest.mark.parametrize("rank", [2, 4])
-def test_gradcheck_float64_on_blocks(rank, monkeypatch):
-    problem = make_problem(3, 5, 6, 3, rank, dtype=torch.float64, seed=22)
+# Ranks whose rows are whole vectors (float: 8, 16, 32, 64; double: 4 and up) run several
+# tokens, or several rows of dB, side by side (kRowBlock in csrc/omoe_cpu_expand.h). 5
+# tokens and 13 outputs leave some after the last block; 8 tokens fill their blocks.
+@pytest.mark.parametrize("dtype,rank", [(torch.float32, 8), (torch.float32, 16),
+                                        (torch.float32, 32), (torch.float64, 4),
+                                        (torch.float64, 8)],
+                         ids=["fp32-r8", "fp32-r16", "fp32-r32", "fp64-r4", "fp64-r8"])
+@pytest.mark.parametrize("tokens", [5, FEW_TOKENS])
+def test_a_few_token_step_in_blocks_of_tokens_and_rows(dtype, rank, tokens, monkeypatch):
+    problem = make_problem(tokens, d_in=24, d_out=13, num_experts=3, rank=rank, dtype=dtype,
+                           seed=7)
+    monkeypatch.setenv("OMOE_ROUTE", "direct")  # the expand on B's blocks in the forward too
+    assert_matches_oracle(problem, "cpu", *RANDOM_TOLERANCE[dtype])
+    assert _cache_bytes() == problem.B.nbytes, "the step packed B_cat"
+
+
+# Rank 4 at 8 tokens and 9 outputs: float64 rows of 4 are whole vectors, so the loops run a
+# block of 8 tokens and of 8 rows of dB, and one row after it.
+@pytest.mark.parametrize("tokens,d_out,rank", [(3, 6, 2), (3, 6, 4), (FEW_TOKENS, 9, 4)])
+def test_gradcheck_float64_on_blocks(tokens, d_out, rank, monkeypatch):
+    problem = make_problem(tokens, 5, d_out, 3, rank, dtype=torch.float64, seed=22)
     _direct_step(problem, monkeypatch)
     assert _cache_bytes() == problem.B.nbytes
     names = list(problem.tensors())
