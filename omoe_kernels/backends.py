@@ -17,6 +17,7 @@ variable OMOE_BACKEND, when set to a backend name, replaces "auto".
 from __future__ import annotations
 
 import os
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import Callable
 
@@ -101,9 +102,35 @@ def _load_reference() -> BackendFunction:
 # ---------------------------------------------------------------------------------------
 # The registry. Its order is the order of BACKENDS (names in error messages).
 
-REGISTRY: dict[str, Backend] = {
-    b.name: b
-    for b in (
+
+class Registry(MutableMapping):
+    """The backends by name. `version` counts the changes to it, so that what was resolved
+    from it (functional.py keeps each call's backend) is kept only while it stands."""
+
+    def __init__(self, backends):
+        self._backends = {b.name: b for b in backends}
+        self.version = 0
+
+    def __getitem__(self, name: str) -> Backend:
+        return self._backends[name]
+
+    def __setitem__(self, name: str, backend: Backend) -> None:
+        self._backends[name] = backend
+        self.version += 1
+
+    def __delitem__(self, name: str) -> None:
+        del self._backends[name]
+        self.version += 1
+
+    def __iter__(self):
+        return iter(self._backends)
+
+    def __len__(self) -> int:
+        return len(self._backends)
+
+
+REGISTRY = Registry(
+    (
         # Triton kernels (docs/algorithm.md); on CPU tensors only under the interpreter.
         Backend("triton", places={"cuda": 0, "cpu": 1}, auto_devices=("cuda",),
                 available=_triton_available, load=_load_triton, max_active_experts=MAX_ACTIVE_EXPERTS["triton"]),
@@ -116,7 +143,7 @@ REGISTRY: dict[str, Backend] = {
         Backend("reference", places={ANY_DEVICE: 100}, auto_devices=(ANY_DEVICE,),
                 available=lambda device_type: True, load=_load_reference),
     )
-}
+)
 
 # The names at import time (the public `omoe_kernels.BACKENDS`); checks read REGISTRY itself.
 BACKENDS: tuple[str, ...] = tuple(REGISTRY)

@@ -9,7 +9,8 @@ import torch
 from ._validate import check_inputs
 from .backends import REGISTRY, backend_function, resolve_backend
 
-# (backend_key, k) -> (name, function): the registry answers the same for the same key.
+# (backend_key, device type, k) -> (name, function): the registry answers the same for the
+# same key.
 _RESOLVED: dict[tuple, tuple] = {}
 
 # omoe_lora's (Problem, backend function) by a call's signature: every tensor's type, shape,
@@ -26,12 +27,12 @@ _MAX_PLANS = 4096
 _ENV_KEYS = tuple(map(os.environ.encodekey, ("OMOE_BACKEND", "TRITON_INTERPRET")))
 
 
-def backend_key(backend: str, device: torch.device) -> tuple:
-    """What resolve_backend reads besides the active experts: the name asked for, the
-    device type, the variables OMOE_BACKEND and TRITON_INTERPRET, the registry's entries
-    and the loader."""
+def backend_key(backend: str) -> tuple:
+    """What resolve_backend reads besides the device and the active experts: the name asked
+    for, the variables OMOE_BACKEND and TRITON_INTERPRET, the registry's version and the
+    loader."""
     store = os.environ._data
-    return (backend, device.type, *map(store.get, _ENV_KEYS), tuple(map(id, REGISTRY.values())),
+    return (backend, store.get(_ENV_KEYS[0]), store.get(_ENV_KEYS[1]), REGISTRY.version,
             backend_function)
 
 
@@ -40,7 +41,7 @@ def resolved_backend(backend: str, device: torch.device, active_experts: int):
     if torch.compiler.is_compiling():  # dynamo traces the lookup; nothing to keep
         name = resolve_backend(backend, device, active_experts)
         return name, backend_function(name)
-    key = (backend_key(backend, device), active_experts)
+    key = (backend_key(backend), device.type, active_experts)
     found = _RESOLVED.get(key)
     if found is None:
         name = resolve_backend(backend, device, active_experts)
@@ -72,7 +73,7 @@ def omoe_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, router_weight: 
                 None if router_input is None else (type(router_input), router_input.shape,
                                                    router_input.dtype, router_input.device),
                 type(scaling), scaling, type(top_k), top_k, type(orthogonalize), orthogonalize,
-                type(normalize), normalize, type(eps), eps, backend_key(backend, x.device))
+                type(normalize), normalize, type(eps), eps, backend_key(backend))
             plan = _PLANS.get(signature)
         except (AttributeError, TypeError):  # not tensors, or an option that does not hash
             signature = None

@@ -192,7 +192,7 @@ def _signature(x, As, Bs, Ws, scaling, top_k, orthogonalize, normalize, eps, bas
     return (tuple(map(tensor, As)), tuple(map(tensor, Bs)), tuple(map(tensor, Ws)), tensor(x),
            tensor(base_out), tensor(router_input), scalings, type(top_k), top_k,
            type(orthogonalize), orthogonalize, type(normalize), normalize, type(eps), eps,
-           backend, backend_key(backend, x.device))
+           backend, backend_key(backend))
 
 
 def _checked(x, As, Bs, Ws, adapter_index, scaling, top_k, orthogonalize, normalize, eps,

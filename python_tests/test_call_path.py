@@ -103,6 +103,25 @@ def test_a_kept_call_reads_the_backend_variable_again(monkeypatch):
     assert used == ["auto"]
 
 
+def test_a_kept_call_sees_a_registry_entry_replaced(monkeypatch):
+    import dataclasses
+
+    from omoe_kernels.backends import REGISTRY
+
+    x, A, B, W, base_out = _inputs()
+    first = omoe_lora(x, A, B, W, base_out=base_out, backend="reference")
+    omoe_lora(x, A, B, W, base_out=base_out, backend="reference")  # kept
+    real = REGISTRY["reference"].load()
+    doubled = dataclasses.replace(REGISTRY["reference"],
+                                  load=lambda: lambda *args: 2 * real(*args))
+    monkeypatch.setitem(REGISTRY, "reference", doubled)
+    again = omoe_lora(x, A, B, W, base_out=base_out, backend="reference")
+    torch.testing.assert_close(again, 2 * first, rtol=0, atol=0)
+    monkeypatch.undo()
+    restored = omoe_lora(x, A, B, W, base_out=base_out, backend="reference")
+    torch.testing.assert_close(restored, first, rtol=0, atol=0)
+
+
 def _python_calls(fn) -> int:
     """Python function calls (frames) made by fn(), after a warm-up call."""
     fn()
