@@ -5,7 +5,6 @@ how each runs, bases.py's. This module holds the layer and its state-dict keys.
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 
@@ -19,7 +18,6 @@ from .options import FUNCTION_OPTIONS, check_adapter_name, option_parameters, op
 from .router_stats import RouterStats, record_router_logits, recorded_router_stats
 
 ADAPTER_TENSORS = ("lora_A", "lora_B", "router_weight")
-_NO_CONTEXT = contextlib.nullcontext()  # reusable: it holds no state
 
 
 def innermost_base(module: nn.Module) -> nn.Module:
@@ -27,6 +25,28 @@ def innermost_base(module: nn.Module) -> nn.Module:
     while isinstance(module, OMoELinear):
         module = module.base
     return module
+
+
+def adapter_weights(layer: OMoELinear) -> tuple:
+    """`layer`'s (lora_A, lora_B, router_weight), read from its `_parameters`: an attribute
+    read falls back to nn.Module's __getattr__, which first builds and drops an
+    AttributeError (microseconds of a one-token call). A parametrized weight, which a
+    property serves, is read as an attribute."""
+    params = layer._parameters
+    try:
+        return params["lora_A"], params["lora_B"], params["router_weight"]
+    except KeyError:
+        return layer.lora_A, layer.lora_B, layer.router_weight
+
+
+def without_autocast(autocasting: bool, device_type: str, fn, *args, **kwargs):
+    """fn(*args, **kwargs), with autocast off if it is on: every backend gets one consistent
+    dtype (the compiled ops have no autocast rule, the reference would otherwise mix
+    dtypes)."""
+    if not autocasting:
+        return fn(*args, **kwargs)
+    with torch.autocast(device_type, enabled=False):
+        return fn(*args, **kwargs)
 
 
 def base_factory(base: nn.Module) -> dict:
@@ -100,13 +120,13 @@ class OMoELinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sample_adapters is not None:
             return mixed_forward(self, x)
-        base_out = base_forward(self.base, x)
+        base_out = base_forward(self._modules["base"], x)
         if not self.adapter_enabled:
             return base_out
-        A, B, router_weight = self.lora_A, self.lora_B, self.router_weight
-        param_dtype = A.dtype
-        autocasting = torch.is_autocast_enabled(x.device.type)
-        dtype = compute_dtype(param_dtype, x.device.type) if autocasting else param_dtype
+        A, B, router_weight = adapter_weights(self)
+        param_dtype, device_type = A.dtype, x.device.type
+        autocasting = torch.is_autocast_enabled(device_type)
+        dtype = compute_dtype(param_dtype, device_type) if autocasting else param_dtype
         if dtype != param_dtype:  # differentiable casts: gradients reach the fp32 masters
             A, B, router_weight = A.to(dtype), B.to(dtype), router_weight.to(dtype)
         x_c = x if x.dtype == dtype else x.to(dtype)
@@ -114,14 +134,13 @@ class OMoELinear(nn.Module):
         dropping = self.dropout_p > 0 and self.training
         if self.track_router_stats:
             record_router_logits(self, x_c, router_weight)
-        # Autocast off inside: every backend gets one consistent dtype (the compiled ops
-        # have no autocast rule, the reference would otherwise mix dtypes).
-        with torch.autocast(x.device.type, enabled=False) if autocasting else _NO_CONTEXT:
-            y = omoe_lora(self.dropout(x_c) if dropping else x_c, A, B, router_weight,
-                          scaling=self.scaling, top_k=self.top_k, orthogonalize=self.orthogonalize,
-                          normalize=self.normalize, eps=self.eps,
-                          base_out=base_out if out_dtype == dtype else base_out.to(dtype),
-                          router_input=x_c if dropping else None, backend=self.backend)
+        y = without_autocast(autocasting, device_type, omoe_lora,
+                             self.dropout(x_c) if dropping else x_c, A, B, router_weight,
+                             scaling=self.scaling, top_k=self.top_k,
+                             orthogonalize=self.orthogonalize, normalize=self.normalize,
+                             eps=self.eps,
+                             base_out=base_out if out_dtype == dtype else base_out.to(dtype),
+                             router_input=x_c if dropping else None, backend=self.backend)
         return y if dtype != param_dtype or y.dtype == out_dtype else y.to(out_dtype)
 
     def __getstate__(self):
@@ -168,20 +187,17 @@ def mixed_forward(layer: OMoELinear, x: torch.Tensor) -> torch.Tensor:
     param_dtype = first.lora_A.dtype
     autocasting = torch.is_autocast_enabled(x.device.type)
     dtype = compute_dtype(param_dtype, x.device.type) if autocasting else param_dtype
-    # Read from each layer's parameter dict: nn.Module's attribute fallback costs a
-    # Python call per tensor, twelve for four adapters, at every decoding step.
-    A, B, W = ([m._parameters[t] for m in layers] for t in ADAPTER_TENSORS)
+    A, B, W = (list(ts) for ts in zip(*map(adapter_weights, layers)))
     if dtype != param_dtype:  # differentiable casts: gradients reach the fp32 masters
         A, B, W = ([t.to(dtype) for t in ts] for ts in (A, B, W))
     x_c = x if x.dtype == dtype else x.to(dtype)
     out_dtype = base_out.dtype
-    with torch.autocast(x.device.type, enabled=False) if autocasting else _NO_CONTEXT:
-        y = omoe_lora_mixed(x_c, A, B, W, grouping,
-                            scaling=[m.scaling for m in layers], top_k=first.top_k,
-                            orthogonalize=first.orthogonalize, normalize=first.normalize,
-                            eps=first.eps,
-                            base_out=base_out if out_dtype == dtype else base_out.to(dtype),
-                            backend=first.backend)
+    y = without_autocast(autocasting, x.device.type, omoe_lora_mixed, x_c, A, B, W, grouping,
+                         scaling=[m.scaling for m in layers], top_k=first.top_k,
+                         orthogonalize=first.orthogonalize, normalize=first.normalize,
+                         eps=first.eps,
+                         base_out=base_out if out_dtype == dtype else base_out.to(dtype),
+                         backend=first.backend)
     return y if dtype != param_dtype or y.dtype == out_dtype else y.to(out_dtype)
 
 

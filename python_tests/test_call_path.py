@@ -122,6 +122,24 @@ def test_a_kept_call_sees_a_registry_entry_replaced(monkeypatch):
     torch.testing.assert_close(restored, first, rtol=0, atol=0)
 
 
+def test_the_layer_reads_a_parametrized_weight_through_its_parametrization():
+    from torch.nn.utils import parametrize
+
+    class Doubled(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    layer = omoe_kernels.OMoELinear(torch.nn.Linear(D_IN, D_OUT), E, R, backend="reference")
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(T, D_IN)
+    parametrize.register_parametrization(layer, "lora_B", Doubled())
+    expected = omoe_lora(x, layer.lora_A, 2 * layer.parametrizations.lora_B.original,
+                         layer.router_weight, scaling=layer.scaling, base_out=layer.base(x),
+                         backend="reference")
+    torch.testing.assert_close(layer(x), expected)
+
+
 def _python_calls(fn) -> int:
     """Python function calls (frames) made by fn(), after a warm-up call."""
     fn()
