@@ -137,14 +137,14 @@ struct Row<R, v_t, false> {
   }
 };
 
-// Whether Row<R, v_t> is whole vectors, and how many rows (or tokens) a loop whose sums are
-// chains of multiply-adds runs side by side: about eight vectors of accumulators in all,
-// half of the sixteen registers of the x86-64-v3 clone.
+// How many rows (or tokens) a loop whose sums are chains of multiply-adds runs side by side
+// when Row<R, v_t> is whole vectors: about eight vectors of accumulators in all, half of the
+// sixteen registers of the x86-64-v3 clone. 1 (one at a time) for other rows, and for rows
+// of eight vectors or more, which are eight chains on their own.
 template <int R, typename v_t>
-constexpr bool kVectorRows = R > 0 && R % (32 / sizeof(v_t)) == 0;
-template <int R, typename v_t>
-constexpr int kRowBlock =
-    kVectorRows<R, v_t> ? std::max(1, 8 / (R / int(32 / sizeof(v_t)))) : 1;
+constexpr int kRowBlock = R > 0 && R % (32 / sizeof(v_t)) == 0 && R / (32 / sizeof(v_t)) < 8
+                              ? 8 / (R / int(32 / sizeof(v_t)))
+                              : 1;
 
 // Lanes I... of the 16 lanes of (a, b), as a vector of 8 (GCC before 12 has no
 // __builtin_shufflevector).
@@ -203,7 +203,7 @@ __attribute__((always_inline)) inline void expand_blocks_body(
     int64_t r_, double scaling, int64_t o0, int64_t o1) {
   const int64_t r = rank_of<R>(r_), Rw = E * r;
   int64_t t_blocked = 0;  // tokens done by the blocks below
-  if constexpr (kVectorRows<R, v_t>) {
+  if constexpr (kRowBlock<R, v_t> > 1) {
     // A token's sum over the experts is a chain of dependent multiply-adds: kRowBlock tokens
     // side by side, each row of B loaded once for all of them, in the same order per token.
     constexpr int TB = kRowBlock<R, v_t>;
@@ -287,7 +287,7 @@ __attribute__((always_inline)) inline void rows_times_blocks_body(
     return;
   }
   int64_t t_blocked = 0;  // tokens done by the blocks below
-  if constexpr (kVectorRows<R, v_t>) {
+  if constexpr (kRowBlock<R, v_t> > 1) {
     // One token's sum over o is a chain of dependent multiply-adds (N vectors wide): the
     // loop would wait on their latency. kRowBlock tokens at a time, each B_i row loaded once
     // for all of them; every sum still runs over o in order.
@@ -408,7 +408,7 @@ __attribute__((always_inline)) inline void outer_blocks_body(
     }
     return;
   }
-  if constexpr (kVectorRows<R, v_t>) {
+  if constexpr (kRowBlock<R, v_t> > 1) {
     // Each row's sum over t is a chain of dependent multiply-adds: kRowBlock rows of one
     // expert at a time, each token's v row loaded once for all of them.
     constexpr int QB = kRowBlock<R, v_t>;

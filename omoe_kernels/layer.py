@@ -184,10 +184,10 @@ def mixed_forward(layer: OMoELinear, x: torch.Tensor) -> torch.Tensor:
                          "sample (dim 0 of the input), with num_beams and "
                          "num_return_sequences 1 under generate")
     first = layers[0]
-    param_dtype = first.lora_A.dtype
+    A, B, W = (list(ts) for ts in zip(*map(adapter_weights, layers)))
+    param_dtype = A[0].dtype
     autocasting = torch.is_autocast_enabled(x.device.type)
     dtype = compute_dtype(param_dtype, x.device.type) if autocasting else param_dtype
-    A, B, W = (list(ts) for ts in zip(*map(adapter_weights, layers)))
     if dtype != param_dtype:  # differentiable casts: gradients reach the fp32 masters
         A, B, W = ([t.to(dtype) for t in ts] for ts in (A, B, W))
     x_c = x if x.dtype == dtype else x.to(dtype)

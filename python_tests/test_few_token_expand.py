@@ -97,9 +97,9 @@ def test_a_few_token_step_in_chunks(monkeypatch):
     assert_matches_oracle(problem, "cpu", FP32_FWD, FP32_GRAD)
 
 
-# Ranks whose rows are whole vectors (float: 8, 16, 32, 64; double: 4 and up) run several
-# tokens, or several rows of dB, side by side (kRowBlock in csrc/omoe_cpu_expand.h). 5
-# tokens and 13 outputs leave some after the last block; 8 tokens fill their blocks.
+# Ranks whose rows are one to four whole vectors (float: 8, 16, 32; double: 4, 8, 16) run
+# several tokens, or several rows of dB, side by side (kRowBlock in csrc/omoe_cpu_expand.h).
+# 5 tokens and 13 outputs leave some after the last block; 8 tokens fill their blocks.
 @pytest.mark.parametrize("dtype,rank", [(torch.float32, 8), (torch.float32, 16),
                                         (torch.float32, 32), (torch.float64, 4),
                                         (torch.float64, 8)],
