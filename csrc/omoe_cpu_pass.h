@@ -339,10 +339,152 @@ OMOE_VECTOR_CLONES static void combine64(const double* c, const int* rows, int k
 // shortcut's κ²). The backward writes de_i = Σ_j (dS_ij + dS_ji) e_j in the same layout
 // (zero for inactive experts); dh_i += B_iᵀ de_i and dB_i += de_i h_iᵀ are GEMMs after the
 // pass, so grad_h has no share here.
+// Up to kTiledRows rows, S and de read their rows as float64 kRowChunk values at a time:
+// each row is converted once per chunk for all its pairs (or outputs), and the loops work
+// on 2 × 2 pairs (4 outputs) per read, in registers. Every value is summed in the order
+// dot64 and combine64 sum it, so the tiles change no bit of S or de.
+constexpr int kTiledRows = 16;
+constexpr int64_t kRowChunk = 128;
+
+// buf[m·kRowChunk + q] = e_m[q0 + q] in float64 for q < len (rows[m], e + rows[m]·stride).
+template <typename v_t>
+__attribute__((always_inline)) inline void rows_to_double(const v_t* e, const int* rows, int k,
+                                                          int64_t stride, int64_t q0,
+                                                          int64_t len, double* buf) {
+  for (int m = 0; m < k; ++m) {
+    const v_t* src = e + rows[m] * stride + q0;
+    double* dst = buf + m * kRowChunk;
+    for (int64_t q = 0; q < len; ++q) dst[q] = static_cast<double>(src[q]);
+  }
+}
+
+// S[m·ld + l] = <e_m, e_l> for k <= kTiledRows rows, as dot64 sums it: 8 partial sums along
+// the row (the two halves of a pair's accumulators), added in order, then the n % 8 tail.
+template <typename v_t>
+__attribute__((always_inline)) inline void gram_rows64_body(const v_t* e, const int* rows,
+                                                            int k, int64_t stride, int64_t n,
+                                                            double* S, int ld) {
+  alignas(64) double buf[kTiledRows * kRowChunk];
+  vec4d acc[kTiledRows][kTiledRows][2];
+  const int kp = (k + 1) / 2 * 2;  // an odd k gets a zero row
+  for (int m = 0; m < kp; ++m)
+    for (int l = 0; l < kp; ++l) acc[m][l][0] = acc[m][l][1] = vec4d{0.0, 0.0, 0.0, 0.0};
+  if (kp > k) std::fill_n(buf + k * kRowChunk, kRowChunk, 0.0);
+  const int64_t body = n / 8 * 8;
+  for (int64_t q0 = 0; q0 < body; q0 += kRowChunk) {
+    const int64_t len = std::min(kRowChunk, body - q0);
+    rows_to_double(e, rows, k, stride, q0, len, buf);
+    for (int m = 0; m < kp; m += 2)
+      for (int l = m; l < kp; l += 2) {
+        vec4d a[2][2][2];
+        for (int i = 0; i < 2; ++i)
+          for (int j = 0; j < 2; ++j) {
+            a[i][j][0] = acc[m + i][l + j][0];
+            a[i][j][1] = acc[m + i][l + j][1];
+          }
+        const double* u0 = buf + m * kRowChunk;
+        const double* u1 = u0 + kRowChunk;
+        const double* v0 = buf + l * kRowChunk;
+        const double* v1 = v0 + kRowChunk;
+        for (int64_t q = 0; q < len; q += 8) {
+          vec4d x[2][2], y[2][2];
+          std::memcpy(&x[0], u0 + q, sizeof(x[0]));
+          std::memcpy(&x[1], u1 + q, sizeof(x[1]));
+          std::memcpy(&y[0], v0 + q, sizeof(y[0]));
+          std::memcpy(&y[1], v1 + q, sizeof(y[1]));
+          for (int i = 0; i < 2; ++i)
+            for (int j = 0; j < 2; ++j) {
+              a[i][j][0] += x[i][0] * y[j][0];
+              a[i][j][1] += x[i][1] * y[j][1];
+            }
+        }
+        for (int i = 0; i < 2; ++i)
+          for (int j = 0; j < 2; ++j) {
+            acc[m + i][l + j][0] = a[i][j][0];
+            acc[m + i][l + j][1] = a[i][j][1];
+          }
+      }
+  }
+  for (int m = 0; m < k; ++m)
+    for (int l = m; l < k; ++l) {
+      double s = 0.0;
+      for (int w = 0; w < 8; ++w) s += acc[m][l][w / 4][w % 4];
+      const v_t* u = e + rows[m] * stride;
+      const v_t* v = e + rows[l] * stride;
+      for (int64_t q = body; q < n; ++q)
+        s += static_cast<double>(u[q]) * static_cast<double>(v[q]);
+      S[m * ld + l] = s;
+      S[l * ld + m] = s;
+    }
+}
+
+// de_m = Σ_l c[m·k + l] e_l for k <= kTiledRows rows, written to de + rows[m]·stride, each
+// value summed over l in order from 0.0 as combine64 sums it. c holds (k + 3) / 4 · 4 rows.
+template <typename v_t>
+__attribute__((always_inline)) inline void combine_rows64_body(const double* c, const int* rows,
+                                                               int k, const v_t* e,
+                                                               int64_t stride, int64_t n,
+                                                               v_t* de) {
+  alignas(64) double buf[kTiledRows * kRowChunk];
+  for (int64_t q0 = 0; q0 < n; q0 += kRowChunk) {
+    const int64_t len = std::min(kRowChunk, n - q0);
+    const int64_t body = len / 8 * 8;
+    rows_to_double(e, rows, k, stride, q0, len, buf);
+    for (int m0 = 0; m0 < k; m0 += 4) {
+      const int tile = std::min(4, k - m0);
+      for (int64_t q = 0; q < body; q += 8) {
+        vec4d a[4][2] = {};
+        for (int l = 0; l < k; ++l) {
+          vec4d lo, hi;
+          std::memcpy(&lo, buf + l * kRowChunk + q, sizeof(lo));
+          std::memcpy(&hi, buf + l * kRowChunk + q + 4, sizeof(hi));
+          for (int i = 0; i < 4; ++i) {
+            const double cl = c[(m0 + i) * k + l];
+            a[i][0] += cl * lo;
+            a[i][1] += cl * hi;
+          }
+        }
+        for (int i = 0; i < tile; ++i) {
+          v_t* out = de + rows[m0 + i] * stride + q0 + q;
+          for (int w = 0; w < 8; ++w) out[w] = static_cast<v_t>(a[i][w / 4][w % 4]);
+        }
+      }
+      for (int i = 0; i < tile; ++i)
+        for (int64_t q = body; q < len; ++q) {
+          double s = 0.0;
+          for (int l = 0; l < k; ++l) s += c[(m0 + i) * k + l] * buf[l * kRowChunk + q];
+          de[rows[m0 + i] * stride + q0 + q] = static_cast<v_t>(s);
+        }
+    }
+  }
+}
+OMOE_VECTOR_CLONES static void gram_rows64(const float* e, const int* rows, int k,
+                                           int64_t stride, int64_t n, double* S, int ld) {
+  gram_rows64_body(e, rows, k, stride, n, S, ld);
+}
+OMOE_VECTOR_CLONES static void gram_rows64(const double* e, const int* rows, int k,
+                                           int64_t stride, int64_t n, double* S, int ld) {
+  gram_rows64_body(e, rows, k, stride, n, S, ld);
+}
+OMOE_VECTOR_CLONES static void combine_rows64(const double* c, const int* rows, int k,
+                                              const float* e, int64_t stride, int64_t n,
+                                              float* de) {
+  combine_rows64_body(c, rows, k, e, stride, n, de);
+}
+OMOE_VECTOR_CLONES static void combine_rows64(const double* c, const int* rows, int k,
+                                              const double* e, int64_t stride, int64_t n,
+                                              double* de) {
+  combine_rows64_body(c, rows, k, e, stride, n, de);
+}
+
 // S of the k rows e + rows[m]·stride (n values each), in float64.
 template <int MAX_K, typename value_t>
 inline void gram_of_rows(const value_t* e, const int* rows, int k, int64_t stride, int64_t n,
                          double (*S)[MAX_K]) {
+  if (k <= kTiledRows) {
+    gram_rows64(e, rows, k, stride, n, &S[0][0], MAX_K);
+    return;
+  }
   for (int m = 0; m < k; ++m)
     for (int l = m; l < k; ++l) {
       const double s = dot64(e + rows[m] * stride, e + rows[l] * stride, n);
@@ -355,6 +497,14 @@ inline void gram_of_rows(const value_t* e, const int* rows, int k, int64_t strid
 template <int MAX_K, typename value_t>
 inline void de_of_rows(const value_t* e, const int* rows, int k, int64_t stride, int64_t n,
                        const double (*dS)[MAX_K], value_t* de) {
+  if (k <= kTiledRows) {
+    double c[kTiledRows * kTiledRows];  // rows past k up to a multiple of 4: zero
+    for (int m = 0; m < k; ++m)
+      for (int l = 0; l < k; ++l) c[m * k + l] = dS[m][l] + dS[l][m];
+    std::fill(c + k * k, c + (k + 3) / 4 * 4 * k, 0.0);
+    combine_rows64(c, rows, k, e, stride, n, de);
+    return;
+  }
   double c[MAX_K];
   for (int m = 0; m < k; ++m) {
     for (int l = 0; l < k; ++l) c[l] = dS[m][l] + dS[l][m];
