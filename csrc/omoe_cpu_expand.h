@@ -195,6 +195,88 @@ __attribute__((always_inline)) inline void store4(v_t* p, const V& a, const V& b
   std::memcpy(p + 3 * L, &d, sizeof(V));
 }
 
+// Tokens a loop over float rows of 4 (half a vector) runs side by side: four chains of
+// multiply-adds hide each one's latency.
+constexpr int kQuadTokens = 4;
+
+// rows_times_blocks for float rows of 4, NT tokens (g rows d_out apart, out rows out_stride
+// apart) of one expert B_i ([d_out, 4]).
+template <int NT, typename v_t>
+__attribute__((always_inline)) inline void quad_rows_times_block(const v_t* g, int64_t d_out,
+                                                                 const v_t* Bi, v_t* out,
+                                                                 int64_t out_stride, v_t s,
+                                                                 bool accumulate) {
+  typedef v_t V __attribute__((vector_size(32)));
+  typedef v_t Quad __attribute__((vector_size(16)));
+  V acc[NT] = {};
+  int64_t o = 0;
+  for (; o + 8 <= d_out; o += 8) {  // 8 rows: one load of g per token, four pairs
+    V b0, b1, b2, b3;
+    load4(Bi + o * 4, b0, b1, b2, b3);
+    for (int u = 0; u < NT; ++u) {
+      V g8;
+      std::memcpy(&g8, g + u * d_out + o, sizeof(V));
+      acc[u] += pair_lanes<0>(g8) * b0;
+      acc[u] += pair_lanes<1>(g8) * b1;
+      acc[u] += pair_lanes<2>(g8) * b2;
+      acc[u] += pair_lanes<3>(g8) * b3;
+    }
+  }
+  for (int u = 0; u < NT; ++u) {
+    Quad lo, hi;  // the even and the odd rows' sums
+    std::memcpy(&lo, &acc[u], sizeof(Quad));
+    std::memcpy(&hi, reinterpret_cast<const v_t*>(&acc[u]) + 4, sizeof(Quad));
+    Quad sum = lo + hi;
+    for (int64_t q = o; q < d_out; ++q) {
+      Quad b;
+      std::memcpy(&b, Bi + q * 4, sizeof(Quad));
+      sum += g[u * d_out + q] * b;
+    }
+    v_t* p = out + u * out_stride;
+    Quad old{};
+    if (accumulate) std::memcpy(&old, p, sizeof(Quad));
+    sum = old + s * sum;
+    std::memcpy(p, &sum, sizeof(Quad));
+  }
+}
+
+// Keeps v a rounded value of its own: without it GCC fuses a product with the add that
+// follows into one multiply-add in some copies of a loop (a block of tokens) and not in
+// others (one token), and the two would differ in the last bit.
+template <typename T>
+__attribute__((always_inline)) inline void rounded_alone(T& v) {
+#if defined(__GNUC__) && defined(__x86_64__)
+  asm("" : "+x"(v));
+#endif
+}
+
+// expand_blocks for float rows of 4: y[t, o] for the NT tokens from t0.
+template <int NT, typename v_t>
+__attribute__((always_inline)) inline void quad_expand_tokens(const v_t* z, const v_t* B,
+                                                              const v_t* base, v_t* y,
+                                                              int64_t t0, int64_t E,
+                                                              int64_t d_out, v_t s, int64_t o) {
+  typedef v_t Quad __attribute__((vector_size(16)));
+  Quad part[NT] = {};
+  for (int64_t i = 0; i < E; ++i) {
+    Quad b;
+    std::memcpy(&b, B + (i * d_out + o) * 4, sizeof(Quad));
+    for (int u = 0; u < NT; ++u) {
+      Quad zu;
+      std::memcpy(&zu, z + (t0 + u) * E * 4 + i * 4, sizeof(Quad));
+      part[u] += b * zu;
+    }
+  }
+  for (int u = 0; u < NT; ++u) {
+    v_t total = 0;
+    for (int a = 0; a < 4; ++a) total += part[u][a];
+    const int64_t at = (t0 + u) * d_out + o;
+    v_t sum = s * (v_t(0) + total);  // a -0 sum adds +0, as the other ranks' loops
+    rounded_alone(sum);
+    y[at] = base ? base[at] + sum : sum;
+  }
+}
+
 // y[t, o] = base[t, o] + s · Σ_i Σ_a B[i, o, a] z[t, i·r + a] for o in [o0, o1).
 // z: [T, E·r]; base, y: [T, d_out] (base may be null).
 template <int R, typename v_t>
@@ -203,6 +285,19 @@ __attribute__((always_inline)) inline void expand_blocks_body(
     int64_t r_, double scaling, int64_t o0, int64_t o1) {
   const int64_t r = rank_of<R>(r_), Rw = E * r;
   int64_t t_blocked = 0;  // tokens done by the blocks below
+  if constexpr (R == 4 && sizeof(v_t) == 4) {
+    // float rows of 4: a token's sum over the experts is a chain of multiply-adds on one
+    // 4-lane vector. Eight tokens side by side, each row of B loaded once for all of them;
+    // the tokens left go one at a time through the same code.
+    constexpr int TB = 2 * kQuadTokens;
+    const v_t s = static_cast<v_t>(scaling);
+    for (int64_t o = o0; o < o1; ++o) {
+      int64_t t = 0;
+      for (; t + TB <= T; t += TB) quad_expand_tokens<TB>(z, B, base, y, t, E, d_out, s, o);
+      for (; t < T; ++t) quad_expand_tokens<1>(z, B, base, y, t, E, d_out, s, o);
+    }
+    return;
+  }
   if constexpr (kRowBlock<R, v_t> > 1) {
     // A token's sum over the experts is a chain of dependent multiply-adds: kRowBlock tokens
     // side by side, each row of B loaded once for all of them, in the same order per token.
@@ -251,39 +346,20 @@ __attribute__((always_inline)) inline void rows_times_blocks_body(
   const v_t s = static_cast<v_t>(scaling);
   if constexpr (R == 4 && sizeof(v_t) == 4) {
     // float rows of 4, half a vector: two rows o, o + 1 of B_i (contiguous) per vector
-    // multiply-add, the g pair broadcast by a shuffle; the halves summed at the end.
-    typedef v_t V __attribute__((vector_size(32)));
-    typedef v_t Quad __attribute__((vector_size(16)));
-    for (int64_t i = i0; i < i1; ++i)
-      for (int64_t t = 0; t < T; ++t) {
-        const v_t* gt = g + i * g_expert + t * d_out;
-        const v_t* Bi = B + i * d_out * 4;
-        V acc{};
-        int64_t o = 0;
-        for (; o + 8 <= d_out; o += 8) {  // 8 rows: one load of g, four pairs
-          V g8, b0, b1, b2, b3;
-          std::memcpy(&g8, gt + o, sizeof(V));
-          load4(Bi + o * 4, b0, b1, b2, b3);
-          acc += pair_lanes<0>(g8) * b0;
-          acc += pair_lanes<1>(g8) * b1;
-          acc += pair_lanes<2>(g8) * b2;
-          acc += pair_lanes<3>(g8) * b3;
-        }
-        Quad lo, hi;  // the even and the odd rows' sums
-        std::memcpy(&lo, &acc, sizeof(Quad));
-        std::memcpy(&hi, reinterpret_cast<const v_t*>(&acc) + 4, sizeof(Quad));
-        Quad sum = lo + hi;
-        for (; o < d_out; ++o) {
-          Quad b;
-          std::memcpy(&b, Bi + o * 4, sizeof(Quad));
-          sum += gt[o] * b;
-        }
-        v_t* p = out + t * out_stride + i * 4;
-        Quad old{};
-        if (accumulate) std::memcpy(&old, p, sizeof(Quad));
-        sum = old + s * sum;
-        std::memcpy(p, &sum, sizeof(Quad));
-      }
+    // multiply-add, the g pair broadcast by a shuffle; the halves summed at the end. A
+    // token's sum is a chain of dependent multiply-adds: kQuadTokens tokens side by side,
+    // each load of B_i serving all of them, every sum in the order of one token alone.
+    for (int64_t i = i0; i < i1; ++i) {
+      const v_t* gi = g + i * g_expert;
+      const v_t* Bi = B + i * d_out * 4;
+      int64_t t = 0;
+      for (; t + kQuadTokens <= T; t += kQuadTokens)
+        quad_rows_times_block<kQuadTokens>(
+            gi + t * d_out, d_out, Bi, out + t * out_stride + i * 4, out_stride, s, accumulate);
+      for (; t < T; ++t)
+        quad_rows_times_block<1>(gi + t * d_out, d_out, Bi, out + t * out_stride + i * 4,
+                                 out_stride, s, accumulate);
+    }
     return;
   }
   int64_t t_blocked = 0;  // tokens done by the blocks below

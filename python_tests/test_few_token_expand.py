@@ -98,12 +98,14 @@ def test_a_few_token_step_in_chunks(monkeypatch):
 
 
 # Ranks whose rows are one to four whole vectors (float: 8, 16, 32; double: 4, 8, 16) run
-# several tokens, or several rows of dB, side by side (kRowBlock in csrc/omoe_cpu_expand.h).
+# several tokens, or several rows of dB, side by side (kRowBlock in csrc/omoe_cpu_expand.h);
+# float rows of 4 (half a vector) run 4 tokens in dz and dh, 8 in the expand (kQuadTokens).
 # 5 tokens and 13 outputs leave some after the last block; 8 tokens fill their blocks.
-@pytest.mark.parametrize("dtype,rank", [(torch.float32, 8), (torch.float32, 16),
-                                        (torch.float32, 32), (torch.float64, 4),
-                                        (torch.float64, 8)],
-                         ids=["fp32-r8", "fp32-r16", "fp32-r32", "fp64-r4", "fp64-r8"])
+@pytest.mark.parametrize("dtype,rank", [(torch.float32, 4), (torch.float32, 8),
+                                        (torch.float32, 16), (torch.float32, 32),
+                                        (torch.float64, 4), (torch.float64, 8)],
+                         ids=["fp32-r4", "fp32-r8", "fp32-r16", "fp32-r32", "fp64-r4",
+                              "fp64-r8"])
 @pytest.mark.parametrize("tokens", [5, FEW_TOKENS])
 def test_a_few_token_step_in_blocks_of_tokens_and_rows(dtype, rank, tokens, monkeypatch):
     problem = make_problem(tokens, d_in=24, d_out=13, num_experts=3, rank=rank, dtype=dtype,
