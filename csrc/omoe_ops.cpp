@@ -3,7 +3,7 @@
 //   forward(x, A, B, router_weight, router_input?, base_out?, …) -> (y, h, logits)
 //   backward(grad_y, x, A, B, router_weight, router_input?, h, logits, …)
 //       -> (grad_x, grad_A, grad_B, grad_router_weight, grad_router_input)
-//   omoe_cache::stats() -> [hits, misses, entries, bytes];  omoe_cache::clear()
+//   omoe_cache::stats() -> [hits, misses, entries, bytes, packed_bytes];  omoe_cache::clear()
 //
 // x is [T, d_in] (the Python side flattens), A [E, r, d_in], B [E, d_out, r],
 // router_weight [E, d_in]. h ([T, E·r]) and logits ([T, E]) are what the backward needs;
@@ -336,13 +336,13 @@ double direct_bytes_per_token(const Sizes& s, at::ScalarType acc, int64_t rows,
 // A forward on the CPU that forms y from the expert outputs: e_i = B_i h_i for every
 // expert, S and the MGS from e, then y = base + s·Σ_i a_i e_i. It reads A, W and B once, as
 // a LoRA does, and touches no weight cache; the cheapest route through G, even with G
-// cached, reads B against the cache's copy to know G is current, then G, then B_cat in the
+// cached, reads B against the cache's record to know G is current, then G, then B_cat in the
 // expand. Few tokens (decoding) take it; a route forced by OMOE_ROUTE, but direct_all,
 // turns it off. Forming e is a GEMM of inner dimension r, priced per output as the top-k
 // direct route's thin GEMMs. S comes from the batched GEMM (batched_direct_gram) only
 // where that costs less than the per-token loops: the call alone outweighs a few tokens'.
-// Each side pays kReadCost for what it reads: B once, against B and its copy (the
-// compare), G (float64) and B_cat.
+// Each side pays kReadCost for what it reads: B once, against B and the cache's record of
+// it (the compare: B_cat, or a copy of B), G (float64) and B_cat.
 ExpertOutputsRoute plan_from_expert_outputs(const Sizes& s, int64_t k, bool float32) {
   if (forced_route(Route::kDirect, /*backward=*/false) != Route::kDirect) return {};
   const double T = double(s.T), R = double(s.E * s.r), d = double(s.d_out), E = double(s.E);
@@ -880,7 +880,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
 
 std::vector<int64_t> weight_cache_stats() {
   const weight_cache::Stats s = weight_cache::instance().stats();
-  return {s.hits, s.misses, s.entries, s.bytes};
+  return {s.hits, s.misses, s.entries, s.bytes, s.packed_bytes};
 }
 
 void weight_cache_clear() { weight_cache::instance().clear(); }
@@ -894,7 +894,7 @@ TORCH_LIBRARY(omoe, m) {
 }
 
 // The weight cache (omoe_weight_cache.h), in a namespace of its own: these are not device
-// kernels. stats() -> [hits, misses, entries, bytes]; clear() empties it.
+// kernels. stats() -> [hits, misses, entries, bytes, packed_bytes]; clear() empties it.
 TORCH_LIBRARY(omoe_cache, m) {
   m.def("stats() -> int[]", &omoe::weight_cache_stats);
   m.def("clear() -> ()", &omoe::weight_cache_clear);

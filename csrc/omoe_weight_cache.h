@@ -2,12 +2,14 @@
 // B is unchanged. Decoding and inference reuse them call after call; in training the
 // backward reuses the forward's.
 //
-// "Unchanged" is checked on the contents, bitwise: an entry keeps a copy of B, and a
-// lookup compares B with it (memcmp on the CPU). Version counters would miss edits made
-// through `.data` (gradcheck's perturbations, hand-written optimizers, EMA updates), and
-// a stale G is a silent wrong answer. The compare reads d_out·E·r values; forming G costs
-// E·r times that. Entries are found by B's TensorImpl (a weak reference, so freed weights
-// drop out) and must match its dtype, device, sizes and strides too.
+// "Unchanged" is checked on the contents, bitwise: a lookup compares B with the entry's
+// B_cat where that is B's packed copy in B's dtype, else with a copy of B the entry keeps
+// (few-token calls make no B_cat; 16-bit weights pack into float32). Version counters
+// would miss edits made through `.data` (gradcheck's perturbations, hand-written
+// optimizers, EMA updates), and a stale G is a silent wrong answer. The compare reads
+// d_out·E·r values twice; forming G costs E·r times that. Entries are found by B's
+// TensorImpl (a weak reference, so freed weights drop out) and must match its dtype,
+// device, sizes and strides too.
 // Only CPU weights are cached (see `cacheable`).
 #pragma once
 
@@ -25,6 +27,7 @@ namespace weight_cache {
 
 struct Stats {
   int64_t hits = 0, misses = 0, entries = 0, bytes = 0;
+  int64_t packed_bytes = 0;  // of those bytes, the B_cats held
 };
 
 // What the cache holds for B: whether B was used before with exactly these contents,
@@ -40,6 +43,59 @@ inline bool bitwise_equal(const at::Tensor& a, const at::Tensor& b) {  // CPU te
     return false;
   const at::Tensor ac = a.contiguous(), bc = b.contiguous();
   return std::memcmp(ac.data_ptr(), bc.data_ptr(), ac.nbytes()) == 0;
+}
+
+// Whether B_cat is B ([E, d_out, r]) packed as [d_out, E·r] in B's dtype, in storage of its
+// own (with one expert the packing can be a view of B, which no compare could trust).
+inline bool packs(const at::Tensor& B, const at::Tensor& B_cat) {
+  return B_cat.defined() && B.dim() == 3 && B_cat.dim() == 2 && B_cat.is_contiguous() &&
+         B_cat.scalar_type() == B.scalar_type() && B_cat.device() == B.device() &&
+         B_cat.size(0) == B.size(1) && B_cat.size(1) == B.size(0) * B.size(2) &&
+         B_cat.has_storage() && !B_cat.storage().is_alias_of(B.storage());
+}
+
+// The bits of rows x and y (bytes a multiple of W) that differ, OR-ed into diff, W bytes
+// at a time (two 8-byte words of a vector register, or four).
+template <int W>
+inline void or_differences(const unsigned char* x, const unsigned char* y, int64_t bytes,
+                           uint64_t (&diff)[W / 8]) {
+  for (int64_t at = 0; at < bytes; at += W)
+    for (int w = 0; w < W / 8; ++w) {
+      uint64_t u, v;
+      std::memcpy(&u, x + at + 8 * w, 8);
+      std::memcpy(&v, y + at + 8 * w, 8);
+      diff[w] |= u ^ v;
+    }
+}
+
+// B against B_cat, its packed copy (packs), bitwise: row o of B_cat is B[i, o, :] for
+// every i in turn. Rows of a multiple of 32 (or 8) bytes are compared 32 (8) at a time.
+inline bool equals_packed(const at::Tensor& B, const at::Tensor& B_cat) {
+  if (!packs(B, B_cat)) return false;
+  const at::Tensor Bc = B.contiguous();
+  const int64_t E = B.size(0), d_out = B.size(1);
+  const int64_t row = B.size(2) * int64_t(B.element_size());  // bytes of one r-row
+  const auto* b = static_cast<const unsigned char*>(Bc.data_ptr());
+  const auto* p = static_cast<const unsigned char*>(B_cat.data_ptr());
+  for (int64_t o = 0; o < d_out; ++o) {
+    const unsigned char* packed_row = p + o * E * row;
+    if (row % 32 == 0) {
+      uint64_t diff[4] = {};
+      for (int64_t i = 0; i < E; ++i)
+        or_differences<32>(b + (i * d_out + o) * row, packed_row + i * row, row, diff);
+      if ((diff[0] | diff[1] | diff[2] | diff[3]) != 0) return false;
+    } else if (row % 8 == 0) {
+      uint64_t diff[1] = {};
+      for (int64_t i = 0; i < E; ++i)
+        or_differences<8>(b + (i * d_out + o) * row, packed_row + i * row, row, diff);
+      if (diff[0] != 0) return false;
+    } else {
+      for (int64_t i = 0; i < E; ++i)
+        if (std::memcmp(b + (i * d_out + o) * row, packed_row + i * row, size_t(row)) != 0)
+          return false;
+    }
+  }
+  return true;
 }
 
 class GramCache {
@@ -59,18 +115,18 @@ class GramCache {
   }
 
   // Remembers B's contents (so a later call knows B is being reused) with its B_cat and G
-  // when given.
+  // when given: as B_cat where that is B's packed copy (packs), else as a copy of B.
   void remember(const at::Tensor& B, const at::Tensor& B_cat,
                 const at::Tensor& G = at::Tensor()) {
     if (!cacheable(B)) return;
     Entry entry{
         c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(B.getIntrusivePtr()),
-        B.clone(at::MemoryFormat::Contiguous),
+        packs(B, B_cat) ? at::Tensor() : B.clone(at::MemoryFormat::Contiguous),
         B_cat,
         G,
         0,
         0};
-    entry.bytes = int64_t(entry.copy.nbytes()) +
+    entry.bytes = (entry.copy.defined() ? int64_t(entry.copy.nbytes()) : 0) +
                   (B_cat.defined() ? int64_t(B_cat.nbytes()) : 0) +
                   (G.defined() ? int64_t(G.nbytes()) : 0);
     std::lock_guard<std::mutex> lock(mutex_);
@@ -97,6 +153,8 @@ class GramCache {
     Stats s = stats_;
     s.entries = int64_t(entries_.size());
     s.bytes = bytes_;
+    for (const auto& kv : entries_)
+      if (kv.second.B_cat.defined()) s.packed_bytes += int64_t(kv.second.B_cat.nbytes());
     return s;
   }
 
@@ -110,12 +168,13 @@ class GramCache {
  private:
   struct Entry {
     c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> impl;
-    at::Tensor copy;  // B's contents when the entry was made
+    at::Tensor copy;  // B's contents when the entry was made; undefined: B_cat holds them
     at::Tensor B_cat, G;
     int64_t bytes;
     uint64_t last_use;
     bool matches(const at::Tensor& B) const {
-      return !impl.expired() && bitwise_equal(B, copy);
+      if (impl.expired()) return false;
+      return copy.defined() ? bitwise_equal(B, copy) : equals_packed(B, B_cat);
     }
   };
 

@@ -2,10 +2,11 @@
 expand and its gradients run on B's own blocks (csrc/omoe_cpu_expand.h), and no packed copy
 B_cat of B is made for weights that changed.
 
-The weight cache's byte count shows whether a call made B_cat: after a few-token step of
-the direct route (which needs no G) on fresh weights the cache holds B's copy only; a
-many-token call on the same weights adds B_cat. Every case also checks the results against
-the float64 oracle, with the route the cost rule picks or the one a case forces.
+The weight cache's counts show whether a call made B_cat: after a few-token step of the
+direct route (which needs no G) on fresh weights the cache holds B's copy and no B_cat; a
+many-token call on the same weights keeps B_cat in its place. Every case also checks the
+results against the float64 oracle, with the route the cost rule picks or the one a case
+forces.
 """
 from __future__ import annotations
 
@@ -26,6 +27,16 @@ DOT_ROWS = 4  # kDotRows in csrc/omoe_cpu_expand.h
 
 def _cache_bytes() -> int:
     return torch.ops.omoe_cache.stats()[3]
+
+
+def _packed_bytes() -> int:
+    """Bytes of the B_cats the weight cache holds."""
+    return torch.ops.omoe_cache.stats()[4]
+
+
+def _assert_no_packed_copy(problem, message="the step packed B_cat"):
+    assert _packed_bytes() == 0, message
+    assert _cache_bytes() == problem.B.nbytes, "the cache holds more than a copy of B"
 
 
 @pytest.fixture(autouse=True)
@@ -52,10 +63,11 @@ def _direct_step(problem, monkeypatch, **options):
 def test_a_few_token_step_makes_no_packed_copy(tokens, rank, top_k, monkeypatch):
     problem = make_problem(tokens, d_in=24, d_out=20, num_experts=4, rank=rank, seed=3)
     _direct_step(problem, monkeypatch, top_k=top_k)
-    assert _cache_bytes() == problem.B.nbytes, "a few-token step packed B_cat"
+    _assert_no_packed_copy(problem, "a few-token step packed B_cat")
     _direct_step(make_problem(FEW_TOKENS + 1, d_in=24, d_out=20, num_experts=4, rank=rank,
                               seed=3), monkeypatch, top_k=top_k)  # same B, many tokens
-    assert _cache_bytes() == 2 * problem.B.nbytes
+    assert _packed_bytes() == problem.B.nbytes, "a many-token step made no B_cat"
+    assert _cache_bytes() == problem.B.nbytes, "B_cat packs B: no copy of B is kept beside it"
     torch.ops.omoe_cache.clear()
     assert_matches_oracle(problem, "cpu", FP32_FWD, FP32_GRAD, top_k=top_k)
 
@@ -68,7 +80,7 @@ def test_a_few_token_step_on_blocks_at_every_accuracy_row(row, monkeypatch):
     problem = make_problem(FEW_TOKENS, d_in=40, d_out=36, num_experts=4, rank=16,
                            dtype=dtype, collapse=collapse, seed=6)
     _direct_step(problem, monkeypatch)
-    assert _cache_bytes() == problem.B.nbytes, "the step packed B_cat"
+    _assert_no_packed_copy(problem)
     torch.ops.omoe_cache.clear()
     assert_matches_oracle(problem, "cpu", fwd_tol, grad_tol)
 
@@ -80,7 +92,7 @@ def test_a_few_token_step_through_g_on_blocks(route, monkeypatch):
     problem = make_problem(3, d_in=24, d_out=20, num_experts=4, rank=4, seed=4,
                            with_router_input=True)
     _direct_step(problem, monkeypatch)
-    assert _cache_bytes() == problem.B.nbytes
+    _assert_no_packed_copy(problem)
     monkeypatch.setenv("OMOE_ROUTE", route)
     torch.ops.omoe_cache.clear()
     assert_matches_oracle(problem, "cpu", FP32_FWD, FP32_GRAD)
@@ -92,7 +104,7 @@ def test_a_few_token_step_in_chunks(monkeypatch):
     # Σ de_iᵀ h_i to dB.
     problem = make_problem(FEW_TOKENS, d_in=8, d_out=20000, num_experts=4, rank=4, seed=5)
     _direct_step(problem, monkeypatch)
-    assert _cache_bytes() == problem.B.nbytes
+    _assert_no_packed_copy(problem)
     torch.ops.omoe_cache.clear()
     assert_matches_oracle(problem, "cpu", FP32_FWD, FP32_GRAD)
 
@@ -112,7 +124,7 @@ def test_a_few_token_step_in_blocks_of_tokens_and_rows(dtype, rank, tokens, monk
                            seed=7)
     monkeypatch.setenv("OMOE_ROUTE", "direct")  # the expand on B's blocks in the forward too
     assert_matches_oracle(problem, "cpu", *RANDOM_TOLERANCE[dtype])
-    assert _cache_bytes() == problem.B.nbytes, "the step packed B_cat"
+    _assert_no_packed_copy(problem)
 
 
 # Rank 4 at 8 tokens and 9 outputs: float64 rows of 4 are whole vectors, so the loops run a
@@ -121,7 +133,7 @@ def test_a_few_token_step_in_blocks_of_tokens_and_rows(dtype, rank, tokens, monk
 def test_gradcheck_float64_on_blocks(tokens, d_out, rank, monkeypatch):
     problem = make_problem(tokens, 5, d_out, 3, rank, dtype=torch.float64, seed=22)
     _direct_step(problem, monkeypatch)
-    assert _cache_bytes() == problem.B.nbytes
+    _assert_no_packed_copy(problem)
     names = list(problem.tensors())
     inputs = tuple(t.detach().clone().requires_grad_(True) for t in problem.tensors().values())
 

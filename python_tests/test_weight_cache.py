@@ -1,5 +1,6 @@
 """The compiled ops' weight cache (csrc/omoe_weight_cache.h): G = B_catᵀB_cat is reused
-while B is unchanged (compared bitwise with a copy), and never once it changes.
+while B is unchanged (compared bitwise with B_cat, B's packed copy, or with a copy of B),
+and never once it changes.
 
 Each invalidation test first fills the cache with no-grad calls, changes the weights the
 way users do, and checks the next call against the reference backend on the new weights:
@@ -21,8 +22,8 @@ pytestmark = pytest.mark.skipif("cpu" not in COMPILED_BACKENDS,
 
 
 def _stats() -> dict:
-    hits, misses, entries, nbytes = torch.ops.omoe_cache.stats()
-    return dict(hits=hits, misses=misses, entries=entries, bytes=nbytes)
+    hits, misses, entries, nbytes, packed = torch.ops.omoe_cache.stats()
+    return dict(hits=hits, misses=misses, entries=entries, bytes=nbytes, packed=packed)
 
 
 @pytest.fixture(autouse=True)
@@ -147,3 +148,62 @@ def test_dead_weights_leave_the_cache():
     other = _layer(seed=3)
     _warm(other, x)  # inserting drops the entries of freed weights
     assert _stats()["entries"] == 1
+
+
+# Rows of B of 12 bytes (float rank 3) are compared row by row, of 16 bytes (float rank 4)
+# 8 bytes at a time, of 32 bytes (double rank 4) 32 at a time.
+@pytest.mark.parametrize("rank, dtype", [(3, torch.float32), (4, torch.float32),
+                                         (4, torch.float64)], ids=["fp32-r3", "fp32-r4", "fp64-r4"])
+def test_an_entry_compares_b_with_its_packed_copy(rank, dtype):
+    # B_cat in B's dtype is B's packed copy: the entry keeps no other copy of B, and an edit
+    # of one value anywhere in B (through .data: no version counter moves) is seen.
+    torch.manual_seed(0)
+    layer = ok.OMoELinear(nn.Linear(24, 20), 4, rank, backend="cpu").to(dtype)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.5)
+    x = torch.randn(16, 24, dtype=dtype)
+    _warm(layer, x)
+    B, R = layer.lora_B, 4 * rank
+    stats = _stats()
+    assert stats["packed"] == B.nbytes
+    assert stats["bytes"] == B.nbytes + R * R * 8, "the entry holds more than B_cat and G"
+    for expert, row, col in [(0, 0, 0), (2, 7, 1), (3, 19, rank - 1)]:
+        B.data[expert, row, col] += 1.0
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), _reference(layer, x), rtol=1e-5, atol=1e-6)
+
+
+def test_one_expert_keeps_a_copy():
+    # With one expert the packing is a view of B itself, which no compare could trust.
+    torch.manual_seed(0)
+    layer = ok.OMoELinear(nn.Linear(24, 20), 1, 4, backend="cpu")
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.5)
+    x = torch.randn(16, 24)
+    _warm(layer, x)
+    B = layer.lora_B
+    assert _stats()["bytes"] == 2 * B.nbytes + 4 * 4 * 8
+    B.data[0, 5, 2] += 1.0
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), _reference(layer, x), rtol=1e-5, atol=1e-6)
+
+
+def test_sixteen_bit_weights_keep_a_copy():
+    # bf16 weights pack into a float32 B_cat, which is not B's bits: the entry keeps B's copy.
+    torch.manual_seed(0)
+    layer = ok.OMoELinear(nn.Linear(24, 20), 4, 4, backend="cpu").to(torch.bfloat16)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.5)
+    _warm(layer, torch.randn(16, 24, dtype=torch.bfloat16))
+    B = layer.lora_B
+    stats = _stats()
+    assert stats["packed"] == B.numel() * 4
+    assert stats["bytes"] == B.nbytes + stats["packed"] + 16 * 16 * 8
+
+
+def _reference(layer, x):
+    layer.backend = "reference"
+    try:
+        return layer(x)
+    finally:
+        layer.backend = "cpu"
