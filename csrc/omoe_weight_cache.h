@@ -4,12 +4,12 @@
 //
 // "Unchanged" is checked on the contents, bitwise: a lookup compares B with the entry's
 // B_cat where that is B's packed copy in B's dtype, else with a copy of B the entry keeps
-// (few-token calls make no B_cat; 16-bit weights pack into float32). Version counters
-// would miss edits made through `.data` (gradcheck's perturbations, hand-written
-// optimizers, EMA updates), and a stale G is a silent wrong answer. The compare reads
-// d_out·E·r values twice; forming G costs E·r times that. Entries are found by B's
-// TensorImpl (a weak reference, so freed weights drop out) and must match its dtype,
-// device, sizes and strides too.
+// (few-token calls make no B_cat; 16-bit weights pack into float32; one expert's B_cat
+// can be a view of B). Version counters would miss edits made through `.data`
+// (gradcheck's perturbations, hand-written optimizers, EMA updates), and a stale G is a
+// silent wrong answer. The compare reads d_out·E·r values twice; forming G costs E·r
+// times that. Entries are found by B's TensorImpl (a weak reference, so freed weights
+// drop out) and must match its dtype, device, sizes and strides too.
 // Only CPU weights are cached (see `cacheable`).
 #pragma once
 
