@@ -72,12 +72,14 @@ def test_a_few_token_step_makes_no_packed_copy(tokens, rank, top_k, monkeypatch)
     assert_matches_oracle(problem, "cpu", FP32_FWD, FP32_GRAD, top_k=top_k)
 
 
+# Rank 4 and 16: float rows of half a vector and of two vectors, each in blocks of tokens.
+@pytest.mark.parametrize("rank", [4, 16])
 @pytest.mark.parametrize("row", list(ACCURACY_ROWS))
-def test_a_few_token_step_on_blocks_at_every_accuracy_row(row, monkeypatch):
+def test_a_few_token_step_on_blocks_at_every_accuracy_row(row, rank, monkeypatch):
     # The most tokens that expand on B's blocks, every dtype and the collapse rows of
     # docs/contract.md §2, forward and gradients.
     dtype, collapse, fwd_tol, grad_tol = ACCURACY_ROWS[row]
-    problem = make_problem(FEW_TOKENS, d_in=40, d_out=36, num_experts=4, rank=16,
+    problem = make_problem(FEW_TOKENS, d_in=40, d_out=36, num_experts=4, rank=rank,
                            dtype=dtype, collapse=collapse, seed=6)
     _direct_step(problem, monkeypatch)
     _assert_no_packed_copy(problem)

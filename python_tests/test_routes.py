@@ -85,17 +85,22 @@ def test_route_vector_loops_and_their_tails(route, top_k, collapse):
     assert_matches_oracle(problem, "cpu", fwd_tol, grad_tol, top_k=top_k)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("row", [*ACCURACY_ROWS, "fp64"])
 @pytest.mark.parametrize("experts, rank, top_k", [
     (3, 8, None), (16, 20, None), (17, 20, None), (20, 3, 5), (20, 3, 16), (20, 3, 17)])
-def test_direct_route_gram_and_de_over_row_tiles(monkeypatch, experts, rank, top_k, dtype):
+def test_direct_route_gram_and_de_over_row_tiles(monkeypatch, experts, rank, top_k, row):
     # The direct route's S and de loops take the k rows two (S) or four (de) at a time in
     # chunks of 128 values, up to 16 rows: an odd k pads a zero row, 300 values are two
     # chunks and a 44-value chunk ending in a 4-value tail. 17 rows take the per-pair
     # loops. Dense routing with E < r runs the loops; E >= r takes batched GEMMs instead.
+    # Every accuracy row: 16-bit inputs run these loops on float32 expert outputs.
+    if row == "fp64":
+        dtype, collapse, tolerance = torch.float64, 0.0, RANDOM_TOLERANCE[torch.float64]
+    else:
+        dtype, collapse, fwd_tol, grad_tol = ACCURACY_ROWS[row]
+        tolerance = (fwd_tol, grad_tol)
     monkeypatch.setenv("OMOE_ROUTE", "direct")
-    problem = make_problem(9, 16, 300, experts, rank, seed=41, dtype=dtype)
-    tolerance = (1e-5, 1e-4) if dtype == torch.float32 else RANDOM_TOLERANCE[torch.float64]
+    problem = make_problem(9, 16, 300, experts, rank, seed=41, dtype=dtype, collapse=collapse)
     assert_matches_oracle(problem, "cpu", *tolerance, top_k=top_k)
 
 
