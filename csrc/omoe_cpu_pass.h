@@ -316,23 +316,6 @@ __attribute__((always_inline)) inline void combine64_body(const double* c, const
     for (int64_t q = 0; q < len; ++q) out[q0 + q] = static_cast<v_t>(acc[q]);
   }
 }
-OMOE_VECTOR_CLONES static double dot64(const float* u, const float* v, int64_t n) {
-  return dot64_body(u, v, n);
-}
-OMOE_VECTOR_CLONES static double dot64(const double* u, const double* v, int64_t n) {
-  return dot64_body(u, v, n);
-}
-OMOE_VECTOR_CLONES static void combine64(const double* c, const int* rows, int k,
-                                         const float* e, int64_t stride, int64_t n,
-                                         float* out) {
-  combine64_body(c, rows, k, e, stride, n, out);
-}
-OMOE_VECTOR_CLONES static void combine64(const double* c, const int* rows, int k,
-                                         const double* e, int64_t stride, int64_t n,
-                                         double* out) {
-  combine64_body(c, rows, k, e, stride, n, out);
-}
-
 // S from the expert outputs: e points at this token's e_0 (d_out values, expert i at
 // e + i·stride; float32 for float32 and 16-bit inputs: S is then the exact Gram matrix of
 // vectors rounded like the eager fp32 e_i, which keeps MGS-level accuracy, not a Gram
@@ -458,24 +441,28 @@ __attribute__((always_inline)) inline void combine_rows64_body(const double* c, 
     }
   }
 }
-OMOE_VECTOR_CLONES static void gram_rows64(const float* e, const int* rows, int k,
-                                           int64_t stride, int64_t n, double* S, int ld) {
-  gram_rows64_body(e, rows, k, stride, n, S, ld);
-}
-OMOE_VECTOR_CLONES static void gram_rows64(const double* e, const int* rows, int k,
-                                           int64_t stride, int64_t n, double* S, int ld) {
-  gram_rows64_body(e, rows, k, stride, n, S, ld);
-}
-OMOE_VECTOR_CLONES static void combine_rows64(const double* c, const int* rows, int k,
-                                              const float* e, int64_t stride, int64_t n,
-                                              float* de) {
-  combine_rows64_body(c, rows, k, e, stride, n, de);
-}
-OMOE_VECTOR_CLONES static void combine_rows64(const double* c, const int* rows, int k,
-                                              const double* e, int64_t stride, int64_t n,
-                                              double* de) {
-  combine_rows64_body(c, rows, k, e, stride, n, de);
-}
+// The x86-64-v3 and baseline clones of the row loops above, for float and double.
+#define OMOE_ROW_LOOP_CLONES(v_t)                                                            \
+  OMOE_VECTOR_CLONES static double dot64(const v_t* u, const v_t* v, int64_t n) {            \
+    return dot64_body(u, v, n);                                                              \
+  }                                                                                          \
+  OMOE_VECTOR_CLONES static void combine64(const double* c, const int* rows, int k,          \
+                                           const v_t* e, int64_t stride, int64_t n,          \
+                                           v_t* out) {                                       \
+    combine64_body(c, rows, k, e, stride, n, out);                                           \
+  }                                                                                          \
+  OMOE_VECTOR_CLONES static void gram_rows64(const v_t* e, const int* rows, int k,           \
+                                             int64_t stride, int64_t n, double* S, int ld) { \
+    gram_rows64_body(e, rows, k, stride, n, S, ld);                                          \
+  }                                                                                          \
+  OMOE_VECTOR_CLONES static void combine_rows64(const double* c, const int* rows, int k,     \
+                                                const v_t* e, int64_t stride, int64_t n,     \
+                                                v_t* de) {                                   \
+    combine_rows64_body(c, rows, k, e, stride, n, de);                                       \
+  }
+OMOE_ROW_LOOP_CLONES(float)
+OMOE_ROW_LOOP_CLONES(double)
+#undef OMOE_ROW_LOOP_CLONES
 
 // S of the k rows e + rows[m]·stride (n values each), in float64.
 template <int MAX_K, typename value_t>
