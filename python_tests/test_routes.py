@@ -34,6 +34,15 @@ ROUTES = ("batched", "pairs", "pairs_gemm", "direct", "direct_all")
 SHAPE = (48, 40, 36, 4, 4)  # as test_accuracy: κ < 10 random, ≈3e2 / 3e3 at collapse
 
 
+def _row(row: str) -> tuple:
+    """(dtype, collapse, (forward, gradient) tolerance) of an accuracy row, or of "fp64"
+    (float64 random inputs)."""
+    if row == "fp64":
+        return torch.float64, 0.0, RANDOM_TOLERANCE[torch.float64]
+    dtype, collapse, fwd_tol, grad_tol = ACCURACY_ROWS[row]
+    return dtype, collapse, (fwd_tol, grad_tol)
+
+
 @pytest.fixture(params=ROUTES)
 def route(request, monkeypatch):
     monkeypatch.setenv("OMOE_ROUTE", request.param)
@@ -94,11 +103,7 @@ def test_direct_route_gram_and_de_over_row_tiles(monkeypatch, experts, rank, top
     # chunks and a 44-value chunk ending in a 4-value tail. 17 rows take the per-pair
     # loops. Dense routing with E < r runs the loops; E >= r takes batched GEMMs instead.
     # Every accuracy row: 16-bit inputs run these loops on float32 expert outputs.
-    if row == "fp64":
-        dtype, collapse, tolerance = torch.float64, 0.0, RANDOM_TOLERANCE[torch.float64]
-    else:
-        dtype, collapse, fwd_tol, grad_tol = ACCURACY_ROWS[row]
-        tolerance = (fwd_tol, grad_tol)
+    dtype, collapse, tolerance = _row(row)
     monkeypatch.setenv("OMOE_ROUTE", "direct")
     problem = make_problem(9, 16, 300, experts, rank, seed=41, dtype=dtype, collapse=collapse)
     assert_matches_oracle(problem, "cpu", *tolerance, top_k=top_k)
@@ -171,11 +176,7 @@ def test_topk_direct_route_loops_over_an_experts_few_rows(monkeypatch, rank, row
     # An expert with at most 8 rows (every expert at 8 tokens) forms e, dh and dB by loops
     # over B_i's rows, without a GEMM; one with more rows (48 tokens over 4 experts)
     # takes the GEMMs. Both match the oracle at the row's tolerance.
-    if row == "fp64":
-        dtype, collapse, tolerance = torch.float64, 0.0, RANDOM_TOLERANCE[torch.float64]
-    else:
-        dtype, collapse, fwd_tol, grad_tol = ACCURACY_ROWS[row]
-        tolerance = (fwd_tol, grad_tol)
+    dtype, collapse, tolerance = _row(row)
     monkeypatch.setenv("OMOE_ROUTE", "direct")
     for tokens, experts, gemms in ((8, 16, False), (48, 4, True)):
         problem = make_problem(tokens, 24, 20, experts, rank, seed=31, dtype=dtype,
