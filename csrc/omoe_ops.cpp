@@ -211,9 +211,23 @@ constexpr double kSmallGemmCost = 2.0;
 constexpr double kCopyCost = 1.0;
 
 // Whether the direct route forms S and de by those batched GEMMs: under dense routing when
-// S (E² per token) is at least as large as forming e (E·r per token), i.e. E >= r. Below
-// that the float64 copy of e and the GEMM calls cost more than the per-token loops save.
-bool batched_direct_gram(const Sizes& s, int64_t k) { return k == s.E && s.E >= s.r; }
+// S (E² per token) is at least as large as forming e (E·r per token), i.e. E >= r, and E is
+// over cpu::kTiledRows. Below E >= r the float64 copy of e and the GEMM calls cost more than
+// the per-token loops save; up to kTiledRows rows the loops convert each row once per chunk
+// and work on tiles of pairs, and they beat the copy and the GEMMs wherever the direct route
+// runs (bench/notes/cpu-direct-row-tiles.md).
+bool batched_direct_gram(const Sizes& s, int64_t k) {
+  return k == s.E && s.E >= s.r && s.E > cpu::kTiledRows;
+}
+
+// What a multiply-add of the direct route's S and de loops costs, counted over all k² pairs.
+// Where they take the place of the batched GEMMs (dense, r <= E <= kTiledRows) they were
+// measured faster than those GEMMs, so they are priced as the GEMMs' multiply-adds without
+// the copy and the calls; elsewhere at kScalarCost, the price the route choices there were
+// measured against.
+double direct_loop_cost(const Sizes& s, int64_t k) {
+  return k == s.E && s.E >= s.r && s.E <= cpu::kTiledRows ? kSmallGemmCost : kScalarCost;
+}
 
 // Reading a 4-byte value a call finds out of cache (a layer's weights, between calls)
 // costs about this many multiply-adds: a few tokens' no-grad forward is bound by what it
@@ -279,7 +293,7 @@ PassCosts pass_costs(const Sizes& s, int64_t k, bool backward, bool gram_free, b
       (batched_direct_gram(s, k)
            ? gram_passes * (kSmallGemmCost * T * kk * d + kCopyCost * T * E * d +
                             kBatchedCallCost * dense_chunks)
-           : kScalarCost * gram_passes * T * kk * d) +
+           : direct_loop_cost(s, k) * gram_passes * T * kk * d) +
       R * d /* B in float64 */;
   c.direct = gemm_passes * (T * R * d + kBatchedCallCost) + rest;
   c.direct_rows =
@@ -348,7 +362,7 @@ ExpertOutputsRoute plan_from_expert_outputs(const Sizes& s, int64_t k, bool floa
   const double T = double(s.T), R = double(s.E * s.r), d = double(s.d_out), E = double(s.E);
   const double kk = double(k) * double(k), r = double(s.r);
   const double e = T * E * d * (kGemmRowCost + (float32 ? kFloat32GemmCost : 1.0) * r);
-  const double loops = kScalarCost * T * kk * d;
+  const double loops = direct_loop_cost(s, k) * T * kk * d;
   const double batched =
       batched_direct_gram(s, k)
           ? kSmallGemmCost * T * kk * d + kCopyCost * T * E * d + kBatchedCallCost

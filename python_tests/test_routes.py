@@ -96,12 +96,14 @@ def test_route_vector_loops_and_their_tails(route, top_k, collapse):
 
 @pytest.mark.parametrize("row", [*ACCURACY_ROWS, "fp64"])
 @pytest.mark.parametrize("experts, rank, top_k", [
-    (3, 8, None), (16, 20, None), (17, 20, None), (20, 3, 5), (20, 3, 16), (20, 3, 17)])
+    (3, 8, None), (16, 20, None), (17, 20, None), (16, 4, None), (17, 4, None), (20, 3, 5),
+    (20, 3, 16), (20, 3, 17)])
 def test_direct_route_gram_and_de_over_row_tiles(monkeypatch, experts, rank, top_k, row):
     # The direct route's S and de loops take the k rows two (S) or four (de) at a time in
     # chunks of 128 values, up to 16 rows: an odd k pads a zero row, 300 values are two
     # chunks and a 44-value chunk ending in a 4-value tail. 17 rows take the per-pair
-    # loops. Dense routing with E < r runs the loops; E >= r takes batched GEMMs instead.
+    # loops. Dense routing runs the loops up to 16 experts; 17 experts of rank 4 (E >= r)
+    # take batched GEMMs instead.
     # Every accuracy row: 16-bit inputs run these loops on float32 expert outputs.
     dtype, collapse, tolerance = _row(row)
     monkeypatch.setenv("OMOE_ROUTE", "direct")
@@ -247,11 +249,15 @@ def _cpu_gradcheck(problem, top_k) -> bool:
     return torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-@pytest.mark.parametrize("top_k", [2, None], ids=["top2", "dense"])
-def test_route_direct_gradcheck_float64(monkeypatch, top_k):
-    # dense: S and de by the GEMMs batched over tokens; top-2: on the active rows.
+@pytest.mark.parametrize("top_k, experts, d_out", [(2, 4, 5), (None, 4, 5), (None, 17, 20)],
+                         ids=["top2", "dense", "dense-17"])
+def test_route_direct_gradcheck_float64(monkeypatch, top_k, experts, d_out):
+    # dense: S and de by the loops over tiles of rows, and by the GEMMs batched over tokens
+    # above 16 experts (d_out > E keeps the 17 outputs independent); top-2: on the active
+    # rows.
     monkeypatch.setenv("OMOE_ROUTE", "direct")
-    problem = make_problem(5, 4, 5, 4, 2, dtype=torch.float64, seed=20, with_router_input=True)
+    problem = make_problem(5, 4, d_out, experts, 2, dtype=torch.float64, seed=20,
+                           with_router_input=True)
     assert _cpu_gradcheck(problem, top_k)
 
 
@@ -370,12 +376,13 @@ def test_a_backward_without_G_weighs_its_own_costs(auto_route):
     assert "omoe::gram_recompute" not in names
 
 
-@pytest.mark.parametrize("E, r, batched", [(16, 4, True), (8, 64, False)])
+@pytest.mark.parametrize("E, r, batched", [(17, 4, True), (16, 4, False), (8, 64, False)])
 def test_dense_direct_route_batches_S_only_where_S_outweighs_e(monkeypatch, E, r, batched):
     # The forced direct forward, past the few tokens whose e = B h is a loop over B's rows,
     # makes one batched GEMM for e per chunk, and a second for every token's S = e eᵀ only
-    # when E >= r; below that the per-token loops cost less than copying e to float64 for
-    # the GEMM (bench/notes/cpu-dense-direct-gemm.md).
+    # when E >= r and E > 16; below E >= r the per-token loops cost less than copying e to
+    # float64 for the GEMM (bench/notes/cpu-dense-direct-gemm.md), and up to 16 experts
+    # they work on tiles of rows (bench/notes/cpu-direct-row-tiles.md).
     monkeypatch.setenv("OMOE_ROUTE", "direct")
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(16, 64, generator=gen)
