@@ -7,15 +7,19 @@
 // (few-token calls make no B_cat; 16-bit weights pack into float32; one expert's B_cat
 // can be a view of B). Version counters would miss edits made through `.data`
 // (gradcheck's perturbations, hand-written optimizers, EMA updates), and a stale G is a
-// silent wrong answer. The compare reads d_out·E·r values twice; forming G costs E·r
-// times that. Entries are found by B's TensorImpl (a weak reference, so freed weights
-// drop out) and must match its dtype, device, sizes and strides too.
+// silent wrong answer. The compare reads d_out·E·r values twice, in ranges across the
+// intra-op threads; forming G costs E·r times that. Entries are found by B's TensorImpl
+// (a weak reference, so freed weights drop out) and must match its dtype, device, sizes
+// and strides too.
 // Only CPU weights are cached (see `cacheable`).
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <c10/util/intrusive_ptr.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -38,11 +42,31 @@ struct Found {
   at::Tensor B_cat, G;
 };
 
+// Whether same(i0, i1) holds for every range of [0, n), ranges of at least `grain` taken
+// by the intra-op threads: a compare of a large B reads it at the speed of every core the
+// call's own GEMMs use. A range that finds a difference stops the ranges not yet started.
+template <typename Same>
+bool all_ranges(int64_t n, int64_t grain, const Same& same) {
+  std::atomic<bool> differ{false};
+  at::parallel_for(0, n, std::max<int64_t>(grain, 1), [&](int64_t i0, int64_t i1) {
+    if (!differ.load(std::memory_order_relaxed) && !same(i0, i1))
+      differ.store(true, std::memory_order_relaxed);
+  });
+  return !differ.load();
+}
+
+// Bytes of a compare below which one thread does it all (a range's start-up cost).
+constexpr int64_t kCompareGrainBytes = 64 << 10;
+
 inline bool bitwise_equal(const at::Tensor& a, const at::Tensor& b) {  // CPU tensors
   if (a.sizes() != b.sizes() || a.scalar_type() != b.scalar_type() || a.device() != b.device())
     return false;
   const at::Tensor ac = a.contiguous(), bc = b.contiguous();
-  return std::memcmp(ac.data_ptr(), bc.data_ptr(), ac.nbytes()) == 0;
+  const auto* x = static_cast<const unsigned char*>(ac.data_ptr());
+  const auto* y = static_cast<const unsigned char*>(bc.data_ptr());
+  return all_ranges(int64_t(ac.nbytes()), kCompareGrainBytes, [&](int64_t i0, int64_t i1) {
+    return std::memcmp(x + i0, y + i0, size_t(i1 - i0)) == 0;
+  });
 }
 
 // Whether B_cat is B ([E, d_out, r]) packed as [d_out, E·r] in B's dtype, in storage of its
@@ -77,25 +101,28 @@ inline bool equals_packed(const at::Tensor& B, const at::Tensor& B_cat) {
   const int64_t row = B.size(2) * int64_t(B.element_size());  // bytes of one r-row
   const auto* b = static_cast<const unsigned char*>(Bc.data_ptr());
   const auto* p = static_cast<const unsigned char*>(B_cat.data_ptr());
-  for (int64_t o = 0; o < d_out; ++o) {
-    const unsigned char* packed_row = p + o * E * row;
-    if (row % 32 == 0) {
-      uint64_t diff[4] = {};
-      for (int64_t i = 0; i < E; ++i)
-        or_differences<32>(b + (i * d_out + o) * row, packed_row + i * row, row, diff);
-      if ((diff[0] | diff[1] | diff[2] | diff[3]) != 0) return false;
-    } else if (row % 8 == 0) {
-      uint64_t diff[1] = {};
-      for (int64_t i = 0; i < E; ++i)
-        or_differences<8>(b + (i * d_out + o) * row, packed_row + i * row, row, diff);
-      if (diff[0] != 0) return false;
-    } else {
-      for (int64_t i = 0; i < E; ++i)
-        if (std::memcmp(b + (i * d_out + o) * row, packed_row + i * row, size_t(row)) != 0)
-          return false;
+  const auto same_rows = [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o) {
+      const unsigned char* packed_row = p + o * E * row;
+      if (row % 32 == 0) {
+        uint64_t diff[4] = {};
+        for (int64_t i = 0; i < E; ++i)
+          or_differences<32>(b + (i * d_out + o) * row, packed_row + i * row, row, diff);
+        if ((diff[0] | diff[1] | diff[2] | diff[3]) != 0) return false;
+      } else if (row % 8 == 0) {
+        uint64_t diff[1] = {};
+        for (int64_t i = 0; i < E; ++i)
+          or_differences<8>(b + (i * d_out + o) * row, packed_row + i * row, row, diff);
+        if (diff[0] != 0) return false;
+      } else {
+        for (int64_t i = 0; i < E; ++i)
+          if (std::memcmp(b + (i * d_out + o) * row, packed_row + i * row, size_t(row)) != 0)
+            return false;
+      }
     }
-  }
-  return true;
+    return true;
+  };
+  return all_ranges(d_out, kCompareGrainBytes / (E * row), same_rows);
 }
 
 class GramCache {

@@ -173,6 +173,35 @@ def test_an_entry_compares_b_with_its_packed_copy(rank, dtype):
             torch.testing.assert_close(layer(x), _reference(layer, x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["packed", "copy"])
+def test_two_threads_compare_b_in_ranges(dtype):
+    # 3000 rows of B: two threads each compare a range of rows (fp32, against B_cat: rows
+    # 0-1499 and 1500-2999) or of bytes (bf16, against B's copy: 64 KiB, then the rest).
+    # A sign flipped (one bit, in a value's last byte) at either end of either range is
+    # seen: the next call misses the cache, and its answer is the new weights'.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        layer = ok.OMoELinear(nn.Linear(24, 3000), 4, 4, backend="cpu").to(dtype)
+        with torch.no_grad():
+            layer.lora_B.normal_(0, 0.5)
+        x = torch.randn(16, 24, dtype=dtype)
+        _warm(layer, x)
+        tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        B = layer.lora_B
+        for expert, row, col in [(0, 0, 0), (0, 1499, 3), (1, 1500, 0), (2, 2191, 3),
+                                 (2, 2192, 0), (3, 2999, 3)]:
+            B.data[expert, row, col] *= -1
+            hits = _stats()["hits"]
+            with torch.no_grad():
+                y = layer(x)
+            assert _stats()["hits"] == hits, f"edit at {(expert, row, col)} not seen"
+            torch.testing.assert_close(y, _reference(layer, x), **tol)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_one_expert_keeps_a_copy():
     # With one expert the packing is a view of B itself, which no compare could trust.
     torch.manual_seed(0)
