@@ -210,23 +210,24 @@ constexpr double kFloat32GemmCost = 0.5;
 constexpr double kSmallGemmCost = 2.0;
 constexpr double kCopyCost = 1.0;
 
-// Whether the direct route forms S and de by those batched GEMMs: under dense routing when
-// S (E² per token) is at least as large as forming e (E·r per token), i.e. E >= r, and E is
-// over cpu::kTiledRows. Below E >= r the float64 copy of e and the GEMM calls cost more than
-// the per-token loops save; up to kTiledRows rows the loops convert each row once per chunk
+// Dense routing where S (E² per token) is at least as large as forming e (E·r per token),
+// i.e. E >= r: below that the float64 copy of e and the GEMM calls cost more than the
+// per-token loops save. Up to cpu::kTiledRows rows the loops convert each row once per chunk
 // and work on tiles of pairs, and they beat the copy and the GEMMs wherever the direct route
 // runs (bench/notes/cpu-direct-row-tiles.md).
+bool dense_S_outweighs_e(const Sizes& s, int64_t k) { return k == s.E && s.E >= s.r; }
+
+// Whether the direct route forms S and de by those batched GEMMs.
 bool batched_direct_gram(const Sizes& s, int64_t k) {
-  return k == s.E && s.E >= s.r && s.E > cpu::kTiledRows;
+  return dense_S_outweighs_e(s, k) && s.E > cpu::kTiledRows;
 }
 
 // What a multiply-add of the direct route's S and de loops costs, counted over all k² pairs.
-// Where they take the place of the batched GEMMs (dense, r <= E <= kTiledRows) they were
-// measured faster than those GEMMs, so they are priced as the GEMMs' multiply-adds without
-// the copy and the calls; elsewhere at kScalarCost, the price the route choices there were
-// measured against.
+// Where they take the place of the batched GEMMs they were measured faster than those GEMMs,
+// so they are priced as the GEMMs' multiply-adds without the copy and the calls; elsewhere
+// at kScalarCost, the price the route choices there were measured against.
 double direct_loop_cost(const Sizes& s, int64_t k) {
-  return k == s.E && s.E >= s.r && s.E <= cpu::kTiledRows ? kSmallGemmCost : kScalarCost;
+  return dense_S_outweighs_e(s, k) && s.E <= cpu::kTiledRows ? kSmallGemmCost : kScalarCost;
 }
 
 // Reading a 4-byte value a call finds out of cache (a layer's weights, between calls)
@@ -284,9 +285,9 @@ PassCosts pass_costs(const Sizes& s, int64_t k, bool backward, bool gram_free, b
   // E experts by batched GEMMs; direct_rows (top-k): each token's k active ones, by a GEMM
   // per expert with tokens, after routing every token ahead.
   const double gemm_passes = backward ? 3.0 : 1.0;
-  // S (and in the backward dS): dense routing by float64 batched GEMMs over all E² pairs,
-  // S and again S and de in the backward, after copying e to float64 (and de back); top-k by
-  // the per-token loops over the k² active pairs.
+  // S (and in the backward dS): dense routing with E > kTiledRows and E >= r by float64
+  // batched GEMMs over all E² pairs, S and again S and de in the backward, after copying e
+  // to float64 (and de back); otherwise by the per-token loops over the k² active pairs.
   const double gram_passes = backward ? 2.0 : 1.0;
   const double dense_chunks = std::ceil(T * E * d * 24.0 / (4 << 20));
   const double rest =
