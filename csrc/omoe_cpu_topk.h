@@ -32,27 +32,7 @@ struct ActiveRows {
   int64_t rows(int i) const { return offset[i + 1] - offset[i]; }
 };
 
-// The top_k experts of one token in ascending order, as route_token's active list: the same
-// order (ranks_above, a strict total order: NaN first, ties to the lower index), so the same
-// set, found with E·top_k comparisons instead of route_token's E².
-template <typename scalar_t>
-void top_experts(const scalar_t* logits, int E, int top_k, int* best) {
-  int n = 0;  // best[0, n): the top experts so far, highest rank first
-  for (int i = 0; i < E; ++i) {
-    const double li = static_cast<double>(logits[i]);
-    int at = n;
-    while (at > 0 &&
-           ranks_above(li, i, static_cast<double>(logits[best[at - 1]]), best[at - 1]))
-      --at;
-    if (at >= top_k) continue;
-    for (int q = std::min(n, top_k - 1); q > at; --q) best[q] = best[q - 1];
-    best[at] = i;
-    n = std::min(n + 1, top_k);
-  }
-  std::sort(best, best + top_k);
-}
-
-// Routes the n tokens of `logits` ([n, E]) as the token pass does (top_experts: slot m is
+// Routes the n tokens of `logits` ([n, E]) as the token pass does (top_active: slot m is
 // the m-th of route_token's ascending active list) and groups their slots by expert, each
 // expert's rows in token order.
 template <typename scalar_t>
@@ -62,7 +42,7 @@ ActiveRows active_rows(const scalar_t* logits, int64_t n, int E, int top_k) {
   std::vector<int> expert(size_t(n * top_k));
   at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t)
-      top_experts(logits + t * E, E, top_k, expert.data() + t * top_k);
+      top_active(logits + t * E, E, top_k, expert.data() + t * top_k);
   });
   a.offset.assign(size_t(E) + 1, 0);
   for (const int i : expert) ++a.offset[size_t(i) + 1];

@@ -47,22 +47,42 @@ OMOE_HD bool ranks_above(double a, int i, double b, int j) {
   return a > b || (a == b && i < j);
 }
 
+// The top_k < E highest-ranked experts of one token (ranks_above), in ascending order, into
+// active[0, top_k): the best so far are kept in rank order as the logits are read, E·top_k
+// comparisons at most. ranks_above is a strict total order, so the set is the one that
+// counting each expert's rank would give.
+template <typename scalar_t>
+OMOE_HD void top_active(const scalar_t* logits, int E, int top_k, int* active) {
+  int n = 0;  // active[0, n): the best experts so far, highest rank first
+  for (int i = 0; i < E; ++i) {
+    const double li = static_cast<double>(logits[i]);
+    int at = n;
+    while (at > 0 &&
+           ranks_above(li, i, static_cast<double>(logits[active[at - 1]]), active[at - 1]))
+      --at;
+    if (at >= top_k) continue;
+    for (int q = n < top_k ? n : top_k - 1; q > at; --q) active[q] = active[q - 1];
+    active[at] = i;
+    if (n < top_k) ++n;
+  }
+  for (int m = 1; m < top_k; ++m) {  // ascending expert index
+    const int i = active[m];
+    int q = m;
+    for (; q > 0 && active[q - 1] > i; --q) active[q] = active[q - 1];
+    active[q] = i;
+  }
+}
+
 // Routing of one token. Writes the active experts in ascending order to `active`
 // (returns how many: top_k, or E when top_k >= E; both arrays must hold that many) and their
 // softmax gates to `gates` (gates[m] belongs to expert active[m]).
 template <typename scalar_t>
 OMOE_HD int route_token(const scalar_t* logits, int E, int top_k, int* active, double* gates) {
-  int k = 0;
-  for (int i = 0; i < E; ++i) {
-    if (top_k >= E) {  // dense: every expert ranks below top_k
-      active[k++] = i;
-      continue;
-    }
-    int rank = 0;
-    const double li = static_cast<double>(logits[i]);
-    for (int j = 0; j < E; ++j)
-      if (j != i && ranks_above(static_cast<double>(logits[j]), j, li, i)) ++rank;
-    if (rank < top_k) active[k++] = i;
+  const int k = top_k < E ? top_k : E;
+  if (top_k < E) {
+    top_active(logits, E, top_k, active);
+  } else {  // dense
+    for (int i = 0; i < E; ++i) active[i] = i;
   }
   double max_logit = -INFINITY;
   for (int m = 0; m < k; ++m) {

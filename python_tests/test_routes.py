@@ -213,6 +213,23 @@ def test_route_topk_ties_and_nan_logits_route_as_the_oracle(route):
     assert_rel_close(y[torch.arange(9) != 3], y_ref[torch.arange(9) != 3], 1e-12, "forward")
 
 
+@pytest.mark.parametrize("experts,top_k", [(5, 2), (9, 4), (32, 2), (32, 7), (40, 3)])
+def test_route_topk_breaks_many_ties_as_the_oracle(route, experts, top_k):
+    # Logits that count the ones two 0/1 vectors share take a few exact values, so most
+    # tokens tie at their k-th place: each expert's insertion among the best so far must
+    # land where the oracle's stable sort puts it, at any E and top_k.
+    gen = torch.Generator().manual_seed(experts * 10 + top_k)
+    problem = make_problem(23, 6, top_k + 5, experts, 2, dtype=torch.float64, seed=41,
+                           with_router_input=True)
+    problem = problem.replace(
+        router_input=torch.randint(0, 2, (23, 6), generator=gen).to(torch.float64),
+        router_weight=torch.randint(0, 2, (experts, 6), generator=gen).to(torch.float64))
+    logits = problem.router_input @ problem.router_weight.t()
+    kth = logits.sort(dim=-1, descending=True).values[:, top_k - 1:top_k + 1]
+    assert (kth[:, 0] == kth[:, 1]).sum() >= 12, "too few tokens tie at the k-th place"
+    assert_matches_oracle(problem, "cpu", 1e-12, 1e-10, top_k=top_k)
+
+
 def _routed_to_experts_0_and_1(tokens, rank, seed):
     """Logits c_i·Σ(router_input) with c = (3, 2, 1, 0) and a positive router_input: under
     top-2 every token routes to experts 0 and 1, never to 3."""
