@@ -28,6 +28,7 @@ struct ActiveRows {
   std::vector<int> row;         // [n·k]: the row of token t's slot m (m-th active expert)
   std::vector<int64_t> token;   // [n·k]: the token of each row
   std::vector<int64_t> offset;  // [E + 1]: expert i's rows are [offset[i], offset[i + 1])
+  std::vector<int> expert;      // [n·k]: the expert of token t's slot m
   int64_t k = 0;
   int64_t rows(int i) const { return offset[i + 1] - offset[i]; }
 };
@@ -55,6 +56,7 @@ ActiveRows active_rows(const scalar_t* logits, int64_t n, int E, int top_k) {
     a.row[size_t(q)] = int(row);
     a.token[size_t(row)] = q / top_k;
   }
+  a.expert = std::move(expert);
   return a;
 }
 
@@ -70,6 +72,23 @@ inline at::Tensor gather_rows(const at::Tensor& h, const ActiveRows& a, int E, i
                     sizeof(scalar_t) * size_t(r));
   });
   return hs;
+}
+
+// rows[row] = src[token of row] (src: [n, w]); rows: [n·k, w], expert-grouped.
+inline at::Tensor gather_token_rows(const at::Tensor& src, const ActiveRows& a) {
+  const int64_t w = src.size(1);
+  at::Tensor rows = at::empty({int64_t(a.token.size()), w}, src.options());
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "omoe_topk_gather_tokens", [&] {
+    const scalar_t* in = src.data_ptr<scalar_t>();
+    scalar_t* out = rows.data_ptr<scalar_t>();
+    at::parallel_for(0, int64_t(a.token.size()), std::max<int64_t>(1, (64 << 10) / (w + 1)),
+                     [&](int64_t r0, int64_t r1) {
+                       for (int64_t row = r0; row < r1; ++row)
+                         std::memcpy(out + row * w, in + a.token[size_t(row)] * w,
+                                     sizeof(scalar_t) * size_t(w));
+                     });
+  });
+  return rows;
 }
 
 // Whether expert i's rows take the loops over B_i's rows (csrc/omoe_cpu_expand.h) rather
@@ -101,11 +120,54 @@ inline at::Tensor expert_outputs(const at::Tensor& hs, const at::Tensor& B,
   return e;
 }
 
-// The backward's GEMMs after the pass: dh[t, block i] += de_i B_i over expert i's rows,
-// and dB[i] (+)= de_iᵀ hs_i. written[i] says whether dB[i] holds a sum yet.
+// dst[t, block i] += src[row] for every row of expert i (token t = the row's token);
+// src: [n·k, r] expert-grouped, dst: [n, E·r].
+inline void add_rows_to_blocks(const at::Tensor& src, const ActiveRows& a, int E, int64_t r,
+                               at::Tensor& dst) {
+  AT_DISPATCH_FLOATING_TYPES(dst.scalar_type(), "omoe_topk_scatter", [&] {
+    const scalar_t* in = src.data_ptr<scalar_t>();
+    scalar_t* out = dst.data_ptr<scalar_t>();
+    for (int i = 0; i < E; ++i)
+      for (int64_t row = a.offset[size_t(i)]; row < a.offset[size_t(i) + 1]; ++row) {
+        scalar_t* o = out + (a.token[size_t(row)] * E + i) * r;
+        const scalar_t* v = in + row * r;
+        for (int64_t q = 0; q < r; ++q) o[q] += v[q];
+      }
+  });
+}
+
+// The expand's gradient on the active rows: dzs[rows of i] = s · dYs_i B_i, dYs being dY's
+// rows by slot (gather_token_rows); [n·k, r].
+inline at::Tensor expand_input_grads(const at::Tensor& dYs, const at::Tensor& B,
+                                     const ActiveRows& a, double scaling) {
+  const int64_t E = B.size(0), d_out = B.size(1), r = B.size(2);
+  at::Tensor dzs = at::empty({dYs.size(0), r}, dYs.options());
+  for (int i = 0; i < int(E); ++i) {
+    const int64_t n = a.rows(i), off = a.offset[size_t(i)];
+    if (n == 0) continue;
+    if (rows_in_loops(n, B)) {
+      AT_DISPATCH_FLOATING_TYPES(dYs.scalar_type(), "omoe_topk_expand_input_grads", [&] {
+        rows_times_blocks_range(dYs.data_ptr<scalar_t>() + off * d_out, 0,
+                                B.data_ptr<scalar_t>() + i * d_out * r,
+                                dzs.data_ptr<scalar_t>() + off * r, r, n, d_out, r, scaling,
+                                /*accumulate=*/false, 0, 1);
+      });
+      continue;
+    }
+    at::Tensor dzs_i = dzs.narrow(0, off, n);
+    at::mm_out(dzs_i, dYs.narrow(0, off, n), B[i]);
+    dzs_i.mul_(scaling);
+  }
+  return dzs;
+}
+
+// The backward's GEMMs after the pass: dh[t, block i] += de_i B_i over expert i's rows, and
+// dB[i] (+)= de_iᵀ hs_i + s · dYs_iᵀ zs_i (the expand's share, when dYs is defined).
+// written[i] says whether dB[i] holds a sum yet.
 inline void expert_gradients(const at::Tensor& de, const at::Tensor& hs, const at::Tensor& B,
                              const ActiveRows& a, at::Tensor& dh, at::Tensor& dB,
-                             std::vector<char>& written) {
+                             std::vector<char>& written, const at::Tensor& dYs = at::Tensor(),
+                             const at::Tensor& zs = at::Tensor(), double scaling = 1.0) {
   const int E = int(B.size(0));
   const int64_t r = B.size(2), d_out = B.size(1);
   at::Tensor dhs = at::empty_like(hs);
@@ -119,8 +181,12 @@ inline void expert_gradients(const at::Tensor& de, const at::Tensor& hs, const a
         rows_times_blocks_range(de_i, 0, B_i, dhs.data_ptr<scalar_t>() + off * r, r, n, d_out,
                                 r, 1.0, /*accumulate=*/false, 0, 1);
         const OuterTerm<scalar_t> term{de_i, 0, hs.data_ptr<scalar_t>() + off * r, r, 1.0};
+        const OuterTerm<scalar_t> expand =
+            dYs.defined() ? OuterTerm<scalar_t>{dYs.data_ptr<scalar_t>() + off * d_out, 0,
+                                                zs.data_ptr<scalar_t>() + off * r, r, scaling}
+                          : OuterTerm<scalar_t>{};
         outer_blocks_range(dB.data_ptr<scalar_t>() + i * d_out * r, written[size_t(i)] != 0,
-                           term, OuterTerm<scalar_t>{}, n, d_out, r, 0, d_out);
+                           term, expand, n, d_out, r, 0, d_out);
       });
       written[size_t(i)] = 1;
       continue;
@@ -131,18 +197,48 @@ inline void expert_gradients(const at::Tensor& de, const at::Tensor& hs, const a
     at::Tensor dB_i = dB[i];
     if (written[size_t(i)]) dB_i.addmm_(de_i.t(), hs_i);
     else at::mm_out(dB_i, de_i.t(), hs_i);
+    if (dYs.defined()) {
+      const at::Tensor dYs_i = dYs.narrow(0, off, n), zs_i = zs.narrow(0, off, n);
+      // addmm skips the product when alpha is 0, which would hide a NaN in dY or z.
+      if (scaling != 0.0) dB_i.addmm_(dYs_i.t(), zs_i, /*beta=*/1, /*alpha=*/scaling);
+      else dB_i.add_(at::mm(dYs_i.t(), zs_i).mul_(scaling));
+    }
     written[size_t(i)] = 1;
   }
-  AT_DISPATCH_FLOATING_TYPES(dh.scalar_type(), "omoe_topk_scatter", [&] {
-    const scalar_t* src = dhs.data_ptr<scalar_t>();
-    scalar_t* dst = dh.data_ptr<scalar_t>();
-    for (int i = 0; i < E; ++i)
-      for (int64_t row = a.offset[size_t(i)]; row < a.offset[size_t(i) + 1]; ++row) {
-        scalar_t* out = dst + (a.token[size_t(row)] * E + i) * r;
-        const scalar_t* in = src + row * r;
-        for (int64_t q = 0; q < r; ++q) out[q] += in[q];
-      }
-  });
+  add_rows_to_blocks(dhs, a, E, r, dh);
+}
+
+// y_t = base_t + scaling·Σ_m a_t,i e_row over token t's active slots m (expert i, row of e),
+// e: [n·k, d] expert-grouped, a: [n, E] float64 coefficients; summed in float64 as
+// mix_expert_outputs, a zero coefficient leaving its row out. base: [n, d] or null.
+template <typename v_t>
+void mix_active_rows(const v_t* e, const ActiveRows& a, const double* coeff, int64_t n,
+                     int64_t E, int64_t d, const v_t* base, double scaling, v_t* y) {
+  const int64_t k = a.k;
+  at::parallel_for(0, n, std::max<int64_t>(1, (16 << 10) / (k * d + 1)),
+                   [&](int64_t t0, int64_t t1) {
+                     constexpr int64_t kChunk = 256;
+                     double acc[kChunk];
+                     for (int64_t t = t0; t < t1; ++t)
+                       for (int64_t o0 = 0; o0 < d; o0 += kChunk) {
+                         const int64_t len = std::min(kChunk, d - o0);
+                         std::fill_n(acc, len, 0.0);
+                         for (int64_t m = 0; m < k; ++m) {
+                           const double c = coeff[t * E + a.expert[size_t(t * k + m)]];
+                           if (c == 0.0) continue;
+                           const v_t* row = e + int64_t(a.row[size_t(t * k + m)]) * d + o0;
+                           for (int64_t o = 0; o < len; ++o) acc[o] += c * double(row[o]);
+                         }
+                         v_t* yt = y + t * d + o0;
+                         if (base != nullptr) {
+                           const v_t* bt = base + t * d + o0;
+                           for (int64_t o = 0; o < len; ++o)
+                             yt[o] = v_t(double(bt[o]) + scaling * acc[o]);
+                         } else {
+                           for (int64_t o = 0; o < len; ++o) yt[o] = v_t(scaling * acc[o]);
+                         }
+                       }
+                   });
 }
 
 // S from the rows of one token's active experts (rows[m]: slot m's row of e, d_out apart);
@@ -190,12 +286,17 @@ inline int64_t topk_chunk(int64_t tc, int64_t E, int64_t top_k) {
 }
 
 // The forward of the top-k direct route: z for the tokens of h ([T, E·r]) and logits
-// ([T, E]), tc tokens per chunk or more (topk_chunk); B: [E, d_out, r] in h's dtype.
+// ([T, E]), and y = base + scaling·Σ_i a_i e_i from each token's active experts' outputs
+// (no B_cat, and an inactive expert's B is never read); tc tokens per chunk or more
+// (topk_chunk). B: [E, d_out, r] and base ([T, d_out] or undefined) in h's dtype,
+// contiguous.
 inline void topk_direct_forward(const at::Tensor& h, const at::Tensor& logits,
-                                const at::Tensor& B, int64_t top_k, bool normalize, double eps,
-                                int64_t tc, at::Tensor& z) {
+                                const at::Tensor& B, const at::Tensor& base, double scaling,
+                                int64_t top_k, bool normalize, double eps, int64_t tc,
+                                at::Tensor& z, at::Tensor& y) {
   const int64_t T = h.size(0), E = B.size(0), r = B.size(2), d_out = B.size(1);
   tc = topk_chunk(tc, E, top_k);
+  const at::Tensor coeff = at::empty({std::min(tc, T), E}, h.options().dtype(at::kDouble));
   for (int64_t t0 = 0; t0 < T; t0 += tc) {
     const int64_t n = std::min(tc, T - t0);
     const at::Tensor hc = h.narrow(0, t0, n), lc = logits.narrow(0, t0, n);
@@ -206,18 +307,24 @@ inline void topk_direct_forward(const at::Tensor& h, const at::Tensor& logits,
       token_forward_pass(
           hc, lc,
           RowRoute<scalar_t>{e.data_ptr<scalar_t>(), nullptr, a.row.data(), d_out, int(top_k)},
-          E, r, top_k, true, normalize, eps, zc);
+          E, r, top_k, true, normalize, eps, zc, coeff.data_ptr<double>());
+      mix_active_rows(e.data_ptr<scalar_t>(), a, coeff.data_ptr<double>(), n, E, d_out,
+                      base.defined() ? base.data_ptr<scalar_t>() + t0 * d_out : nullptr,
+                      scaling, y.data_ptr<scalar_t>() + t0 * d_out);
     });
   }
 }
 
-// The backward of the top-k direct route: z, dh and dlogits as token_backward_pass gives
-// them, with dh's share through S added; returns dB's share through S, Σ_t de_i h_iᵀ
-// ([E, d_out, r], zero for experts no token routes to).
+// The backward of the top-k direct route, the expand's included: dz = s·B_iᵀ dY for each
+// token's active experts only (the pass never reads an inactive expert's dz), then z, dh
+// and dlogits as token_backward_pass gives them with dh's share through S added. Returns
+// dB = Σ_t (s·dY z_iᵀ + de_i h_iᵀ) over expert i's tokens ([E, d_out, r], zero for
+// experts no token routes to). dY: [T, d_out] in h's dtype, contiguous.
 inline at::Tensor topk_direct_backward(const at::Tensor& h, const at::Tensor& logits,
-                                       const at::Tensor& dz, const at::Tensor& B, int64_t top_k,
-                                       bool normalize, double eps, int64_t tc, at::Tensor& z,
-                                       at::Tensor& dh, at::Tensor& dlogits) {
+                                       const at::Tensor& dY, double scaling,
+                                       const at::Tensor& B, int64_t top_k, bool normalize,
+                                       double eps, int64_t tc, at::Tensor& z, at::Tensor& dh,
+                                       at::Tensor& dlogits) {
   const int64_t T = h.size(0), E = B.size(0), r = B.size(2), d_out = B.size(1);
   at::Tensor dB = at::empty({E, d_out, r}, h.options());
   std::vector<char> written(size_t(E), 0);
@@ -231,12 +338,16 @@ inline at::Tensor topk_direct_backward(const at::Tensor& h, const at::Tensor& lo
       const ActiveRows a = active_rows(lc.data_ptr<scalar_t>(), n, int(E), int(top_k));
       const at::Tensor hs = gather_rows(hc, a, int(E), r);
       const at::Tensor e = expert_outputs(hs, B, a);
+      const at::Tensor dYs = gather_token_rows(dY.narrow(0, t0, n), a);
+      at::Tensor dzc = at::zeros({n, E * r}, h.options());
+      add_rows_to_blocks(expand_input_grads(dYs, B, a, scaling), a, int(E), r, dzc);
       at::Tensor de = at::empty_like(e);  // every row is one token's active slot: all written
       token_backward_pass(hc, lc,
                           RowRoute<scalar_t>{e.data_ptr<scalar_t>(), de.data_ptr<scalar_t>(),
                                              a.row.data(), d_out, int(top_k)},
-                          dz.narrow(0, t0, n), E, r, top_k, true, normalize, eps, zc, dhc, dlc);
-      expert_gradients(de, hs, B, a, dhc, dB, written);
+                          dzc, E, r, top_k, true, normalize, eps, zc, dhc, dlc);
+      expert_gradients(de, hs, B, a, dhc, dB, written, dYs, gather_rows(zc, a, int(E), r),
+                       scaling);
     });
   }
   AT_DISPATCH_FLOATING_TYPES(dB.scalar_type(), "omoe_topk_zero_unused", [&] {

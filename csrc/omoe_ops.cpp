@@ -564,6 +564,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
   // decoding): B_cat and G are then kept, and G is worth forming even when this one call
   // would not pay for it. (Grad mode cannot tell: autograd runs forwards with it off.)
   const weight_cache::Found found = weight_cache::instance().find(B);
+  const bool routed = s.T > 0 && orthogonalize;  // a route forms S
+  const Route route =
+      routed ? choose_route(s, k, /*backward=*/false, found.seen, x.is_cpu(), acc == at::kFloat)
+             : Route::kDirect;
+  if (routed && route == Route::kDirectRows && k < s.E) {
+    // y from each token's active experts' outputs: no B_cat, no expand GEMM over E·r.
+    RECORD_FUNCTION("omoe::direct", std::vector<c10::IValue>());
+    at::Tensor z = at::empty_like(h), y = at::empty({s.T, s.d_out}, h.options());
+    const int64_t tc =
+        chunk_tokens(s.T, direct_bytes_per_token(s, acc, k, false), chunk_budget(x));
+    cpu::topk_direct_forward(
+        h, logits, contiguous_as(B, acc),
+        base_out.has_value() ? contiguous_as(*base_out, acc) : at::Tensor(), scaling, top_k,
+        normalize, eps, tc, z, y);
+    if (!found.seen) weight_cache::instance().remember(B, at::Tensor());
+    return {y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type()), h, logits};
+  }
   const bool on_blocks = expand_on_blocks(s, x, found);
   at::Tensor B_cat = found.B_cat.defined() || on_blocks ? found.B_cat : packed_expand(B, acc);
   at::Tensor z = at::empty_like(h);
@@ -571,9 +588,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
   if (s.T > 0 && !orthogonalize) {
     RECORD_FUNCTION("omoe::orthogonalize", std::vector<c10::IValue>());
     token_forward(h, logits, at::Tensor(), s.E, s.r, top_k, false, normalize, eps, z);
-  } else if (s.T > 0) {
-    const Route route =
-        choose_route(s, k, /*backward=*/false, found.seen, x.is_cpu(), acc == at::kFloat);
+  } else if (routed) {
     if (route == Route::kDirect || route == Route::kDirectRows) {
       RECORD_FUNCTION("omoe::direct", std::vector<c10::IValue>());
       const at::Tensor Bt = B.to(acc).transpose(1, 2);  // [E, r, d_out], a view for fp32
@@ -581,22 +596,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
       const bool batched_S = batched_direct_gram(s, k);
       const int64_t tc =
           chunk_tokens(s.T, direct_bytes_per_token(s, acc, rows, batched_S), chunk_budget(x));
-      if (route == Route::kDirectRows && k < s.E) {  // e of the active (token, slot) pairs
-        cpu::topk_direct_forward(h, logits, Bt.transpose(1, 2), top_k, normalize, eps, tc, z);
-      } else {
-        for (int64_t t0 = 0; t0 < s.T; t0 += tc) {
-          const int64_t n = std::min(tc, s.T - t0);
-          const at::Tensor e = expert_outputs(h, t0, n, Bt.transpose(1, 2));
-          const at::Tensor S = batched_S ? direct_gram(token_major64(e)) : at::Tensor();
-          at::Tensor zc = part(z, 0, t0, n);
-          AT_DISPATCH_FLOATING_TYPES(e.scalar_type(), "omoe_direct", [&] {
-            cpu::DirectRoute<scalar_t> route{e.data_ptr<scalar_t>(), nullptr, n, s.d_out,
-                                             int(s.E)};
-            if (S.defined()) route.S = S.data_ptr<double>();
-            cpu::token_forward_pass(part(h, 0, t0, n), part(logits, 0, t0, n), route, s.E, s.r,
-                                    top_k, true, normalize, eps, zc);
-          });
-        }
+      for (int64_t t0 = 0; t0 < s.T; t0 += tc) {
+        const int64_t n = std::min(tc, s.T - t0);
+        const at::Tensor e = expert_outputs(h, t0, n, Bt.transpose(1, 2));
+        const at::Tensor S = batched_S ? direct_gram(token_major64(e)) : at::Tensor();
+        at::Tensor zc = part(z, 0, t0, n);
+        AT_DISPATCH_FLOATING_TYPES(e.scalar_type(), "omoe_direct", [&] {
+          cpu::DirectRoute<scalar_t> route{e.data_ptr<scalar_t>(), nullptr, n, s.d_out,
+                                           int(s.E)};
+          if (S.defined()) route.S = S.data_ptr<double>();
+          cpu::token_forward_pass(part(h, 0, t0, n), part(logits, 0, t0, n), route, s.E, s.r,
+                                  top_k, true, normalize, eps, zc);
+        });
       }
     } else {
       at::Tensor G;
@@ -648,6 +659,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
   return {y.to(x.scalar_type()), h, logits};
 }
 
+namespace {
+
+// The shrink's gradients from dh and dlogits: dx, dA ([E·r, d_in]), dW and d router_input
+// (empty unless the router reads its own input), in the accumulate dtype but the last.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> shrink_backward(
+    const at::Tensor& x, const at::Tensor& xc, const at::Tensor& A,
+    const at::Tensor& router_weight, const std::optional<at::Tensor>& router_input,
+    const at::Tensor& dh, const at::Tensor& dlogits, const Sizes& s, at::ScalarType acc) {
+  const int64_t er = s.E * s.r;
+  RECORD_FUNCTION("omoe::shrink_backward", std::vector<c10::IValue>());
+  at::Tensor grad_x, grad_A, grad_W, grad_router_input;
+  if (router_input.has_value() || s.T < er + s.E) {
+    // Separate GEMMs: no packed [A_cat; W] (few tokens, or the router reads its own input).
+    const at::Tensor A_cat = A.reshape({er, s.d_in}).to(acc), W = router_weight.to(acc);
+    grad_A = at::mm(dh.t(), xc);
+    grad_x = at::mm(dh, A_cat);
+    if (router_input.has_value()) {
+      grad_W = at::mm(dlogits.t(), router_input->to(acc));
+      grad_router_input = at::mm(dlogits, W).to(x.scalar_type());
+    } else {
+      grad_W = at::mm(dlogits.t(), xc);
+      grad_x.addmm_(dlogits, W);
+      grad_router_input = at::empty({0}, x.options());
+    }
+  } else {
+    const at::Tensor AW = packed_shrink(A, router_weight, acc);
+    // The router reads x too: [dA; dW] = [dh, dl]ᵀ x and dx = [dh, dl] [A_cat; W].
+    const at::Tensor dh_dl = at::cat({dh, dlogits}, 1);
+    const at::Tensor dAW = at::mm(dh_dl.t(), xc);
+    grad_A = dAW.narrow(0, 0, er);
+    grad_W = dAW.narrow(0, er, s.E).clone();  // outputs must not alias each other
+    grad_x = at::mm(dh_dl, AW);
+    grad_router_input = at::empty({0}, x.options());
+  }
+  return {grad_x, grad_A, grad_W, grad_router_input};
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
     const at::Tensor& router_weight, const std::optional<at::Tensor>& router_input,
@@ -660,14 +710,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   const int64_t er = s.E * s.r, k = std::min(top_k, s.E);
 
   const at::Tensor xc = x.to(acc).contiguous();
-  const weight_cache::Found found = weight_cache::instance().find(B);
+  const at::Tensor hc = h.contiguous(), lc = logits.contiguous();
+  const auto outputs = [&](const at::Tensor& dh, const at::Tensor& dlogits,
+                           const at::Tensor& grad_B) {
+    auto [grad_x, grad_A, grad_W, grad_router_input] =
+        shrink_backward(x, xc, A, router_weight, router_input, dh, dlogits, s, acc);
+    const auto dt = x.scalar_type();
+    return std::make_tuple(grad_x.to(dt), grad_A.reshape({s.E, s.r, s.d_in}).to(dt),
+                           grad_B.to(dt), grad_W.to(dt), grad_router_input);
+  };
+  // The top-k direct route reads neither B_cat nor G: where the model takes it even with G
+  // cached, B is not looked up (the lookup compares all of B).
+  const bool routed = s.T > 0 && orthogonalize;
+  const bool active_rows_anyway =
+      routed && k < s.E &&
+      choose_route(s, k, /*backward=*/true, /*gram_free=*/true, x.is_cpu(),
+                   acc == at::kFloat) == Route::kDirectRows;
+  const weight_cache::Found found =
+      active_rows_anyway ? weight_cache::Found{} : weight_cache::instance().find(B);
+  const Route route = !routed ? Route::kDirect
+                      : active_rows_anyway
+                          ? Route::kDirectRows
+                          : choose_route(s, k, /*backward=*/true, found.G.defined(), x.is_cpu(),
+                                         acc == at::kFloat);
+  if (routed && route == Route::kDirectRows && k < s.E) {
+    // dz and dB on each token's active experts: no B_cat, no expand GEMMs over E·r.
+    at::Tensor z = at::empty_like(hc), dh = at::empty_like(hc), dlogits = at::empty_like(lc);
+    at::Tensor dB;
+    {
+      RECORD_FUNCTION("omoe::direct_backward", std::vector<c10::IValue>());
+      // The forward's workspace three times: e, de and dY's rows by slot.
+      const int64_t tc =
+          chunk_tokens(s.T, 3.0 * direct_bytes_per_token(s, acc, k, false), chunk_budget(x));
+      dB = cpu::topk_direct_backward(hc, lc, contiguous_as(grad_y, acc), scaling,
+                                     contiguous_as(B, acc), top_k, normalize, eps, tc, z, dh,
+                                     dlogits);
+    }
+    return outputs(dh, dlogits, dB);
+  }
   // on_blocks: B_cat stays undefined unless a route through G needs it (gram_matrix), and
   // dB is formed in B's layout as dB_direct.
   const bool on_blocks = expand_on_blocks(s, x, found);
   at::Tensor B_cat = found.B_cat.defined() || on_blocks ? found.B_cat : packed_expand(B, acc);
   const at::Tensor Bb = on_blocks ? contiguous_as(B, acc) : at::Tensor();
   const at::Tensor dY = contiguous_as(grad_y, acc);
-  const at::Tensor hc = h.contiguous(), lc = logits.contiguous();
 
   at::Tensor dz;
   {
@@ -689,9 +775,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     at::Tensor none;
     token_backward(hc, lc, at::Tensor(), dz, s.E, s.r, top_k, false, normalize, eps, z, dh,
                    dlogits, none);
-  } else if (s.T > 0) {
-    const Route route =
-        choose_route(s, k, /*backward=*/true, found.G.defined(), x.is_cpu(), acc == at::kFloat);
+  } else if (routed) {
     if (route == Route::kDirect || route == Route::kDirectRows) {
       RECORD_FUNCTION("omoe::direct_backward", std::vector<c10::IValue>());
       const at::Tensor Ba = on_blocks ? Bb : B.to(acc);  // [E, d_out, r], no copy for fp32
@@ -700,49 +784,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
       const int64_t tc = chunk_tokens(
           s.T, 2.0 * direct_bytes_per_token(s, acc, rows, batched_direct_gram(s, k)),
           chunk_budget(x));
-      if (route == Route::kDirectRows && k < s.E) {  // e, de of the active (token, slot) pairs
-        dB_direct = cpu::topk_direct_backward(hc, lc, dz, Ba, top_k, normalize, eps, tc, z, dh,
-                                              dlogits);
-      } else {
-        for (int64_t t0 = 0; t0 < s.T; t0 += tc) {
-          const int64_t n = std::min(tc, s.T - t0);
-          const at::Tensor hb = part(expert_blocks(hc, s.E, s.r), 1, t0, n);  // [E, n, r]
-          const at::Tensor e = expert_outputs(hc, t0, n, Ba);                 // [E, n, d_out]
-          at::Tensor de = at::empty_like(e);
-          // Dense: S and then de = (dS + dSᵀ)·e by float64 batched GEMMs over the tokens.
-          const at::Tensor e64 = batched_direct_gram(s, k) ? token_major64(e) : at::Tensor();
-          const at::Tensor S = e64.defined() ? direct_gram(e64) : at::Tensor();
-          const at::Tensor C = e64.defined() ? at::empty_like(S) : at::Tensor();
-          at::Tensor zc = part(z, 0, t0, n), dhc = part(dh, 0, t0, n),
-                     dlc = part(dlogits, 0, t0, n);
-          AT_DISPATCH_FLOATING_TYPES(e.scalar_type(), "omoe_direct_backward", [&] {
-            cpu::DirectRoute<scalar_t> route{e.data_ptr<scalar_t>(), de.data_ptr<scalar_t>(), n,
-                                             s.d_out, int(s.E)};
-            if (e64.defined()) {
-              route.S = S.data_ptr<double>();
-              route.C = C.data_ptr<double>();
-            }
-            cpu::token_backward_pass(part(hc, 0, t0, n), part(lc, 0, t0, n), route,
-                                     part(dz, 0, t0, n), s.E, s.r, top_k, true, normalize, eps,
-                                     zc, dhc, dlc);
-          });
-          if (e64.defined()) de.copy_(at::bmm(C, e64).transpose(0, 1));
-          // dh_i += B_iᵀ de_i; Σ_t de_i h_iᵀ straight into B's layout (no per-expert GEMMs,
-          // no permuted copy of dB at the end).
-          if (on_blocks) {
-            cpu::rows_times_blocks(de, n * s.d_out, Ba, dhc, n, 1.0, /*accumulate=*/true);
-            const cpu::OuterArgs term{de, part(hc, 0, t0, n), n * s.d_out, 1.0};
-            if (n == s.T) {
-              de_term = term;
-            } else {
-              if (!dB_direct.defined()) dB_direct = at::empty_like(Ba);
-              cpu::outer_blocks(dB_direct, /*accumulate=*/t0 > 0, n, term);
-            }
-          } else {
-            dhc.view({n, s.E, s.r}).add_(at::bmm(de, Ba).transpose(0, 1));
-            if (!dB_direct.defined()) dB_direct = at::bmm(de.transpose(1, 2), hb);
-            else dB_direct.baddbmm_(de.transpose(1, 2), hb);
+      for (int64_t t0 = 0; t0 < s.T; t0 += tc) {
+        const int64_t n = std::min(tc, s.T - t0);
+        const at::Tensor hb = part(expert_blocks(hc, s.E, s.r), 1, t0, n);  // [E, n, r]
+        const at::Tensor e = expert_outputs(hc, t0, n, Ba);                 // [E, n, d_out]
+        at::Tensor de = at::empty_like(e);
+        // Dense: S and then de = (dS + dSᵀ)·e by float64 batched GEMMs over the tokens.
+        const at::Tensor e64 = batched_direct_gram(s, k) ? token_major64(e) : at::Tensor();
+        const at::Tensor S = e64.defined() ? direct_gram(e64) : at::Tensor();
+        const at::Tensor C = e64.defined() ? at::empty_like(S) : at::Tensor();
+        at::Tensor zc = part(z, 0, t0, n), dhc = part(dh, 0, t0, n),
+                   dlc = part(dlogits, 0, t0, n);
+        AT_DISPATCH_FLOATING_TYPES(e.scalar_type(), "omoe_direct_backward", [&] {
+          cpu::DirectRoute<scalar_t> route{e.data_ptr<scalar_t>(), de.data_ptr<scalar_t>(), n,
+                                           s.d_out, int(s.E)};
+          if (e64.defined()) {
+            route.S = S.data_ptr<double>();
+            route.C = C.data_ptr<double>();
           }
+          cpu::token_backward_pass(part(hc, 0, t0, n), part(lc, 0, t0, n), route,
+                                   part(dz, 0, t0, n), s.E, s.r, top_k, true, normalize, eps,
+                                   zc, dhc, dlc);
+        });
+        if (e64.defined()) de.copy_(at::bmm(C, e64).transpose(0, 1));
+        // dh_i += B_iᵀ de_i; Σ_t de_i h_iᵀ straight into B's layout (no per-expert GEMMs,
+        // no permuted copy of dB at the end).
+        if (on_blocks) {
+          cpu::rows_times_blocks(de, n * s.d_out, Ba, dhc, n, 1.0, /*accumulate=*/true);
+          const cpu::OuterArgs term{de, part(hc, 0, t0, n), n * s.d_out, 1.0};
+          if (n == s.T) {
+            de_term = term;
+          } else {
+            if (!dB_direct.defined()) dB_direct = at::empty_like(Ba);
+            cpu::outer_blocks(dB_direct, /*accumulate=*/t0 > 0, n, term);
+          }
+        } else {
+          dhc.view({n, s.E, s.r}).add_(at::bmm(de, Ba).transpose(0, 1));
+          if (!dB_direct.defined()) dB_direct = at::bmm(de.transpose(1, 2), hb);
+          else dB_direct.baddbmm_(de.transpose(1, 2), hb);
         }
       }
     } else {
@@ -838,39 +917,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     RECORD_FUNCTION("omoe::gram_backward", std::vector<c10::IValue>());
     dB_cat.addmm_(B_cat, dG_sym.to(acc));
   }
-  RECORD_FUNCTION("omoe::shrink_backward", std::vector<c10::IValue>());
-  at::Tensor grad_x, grad_A, grad_W, grad_router_input;
-  if (router_input.has_value() || s.T < er + s.E) {
-    // Separate GEMMs: no packed [A_cat; W] (few tokens, or the router reads its own input).
-    const at::Tensor A_cat = A.reshape({er, s.d_in}).to(acc), W = router_weight.to(acc);
-    grad_A = at::mm(dh.t(), xc);
-    grad_x = at::mm(dh, A_cat);
-    if (router_input.has_value()) {
-      grad_W = at::mm(dlogits.t(), router_input->to(acc));
-      grad_router_input = at::mm(dlogits, W).to(x.scalar_type());
-    } else {
-      grad_W = at::mm(dlogits.t(), xc);
-      grad_x.addmm_(dlogits, W);
-      grad_router_input = at::empty({0}, x.options());
-    }
-  } else {
-    const at::Tensor AW = packed_shrink(A, router_weight, acc);
-    // The router reads x too: [dA; dW] = [dh, dl]ᵀ x and dx = [dh, dl] [A_cat; W].
-    const at::Tensor dh_dl = at::cat({dh, dlogits}, 1);
-    const at::Tensor dAW = at::mm(dh_dl.t(), xc);
-    grad_A = dAW.narrow(0, 0, er);
-    grad_W = dAW.narrow(0, er, s.E).clone();  // outputs must not alias each other
-    grad_x = at::mm(dh_dl, AW);
-    grad_router_input = at::empty({0}, x.options());
-  }
   at::Tensor grad_B = dB_direct;
   if (!on_blocks) {
     const at::Tensor dB_blocks = dB_cat.view({s.d_out, s.E, s.r}).permute({1, 0, 2});
     grad_B = dB_direct.defined() ? dB_direct.add_(dB_blocks) : dB_blocks.contiguous();
   }
-  const auto dt = x.scalar_type();
-  return {grad_x.to(dt), grad_A.reshape({s.E, s.r, s.d_in}).to(dt), grad_B.to(dt),
-          grad_W.to(dt), grad_router_input};
+  return outputs(dh, dlogits, grad_B);
 }
 
 namespace {

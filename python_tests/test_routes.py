@@ -194,6 +194,28 @@ def test_topk_direct_route_loops_over_an_experts_few_rows(monkeypatch, rank, row
         assert_matches_oracle(problem, "cpu", *tolerance, top_k=2)
 
 
+@pytest.mark.parametrize("row", [*ACCURACY_ROWS, "fp64"])
+def test_topk_direct_route_forms_y_dz_and_dB_on_the_active_rows(monkeypatch, row):
+    # y, the expand's dz and dB come from each token's active experts (no B_cat, no
+    # expand GEMM). 250 tokens with d_out = 2048 at E = 3 take three chunks of at least
+    # 96 tokens (64 rows per expert), dB summed over them; 9 tokens take one. The
+    # scaling is not 1, and base_out is given or not.
+    dtype, collapse, tolerance = _row(row)
+    monkeypatch.setenv("OMOE_ROUTE", "direct")
+    for tokens, d_out, with_base in ((250, 2048, True), (9, 20, False)):
+        problem = make_problem(tokens, 16, d_out, 3, 4, seed=37, dtype=dtype,
+                               collapse=collapse, with_base_out=with_base)
+        p = {n: t.detach().requires_grad_(True) for n, t in problem.tensors().items()}
+        with profile() as prof:
+            y = ok.omoe_lora(p["x"], p["A"], p["B"], p["router_weight"],
+                             base_out=p.get("base_out"), scaling=0.75, top_k=2, backend="cpu")
+            y.backward(torch.ones_like(y))
+        names = {e.name for e in prof.events()}
+        assert "omoe::direct" in names and "omoe::expand" not in names, names
+        assert "omoe::expand_backward_input" not in names, names
+        assert_matches_oracle(problem, "cpu", *tolerance, scaling=0.75, top_k=2)
+
+
 def test_route_topk_ties_and_nan_logits_route_as_the_oracle(route):
     # Experts 1 and 2 tie in every token's logits (ties go to the lower index); token 3's
     # logits are all NaN (NaN ranks above every number, the lowest indices win, and its
@@ -252,6 +274,23 @@ def test_route_topk_nan_in_an_unrouted_expert_stays_out(route):
         assert torch.isfinite(grads["B"]).all() and torch.isfinite(grads["router_weight"]).all()
 
 
+@pytest.mark.parametrize("tokens", [6, 40])
+def test_topk_direct_route_keeps_an_unrouted_experts_inf_in_B_out(monkeypatch, tokens):
+    # y, dz and dB come from the active experts' rows (6 tokens: loops; 40: GEMMs): an Inf
+    # in the B of expert 3, which no token routes to, reaches neither y nor any gradient.
+    monkeypatch.setenv("OMOE_ROUTE", "direct")
+    clean = _routed_to_experts_0_and_1(tokens, 4, seed=23)
+    B = clean.B.clone()
+    B[3, 2, 1] = float("inf")
+    grad_y = random_grad((tokens, 7), torch.float32)
+    y_clean, grads_clean = run_backend(clean, "cpu", grad_y, top_k=2)
+    y, grads = run_backend(clean.replace(B=B), "cpu", grad_y, top_k=2)
+    assert torch.equal(y, y_clean), "an unrouted expert's Inf reached the output"
+    for name, grad in grads.items():
+        assert torch.equal(grad, grads_clean[name]), f"an unrouted expert's Inf reached d{name}"
+    assert not grads["B"][3].any()
+
+
 def _cpu_gradcheck(problem, top_k) -> bool:
     """torch.autograd.gradcheck of the cpu backend over every input of a float64 problem."""
     names = list(problem.tensors())
@@ -266,14 +305,15 @@ def _cpu_gradcheck(problem, top_k) -> bool:
     return torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-@pytest.mark.parametrize("top_k, experts, d_out", [(2, 4, 5), (None, 4, 5), (None, 17, 20)],
-                         ids=["top2", "dense", "dense-17"])
-def test_route_direct_gradcheck_float64(monkeypatch, top_k, experts, d_out):
+@pytest.mark.parametrize("tokens, top_k, experts, d_out",
+                         [(5, 2, 4, 5), (24, 2, 3, 5), (5, None, 4, 5), (5, None, 17, 20)],
+                         ids=["top2", "top2-gemms", "dense", "dense-17"])
+def test_route_direct_gradcheck_float64(monkeypatch, tokens, top_k, experts, d_out):
     # dense: S and de by the loops over tiles of rows, and by the GEMMs batched over tokens
     # above 16 experts (d_out > E keeps the 17 outputs independent); top-2: on the active
-    # rows.
+    # rows, by loops over B_i's rows (5 tokens) and by GEMMs (24 tokens over 3 experts).
     monkeypatch.setenv("OMOE_ROUTE", "direct")
-    problem = make_problem(5, 4, d_out, experts, 2, dtype=torch.float64, seed=20,
+    problem = make_problem(tokens, 4, d_out, experts, 2, dtype=torch.float64, seed=20,
                            with_router_input=True)
     assert _cpu_gradcheck(problem, top_k)
 
