@@ -297,12 +297,26 @@ PassCosts pass_costs(const Sizes& s, int64_t k, bool backward, bool gram_free, b
            : direct_loop_cost(s, k) * gram_passes * T * kk * d) +
       R * d /* B in float64 */;
   c.direct = gemm_passes * (T * R * d + kBatchedCallCost) + rest;
-  c.direct_rows =
-      k < s.E ? gemm_passes * (T * double(k) * d *
-                                   (kGemmRowCost + (float32 ? kFloat32GemmCost : 1.0) * r) +
-                               std::min(E, T * double(k)) * kGemmCallCost) +
-                    T * E * double(k) + rest
-              : c.direct;
+  if (k == s.E) {
+    c.direct_rows = c.direct;
+    return c;
+  }
+  const double row_gemm =
+      T * double(k) * d * (kGemmRowCost + (float32 ? kFloat32GemmCost : 1.0) * r) +
+      std::min(E, T * double(k)) * kGemmCallCost;
+  c.direct_rows = gemm_passes * row_gemm + T * E * double(k) + rest;
+  // Under top-k the expand differs too. The other routes run it on B_cat over all E·r
+  // columns: Y = s·Z B_catᵀ, and in the backward dZ and dB_cat, with B_cat packed (or
+  // checked against the cache) and dB_cat unpacked. direct_rows forms Y from its e in
+  // float64 sums, and dZ and dB on the active rows (omoe_cpu_topk.h).
+  const double gemm = float32 ? kFloat32GemmCost : 1.0;
+  const double through_b_cat =
+      (backward ? 2.0 : 1.0) * gemm * T * R * d + (backward ? 2.0 : 1.0) * kCopyCost * d * R;
+  const double on_rows = backward ? 2.0 * row_gemm + T * double(k) * d : T * double(k) * d;
+  c.pairs += through_b_cat;
+  c.pairs_gemm += through_b_cat;
+  c.direct += through_b_cat;
+  c.direct_rows += on_rows;
   return c;
 }
 
@@ -324,9 +338,13 @@ Route choose_route(const Sizes& s, int64_t k, bool backward, bool gram_free, boo
   const PassCosts c = pass_costs(s, k, backward, gram_free, float32);
   bool direct = c.direct_best() < c.through_g(backward);
   if (!gram_free && !backward) {  // c is this forward's costs
+    // And only where the backward, with G to form, would take the direct route too: a
+    // backward through G after a direct forward packs B_cat and forms G itself, which the
+    // counts here price below what it costs (bench/notes/cpu-topk-direct.md).
     const PassCosts b = pass_costs(s, k, true, true, float32);
-    direct = c.direct_best() + pass_costs(s, k, true, false, float32).direct_best() <
-             c.through_g(false) + b.through_g(true);
+    const PassCosts b_no_g = pass_costs(s, k, true, false, float32);
+    direct = c.direct_best() + b_no_g.direct_best() < c.through_g(false) + b.through_g(true) &&
+             b_no_g.direct_best() < b_no_g.through_g(true);
   }
   Route best = !gram_fits || direct
                    ? (c.direct_rows < c.direct ? Route::kDirectRows : Route::kDirect)

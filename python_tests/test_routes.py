@@ -291,6 +291,29 @@ def test_topk_direct_route_keeps_an_unrouted_experts_inf_in_B_out(monkeypatch, t
     assert not grads["B"][3].any()
 
 
+_FORWARD_ROUTES = {"omoe::direct": "direct", "omoe::pairs": "G", "omoe::batched": "G"}
+_BACKWARD_ROUTES = {"omoe::direct_backward": "direct", "omoe::pairs_backward": "G",
+                    "omoe::pairs_gemm_backward": "G", "omoe::batched_backward": "G"}
+
+
+@pytest.mark.parametrize("experts, rank", [(32, 4), (8, 16), (4, 64)])
+def test_a_top2_training_step_goes_direct_or_through_g_both_ways(monkeypatch, experts, rank):
+    # A direct forward leaves no G, so a backward through G would pack B_cat and form G
+    # itself: the model sends a forward direct only where its backward goes direct too.
+    # At T = 512, d = 1024 these points sit near the crossover of the two.
+    monkeypatch.delenv("OMOE_ROUTE", raising=False)
+    p = make_problem(512, 1024, 1024, experts, rank, seed=43)
+    leaves = {n: t.detach().requires_grad_(True) for n, t in p.tensors().items()}
+    with profile() as prof:
+        y = ok.omoe_lora(leaves["x"], leaves["A"], leaves["B"], leaves["router_weight"],
+                         base_out=leaves["base_out"], top_k=2, backend="cpu")
+        y.backward(torch.ones_like(y))
+    names = [e.name for e in prof.events()]
+    forward = {_FORWARD_ROUTES[n] for n in names if n in _FORWARD_ROUTES}
+    backward = {_BACKWARD_ROUTES[n] for n in names if n in _BACKWARD_ROUTES}
+    assert len(forward) == 1 and forward == backward, (forward, backward)
+
+
 def _cpu_gradcheck(problem, top_k) -> bool:
     """torch.autograd.gradcheck of the cpu backend over every input of a float64 problem."""
     names = list(problem.tensors())
