@@ -98,25 +98,46 @@ inline bool rows_in_loops(int64_t rows, const at::Tensor& B) {
   return rows <= kExpertOutputTokens && B.is_contiguous();
 }
 
+// in_loops(i) for every expert with rows that take the loops, spread over the intra-op
+// threads (each expert writes rows of its own), then in_gemms(i) for the other experts
+// with rows, one after another (each GEMM takes the threads itself).
+template <typename Loops, typename Gemms>
+void for_each_expert(const ActiveRows& a, const at::Tensor& B, const Loops& in_loops,
+                     const Gemms& in_gemms) {
+  std::vector<int> looped;
+  for (int i = 0; i < int(B.size(0)); ++i) {
+    if (a.rows(i) == 0) continue;
+    if (rows_in_loops(a.rows(i), B)) looped.push_back(i);
+    else in_gemms(i);
+  }
+  // An expert's loops are at most kExpertOutputTokens rows of d_out·r multiply-adds.
+  const int64_t work = kExpertOutputTokens * B.size(1) * B.size(2);
+  at::parallel_for(0, int64_t(looped.size()), std::max<int64_t>(1, (int64_t(1) << 16) / work),
+                   [&](int64_t j0, int64_t j1) {
+                     for (int64_t j = j0; j < j1; ++j) in_loops(looped[size_t(j)]);
+                   });
+}
+
 // e[rows of i] = hs[rows of i] B_iᵀ for every expert with rows (B: [E, d_out, r]).
 inline at::Tensor expert_outputs(const at::Tensor& hs, const at::Tensor& B,
                                  const ActiveRows& a) {
   const int64_t d_out = B.size(1), r = B.size(2);
   at::Tensor e = at::empty({hs.size(0), d_out}, hs.options());
-  for (int i = 0; i < int(B.size(0)); ++i) {
-    const int64_t n = a.rows(i), off = a.offset[size_t(i)];
-    if (n == 0) continue;
-    if (rows_in_loops(n, B)) {
-      AT_DISPATCH_FLOATING_TYPES(hs.scalar_type(), "omoe_topk_expert_outputs", [&] {
-        expert_outputs_range(hs.data_ptr<scalar_t>() + off * r,
-                             B.data_ptr<scalar_t>() + i * d_out * r,
-                             e.data_ptr<scalar_t>() + off * d_out, n, 1, d_out, r, 0, d_out);
+  for_each_expert(
+      a, B,
+      [&](int i) {
+        const int64_t n = a.rows(i), off = a.offset[size_t(i)];
+        AT_DISPATCH_FLOATING_TYPES(hs.scalar_type(), "omoe_topk_expert_outputs", [&] {
+          expert_outputs_range(hs.data_ptr<scalar_t>() + off * r,
+                               B.data_ptr<scalar_t>() + i * d_out * r,
+                               e.data_ptr<scalar_t>() + off * d_out, n, 1, d_out, r, 0, d_out);
+        });
+      },
+      [&](int i) {
+        const int64_t n = a.rows(i), off = a.offset[size_t(i)];
+        at::Tensor e_i = e.narrow(0, off, n);
+        at::mm_out(e_i, hs.narrow(0, off, n), B[i].t());
       });
-      continue;
-    }
-    at::Tensor e_i = e.narrow(0, off, n);
-    at::mm_out(e_i, hs.narrow(0, off, n), B[i].t());
-  }
   return e;
 }
 
@@ -140,24 +161,25 @@ inline void add_rows_to_blocks(const at::Tensor& src, const ActiveRows& a, int E
 // rows by slot (gather_token_rows); [n·k, r].
 inline at::Tensor expand_input_grads(const at::Tensor& dYs, const at::Tensor& B,
                                      const ActiveRows& a, double scaling) {
-  const int64_t E = B.size(0), d_out = B.size(1), r = B.size(2);
+  const int64_t d_out = B.size(1), r = B.size(2);
   at::Tensor dzs = at::empty({dYs.size(0), r}, dYs.options());
-  for (int i = 0; i < int(E); ++i) {
-    const int64_t n = a.rows(i), off = a.offset[size_t(i)];
-    if (n == 0) continue;
-    if (rows_in_loops(n, B)) {
-      AT_DISPATCH_FLOATING_TYPES(dYs.scalar_type(), "omoe_topk_expand_input_grads", [&] {
-        rows_times_blocks_range(dYs.data_ptr<scalar_t>() + off * d_out, 0,
-                                B.data_ptr<scalar_t>() + i * d_out * r,
-                                dzs.data_ptr<scalar_t>() + off * r, r, n, d_out, r, scaling,
-                                /*accumulate=*/false, 0, 1);
+  for_each_expert(
+      a, B,
+      [&](int i) {
+        const int64_t n = a.rows(i), off = a.offset[size_t(i)];
+        AT_DISPATCH_FLOATING_TYPES(dYs.scalar_type(), "omoe_topk_expand_input_grads", [&] {
+          rows_times_blocks_range(dYs.data_ptr<scalar_t>() + off * d_out, 0,
+                                  B.data_ptr<scalar_t>() + i * d_out * r,
+                                  dzs.data_ptr<scalar_t>() + off * r, r, n, d_out, r, scaling,
+                                  /*accumulate=*/false, 0, 1);
+        });
+      },
+      [&](int i) {
+        const int64_t n = a.rows(i), off = a.offset[size_t(i)];
+        at::Tensor dzs_i = dzs.narrow(0, off, n);
+        at::mm_out(dzs_i, dYs.narrow(0, off, n), B[i]);
+        dzs_i.mul_(scaling);
       });
-      continue;
-    }
-    at::Tensor dzs_i = dzs.narrow(0, off, n);
-    at::mm_out(dzs_i, dYs.narrow(0, off, n), B[i]);
-    dzs_i.mul_(scaling);
-  }
   return dzs;
 }
 
@@ -171,40 +193,41 @@ inline void expert_gradients(const at::Tensor& de, const at::Tensor& hs, const a
   const int E = int(B.size(0));
   const int64_t r = B.size(2), d_out = B.size(1);
   at::Tensor dhs = at::empty_like(hs);
-  for (int i = 0; i < E; ++i) {
-    const int64_t n = a.rows(i), off = a.offset[size_t(i)];
-    if (n == 0) continue;
-    if (rows_in_loops(n, B)) {  // dB is contiguous: made by topk_direct_backward
-      AT_DISPATCH_FLOATING_TYPES(hs.scalar_type(), "omoe_topk_expert_gradients", [&] {
-        const scalar_t* de_i = de.data_ptr<scalar_t>() + off * d_out;
-        const scalar_t* B_i = B.data_ptr<scalar_t>() + i * d_out * r;
-        rows_times_blocks_range(de_i, 0, B_i, dhs.data_ptr<scalar_t>() + off * r, r, n, d_out,
-                                r, 1.0, /*accumulate=*/false, 0, 1);
-        const OuterTerm<scalar_t> term{de_i, 0, hs.data_ptr<scalar_t>() + off * r, r, 1.0};
-        const OuterTerm<scalar_t> expand =
-            dYs.defined() ? OuterTerm<scalar_t>{dYs.data_ptr<scalar_t>() + off * d_out, 0,
-                                                zs.data_ptr<scalar_t>() + off * r, r, scaling}
-                          : OuterTerm<scalar_t>{};
-        outer_blocks_range(dB.data_ptr<scalar_t>() + i * d_out * r, written[size_t(i)] != 0,
-                           term, expand, n, d_out, r, 0, d_out);
+  for_each_expert(
+      a, B,
+      [&](int i) {  // dB is contiguous: made by topk_direct_backward
+        const int64_t n = a.rows(i), off = a.offset[size_t(i)];
+        AT_DISPATCH_FLOATING_TYPES(hs.scalar_type(), "omoe_topk_expert_gradients", [&] {
+          const scalar_t* de_i = de.data_ptr<scalar_t>() + off * d_out;
+          const scalar_t* B_i = B.data_ptr<scalar_t>() + i * d_out * r;
+          rows_times_blocks_range(de_i, 0, B_i, dhs.data_ptr<scalar_t>() + off * r, r, n, d_out,
+                                  r, 1.0, /*accumulate=*/false, 0, 1);
+          const OuterTerm<scalar_t> term{de_i, 0, hs.data_ptr<scalar_t>() + off * r, r, 1.0};
+          const OuterTerm<scalar_t> expand =
+              dYs.defined() ? OuterTerm<scalar_t>{dYs.data_ptr<scalar_t>() + off * d_out, 0,
+                                                  zs.data_ptr<scalar_t>() + off * r, r, scaling}
+                            : OuterTerm<scalar_t>{};
+          outer_blocks_range(dB.data_ptr<scalar_t>() + i * d_out * r, written[size_t(i)] != 0,
+                             term, expand, n, d_out, r, 0, d_out);
+        });
+        written[size_t(i)] = 1;
+      },
+      [&](int i) {
+        const int64_t n = a.rows(i), off = a.offset[size_t(i)];
+        const at::Tensor de_i = de.narrow(0, off, n), hs_i = hs.narrow(0, off, n);
+        at::Tensor dhs_i = dhs.narrow(0, off, n);
+        at::mm_out(dhs_i, de_i, B[i]);
+        at::Tensor dB_i = dB[i];
+        if (written[size_t(i)]) dB_i.addmm_(de_i.t(), hs_i);
+        else at::mm_out(dB_i, de_i.t(), hs_i);
+        if (dYs.defined()) {
+          const at::Tensor dYs_i = dYs.narrow(0, off, n), zs_i = zs.narrow(0, off, n);
+          // addmm skips the product when alpha is 0, which would hide a NaN in dY or z.
+          if (scaling != 0.0) dB_i.addmm_(dYs_i.t(), zs_i, /*beta=*/1, /*alpha=*/scaling);
+          else dB_i.add_(at::mm(dYs_i.t(), zs_i).mul_(scaling));
+        }
+        written[size_t(i)] = 1;
       });
-      written[size_t(i)] = 1;
-      continue;
-    }
-    const at::Tensor de_i = de.narrow(0, off, n), hs_i = hs.narrow(0, off, n);
-    at::Tensor dhs_i = dhs.narrow(0, off, n);
-    at::mm_out(dhs_i, de_i, B[i]);
-    at::Tensor dB_i = dB[i];
-    if (written[size_t(i)]) dB_i.addmm_(de_i.t(), hs_i);
-    else at::mm_out(dB_i, de_i.t(), hs_i);
-    if (dYs.defined()) {
-      const at::Tensor dYs_i = dYs.narrow(0, off, n), zs_i = zs.narrow(0, off, n);
-      // addmm skips the product when alpha is 0, which would hide a NaN in dY or z.
-      if (scaling != 0.0) dB_i.addmm_(dYs_i.t(), zs_i, /*beta=*/1, /*alpha=*/scaling);
-      else dB_i.add_(at::mm(dYs_i.t(), zs_i).mul_(scaling));
-    }
-    written[size_t(i)] = 1;
-  }
   add_rows_to_blocks(dhs, a, E, r, dh);
 }
 

@@ -216,6 +216,19 @@ def test_topk_direct_route_forms_y_dz_and_dB_on_the_active_rows(monkeypatch, row
         assert_matches_oracle(problem, "cpu", *tolerance, scaling=0.75, top_k=2)
 
 
+def test_topk_direct_route_loops_split_experts_across_threads(monkeypatch):
+    # 64 tokens over 32 experts: every expert's few rows take the loops (e, dz, dh and dB),
+    # which two threads share out by expert. Forward and gradients match the oracle.
+    monkeypatch.setenv("OMOE_ROUTE", "direct")
+    problem = make_problem(64, 16, 2048, 32, 16, seed=47)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert_matches_oracle(problem, "cpu", 1e-5, 1e-4, top_k=2)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_route_topk_ties_and_nan_logits_route_as_the_oracle(route):
     # Experts 1 and 2 tie in every token's logits (ties go to the lower index); token 3's
     # logits are all NaN (NaN ranks above every number, the lowest indices win, and its
