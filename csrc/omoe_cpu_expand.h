@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "omoe_cpu_pass.h"  // OMOE_VECTOR_CLONES
 
@@ -745,32 +746,42 @@ inline at::Tensor expert_outputs(const at::Tensor& h, int64_t t0, int64_t n,
   return e;
 }
 
+// One token's y (d values) = base + scaling·Σ_m c[m] rows[m], summed in float64; a row
+// whose coefficient is 0 (an inactive expert) takes no part. base: d values or null.
+template <typename v_t>
+void mix_token_rows(const v_t* const* rows, const double* c, int64_t m, int64_t d,
+                    const v_t* base, double scaling, v_t* y) {
+  constexpr int64_t kChunk = 256;
+  double acc[kChunk];
+  for (int64_t o0 = 0; o0 < d; o0 += kChunk) {
+    const int64_t len = std::min(kChunk, d - o0);
+    std::fill_n(acc, len, 0.0);
+    for (int64_t q = 0; q < m; ++q) {
+      if (c[q] == 0.0) continue;
+      const v_t* row = rows[q] + o0;
+      for (int64_t o = 0; o < len; ++o) acc[o] += c[q] * double(row[o]);
+    }
+    if (base != nullptr) {
+      for (int64_t o = 0; o < len; ++o)
+        y[o0 + o] = v_t(double(base[o0 + o]) + scaling * acc[o]);
+    } else {
+      for (int64_t o = 0; o < len; ++o) y[o0 + o] = v_t(scaling * acc[o]);
+    }
+  }
+}
+
 // y_t = base_t + scaling·Σ_i a_ti e_it for the T tokens of e ([E, T, d]) with coefficients
 // a ([T, E], float64, 0 for inactive experts, whose e then takes no part), summed in
 // float64; base: [T, d] or null; y: rows y_stride apart.
 template <typename v_t>
 void mix_expert_outputs(const v_t* e, const double* a, int64_t T, int64_t E, int64_t d,
                         const v_t* base, double scaling, v_t* y, int64_t y_stride) {
-  constexpr int64_t kChunk = 256;
-  double acc[kChunk];
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t o0 = 0; o0 < d; o0 += kChunk) {
-      const int64_t len = std::min(kChunk, d - o0);
-      std::fill_n(acc, len, 0.0);
-      for (int64_t i = 0; i < E; ++i) {
-        const double ai = a[t * E + i];
-        if (ai == 0.0) continue;
-        const v_t* ei = e + (i * T + t) * d + o0;
-        for (int64_t o = 0; o < len; ++o) acc[o] += ai * double(ei[o]);
-      }
-      v_t* yt = y + t * y_stride + o0;
-      if (base != nullptr) {
-        const v_t* bt = base + t * d + o0;
-        for (int64_t o = 0; o < len; ++o) yt[o] = v_t(double(bt[o]) + scaling * acc[o]);
-      } else {
-        for (int64_t o = 0; o < len; ++o) yt[o] = v_t(scaling * acc[o]);
-      }
-    }
+  std::vector<const v_t*> rows(static_cast<size_t>(E));
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t i = 0; i < E; ++i) rows[static_cast<size_t>(i)] = e + (i * T + t) * d;
+    mix_token_rows(rows.data(), a + t * E, E, d, base != nullptr ? base + t * d : nullptr,
+                   scaling, y + t * y_stride);
+  }
 }
 
 // The forward from the expert outputs of n tokens (at most kExpertOutputTokens) whose h

@@ -232,36 +232,26 @@ inline void expert_gradients(const at::Tensor& de, const at::Tensor& hs, const a
 }
 
 // y_t = base_t + scaling·Σ_m a_t,i e_row over token t's active slots m (expert i, row of e),
-// e: [n·k, d] expert-grouped, a: [n, E] float64 coefficients; summed in float64 as
-// mix_expert_outputs, a zero coefficient leaving its row out. base: [n, d] or null.
+// e: [n·k, d] expert-grouped, a: [n, E] float64 coefficients (mix_token_rows). base: [n, d]
+// or null.
 template <typename v_t>
 void mix_active_rows(const v_t* e, const ActiveRows& a, const double* coeff, int64_t n,
                      int64_t E, int64_t d, const v_t* base, double scaling, v_t* y) {
   const int64_t k = a.k;
-  at::parallel_for(0, n, std::max<int64_t>(1, (16 << 10) / (k * d + 1)),
-                   [&](int64_t t0, int64_t t1) {
-                     constexpr int64_t kChunk = 256;
-                     double acc[kChunk];
-                     for (int64_t t = t0; t < t1; ++t)
-                       for (int64_t o0 = 0; o0 < d; o0 += kChunk) {
-                         const int64_t len = std::min(kChunk, d - o0);
-                         std::fill_n(acc, len, 0.0);
-                         for (int64_t m = 0; m < k; ++m) {
-                           const double c = coeff[t * E + a.expert[size_t(t * k + m)]];
-                           if (c == 0.0) continue;
-                           const v_t* row = e + int64_t(a.row[size_t(t * k + m)]) * d + o0;
-                           for (int64_t o = 0; o < len; ++o) acc[o] += c * double(row[o]);
-                         }
-                         v_t* yt = y + t * d + o0;
-                         if (base != nullptr) {
-                           const v_t* bt = base + t * d + o0;
-                           for (int64_t o = 0; o < len; ++o)
-                             yt[o] = v_t(double(bt[o]) + scaling * acc[o]);
-                         } else {
-                           for (int64_t o = 0; o < len; ++o) yt[o] = v_t(scaling * acc[o]);
-                         }
-                       }
-                   });
+  at::parallel_for(
+      0, n, std::max<int64_t>(1, (16 << 10) / (k * d + 1)), [&](int64_t t0, int64_t t1) {
+        std::vector<const v_t*> rows(static_cast<size_t>(k));
+        std::vector<double> c(static_cast<size_t>(k));
+        for (int64_t t = t0; t < t1; ++t) {
+          for (int64_t m = 0; m < k; ++m) {
+            const size_t slot = static_cast<size_t>(t * k + m);
+            rows[static_cast<size_t>(m)] = e + int64_t(a.row[slot]) * d;
+            c[static_cast<size_t>(m)] = coeff[t * E + a.expert[slot]];
+          }
+          mix_token_rows(rows.data(), c.data(), k, d, base != nullptr ? base + t * d : nullptr,
+                         scaling, y + t * d);
+        }
+      });
 }
 
 // S from the rows of one token's active experts (rows[m]: slot m's row of e, d_out apart);
