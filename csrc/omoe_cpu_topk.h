@@ -184,12 +184,12 @@ inline at::Tensor expand_input_grads(const at::Tensor& dYs, const at::Tensor& B,
 }
 
 // The backward's GEMMs after the pass: dh[t, block i] += de_i B_i over expert i's rows, and
-// dB[i] (+)= de_iᵀ hs_i + s · dYs_iᵀ zs_i (the expand's share, when dYs is defined).
-// written[i] says whether dB[i] holds a sum yet.
+// dB[i] (+)= de_iᵀ hs_i + s · dYs_iᵀ zs_i (the expand's share). written[i] says whether
+// dB[i] holds a sum yet.
 inline void expert_gradients(const at::Tensor& de, const at::Tensor& hs, const at::Tensor& B,
                              const ActiveRows& a, at::Tensor& dh, at::Tensor& dB,
-                             std::vector<char>& written, const at::Tensor& dYs = at::Tensor(),
-                             const at::Tensor& zs = at::Tensor(), double scaling = 1.0) {
+                             std::vector<char>& written, const at::Tensor& dYs,
+                             const at::Tensor& zs, double scaling) {
   const int E = int(B.size(0));
   const int64_t r = B.size(2), d_out = B.size(1);
   at::Tensor dhs = at::empty_like(hs);
@@ -203,10 +203,8 @@ inline void expert_gradients(const at::Tensor& de, const at::Tensor& hs, const a
           rows_times_blocks_range(de_i, 0, B_i, dhs.data_ptr<scalar_t>() + off * r, r, n, d_out,
                                   r, 1.0, /*accumulate=*/false, 0, 1);
           const OuterTerm<scalar_t> term{de_i, 0, hs.data_ptr<scalar_t>() + off * r, r, 1.0};
-          const OuterTerm<scalar_t> expand =
-              dYs.defined() ? OuterTerm<scalar_t>{dYs.data_ptr<scalar_t>() + off * d_out, 0,
-                                                  zs.data_ptr<scalar_t>() + off * r, r, scaling}
-                            : OuterTerm<scalar_t>{};
+          const OuterTerm<scalar_t> expand{dYs.data_ptr<scalar_t>() + off * d_out, 0,
+                                           zs.data_ptr<scalar_t>() + off * r, r, scaling};
           outer_blocks_range(dB.data_ptr<scalar_t>() + i * d_out * r, written[size_t(i)] != 0,
                              term, expand, n, d_out, r, 0, d_out);
         });
@@ -220,12 +218,10 @@ inline void expert_gradients(const at::Tensor& de, const at::Tensor& hs, const a
         at::Tensor dB_i = dB[i];
         if (written[size_t(i)]) dB_i.addmm_(de_i.t(), hs_i);
         else at::mm_out(dB_i, de_i.t(), hs_i);
-        if (dYs.defined()) {
-          const at::Tensor dYs_i = dYs.narrow(0, off, n), zs_i = zs.narrow(0, off, n);
-          // addmm skips the product when alpha is 0, which would hide a NaN in dY or z.
-          if (scaling != 0.0) dB_i.addmm_(dYs_i.t(), zs_i, /*beta=*/1, /*alpha=*/scaling);
-          else dB_i.add_(at::mm(dYs_i.t(), zs_i).mul_(scaling));
-        }
+        const at::Tensor dYs_i = dYs.narrow(0, off, n), zs_i = zs.narrow(0, off, n);
+        // addmm skips the product when alpha is 0, which would hide a NaN in dY or z.
+        if (scaling != 0.0) dB_i.addmm_(dYs_i.t(), zs_i, /*beta=*/1, /*alpha=*/scaling);
+        else dB_i.add_(at::mm(dYs_i.t(), zs_i).mul_(scaling));
         written[size_t(i)] = 1;
       });
   add_rows_to_blocks(dhs, a, E, r, dh);

@@ -610,10 +610,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(
     if (route == Route::kDirect || route == Route::kDirectRows) {
       RECORD_FUNCTION("omoe::direct", std::vector<c10::IValue>());
       const at::Tensor Bt = B.to(acc).transpose(1, 2);  // [E, r, d_out], a view for fp32
-      const int64_t rows = route == Route::kDirectRows ? k : s.E;  // e rows per token
+      // Every expert's e (top-k on its active rows returned above).
       const bool batched_S = batched_direct_gram(s, k);
       const int64_t tc =
-          chunk_tokens(s.T, direct_bytes_per_token(s, acc, rows, batched_S), chunk_budget(x));
+          chunk_tokens(s.T, direct_bytes_per_token(s, acc, s.E, batched_S), chunk_budget(x));
       for (int64_t t0 = 0; t0 < s.T; t0 += tc) {
         const int64_t n = std::min(tc, s.T - t0);
         const at::Tensor e = expert_outputs(h, t0, n, Bt.transpose(1, 2));
@@ -797,10 +797,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     if (route == Route::kDirect || route == Route::kDirectRows) {
       RECORD_FUNCTION("omoe::direct_backward", std::vector<c10::IValue>());
       const at::Tensor Ba = on_blocks ? Bb : B.to(acc);  // [E, d_out, r], no copy for fp32
-      const int64_t rows = route == Route::kDirectRows ? k : s.E;  // e rows per token
-      // The forward's workspace twice: e and de (dense: their float64 forms, S, dS + dSᵀ).
+      // Every expert's e (top-k on its active rows returned above). The forward's workspace
+      // twice: e and de (dense: their float64 forms, S, dS + dSᵀ).
       const int64_t tc = chunk_tokens(
-          s.T, 2.0 * direct_bytes_per_token(s, acc, rows, batched_direct_gram(s, k)),
+          s.T, 2.0 * direct_bytes_per_token(s, acc, s.E, batched_direct_gram(s, k)),
           chunk_budget(x));
       for (int64_t t0 = 0; t0 < s.T; t0 += tc) {
         const int64_t n = std::min(tc, s.T - t0);
