@@ -164,14 +164,39 @@ at::Tensor contiguous_as(const at::Tensor& t, at::ScalarType acc) {
   return t.scalar_type() == acc && t.is_contiguous() ? t : t.to(acc).contiguous();
 }
 
+// XᵀX for X = [n, R], exactly symmetric. On the CPU from R = 96 (from R = 192 with
+// n >= 512 where the GEMMs have several threads: thin panels split worse than one GEMM),
+// one GEMM per panel of kGramPanels column panels forms the panel's rows from its diagonal
+// block on, 5/8 of the product, and the blocks above the diagonal are mirrored: 0.63-0.86x
+// the time of one GEMM on one thread (bench/notes/cpu-gram-triangle.md).
+constexpr int64_t kGramPanels = 4;
+at::Tensor symmetric_gram(const at::Tensor& X) {
+  const int64_t n = X.size(0), R = X.size(1);
+  const bool panels = R >= 96 && (at::get_num_threads() == 1 || (R >= 192 && n >= 512));
+  if (!X.is_cpu() || !panels) return at::mm(X.t(), X);
+  at::Tensor G = at::empty({R, R}, X.options());
+  const at::Tensor Xt = X.t();
+  for (int64_t p = 0; p < kGramPanels; ++p) {
+    const int64_t a = R * p / kGramPanels, b = R * (p + 1) / kGramPanels;
+    at::Tensor block_row = G.narrow(0, a, b - a).narrow(1, a, R - a);
+    at::mm_out(block_row, Xt.narrow(0, a, b - a), X.narrow(1, a, R - a));
+  }
+  for (int64_t p = 0; p + 1 < kGramPanels; ++p) {
+    const int64_t a = R * p / kGramPanels, b = R * (p + 1) / kGramPanels;
+    G.narrow(0, b, R - b)
+        .narrow(1, a, b - a)
+        .copy_(G.narrow(0, a, b - a).narrow(1, b, R - b).t());
+  }
+  return G;
+}
+
 // G = B_catᵀ B_cat in float64, [E·r, E·r]: the cached one when B is unchanged
 // (omoe_weight_cache.h), else formed and kept. B_cat is made here when undefined.
 at::Tensor gram_matrix(const at::Tensor& B, at::Tensor& B_cat,
                        const weight_cache::Found& found) {
   if (found.G.defined()) return found.G;
   if (!B_cat.defined()) B_cat = packed_expand(B, accumulate_dtype(B));  // B has x's dtype
-  const at::Tensor B64 = B_cat.to(at::kDouble);
-  at::Tensor G = at::mm(B64.t(), B64);
+  at::Tensor G = symmetric_gram(B_cat.to(at::kDouble));
   weight_cache::instance().remember(B, B_cat, G);
   return G;
 }
@@ -270,7 +295,10 @@ PassCosts pass_costs(const Sizes& s, int64_t k, bool backward, bool gram_free, b
   const double T = double(s.T), R = double(s.E * s.r), d = double(s.d_out), r = double(s.r);
   const double E = double(s.E), kk = double(k) * double(k);
   PassCosts c;
-  // G once (unless free), and B_cat (dG + dGᵀ) in the backward.
+  // G once (unless free), and B_cat (dG + dGᵀ) in the backward. G is counted whole even
+  // where symmetric_gram forms only its upper block triangle: counted at 5/8, the route
+  // through G wins T = 512, E = 16, r = 64 dense on paper and loses to the direct route by
+  // 1.4x timed, where the count prices the per-pair work below its cost.
   const double gram_fixed = (gram_free ? 0.0 : d * R * R) + (backward ? d * R * R : 0.0);
   // S for the k(k+1)/2 active pairs (vectorized), in the forward and again in the backward.
   const double pair_gram = kVectorCost * T * 0.5 * kk * r * r;

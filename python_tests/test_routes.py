@@ -140,6 +140,26 @@ def test_pairs_backward_on_two_threads(monkeypatch, rank, top_k):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("row", [*ACCURACY_ROWS, "fp64"])
+@pytest.mark.parametrize("route_name", ["pairs", "pairs_gemm"])
+@pytest.mark.parametrize("threads, experts, rank, d_out", [(1, 6, 17, 40), (2, 8, 24, 512)])
+def test_route_through_g_formed_by_panels(monkeypatch, row, route_name, threads, experts,
+                                          rank, d_out):
+    # From E·r = 96 columns (192 and d_out >= 512 on several threads) G is formed as the
+    # GEMMs of its upper block triangle, then mirrored: 102 columns split unevenly into
+    # panels; the pairs route reads G's lower blocks, pairs_gemm its whole block rows.
+    dtype, collapse, tolerance = _row(row)
+    monkeypatch.setenv("OMOE_ROUTE", route_name)
+    problem = make_problem(20, 16, d_out, experts, rank, seed=53, dtype=dtype,
+                           collapse=collapse)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        assert_matches_oracle(problem, "cpu", *tolerance, scaling=0.75)
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("rank", [3, 4, 8, 32, 64])
 @pytest.mark.parametrize("tokens", [1, 3])
 def test_direct_route_expert_outputs_of_a_few_tokens(monkeypatch, rank, tokens):
