@@ -95,9 +95,7 @@ def omoe_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, router_weight: 
             _PLANS[signature] = plan
     problem, function = plan
     T, d_in = problem.num_tokens, problem.d_in
-    # Reshaped even when already 2-D: the view gives autograd's gradient accumulation a
-    # tensor of its own to take, where the op's output alone would be copied into x.grad.
-    x2d = x.reshape(T, d_in)
+    x2d = x if x.dim() == 2 else x.reshape(T, d_in)
     router2d = None if router_input is None else router_input.reshape(T, d_in)
     base2d = None if base_out is None else base_out.reshape(T, problem.d_out)
     y = function(x2d, A, B, router_weight, router2d, base2d, problem)

@@ -176,3 +176,37 @@ def test_an_eps_kept_for_float64_is_checked_again_for_float32():
         omoe_lora(*wide[:4], base_out=wide[4], eps=1e-300, backend="reference")
     with pytest.raises(ValueError, match="eps"):
         omoe_lora(x, A, B, W, base_out=base_out, eps=1e-300, backend="reference")
+
+
+
+@pytest.mark.skipif("cpu" not in COMPILED_BACKENDS, reason="needs the compiled CPU op")
+def test_a_layer_step_adds_x_gradients_in_place_and_copies_grad_y_once():
+    # The base's gradient of x and the op's meet in autograd's buffer for x. The op's
+    # arrives first (the base ran first); were it a view of the op's output, the shared
+    # storage would make autograd add the base's into a new tensor instead of in place.
+    # sum()'s gradient is expanded: the op makes it contiguous and hands that on as
+    # base_out's gradient, so the base's backward does not copy it again.
+    torch.manual_seed(0)
+    layer = omoe_kernels.OMoELinear(torch.nn.Linear(16, 12), E, R, backend="cpu")
+    x = torch.randn(8, 16, requires_grad=True)
+    with torch.profiler.profile() as prof:
+        layer(x).sum().backward()
+
+    def under(event, name):
+        while event is not None and name not in event.name:
+            event = event.cpu_parent
+        return event is not None
+
+    events = prof.events()
+    adds = [e.name for e in events if e.name in ("aten::add", "aten::add_")
+            and under(e, "AddmmBackward0")]
+    assert adds == ["aten::add_"], adds
+    copies = [e for e in events if e.name == "aten::clone" and under(e, "AddmmBackward0")]
+    assert not copies, "the base's backward copied grad_y"
+    x64 = x.detach().double().requires_grad_()
+    weights = (t.detach().double() for t in (layer.lora_A, layer.lora_B, layer.router_weight))
+    base_out = torch.nn.functional.linear(x64, layer.base.weight.double(),
+                                          layer.base.bias.double())
+    omoe_lora(x64, *weights, base_out=base_out, scaling=layer.scaling,
+              backend="reference").sum().backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)

@@ -264,9 +264,11 @@ def tensor_grads(family: OpFamily, ctx, grad_y: Optional[Tensor],
         return (None,) * 6
     x, A, B, router_weight, router_input, h, logits, gram = ctx.saved_tensors
     extra = dict(gram=gram) if family.saves_gram else {}
+    # base_out's gradient is grad_y itself: the contiguous one, so that a strided grad_y
+    # (sum()'s expanded ones) is not copied again by the base's backward.
+    grad_y = grad_y.contiguous()
     grad_x, grad_A, grad_B, grad_W, grad_router_input = (backward or family.op("backward"))(
-        grad_y.contiguous(), x, A, B, router_weight, router_input, h, logits, *ctx.options,
-        **extra)
+        grad_y, x, A, B, router_weight, router_input, h, logits, *ctx.options, **extra)
     return (grad_x, grad_A, grad_B, grad_W,
             grad_router_input if router_input is not None else None,
             grad_y if ctx.has_base else None)
