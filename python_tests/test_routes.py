@@ -384,6 +384,20 @@ def test_route_pairs_gradcheck_float64(monkeypatch, route_name, top_k):
     assert _cpu_gradcheck(problem, top_k)
 
 
+@pytest.mark.parametrize("route_name", ["pairs", "pairs_gemm"])
+def test_route_through_g_formed_by_panels_gradcheck_float64(monkeypatch, route_name):
+    # E·r = 102 on one thread: G from the GEMMs of its upper block triangle (d_out > E
+    # keeps the 6 outputs independent).
+    monkeypatch.setenv("OMOE_ROUTE", route_name)
+    problem = make_problem(3, 3, 8, 6, 17, dtype=torch.float64, seed=23)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert _cpu_gradcheck(problem, None)
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("top_k", [2, None], ids=["top2", "dense"])
 def test_pairs_gemm_backward_makes_as_many_calls_at_any_expert_count(monkeypatch, top_k):
     # dG + dGᵀ is one batched GEMM per chunk, not a GEMM per expert: at a few tokens the
