@@ -180,12 +180,7 @@ at::Tensor symmetric_gram(const at::Tensor& X) {
     const int64_t a = R * p / kGramPanels, b = R * (p + 1) / kGramPanels;
     at::Tensor block_row = G.narrow(0, a, b - a).narrow(1, a, R - a);
     at::mm_out(block_row, Xt.narrow(0, a, b - a), X.narrow(1, a, R - a));
-  }
-  for (int64_t p = 0; p + 1 < kGramPanels; ++p) {
-    const int64_t a = R * p / kGramPanels, b = R * (p + 1) / kGramPanels;
-    G.narrow(0, b, R - b)
-        .narrow(1, a, b - a)
-        .copy_(G.narrow(0, a, b - a).narrow(1, b, R - b).t());
+    G.narrow(0, b, R - b).narrow(1, a, b - a).copy_(block_row.narrow(1, b - a, R - b).t());
   }
   return G;
 }
